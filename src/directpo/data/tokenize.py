@@ -1,0 +1,140 @@
+"""Examples -> token ids: prompt ids, one id list per response, EOS appended, truncated.
+
+Boundary rule. The prompt is tokenized exactly as it will be at inference (`tokenizer(prompt)`),
+and a response's ids are what follows those ids in `tokenizer(prompt + response)`. When a BPE merge
+crosses the boundary (e.g. a prompt ending in a space), the prompt ids are not a prefix of the joint
+ids; we then keep the prompt ids intact and tokenize the response on its own, so that
+`prompt_ids + response_ids` still decodes to `prompt + response` and the model is scored on the
+context it sees when generating. (TRL instead drops the prompt's last tokens in that case.)
+
+Truncation. `max_prompt_length` cuts the prompt from the left (keeping the latest turns, and a
+leading BOS); responses are then cut from the right to fit `max_length`. A prompt that leaves no
+room for a single response token is a `DataError` of kind 'prompt_too_long'.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .formats import DataError, Example, SkipReport
+
+
+@dataclass
+class TokenizedExample:
+    prompt_ids: list[int]
+    response_ids: list[list[int]]  # best first
+    source: str = ""
+    row: int = 0
+    prompt_truncated: bool = False
+    responses_truncated: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of the padded layout: the prompt once per response."""
+        return sum(len(self.prompt_ids) + len(r) for r in self.response_ids)
+
+
+@dataclass
+class TokenizeStats:
+    prompts_truncated: int = 0
+    responses_truncated: int = 0
+    boundary_merges: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.prompts_truncated} prompts truncated (left), {self.responses_truncated} responses "
+                f"truncated (right), {self.boundary_merges} prompt/response boundary merges re-split")
+
+
+def render(example: Example, tokenizer) -> tuple[str, list[str], bool]:
+    """Text of the prompt and of each response, and whether the tokenizer should add special tokens.
+
+    Conversational examples go through the tokenizer's chat template; the template then owns BOS
+    and end-of-turn markers, so no special tokens are added and no EOS is appended.
+    """
+    if not example.conversational:
+        return example.prompt, list(example.responses), True
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(example.source, example.row, "prompt",
+                        "conversational row, but the tokenizer has no chat template", kind="invalid")
+    prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
+    fulls = [tokenizer.apply_chat_template(example.prompt + r, tokenize=False) for r in example.responses]
+    # Some templates render the prompt differently alone than followed by a reply; the prompt is
+    # then the longest text all renderings share.
+    n = len(prompt_text)
+    for full in fulls:
+        n = min(n, _common_prefix(prompt_text, full))
+    return prompt_text[:n], [full[n:] for full in fulls], False
+
+
+def _common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_example(example: Example, tokenizer, max_length: int | None = None,
+                     max_prompt_length: int | None = None, stats: TokenizeStats | None = None) -> TokenizedExample:
+    stats = stats if stats is not None else TokenizeStats()
+    prompt_text, responses, add_special = render(example, tokenizer)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=add_special)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if not prompt_ids:
+        # The first response token needs a position to be predicted from.
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+        if start is None:
+            raise DataError(example.source, example.row, "prompt",
+                            "empty prompt and the tokenizer has neither BOS nor EOS to start from")
+        prompt_ids = [start]
+    response_ids = []
+    for text in responses:
+        full = tokenizer(prompt_text + text, add_special_tokens=add_special)["input_ids"]
+        if full[:len(prompt_ids)] == prompt_ids:
+            ids = full[len(prompt_ids):]
+        else:
+            stats.boundary_merges += 1
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not example.conversational and eos is not None and (not ids or ids[-1] != eos):
+            ids = ids + [eos]
+        response_ids.append(ids)
+
+    prompt_truncated = False
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        keep = 1 if (tokenizer.bos_token_id is not None and prompt_ids[0] == tokenizer.bos_token_id) else 0
+        prompt_ids = prompt_ids[:keep] + prompt_ids[len(prompt_ids) - (max_prompt_length - keep):]
+        prompt_truncated = True
+        stats.prompts_truncated += 1
+    n_trunc = 0
+    if max_length is not None:
+        room = max_length - len(prompt_ids)
+        if room < 1:
+            raise DataError(example.source, example.row, "prompt",
+                            f"prompt is {len(prompt_ids)} tokens, leaving no room for a response within "
+                            f"max_length={max_length}; set max_prompt_length to truncate prompts from the left, "
+                            "or on_invalid='skip' to leave such rows out", kind="prompt_too_long")
+        for k, ids in enumerate(response_ids):
+            if len(ids) > room:
+                response_ids[k] = ids[:room]
+                n_trunc += 1
+        stats.responses_truncated += n_trunc
+    return TokenizedExample(prompt_ids, response_ids, example.source, example.row, prompt_truncated, n_trunc)
+
+
+def tokenize_examples(examples: list[Example], tokenizer, max_length: int | None = None,
+                      max_prompt_length: int | None = None, on_invalid: str = "error",
+                      report: SkipReport | None = None,
+                      stats: TokenizeStats | None = None) -> list[TokenizedExample]:
+    report = report if report is not None else SkipReport()
+    out = []
+    for ex in examples:
+        try:
+            out.append(tokenize_example(ex, tokenizer, max_length, max_prompt_length, stats))
+        except DataError as e:
+            if on_invalid != "skip":
+                raise
+            report.add(e)
+    if not out:
+        raise DataError(examples[0].source if examples else "data", None, None,
+                        f"no usable rows after tokenization ({report.summary()})")
+    return out

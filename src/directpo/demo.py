@@ -1,0 +1,42 @@
+"""`directpo demo`: DPO end to end on a built-in task, offline, in about a minute on 2 CPU cores.
+
+A tiny random Llama and a tokenizer trained on the spot; 256 training pairs of film reviews where
+the chosen review has more praise than criticism and the rejected one the reverse (see
+`directpo.toy.review_task`); 64 held-out pairs about other films with unseen word combinations. DPO should lift the held-out implicit-reward accuracy
+(β·log π/πref of chosen > rejected) from 0 (at step 0 policy = reference: every margin is 0) to
+well above chance (0.5).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from .toy import build_tiny_model, review_task, write_jsonl
+from .train import TrainConfig, train
+
+
+def run_demo(output_dir: str = "runs/demo", steps: int = 60, seed: int = 0, threshold: float = 0.8) -> dict:
+    t0 = time.perf_counter()
+    out = Path(output_dir)
+    train_rows, eval_rows = review_task(seed=seed)
+    train_file = write_jsonl(train_rows, out / "data" / "train.jsonl")
+    eval_file = write_jsonl(eval_rows, out / "data" / "eval.jsonl")
+    texts = [r["prompt"] + r["chosen"] for r in train_rows] + [r["prompt"] + r["rejected"] for r in train_rows]
+    base = build_tiny_model(out / "base", texts, hidden=64, layers=2, heads=4, vocab_size=400, seed=seed)
+    print(f"[directpo demo] tiny Llama + tokenizer in {base}; {len(train_rows)} train / {len(eval_rows)} held-out "
+          f"pairs in {train_file.parent}", file=sys.stderr)
+    cfg = TrainConfig(model=str(base), data=str(train_file), eval_data=str(eval_file), output_dir=str(out / "dpo"),
+                      lr=1e-3, optimizer="adamw", beta=0.1, batch_size=32, micro_batch_size=32, max_steps=steps,
+                      warmup_steps=5, eval_every=max(1, steps // 6), seed=seed, overwrite=True, max_length=64)
+    summary = train(cfg)
+    evals = [json.loads(line) for line in open(out / "dpo" / "metrics.jsonl") if '"eval"' in line]
+    final = evals[-1]["rewards/accuracies"]
+    passed = final >= threshold
+    print("\nheld-out implicit-reward accuracy (chance 0.5):")
+    for e in evals:
+        print(f"  step {e['step']:>4}: {e['rewards/accuracies']:.3f}   margin {e['rewards/margins']:+.3f}")
+    print(f"{'PASS' if passed else 'FAIL'}: final held-out accuracy {final:.3f} "
+          f"({'≥' if passed else '<'} {threshold}) in {time.perf_counter() - t0:.0f} s; model in {out / 'dpo'}")
+    return {"passed": passed, "final_accuracy": final, "evals": evals, "summary": summary}

@@ -1,0 +1,170 @@
+"""Sequence log-probabilities log π(y|x) = Σ_t log π(y_t | x, y_<t), without full-vocabulary logits.
+
+A causal LM's forward normally returns logits of shape (rows, length, vocab): for a batch of 16
+sequences of 512 tokens and a 32k vocabulary that is 1 GiB in fp32, and autograd keeps it (and its
+log_softmax) alive until backward. DPO only needs the log-prob of each *label* token of each
+*response*, so we:
+
+1. run the model's backbone to hidden states (rows, length, hidden);
+2. gather only the positions whose next token is a response label (prompt and padding never reach
+   the LM head — for HH-RLHF that skips ~70 % of the head's work);
+3. push those through the LM head in chunks, keeping per chunk only the label logit and the
+   logsumexp; the backward pass recomputes each chunk's logits instead of storing them.
+
+Peak memory of the head is then O(chunk × vocab), independent of batch size and length.
+
+Any batch layout (padded, packed, prefix-shared) reduces to the same three index vectors, see
+`directpo.data.collate.Batch`: ``label_pos`` (which hidden state predicts the label), ``label_ids``
+and ``label_seq`` (which response sequence the label belongs to).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Config attributes that make an LM head more than `hidden @ W.T (+ b)`: models carrying any of them
+# take the plain path (the model's own logits), so results stay exact for every architecture.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier",
+                     "lm_head_multiplier", "logits_scaling")
+
+_CHUNK_ELEMENTS = 1 << 23  # ≈ 32 MiB of fp32 logits per chunk
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(16, _CHUNK_ELEMENTS // max(vocab, 1))
+
+
+class _LabelLogProbs(torch.autograd.Function):
+    """log softmax(h @ W.T + b)[label] for each row of h, computed and differentiated in chunks."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk):
+        n = hidden.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        w = weight.to(hidden.dtype)
+        b = None if bias is None else bias.to(hidden.dtype)
+        for s in range(0, n, chunk):
+            logits = _logits(hidden[s:s + chunk], w, b)
+            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+            out[s:s + chunk] = logits.gather(1, labels[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        chunk = ctx.chunk
+        w = weight.to(hidden.dtype)
+        b = None if bias is None else bias.to(hidden.dtype)
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s:s + chunk]
+            # d logp[label] / d logits = onehot(label) − softmax(logits)
+            probs = torch.exp(_logits(h, w, b) - lse[s:s + chunk, None])
+            g = grad_out[s:s + chunk, None].float()
+            dlogits = -probs * g
+            dlogits.scatter_add_(1, labels[s:s + chunk, None], g)
+            dl = dlogits.to(hidden.dtype)
+            if need_h:
+                grad_h[s:s + chunk] = dl @ w
+            if need_w:
+                grad_w += (dl.t() @ h).float()
+            if need_b:
+                grad_b += dlogits.sum(0)
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+
+
+def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    logits = h @ w.t()
+    if b is not None:
+        logits = logits + b
+    return logits.float()
+
+
+def label_logprobs(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor,
+                   chunk: int | None = None) -> torch.Tensor:
+    """Per-row log-prob of `labels` under the LM head, fp32, without (rows × vocab) kept for backward."""
+    chunk = chunk or _chunk_rows(lm_head.weight.shape[0])
+    # Under autocast, matmuls inside a custom Function would be recast behind our back; we pick the
+    # dtype ourselves (the hidden states' dtype for the matmul, fp32 for logsumexp and the result).
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return _LabelLogProbs.apply(hidden, lm_head.weight, lm_head.bias, labels, chunk)
+
+
+def _backbone_and_head(model: nn.Module):
+    """The decoder stack and the LM head when the head is a plain linear map; else None."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if any(getattr(text_config, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS):
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    backbone = getattr(model, "base_model", None)
+    if not isinstance(head, nn.Linear) or backbone is None or backbone is model:
+        return None
+    return backbone, head
+
+
+def token_logps(model: nn.Module, batch, fused: bool = True) -> torch.Tensor:
+    """Log-prob of every label token of `batch` (shape (N,), fp32), in `batch.label_pos` order."""
+    parts = _backbone_and_head(model) if fused else None
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    if batch.position_ids is not None:
+        kwargs["position_ids"] = batch.position_ids
+    if parts is not None:
+        backbone, head = parts
+        hidden = backbone(**kwargs).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.label_pos)
+        return label_logprobs(hidden, head, batch.label_ids)
+    # Plain path: the model's own logits (exact for heads with softcapping or scaling).
+    logits = model(**kwargs).logits
+    logits = logits.reshape(-1, logits.shape[-1]).index_select(0, batch.label_pos).float()
+    return logits.gather(1, batch.label_ids[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logps(model: nn.Module, batch, fused: bool = True) -> torch.Tensor:
+    """Σ of label-token log-probs per response sequence: shape (batch.num_seqs,), fp32."""
+    tok = token_logps(model, batch, fused=fused)
+    return torch.zeros(batch.num_seqs, dtype=tok.dtype, device=tok.device).index_add(0, batch.label_seq, tok)
+
+
+def example_logps(model: nn.Module, batch, fused: bool = True) -> torch.Tensor:
+    """(B, K) log-probs, response k of example i at [i, k]; NaN where example i has fewer responses."""
+    seq = sequence_logps(model, batch, fused=fused)
+    idx = batch.seq_index
+    out = seq[idx.clamp(min=0)]
+    return out.masked_fill(idx < 0, float("nan"))
+
+
+@torch.no_grad()
+def dataset_logps(model: nn.Module, examples, pad_id: int, batch_size: int = 8, device="cpu",
+                  autocast_dtype: torch.dtype | None = None, progress: str | None = None) -> torch.Tensor:
+    """(len(examples), K) response log-probs of a fixed model over a dataset, in input order.
+
+    Batches are formed from length-sorted examples (less padding); results go back to input order.
+    """
+    from .data.collate import collate_padded
+
+    was_training = model.training
+    model.eval()
+    K = max(len(ex.response_ids) for ex in examples)
+    out = torch.full((len(examples), K), float("nan"))
+    order = sorted(range(len(examples)), key=lambda i: examples[i].num_tokens)
+    chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    it = chunks
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(chunks, desc=progress, unit="batch", mininterval=1.0)
+    for idx in it:
+        batch = collate_padded([examples[i] for i in idx], pad_id).to(device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            lp = example_logps(model, batch)
+        out[idx, :lp.shape[1]] = lp.float().cpu()
+    model.train(was_training)
+    return out

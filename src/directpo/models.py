@@ -1,0 +1,47 @@
+"""Loading Hugging Face causal LMs and tokenizers (hub id or local directory)."""
+from __future__ import annotations
+
+import torch
+
+
+def quiet_transformers() -> None:
+    """Our own progress bar is enough: silence transformers' per-load/per-save bars and info logs."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_tokenizer(name_or_dir: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+
+    tok = AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        # Padding positions are masked out of attention and labels, so any id will do; EOS is the
+        # conventional choice and keeps the vocabulary unchanged.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_dir: str, device: torch.device | str = "cpu", trust_remote_code: bool = False,
+               dtype: torch.dtype = torch.float32):
+    """A causal LM in `dtype` (fp32 master weights by default), on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.to(device)
+
+
+def freeze(model):
+    """A model used only for inference (the reference): no grads, eval mode."""
+    model.eval()
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,56 @@
+"""`directpo score`: read a language model out as a reward model (paper §5).
+
+For every pair: the summed response log-probs under the model, and with a reference model the
+implicit rewards r̂ = β·(log π − log πref) of chosen and rejected, in input order.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .data import SkipReport, TokenizeStats, load_examples, tokenize_examples
+from .logprobs import dataset_logps
+from .losses import implicit_reward
+from .models import load_model, load_tokenizer, pick_device
+
+
+def score(model: str, data: str, out: str, ref: str | None = None, beta: float = 0.1, max_length: int | None = 512,
+          max_prompt_length: int | None = None, batch_size: int = 8, on_invalid: str = "error",
+          device: str | None = None, precision: str = "fp32", split: str | None = None) -> dict:
+    dev = pick_device(device)
+    tokenizer = load_tokenizer(model)
+    report, stats = SkipReport(), TokenizeStats()
+    examples = load_examples(data, on_invalid=on_invalid, split=split, report=report)
+    tokenized = tokenize_examples(examples, tokenizer, max_length, max_prompt_length, on_invalid, report, stats)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    pol = dataset_logps(load_model(model, dev), tokenized, tokenizer.pad_token_id, batch_size, dev, dtype,
+                        progress="scoring")
+    ref_lp = None
+    if ref:
+        ref_lp = dataset_logps(load_model(ref, dev), tokenized, tokenizer.pad_token_id, batch_size, dev, dtype,
+                               progress="scoring (reference)")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        for i, ex in enumerate(tokenized):
+            line = {"row": ex.row, "chosen_logp": pol[i, 0].item(), "rejected_logp": pol[i, 1].item(),
+                    "chosen_tokens": len(ex.response_ids[0]), "rejected_tokens": len(ex.response_ids[1])}
+            if ref_lp is not None:
+                line.update(ref_chosen_logp=ref_lp[i, 0].item(), ref_rejected_logp=ref_lp[i, 1].item(),
+                            chosen_reward=implicit_reward(pol[i, 0], ref_lp[i, 0], beta).item(),
+                            rejected_reward=implicit_reward(pol[i, 1], ref_lp[i, 1], beta).item())
+            f.write(json.dumps(line) + "\n")
+    if ref_lp is not None:
+        margin = implicit_reward(pol[:, 0], ref_lp[:, 0], beta) - implicit_reward(pol[:, 1], ref_lp[:, 1], beta)
+        what = "implicit-reward"
+    else:
+        margin = pol[:, 0] - pol[:, 1]
+        what = "log-prob"
+    result = {"pairs": len(tokenized), "skipped": report.total, f"{what.replace('-', '_')}_accuracy":
+              (margin > 0).float().mean().item(), "mean_margin": margin.mean().item(), "out": out}
+    print(f"[directpo] scored {len(tokenized)} pairs ({report.summary()}): {what} accuracy "
+          f"{(margin > 0).float().mean().item():.4f}, mean margin {margin.mean().item():.4f} -> {out}",
+          file=sys.stderr)
+    return result

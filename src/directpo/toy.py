@@ -1,0 +1,99 @@
+"""Tiny local models and a built-in preference task: for the demo and the tests, no network needed.
+
+`build_tiny_model` trains a byte-level BPE tokenizer on the spot and saves a randomly initialised
+Llama with it, in Hugging Face format, so every code path is the real `from_pretrained` one.
+
+`review_task` is the demo's preference task: a prompt "Review of <film>:" and two reviews built
+from the same template with three adjectives each, the chosen one with two positive and one
+negative, the rejected one with one positive and two negative, in random positions.
+Held-out pairs use films and word combinations never seen in training, so implicit-reward accuracy
+on them measures whether DPO learned the preference rather than memorising pairs.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+POSITIVE = ["great", "wonderful", "moving", "brilliant", "funny", "charming", "clever", "beautiful", "gripping",
+            "delightful", "superb", "warm", "fresh", "touching", "smart", "lovely"]
+NEGATIVE = ["dull", "awful", "boring", "clumsy", "flat", "tedious", "silly", "ugly", "lifeless", "bland",
+            "messy", "cold", "stale", "hollow", "weak", "painful"]
+TEMPLATES = [" It was {a}, {b} and {c}.", " A {a} film: {b}, even {c}.", " {A} acting, {b} story, {c} ending.",
+             " I found it {a} and {b}; the music was {c}."]
+SYLLABLES = ["ka", "lo", "mi", "ren", "to", "sa", "vel", "dor", "an", "is", "pe", "ru", "bel", "cor", "na", "zi"]
+
+
+def _film(rng: random.Random) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+
+
+def _review(rng: random.Random, template: str, n_pos: int, n_neg: int) -> str:
+    words = rng.sample(POSITIVE, n_pos) + rng.sample(NEGATIVE, n_neg)
+    rng.shuffle(words)
+    a, b, c = words
+    return template.format(a=a, b=b, c=c, A=a.capitalize())
+
+
+def review_task(n_train: int = 256, n_eval: int = 64, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Prompt/chosen/rejected rows; eval films never appear in training."""
+    rng = random.Random(seed)
+    films = sorted({_film(rng) for _ in range(4 * (n_train + n_eval))})
+    rng.shuffle(films)
+    cut = len(films) * n_train // (n_train + n_eval)
+    rows = {"train": [], "eval": []}
+    for split, n, pool in (("train", n_train, films[:cut]), ("eval", n_eval, films[cut:])):
+        for _ in range(n):
+            t = rng.choice(TEMPLATES)
+            # Both reviews mix praise and criticism; the chosen one has more praise. The rule holds
+            # for any words, so it carries over to unseen films and combinations.
+            rows[split].append({"prompt": f"Review of {rng.choice(pool)}:", "chosen": _review(rng, t, 2, 1),
+                                "rejected": _review(rng, t, 1, 2)})
+    return rows["train"], rows["eval"]
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def build_tiny_model(out_dir: str | Path, texts: list[str], hidden: int = 64, layers: int = 2, heads: int = 4,
+                     intermediate: int | None = None, vocab_size: int = 512, seed: int = 0,
+                     chat_template: str | None = None) -> Path:
+    """Train a byte-level BPE tokenizer on `texts` and save it with a random Llama of the given size."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>",
+                                   eos_token="<|eos|>")
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    fast.save_pretrained(out)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads,
+                         intermediate_size=intermediate or 4 * hidden, max_position_embeddings=2048,
+                         pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id,
+                         eos_token_id=fast.eos_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+# A minimal chat template (role headers, an end-of-turn marker), for conversational data in tests.
+SIMPLE_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}<|eos|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}"
+)

@@ -1,0 +1,22 @@
+"""Optimizer and learning-rate schedule."""
+from __future__ import annotations
+
+import torch
+
+
+def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if name == "rmsprop":  # the paper's choice (appendix B)
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose rmsprop or adamw")
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 to the peak lr over `warmup_steps`, then constant (as in the paper).
+
+    Step s (0-based) trains at lr·min(1, (s+1)/warmup): the first step already moves the weights.
+    """
+    w = max(int(warmup_steps), 0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 if w == 0 else min(1.0, (s + 1) / w))

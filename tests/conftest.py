@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny local models (tokenizer trained on the spot), real HH pairs from ../shared."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DIRECTPO_SHARED", REPO.parent / "shared"))
+HH_FILE = SHARED / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+
+
+def hh_rows(limit: int) -> list[dict]:
+    """The first `limit` raw HH-RLHF rows ({chosen, rejected} transcripts)."""
+    import gzip
+    import json
+
+    if not HH_FILE.exists():
+        pytest.skip(f"real HH data not found at {HH_FILE}")
+    rows = []
+    with gzip.open(HH_FILE, "rt") as f:
+        for line in f:
+            rows.append(json.loads(line))
+            if len(rows) >= limit:
+                break
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 random Llama with a BPE tokenizer trained on the demo task and HH text."""
+    from directpo.toy import SIMPLE_CHAT_TEMPLATE, build_tiny_model, review_task
+
+    train, _ = review_task(n_train=64, n_eval=8)
+    texts = [r["prompt"] + r["chosen"] + r["rejected"] for r in train]
+    if HH_FILE.exists():
+        texts += [r["chosen"] for r in hh_rows(300)]
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", texts, hidden=32, layers=2, heads=2,
+                            vocab_size=600, chat_template=SIMPLE_CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model):
+    from directpo.models import load_tokenizer
+
+    return load_tokenizer(str(tiny_model))
