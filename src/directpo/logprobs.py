@@ -40,8 +40,9 @@ class _LabelLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk):
         n = hidden.shape[0]
-        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        acc = _acc_dtype(hidden)
+        out = torch.empty(n, dtype=acc, device=hidden.device)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
         w = weight.to(hidden.dtype)
         b = None if bias is None else bias.to(hidden.dtype)
         for s in range(0, n, chunk):
@@ -60,31 +61,37 @@ class _LabelLogProbs(torch.autograd.Function):
         b = None if bias is None else bias.to(hidden.dtype)
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        acc = _acc_dtype(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
             # d logp[label] / d logits = onehot(label) − softmax(logits)
             probs = torch.exp(_logits(h, w, b) - lse[s:s + chunk, None])
-            g = grad_out[s:s + chunk, None].float()
+            g = grad_out[s:s + chunk, None].to(acc)
             dlogits = -probs * g
             dlogits.scatter_add_(1, labels[s:s + chunk, None], g)
             dl = dlogits.to(hidden.dtype)
             if need_h:
                 grad_h[s:s + chunk] = dl @ w
             if need_w:
-                grad_w += (dl.t() @ h).float()
+                grad_w += (dl.t() @ h).to(acc)
             if need_b:
                 grad_b += dlogits.sum(0)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None)
 
 
+def _acc_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """Softmax statistics and results in fp32 at least (fp64 stays fp64, for gradcheck)."""
+    return torch.promote_types(hidden.dtype, torch.float32)
+
+
 def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     logits = h @ w.t()
     if b is not None:
         logits = logits + b
-    return logits.float()
+    return logits.to(_acc_dtype(h))
 
 
 def label_logprobs(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor,

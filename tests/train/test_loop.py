@@ -1,0 +1,113 @@
+"""The trainer: metrics, saving, reproducibility, accumulation, reference modes, schedule."""
+import json
+import math
+
+import pytest
+import torch
+
+from directpo.toy import review_task, write_jsonl
+from directpo.train import TrainConfig, train
+from directpo.train.loop import batch_order
+
+REQUIRED = ["step", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+            "logps/chosen", "logps/rejected", "lr", "grad_norm", "pairs_per_s"]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    d = tmp_path_factory.mktemp("task")
+    tr, ev = review_task(n_train=48, n_eval=16, seed=3)
+    return write_jsonl(tr, d / "train.jsonl"), write_jsonl(ev, d / "eval.jsonl")
+
+
+def _cfg(tiny_model, task, out, **kw):
+    base = dict(model=str(tiny_model), data=str(task[0]), output_dir=str(out), lr=1e-3, optimizer="adamw",
+                batch_size=8, micro_batch_size=4, max_steps=4, warmup_steps=2, progress=False, max_length=64)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _metrics(out):
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+def test_metrics_eval_and_saved_model(tiny_model, task, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(tiny_model, task, out, eval_data=str(task[1]), eval_every=2))
+    lines = _metrics(out)
+    tr = [m for m in lines if m["split"] == "train"]
+    ev = [m for m in lines if m["split"] == "eval"]
+    assert [m["step"] for m in tr] == [1, 2, 3, 4]
+    assert [m["step"] for m in ev] == [0, 2, 4]
+    for m in tr:
+        for k in REQUIRED:
+            assert k in m and math.isfinite(m[k]), k
+        assert m["rewards/margins"] == pytest.approx(m["rewards/chosen"] - m["rewards/rejected"], abs=1e-6)
+    assert ev[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference at step 0
+    # warm-up: lr·min(1, step/warmup)
+    assert [m["lr"] for m in tr] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    start = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert (out / "model.safetensors").exists()
+    diffs = [(a - b).abs().max().item() for a, b in zip(model.parameters(), start.parameters())]
+    assert max(diffs) > 0  # it trained
+    cfg = json.loads((out / "directpo_config.json").read_text())
+    assert cfg["reference"].startswith("frozen copy") and cfg["beta"] == 0.1
+
+
+def test_reproducible_and_refuses_to_overwrite(tiny_model, task, tmp_path):
+    train(_cfg(tiny_model, task, tmp_path / "a"))
+    train(_cfg(tiny_model, task, tmp_path / "b"))
+    la, lb = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert [m["loss"] for m in la] == [m["loss"] for m in lb]
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(_cfg(tiny_model, task, tmp_path / "a"))
+    train(_cfg(tiny_model, task, tmp_path / "a", overwrite=True))
+
+
+def test_accumulation_and_precomputed_reference_match(tiny_model, task, tmp_path):
+    """Same global batch: micro-batch 8, 4 or 2, live or precomputed reference -> same trajectory."""
+    runs = {}
+    for name, kw in {"mb8": dict(micro_batch_size=8), "mb2": dict(micro_batch_size=2),
+                     "pre": dict(micro_batch_size=4, precompute_ref=True)}.items():
+        train(_cfg(tiny_model, task, tmp_path / name, optimizer="rmsprop", lr=1e-4, **kw))
+        runs[name] = _metrics(tmp_path / name)
+    for name in ("mb2", "pre"):
+        for a, b in zip(runs["mb8"], runs[name]):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), name
+            assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5), name
+
+
+def test_batch_order_is_a_seeded_permutation_per_epoch():
+    it = batch_order(10, 4, seed=7)
+    epoch0 = [next(it) for _ in range(3)]
+    assert [e for e, _ in epoch0] == [0, 0, 0]
+    seen = sum((idx for _, idx in epoch0), [])
+    assert sorted(seen) == list(range(10))  # every example once per epoch, last batch partial
+    assert next(it)[0] == 1
+    again = batch_order(10, 4, seed=7)
+    assert [next(again)[1] for _ in range(3)] == [idx for _, idx in epoch0]
+    other = batch_order(10, 4, seed=8)
+    assert [next(other)[1] for _ in range(3)] != [idx for _, idx in epoch0]
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="--model"):
+        TrainConfig(data="x", output_dir="o").validate()
+    with pytest.raises(ValueError, match="multiple of micro_batch_size"):
+        TrainConfig(model="m", data="d", output_dir="o", batch_size=10, micro_batch_size=4).validate()
+    cfg = TrainConfig(model="m", data="d", output_dir="o").validate()
+    assert (cfg.beta, cfg.batch_size, cfg.optimizer, cfg.lr, cfg.warmup_steps) == (0.1, 64, "rmsprop", 1e-6, 150)
+
+
+def test_bf16_autocast_trains_close_to_fp32(tiny_model, task, tmp_path):
+    train(_cfg(tiny_model, task, tmp_path / "fp32", max_steps=2))
+    train(_cfg(tiny_model, task, tmp_path / "bf16", max_steps=2, precision="bf16"))
+    a, b = _metrics(tmp_path / "fp32"), _metrics(tmp_path / "bf16")
+    assert a[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert b[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert abs(a[0]["logps/chosen"] - b[0]["logps/chosen"]) < 0.05 * abs(a[0]["logps/chosen"])
+    assert torch.isfinite(torch.tensor(b[-1]["loss"]))
