@@ -175,9 +175,6 @@ def test_real_tokenized_examples(tiny_tokenizer):
                 assert text == ex.prompt + ex.responses[k] + tok.eos_token
 
 
-@pytest.mark.xfail(reason="BUG: max_prompt_length=0 is accepted and leaves empty prompt_ids (no BOS to keep), "
-                          "so collate_padded puts the first response label at position row*T - 1, i.e. the "
-                          "previous row's last position (or -1 for row 0)", strict=True)
 def test_max_prompt_length_zero_never_yields_a_label_outside_its_row(tiny_tokenizer):
     from directpo.data.formats import DataError
 

@@ -487,9 +487,6 @@ def test_bad_row_in_json_and_parquet(tmp_path, case):
         assert ei.value.kind == kind
 
 
-@pytest.mark.xfail(reason="BUG: formats.parse_row names an empty ranked response by its position after "
-                          "re-ordering by ranking/scores (responses[k] of ex.responses), not by its index "
-                          "in the row's 'responses' list", strict=True)
 def test_empty_ranked_response_names_original_index():
     with pytest.raises(DataError) as ei:
         parse_row({"prompt": "P", "responses": ["good", "  ", "bad"], "scores": [3, 1, 2]}, "f.jsonl", 0)

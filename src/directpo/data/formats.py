@@ -220,6 +220,9 @@ def _response_text(value: Text) -> str:
 
 def parse_row(rec: dict, source: str, row: int) -> Example:
     """Turn one record into an Example, or raise a DataError naming source, row and field."""
+    # Columnar sources (Parquet, `datasets`) fill absent fields with None: treat that as absent,
+    # so files mixing row shapes read the same from JSONL and from Parquet.
+    rec = {k: v for k, v in rec.items() if v is not None}
     if "responses" in rec:
         ex = _parse_ranked(rec, source, row)
     elif "chosen" in rec or "rejected" in rec:
@@ -227,9 +230,13 @@ def parse_row(rec: dict, source: str, row: int) -> Example:
     else:
         raise DataError(source, row, "chosen", "missing: a row needs 'chosen' and 'rejected' (or 'responses')",
                         kind="missing")
-    for k, r in enumerate(ex.responses):
+    if "responses" in rec:  # name the response by its index in the row, not its rank
+        raw = rec["responses"]
+        names = [f"responses[{k}]" for k in range(len(raw))]
+    else:
+        raw, names = ex.responses, ["chosen", "rejected"]
+    for name, r in zip(names, raw):
         if not _response_text(r).strip():
-            name = ("chosen" if k == 0 else "rejected") if "responses" not in rec else f"responses[{k}]"
             raise DataError(source, row, name, "empty response", kind="empty")
     texts = [json.dumps(r) if not isinstance(r, str) else r for r in ex.responses]
     if len(set(texts)) < len(texts):

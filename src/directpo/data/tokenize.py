@@ -80,7 +80,8 @@ def tokenize_example(example: Example, tokenizer, max_length: int | None = None,
     prompt_text, responses, add_special = render(example, tokenizer)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=add_special)["input_ids"]
     eos = tokenizer.eos_token_id
-    if not prompt_ids:
+    injected_start = not prompt_ids
+    if injected_start:
         # The first response token needs a position to be predicted from.
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
         if start is None:
@@ -90,7 +91,9 @@ def tokenize_example(example: Example, tokenizer, max_length: int | None = None,
     response_ids = []
     for text in responses:
         full = tokenizer(prompt_text + text, add_special_tokens=add_special)["input_ids"]
-        if full[:len(prompt_ids)] == prompt_ids:
+        if injected_start:  # nothing to merge with: the response is all there is
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        elif full[:len(prompt_ids)] == prompt_ids:
             ids = full[len(prompt_ids):]
         else:
             stats.boundary_merges += 1
@@ -100,6 +103,9 @@ def tokenize_example(example: Example, tokenizer, max_length: int | None = None,
         response_ids.append(ids)
 
     prompt_truncated = False
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be ≥ 1 (the first response token is predicted from the "
+                         f"prompt's last one), got {max_prompt_length}")
     if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
         keep = 1 if (tokenizer.bos_token_id is not None and prompt_ids[0] == tokenizer.bos_token_id) else 0
         prompt_ids = prompt_ids[:keep] + prompt_ids[len(prompt_ids) - (max_prompt_length - keep):]

@@ -57,6 +57,8 @@ class TrainConfig:
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                              f"({self.micro_batch_size})")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError("max_prompt_length must be ≥ 1")
         if self.beta <= 0:
             raise ValueError("beta must be > 0")
         if self.max_length is not None and self.max_prompt_length is not None and \
