@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from directpo.data import Example, collate_padded, tokenize_example
+from directpo.data import Example, collate_padded, make_collate, tokenize_example
 from directpo.logprobs import dataset_logps, example_logps, label_logprobs, sequence_logps
 from directpo.losses import dpo_loss
 from directpo.models import load_model
@@ -64,8 +64,8 @@ def test_example_logps_layout_and_dataset_order(batch_and_model, tiny_tokenizer)
     seq = sequence_logps(model, batch)
     assert torch.equal(per_ex[:, 0], seq[:3]) and torch.equal(per_ex[:, 1], seq[3:])
     # dataset_logps sorts by length internally but returns input order, in any batch size
-    for bs in (1, 2, 8):
-        d = dataset_logps(model, tok, tiny_tokenizer.pad_token_id, batch_size=bs)
+    for bs, layout in ((1, "packed"), (2, "padded"), (8, "packed")):
+        d = dataset_logps(model, tok, make_collate(layout, tiny_tokenizer.pad_token_id), batch_size=bs)
         assert torch.allclose(d, per_ex.detach(), atol=1e-5)
 
 

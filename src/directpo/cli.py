@@ -80,7 +80,8 @@ def cmd_score(args) -> int:
 
     result = score(args.model, args.data, args.out, ref=args.ref, beta=args.beta, max_length=args.max_length,
                    max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, on_invalid=args.on_invalid,
-                   device=args.device, precision=args.precision, split=args.data_split)
+                   device=args.device, precision=args.precision, split=args.data_split,
+                   layout=args.layout)
     print(json.dumps(result))
     return 0
 
@@ -116,6 +117,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-split", default=None)
     s.add_argument("--device", default=None)
     s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    s.add_argument("--layout", choices=["packed", "padded"], default="packed",
+                   help="packed: each prompt computed once (exact); padded: one row per prompt+response")
     s.set_defaults(func=cmd_score)
 
     d = sub.add_parser("demo", help="no-network demo: tiny model, built-in task, DPO, held-out reward accuracy")

@@ -117,10 +117,25 @@ def _backbone_and_head(model: nn.Module):
     return backbone, head
 
 
+def _attention_mask(model: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """A boolean 4D mask (True = attend) as the model's attention implementation wants it."""
+    if mask.dim() != 4:
+        return mask
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    if impl == "sdpa":
+        return mask
+    if impl == "eager":  # eager attention adds the mask to the scores
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    raise ValueError(f"the packed layout needs 'sdpa' or 'eager' attention, this model uses {impl!r}; "
+                     "use the padded layout (--layout padded)")
+
+
 def token_logps(model: nn.Module, batch, fused: bool = True) -> torch.Tensor:
     """Log-prob of every label token of `batch` (shape (N,), fp32), in `batch.label_pos` order."""
     parts = _backbone_and_head(model) if fused else None
-    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=_attention_mask(model, batch.attention_mask),
+                  use_cache=False)
     if batch.position_ids is not None:
         kwargs["position_ids"] = batch.position_ids
     if parts is not None:
@@ -149,14 +164,13 @@ def example_logps(model: nn.Module, batch, fused: bool = True) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dataset_logps(model: nn.Module, examples, pad_id: int, batch_size: int = 8, device="cpu",
+def dataset_logps(model: nn.Module, examples, collate, batch_size: int = 8, device="cpu",
                   autocast_dtype: torch.dtype | None = None, progress: str | None = None) -> torch.Tensor:
     """(len(examples), K) response log-probs of a fixed model over a dataset, in input order.
 
-    Batches are formed from length-sorted examples (less padding); results go back to input order.
+    `collate` maps a list of examples to a Batch (`directpo.data.make_collate`). Batches are formed
+    from length-sorted examples (less padding); results go back to input order.
     """
-    from .data.collate import collate_padded
-
     was_training = model.training
     model.eval()
     K = max(len(ex.response_ids) for ex in examples)
@@ -168,7 +182,7 @@ def dataset_logps(model: nn.Module, examples, pad_id: int, batch_size: int = 8, 
         from tqdm.auto import tqdm
         it = tqdm(chunks, desc=progress, unit="batch", mininterval=1.0)
     for idx in it:
-        batch = collate_padded([examples[i] for i in idx], pad_id).to(device)
+        batch = collate([examples[i] for i in idx]).to(device)
         with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             lp = example_logps(model, batch)

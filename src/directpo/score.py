@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .data import SkipReport, TokenizeStats, load_examples, tokenize_examples
+from .data import SkipReport, TokenizeStats, load_examples, make_collate, tokenize_examples
 from .logprobs import dataset_logps
 from .losses import implicit_reward
 from .models import load_model, load_tokenizer, pick_device
@@ -19,18 +19,19 @@ from .models import load_model, load_tokenizer, pick_device
 
 def score(model: str, data: str, out: str, ref: str | None = None, beta: float = 0.1, max_length: int | None = 512,
           max_prompt_length: int | None = None, batch_size: int = 8, on_invalid: str = "error",
-          device: str | None = None, precision: str = "fp32", split: str | None = None) -> dict:
+          device: str | None = None, precision: str = "fp32", split: str | None = None,
+          layout: str = "packed") -> dict:
     dev = pick_device(device)
     tokenizer = load_tokenizer(model)
     report, stats = SkipReport(), TokenizeStats()
     examples = load_examples(data, on_invalid=on_invalid, split=split, report=report)
     tokenized = tokenize_examples(examples, tokenizer, max_length, max_prompt_length, on_invalid, report, stats)
     dtype = torch.bfloat16 if precision == "bf16" else None
-    pol = dataset_logps(load_model(model, dev), tokenized, tokenizer.pad_token_id, batch_size, dev, dtype,
-                        progress="scoring")
+    collate = make_collate(layout, tokenizer.pad_token_id)
+    pol = dataset_logps(load_model(model, dev), tokenized, collate, batch_size, dev, dtype, progress="scoring")
     ref_lp = None
     if ref:
-        ref_lp = dataset_logps(load_model(ref, dev), tokenized, tokenizer.pad_token_id, batch_size, dev, dtype,
+        ref_lp = dataset_logps(load_model(ref, dev), tokenized, collate, batch_size, dev, dtype,
                                progress="scoring (reference)")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:

@@ -10,6 +10,11 @@ which one it got:
 
 `collate_padded` is the plain layout: one row per (prompt + response), right-padded, responses
 grouped by rank (all chosen, then all rejected), so chosen and rejected share one forward.
+
+`collate_packed` computes each prompt once: an example is one segment [prompt | r1 | r2 | ...]
+whose responses restart their position ids after the prompt and see only the prompt and their own
+earlier tokens (a 4D attention mask), and several segments share a row (block-diagonal mask), so
+no FLOP goes to a repeated prompt and little to padding. Its log-probs equal the padded layout's.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ class Batch:
     label_seq: torch.Tensor  # (N,)
     seq_index: torch.Tensor  # (B, K)
     rows: list[int]  # source rows of the B examples
+    token_count: int | None = None  # real tokens, where the mask alone cannot tell
 
     @property
     def num_seqs(self) -> int:
@@ -42,6 +48,8 @@ class Batch:
     @property
     def num_tokens(self) -> int:
         """Real (non-padding) tokens the model processes."""
+        if self.token_count is not None:
+            return self.token_count
         m = self.attention_mask
         return int(m.sum().item()) if m.dim() == 2 else int(m.any(-1).sum().item())
 
@@ -79,3 +87,90 @@ def collate_padded(examples: list[TokenizedExample], pad_id: int) -> Batch:
         seq.extend([r] * (len(ids) - p))
     return Batch(input_ids, attention_mask, None, torch.tensor(pos), torch.tensor(lab), torch.tensor(seq),
                  seq_index, [ex.row for ex in examples])
+
+
+def _assign_sequences(examples: list[TokenizedExample]) -> torch.Tensor:
+    """Sequence ids grouped by rank, as in the padded layout: all best responses first."""
+    K = max(len(ex.response_ids) for ex in examples)
+    seq_index = torch.full((len(examples), K), -1, dtype=torch.long)
+    n = 0
+    for k in range(K):
+        for i, ex in enumerate(examples):
+            if k < len(ex.response_ids):
+                seq_index[i, k] = n
+                n += 1
+    return seq_index
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing of segment lengths into rows of `capacity` tokens."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        for r, f in enumerate(free):
+            if lengths[i] <= f:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(capacity - lengths[i])
+    return rows
+
+
+def collate_packed(examples: list[TokenizedExample], pad_id: int, row_tokens: int | None = None) -> Batch:
+    """Prefix-shared, packed layout. Rows hold up to max(row_tokens, longest segment) tokens."""
+    seq_index = _assign_sequences(examples)
+    lengths = [len(ex.prompt_ids) + sum(len(r) for r in ex.response_ids) for ex in examples]
+    rows = pack_rows(lengths, max(row_tokens or 0, max(lengths)))
+    T = max(sum(lengths[i] for i in row) for row in rows)
+    R = len(rows)
+    input_ids = torch.full((R, T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((R, T), dtype=torch.long)
+    segment = torch.full((R, T), -1, dtype=torch.long)  # example index, -1 = padding
+    branch = torch.zeros((R, T), dtype=torch.long)  # 0 = prompt, k + 1 = response k
+    pos, lab, seq = [], [], []
+    for r, row in enumerate(rows):
+        o = 0
+        for i in row:
+            ex = examples[i]
+            P = len(ex.prompt_ids)
+            input_ids[r, o:o + P] = torch.tensor(ex.prompt_ids)
+            position_ids[r, o:o + P] = torch.arange(P)
+            segment[r, o:o + P] = i
+            start = o + P
+            for k, resp in enumerate(ex.response_ids):
+                L = len(resp)
+                input_ids[r, start:start + L] = torch.tensor(resp)
+                position_ids[r, start:start + L] = torch.arange(P, P + L)
+                segment[r, start:start + L] = i
+                branch[r, start:start + L] = k + 1
+                # the first token is predicted by the prompt's last position, the rest by their predecessor
+                base = r * T
+                pos.append(base + o + P - 1)
+                pos.extend(range(base + start, base + start + L - 1))
+                lab.extend(resp)
+                seq.extend([int(seq_index[i, k])] * L)
+                start += L
+            o = start
+    idx = torch.arange(T)
+    causal = idx[None, :, None] >= idx[None, None, :]
+    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)
+    visible_branch = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
+    mask = causal & same & visible_branch
+    # Padding queries attend to themselves only, so attention rows are never empty (no NaN).
+    mask |= torch.eye(T, dtype=torch.bool)[None] & (segment < 0)[:, :, None]
+    return Batch(input_ids, mask[:, None], position_ids, torch.tensor(pos), torch.tensor(lab), torch.tensor(seq),
+                 seq_index, [ex.row for ex in examples], token_count=int((segment >= 0).sum()))
+
+
+LAYOUTS = ("packed", "padded")
+
+
+def make_collate(layout: str, pad_id: int, row_tokens: int | None = None):
+    """examples -> Batch for a layout name ('packed': prefix-shared and packed; 'padded': plain)."""
+    if layout == "packed":
+        return lambda examples: collate_packed(examples, pad_id, row_tokens)
+    if layout == "padded":
+        return lambda examples: collate_padded(examples, pad_id)
+    raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")

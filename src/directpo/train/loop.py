@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..data import SkipReport, TokenizeStats, collate_padded, load_examples, tokenize_examples
+from ..data import SkipReport, TokenizeStats, load_examples, make_collate, tokenize_examples
 from ..logprobs import dataset_logps, example_logps
 from ..losses import get_pairwise_loss
 from ..models import freeze, load_model, load_tokenizer, pick_device
@@ -80,9 +80,9 @@ def autocast_ctx(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def evaluate(policy, examples, ref_table, cfg: TrainConfig, pad_id: int, device) -> dict[str, float]:
+def evaluate(policy, examples, ref_table, cfg: TrainConfig, collate, device) -> dict[str, float]:
     dtype = torch.bfloat16 if cfg.precision == "bf16" else None
-    pol = dataset_logps(policy, examples, pad_id, cfg.micro_batch_size, device, dtype)
+    pol = dataset_logps(policy, examples, collate, cfg.micro_batch_size, device, dtype)
     res = get_pairwise_loss(cfg.loss)(pol[:, 0], pol[:, 1], ref_table[:, 0], ref_table[:, 1], beta=cfg.beta,
                                       label_smoothing=cfg.label_smoothing)
     return {k: v / len(examples) for k, v in pair_stats(res, pol).items()}
@@ -104,7 +104,7 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model)
-    pad_id = tokenizer.pad_token_id
+    collate = make_collate(cfg.layout, tokenizer.pad_token_id, cfg.row_tokens)
     train_set, report, _ = prepare_data(cfg.data, tokenizer, cfg, "train")
     eval_set = prepare_data(cfg.eval_data, tokenizer, cfg, "eval")[0] if cfg.eval_data else None
 
@@ -115,10 +115,11 @@ def train(cfg: TrainConfig) -> dict:
     ac_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
 
     # Reference log-probs of the eval set never change: compute them once.
-    eval_ref = dataset_logps(ref_model, eval_set, pad_id, cfg.micro_batch_size, device, ac_dtype) if eval_set else None
+    eval_ref = (dataset_logps(ref_model, eval_set, collate, cfg.micro_batch_size, device, ac_dtype)
+                if eval_set else None)
     train_ref = None
     if cfg.precompute_ref:
-        train_ref = dataset_logps(ref_model, train_set, pad_id, cfg.micro_batch_size, device, ac_dtype,
+        train_ref = dataset_logps(ref_model, train_set, collate, cfg.micro_batch_size, device, ac_dtype,
                                   progress="reference log-probs" if cfg.progress else None)
         del ref_model  # the table replaces the model: its memory is free for training
         ref_model = None
@@ -145,7 +146,7 @@ def train(cfg: TrainConfig) -> dict:
     last, last_eval = {}, None
 
     def run_eval(step: int) -> dict:
-        res = {"split": "eval", "step": step, **evaluate(policy, eval_set, eval_ref, cfg, pad_id, device)}
+        res = {"split": "eval", "step": step, **evaluate(policy, eval_set, eval_ref, cfg, collate, device)}
         metrics_file.write(json.dumps(res) + "\n")
         metrics_file.flush()
         log(f"eval @ step {step}: loss {res['loss']:.4f} reward accuracy {res['rewards/accuracies']:.3f} "
@@ -164,7 +165,7 @@ def train(cfg: TrainConfig) -> dict:
         sums, tokens = {}, 0
         for s in range(0, len(idx), cfg.micro_batch_size):
             mb = idx[s:s + cfg.micro_batch_size]
-            batch = collate_padded([train_set[i] for i in mb], pad_id).to(device)
+            batch = collate([train_set[i] for i in mb]).to(device)
             tokens += batch.num_tokens
             with autocast_ctx(device, cfg.precision):
                 pol = example_logps(policy, batch)
