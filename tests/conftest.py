@@ -8,6 +8,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "DIRECTPO_CACHE" not in os.environ:  # keep the tests' reference-log-prob caches out of ~/.cache
+    import tempfile
+
+    os.environ["DIRECTPO_CACHE"] = tempfile.mkdtemp(prefix="directpo-test-cache-")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DIRECTPO_SHARED", REPO.parent / "shared"))

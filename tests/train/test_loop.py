@@ -69,13 +69,16 @@ def test_reproducible_and_refuses_to_overwrite(tiny_model, task, tmp_path):
 
 
 def test_accumulation_and_precomputed_reference_match(tiny_model, task, tmp_path):
-    """Same global batch: micro-batch 8, 4 or 2, live or precomputed reference -> same trajectory."""
+    """Same global batch: micro-batch 8, 4 or 2, live or precomputed reference, packed or padded
+    layout -> the same trajectory."""
     runs = {}
-    for name, kw in {"mb8": dict(micro_batch_size=8), "mb2": dict(micro_batch_size=2),
-                     "pre": dict(micro_batch_size=4, precompute_ref=True)}.items():
+    for name, kw in {"mb8": dict(micro_batch_size=8, precompute_ref=False),
+                     "mb2": dict(micro_batch_size=2, precompute_ref=False),
+                     "pre": dict(micro_batch_size=4, precompute_ref=True),
+                     "padded": dict(micro_batch_size=4, layout="padded")}.items():
         train(_cfg(tiny_model, task, tmp_path / name, optimizer="rmsprop", lr=1e-4, **kw))
         runs[name] = _metrics(tmp_path / name)
-    for name in ("mb2", "pre"):
+    for name in ("mb2", "pre", "padded"):
         for a, b in zip(runs["mb8"], runs[name]):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), name
             assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5), name

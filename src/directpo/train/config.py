@@ -36,7 +36,10 @@ class TrainConfig:
     eval_data: str | None = _f(None, "held-out preference data for periodic evaluation")
     eval_every: int = _f(0, "evaluate every N optimizer steps (0: only at the end, when eval_data is set)")
     seed: int = _f(0, "seed for initialisation-independent randomness: data order")
-    precompute_ref: bool = _f(False, "compute reference log-probs once before training and free the reference model")
+    precompute_ref: bool = _f(True, "compute reference log-probs once before training (cached on disk) and free the "
+                                    "reference model; --no-precompute-ref runs the reference live at every step")
+    ref_cache: str = _f("auto", "where reference log-prob tables are cached: auto (~/.cache/directpo, or "
+                                "$DIRECTPO_CACHE), off, or a directory")
     on_invalid: str = _f("error", "bad rows: stop with an error naming file/row/field, or skip them (counted)",
                          choices=["error", "skip"])
     data_split: str | None = _f(None, "split name for `datasets` sources (default: train)")

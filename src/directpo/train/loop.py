@@ -24,6 +24,7 @@ from ..data import SkipReport, TokenizeStats, load_examples, make_collate, token
 from ..logprobs import dataset_logps, example_logps
 from ..losses import get_pairwise_loss
 from ..models import freeze, load_model, load_tokenizer, pick_device
+from ..reference import default_cache_dir, model_fingerprint, reference_logps
 from .config import TrainConfig
 from .optim import build_optimizer, warmup_schedule
 
@@ -110,19 +111,32 @@ def train(cfg: TrainConfig) -> dict:
 
     policy = load_model(cfg.model, device)
     policy.train()
-    # πref: the starting policy, frozen (paper §4), unless another model is given.
-    ref_model = freeze(load_model(cfg.ref, device) if cfg.ref else copy.deepcopy(policy))
+    # πref: the starting policy, frozen (paper §4), unless another model is given. When its
+    # log-probs are precomputed, the untouched policy itself serves: no second copy in memory.
+    if cfg.ref:
+        ref_model = freeze(load_model(cfg.ref, device))
+    elif cfg.precompute_ref:
+        ref_model = policy
+    else:
+        ref_model = freeze(copy.deepcopy(policy))
     ac_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
 
-    # Reference log-probs of the eval set never change: compute them once.
-    eval_ref = (dataset_logps(ref_model, eval_set, collate, cfg.micro_batch_size, device, ac_dtype)
-                if eval_set else None)
+    # Reference log-probs of the eval set (and, with precompute_ref, of the training set) never
+    # change: compute each table once, cached on disk across runs, then free the reference model.
+    cache_dir = {"off": None, "auto": default_cache_dir()}.get(cfg.ref_cache, cfg.ref_cache)
+    model_fp = model_fingerprint(ref_model) if cache_dir is not None else None
+
+    def ref_table(examples, what):
+        def compute(model, exs):
+            return dataset_logps(model, exs, collate, cfg.micro_batch_size, device, ac_dtype,
+                                 progress=f"reference log-probs ({what})" if cfg.progress else None)
+        return reference_logps(ref_model, examples, compute, cfg.precision, cache_dir, model_fp, log=log)[0]
+
+    eval_ref = ref_table(eval_set, "eval") if eval_set else None
     train_ref = None
     if cfg.precompute_ref:
-        train_ref = dataset_logps(ref_model, train_set, collate, cfg.micro_batch_size, device, ac_dtype,
-                                  progress="reference log-probs" if cfg.progress else None)
-        del ref_model  # the table replaces the model: its memory is free for training
-        ref_model = None
+        train_ref = ref_table(train_set, "train")
+        ref_model = None  # the table replaces the model: its memory is free for training
 
     loss_fn = get_pairwise_loss(cfg.loss)
     optimizer = build_optimizer(policy.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
