@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/directpo demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m "slow or not slow"
