@@ -155,12 +155,23 @@ def sequence_logps(model: nn.Module, batch, fused: bool = True) -> torch.Tensor:
     return torch.zeros(batch.num_seqs, dtype=tok.dtype, device=tok.device).index_add(0, batch.label_seq, tok)
 
 
-def example_logps(model: nn.Module, batch, fused: bool = True) -> torch.Tensor:
-    """(B, K) log-probs, response k of example i at [i, k]; NaN where example i has fewer responses."""
-    seq = sequence_logps(model, batch, fused=fused)
+def per_example(batch, seq_values: torch.Tensor) -> torch.Tensor:
+    """(num_seqs,) -> (B, K): response k of example i at [i, k]; NaN where example i has fewer."""
     idx = batch.seq_index
-    out = seq[idx.clamp(min=0)]
-    return out.masked_fill(idx < 0, float("nan"))
+    return seq_values[idx.clamp(min=0)].masked_fill(idx < 0, float("nan"))
+
+
+def example_logps(model: nn.Module, batch, fused: bool = True, unlikelihood: bool = False):
+    """(B, K) summed response log-probs; with `unlikelihood=True` also (B, K) Σ_t −log(1 − p_t)."""
+    tok = token_logps(model, batch, fused=fused)
+    n = batch.num_seqs
+    seq = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, batch.label_seq, tok)
+    if not unlikelihood:
+        return per_example(batch, seq)
+    from .losses import unlikelihood_terms
+
+    ul = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, batch.label_seq, unlikelihood_terms(tok))
+    return per_example(batch, seq), per_example(batch, ul)
 
 
 @torch.no_grad()

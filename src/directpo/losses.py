@@ -56,11 +56,160 @@ def dpo_loss(
     )
 
 
-# name -> loss function with the signature of `dpo_loss`. The trainer looks losses up here, so a new
-# loss is one function and one entry, never a branch inside the training loop.
-PAIRWISE_LOSSES: dict[str, Callable[..., LossOutput]] = {
-    "dpo": dpo_loss,
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float = 0.1,
+             **_) -> LossOutput:
+    """IPO (Azar et al., 2023): (h − 1/(2β))², h the log-ratio difference; β plays IPO's τ.
+
+    Regresses the margin to a finite target instead of pushing it to infinity, so it does not
+    overfit deterministic preferences. (Summed log-probs, as everywhere here; TRL averages per token.)
+    """
+    h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    return LossOutput((h - 1 / (2 * beta)) ** 2,
+                      implicit_reward(policy_chosen_logps, ref_chosen_logps, beta).detach(),
+                      implicit_reward(policy_rejected_logps, ref_rejected_logps, beta).detach())
+
+
+def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float = 0.1,
+               **_) -> LossOutput:
+    """SLiC's calibration hinge on the implicit reward margin: max(0, 1 − β·h)."""
+    h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    return LossOutput(torch.relu(1 - beta * h),
+                      implicit_reward(policy_chosen_logps, ref_chosen_logps, beta).detach(),
+                      implicit_reward(policy_rejected_logps, ref_rejected_logps, beta).detach())
+
+
+def cdpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float = 0.1,
+              label_smoothing: float = 0.1, **_) -> LossOutput:
+    """Conservative DPO: DPO with labels flipped with probability ε (default 0.1)."""
+    return dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                    label_smoothing or 0.1)
+
+
+def plackett_luce_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float = 0.1) -> tuple:
+    """Ranking DPO (appendix A.3, in the correct product form of A.5), per example.
+
+    Responses are best first; NaN marks absent responses (rows may have different K). With
+    r̂_k = β·(log πθ(y_k|x) − log πref(y_k|x)):
+        −log Π_{k=1..K} exp(r̂_k) / Σ_{j≥k} exp(r̂_j)
+    For K = 2 this is exactly the DPO loss. Returns (losses (B,), rewards (B, K) detached).
+    """
+    rewards = beta * (policy_logps - ref_logps)
+    valid = ~torch.isnan(rewards)
+    r = rewards.masked_fill(~valid, float("-inf"))
+    # Σ_{j≥k} exp(r̂_j) for every position k: a reversed cumulative logsumexp.
+    tail = torch.logcumsumexp(r.flip(-1), dim=-1).flip(-1)
+    terms = torch.where(valid, r - tail, torch.zeros_like(r))
+    return -terms.sum(-1), rewards.detach()
+
+
+def sft_loss(policy_logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per-example negative log-likelihood of the (best) response, averaged over its tokens."""
+    return -policy_logps / lengths.clamp(min=1)
+
+
+def unlikelihood_loss(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor,
+                      rejected_unlikelihood: torch.Tensor, rejected_lengths: torch.Tensor,
+                      weight: float = 1.0) -> torch.Tensor:
+    """The paper's Unlikelihood baseline (Welleck et al., 2019), per example:
+
+        −log p(yw)/|yw|  +  α · Σ_t −log(1 − p(yl_t | x, yl_<t)) / |yl|
+
+    `rejected_unlikelihood` is Σ_t −log(1 − p_t) over the rejected tokens (`unlikelihood_terms`).
+    """
+    return -chosen_logps / chosen_lengths.clamp(min=1) + weight * rejected_unlikelihood / rejected_lengths.clamp(min=1)
+
+
+def unlikelihood_terms(token_logps: torch.Tensor) -> torch.Tensor:
+    """−log(1 − p) per token from log p, stable near p → 1 (log1p(−exp(x)) = log(−expm1(x)))."""
+    return -torch.log(-torch.expm1(token_logps.clamp(max=-1e-6)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry: name -> LossSpec. The trainer looks losses up here and calls `spec.fn(inputs,
+# params)`; a new loss is one function and one entry, never a branch inside the training loop.
+
+
+@dataclass
+class LossInputs:
+    """What a loss may use, per example, responses best first (NaN where absent)."""
+
+    policy: torch.Tensor  # (B, K) summed response log-probs under πθ
+    ref: torch.Tensor | None  # (B, K) under πref, or None for reference-free losses
+    lengths: torch.Tensor  # (B, K) response token counts
+    unlikelihood: torch.Tensor | None = None  # (B, K) Σ_t −log(1 − p_t), when the loss asks for it
+
+
+@dataclass
+class LossParams:
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    unlikelihood_weight: float = 1.0
+
+
+@dataclass
+class RankedLossOutput:
+    losses: torch.Tensor  # (B,)
+    rewards: torch.Tensor | None  # (B, K) implicit rewards (None for losses without a reference)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    fn: Callable[[LossInputs, LossParams], RankedLossOutput]
+    needs_reference: bool = True
+    pairwise: bool = True  # takes exactly two responses per example
+    needs_unlikelihood: bool = False
+    help: str = ""
+
+
+def _pairwise(fn):
+    def run(x: LossInputs, p: LossParams) -> RankedLossOutput:
+        out = fn(x.policy[:, 0], x.policy[:, 1], x.ref[:, 0], x.ref[:, 1], beta=p.beta,
+                 label_smoothing=p.label_smoothing)
+        return RankedLossOutput(out.losses, torch.stack([out.chosen_rewards, out.rejected_rewards], 1))
+    return run
+
+
+def _reference_free(x: LossInputs, p: LossParams) -> RankedLossOutput:
+    zeros = torch.zeros_like(x.policy[:, 0])
+    out = dpo_loss(x.policy[:, 0], x.policy[:, 1], zeros, zeros, beta=p.beta, label_smoothing=p.label_smoothing)
+    return RankedLossOutput(out.losses, torch.stack([out.chosen_rewards, out.rejected_rewards], 1))
+
+
+def _plackett_luce(x: LossInputs, p: LossParams) -> RankedLossOutput:
+    return RankedLossOutput(*plackett_luce_loss(x.policy, x.ref, p.beta))
+
+
+def _sft(x: LossInputs, p: LossParams) -> RankedLossOutput:
+    return RankedLossOutput(sft_loss(x.policy[:, 0], x.lengths[:, 0]), None)
+
+
+def _unlikelihood(x: LossInputs, p: LossParams) -> RankedLossOutput:
+    return RankedLossOutput(unlikelihood_loss(x.policy[:, 0], x.lengths[:, 0], x.unlikelihood[:, 1],
+                                              x.lengths[:, 1], p.unlikelihood_weight), None)
+
+
+LOSSES: dict[str, LossSpec] = {
+    "dpo": LossSpec(_pairwise(dpo_loss), help="DPO, eq. 7 (label_smoothing > 0: conservative DPO)"),
+    "cdpo": LossSpec(_pairwise(cdpo_loss), help="conservative DPO, ε = label_smoothing (default 0.1)"),
+    "ipo": LossSpec(_pairwise(ipo_loss), help="IPO (Azar et al.): squared margin regression to 1/(2β)"),
+    "hinge": LossSpec(_pairwise(hinge_loss), help="SLiC hinge on the implicit reward margin"),
+    "reference_free": LossSpec(_reference_free, needs_reference=False, help="DPO with a uniform reference"),
+    "plackett_luce": LossSpec(_plackett_luce, pairwise=False, help="ranking DPO over K ≥ 2 responses (A.3/A.5)"),
+    "sft": LossSpec(_sft, needs_reference=False, pairwise=False, help="supervised NLL of the best response"),
+    "unlikelihood": LossSpec(_unlikelihood, needs_reference=False, needs_unlikelihood=True,
+                             help="the paper's Unlikelihood baseline: NLL(yw) + α·unlikelihood(yl)"),
 }
+
+# The plain pairwise functions, for users who call them directly.
+PAIRWISE_LOSSES: dict[str, Callable[..., LossOutput]] = {"dpo": dpo_loss, "cdpo": cdpo_loss, "ipo": ipo_loss,
+                                                         "hinge": hinge_loss}
+
+
+def get_loss(name: str) -> LossSpec:
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}") from None
 
 
 def get_pairwise_loss(name: str) -> Callable[..., LossOutput]:

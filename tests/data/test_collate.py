@@ -129,9 +129,11 @@ def test_three_responses():
     assert batch.seq_index.tolist() == [[0, 2, 4], [1, 3, 5]]
     _check_layout(batch, exs, PAD)
     _check_labels(batch, exs)
-    # gather picks response k of each example from per-sequence values
+    # per_example lays per-sequence values out as (B, K); response_lengths counts labels
+    from directpo.logprobs import per_example
     per_seq = torch.arange(6) * 10.0
-    assert batch.gather(per_seq, 2).tolist() == [40.0, 50.0]
+    assert per_example(batch, per_seq)[:, 2].tolist() == [40.0, 50.0]
+    assert batch.response_lengths().tolist() == [[2, 3, 2], [5, 2, 3]]
 
 
 def test_mixed_numbers_of_responses():

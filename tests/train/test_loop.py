@@ -55,7 +55,7 @@ def test_metrics_eval_and_saved_model(tiny_model, task, tmp_path):
     diffs = [(a - b).abs().max().item() for a, b in zip(model.parameters(), start.parameters())]
     assert max(diffs) > 0  # it trained
     cfg = json.loads((out / "directpo_config.json").read_text())
-    assert cfg["reference"].startswith("frozen copy") and cfg["beta"] == 0.1
+    assert cfg["reference"] == str(tiny_model) and cfg["reference_mode"] == "precomputed" and cfg["beta"] == 0.1
 
 
 def test_reproducible_and_refuses_to_overwrite(tiny_model, task, tmp_path):

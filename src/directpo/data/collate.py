@@ -60,9 +60,10 @@ class Batch:
                 kw[k] = v.to(device, non_blocking=True)
         return Batch(**kw)
 
-    def gather(self, seq_values: torch.Tensor, k: int) -> torch.Tensor:
-        """Per-example value of response k from a per-sequence tensor."""
-        return seq_values[self.seq_index[:, k]]
+    def response_lengths(self) -> torch.Tensor:
+        """(B, K) label tokens per response (0 where absent)."""
+        counts = torch.bincount(self.label_seq, minlength=self.num_seqs)
+        return counts[self.seq_index.clamp(min=0)].masked_fill(self.seq_index < 0, 0)
 
 
 def collate_padded(examples: list[TokenizedExample], pad_id: int) -> Batch:

@@ -11,6 +11,7 @@ Accepted row shapes (detected per row):
                              messages of chosen and rejected are the prompt.
 * ranked responses           {"prompt", "responses": [...], "ranking": [best, ..., worst]} or
                              {"prompt", "responses", "scores": [...]} (higher is better)
+* completions (for SFT)      {"prompt": str, "completion": str}
 
 Every problem is a `DataError` that names the source, the row and the field. With
 ``on_invalid="skip"`` such rows are skipped *and counted* (`SkipReport`), never dropped silently.
@@ -225,6 +226,11 @@ def parse_row(rec: dict, source: str, row: int) -> Example:
     rec = {k: v for k, v in rec.items() if v is not None}
     if "responses" in rec:
         ex = _parse_ranked(rec, source, row)
+    elif "completion" in rec and "chosen" not in rec:  # a plain SFT row
+        completion = _text(rec, "completion", source, row)
+        if not completion.strip():
+            raise DataError(source, row, "completion", "empty response", kind="empty")
+        return Example(_text(rec, "prompt", source, row), [completion], source, row)
     elif "chosen" in rec or "rejected" in rec:
         ex = _parse_pair(rec, source, row)
     else:
@@ -350,4 +356,25 @@ def load_examples(spec: str, on_invalid: str = "error", split: str | None = None
             report.add(e)
     if not out:
         raise DataError(spec, None, None, "no usable rows" + (f" ({report.summary()})" if report.total else ""))
+    return out
+
+
+def ranking_to_pairs(examples: list[Example], mode: str = "all") -> list[Example]:
+    """Expand ranked examples (K > 2) into pairs for pairwise losses.
+
+    mode 'all': every (better, worse) pair, K(K−1)/2 per example; 'best_worst': one pair, the best
+    against the worst. Pairs keep their source row, so errors and scores still point at the input.
+    """
+    if mode not in ("all", "best_worst"):
+        raise ValueError(f"ranking-to-pairs mode must be 'all' or 'best_worst', got {mode!r}")
+    out = []
+    for ex in examples:
+        K = len(ex.responses)
+        if K == 2:
+            out.append(ex)
+        elif mode == "best_worst":
+            out.append(Example(ex.prompt, [ex.responses[0], ex.responses[-1]], ex.source, ex.row))
+        else:
+            out += [Example(ex.prompt, [ex.responses[i], ex.responses[j]], ex.source, ex.row)
+                    for i in range(K) for j in range(i + 1, K)]
     return out

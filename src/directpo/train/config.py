@@ -19,9 +19,15 @@ class TrainConfig:
     data: str = _f(None, "preference data: .jsonl/.json/.parquet file, or a `datasets` name/dir", required=True)
     output_dir: str = _f(None, "where the final model, tokenizer and metrics.jsonl go", required=True)
     ref: str | None = _f(None, "reference model πref (default: a frozen copy of the starting policy)")
-    loss: str = _f("dpo", "loss function (see directpo.losses)")
+    loss: str = _f("dpo", "loss: dpo, cdpo, ipo, hinge, reference_free, plackett_luce (rankings), sft, "
+                          "unlikelihood (see directpo.losses.LOSSES)")
     beta: float = _f(0.1, "β: strength of the implicit KL penalty (paper default 0.1)")
     label_smoothing: float = _f(0.0, "ε of conservative DPO: probability that a preference label is flipped")
+    sft_weight: float = _f(0.0, "add this × the NLL per token of the best response to the loss (RPO-style)")
+    unlikelihood_weight: float = _f(1.0, "α of the unlikelihood loss: weight of the rejected-token term")
+    ranking_to_pairs: bool = _f(False, "expand ranked rows (K > 2) into pairs for pairwise losses")
+    ranking_pairs: str = _f("all", "with ranking_to_pairs: every (better, worse) pair, or only best vs worst",
+                            choices=["all", "best_worst"])
     lr: float = _f(1e-6, "peak learning rate (paper: 1e-6)")
     optimizer: str = _f("rmsprop", "optimizer (paper: rmsprop)", choices=["rmsprop", "adamw"])
     weight_decay: float = _f(0.0, "weight decay (adamw)")
@@ -65,6 +71,9 @@ class TrainConfig:
                              f"({self.micro_batch_size})")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             raise ValueError("max_prompt_length must be ≥ 1")
+        from ..losses import get_loss
+
+        get_loss(self.loss)
         if self.beta <= 0:
             raise ValueError("beta must be > 0")
         if self.max_length is not None and self.max_prompt_length is not None and \

@@ -1,8 +1,9 @@
-"""The DPO training loop, readable top to bottom.
+"""The training loop, readable top to bottom. One loop for every loss (DPO, IPO, Plackett–Luce,
+SFT, Unlikelihood, ...): the loss is looked up by name in `directpo.losses.LOSSES`.
 
-    data -> tokenized pairs -> (policy, frozen reference) -> for each step:
-        for each micro-batch: policy log-probs (grad), reference log-probs (no grad or precomputed),
-                              loss = Σ per-pair losses / batch size, backward
+    data -> tokenized examples -> (policy, reference log-probs) -> for each step:
+        for each micro-batch: policy log-probs (grad), reference log-probs (precomputed table, or a
+                              live frozen model), loss = Σ per-example losses / batch size, backward
         clip, optimizer step, lr schedule, one metrics.jsonl line, maybe evaluate
     -> save the policy (safetensors) and tokenizer in Hugging Face format.
 """
@@ -21,8 +22,10 @@ import torch
 
 from .. import __version__
 from ..data import SkipReport, TokenizeStats, load_examples, make_collate, tokenize_examples
+from ..data.formats import ranking_to_pairs
 from ..logprobs import dataset_logps, example_logps
-from ..losses import get_pairwise_loss
+from ..losses import LossInputs, LossParams, get_loss, sft_loss
+from ..metrics import last_valid, ranking_metrics
 from ..models import freeze, load_model, load_tokenizer, pick_device
 from ..reference import default_cache_dir, model_fingerprint, reference_logps
 from .config import TrainConfig
@@ -34,16 +37,29 @@ def log(msg: str) -> None:
 
 
 def prepare_data(spec, tokenizer, cfg: TrainConfig, what: str):
-    """Load, validate and tokenize a preference file; report what was skipped or truncated."""
+    """Load, validate and tokenize a data file into the shape the loss takes; report what was
+    skipped or truncated."""
+    loss = get_loss(cfg.loss)
     report, stats = SkipReport(), TokenizeStats()
     examples = load_examples(spec, on_invalid=cfg.on_invalid, split=cfg.data_split, report=report)
+    if cfg.loss == "sft":  # Preferred-FT: only the best response is a target
+        examples = [type(ex)(ex.prompt, ex.responses[:1], ex.source, ex.row) for ex in examples]
+    else:
+        single = next((ex for ex in examples if len(ex.responses) < 2), None)
+        if single is not None:
+            raise ValueError(f"{single.source}, row {single.row}: the '{cfg.loss}' loss needs ≥ 2 responses per "
+                             "row; this row has one (a prompt/completion row is for `directpo sft`)")
+    if cfg.ranking_to_pairs:
+        examples = ranking_to_pairs(examples, cfg.ranking_pairs)
+    if loss.pairwise:
+        ranked = next((ex for ex in examples if len(ex.responses) != 2), None)
+        if ranked is not None:
+            raise ValueError(f"{ranked.source}, row {ranked.row}: the '{cfg.loss}' loss takes pairs, this row has "
+                             f"{len(ranked.responses)} ranked responses: use --loss plackett_luce, or "
+                             "--ranking-to-pairs to expand rankings into pairs")
     tokenized = tokenize_examples(examples, tokenizer, cfg.max_length, cfg.max_prompt_length,
                                   on_invalid=cfg.on_invalid, report=report, stats=stats)
-    bad = [ex for ex in tokenized if len(ex.response_ids) != 2]
-    if bad:
-        raise ValueError(f"{bad[0].source}, row {bad[0].row}: the '{cfg.loss}' loss takes pairs, "
-                         f"this row has {len(bad[0].response_ids)} ranked responses")
-    log(f"{what}: {len(tokenized)} pairs from {spec}; {report.summary()}; {stats.summary()}")
+    log(f"{what}: {len(tokenized)} examples from {spec}; {report.summary()}; {stats.summary()}")
     return tokenized, report, stats
 
 
@@ -61,32 +77,73 @@ def batch_order(n: int, batch_size: int, seed: int):
         epoch += 1
 
 
-def pair_stats(res, pol: torch.Tensor, ref: torch.Tensor | None = None) -> dict[str, float]:
-    """Sums (not means) over the pairs of a micro-batch, so micro-batches add up exactly."""
-    margin = res.chosen_rewards - res.rejected_rewards
-    return {
-        "loss": res.losses.detach().sum().item(),
-        "rewards/chosen": res.chosen_rewards.sum().item(),
-        "rewards/rejected": res.rejected_rewards.sum().item(),
-        "rewards/accuracies": (margin > 0).float().sum().item(),
-        "rewards/margins": margin.sum().item(),
-        "logps/chosen": pol[:, 0].detach().sum().item(),
-        "logps/rejected": pol[:, 1].detach().sum().item(),
-    }
-
-
 def autocast_ctx(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def evaluate(policy, examples, ref_table, cfg: TrainConfig, collate, device) -> dict[str, float]:
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else None
-    pol = dataset_logps(policy, examples, collate, cfg.micro_batch_size, device, dtype)
-    res = get_pairwise_loss(cfg.loss)(pol[:, 0], pol[:, 1], ref_table[:, 0], ref_table[:, 1], beta=cfg.beta,
-                                      label_smoothing=cfg.label_smoothing)
-    return {k: v / len(examples) for k, v in pair_stats(res, pol).items()}
+def micro_batch_loss(policy, batch, ref: torch.Tensor | None, cfg: TrainConfig, spec, params: LossParams):
+    """Per-example losses of one micro-batch and its metric sums (sums, so micro-batches add up)."""
+    out = example_logps(policy, batch, unlikelihood=spec.needs_unlikelihood)
+    pol, ul = out if spec.needs_unlikelihood else (out, None)
+    lengths = batch.response_lengths().to(pol.dtype)
+    res = spec.fn(LossInputs(pol, ref, lengths, ul), params)
+    losses = res.losses
+    if cfg.sft_weight:  # RPO-style NLL term on the best response, for any loss
+        losses = losses + cfg.sft_weight * sft_loss(pol[:, 0], lengths[:, 0])
+    p = pol.detach()
+    stats = {"loss": losses.detach().sum().item(), "logps/chosen": p[:, 0].sum().item(),
+             "nll/token": (-p[:, 0] / lengths[:, 0].clamp(min=1)).sum().item()}
+    if p.shape[1] > 1:
+        stats["logps/rejected"] = last_valid(p).sum().item()
+    if res.rewards is not None:
+        r = res.rewards
+        rank = ranking_metrics(r)
+        chosen, rejected = r[:, 0], last_valid(r)
+        stats.update({"rewards/chosen": chosen.sum().item(), "rewards/rejected": rejected.sum().item(),
+                      "rewards/margins": (chosen - rejected).sum().item(),
+                      "rewards/accuracies": rank["accuracy"].sum().item()})
+        if r.shape[1] > 2:
+            stats.update({"rewards/top1": rank["top1"].sum().item(),
+                          "rewards/kendall_tau": rank["kendall_tau"].sum().item()})
+    return losses, stats
+
+
+def add_stats(total: dict, stats: dict) -> None:
+    for k, v in stats.items():
+        total[k] = total.get(k, 0.0) + v
+
+
+@torch.no_grad()
+def evaluate(policy, examples, ref_table, cfg: TrainConfig, collate, device, spec, params) -> dict[str, float]:
+    was_training = policy.training
+    policy.eval()
+    totals: dict = {}
+    order = sorted(range(len(examples)), key=lambda i: examples[i].num_tokens)
+    for s in range(0, len(order), cfg.micro_batch_size):
+        mb = order[s:s + cfg.micro_batch_size]
+        batch = collate([examples[i] for i in mb]).to(device)
+        ref = ref_table[mb].to(device) if ref_table is not None else None
+        with autocast_ctx(device, cfg.precision):
+            add_stats(totals, micro_batch_loss(policy, batch, ref, cfg, spec, params)[1])
+    policy.train(was_training)
+    return {k: v / len(examples) for k, v in totals.items()}
+
+
+def _summary(m: dict, short: bool = False) -> str:
+    parts = [f"loss {m['loss']:.4f}"]
+    if "rewards/accuracies" in m:
+        parts.append(f"acc {m['rewards/accuracies']:.2f}")
+        if not short:
+            parts.append(f"margin {m['rewards/margins']:.4f}")
+    if "rewards/kendall_tau" in m:
+        parts.append(f"tau {m['rewards/kendall_tau']:.2f}")
+    if "rewards/accuracies" not in m:
+        parts.append(f"nll/tok {m['nll/token']:.3f}")
+    if short and "pairs_per_s" in m:
+        parts.append(f"{m['pairs_per_s']:.1f} ex/s")
+    return " ".join(parts)
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -109,11 +166,16 @@ def train(cfg: TrainConfig) -> dict:
     train_set, report, _ = prepare_data(cfg.data, tokenizer, cfg, "train")
     eval_set = prepare_data(cfg.eval_data, tokenizer, cfg, "eval")[0] if cfg.eval_data else None
 
+    spec = get_loss(cfg.loss)
+    loss_params = LossParams(cfg.beta, cfg.label_smoothing, cfg.unlikelihood_weight)
     policy = load_model(cfg.model, device)
     policy.train()
     # πref: the starting policy, frozen (paper §4), unless another model is given. When its
     # log-probs are precomputed, the untouched policy itself serves: no second copy in memory.
-    if cfg.ref:
+    same_as_policy = not cfg.ref or cfg.ref == cfg.model
+    if not spec.needs_reference:
+        ref_model = None
+    elif not same_as_policy:
         ref_model = freeze(load_model(cfg.ref, device))
     elif cfg.precompute_ref:
         ref_model = policy
@@ -124,7 +186,7 @@ def train(cfg: TrainConfig) -> dict:
     # Reference log-probs of the eval set (and, with precompute_ref, of the training set) never
     # change: compute each table once, cached on disk across runs, then free the reference model.
     cache_dir = {"off": None, "auto": default_cache_dir()}.get(cfg.ref_cache, cfg.ref_cache)
-    model_fp = model_fingerprint(ref_model) if cache_dir is not None else None
+    model_fp = model_fingerprint(ref_model) if cache_dir is not None and ref_model is not None else None
 
     def ref_table(examples, what):
         def compute(model, exs):
@@ -132,13 +194,12 @@ def train(cfg: TrainConfig) -> dict:
                                  progress=f"reference log-probs ({what})" if cfg.progress else None)
         return reference_logps(ref_model, examples, compute, cfg.precision, cache_dir, model_fp, log=log)[0]
 
-    eval_ref = ref_table(eval_set, "eval") if eval_set else None
+    eval_ref = ref_table(eval_set, "eval") if eval_set and ref_model is not None else None
     train_ref = None
-    if cfg.precompute_ref:
+    if cfg.precompute_ref and ref_model is not None:
         train_ref = ref_table(train_set, "train")
         ref_model = None  # the table replaces the model: its memory is free for training
 
-    loss_fn = get_pairwise_loss(cfg.loss)
     optimizer = build_optimizer(policy.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = warmup_schedule(optimizer, cfg.warmup_steps)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
@@ -147,27 +208,29 @@ def train(cfg: TrainConfig) -> dict:
 
     (out / "directpo_config.json").write_text(json.dumps({
         "directpo_version": __version__, "command": "train", **asdict(cfg),
-        "reference": cfg.ref or f"frozen copy of {cfg.model}", "train_pairs": len(train_set),
-        "skipped_rows": dict(report.counts), "total_steps": total_steps}, indent=2))
-    log(f"training {total_steps} steps × {cfg.batch_size} pairs (micro-batch {cfg.micro_batch_size}) on {device}, "
-        f"{cfg.optimizer} lr {cfg.lr}, β {cfg.beta}, {cfg.precision}")
+        "reference": (None if not spec.needs_reference else cfg.ref or cfg.model),
+        "reference_mode": ("none" if not spec.needs_reference else "precomputed" if cfg.precompute_ref else "live"),
+        "train_examples": len(train_set), "skipped_rows": dict(report.counts), "total_steps": total_steps},
+        indent=2))
+    log(f"training {cfg.loss}: {total_steps} steps × {cfg.batch_size} examples (micro-batch "
+        f"{cfg.micro_batch_size}) on {device}, {cfg.optimizer} lr {cfg.lr}, β {cfg.beta}, {cfg.precision}")
 
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total_steps, desc="dpo", unit="step", mininterval=1.0, dynamic_ncols=True)
+        bar = tqdm(total=total_steps, desc=cfg.loss, unit="step", mininterval=1.0, dynamic_ncols=True)
     metrics_file = open(out / "metrics.jsonl", "w")
     last, last_eval = {}, None
 
     def run_eval(step: int) -> dict:
-        res = {"split": "eval", "step": step, **evaluate(policy, eval_set, eval_ref, cfg, collate, device)}
+        res = {"split": "eval", "step": step,
+               **evaluate(policy, eval_set, eval_ref, cfg, collate, device, spec, loss_params)}
         metrics_file.write(json.dumps(res) + "\n")
         metrics_file.flush()
-        log(f"eval @ step {step}: loss {res['loss']:.4f} reward accuracy {res['rewards/accuracies']:.3f} "
-            f"margin {res['rewards/margins']:.4f}")
+        log(f"eval @ step {step}: " + _summary(res))
         return res
 
-    if eval_set is not None:  # step 0: policy = reference, every implicit reward is 0
+    if eval_set is not None:  # step 0: the starting point (for DPO every implicit reward is 0)
         last_eval = run_eval(0)
     t_start = time.perf_counter()
     batches = batch_order(len(train_set), cfg.batch_size, cfg.seed)
@@ -182,18 +245,17 @@ def train(cfg: TrainConfig) -> dict:
             batch = collate([train_set[i] for i in mb]).to(device)
             tokens += batch.num_tokens
             with autocast_ctx(device, cfg.precision):
-                pol = example_logps(policy, batch)
-                if train_ref is not None:
+                if not spec.needs_reference:
+                    ref = None
+                elif train_ref is not None:
                     ref = train_ref[mb].to(device)
                 else:
                     with torch.no_grad():
                         ref = example_logps(ref_model, batch)
-            res = loss_fn(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], beta=cfg.beta,
-                          label_smoothing=cfg.label_smoothing)
+                losses, stats = micro_batch_loss(policy, batch, ref, cfg, spec, loss_params)
             # Σ over the micro-batch / full batch size: accumulated grads equal the full-batch mean's.
-            (res.losses.sum() / len(idx)).backward()
-            for k, v in pair_stats(res, pol).items():
-                sums[k] = sums.get(k, 0.0) + v
+            (losses.sum() / len(idx)).backward()
+            add_stats(sums, stats)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -208,11 +270,9 @@ def train(cfg: TrainConfig) -> dict:
         metrics_file.flush()
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}",
-                            pairs_s=f"{last['pairs_per_s']:.1f}")
+            bar.set_postfix_str(_summary(last, short=True))
         elif step % cfg.log_every == 0 or step == total_steps:
-            log(f"step {step}/{total_steps} loss {last['loss']:.4f} acc {last['rewards/accuracies']:.2f} "
-                f"margin {last['rewards/margins']:.4f} lr {lr:.2e} {last['pairs_per_s']:.1f} pairs/s")
+            log(f"step {step}/{total_steps} {_summary(last)} lr {lr:.2e} {last['pairs_per_s']:.1f} examples/s")
         if eval_set is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
             last_eval = run_eval(step)
     if bar is not None:
