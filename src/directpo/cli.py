@@ -46,9 +46,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
                                 metavar=name.upper() if not meta.get("choices") else None)
 
 
-def build_config(args: argparse.Namespace, cls=TrainConfig):
-    """Config = dataclass defaults < YAML file < command-line flags."""
-    values: dict = {}
+def build_config(args: argparse.Namespace, cls=TrainConfig, **defaults):
+    """Config = dataclass defaults < command defaults < YAML file < command-line flags."""
+    values: dict = dict(defaults)
     names = {f.name for f in fields(cls)}
     if getattr(args, "config", None):
         import yaml
@@ -72,6 +72,23 @@ def cmd_train(args) -> int:
     cfg = build_config(args)
     summary = train(cfg)
     print(json.dumps({k: summary[k] for k in ("output_dir", "train", "eval")}, indent=None))
+    return 0
+
+
+def cmd_sft(args) -> int:
+    from .train.loop import train
+
+    summary = train(build_config(args, loss="sft"))
+    print(json.dumps({k: summary[k] for k in ("output_dir", "train", "eval")}, indent=None))
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from .pipeline import run_pipeline
+
+    overrides = {k: getattr(args, k) for k in ("sft_lr", "sft_max_steps", "sft_epochs", "sft_optimizer")
+                 if getattr(args, k, None) is not None}
+    print(json.dumps(run_pipeline(build_config(args), **overrides)))
     return 0
 
 
@@ -104,6 +121,24 @@ def make_parser() -> argparse.ArgumentParser:
     add_config_flags(t)
     t.set_defaults(func=cmd_train)
 
+    f = sub.add_parser("sft", help="supervised fine-tuning (Preferred-FT on the chosen responses of a preference "
+                                   "set, or on prompt/completion rows)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    f.add_argument("--config", help="YAML file of settings (keys as the flags)")
+    add_config_flags(f)
+    f.set_defaults(func=cmd_sft)
+
+    pl = sub.add_parser("pipeline", help="the paper's recipe: Preferred-FT on the chosen responses, then DPO "
+                                         "from (and against) that SFT model; resumable per stage",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pl.add_argument("--config", help="YAML file of settings (keys as the flags)")
+    add_config_flags(pl)
+    pl.add_argument("--sft-lr", type=float, help="SFT stage learning rate (default: --lr)")
+    pl.add_argument("--sft-max-steps", type=int, help="SFT stage steps (default: --max-steps / --epochs)")
+    pl.add_argument("--sft-epochs", type=float, help="SFT stage epochs (default: --epochs)")
+    pl.add_argument("--sft-optimizer", choices=["rmsprop", "adamw"], help="SFT stage optimizer (default: --optimizer)")
+    pl.set_defaults(func=cmd_pipeline)
+
     s = sub.add_parser("score", help="log-probs (and implicit rewards, with --ref) of every pair in a file")
     s.add_argument("--model", required=True, help="model to score with (hub id or local dir)")
     s.add_argument("--data", required=True, help="preference data (same formats as train)")
@@ -126,6 +161,9 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=60)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    from .bench import add_bench_parser
+    add_bench_parser(sub)
     return p
 
 

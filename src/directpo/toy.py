@@ -52,6 +52,40 @@ def review_task(n_train: int = 256, n_eval: int = 64, seed: int = 0) -> tuple[li
     return rows["train"], rows["eval"]
 
 
+def ranked_review_task(n_train: int = 256, n_eval: int = 64, k: int = 4, seed: int = 0,
+                       ) -> tuple[list[dict], list[dict], dict[str, float]]:
+    """Rows {prompt, responses, scores}: K reviews of three adjectives, scored by a hidden reward.
+
+    Every adjective has a hidden weight (positive words > 0 on average, negative < 0, with spread);
+    a review's reward is the sum of its adjectives' weights, and `scores` holds it, so the ranking
+    is known exactly. Returns (train rows, eval rows, the hidden weights). Eval films are unseen.
+    """
+    rng = random.Random(seed)
+    words = POSITIVE + NEGATIVE
+    weight = {w: rng.gauss(1.0 if w in POSITIVE else -1.0, 0.7) for w in words}
+    films = sorted({_film(rng) for _ in range(4 * (n_train + n_eval))})
+    rng.shuffle(films)
+    cut = len(films) * n_train // (n_train + n_eval)
+    out = {"train": [], "eval": []}
+    for split, n, pool in (("train", n_train, films[:cut]), ("eval", n_eval, films[cut:])):
+        while len(out[split]) < n:
+            t = rng.choice(TEMPLATES)
+            reviews = []
+            for _ in range(k):
+                a, b, c = rng.sample(words, 3)
+                reviews.append((template_fill(t, a, b, c), weight[a] + weight[b] + weight[c]))
+            scores = [round(r, 6) for _, r in reviews]
+            if len(set(scores)) < k or len({t for t, _ in reviews}) < k:
+                continue  # strict rankings only
+            out[split].append({"prompt": f"Review of {rng.choice(pool)}:", "responses": [t for t, _ in reviews],
+                               "scores": scores})
+    return out["train"], out["eval"], weight
+
+
+def template_fill(template: str, a: str, b: str, c: str) -> str:
+    return template.format(a=a, b=b, c=c, A=a.capitalize())
+
+
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

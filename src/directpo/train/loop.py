@@ -32,6 +32,9 @@ from .config import TrainConfig
 from .optim import build_optimizer, warmup_schedule
 
 
+COMPLETE_MARKER = "run_complete.json"
+
+
 def log(msg: str) -> None:
     print(f"[directpo] {msg}", file=sys.stderr, flush=True)
 
@@ -207,7 +210,7 @@ def train(cfg: TrainConfig) -> dict:
     params = [p for p in policy.parameters() if p.requires_grad]
 
     (out / "directpo_config.json").write_text(json.dumps({
-        "directpo_version": __version__, "command": "train", **asdict(cfg),
+        "directpo_version": __version__, "command": "sft" if cfg.loss == "sft" else "train", **asdict(cfg),
         "reference": (None if not spec.needs_reference else cfg.ref or cfg.model),
         "reference_mode": ("none" if not spec.needs_reference else "precomputed" if cfg.precompute_ref else "live"),
         "train_examples": len(train_set), "skipped_rows": dict(report.counts), "total_steps": total_steps},
@@ -281,5 +284,7 @@ def train(cfg: TrainConfig) -> dict:
 
     policy.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    result = {"output_dir": str(out), "train": last, "eval": last_eval}
+    (out / COMPLETE_MARKER).write_text(json.dumps(result))  # written last: the run finished
     log(f"saved model and tokenizer to {out}")
-    return {"output_dir": str(out), "train": last, "eval": last_eval}
+    return result

@@ -1,0 +1,78 @@
+"""The TRL side of `directpo bench`: one DPOTrainer run, in the subprocess `directpo.bench` starts.
+
+TRL is optional (the `bench` extra) and imported only here, inside `run_trl`. The settings are the
+shared anchor script's (`shared/bench/trl_dpo.py`): DPOConfig with report_to='none',
+save_strategy='no', logging_steps=1, learning_rate 1e-6, β 0.1, seed 0, no tqdm, use_cpu on the
+CPU; steps are timed by a TrainerCallback at `on_step_end`. The trainer additionally records, per
+optimizer step, the sizes of the tensors it was given (rows, real tokens, label tokens, Σ len²),
+from which `directpo.bench` counts tokens and model FLOPs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+
+def run_trl(spec: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    import trl
+    from trl import DPOConfig, DPOTrainer
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    device = spec.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    use_cpu = not str(device).startswith("cuda")
+    if not use_cpu and ":" in str(device):
+        torch.cuda.set_device(torch.device(device))
+
+    with open(spec["data"]) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+
+    tok = AutoTokenizer.from_pretrained(spec["model"])
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.t: list[float] = []
+
+        def on_step_end(self, args, state, control, **kw):
+            if not use_cpu:
+                torch.cuda.synchronize()
+            self.t.append(time.perf_counter())
+
+    class CountingDPOTrainer(DPOTrainer):
+        """Records what each training step processes: padded rows, real tokens, label tokens."""
+
+        step_inputs: list[dict] = []
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            mask = inputs["attention_mask"]
+            lens = mask.sum(dim=1).double()
+            self.step_inputs.append({"rows": int(mask.shape[0]), "tokens": int(lens.sum().item()),
+                                     "labels": int(inputs["completion_mask"][:, 1:].sum().item()),
+                                     "sq_len": float((lens * lens).sum().item()), "padded_len": int(mask.shape[1])})
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    out_dir = spec.get("output_dir") or tempfile.mkdtemp(prefix="directpo-bench-trl-")
+    os.makedirs(out_dir, exist_ok=True)
+    bf16 = spec["precision"] == "bf16"
+    cfg = DPOConfig(output_dir=out_dir, per_device_train_batch_size=spec["batch"], max_steps=spec["steps"] + 1,
+                    max_length=spec["max_length"], learning_rate=1e-6, beta=0.1, logging_steps=1, report_to="none",
+                    save_strategy="no", use_cpu=use_cpu, precompute_ref_log_probs=spec["precompute_ref"],
+                    dataloader_num_workers=0, seed=0, bf16=bf16, fp16=False, disable_tqdm=True)
+    clock = Clock()
+    trainer = CountingDPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                                 callbacks=[clock])
+    trainer.step_inputs = []
+    t0 = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - t0
+    return {"step_end_times": clock.t, "step_inputs": trainer.step_inputs, "train_pairs": len(trainer.train_dataset),
+            "trl_version": trl.__version__, "train_wall_s": total}

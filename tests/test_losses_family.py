@@ -1,0 +1,114 @@
+"""Plackett–Luce, IPO, cDPO, hinge, SFT and Unlikelihood against closed forms and hand values."""
+import itertools
+import math
+
+import pytest
+import torch
+
+from directpo.losses import (LOSSES, LossInputs, LossParams, cdpo_loss, dpo_loss, hinge_loss, ipo_loss,
+                             plackett_luce_loss, unlikelihood_loss, unlikelihood_terms)
+from directpo.metrics import ranking_metrics
+
+NAN = float("nan")
+
+
+def _rand(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return -30 * torch.rand(shape, generator=g, dtype=torch.float64)
+
+
+def test_plackett_luce_with_k2_is_dpo():
+    pol, ref = _rand((16, 2), 0), _rand((16, 2), 1)
+    for beta in (0.1, 0.5, 2.0):
+        pl, rewards = plackett_luce_loss(pol, ref, beta)
+        d = dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], beta)
+        assert torch.allclose(pl, d.losses, atol=1e-12)
+        assert torch.allclose(rewards[:, 0], d.chosen_rewards) and torch.allclose(rewards[:, 1], d.rejected_rewards)
+
+
+def _pl_closed_form(r):
+    """−log Π_k exp(r_k)/Σ_{j≥k} exp(r_j), written out term by term."""
+    K = len(r)
+    return -sum(r[k] - torch.logsumexp(r[k:], 0) for k in range(K))
+
+
+def test_plackett_luce_matches_product_of_softmaxes_and_ragged_k():
+    pol, ref = _rand((3, 4), 2), _rand((3, 4), 3)
+    pol[1, 3] = ref[1, 3] = NAN  # K = 3 in row 1
+    pol[2, 2:] = ref[2, 2:] = NAN  # K = 2 in row 2
+    losses, _ = plackett_luce_loss(pol, ref, 0.3)
+    for i, K in enumerate((4, 3, 2)):
+        expected = _pl_closed_form(0.3 * (pol[i, :K] - ref[i, :K]))
+        assert losses[i].item() == pytest.approx(expected.item(), abs=1e-10)
+    # probability of the ranking, summed over all K! orders, is 1 (it is a distribution)
+    r = 0.3 * (pol[0] - ref[0])
+    total = sum(math.exp(-_pl_closed_form(r[list(p)]).item()) for p in itertools.permutations(range(4)))
+    assert total == pytest.approx(1.0, abs=1e-9)
+
+
+def test_plackett_luce_gradient_matches_closed_form():
+    """∂L/∂r_k = −1 + Σ_{m ≤ k} softmax(r_{m:})_k  (the gradient of the product of softmaxes)."""
+    r = _rand((5,), 4).requires_grad_()
+    losses, _ = plackett_luce_loss(r[None], torch.zeros(1, 5, dtype=torch.float64), beta=1.0)
+    losses.sum().backward()
+    with torch.no_grad():
+        expected = torch.full((5,), -1.0, dtype=torch.float64)
+        for m in range(5):
+            expected[m:] += torch.softmax(r[m:], 0)
+    assert torch.allclose(r.grad, expected, atol=1e-12)
+
+
+def test_lemma1_invariance_to_a_per_prompt_shift():
+    """Rewards r and r + f(x) induce the same preferences: PL and DPO losses are unchanged when
+    every response of a prompt gets the same log-prob offset."""
+    pol, ref = _rand((6, 4), 5), _rand((6, 4), 6)
+    f = 100 * torch.randn(6, 1, dtype=torch.float64)
+    a, _ = plackett_luce_loss(pol, ref, 0.2)
+    b, _ = plackett_luce_loss(pol + f, ref, 0.2)
+    assert torch.allclose(a, b, atol=1e-9)
+    d1 = dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], 0.2).losses
+    d2 = dpo_loss(pol[:, 0] + f[:, 0], pol[:, 1] + f[:, 0], ref[:, 0], ref[:, 1], 0.2).losses
+    assert torch.allclose(d1, d2, atol=1e-9)
+
+
+def test_ipo_cdpo_hinge_hand_values():
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-1.0, -2.0, -1.5, -1.5))  # h = 1
+    assert ipo_loss(pc, pr, rc, rr, beta=0.1).losses.item() == pytest.approx((1 - 5.0) ** 2)
+    assert ipo_loss(pc, pr, rc, rr, beta=0.5).losses.item() == pytest.approx(0.0)
+    assert hinge_loss(pc, pr, rc, rr, beta=0.1).losses.item() == pytest.approx(0.9)
+    assert hinge_loss(pc, pr, rc, rr, beta=2.0).losses.item() == 0.0
+    expected = -(0.9 * math.log(1 / (1 + math.exp(-0.1))) + 0.1 * math.log(1 / (1 + math.exp(0.1))))
+    assert cdpo_loss(pc, pr, rc, rr, beta=0.1).losses.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_unlikelihood_matches_token_level_computation():
+    g = torch.Generator().manual_seed(7)
+    chosen_tok = torch.log(torch.rand(5, generator=g, dtype=torch.float64))
+    rejected_tok = torch.log(torch.rand(7, generator=g, dtype=torch.float64))
+    direct = -chosen_tok.sum() / 5 + 0.5 * sum(-math.log(1 - math.exp(t)) for t in rejected_tok.tolist()) / 7
+    got = unlikelihood_loss(chosen_tok.sum()[None], torch.tensor([5.0]), unlikelihood_terms(rejected_tok).sum()[None],
+                            torch.tensor([7.0]), weight=0.5)
+    assert got.item() == pytest.approx(direct, rel=1e-9)
+    # stable when a rejected token is nearly certain
+    assert torch.isfinite(unlikelihood_terms(torch.tensor([0.0, -1e-12]))).all()
+
+
+def test_registry_runs_every_loss_on_the_same_inputs():
+    pol = _rand((4, 3), 8)
+    pol[0, 2] = NAN
+    ref = _rand((4, 3), 9)
+    ref[0, 2] = NAN
+    x = LossInputs(pol, ref, torch.full((4, 3), 5.0), unlikelihood=torch.rand(4, 3, dtype=torch.float64))
+    for name, spec in LOSSES.items():
+        xi = x if not spec.pairwise else LossInputs(pol[:, :2], ref[:, :2], x.lengths[:, :2], x.unlikelihood[:, :2])
+        out = spec.fn(xi, LossParams())
+        assert out.losses.shape == (4,) and torch.isfinite(out.losses).all(), name
+        assert (out.rewards is None) == (name in ("sft", "unlikelihood")), name
+
+
+def test_ranking_metrics():
+    r = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0], [2.0, 3.0, 1.0, NAN], [1.0, 1.0, NAN, NAN]])
+    m = ranking_metrics(r)
+    assert m["kendall_tau"].tolist() == [1.0, -1.0, pytest.approx(1 / 3), 0.0]
+    assert m["top1"].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert m["accuracy"].tolist() == [1.0, 0.0, pytest.approx(2 / 3), 0.0]
