@@ -746,8 +746,8 @@ def format_report(r: dict) -> str:
             lines.append(f"{x['vocab']:>8} {x['params'] / 1e6:>9.2f} {x['peak_rss_mib']:>12.0f} "
                          f"{_fmt(x.get('rss_growth_mib'), '>9.0f')} {_fmt(x.get('param_state_growth_mib'), '>26.0f')} "
                          f"{x['pairs_per_s']:>8.3f}")
-        last = r["vocab_sweep"][-1]
-        if "sublinear" in last:
+        last = next((x for x in reversed(r["vocab_sweep"]) if "sublinear" in x), None)
+        if last is not None:
             lines.append(f"  vocab x{last['vocab_ratio_vs_first']:.2f} -> peak RSS x{last['rss_ratio_vs_first']:.2f} "
                          f"({'sub-linear' if last['sublinear'] else 'NOT sub-linear'}); the growth is the larger "
                          "embedding/LM head (weights, grads, optimizer state), the LM head's activations are chunked "

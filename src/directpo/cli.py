@@ -42,8 +42,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_, default=argparse.SUPPRESS)
         else:
             conv = _optional(kind) if "None" in str(type_name) else kind
+            extra = {"nargs": meta["nargs"], "const": meta.get("const")} if "nargs" in meta else {}
             parser.add_argument(flag, type=conv, help=help_, choices=meta.get("choices"), default=argparse.SUPPRESS,
-                                metavar=name.upper() if not meta.get("choices") else None)
+                                metavar=name.upper() if not meta.get("choices") else None, **extra)
 
 
 def build_config(args: argparse.Namespace, cls=TrainConfig, **defaults):
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (DataError, FileExistsError, ValueError) as e:
+    except (DataError, FileExistsError, PermissionError, ValueError, OSError) as e:
         print(f"directpo {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -149,10 +149,18 @@ def token_logps(model: nn.Module, batch, fused: bool = True) -> torch.Tensor:
     return logits.gather(1, batch.label_ids[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
+def sum_per_sequence(values: torch.Tensor, batch) -> torch.Tensor:
+    """Σ of per-token values per response sequence, accumulated in fp64 (fp32 where a device has
+    no fp64): a summed log-prob of −3000 has fp32 steps of 2.4e-4, and token-by-token fp32
+    accumulation drifts by several of them."""
+    acc = torch.float32 if values.device.type == "mps" else torch.float64
+    out = torch.zeros(batch.num_seqs, dtype=acc, device=values.device).index_add(0, batch.label_seq, values.to(acc))
+    return out.to(values.dtype)
+
+
 def sequence_logps(model: nn.Module, batch, fused: bool = True) -> torch.Tensor:
     """Σ of label-token log-probs per response sequence: shape (batch.num_seqs,), fp32."""
-    tok = token_logps(model, batch, fused=fused)
-    return torch.zeros(batch.num_seqs, dtype=tok.dtype, device=tok.device).index_add(0, batch.label_seq, tok)
+    return sum_per_sequence(token_logps(model, batch, fused=fused), batch)
 
 
 def per_example(batch, seq_values: torch.Tensor) -> torch.Tensor:
@@ -164,14 +172,12 @@ def per_example(batch, seq_values: torch.Tensor) -> torch.Tensor:
 def example_logps(model: nn.Module, batch, fused: bool = True, unlikelihood: bool = False):
     """(B, K) summed response log-probs; with `unlikelihood=True` also (B, K) Σ_t −log(1 − p_t)."""
     tok = token_logps(model, batch, fused=fused)
-    n = batch.num_seqs
-    seq = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, batch.label_seq, tok)
+    seq = sum_per_sequence(tok, batch)
     if not unlikelihood:
         return per_example(batch, seq)
     from .losses import unlikelihood_terms
 
-    ul = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, batch.label_seq, unlikelihood_terms(tok))
-    return per_example(batch, seq), per_example(batch, ul)
+    return per_example(batch, seq), per_example(batch, sum_per_sequence(unlikelihood_terms(tok), batch))
 
 
 @torch.no_grad()

@@ -217,3 +217,12 @@ def get_pairwise_loss(name: str) -> Callable[..., LossOutput]:
         return PAIRWISE_LOSSES[name]
     except KeyError:
         raise ValueError(f"unknown loss {name!r}; choose one of {sorted(PAIRWISE_LOSSES)}") from None
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """Reward-model loss (eq. 2), per example: −log σ(r(x, yw) − r(x, yl)).
+
+    The maximum-likelihood fit of a Bradley–Terry preference model p(yw ≻ yl) = σ(r(yw) − r(yl)).
+    Only differences of rewards enter, so r is determined up to a constant per prompt (Lemma 1).
+    """
+    return -F.logsigmoid(chosen_rewards - rejected_rewards)

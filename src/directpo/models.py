@@ -36,7 +36,16 @@ def load_model(name_or_dir: str, device: torch.device | str = "cpu", trust_remot
     """A causal LM in `dtype` (fp32 master weights by default), on `device`."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    # safetensors only: a pickled checkpoint (pytorch_model.bin) can run arbitrary code when loaded.
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True)
+    except OSError as e:
+        if "safetensors" in str(e).lower() or ".bin" in str(e):
+            raise OSError(f"{name_or_dir}: no safetensors weights found; directpo loads only safetensors (pickled "
+                          f".bin checkpoints can run code). Convert it with `save_pretrained` first. ({e})") from e
+        raise
+
     return model.to(device)
 
 

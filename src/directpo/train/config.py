@@ -58,6 +58,12 @@ class TrainConfig:
     threads: int = _f(0, "CPU threads for torch (0: torch's default)")
     log_every: int = _f(1, "print a metrics line every N steps (metrics.jsonl always gets every step)")
     overwrite: bool = _f(False, "allow writing into an output directory that already holds a run")
+    save_every: int = _f(0, "write a checkpoint (weights, optimizer, scheduler, RNG) every N steps (0: never)")
+    keep_last: int = _f(0, "keep only the newest K checkpoints (0: keep all)")
+    resume: str | None = _f(None, "continue from the latest checkpoint in output_dir (--resume), or from PATH",
+                            nargs="?", const="latest")
+    skip_nonfinite: bool = _f(False, "skip (and count) steps whose loss or gradient is NaN/inf instead of stopping")
+    trust_remote_code: bool = _f(False, "allow model/tokenizer repos to run their own Python code (off: safer)")
     progress: bool = _f(True, "show a progress bar with ETA")
 
     def validate(self) -> "TrainConfig":

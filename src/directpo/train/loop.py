@@ -13,6 +13,8 @@ import contextlib
 import copy
 import json
 import math
+import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -28,6 +30,7 @@ from ..losses import LossInputs, LossParams, get_loss, sft_loss
 from ..metrics import last_valid, ranking_metrics
 from ..models import freeze, load_model, load_tokenizer, pick_device
 from ..reference import default_cache_dir, model_fingerprint, reference_logps
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .optim import build_optimizer, warmup_schedule
 
@@ -149,29 +152,92 @@ def _summary(m: dict, short: bool = False) -> str:
     return " ".join(parts)
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    if (out / "metrics.jsonl").exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds a run (metrics.jsonl); pass --overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
+class NonFiniteError(RuntimeError):
+    pass
+
+
+# Settings that may change between a run and its resumption (they do not change the trajectory).
+RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "log_every", "max_steps", "epochs", "save_every", "keep_last",
+                     "eval_every", "eval_data", "threads", "device", "ref_cache", "skip_nonfinite", "output_dir"}
+
+
+def check_output_dir(out: Path, overwrite: bool, resume: str | None) -> None:
+    if (out / "metrics.jsonl").exists() and not (overwrite or resume):
+        raise FileExistsError(f"{out} already holds a run (metrics.jsonl); pass --resume to continue it or "
+                              "--overwrite to replace it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"cannot write to output directory {out}: {e.strerror or e}") from None
+
+
+def _open_metrics(path: Path, start_step: int):
+    """metrics.jsonl for appending; on resume, drop lines of steps after the checkpoint (redone)."""
+    if start_step == 0:
+        return open(path, "w")
+    keep = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= start_step] \
+        if path.exists() else []
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+    return open(path, "a")
+
+
+def check_vocab(tokenizer, model, name: str) -> None:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ValueError(f"{name}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
+                         f"{rows} rows: they do not belong together")
+
+
+def resume_point(cfg: TrainConfig, out: Path):
+    """The checkpoint to resume from (None: start fresh), after checking it belongs to this run."""
+    if not cfg.resume:
+        return None
+    path = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
+    if path is None:
+        log(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0")
+        return None
+    if not (path / "state.json").exists():
+        raise FileNotFoundError(f"--resume {path}: not a checkpoint directory (no state.json)")
+    saved = json.loads((path / "state.json").read_text())["config"]
+    now = asdict(cfg)
+    diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    if diff:
+        raise ValueError(f"--resume {path}: the checkpoint was made with other settings ({'; '.join(diff)}); "
+                         "resume with the same settings, or start a new run")
+    return path
+
+
+def _crash_hook_from_env():
+    """Tests only: DIRECTPO_TEST_KILL_DURING_SAVE=N kills the process mid-write of checkpoint N."""
+    at = os.environ.get("DIRECTPO_TEST_KILL_DURING_SAVE")
+    if not at:
+        return lambda step: None
+    return lambda step: (lambda tmp: os.kill(os.getpid(), signal.SIGKILL)) if step == int(at) else None
 
 
 def train(cfg: TrainConfig) -> dict:
     cfg.validate()
     out = Path(cfg.output_dir)
-    check_output_dir(out, cfg.overwrite)
+    check_output_dir(out, cfg.overwrite, cfg.resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     collate = make_collate(cfg.layout, tokenizer.pad_token_id, cfg.row_tokens)
     train_set, report, _ = prepare_data(cfg.data, tokenizer, cfg, "train")
     eval_set = prepare_data(cfg.eval_data, tokenizer, cfg, "eval")[0] if cfg.eval_data else None
 
     spec = get_loss(cfg.loss)
     loss_params = LossParams(cfg.beta, cfg.label_smoothing, cfg.unlikelihood_weight)
-    policy = load_model(cfg.model, device)
+    policy = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code)
+    check_vocab(tokenizer, policy, cfg.model)
     policy.train()
     # πref: the starting policy, frozen (paper §4), unless another model is given. When its
     # log-probs are precomputed, the untouched policy itself serves: no second copy in memory.
@@ -179,7 +245,8 @@ def train(cfg: TrainConfig) -> dict:
     if not spec.needs_reference:
         ref_model = None
     elif not same_as_policy:
-        ref_model = freeze(load_model(cfg.ref, device))
+        ref_model = freeze(load_model(cfg.ref, device, trust_remote_code=cfg.trust_remote_code))
+        check_vocab(tokenizer, ref_model, cfg.ref)
     elif cfg.precompute_ref:
         ref_model = policy
     else:
@@ -218,11 +285,25 @@ def train(cfg: TrainConfig) -> dict:
     log(f"training {cfg.loss}: {total_steps} steps × {cfg.batch_size} examples (micro-batch "
         f"{cfg.micro_batch_size}) on {device}, {cfg.optimizer} lr {cfg.lr}, β {cfg.beta}, {cfg.precision}")
 
+    # Resume: weights, optimizer, scheduler and RNG from the checkpoint (the reference above was
+    # set up from the *initial* model, as it must be); the data order is a function of the step.
+    start_step, ckpt = 0, resume_point(cfg, out)
+    if ckpt is not None:
+        start_step = load_checkpoint(ckpt, policy, optimizer, scheduler)["step"]
+        log(f"resumed from {ckpt} at step {start_step}")
+    batches = batch_order(len(train_set), cfg.batch_size, cfg.seed)
+    for _ in range(start_step):
+        next(batches)
+    crash_hook = _crash_hook_from_env()
+    run_config = asdict(cfg)
+    skipped_steps = 0
+
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total_steps, desc=cfg.loss, unit="step", mininterval=1.0, dynamic_ncols=True)
-    metrics_file = open(out / "metrics.jsonl", "w")
+        bar = tqdm(total=total_steps, initial=start_step, desc=cfg.loss, unit="step", mininterval=1.0,
+                   dynamic_ncols=True)
+    metrics_file = _open_metrics(out / "metrics.jsonl", start_step)
     last, last_eval = {}, None
 
     def run_eval(step: int) -> dict:
@@ -233,11 +314,10 @@ def train(cfg: TrainConfig) -> dict:
         log(f"eval @ step {step}: " + _summary(res))
         return res
 
-    if eval_set is not None:  # step 0: the starting point (for DPO every implicit reward is 0)
+    if eval_set is not None and start_step == 0:  # the starting point (for DPO every implicit reward is 0)
         last_eval = run_eval(0)
     t_start = time.perf_counter()
-    batches = batch_order(len(train_set), cfg.batch_size, cfg.seed)
-    for step in range(1, total_steps + 1):
+    for step in range(start_step + 1, total_steps + 1):
         t0 = time.perf_counter()
         epoch, idx = next(batches)
         # Group similar lengths into the same micro-batch: less padding, same summed gradient.
@@ -261,6 +341,20 @@ def train(cfg: TrainConfig) -> dict:
             add_stats(sums, stats)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         lr = scheduler.get_last_lr()[0]
+        if not (math.isfinite(sums["loss"]) and math.isfinite(float(grad_norm))):
+            # Never let NaN/inf into the weights: stop (the last checkpoint stays as it was) or skip.
+            what = f"non-finite {'loss' if not math.isfinite(sums['loss']) else 'gradient norm'} at step {step}"
+            rows = sorted(train_set[i].row for i in idx)
+            optimizer.zero_grad(set_to_none=True)
+            if not cfg.skip_nonfinite:
+                metrics_file.close()
+                raise NonFiniteError(f"{what} (batch rows {rows[:16]}{' ...' if len(rows) > 16 else ''} of "
+                                     f"{cfg.data}); stopped without updating the weights. Pass --skip-nonfinite "
+                                     "to skip such steps, or lower the learning rate")
+            skipped_steps += 1
+            log(f"{what}: step skipped ({skipped_steps} so far), batch rows {rows[:16]}")
+            scheduler.step()
+            continue
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -278,13 +372,16 @@ def train(cfg: TrainConfig) -> dict:
             log(f"step {step}/{total_steps} {_summary(last)} lr {lr:.2e} {last['pairs_per_s']:.1f} examples/s")
         if eval_set is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
             last_eval = run_eval(step)
+        if cfg.save_every and step % cfg.save_every == 0:
+            save_checkpoint(out, step, epoch, policy, optimizer, scheduler, run_config, cfg.keep_last,
+                            _crash_hook=crash_hook(step))
     if bar is not None:
         bar.close()
     metrics_file.close()
 
     policy.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    result = {"output_dir": str(out), "train": last, "eval": last_eval}
+    result = {"output_dir": str(out), "train": last, "eval": last_eval, "skipped_nonfinite_steps": skipped_steps}
     (out / COMPLETE_MARKER).write_text(json.dumps(result))  # written last: the run finished
     log(f"saved model and tokenizer to {out}")
     return result

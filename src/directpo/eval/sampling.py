@@ -1,0 +1,243 @@
+"""`directpo sample`: completions from a model for a prompt file, batched, seeded.
+
+Prompts come from a JSONL/JSON/Parquet file (or a `datasets` source) whose rows have a `prompt`
+field (text, or a list of {role, content} messages), or from any preference file `directpo train`
+reads: its prompts are used, and its best response (`chosen`), or a `reference` field, is kept as
+the reference completion for win rates.
+
+Prompts are tokenized exactly as in training (`directpo.data.tokenize`: `tokenizer(prompt)` with
+special tokens; chat templates with the generation prompt), left-padded, and sampled with
+`model.generate`. Every filter we do not ask for is switched off explicitly (the library default
+top-k of 50, a checkpoint's repetition penalty, ...): at temperature 1 and top-p 1, samples come
+from π itself, which the KL estimator of `directpo eval` relies on. Completion ids keep the EOS the
+model generated (it is part of y); texts are decoded without it.
+
+Reproducibility: batch b is sampled under the seed `seed + b` (in a forked RNG, the caller's RNG
+state is untouched), so the same settings give the same samples.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data.formats import DataError, SkipReport, _is_messages, _messages, parse_row, read_records
+from ..models import load_model, load_tokenizer, pick_device
+
+_PAIR_FIELDS = ("chosen", "rejected", "responses", "completion")
+
+
+@dataclass
+class PromptItem:
+    prompt: str | list  # text, or a list of {role, content} messages
+    reference: str | None = None  # a reference completion (for win rates), when the row has one
+    source: str = ""
+    row: int = 0
+
+
+def _reference_text(value) -> str:
+    return value if isinstance(value, str) else "".join(m.get("content", "") for m in value)
+
+
+def parse_prompt_row(rec: dict, source: str, row: int) -> PromptItem:
+    """A prompt row ({prompt[, reference]}) or any preference/SFT row directpo reads."""
+    rec = {k: v for k, v in rec.items() if v is not None}
+    reference = None
+    if any(k in rec for k in _PAIR_FIELDS):  # preference, ranked or SFT row: its prompt, its best response
+        ex = parse_row(rec, source, row)
+        prompt, reference = ex.prompt, ex.responses[0]
+    elif "prompt" not in rec:
+        raise DataError(source, row, "prompt", "missing: a prompt row needs a 'prompt' field (text or messages)",
+                        kind="missing")
+    elif _is_messages(rec["prompt"]):
+        prompt = _messages(rec["prompt"], source, row, "prompt")
+    elif isinstance(rec["prompt"], str):
+        prompt = rec["prompt"]
+    else:
+        raise DataError(source, row, "prompt", f"expected a string or a list of messages, got "
+                                               f"{type(rec['prompt']).__name__}", kind="type")
+    if "reference" in rec:
+        reference = rec["reference"]
+        if not isinstance(reference, str) and not _is_messages(reference):
+            raise DataError(source, row, "reference", f"expected a string, got {type(reference).__name__}",
+                            kind="type")
+    return PromptItem(prompt, None if reference is None else _reference_text(reference), source, row)
+
+
+def load_prompts(spec: str, on_invalid: str = "error", split: str | None = None,
+                 report: SkipReport | None = None) -> list[PromptItem]:
+    """Every prompt of `spec`, in file order. Bad rows raise a DataError naming file, row and field
+    (or are skipped and counted with on_invalid='skip')."""
+    import os
+
+    from ..data.formats import FILE_SUFFIXES
+
+    if spec.lower().endswith(FILE_SUFFIXES) and not os.path.exists(spec):
+        raise DataError(spec, None, None, "no such file")
+    report = report if report is not None else SkipReport()
+    items = []
+    for row, rec in read_records(spec, split):
+        try:
+            if isinstance(rec, DataError):
+                raise rec
+            items.append(parse_prompt_row(rec, spec, row))
+        except DataError as e:
+            if on_invalid != "skip":
+                raise
+            report.add(e)
+    if not items:
+        raise DataError(spec, None, None, "no usable prompts" + (f" ({report.summary()})" if report.total else ""))
+    return items
+
+
+def encode_prompt(prompt: str | list, tokenizer, max_prompt_length: int | None = None) -> list[int]:
+    """Prompt ids as `directpo.data.tokenize` builds them (BOS kept when cutting from the left)."""
+    if isinstance(prompt, list):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("conversational prompt, but the tokenizer has no chat template")
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    if not ids:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ids = [start]
+    if max_prompt_length is not None and len(ids) > max_prompt_length:
+        keep = 1 if (tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id) else 0
+        ids = ids[:keep] + ids[len(ids) - (max_prompt_length - keep):]
+    return ids
+
+
+def generation_config(max_new_tokens: int, temperature: float, top_p: float, tokenizer):
+    """Plain ancestral sampling (or greedy at temperature 0): no filter we did not ask for."""
+    from transformers import GenerationConfig
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be ≥ 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    sample = temperature > 0
+    kw = dict(temperature=temperature, top_p=top_p, top_k=0, typical_p=1.0, min_p=0.0, epsilon_cutoff=0.0,
+              eta_cutoff=0.0) if sample else {}
+    return GenerationConfig(do_sample=sample, max_new_tokens=max_new_tokens, min_new_tokens=0,
+                            repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                            bos_token_id=tokenizer.bos_token_id, **kw)
+
+
+@torch.no_grad()
+def generate_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int = 128,
+                         temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
+                         progress: str | None = None) -> list[list[int]]:
+    """One sampled completion per entry of `prompt_ids` (repeat a prompt for several samples).
+
+    Returns completion ids, cut after the first EOS (which is kept).
+    """
+    gc = generation_config(max_new_tokens, temperature, top_p, tokenizer)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    out: list[list[int]] = []
+    starts = list(range(0, len(prompt_ids), batch_size))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(prompt_ids), desc=progress, unit="sample", mininterval=1.0, dynamic_ncols=True)
+    for b, s in enumerate(starts):
+        chunk = prompt_ids[s:s + batch_size]
+        P = max(len(p) for p in chunk)
+        input_ids = torch.full((len(chunk), P), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), P), dtype=torch.long)
+        for i, p in enumerate(chunk):  # left padding: every row's last prompt token at P - 1
+            input_ids[i, P - len(p):] = torch.tensor(p)
+            mask[i, P - len(p):] = 1
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed + b)
+            seqs = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                  generation_config=gc)
+        for row in seqs[:, P:].tolist():
+            if eos is not None and eos in row:
+                row = row[:row.index(eos) + 1]
+            out.append(row)
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    model.train(was_training)
+    return out
+
+
+def decode(tokenizer, ids: list[int]) -> str:
+    if ids and ids[-1] == tokenizer.eos_token_id:
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@dataclass
+class Samples:
+    """n completions for each prompt, prompt-major: sample j of prompt i at i * n + j."""
+
+    items: list[PromptItem]
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    texts: list[str]
+    n: int
+
+    def prompt_of(self, k: int) -> PromptItem:
+        return self.items[k // self.n]
+
+    @property
+    def prompts(self) -> list:
+        return [self.items[k // self.n].prompt for k in range(len(self.texts))]
+
+    def lengths(self, eos_id: int | None) -> list[int]:
+        """Generated tokens per sample, the EOS not counted."""
+        return [len(c) - (1 if c and c[-1] == eos_id else 0) for c in self.completion_ids]
+
+
+def draw_samples(model, tokenizer, items: list[PromptItem], n: int = 1, max_new_tokens: int = 128,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
+                 max_prompt_length: int | None = None, progress: str | None = None) -> Samples:
+    if n < 1:
+        raise ValueError(f"n must be ≥ 1, got {n}")
+    encoded = [encode_prompt(it.prompt, tokenizer, max_prompt_length) for it in items]
+    prompt_ids = [p for p in encoded for _ in range(n)]
+    comps = generate_completions(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, seed, batch_size,
+                                 progress)
+    return Samples(items, prompt_ids, comps, [decode(tokenizer, c) for c in comps], n)
+
+
+def write_jsonl(rows, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def sample(model: str, prompts: str, out: str, n: int = 1, max_new_tokens: int = 128, temperature: float = 1.0,
+           top_p: float = 1.0, seed: int = 0, batch_size: int = 16, max_prompt_length: int | None = None,
+           device: str | None = None, on_invalid: str = "error", split: str | None = None,
+           progress: bool = True) -> dict:
+    """Write one JSON line per sample: prompt_index, index (sample j of that prompt), prompt, completion."""
+    report = SkipReport()
+    items = load_prompts(prompts, on_invalid, split, report)
+    tokenizer = load_tokenizer(model)
+    policy = load_model(model, pick_device(device))
+    s = draw_samples(policy, tokenizer, items, n, max_new_tokens, temperature, top_p, seed, batch_size,
+                     max_prompt_length, progress="sampling" if progress else None)
+    lengths = s.lengths(tokenizer.eos_token_id)
+    write_jsonl(({"prompt_index": k // n, "index": k % n, "prompt": s.prompt_of(k).prompt, "completion": text,
+                  "completion_tokens": lengths[k], "finished": bool(s.completion_ids[k])
+                  and s.completion_ids[k][-1] == tokenizer.eos_token_id}
+                 for k, text in enumerate(s.texts)), out)
+    print(f"[directpo] sampled {len(s.texts)} completions ({n} per prompt, {len(items)} prompts; "
+          f"{report.summary()}) -> {out}", file=sys.stderr)
+    return {"prompts": len(items), "samples": len(s.texts), "skipped": report.total,
+            "length_mean": sum(lengths) / len(lengths), "out": out}

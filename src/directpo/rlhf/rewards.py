@@ -1,0 +1,100 @@
+"""Reward functions: `score(prompts, completions) -> list[float]`, from a trained reward model
+directory (`--reward-model DIR`) or from a Python callable (`--reward-fn module:function`).
+
+A callable takes one `(prompt, completion)` and returns a number; one marked `fn.batched = True`
+takes the two lists and returns one number per pair. `prompt` is the prompt as the file gives it
+(text, or a list of {role, content} messages), `completion` the decoded text. The module is
+imported from `sys.path`, the current directory included, so `--reward-fn my_rewards:score` finds
+`./my_rewards.py`.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import re
+import sys
+from typing import Callable, Sequence
+
+Scorer = Callable[[Sequence, Sequence[str]], list]
+
+
+def load_callable(spec: str) -> Callable:
+    """`module:function` (or `module:Class.attr`) -> the object."""
+    if spec.count(":") != 1 or not all(spec.split(":")):
+        raise ValueError(f"reward function {spec!r}: expected 'module:function' (e.g. my_rewards:score)")
+    mod_name, attr = spec.split(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ValueError(f"reward function {spec!r}: cannot import module {mod_name!r}: {e}") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"reward function {spec!r}: {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"reward function {spec!r}: {attr!r} is not callable")
+    return obj
+
+
+def callable_scorer(fn: Callable, name: str | None = None) -> Scorer:
+    """Wrap a per-pair (or `batched`) callable into a checked batch scorer."""
+    name = name or getattr(fn, "__qualname__", repr(fn))
+    batched = bool(getattr(fn, "batched", False))
+
+    def score(prompts: Sequence, completions: Sequence[str]) -> list[float]:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        values = list(fn(list(prompts), list(completions))) if batched else [fn(p, c) for p, c in
+                                                                               zip(prompts, completions)]
+        if len(values) != len(completions):
+            raise ValueError(f"reward function {name}: returned {len(values)} values for {len(completions)} "
+                             "completions")
+        out = []
+        for i, v in enumerate(values):
+            try:
+                f = float(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"reward function {name}: returned {v!r} for completion {i}, expected a "
+                                 "number") from None
+            if not math.isfinite(f):
+                raise ValueError(f"reward function {name}: returned {f} for completion {i}, expected a finite "
+                                 "number")
+            out.append(f)
+        return out
+
+    score.__name__ = f"reward_fn[{name}]"
+    return score
+
+
+def load_reward_fn(reward_model: str | None = None, reward_fn: str | Callable | None = None,
+                   device: str | None = None, batch_size: int = 16, precision: str = "fp32") -> Scorer:
+    """A scorer from exactly one of: a reward model directory, a `module:function` spec, a callable."""
+    if (reward_model is None) == (reward_fn is None):
+        raise ValueError("give exactly one of --reward-model DIR and --reward-fn module:function")
+    if reward_model is not None:
+        from .reward_model import RewardModel
+
+        return RewardModel(reward_model, device=device, batch_size=batch_size, precision=precision)
+    fn = load_callable(reward_fn) if isinstance(reward_fn, str) else reward_fn
+    return callable_scorer(fn, reward_fn if isinstance(reward_fn, str) else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# A ground-truth reward for the built-in review task (`directpo.toy.review_task`): PPO-GT's scorer.
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def review_sentiment(prompt, completion: str) -> float:
+    """Praise minus criticism: (# positive words) − (# negative words) of `directpo.toy`'s lists.
+
+    Use it as `--reward-fn directpo.rlhf.rewards:review_sentiment`.
+    """
+    from ..toy import NEGATIVE, POSITIVE
+
+    words = _WORD.findall(completion.lower())
+    pos, neg = set(POSITIVE), set(NEGATIVE)
+    return float(sum(w in pos for w in words) - sum(w in neg for w in words))

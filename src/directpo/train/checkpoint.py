@@ -1,0 +1,114 @@
+"""Checkpoints that survive `kill -9` and resume bit-identically.
+
+A checkpoint is a directory `OUTPUT/checkpoints/step-NNNNNNNN/` holding
+
+    model.safetensors   the trainable weights (safetensors only: loading runs no code)
+    optimizer.pt        optimizer and lr-scheduler state (read back with torch.load(weights_only=True))
+    state.json          step, epoch and the config it was made with
+    rng.pt              torch CPU (and CUDA) RNG states
+
+It is written into a temporary sibling directory and renamed into place only when complete: a
+rename is atomic, so a checkpoint directory either exists whole or not at all, and a crash during a
+write leaves the previous checkpoints untouched. The data position needs no saving: the batch of
+step k is a function of (seed, k) (`batch_order`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "step-"
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters that train (all of them, or the LoRA adapters), contiguous and on the CPU."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if n in names}
+
+
+def save_checkpoint(output_dir: str | Path, step: int, epoch: int, model, optimizer, scheduler, config: dict,
+                    keep_last: int = 0, _crash_hook=None) -> Path:
+    root = checkpoint_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_file(trainable_state(model), str(tmp / "model.safetensors"))
+        if _crash_hook is not None:
+            _crash_hook(tmp)  # tests: die here, mid-write
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "epoch": epoch, "config": config}, indent=1))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # a re-run of the same step: replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last > 0:
+        for old in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from a checkpoint; return its state.json."""
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    weights = load_file(str(path / "model.safetensors"))
+    missing = set(trainable_state(model)) - set(weights)
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}): "
+                         "it was made for another model")
+    model.load_state_dict(weights, strict=False)
+    opt = torch.load(path / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
