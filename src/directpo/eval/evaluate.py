@@ -1,0 +1,184 @@
+"""`directpo eval`: reward, KL to the reference, length and win rate of a policy (paper §6, Fig. 2/3).
+
+For each sampling temperature: n completions per held-out prompt from π, then
+* reward: mean ± standard error of a reward model or callable over the samples;
+* win rate against the prompts' reference completions (a preference file's `chosen`, or a
+  `reference` field), judged by a chat endpoint (`--judge-url`), else by the reward (higher wins);
+* length: generated tokens per completion (EOS not counted).
+
+KL(π‖πref) at the sequence level is estimated from samples of π itself (temperature 1, top-p 1):
+the mean over samples of log π(y|x) − log πref(y|x), both computed by `directpo.logprobs` on the
+same token ids (the ids generated, EOS included) at the same precision. It is an unbiased
+estimate of Σ_y π(y|x)·log(π(y|x)/πref(y|x)) (over sequences of at most max_new_tokens tokens);
+its standard error is the samples' standard deviation / √N. Samples at other temperatures come
+from another distribution, so the KL is computed once, from temperature-1 samples (drawn for the
+purpose when 1.0 is not in the sweep).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from ..data import SkipReport, TokenizedExample, make_collate
+from ..logprobs import dataset_logps
+from ..models import load_model, load_tokenizer, pick_device
+from .sampling import Samples, draw_samples, load_prompts, write_jsonl
+
+
+def mean_se(values) -> tuple[float, float]:
+    x = torch.as_tensor(list(values), dtype=torch.float64)
+    if x.numel() == 0:
+        return float("nan"), float("nan")
+    se = x.std(unbiased=True).item() / math.sqrt(x.numel()) if x.numel() > 1 else float("nan")
+    return x.mean().item(), se
+
+
+def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
+                     batch_size: int = 16, precision: str = "fp32", device=None) -> torch.Tensor:
+    """(N,) log π(y|x) of given completions (token ids) after given prompts, via directpo.logprobs."""
+    device = device or next(model.parameters()).device
+    examples = [TokenizedExample(list(p), [list(c)]) for p, c in zip(prompt_ids, completion_ids)]
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    return dataset_logps(model, examples, make_collate("padded", pad_id), batch_size, device, dtype)[:, 0]
+
+
+def sequence_kl(policy, ref, samples: Samples, pad_id: int, batch_size: int = 16,
+                precision: str = "fp32") -> dict:
+    """Sample estimate of KL(π‖πref): mean and standard error of log π(y|x) − log πref(y|x), y ~ π."""
+    pol = completion_logps(policy, samples.prompt_ids, samples.completion_ids, pad_id, batch_size, precision)
+    ref_lp = completion_logps(ref, samples.prompt_ids, samples.completion_ids, pad_id, batch_size, precision)
+    kl, se = mean_se((pol - ref_lp).tolist())
+    return {"kl_mean": kl, "kl_se": se, "kl_samples": len(samples.texts), "logps": pol, "ref_logps": ref_lp}
+
+
+def _finite_or_none(obj):
+    """NaN/inf -> null, so the results file is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def check_same_tokenizer(tok, ref_tok, model: str, ref: str) -> None:
+    if tok.get_vocab() != ref_tok.get_vocab():
+        raise ValueError(f"--ref {ref}: its tokenizer differs from {model}'s; KL(π‖πref) needs both models to "
+                         "score the same token ids")
+
+
+def plot_sweep(results: dict, path: str) -> None:
+    """Reward, win rate and length against the sampling temperature (the paper's Fig. 2 right / Fig. 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = results["temperatures"]
+    temps = [e["temperature"] for e in entries]
+    panels = [(k, label) for k, label in (("reward_mean", "mean reward"), ("win_rate", "win rate vs reference"),
+                                          ("length_mean", "length (tokens)"))
+              if any(k in e and e[k] is not None and not math.isnan(e[k]) for e in entries)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        ys = [float("nan") if e.get(key) is None else e[key] for e in entries]
+        err = [e.get(key.replace("_mean", "_se") if key.endswith("_mean") else key + "_se") for e in entries]
+        err = [0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in err]
+        ax.errorbar(temps, ys, yerr=err, marker="o", capsize=3)
+        ax.set_xlabel("sampling temperature")
+        ax.set_ylabel(label)
+        if key == "win_rate":
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+            ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    kl = results.get("kl_mean")
+    title = Path(results["model"]).name + (f"   KL(π‖πref) = {kl:.3g} ± {results['kl_se']:.2g} nats"
+                                            if kl is not None else "")
+    fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate(model: str, prompts: str, out: str, ref: str | None = None, reward=None, judge=None, n: int = 1,
+             temperatures=(1.0,), max_new_tokens: int = 128, top_p: float = 1.0, seed: int = 0,
+             batch_size: int = 16, max_prompt_length: int | None = None, device: str | None = None,
+             precision: str = "fp32", plot: str | None = None, samples_out: str | None = None,
+             on_invalid: str = "error", split: str | None = None, progress: bool = True) -> dict:
+    """`reward`: a scorer `(prompts, completions) -> list[float]` (or None); `judge`: a ChatJudge or
+    RewardJudge for win rates (None: the reward judges, when references exist)."""
+    from .judge import RewardJudge
+
+    temperatures = [float(t) for t in temperatures]
+    if not temperatures:
+        raise ValueError("give at least one temperature")
+    dev = pick_device(device)
+    report = SkipReport()
+    items = load_prompts(prompts, on_invalid, split, report)
+    tokenizer = load_tokenizer(model)
+    policy = load_model(model, dev)
+    policy.eval()
+    references = [it.reference for it in items]
+    has_refs = all(r is not None for r in references)
+    if judge is None and reward is not None and has_refs:
+        judge = RewardJudge(reward)
+    results: dict = {"model": model, "ref": ref, "prompts": prompts, "num_prompts": len(items),
+                     "skipped_rows": report.total, "n": n, "max_new_tokens": max_new_tokens, "top_p": top_p,
+                     "seed": seed, "precision": precision, "temperatures": []}
+    sample_rows = []
+    kl_samples = None
+    for ti, t in enumerate(temperatures):
+        s = draw_samples(policy, tokenizer, items, n, max_new_tokens, t, top_p, seed + 100_003 * ti, batch_size,
+                         max_prompt_length, progress=f"sampling T={t:g}" if progress else None)
+        entry: dict = {"temperature": t, "samples": len(s.texts)}
+        lengths = s.lengths(tokenizer.eos_token_id)
+        entry["length_mean"], entry["length_se"] = mean_se(lengths)
+        rewards = None
+        if reward is not None:
+            rewards = reward(s.prompts, s.texts)
+            entry["reward_mean"], entry["reward_se"] = mean_se(rewards)
+        if judge is not None and has_refs:
+            refs = [references[k // n] for k in range(len(s.texts))]
+            entry.update(judge.judge(s.prompts, s.texts, refs).summary())
+        results["temperatures"].append(entry)
+        if t == 1.0 and top_p == 1.0:
+            kl_samples = s
+        for k, text in enumerate(s.texts):
+            row = {"temperature": t, "prompt_index": k // n, "index": k % n, "prompt": s.prompt_of(k).prompt,
+                   "completion": text, "completion_tokens": lengths[k]}
+            if rewards is not None:
+                row["reward"] = rewards[k]
+            sample_rows.append(row)
+    if ref is not None:
+        ref_tok = load_tokenizer(ref)
+        check_same_tokenizer(tokenizer, ref_tok, model, ref)
+        if kl_samples is None:  # KL needs samples of π itself
+            kl_samples = draw_samples(policy, tokenizer, items, n, max_new_tokens, 1.0, 1.0, seed + 7, batch_size,
+                                      max_prompt_length, progress="sampling for KL (T=1)" if progress else None)
+        ref_model = load_model(ref, dev)
+        kl = sequence_kl(policy, ref_model, kl_samples, tokenizer.pad_token_id, batch_size, precision)
+        results.update({k: kl[k] for k in ("kl_mean", "kl_se", "kl_samples")})
+        results["kl_temperature"] = 1.0
+    # Headline numbers: the temperature-1 entry if swept, else the first.
+    main = next((e for e in results["temperatures"] if e["temperature"] == 1.0), results["temperatures"][0])
+    for key in ("reward_mean", "reward_se", "length_mean", "win_rate", "win_rate_se", "judge_parse_failures"):
+        if key in main:
+            results[key] = main[key]
+    results["headline_temperature"] = main["temperature"]
+    results = _finite_or_none(results)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2))
+    if samples_out:
+        write_jsonl(sample_rows, samples_out)
+    if plot:
+        plot_sweep(results, plot)
+    parts = [f"{k} {results[k]:.4g}" for k in ("reward_mean", "kl_mean", "win_rate", "length_mean")
+             if results.get(k) is not None]
+    print(f"[directpo] eval of {model} on {len(items)} prompts × {n}: {', '.join(parts)} -> {out}", file=sys.stderr)
+    return results
