@@ -165,6 +165,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     from .bench import add_bench_parser
     add_bench_parser(sub)
+    from .rlhf.commands import add_rlhf_parsers  # rm, ppo, sample, bon, eval
+    add_rlhf_parsers(sub, add_config_flags)
     return p
 
 

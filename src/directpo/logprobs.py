@@ -106,6 +106,8 @@ def label_logprobs(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tenso
 
 def _backbone_and_head(model: nn.Module):
     """The decoder stack and the LM head when the head is a plain linear map; else None."""
+    if hasattr(model, "get_base_model"):  # PEFT wrapper: the adapted model itself (LoRA layers injected)
+        model = model.get_base_model()
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if any(getattr(text_config, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS):

@@ -26,8 +26,11 @@ def best_of_n(model: str, prompts: str, out: str, n: int, reward, max_new_tokens
               split: str | None = None, progress: bool = True) -> dict:
     """One JSON line per prompt: prompt_index, prompt, completion (the best), reward, index (which of
     the N), rewards (all N), completions (all N)."""
+    from ..rlhf.rewards import as_scorer
+
     if n < 1:
         raise ValueError(f"n must be ≥ 1, got {n}")
+    reward = as_scorer(reward)
     report = SkipReport()
     items = load_prompts(prompts, on_invalid, split, report)
     tokenizer = load_tokenizer(model)

@@ -113,8 +113,10 @@ def evaluate(model: str, prompts: str, out: str, ref: str | None = None, reward=
              on_invalid: str = "error", split: str | None = None, progress: bool = True) -> dict:
     """`reward`: a scorer `(prompts, completions) -> list[float]` (or None); `judge`: a ChatJudge or
     RewardJudge for win rates (None: the reward judges, when references exist)."""
+    from ..rlhf.rewards import as_scorer
     from .judge import RewardJudge
 
+    reward = as_scorer(reward) if reward is not None else None
     temperatures = [float(t) for t in temperatures]
     if not temperatures:
         raise ValueError("give at least one temperature")

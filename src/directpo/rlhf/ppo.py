@@ -200,8 +200,9 @@ def _padded(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
 
 
 def ppo(cfg: PPOConfig, reward=None) -> dict:
-    """Run PPO. `reward`: a scorer (prompts, completions) -> list[float]; default: from cfg."""
-    from .rewards import load_reward_fn
+    """Run PPO. `reward`: f(prompt, completion) -> float, or a `batched` scorer (see
+    directpo.rlhf.rewards); default: from cfg.reward_model / cfg.reward_fn."""
+    from .rewards import as_scorer, load_reward_fn
 
     cfg.validate()
     out = Path(cfg.output_dir)
@@ -216,6 +217,7 @@ def ppo(cfg: PPOConfig, reward=None) -> dict:
         reward = load_reward_fn(cfg.reward_model, cfg.reward_fn, device=cfg.device, precision=cfg.precision)
     elif cfg.reward_model or cfg.reward_fn:
         raise ValueError("give the reward either as an argument or in the config, not both")
+    reward = as_scorer(reward)
 
     items = load_prompts(cfg.prompts, cfg.on_invalid, cfg.data_split)
     tokenizer = load_tokenizer(cfg.model)
@@ -301,7 +303,7 @@ def ppo(cfg: PPOConfig, reward=None) -> dict:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 for k, val in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(val)
+                    sums[k] = sums.get(k, 0.0) + val.detach().item()
                 n_mb += 1
         # 6. KL coefficient, metrics
         seq_kl = kl_tok.sum(1)

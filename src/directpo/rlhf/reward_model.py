@@ -130,9 +130,10 @@ def prepare_output_dir(out: Path, overwrite: bool) -> None:
 def train_reward_model(cfg: TrainConfig) -> dict:
     """Fit r_φ by Bradley–Terry on cfg.data; save it (safetensors), normalised to E[r] = 0."""
     cfg.validate()
-    unsupported = [f"--{k.replace('_', '-')}" for k in ("resume", "save_every") if getattr(cfg, k, None)]
+    unsupported = [f"--{k.replace('_', '-')}" for k in ("resume", "save_every", "lora_r") if getattr(cfg, k, None)]
     if unsupported:
-        raise ValueError(f"directpo rm does not support {', '.join(unsupported)} (checkpointing is train-only)")
+        raise ValueError(f"directpo rm does not support {', '.join(unsupported)} (checkpoints and LoRA are "
+                         "`directpo train` features)")
     out = Path(cfg.output_dir)
     prepare_output_dir(out, cfg.overwrite)
     if cfg.threads:
@@ -257,3 +258,4 @@ class RewardModel:
         return (r - self.offset).tolist()
 
     score = __call__
+    batched = True  # takes lists (see directpo.rlhf.rewards)

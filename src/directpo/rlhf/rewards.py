@@ -66,7 +66,13 @@ def callable_scorer(fn: Callable, name: str | None = None) -> Scorer:
         return out
 
     score.__name__ = f"reward_fn[{name}]"
+    score.batched = True  # wrapping it again is harmless
     return score
+
+
+def as_scorer(reward) -> Scorer:
+    """A checked batch scorer from a per-pair callable, a `batched` one, or a RewardModel."""
+    return callable_scorer(reward)
 
 
 def load_reward_fn(reward_model: str | None = None, reward_fn: str | Callable | None = None,

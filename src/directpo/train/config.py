@@ -58,6 +58,11 @@ class TrainConfig:
     threads: int = _f(0, "CPU threads for torch (0: torch's default)")
     log_every: int = _f(1, "print a metrics line every N steps (metrics.jsonl always gets every step)")
     overwrite: bool = _f(False, "allow writing into an output directory that already holds a run")
+    lora_r: int = _f(0, "LoRA rank (0: full fine-tuning); the reference is the model with adapters disabled")
+    lora_alpha: float = _f(16.0, "LoRA scaling α")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA path")
+    lora_target_modules: str = _f("all-linear", "modules to adapt: all-linear, or a comma list (q_proj,v_proj)")
+    merge: bool = _f(False, "with LoRA: save the merged full model instead of the adapters")
     save_every: int = _f(0, "write a checkpoint (weights, optimizer, scheduler, RNG) every N steps (0: never)")
     keep_last: int = _f(0, "keep only the newest K checkpoints (0: keep all)")
     resume: str | None = _f(None, "continue from the latest checkpoint in output_dir (--resume), or from PATH",

@@ -32,6 +32,7 @@ from ..models import freeze, load_model, load_tokenizer, pick_device
 from ..reference import default_cache_dir, model_fingerprint, reference_logps
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .lora import adapters_disabled, apply_lora, save_policy
 from .optim import build_optimizer, warmup_schedule
 
 
@@ -238,6 +239,8 @@ def train(cfg: TrainConfig) -> dict:
     loss_params = LossParams(cfg.beta, cfg.label_smoothing, cfg.unlikelihood_weight)
     policy = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code)
     check_vocab(tokenizer, policy, cfg.model)
+    if cfg.lora_r:
+        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_dropout)
     policy.train()
     # πref: the starting policy, frozen (paper §4), unless another model is given. When its
     # log-probs are precomputed, the untouched policy itself serves: no second copy in memory.
@@ -247,8 +250,8 @@ def train(cfg: TrainConfig) -> dict:
     elif not same_as_policy:
         ref_model = freeze(load_model(cfg.ref, device, trust_remote_code=cfg.trust_remote_code))
         check_vocab(tokenizer, ref_model, cfg.ref)
-    elif cfg.precompute_ref:
-        ref_model = policy
+    elif cfg.precompute_ref or cfg.lora_r:
+        ref_model = policy  # with LoRA: the same network, adapters disabled (see `adapters_disabled`)
     else:
         ref_model = freeze(copy.deepcopy(policy))
     ac_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
@@ -260,8 +263,9 @@ def train(cfg: TrainConfig) -> dict:
 
     def ref_table(examples, what):
         def compute(model, exs):
-            return dataset_logps(model, exs, collate, cfg.micro_batch_size, device, ac_dtype,
-                                 progress=f"reference log-probs ({what})" if cfg.progress else None)
+            with adapters_disabled(model):
+                return dataset_logps(model, exs, collate, cfg.micro_batch_size, device, ac_dtype,
+                                     progress=f"reference log-probs ({what})" if cfg.progress else None)
         return reference_logps(ref_model, examples, compute, cfg.precision, cache_dir, model_fp, log=log)[0]
 
     eval_ref = ref_table(eval_set, "eval") if eval_set and ref_model is not None else None
@@ -333,7 +337,7 @@ def train(cfg: TrainConfig) -> dict:
                 elif train_ref is not None:
                     ref = train_ref[mb].to(device)
                 else:
-                    with torch.no_grad():
+                    with torch.no_grad(), adapters_disabled(ref_model):
                         ref = example_logps(ref_model, batch)
                 losses, stats = micro_batch_loss(policy, batch, ref, cfg, spec, loss_params)
             # Σ over the micro-batch / full batch size: accumulated grads equal the full-batch mean's.
@@ -379,7 +383,7 @@ def train(cfg: TrainConfig) -> dict:
         bar.close()
     metrics_file.close()
 
-    policy.save_pretrained(out)
+    save_policy(policy, out, merge=cfg.merge)
     tokenizer.save_pretrained(out)
     result = {"output_dir": str(out), "train": last, "eval": last_eval, "skipped_nonfinite_steps": skipped_steps}
     (out / COMPLETE_MARKER).write_text(json.dumps(result))  # written last: the run finished

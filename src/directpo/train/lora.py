@@ -1,0 +1,32 @@
+"""LoRA adapters (PEFT). The reference model is the same network with the adapters disabled, so a
+LoRA run holds one copy of the base weights, not two (torchtune's recipe)."""
+from __future__ import annotations
+
+import contextlib
+
+
+def apply_lora(model, r: int, alpha: float, target_modules: str, dropout: float = 0.0):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError("LoRA needs the `peft` package: pip install 'directpo[lora]'") from None
+    targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",")]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+def adapters_disabled(model):
+    """Context in which `model` computes πref: adapters off for a LoRA model, else as it is."""
+    return model.disable_adapter() if is_lora(model) else contextlib.nullcontext()
+
+
+def save_policy(model, out, merge: bool = False):
+    """Adapters (adapter_model.safetensors + adapter_config.json), or with merge=True the merged
+    full model, loadable by AutoModelForCausalLM.from_pretrained."""
+    if is_lora(model) and merge:
+        model = model.merge_and_unload()
+    model.save_pretrained(out)

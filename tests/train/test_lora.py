@@ -1,0 +1,86 @@
+"""LoRA DPO: the reference is the base model (adapters disabled), adapters and merged models save
+and load, and a LoRA run needs less memory than full fine-tuning."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from directpo.data import load_examples, make_collate, tokenize_examples  # noqa: E402
+from directpo.logprobs import dataset_logps  # noqa: E402
+from directpo.models import load_model, load_tokenizer  # noqa: E402
+from directpo.toy import build_tiny_model, review_task, write_jsonl  # noqa: E402
+from directpo.train import TrainConfig, train  # noqa: E402
+from directpo.train.lora import adapters_disabled, apply_lora  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    rows, _ = review_task(n_train=24, n_eval=1, seed=12)
+    return write_jsonl(rows, tmp_path_factory.mktemp("lora") / "d.jsonl")
+
+
+def _logps(model, model_dir, data):
+    tok = load_tokenizer(str(model_dir))
+    exs = tokenize_examples(load_examples(str(data)), tok, max_length=64)
+    return dataset_logps(model, exs, make_collate("packed", tok.pad_token_id))
+
+
+def test_lora_dpo_reference_is_the_base_model_and_saves(tiny_model, data, tmp_path):
+    base_logps = _logps(load_model(str(tiny_model)), tiny_model, data)
+    kw = dict(model=str(tiny_model), data=str(data), lr=1e-2, optimizer="adamw", batch_size=8, micro_batch_size=8,
+              max_steps=4, warmup_steps=0, max_length=64, progress=False, lora_r=4, lora_alpha=8)
+    for live in (False, True):  # precomputed table, and live reference through disable_adapter()
+        out = tmp_path / f"live{live}"
+        train(TrainConfig(output_dir=str(out), precompute_ref=not live, **kw))
+        lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
+        assert lines[0]["loss"] == pytest.approx(0.6931, abs=1e-4) and lines[-1]["loss"] < lines[0]["loss"]
+        assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    from peft import AutoPeftModelForCausalLM
+    adapted = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "liveFalse")
+    with adapters_disabled(adapted):  # the reference inside the trained model is still the base model
+        assert torch.allclose(_logps(adapted, tiny_model, data), base_logps, atol=1e-5)
+    adapted_logps = _logps(adapted, tiny_model, data)
+    assert not torch.allclose(adapted_logps, base_logps, atol=1e-3)  # the adapters did learn
+    # --merge: a full model any HF tool loads, computing what the adapted model computes
+    train(TrainConfig(output_dir=str(tmp_path / "merged"), merge=True, **kw))
+    from transformers import AutoModelForCausalLM
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert torch.allclose(_logps(merged, tiny_model, data), adapted_logps, atol=1e-4)
+
+
+def test_lora_freezes_base_and_trains_only_adapters(tiny_model):
+    model = apply_lora(load_model(str(tiny_model)), r=2, alpha=4, target_modules="q_proj,v_proj")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any("q_proj" in n for n in trainable) and not any("k_proj" in n for n in trainable)
+
+
+PEAK = """
+import resource, sys
+from directpo.cli import main
+rc = main(sys.argv[1:])
+print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rc)
+"""
+
+
+def test_lora_peak_rss_below_full_finetuning(tmp_path, data):
+    """A 6-layer, hidden-512 model (≈ 19M params): full fine-tuning holds grads and two AdamW moments
+    for every weight (≈ 230 MB), LoRA for the adapters only."""
+    rows, _ = review_task(n_train=16, n_eval=1, seed=1)
+    model = build_tiny_model(tmp_path / "m", [r["prompt"] + r["chosen"] for r in rows], hidden=512, layers=6,
+                             heads=8, vocab_size=400)
+    peaks = {}
+    for name, extra in (("full", []), ("lora", ["--lora-r", "8"])):
+        argv = ["train", "--model", str(model), "--data", str(data), "--output-dir", str(tmp_path / name),
+                "--optimizer", "adamw", "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "2",
+                "--max-length", "64", "--no-progress", *extra]
+        res = subprocess.run([sys.executable, "-c", PEAK, *argv], capture_output=True, text=True, env=dict(os.environ))
+        line = [x for x in res.stdout.splitlines() if x.startswith("PEAK")][-1].split()
+        assert line[2] == "0", res.stderr
+        peaks[name] = int(line[1]) / 1024
+    assert peaks["lora"] < peaks["full"] - 100, peaks
