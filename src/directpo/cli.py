@@ -71,6 +71,10 @@ def cmd_train(args) -> int:
     from .train.loop import train
 
     cfg = build_config(args)
+    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from .train.distributed import launch
+
+        return launch(cfg.nproc, _without_flag(args.argv, "--nproc"))
     summary = train(cfg)
     print(json.dumps({k: summary[k] for k in ("output_dir", "train", "eval")}, indent=None))
     return 0
@@ -170,9 +174,23 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _without_flag(argv: list[str], flag: str) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = make_parser().parse_args(argv)
+    args.argv = argv
     from .data.formats import DataError
 
     try:

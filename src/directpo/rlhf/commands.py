@@ -69,7 +69,8 @@ def cmd_rm(args) -> int:
 
 def cmd_ppo(args) -> int:
     from ..cli import build_config
-    from .ppo import PPOConfig, ppo
+    from .config import PPOConfig
+    from .ppo import ppo
 
     summary = ppo(build_config(args, PPOConfig))
     print(json.dumps(summary))
@@ -120,7 +121,7 @@ def cmd_eval(args) -> int:
 
 def add_rlhf_parsers(sub, add_config_flags) -> None:
     from ..train.config import TrainConfig
-    from .ppo import PPOConfig
+    from .config import PPOConfig
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     s = sub.add_parser("sample", help="sample completions from a model for a prompt file (JSONL out)",

@@ -32,6 +32,7 @@ from ..models import freeze, load_model, load_tokenizer, pick_device
 from ..reference import default_cache_dir, model_fingerprint, reference_logps
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .distributed import device_for, init_from_env
 from .lora import adapters_disabled, apply_lora, save_policy
 from .optim import build_optimizer, warmup_schedule
 
@@ -40,7 +41,8 @@ COMPLETE_MARKER = "run_complete.json"
 
 
 def log(msg: str) -> None:
-    print(f"[directpo] {msg}", file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # one voice in multi-process runs
+        print(f"[directpo] {msg}", file=sys.stderr, flush=True)
 
 
 def prepare_data(spec, tokenizer, cfg: TrainConfig, what: str):
@@ -158,7 +160,7 @@ class NonFiniteError(RuntimeError):
 
 
 # Settings that may change between a run and its resumption (they do not change the trajectory).
-RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "log_every", "max_steps", "epochs", "save_every", "keep_last",
+RESUMABLE_CHANGES = {"nproc", "resume", "overwrite", "progress", "log_every", "max_steps", "epochs", "save_every", "keep_last",
                      "eval_every", "eval_data", "threads", "device", "ref_cache", "skip_nonfinite", "output_dir"}
 
 
@@ -224,10 +226,13 @@ def _crash_hook_from_env():
 def train(cfg: TrainConfig) -> dict:
     cfg.validate()
     out = Path(cfg.output_dir)
-    check_output_dir(out, cfg.overwrite, cfg.resume)
+    d = init_from_env()
+    if d.main:
+        check_output_dir(out, cfg.overwrite, cfg.resume)
+    d.barrier()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
+    device = device_for(d, cfg.device) or pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -259,7 +264,8 @@ def train(cfg: TrainConfig) -> dict:
     # Reference log-probs of the eval set (and, with precompute_ref, of the training set) never
     # change: compute each table once, cached on disk across runs, then free the reference model.
     cache_dir = {"off": None, "auto": default_cache_dir()}.get(cfg.ref_cache, cfg.ref_cache)
-    model_fp = model_fingerprint(ref_model) if cache_dir is not None and ref_model is not None else None
+    model_fp = (model_fingerprint(ref_model) if d.main and cache_dir is not None and ref_model is not None
+                else None)
 
     def ref_table(examples, what):
         def compute(model, exs):
@@ -268,10 +274,12 @@ def train(cfg: TrainConfig) -> dict:
                                      progress=f"reference log-probs ({what})" if cfg.progress else None)
         return reference_logps(ref_model, examples, compute, cfg.precision, cache_dir, model_fp, log=log)[0]
 
-    eval_ref = ref_table(eval_set, "eval") if eval_set and ref_model is not None else None
+    # (Only rank 0 evaluates; with several processes it computes the train table and sends it round.)
+    eval_ref = ref_table(eval_set, "eval") if d.main and eval_set and ref_model is not None else None
     train_ref = None
     if cfg.precompute_ref and ref_model is not None:
-        train_ref = ref_table(train_set, "train")
+        train_ref = ref_table(train_set, "train") if d.main else None
+        train_ref = d.broadcast(train_ref, shape=(len(train_set), 0))
         ref_model = None  # the table replaces the model: its memory is free for training
 
     optimizer = build_optimizer(policy.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
@@ -303,11 +311,11 @@ def train(cfg: TrainConfig) -> dict:
     skipped_steps = 0
 
     bar = None
-    if cfg.progress:
+    if cfg.progress and d.main:
         from tqdm.auto import tqdm
         bar = tqdm(total=total_steps, initial=start_step, desc=cfg.loss, unit="step", mininterval=1.0,
                    dynamic_ncols=True)
-    metrics_file = _open_metrics(out / "metrics.jsonl", start_step)
+    metrics_file = _open_metrics(out / "metrics.jsonl", start_step) if d.main else open(os.devnull, "w")
     last, last_eval = {}, None
 
     def run_eval(step: int) -> dict:
@@ -318,7 +326,7 @@ def train(cfg: TrainConfig) -> dict:
         log(f"eval @ step {step}: " + _summary(res))
         return res
 
-    if eval_set is not None and start_step == 0:  # the starting point (for DPO every implicit reward is 0)
+    if d.main and eval_set is not None and start_step == 0:  # the starting point (for DPO every implicit reward is 0)
         last_eval = run_eval(0)
     t_start = time.perf_counter()
     for step in range(start_step + 1, total_steps + 1):
@@ -327,8 +335,9 @@ def train(cfg: TrainConfig) -> dict:
         # Group similar lengths into the same micro-batch: less padding, same summed gradient.
         idx = sorted(idx, key=lambda i: train_set[i].num_tokens)
         sums, tokens = {}, 0
-        for s in range(0, len(idx), cfg.micro_batch_size):
-            mb = idx[s:s + cfg.micro_batch_size]
+        local = d.shard(idx)  # this process's share of the global batch
+        for s in range(0, len(local), cfg.micro_batch_size):
+            mb = local[s:s + cfg.micro_batch_size]
             batch = collate([train_set[i] for i in mb]).to(device)
             tokens += batch.num_tokens
             with autocast_ctx(device, cfg.precision):
@@ -343,6 +352,9 @@ def train(cfg: TrainConfig) -> dict:
             # Σ over the micro-batch / full batch size: accumulated grads equal the full-batch mean's.
             (losses.sum() / len(idx)).backward()
             add_stats(sums, stats)
+        d.all_reduce_grads(params)
+        sums = d.sum_stats({**sums, "_tokens": tokens})
+        tokens = sums.pop("_tokens")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         lr = scheduler.get_last_lr()[0]
         if not (math.isfinite(sums["loss"]) and math.isfinite(float(grad_norm))):
@@ -374,18 +386,24 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix_str(_summary(last, short=True))
         elif step % cfg.log_every == 0 or step == total_steps:
             log(f"step {step}/{total_steps} {_summary(last)} lr {lr:.2e} {last['pairs_per_s']:.1f} examples/s")
-        if eval_set is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
+        if d.main and eval_set is not None and ((cfg.eval_every and step % cfg.eval_every == 0)
+                                                or step == total_steps):
             last_eval = run_eval(step)
         if cfg.save_every and step % cfg.save_every == 0:
-            save_checkpoint(out, step, epoch, policy, optimizer, scheduler, run_config, cfg.keep_last,
-                            _crash_hook=crash_hook(step))
+            if d.main:
+                save_checkpoint(out, step, epoch, policy, optimizer, scheduler, run_config, cfg.keep_last,
+                                _crash_hook=crash_hook(step))
+            d.barrier()
     if bar is not None:
         bar.close()
     metrics_file.close()
 
-    save_policy(policy, out, merge=cfg.merge)
-    tokenizer.save_pretrained(out)
     result = {"output_dir": str(out), "train": last, "eval": last_eval, "skipped_nonfinite_steps": skipped_steps}
-    (out / COMPLETE_MARKER).write_text(json.dumps(result))  # written last: the run finished
-    log(f"saved model and tokenizer to {out}")
+    if d.main:
+        save_policy(policy, out, merge=cfg.merge)
+        tokenizer.save_pretrained(out)
+        (out / COMPLETE_MARKER).write_text(json.dumps(result))  # written last: the run finished
+        log(f"saved model and tokenizer to {out}")
+    d.barrier()
+    d.close()
     return result

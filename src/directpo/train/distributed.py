@@ -1,0 +1,107 @@
+"""Multi-process data parallelism: the only module that touches `torch.distributed`.
+
+`torchrun --nproc_per_node N -m directpo train ...` (or `directpo train --nproc N ...`) starts N
+processes; each holds the whole model and takes every N-th example of each global batch (the
+batch is sorted by length first, so ranks get similar work). Gradients are summed over ranks
+before the optimizer step, and every rank scales its loss by 1/global batch, so the update is
+exactly the single-process one at the same global batch (DDP semantics). Metrics are summed over
+ranks; only rank 0 writes files. gloo on CPU, NCCL on GPU.
+
+We all-reduce gradients ourselves rather than wrapping the model in DistributedDataParallel:
+directpo's log-prob path calls the backbone and LM head directly (to skip full-vocabulary logits),
+which DDP's forward hooks would not see.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def shard(self, indices: list[int]) -> list[int]:
+        """This rank's share of a global batch: no example twice, none left out."""
+        return indices[self.rank::self.world] if self.enabled else indices
+
+    def all_reduce_grads(self, params) -> None:
+        if not self.enabled:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+    def sum_stats(self, stats: dict[str, float]) -> dict[str, float]:
+        if not self.enabled:
+            return stats
+        keys = sorted(stats)
+        t = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=self._device())
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return dict(zip(keys, t.tolist()))
+
+    def broadcast(self, tensor: torch.Tensor | None, shape=None, dtype=torch.float32) -> torch.Tensor:
+        """Rank 0's tensor on every rank (others pass None and the shape)."""
+        if not self.enabled:
+            return tensor
+        shape_t = torch.tensor(list(tensor.shape) if self.main else [0] * len(shape), device=self._device())
+        dist.broadcast(shape_t, 0)
+        buf = tensor.to(self._device()) if self.main else torch.empty(shape_t.tolist(), dtype=dtype,
+                                                                        device=self._device())
+        dist.broadcast(buf, 0)
+        return buf.cpu()
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def _device(self):
+        return torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_from_env() -> Dist:
+    """Join the process group torchrun set up (WORLD_SIZE > 1), or run as a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return Dist(rank, world, local)
+
+
+def device_for(d: Dist, requested: str | None) -> torch.device | None:
+    """On GPUs each rank uses its own device; elsewhere the requested (or default) one."""
+    if d.enabled and torch.cuda.is_available() and not requested:
+        return torch.device("cuda", d.local_rank)
+    return None
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """`directpo train --nproc N ...`: re-run the same command under torchrun with N processes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "directpo", *argv]
+    return subprocess.call(cmd)
