@@ -19,14 +19,14 @@ def test_shards_cover_each_example_once():
     assert all(len(set(a) & set(b)) == 0 for i, a in enumerate(shards) for b in shards[i + 1:])
 
 
-@pytest.mark.parametrize("precompute", [True, False])
-def test_two_process_run_matches_single_process(tiny_model, tmp_path, precompute):
+@pytest.mark.parametrize("mode", ["ddp", "ddp-live-ref", "fsdp"])
+def test_two_process_run_matches_single_process(tiny_model, tmp_path, mode):
     rows, _ = review_task(n_train=40, n_eval=8, seed=21)
     data = write_jsonl(rows, tmp_path / "d.jsonl")
     common = ["--model", str(tiny_model), "--data", str(data), "--lr", "1e-3", "--optimizer", "adamw",
               "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "5", "--warmup-steps", "0",
               "--max-length", "64", "--no-progress", "--threads", "1"]
-    if not precompute:
+    if mode == "ddp-live-ref":
         common.append("--no-precompute-ref")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
@@ -34,10 +34,12 @@ def test_two_process_run_matches_single_process(tiny_model, tmp_path, precompute
                             capture_output=True, text=True, env=env, timeout=300)
     assert single.returncode == 0, single.stderr
     multi = subprocess.run([sys.executable, "-m", "directpo", "train", *common, "--output-dir", str(tmp_path / "two"),
-                            "--nproc", "2"], capture_output=True, text=True, env=env, timeout=300)
+                            "--nproc", "2", *(["--fsdp", "--eval-data", str(data), "--eval-every", "2"]
+                                              if mode == "fsdp" else [])], capture_output=True, text=True, env=env, timeout=300)
     assert multi.returncode == 0, multi.stderr[-3000:]
     a = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
     b = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
+    b = [m for m in b if m["split"] == "train"]
     assert len(a) == len(b) == 5  # rank 0 alone writes
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)

@@ -56,6 +56,8 @@ class TrainConfig:
                         choices=["fp32", "bf16"])
     device: str | None = _f(None, "cpu or cuda (default: cuda when available)")
     nproc: int = _f(0, "launch N data-parallel processes with torchrun (same global batch; gloo on CPU, NCCL on GPU)")
+    fsdp: bool = _f(False, "with several processes: shard the model with FSDP2 (fully_shard) instead of "
+                           "replicating it")
     threads: int = _f(0, "CPU threads for torch (0: torch's default)")
     log_every: int = _f(1, "print a metrics line every N steps (metrics.jsonl always gets every step)")
     overwrite: bool = _f(False, "allow writing into an output directory that already holds a run")

@@ -5,7 +5,8 @@ processes; each holds the whole model and takes every N-th example of each globa
 batch is sorted by length first, so ranks get similar work). Gradients are summed over ranks
 before the optimizer step, and every rank scales its loss by 1/global batch, so the update is
 exactly the single-process one at the same global batch (DDP semantics). Metrics are summed over
-ranks; only rank 0 writes files. gloo on CPU, NCCL on GPU.
+ranks; only rank 0 writes files. gloo on CPU, NCCL on GPU. With `--fsdp`, FSDP2 (`fully_shard`)
+shards the transformer blocks over the ranks for models that do not fit one device.
 
 We all-reduce gradients ourselves rather than wrapping the model in DistributedDataParallel:
 directpo's log-prob path calls the backbone and LM head directly (to skip full-vocabulary logits),
@@ -41,9 +42,14 @@ class Dist:
         return indices[self.rank::self.world] if self.enabled else indices
 
     def all_reduce_grads(self, params) -> None:
+        """Sum gradients over ranks (parameters FSDP shards are reduced by FSDP itself)."""
         if not self.enabled:
             return
+        from torch.distributed.tensor import DTensor
+
         for p in params:
+            if isinstance(p, DTensor):
+                continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
@@ -66,6 +72,57 @@ class Dist:
                                                                         device=self._device())
         dist.broadcast(buf, 0)
         return buf.cpu()
+
+    def shard_model(self, model):
+        """FSDP2: shard every transformer block and the backbone (embeddings, final norm) over the
+        ranks. The LM head stays whole on every rank, because directpo's log-prob path multiplies by
+        its weight directly; its gradient is summed like DDP's (`all_reduce_grads` skips sharded
+        parameters). Gradients are summed, not averaged (divide factor 1): every rank already
+        scales its loss by 1/global batch."""
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if getattr(model.config, "tie_word_embeddings", False):
+            raise ValueError("FSDP with tied input/output embeddings is not supported: the LM head would be "
+                             "sharded with the embedding; use data parallelism (drop --fsdp)")
+        blocks = set(getattr(model, "_no_split_modules", None) or [])
+        for m in model.modules():
+            if type(m).__name__ in blocks:
+                fully_shard(m)
+        fully_shard(model.base_model)
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_gradient_divide_factor(1.0)
+                m.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+        return model
+
+    def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
+        """Global gradient norm over sharded (DTensor) and whole parameters, then clip."""
+        from torch.distributed.tensor import DTensor
+
+        sharded = torch.zeros((), dtype=torch.float64)
+        whole = torch.zeros((), dtype=torch.float64)
+        grads = [p.grad for p in params if p.grad is not None]
+        for g in grads:
+            if isinstance(g, DTensor):
+                sharded += g.to_local().double().pow(2).sum().cpu()
+            else:
+                whole += g.double().pow(2).sum().cpu()
+        if self.enabled:
+            t = sharded.to(self._device())
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            sharded = t.cpu()
+        total = (sharded + whole).sqrt().float()
+        if max_norm and torch.isfinite(total) and total > max_norm:
+            for g in grads:
+                g.mul_(max_norm / (total.item() + 1e-6))
+        return total
+
+    def full_state_dict(self, model) -> dict | None:
+        """The whole model's weights on rank 0 (gathered from shards), None elsewhere."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return sd if self.main else None
 
     def barrier(self) -> None:
         if self.enabled:

@@ -276,12 +276,22 @@ def train(cfg: TrainConfig) -> dict:
 
     # (Only rank 0 evaluates; with several processes it computes the train table and sends it round.)
     eval_ref = ref_table(eval_set, "eval") if d.main and eval_set and ref_model is not None else None
+    if cfg.fsdp and eval_ref is not None or (cfg.fsdp and d.enabled and eval_set and not d.main):
+        eval_ref = d.broadcast(eval_ref, shape=(len(eval_set), 0))  # sharded eval runs on every rank
     train_ref = None
     if cfg.precompute_ref and ref_model is not None:
         train_ref = ref_table(train_set, "train") if d.main else None
         train_ref = d.broadcast(train_ref, shape=(len(train_set), 0))
         ref_model = None  # the table replaces the model: its memory is free for training
 
+    sharded = cfg.fsdp and d.enabled
+    if sharded:  # after the reference tables: they were computed from the whole starting model
+        if cfg.save_every or cfg.resume or cfg.lora_r:
+            raise ValueError("--fsdp does not yet combine with --save-every/--resume/--lora-r; use data "
+                             "parallelism (without --fsdp) for those")
+        if ref_model is not None:
+            raise ValueError("--fsdp needs precomputed reference log-probs (drop --no-precompute-ref)")
+        policy = d.shard_model(policy)
     optimizer = build_optimizer(policy.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = warmup_schedule(optimizer, cfg.warmup_steps)
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
@@ -326,7 +336,9 @@ def train(cfg: TrainConfig) -> dict:
         log(f"eval @ step {step}: " + _summary(res))
         return res
 
-    if d.main and eval_set is not None and start_step == 0:  # the starting point (for DPO every implicit reward is 0)
+    # Evaluation: rank 0 alone, unless the model is sharded (then every rank must take part).
+    evaluates = d.main or sharded
+    if evaluates and eval_set is not None and start_step == 0:  # the starting point (for DPO every implicit reward is 0)
         last_eval = run_eval(0)
     t_start = time.perf_counter()
     for step in range(start_step + 1, total_steps + 1):
@@ -355,7 +367,10 @@ def train(cfg: TrainConfig) -> dict:
         d.all_reduce_grads(params)
         sums = d.sum_stats({**sums, "_tokens": tokens})
         tokens = sums.pop("_tokens")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        if sharded:
+            grad_norm = d.clip_grad_norm(params, cfg.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         lr = scheduler.get_last_lr()[0]
         if not (math.isfinite(sums["loss"]) and math.isfinite(float(grad_norm))):
             # Never let NaN/inf into the weights: stop (the last checkpoint stays as it was) or skip.
@@ -386,7 +401,7 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix_str(_summary(last, short=True))
         elif step % cfg.log_every == 0 or step == total_steps:
             log(f"step {step}/{total_steps} {_summary(last)} lr {lr:.2e} {last['pairs_per_s']:.1f} examples/s")
-        if d.main and eval_set is not None and ((cfg.eval_every and step % cfg.eval_every == 0)
+        if evaluates and eval_set is not None and ((cfg.eval_every and step % cfg.eval_every == 0)
                                                 or step == total_steps):
             last_eval = run_eval(step)
         if cfg.save_every and step % cfg.save_every == 0:
@@ -399,8 +414,9 @@ def train(cfg: TrainConfig) -> dict:
     metrics_file.close()
 
     result = {"output_dir": str(out), "train": last, "eval": last_eval, "skipped_nonfinite_steps": skipped_steps}
+    full = d.full_state_dict(policy) if sharded else None
     if d.main:
-        save_policy(policy, out, merge=cfg.merge)
+        save_policy(policy, out, merge=cfg.merge, state_dict=full)
         tokenizer.save_pretrained(out)
         (out / COMPLETE_MARKER).write_text(json.dumps(result))  # written last: the run finished
         log(f"saved model and tokenizer to {out}")

@@ -24,9 +24,13 @@ def adapters_disabled(model):
     return model.disable_adapter() if is_lora(model) else contextlib.nullcontext()
 
 
-def save_policy(model, out, merge: bool = False):
+def save_policy(model, out, merge: bool = False, state_dict: dict | None = None):
     """Adapters (adapter_model.safetensors + adapter_config.json), or with merge=True the merged
-    full model, loadable by AutoModelForCausalLM.from_pretrained."""
+    full model, loadable by AutoModelForCausalLM.from_pretrained. `state_dict`: gathered weights of
+    a sharded model."""
     if is_lora(model) and merge:
         model = model.merge_and_unload()
-    model.save_pretrained(out)
+    if state_dict is not None:
+        model.save_pretrained(out, state_dict=state_dict)
+    else:
+        model.save_pretrained(out)

@@ -1,0 +1,123 @@
+"""PPO (eq. 3): GAE, clipped losses, the KL controller by hand; a tiny policy learns a callable reward."""
+import json
+import math
+
+import pytest
+import torch
+
+from directpo.cli import main
+from directpo.rlhf.config import PPOConfig
+from directpo.rlhf.ppo import KLController, gae, ppo, ppo_losses, whiten
+from directpo.toy import review_task, write_jsonl
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread (two threads busy-wait on a loaded machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_gae_by_hand():
+    # Row 0: 3 tokens; row 1: 2 tokens then padding (its padded slot must not leak into anything).
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.5, 2.0, 9.0]])
+    values = torch.tensor([[0.5, 0.2, 0.1], [1.0, 0.3, 7.0]])
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    # λ = γ = 1: A_t = Σ_{k≥t} r_k − V_t (Monte Carlo), returns = reward-to-go
+    assert adv.flatten().tolist() == pytest.approx([0.5, 0.8, 0.9, 1.5, 1.7, 0.0])
+    assert ret.flatten().tolist() == pytest.approx([1.0, 1.0, 1.0, 2.5, 2.0, 0.0])
+    adv, _ = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    d2 = 1.0 - 0.1
+    d1 = 0.0 + 0.9 * 0.1 - 0.2
+    d0 = 0.0 + 0.9 * 0.2 - 0.5
+    a1 = d1 + 0.45 * d2
+    assert adv[0].tolist() == pytest.approx([d0 + 0.45 * a1, a1, d2])
+    w = whiten(adv, mask)
+    assert (w * mask).sum().item() == pytest.approx(0.0, abs=1e-6) and w[1, 2].item() == 0.0
+
+
+def test_clipped_losses():
+    old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[1.5, 1.5, 0.5, 1.0]]))  # ratios 1.5, 1.5, 0.5, 1
+    adv = torch.tensor([[1.0, -1.0, -1.0, 2.0]])
+    mask = torch.ones(1, 4)
+    out = ppo_losses(logp, old, torch.zeros(1, 4), torch.zeros(1, 4), adv, torch.zeros(1, 4), mask, 0.2, 0.2)
+    # max(−Aρ, −A·clip(ρ)): A>0, ρ=1.5 -> −1.2 (clipped); A<0, ρ=1.5 -> 1.5; A<0, ρ=0.5 -> 0.8 (clipped); ρ=1 -> −2
+    assert out["policy_loss"].item() == pytest.approx((-1.2 + 1.5 + 0.8 - 2.0) / 4)
+    assert out["clip_frac"].item() == pytest.approx(0.75)
+    # value loss: the clipped prediction (old ± 0.2) is further from the return: it counts
+    v = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    out = ppo_losses(old, old, v, torch.zeros(1, 4), adv, torch.tensor([[1.0, 0, 0, 0]]), mask, 0.2, 0.2)
+    assert out["value_loss"].item() == pytest.approx(0.5 * (0.8 ** 2) / 4)
+
+
+def test_adaptive_kl_controller():
+    fixed = KLController(0.1)
+    fixed.update(100.0, 64)
+    assert fixed.value == 0.1
+    ctl = KLController(0.1, adaptive=True, target=6.0, horizon=10000)
+    ctl.update(12.0, 1000)  # KL above target: β grows by at most 20 % × n/horizon
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    ctl.update(3.0, 1000)  # below: shrinks
+    assert ctl.value < 0.1 * 1.02
+    ctl.update(float("nan"), 1000)  # ignored
+    assert math.isfinite(ctl.value)
+
+
+def count_e(prompt, completion):
+    """Reward: how many 'e's the completion has (a dense signal a random tiny policy can climb)."""
+    return float(completion.count("e"))
+
+
+def test_ppo_raises_reward_with_finite_kl(tiny_model, tmp_path):
+    rows, _ = review_task(n_train=64, n_eval=1, seed=4)
+    prompts = write_jsonl([{"prompt": r["prompt"]} for r in rows], tmp_path / "prompts.jsonl")
+    cfg = PPOConfig(model=str(tiny_model), prompts=str(prompts), output_dir=str(tmp_path / "ppo"), lr=5e-3,
+                    batch_size=16, mini_batch_size=8, ppo_epochs=2, max_steps=16, max_new_tokens=8, kl_coef=0.05,
+                    seed=0, progress=False, log_every=100)
+    ppo(cfg, reward=count_e)
+    m = [json.loads(line) for line in open(tmp_path / "ppo" / "metrics.jsonl")]
+    assert [x["step"] for x in m] == list(range(1, 17))
+    for x in m:
+        for key in ("reward", "kl", "kl_coef", "entropy", "clip_frac", "value_loss", "policy_loss"):
+            assert math.isfinite(x[key]), (key, x)
+    first = sum(x["reward"] for x in m[:4]) / 4
+    last = sum(x["reward"] for x in m[-4:]) / 4
+    assert last > first + 1.0, [x["reward"] for x in m]
+    assert m[0]["kl"] == 0.0  # πθ = πref at the first rollout: every log-ratio is exactly 0
+    assert m[-1]["kl"] > 0.1  # moved away from πref, and the KL says so
+    assert m[-1]["entropy"] < m[0]["entropy"]
+    # the saved policy is a plain HF model that generates more 'e's than the start
+    from directpo.eval.sampling import draw_samples, load_prompts
+    from directpo.models import load_model, load_tokenizer
+
+    items = load_prompts(str(prompts))[:16]
+    tok = load_tokenizer(str(tiny_model))
+    before = draw_samples(load_model(str(tiny_model)), tok, items, n=4, max_new_tokens=8, seed=9)
+    after = draw_samples(load_model(str(tmp_path / "ppo")), tok, items, n=4, max_new_tokens=8, seed=9)
+    assert sum(map(count_e, before.prompts, after.texts)) > sum(map(count_e, before.prompts, before.texts))
+    assert (tmp_path / "ppo" / "value_head.safetensors").exists()
+
+
+def test_ppo_cli_reward_fn_from_cwd(tiny_model, tmp_path, monkeypatch, capsys):
+    (tmp_path / "rewards_here.py").write_text("def n_words(prompt, completion):\n    return len(completion.split())\n")
+    rows, _ = review_task(n_train=8, n_eval=1, seed=5)
+    write_jsonl(rows, tmp_path / "pairs.jsonl")  # a preference file: its prompts are used
+    monkeypatch.chdir(tmp_path)
+    code = main(["ppo", "--model", str(tiny_model), "--prompts", "pairs.jsonl", "--output-dir", "out",
+                 "--reward-fn", "rewards_here:n_words", "--batch-size", "4", "--mini-batch-size", "2",
+                 "--ppo-epochs", "1", "--max-steps", "2", "--max-new-tokens", "4", "--adaptive-kl",
+                 "--target-kl", "0.5", "--kl-coef", "0.2", "--no-progress"])
+    assert code == 0
+    m = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert len(m) == 2 and m[0]["kl_coef"] == 0.2
+    assert m[1]["kl_coef"] != 0.2  # the adaptive controller moved β after step 1
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert main(["ppo", "--model", str(tiny_model), "--prompts", "pairs.jsonl", "--output-dir", "o2",
+                 "--max-steps", "1"]) == 2
+    assert "exactly one of --reward-model" in capsys.readouterr().err
