@@ -145,3 +145,30 @@ def test_mismatched_tokenizer_and_unsafe_weights(tiny_model, data, tmp_path):
             (pickled / f.name).write_bytes(f.read_bytes())
     rc, err = _run(_argv(pickled, data, tmp_path / "o2", 1))
     assert rc == 2 and "safetensors" in err
+
+
+def test_disk_full_during_checkpoint_keeps_earlier_ones(tiny_model, data, tmp_path, monkeypatch):
+    import errno
+
+    from directpo.train import checkpoint
+
+    real = checkpoint.torch.save
+    state = {"n": 0}
+
+    def full_disk(obj, f, *a, **k):
+        if "optimizer" in str(f):
+            state["n"] += 1
+            if state["n"] == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    cfg = TrainConfig(model=str(tiny_model), data=str(data), output_dir=str(tmp_path / "o"), lr=1e-3,
+                      optimizer="adamw", batch_size=8, micro_batch_size=4, max_steps=5, max_length=64, save_every=1,
+                      progress=False)
+    with pytest.raises(OSError, match="No space left on device.*earlier checkpoints .* are intact"):
+        train(cfg)
+    names = [p.name for p in (tmp_path / "o" / "checkpoints").iterdir()]
+    assert sorted(names) == ["step-00000001", "step-00000002"]  # no half-written step-3, no temp dir
+    for ck in list_checkpoints(tmp_path / "o"):
+        assert load_file(str(ck / "model.safetensors"))

@@ -85,6 +85,10 @@ def save_checkpoint(output_dir: str | Path, step: int, epoch: int, model, optimi
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(root)
+    except OSError as e:  # disk full, quota, permissions: say so; earlier checkpoints are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"could not write checkpoint {final} ({e.strerror or e}); earlier checkpoints "
+                               f"in {root} are intact") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,103 @@
+"""`directpo sample` and Best-of-N: output format, seeded reproducibility, left padding, prompt files."""
+import json
+
+import pytest
+import torch
+
+from directpo.cli import main
+from directpo.eval.sampling import PromptItem, draw_samples, encode_prompt, generate_completions, load_prompts
+from directpo.models import load_model, load_tokenizer
+from directpo.toy import review_task, write_jsonl
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread (two threads busy-wait on a loaded machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _lines(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_sample_format_and_seeded_reproducibility(tiny_model, tmp_path):
+    prompts = write_jsonl([{"prompt": "Review of Kalo:"}, {"prompt": "Review of Mirento:"},
+                           {"prompt": [{"role": "user", "content": "Review of Sa?"}]}], tmp_path / "p.jsonl")
+    args = ["sample", "--model", str(tiny_model), "--prompts", str(prompts), "--n", "3", "--max-new-tokens", "6",
+            "--batch-size", "4", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "a.jsonl"), "--seed", "1"]) == 0
+    assert main(args + ["--out", str(tmp_path / "b.jsonl"), "--seed", "1"]) == 0
+    assert main(args + ["--out", str(tmp_path / "c.jsonl"), "--seed", "2"]) == 0
+    a, b, c = _lines(tmp_path / "a.jsonl"), _lines(tmp_path / "b.jsonl"), _lines(tmp_path / "c.jsonl")
+    assert len(a) == 9
+    assert [(x["prompt_index"], x["index"]) for x in a] == [(i, j) for i in range(3) for j in range(3)]
+    assert [x["prompt"] for x in a][::3] == ["Review of Kalo:", "Review of Mirento:",
+                                              [{"role": "user", "content": "Review of Sa?"}]]
+    assert all(isinstance(x["completion"], str) and 0 <= x["completion_tokens"] <= 6 for x in a)
+    assert a == b  # same seed, same samples
+    assert [x["completion"] for x in a] != [x["completion"] for x in c]
+    assert len({x["completion"] for x in a}) > 3  # samples, not one greedy answer repeated
+
+
+def test_left_padding_does_not_change_greedy_completions(tiny_model, tiny_tokenizer):
+    model = load_model(str(tiny_model))
+    short = encode_prompt("Review of Ka:", tiny_tokenizer)
+    long = encode_prompt("Review of Kalomirentosavel, a film I found moving, clever and", tiny_tokenizer)
+    alone = generate_completions(model, tiny_tokenizer, [short], max_new_tokens=8, temperature=0.0)
+    batched = generate_completions(model, tiny_tokenizer, [long, short], max_new_tokens=8, temperature=0.0)
+    assert batched[1] == alone[0]
+    assert len(alone[0]) == 8 or alone[0][-1] == tiny_tokenizer.eos_token_id
+
+
+def test_prompts_from_preference_files_and_errors(tiny_model, tmp_path, capsys):
+    rows, _ = review_task(n_train=3, n_eval=1, seed=2)
+    pairs = write_jsonl(rows, tmp_path / "pairs.jsonl")
+    items = load_prompts(str(pairs))
+    assert [it.prompt for it in items] == [r["prompt"] for r in rows]
+    assert [it.reference for it in items] == [r["chosen"] for r in rows]  # chosen = the reference completion
+    ranked = write_jsonl([{"prompt": "p", "responses": ["x", "y"], "scores": [0.1, 0.9]}], tmp_path / "r.jsonl")
+    assert load_prompts(str(ranked))[0].reference == "y"
+    with_ref = write_jsonl([{"prompt": "p", "reference": "r"}], tmp_path / "ref.jsonl")
+    assert load_prompts(str(with_ref))[0].reference == "r"
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+    assert main(["sample", "--model", str(tiny_model), "--prompts", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "bad.jsonl, row 1, field 'prompt'" in capsys.readouterr().err
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n{"prompt": "ok", "reference": 5}\n')
+    assert main(["sample", "--model", str(tiny_model), "--prompts", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "row 1, field 'prompt': missing" in capsys.readouterr().err
+    assert len(load_prompts(str(bad), on_invalid="skip")) == 1
+    assert main(["sample", "--model", str(tiny_model), "--prompts", str(tmp_path / "none.jsonl"),
+                 "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_best_of_n_keeps_the_best(tiny_model, tmp_path, monkeypatch):
+    (tmp_path / "score_mod.py").write_text("def n_a(prompt, completion):\n    return completion.count('a')\n")
+    rows, _ = review_task(n_train=5, n_eval=1, seed=3)
+    write_jsonl(rows, tmp_path / "pairs.jsonl")
+    monkeypatch.chdir(tmp_path)
+    assert main(["bon", "--model", str(tiny_model), "--prompts", "pairs.jsonl", "--n", "4", "--reward-fn",
+                 "score_mod:n_a", "--out", "bon.jsonl", "--max-new-tokens", "8", "--no-progress"]) == 0
+    out = _lines(tmp_path / "bon.jsonl")
+    assert [x["prompt_index"] for x in out] == list(range(5))
+    for x in out:
+        assert len(x["rewards"]) == 4 and len(x["completions"]) == 4
+        assert x["reward"] == max(x["rewards"]) == x["rewards"][x["index"]]
+        assert x["completion"] == x["completions"][x["index"]]
+        assert x["reward"] == x["completion"].count("a")
+    # best-of-4 ≥ single samples, strictly on average unless every sample ties
+    assert sum(x["reward"] for x in out) >= sum(sum(x["rewards"]) / 4 for x in out)
+
+
+def test_draw_samples_counts(tiny_model, tiny_tokenizer):
+    items = [PromptItem("Review of Ka:"), PromptItem("X")]
+    s = draw_samples(load_model(str(tiny_model)), tiny_tokenizer, items, n=2, max_new_tokens=3, seed=0)
+    assert len(s.texts) == 4 and s.prompts == ["Review of Ka:"] * 2 + ["X"] * 2
+    assert all(1 <= len(c) <= 3 for c in s.completion_ids)
+    with pytest.raises(ValueError, match="n must be"):
+        draw_samples(load_model(str(tiny_model)), tiny_tokenizer, items, n=0)
