@@ -85,7 +85,7 @@ def test_unlikelihood_matches_token_level_computation():
     g = torch.Generator().manual_seed(7)
     chosen_tok = torch.log(torch.rand(5, generator=g, dtype=torch.float64))
     rejected_tok = torch.log(torch.rand(7, generator=g, dtype=torch.float64))
-    direct = -chosen_tok.sum() / 5 + 0.5 * sum(-math.log(1 - math.exp(t)) for t in rejected_tok.tolist()) / 7
+    direct = -chosen_tok.sum().item() / 5 + 0.5 * sum(-math.log(1 - math.exp(t)) for t in rejected_tok.tolist()) / 7
     got = unlikelihood_loss(chosen_tok.sum()[None], torch.tensor([5.0]), unlikelihood_terms(rejected_tok).sum()[None],
                             torch.tensor([7.0]), weight=0.5)
     assert got.item() == pytest.approx(direct, rel=1e-9)

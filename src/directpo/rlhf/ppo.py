@@ -171,7 +171,8 @@ def ppo(cfg: PPOConfig, reward=None) -> dict:
     policy = load_model(cfg.model, device)
     policy.eval()  # no dropout: the rollout's log-probs are the ratio's denominator
     ref = freeze(load_model(cfg.ref or cfg.model, device))
-    hidden = policy.get_input_embeddings().weight.shape[1]
+    head = policy.get_output_embeddings()  # its input width is the width of the last hidden states
+    hidden = head.weight.shape[1] if head is not None else policy.config.get_text_config().hidden_size
     value_head = nn.Linear(hidden, 1).to(device)
     nn.init.zeros_(value_head.weight)
     nn.init.zeros_(value_head.bias)
