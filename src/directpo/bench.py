@@ -59,7 +59,8 @@ FLOPS_DEFINITION = ("model FLOPs = 6·N·T + 6·h·V·Lab + 12·layers·d_attn·
                     "T = tokens through the backbone, Lab = label tokens through the LM head, A = attended "
                     "query-key pairs (len²/2 causal). directpo: T = P + ΣL, A = P²/2 + Σ(P·L + L²/2); "
                     "TRL: T = Σ(P + L), A = Σ(P + L)²/2; a live reference adds F/3")
-PAIRS_DEFINITION = "pairs/s = pairs of the timed steps / time from the end of warm-up step 1 to the end of the last step"
+PAIRS_DEFINITION = ("pairs/s = pairs of the timed steps / time from the end of warm-up step 1 to the end of the "
+                    "last step")
 
 
 def log(msg: str) -> None:
@@ -113,7 +114,8 @@ def dims_of(model) -> ModelDims:
 
 def train_flops(d: ModelDims, tokens: float, labels: float, attn_pairs: float) -> float:
     """Forward + backward FLOPs: 6·N·T + 6·h·V·Lab + 12·layers·d_attn·A."""
-    return 6.0 * d.nonemb_params * tokens + 6.0 * d.hidden * d.vocab * labels + 12.0 * d.layers * d.attn_dim * attn_pairs
+    return (6.0 * d.nonemb_params * tokens + 6.0 * d.hidden * d.vocab * labels
+            + 12.0 * d.layers * d.attn_dim * attn_pairs)
 
 
 def prefix_shared_counts(prompt_len: int, response_lens: list[int]) -> tuple[int, int, float]:
@@ -479,6 +481,10 @@ def _measure(cfg: RunConfig, args, data_path: Path, work: Path, tag: str, tokeni
     if "cuda_peak_mib" in raw:
         run["cuda_peak_mib"] = raw["cuda_peak_mib"]
     run["train_pairs"] = raw.get("train_pairs")
+    n = args.batch * (args.steps + 1)
+    if run["train_pairs"] not in (None, n):
+        run["warning"] = f"{cfg.system} kept {run['train_pairs']} of the {n} pairs"
+        log(f"warning: {cfg.label}: {run['warning']}")
     if cfg.system == "trl":
         run["trl_version"] = raw.get("trl_version")
     return run
@@ -745,8 +751,8 @@ def format_report(r: dict) -> str:
                          "not be reproduced)")
     if r["vocab_sweep"]:
         lines += ["", "vocabulary sweep (directpo fp32, random init, same tokenizer, 1 round):",
-                  f"{'vocab':>8} {'params M':>9} {'peak RSS MiB':>12} {'ΔRSS MiB':>9} {'Δ(params+grads+state) MiB':>26} "
-                  f"{'pairs/s':>8}"]
+                  f"{'vocab':>8} {'params M':>9} {'peak RSS MiB':>12} {'ΔRSS MiB':>9} "
+                  f"{'Δ(params+grads+state) MiB':>26} {'pairs/s':>8}"]
         for x in r["vocab_sweep"]:
             if "error" in x:
                 lines.append(f"{x['vocab']:>8} {x['error']}")
