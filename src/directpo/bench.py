@@ -288,7 +288,7 @@ def run_child(spec: dict, work: Path, tag: str) -> dict:
 
 def directpo_train_argv(spec: dict) -> list[str]:
     argv = ["train", "--model", spec["model"], "--data", spec["data"], "--output-dir", spec["output_dir"],
-            "--batch-size", str(spec["batch"]), "--micro-batch-size", str(spec["batch"]),
+            "--batch-size", str(spec["batch"]), "--micro-batch-size", str(spec.get("micro_batch") or spec["batch"]),
             "--max-steps", str(spec["steps"] + 1), "--warmup-steps", "0", "--lr", "1e-6", "--precompute-ref",
             "--no-progress", "--max-length", str(spec["max_length"]), "--on-invalid", "skip",
             "--precision", spec["precision"], "--seed", "0", "--ref-cache", "off", "--overwrite"]
@@ -452,7 +452,8 @@ def plan_configs(systems: list[str], use_bf16: bool, have_trl: bool) -> list[Run
 
 
 def _base_spec(args, data_path: Path) -> dict:
-    return {"model": args.model, "data": str(data_path), "batch": args.batch, "steps": args.steps,
+    return {"model": args.model, "data": str(data_path), "batch": args.batch, "micro_batch": args.micro_batch,
+            "steps": args.steps,
             "max_length": args.max_length, "threads": args.threads, "device": args.device}
 
 
@@ -605,7 +606,8 @@ def run_bench(args) -> dict:
         "versions": _versions(),
         "machine": {"device": str(device), "device_name": _device_name(device), "threads": torch.get_num_threads(),
                     "platform": platform.platform()},
-        "settings": {"model": args.model, "data": args.data, "batch": args.batch, "max_length": args.max_length,
+        "settings": {"model": args.model, "data": args.data, "batch": args.batch, "micro_batch": args.micro_batch,
+                     "max_length": args.max_length,
                      "steps_timed": args.steps, "warmup_steps": 1, "rounds": args.rounds, "pairs": n,
                      "systems": systems, "vocab_sweep": sweep},
         "model": asdict(dims),
@@ -787,6 +789,9 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--model", required=True, help="model (hub id or local dir) both systems train")
     b.add_argument("--data", required=True, help="preference data (any format `train` reads)")
     b.add_argument("--batch", type=int, default=8, help="pairs per optimizer step (one micro-batch)")
+    b.add_argument("--micro-batch", type=int, default=0,
+                   help="directpo: pairs per forward/backward, accumulated to --batch (0: one micro-batch); "
+                        "smaller lowers peak memory, the optimizer step is the same")
     b.add_argument("--max-length", type=int, default=512, help="max prompt + response tokens")
     b.add_argument("--steps", type=int, default=10, help="timed optimizer steps (after one warm-up step)")
     b.add_argument("--rounds", type=int, default=2, help="rounds of alternating runs; figures are medians")

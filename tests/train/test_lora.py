@@ -69,11 +69,12 @@ print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rc)
 
 
 def test_lora_peak_rss_below_full_finetuning(tmp_path, data):
-    """A 6-layer, hidden-512 model (≈ 19M params): full fine-tuning holds grads and two AdamW moments
-    for every weight (≈ 230 MB), LoRA for the adapters only."""
+    """An 8-layer, hidden-768 model (≈ 57M params): full fine-tuning holds grads and two AdamW moments
+    for every weight (≈ 680 MB), LoRA for the adapters only. (The margin is far above the ~150 MB
+    run-to-run variation of a process's peak RSS seen here.)"""
     rows, _ = review_task(n_train=16, n_eval=1, seed=1)
-    model = build_tiny_model(tmp_path / "m", [r["prompt"] + r["chosen"] for r in rows], hidden=512, layers=6,
-                             heads=8, vocab_size=400)
+    model = build_tiny_model(tmp_path / "m", [r["prompt"] + r["chosen"] for r in rows], hidden=768, layers=8,
+                             heads=12, vocab_size=400)
     peaks = {}
     for name, extra in (("full", []), ("lora", ["--lora-r", "8"])):
         argv = ["train", "--model", str(model), "--data", str(data), "--output-dir", str(tmp_path / name),
@@ -83,4 +84,4 @@ def test_lora_peak_rss_below_full_finetuning(tmp_path, data):
         line = [x for x in res.stdout.splitlines() if x.startswith("PEAK")][-1].split()
         assert line[2] == "0", res.stderr
         peaks[name] = int(line[1]) / 1024
-    assert peaks["lora"] < peaks["full"] - 100, peaks
+    assert peaks["lora"] < peaks["full"] - 300, peaks
