@@ -52,3 +52,14 @@ def tiny_tokenizer(tiny_model):
     from directpo.models import load_tokenizer
 
     return load_tokenizer(str(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (two threads busy-wait on a loaded machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

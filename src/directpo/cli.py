@@ -120,24 +120,19 @@ def make_parser() -> argparse.ArgumentParser:
                                                                "causal LMs (Rafailov et al., 2023).")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a policy with DPO on preference pairs",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--config", help="YAML file of settings (keys as the flags, dashes or underscores)")
-    add_config_flags(t)
-    t.set_defaults(func=cmd_train)
+    def config_command(name: str, help_: str, func):
+        """A command whose flags are TrainConfig's, with a YAML --config."""
+        c = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        c.add_argument("--config", help="YAML file of settings (keys as the flags, dashes or underscores)")
+        add_config_flags(c)
+        c.set_defaults(func=func)
+        return c
 
-    f = sub.add_parser("sft", help="supervised fine-tuning (Preferred-FT on the chosen responses of a preference "
-                                   "set, or on prompt/completion rows)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    f.add_argument("--config", help="YAML file of settings (keys as the flags)")
-    add_config_flags(f)
-    f.set_defaults(func=cmd_sft)
-
-    pl = sub.add_parser("pipeline", help="the paper's recipe: Preferred-FT on the chosen responses, then DPO "
-                                         "from (and against) that SFT model; resumable per stage",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    pl.add_argument("--config", help="YAML file of settings (keys as the flags)")
-    add_config_flags(pl)
+    config_command("train", "train a policy with DPO (or another --loss) on preference data", cmd_train)
+    config_command("sft", "supervised fine-tuning (Preferred-FT on the chosen responses of a preference set, or on "
+                          "prompt/completion rows)", cmd_sft)
+    pl = config_command("pipeline", "the paper's recipe: Preferred-FT on the chosen responses, then DPO from (and "
+                                    "against) that SFT model; resumable per stage", cmd_pipeline)
     pl.add_argument("--sft-lr", type=float, help="SFT stage learning rate (default: --lr)")
     pl.add_argument("--sft-max-steps", type=int, help="SFT stage steps (default: --max-steps / --epochs)")
     pl.add_argument("--sft-epochs", type=float, help="SFT stage epochs (default: --epochs)")

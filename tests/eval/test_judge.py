@@ -13,13 +13,7 @@ from directpo.eval.judge import PROMPTS, ChatJudge, RewardJudge, parse_verdict
 from directpo.toy import review_task, write_jsonl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (two threads busy-wait on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class StubJudge(BaseHTTPRequestHandler):

@@ -12,13 +12,7 @@ from directpo.rlhf.rewards import load_callable, load_reward_fn, review_sentimen
 from directpo.toy import review_task, write_jsonl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (two threads busy-wait on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bradley_terry_hand_values():
