@@ -75,10 +75,11 @@ def test_accumulation_and_precomputed_reference_match(tiny_model, task, tmp_path
     for name, kw in {"mb8": dict(micro_batch_size=8, precompute_ref=False),
                      "mb2": dict(micro_batch_size=2, precompute_ref=False),
                      "pre": dict(micro_batch_size=4, precompute_ref=True),
-                     "padded": dict(micro_batch_size=4, layout="padded")}.items():
+                     "padded": dict(micro_batch_size=4, layout="padded"),
+                     "tokens": dict(micro_batch_tokens=120, precompute_ref=False)}.items():
         train(_cfg(tiny_model, task, tmp_path / name, optimizer="rmsprop", lr=1e-4, **kw))
         runs[name] = _metrics(tmp_path / name)
-    for name in ("mb2", "pre", "padded"):
+    for name in ("mb2", "pre", "padded", "tokens"):
         for a, b in zip(runs["mb8"], runs[name]):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), name
             assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5), name
@@ -114,3 +115,16 @@ def test_bf16_autocast_trains_close_to_fp32(tiny_model, task, tmp_path):
     assert b[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
     assert abs(a[0]["logps/chosen"] - b[0]["logps/chosen"]) < 0.05 * abs(a[0]["logps/chosen"])
     assert torch.isfinite(torch.tensor(b[-1]["loss"]))
+
+
+def test_token_budget_micro_batches():
+    from types import SimpleNamespace
+
+    from directpo.train.loop import micro_batches
+
+    exs = [SimpleNamespace(num_tokens=n) for n in (10, 20, 30, 40, 100)]
+    cfg = SimpleNamespace(micro_batch_tokens=50, micro_batch_size=8)
+    assert micro_batches([0, 1, 2, 3, 4], exs, cfg) == [[0, 1], [2], [3], [4]]  # an oversized example goes alone
+    cfg.micro_batch_tokens = 0
+    assert micro_batches([0, 1, 2, 3, 4], exs, SimpleNamespace(micro_batch_tokens=0, micro_batch_size=2)) == \
+        [[0, 1], [2, 3], [4]]

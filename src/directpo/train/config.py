@@ -33,6 +33,8 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "weight decay (adamw)")
     batch_size: int = _f(64, "preference pairs per optimizer step (paper: 64)")
     micro_batch_size: int = _f(8, "pairs per forward/backward; batch_size/micro_batch_size steps are accumulated")
+    micro_batch_tokens: int = _f(0, "instead: fill each forward/backward with examples up to this many tokens "
+                                    "(bounds activation memory whatever the lengths; 0: off)")
     max_steps: int | None = _f(None, "optimizer steps to run (overrides epochs)")
     epochs: float = _f(1.0, "passes over the training data, when max_steps is not set")
     warmup_steps: int = _f(150, "linear learning-rate warm-up from 0 (paper: 150)")

@@ -86,6 +86,22 @@ def batch_order(n: int, batch_size: int, seed: int):
         epoch += 1
 
 
+def micro_batches(idx: list[int], examples, cfg: TrainConfig) -> list[list[int]]:
+    """Split a (length-sorted) batch into micro-batches: by count, or greedily by a token budget.
+    Any split gives the same summed gradient; the budget only bounds activation memory."""
+    if not cfg.micro_batch_tokens:
+        return [idx[s:s + cfg.micro_batch_size] for s in range(0, len(idx), cfg.micro_batch_size)]
+    out, cur, used = [], [], 0
+    for i in idx:
+        n = examples[i].num_tokens
+        if cur and used + n > cfg.micro_batch_tokens:
+            out.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += n
+    return out + ([cur] if cur else [])
+
+
 def autocast_ctx(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -348,8 +364,7 @@ def train(cfg: TrainConfig) -> dict:
         idx = sorted(idx, key=lambda i: train_set[i].num_tokens)
         sums, tokens = {}, 0
         local = d.shard(idx)  # this process's share of the global batch
-        for s in range(0, len(local), cfg.micro_batch_size):
-            mb = local[s:s + cfg.micro_batch_size]
+        for mb in micro_batches(local, train_set, cfg):
             batch = collate([train_set[i] for i in mb]).to(device)
             tokens += batch.num_tokens
             with autocast_ctx(device, cfg.precision):
