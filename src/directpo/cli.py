@@ -115,6 +115,14 @@ def cmd_demo(args) -> int:
     return 0 if result["passed"] else 1
 
 
+def cmd_experiment_sentiment(args) -> int:
+    from .experiments.sentiment import run_sentiment, sentiment_config
+
+    result = run_sentiment(sentiment_config(args, build_config))
+    print(json.dumps({k: result[k] for k in ("output_dir", "points", "comparisons", "seconds")}))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="directpo", description="Direct Preference Optimization for Hugging Face "
                                                                "causal LMs (Rafailov et al., 2023).")
@@ -161,6 +169,16 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=60)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    ex = sub.add_parser("experiment", help="the paper's experiments, end to end, with a report")
+    exs = ex.add_subparsers(dest="experiment", required=True)
+    from .experiments.sentiment import SentimentConfig
+    es = exs.add_parser("sentiment", help="controlled sentiment (Fig. 2 left): DPO vs PPO, PPO-GT, Unlikelihood, "
+                                          "Preferred-FT, Best-of-N on reward vs KL; resumable; writes points.json, "
+                                          "frontier.png, summary.md", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    es.add_argument("--config", help="YAML file of settings (keys as the flags)")
+    add_config_flags(es, SentimentConfig)
+    es.set_defaults(func=cmd_experiment_sentiment)
 
     from .bench import add_bench_parser
     add_bench_parser(sub)

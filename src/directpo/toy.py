@@ -97,8 +97,11 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
 
 def build_tiny_model(out_dir: str | Path, texts: list[str], hidden: int = 64, layers: int = 2, heads: int = 4,
                      intermediate: int | None = None, vocab_size: int = 512, seed: int = 0,
-                     chat_template: str | None = None) -> Path:
-    """Train a byte-level BPE tokenizer on `texts` and save it with a random Llama of the given size."""
+                     chat_template: str | None = None, add_bos: bool = False) -> Path:
+    """Train a byte-level BPE tokenizer on `texts` and save it with a random Llama of the given size.
+
+    `add_bos`: the tokenizer starts every text with <|bos|> (as Llama's does), so a model trained on
+    whole texts sees the same first token when it is later given a prompt."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -111,6 +114,11 @@ def build_tiny_model(out_dir: str | Path, texts: list[str], hidden: int = 64, la
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
+    if add_bos:
+        from tokenizers.processors import TemplateProcessing
+
+        tok.post_processor = TemplateProcessing(single="<|bos|> $A", pair="<|bos|> $A $B",
+                                                special_tokens=[("<|bos|>", tok.token_to_id("<|bos|>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>",
                                    eos_token="<|eos|>")
     if chat_template is not None:

@@ -71,7 +71,7 @@ def test_ppo_raises_reward_with_finite_kl(tiny_model, tmp_path):
     prompts = write_jsonl([{"prompt": r["prompt"]} for r in rows], tmp_path / "prompts.jsonl")
     cfg = PPOConfig(model=str(tiny_model), prompts=str(prompts), output_dir=str(tmp_path / "ppo"), lr=5e-3,
                     batch_size=16, mini_batch_size=8, ppo_epochs=2, max_steps=16, max_new_tokens=8, kl_coef=0.05,
-                    seed=0, progress=False, log_every=100)
+                    seed=0, progress=False, log_every=100, snapshot_every=8)
     ppo(cfg, reward=count_e)
     m = [json.loads(line) for line in open(tmp_path / "ppo" / "metrics.jsonl")]
     assert [x["step"] for x in m] == list(range(1, 17))
@@ -94,6 +94,12 @@ def test_ppo_raises_reward_with_finite_kl(tiny_model, tmp_path):
     after = draw_samples(load_model(str(tmp_path / "ppo")), tok, items, n=4, max_new_tokens=8, seed=9)
     assert sum(map(count_e, before.prompts, after.texts)) > sum(map(count_e, before.prompts, before.texts))
     assert (tmp_path / "ppo" / "value_head.safetensors").exists()
+    # --snapshot-every 8: the policy of step 8 as a loadable HF model, between the start and the end
+    snaps = sorted(p.name for p in (tmp_path / "ppo" / "snapshots").iterdir())
+    assert snaps == ["step-8"]
+    mid = draw_samples(load_model(str(tmp_path / "ppo" / "snapshots" / "step-8")), tok, items, n=4, max_new_tokens=8,
+                       seed=9)
+    assert mid.texts != after.texts and mid.texts != before.texts
 
 
 def test_ppo_cli_reward_fn_from_cwd(tiny_model, tmp_path, monkeypatch, capsys):

@@ -44,6 +44,8 @@ class PPOConfig:
     precision: str = _f("fp32", "bf16: autocast matmuls to bfloat16", choices=["fp32", "bf16"])
     device: str | None = _f(None, "cpu or cuda (default: cuda when available)")
     threads: int = _f(0, "CPU threads for torch (0: torch's default)")
+    snapshot_every: int = _f(0, "also save the policy (HF format) every N steps to OUTPUT/snapshots/step-N, to "
+                                "evaluate a run at several points (0: never)")
     log_every: int = _f(1, "print a metrics line every N steps (metrics.jsonl always gets every step)")
     overwrite: bool = _f(False, "allow writing into an output directory that already holds a run")
     progress: bool = _f(True, "show a progress bar")

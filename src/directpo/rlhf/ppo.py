@@ -145,6 +145,18 @@ def _padded(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     return pad_sequence(list(torch.split(flat, lengths)), batch_first=True)
 
 
+def save_snapshot(policy, tokenizer, path: Path) -> None:
+    """The policy in HF format, written to a temporary sibling and renamed: whole or absent."""
+    import shutil
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
 def ppo(cfg: PPOConfig, reward=None) -> dict:
     """Run PPO. `reward`: f(prompt, completion) -> float, or a `batched` scorer (see
     directpo.rlhf.rewards); default: from cfg.reward_model / cfg.reward_fn."""
@@ -272,6 +284,8 @@ def ppo(cfg: PPOConfig, reward=None) -> dict:
             bar.set_postfix_str(summary)
         elif step % cfg.log_every == 0 or step == cfg.max_steps:
             log(f"step {step}/{cfg.max_steps} {summary} vloss {last['value_loss']:.4f} ent {last['entropy']:.3f}")
+        if cfg.snapshot_every and step % cfg.snapshot_every == 0 and step < cfg.max_steps:
+            save_snapshot(policy, tokenizer, out / "snapshots" / f"step-{step}")
     if bar is not None:
         bar.close()
     metrics.close()

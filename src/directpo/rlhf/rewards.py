@@ -104,3 +104,81 @@ def review_sentiment(prompt, completion: str) -> float:
     words = _WORD.findall(completion.lower())
     pos, neg = set(POSITIVE), set(NEGATIVE)
     return float(sum(w in pos for w in words) - sum(w in neg for w in words))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sentiment scorers: the ground-truth rewards of the controlled-sentiment experiment (paper §6.1).
+
+def vader_sentiment(prompt, completion: str) -> float:
+    """VADER compound sentiment (−1 … 1) of the whole review, prompt + completion: an offline
+    stand-in for the paper's sentiment classifier (`pip install vaderSentiment`).
+
+    Use it as `--reward-fn directpo.rlhf.rewards:vader_sentiment`.
+    """
+    return _vader().polarity_scores(_text(prompt) + completion)["compound"]
+
+
+def _text(prompt) -> str:
+    return prompt if isinstance(prompt, str) else "".join(m.get("content", "") for m in prompt)
+
+
+_VADER = None
+
+
+def _vader():
+    global _VADER
+    if _VADER is None:
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError:
+            raise ImportError("the VADER reward needs the vaderSentiment package: pip install vaderSentiment "
+                              "(or pip install 'directpo[experiments]')") from None
+        _VADER = SentimentIntensityAnalyzer()
+    return _VADER
+
+
+class ClassifierReward:
+    """P(positive | prompt + completion) from any Hugging Face sequence classifier (the paper used
+    `siebert/sentiment-roberta-large-english`). The positive class is the label named like
+    'positive' (case-insensitive) in the model's `id2label`, or `positive_label` if given."""
+
+    batched = True
+
+    def __init__(self, name_or_dir: str, device: str | None = None, batch_size: int = 32,
+                 positive_label: str | int | None = None, max_length: int = 512):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from ..models import pick_device, quiet_transformers
+
+        quiet_transformers()
+        self.device = pick_device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_dir, use_safetensors=True)
+        self.model.to(self.device).eval()
+        if self.tokenizer.pad_token is None:  # decoder-only classifiers often have none
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        labels = {int(k): str(v) for k, v in self.model.config.id2label.items()}
+        if isinstance(positive_label, int):
+            self.positive = positive_label
+        else:
+            want = (positive_label or "positive").lower()
+            hits = [i for i, name in labels.items() if name.lower() == want]
+            if len(hits) != 1:
+                raise ValueError(f"{name_or_dir}: no class named {want!r} among its labels {labels}; pass "
+                                 "positive_label")
+            self.positive = hits[0]
+        self.batch_size, self.max_length, self._torch = batch_size, max_length, torch
+
+    def __call__(self, prompts, completions) -> list[float]:
+        torch = self._torch
+        texts = [_text(p) + c for p, c in zip(prompts, completions)]
+        out: list[float] = []
+        with torch.no_grad():
+            for s in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(texts[s:s + self.batch_size], padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt").to(self.device)
+                probs = self.model(**enc).logits.float().softmax(-1)[:, self.positive]
+                out += probs.tolist()
+        return out

@@ -1,0 +1,95 @@
+"""`directpo experiment sentiment --preset smoke`: every stage on a tiny model, resumable, with its report."""
+import json
+import random
+
+import pytest
+
+from directpo.data.formats import DataError
+from directpo.eval.bon import bon_kl
+from directpo.experiments import sentiment
+from directpo.experiments.sentiment import read_corpus
+from directpo.toy import NEGATIVE, POSITIVE
+
+pytest.importorskip("vaderSentiment")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NEUTRAL = ["film", "story", "plot", "actors", "director", "movie", "script", "ending", "scenes", "music"]
+
+
+def review_corpus(path, n=1200, seed=0):
+    """Short review-like sentences whose sentiment varies (VADER knows the adjectives)."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        f.write("sentence_index\tsentence\n")  # SST's layout
+        for i in range(n):
+            words = [rng.choice(NEUTRAL + POSITIVE + NEGATIVE) for _ in range(rng.randint(6, 12))]
+            f.write(f"{i + 1}\tThe {' '.join(words)} -LRB- really -RRB- .\n")
+    return path
+
+
+def test_read_corpus_formats_and_errors(tmp_path):
+    texts = read_corpus(str(review_corpus(tmp_path / "c.txt", n=5)))
+    assert len(texts) == 5 and texts[0].startswith("The ") and "(really)." in texts[0] and "-LRB-" not in texts[0]
+    (tmp_path / "c.jsonl").write_text('{"text": "a fine film"}\n{"review": "no text field"}\n')
+    with pytest.raises(DataError) as e:
+        read_corpus(str(tmp_path / "c.jsonl"))
+    assert "c.jsonl" in str(e.value) and "row 1" in str(e.value) and "text" in str(e.value)
+
+
+def test_smoke_study_end_to_end_and_resumes(tmp_path, monkeypatch):
+    corpus = review_corpus(tmp_path / "reviews.txt")
+    out = tmp_path / "study"
+    argv = ["experiment", "sentiment", "--preset", "smoke", "--output-dir", str(out), "--corpus", str(corpus),
+            "--no-progress", "--threads", "1"]
+    from directpo.cli import main
+
+    # 1. the study is killed in its third method run
+    real, calls = sentiment.run_method, []
+
+    def dies(cfg, out_, sft, run, scorer):
+        calls.append(run.name)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(cfg, out_, sft, run, scorer)
+
+    monkeypatch.setattr(sentiment, "run_method", dies)
+    with pytest.raises(RuntimeError):
+        main(argv)
+    first = out / "runs" / calls[0] / "model.safetensors"
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "sft" / "model.safetensors", first, out / "rm" /
+                                                 "model.safetensors")}
+    # 2. run again: it continues, redoing none of the finished stages
+    monkeypatch.setattr(sentiment, "run_method", real)
+    assert main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    points = json.loads((out / "points.json").read_text())
+    assert {p["method"] for p in points} == {"dpo", "ppo", "ppo_gt", "unlikelihood", "preferred_ft", "best_of_n",
+                                             "sft"}
+    for p in points:
+        assert set(p) == {"method", "knob", "step", "kl", "kl_se", "reward", "reward_se", "length"}
+        assert -1.0 <= p["reward"] <= 1.0 and p["length"] > 0
+    sft_pt = next(p for p in points if p["method"] == "sft")
+    assert sft_pt["kl"] == 0.0  # πSFT against itself: every log-ratio is exactly 0
+    assert {p["knob"]: p["kl"] for p in points if p["method"] == "best_of_n"} == {2: bon_kl(2), 4: bon_kl(4)}
+    dpo = sorted((p["knob"], p["step"]) for p in points if p["method"] == "dpo")
+    assert dpo == [(0.1, 2), (0.1, 4), (1.0, 2), (1.0, 4)]  # two checkpoints per run (eval_points 2)
+    assert sorted(p["step"] for p in points if p["method"] == "ppo") == [1, 2]  # a PPO snapshot and the end
+    # a mid-run checkpoint is a different policy from the final one
+    d2, d4 = (next(p for p in points if p["method"] == "dpo" and p["knob"] == 0.1 and p["step"] == s) for s in (2, 4))
+    assert d2["kl"] != d4["kl"]
+
+    prompts = {split: [json.loads(x)["prompt"] for x in open(out / "prompts" / f"{split}.jsonl")]
+               for split in ("train", "eval")}
+    assert not set(prompts["train"]) & set(prompts["eval"])  # disjoint
+    from directpo.models import load_tokenizer
+
+    tok = load_tokenizer(str(out / "sft"))
+    assert all(1 <= len(tok(p, add_special_tokens=False)["input_ids"]) <= 9 for p in prompts["eval"])
+    pairs = [json.loads(x) for x in open(out / "pairs" / "train.jsonl")]
+    assert pairs and all(p["chosen_reward"] - p["rejected_reward"] >= 0.05 for p in pairs)
+    assert (out / "frontier.png").stat().st_size > 10_000
+    md = (out / "summary.md").read_text()
+    for name in ("PPO (learned RM)", "PPO-GT", "Unlikelihood", "Preferred-FT", "Best-of-N"):
+        assert name in md
+    assert "perplexity" in md
