@@ -95,3 +95,23 @@ def test_draw_samples_counts(tiny_model, tiny_tokenizer):
     assert all(1 <= len(c) <= 3 for c in s.completion_ids)
     with pytest.raises(ValueError, match="n must be"):
         draw_samples(load_model(str(tiny_model)), tiny_tokenizer, items, n=0)
+
+
+def test_next_token_samples_the_softmax():
+    from directpo.eval.sampling import next_token
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12) * 2
+    g = torch.Generator().manual_seed(1)
+    draws = torch.cat([next_token(logits.expand(4000, -1), 0.7, 1.0, g) for _ in range(10)])
+    freq = torch.bincount(draws, minlength=12).double() / draws.numel()
+    p = torch.softmax(logits[0].double() / 0.7, -1)
+    assert (freq - p).abs().max() < 4 * (p * (1 - p) / draws.numel()).sqrt().max()  # within 4 s.e.
+    assert torch.equal(next_token(logits, 0.0, 1.0, g), logits.argmax(-1))  # greedy
+    # top-p: only the most likely tokens whose mass reaches top_p (here the top 2), renormalised
+    sorted_p = p.sort(descending=True).values
+    top_p = float(sorted_p[:2].sum()) - 1e-6
+    nucleus = torch.cat([next_token(logits.expand(4000, -1), 0.7, top_p, g) for _ in range(5)])
+    assert set(nucleus.tolist()) == set(p.argsort(descending=True)[:2].tolist())
+    share = (nucleus == p.argmax()).double().mean()
+    assert abs(share - sorted_p[0] / sorted_p[:2].sum()) < 0.03

@@ -7,13 +7,14 @@ the reference completion for win rates.
 
 Prompts are tokenized exactly as in training (`directpo.data.tokenize`: `tokenizer(prompt)` with
 special tokens; chat templates with the generation prompt), left-padded, and sampled with
-`model.generate`. Every filter we do not ask for is switched off explicitly (the library default
-top-k of 50, a checkpoint's repetition penalty, ...): at temperature 1 and top-p 1, samples come
-from π itself, which the KL estimator of `directpo eval` relies on. Completion ids keep the EOS the
+our own loop with a KV cache (`sample_batch`): plain ancestral sampling from softmax(logits / T),
+optionally nucleus-filtered, and nothing else (no default top-k, no repetition penalty, whatever
+a checkpoint's generation config says): at temperature 1 and top-p 1, samples come from π itself,
+which the KL estimator of `directpo eval` relies on. Completion ids keep the EOS the
 model generated (it is part of y); texts are decoded without it.
 
-Reproducibility: batch b is sampled under the seed `seed + b` (in a forked RNG, the caller's RNG
-state is untouched), so the same settings give the same samples.
+Reproducibility: batch b is sampled from its own generator seeded `seed + b` (the global RNG is
+untouched), so the same settings give the same samples.
 """
 from __future__ import annotations
 
@@ -111,23 +112,78 @@ def encode_prompt(prompt: str | list, tokenizer, max_prompt_length: int | None =
     return ids
 
 
-def generation_config(max_new_tokens: int, temperature: float, top_p: float, tokenizer):
-    """Plain ancestral sampling (or greedy at temperature 0): no filter we did not ask for."""
-    from transformers import GenerationConfig
-
+def check_sampling_args(max_new_tokens: int, temperature: float, top_p: float) -> None:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be ≥ 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    sample = temperature > 0
-    kw = dict(temperature=temperature, top_p=top_p, top_k=0, typical_p=1.0, min_p=0.0, epsilon_cutoff=0.0,
-              eta_cutoff=0.0) if sample else {}
-    return GenerationConfig(do_sample=sample, max_new_tokens=max_new_tokens, min_new_tokens=0,
-                            repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                            bos_token_id=tokenizer.bos_token_id, **kw)
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
+    """One token per row from softmax(logits / T), optionally nucleus-filtered; argmax at T = 0.
+
+    Inverse-CDF sampling: one uniform u per row, the first token whose cumulative probability
+    exceeds u·total (float64 sums). It draws B random numbers instead of B × vocabulary, and is
+    exact: token i is picked with probability p_i."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    if top_p < 1.0:  # keep the smallest set of most likely tokens whose mass reaches top_p
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # the first token is never dropped
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64) * cdf[:, -1:]
+    tok = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    return tok.clamp(max=probs.shape[-1] - 1)  # u·total == total (rounding): the last token
+
+
+def _cache_kw(model) -> str:
+    """The name of the KV-cache argument: `cache` in recent transformers, `past_key_values` before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _forward(model, **kw):
+    try:
+        return model(**kw, logits_to_keep=1)  # only the last position's logits are needed
+    except TypeError:  # models without logits_to_keep
+        return model(**kw)
+
+
+@torch.no_grad()
+def sample_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 temperature: float, top_p: float, eos_id: int | None, pad_id: int,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Ancestral sampling with a KV cache from left-padded prompts: (B, ≤ max_new_tokens) new ids,
+    `pad_id` after a row's EOS. Position ids count real tokens only, as in training."""
+    from transformers import DynamicCache
+
+    B = input_ids.shape[0]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    cache, cache_kw = DynamicCache(), _cache_kw(model)
+    out = _forward(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=True, **{cache_kw: cache})
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    pos = position_ids[:, -1:]
+    new = []
+    for _ in range(max_new_tokens):
+        tok = next_token(out.logits[:, -1], temperature, top_p, generator)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        new.append(tok)
+        if eos_id is not None:
+            done |= tok == eos_id
+        if bool(done.all()) or len(new) == max_new_tokens:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        pos = pos + 1
+        out = _forward(model, input_ids=tok[:, None], attention_mask=attention_mask, position_ids=pos,
+                       use_cache=True, **{cache_kw: cache})
+    return torch.stack(new, dim=1)
 
 
 @torch.no_grad()
@@ -138,7 +194,7 @@ def generate_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_
 
     Returns completion ids, cut after the first EOS (which is kept).
     """
-    gc = generation_config(max_new_tokens, temperature, top_p, tokenizer)
+    check_sampling_args(max_new_tokens, temperature, top_p)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -157,11 +213,10 @@ def generate_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_
         for i, p in enumerate(chunk):  # left padding: every row's last prompt token at P - 1
             input_ids[i, P - len(p):] = torch.tensor(p)
             mask[i, P - len(p):] = 1
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed + b)
-            seqs = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                  generation_config=gc)
-        for row in seqs[:, P:].tolist():
+        gen = torch.Generator(device=device).manual_seed(seed + b)  # batch b: seed + b, whatever came before
+        seqs = sample_batch(model, input_ids.to(device), mask.to(device), max_new_tokens, temperature, top_p, eos,
+                            pad, gen)
+        for row in seqs.tolist():
             if eos is not None and eos in row:
                 row = row[:row.index(eos) + 1]
             out.append(row)

@@ -112,7 +112,7 @@ class SentimentConfig:
     bon_ns: str = _f("2,4,8,16", "Best-of-N: N values (samples of πSFT, picked by the learned RM)")
     eval_points: int = _f(3, "checkpoints evaluated per run (evenly spaced, the last included)")
     eval_samples: int = _f(4, "samples per eval prompt")
-    eval_batch: int = _f(64, "sequences generated/scored at once")
+    eval_batch: int = _f(256, "sequences generated/scored at once")
     seed: int = _f(0, "seed of every stage")
     precision: str = _f("fp32", "bf16: autocast matmuls (fast on GPUs and AMX CPUs only)", choices=["fp32", "bf16"])
     device: str | None = _f(None, "cpu or cuda (default: cuda when available)")
@@ -322,7 +322,11 @@ def stage_prompts(cfg: SentimentConfig, out: Path, sft: str) -> dict:
             k = rng.randint(cfg.prompt_min_tokens, cfg.prompt_max_tokens)
             if len(ids) < k + 3:
                 continue  # too short to leave a continuation worth judging
-            p = tok.decode(ids[:k]).rstrip()
+            # k tokens, then the rest of the word the last one is part of: no prompt ends mid-word
+            text, p = r["completion"], tok.decode(ids[:k])
+            if text.startswith(p):
+                p += re.match(r"\S*", text[len(p):]).group(0)
+            p = p.rstrip()
             if p and p not in exclude and p not in got:
                 got.append(p)
             if len(got) == n:
