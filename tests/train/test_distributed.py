@@ -1,6 +1,7 @@
 """Data-parallel training with torchrun (gloo, 2 CPU processes) equals single-process training."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from directpo.toy import review_task, write_jsonl
+from directpo.train.checkpoint import list_checkpoints
 from directpo.train.distributed import Dist
 
 
@@ -48,3 +50,68 @@ def test_two_process_run_matches_single_process(tiny_model, tmp_path, mode):
     wa, wb = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
+def _train(argv: list[str], **env_extra) -> tuple[int, str]:
+    """`directpo train ...` in a fresh process; returns (exit code, end of stderr)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env_extra)
+    env.pop("WORLD_SIZE", None)
+    p = subprocess.Popen([sys.executable, "-m", "directpo", "train", *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        err = p.communicate(timeout=300)[1]
+    except subprocess.TimeoutExpired:  # a hang: take torchrun and its workers down with the launcher
+        os.killpg(p.pid, signal.SIGKILL)
+        raise
+    return p.returncode, err[-3000:]
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_fsdp_checkpoints_resume_exactly_and_are_ordinary(tiny_model, tmp_path, lora):
+    """An FSDP run killed (SIGKILL) mid-write of a checkpoint and resumed ends bit-identical to an
+    uninterrupted one; FSDP checkpoints hold whole weights (or adapters) and resume in a single
+    process, and a single process's checkpoints resume under FSDP."""
+    rows, _ = review_task(n_train=40, n_eval=8, seed=21)
+    data = write_jsonl(rows, tmp_path / "d.jsonl")
+    common = ["--model", str(tiny_model), "--data", str(data), "--lr", "1e-3", "--optimizer", "adamw",
+              "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "6", "--warmup-steps", "2",
+              "--max-length", "64", "--save-every", "2", "--no-progress", "--threads", "1",
+              *(["--lora-r", "4", "--lr", "1e-2"] if lora else [])]
+    fsdp = ["--nproc", "2", "--fsdp"]
+
+    def run(out, *extra, **env_extra):
+        return _train([*common, "--output-dir", str(tmp_path / out), *extra], **env_extra)
+
+    def weights(out):
+        return load_file(str(tmp_path / out / ("adapter_model.safetensors" if lora else "model.safetensors")))
+
+    for out, extra in [("fsdp", fsdp), ("one", [])]:
+        rc, err = run(out, *extra)
+        assert rc == 0, err
+    rc, _ = run("killed", *fsdp, DIRECTPO_TEST_KILL_DURING_SAVE="4")  # rank 0 dies writing step 4
+    assert rc != 0
+    assert [p.name for p in list_checkpoints(tmp_path / "killed")] == ["step-00000002"]
+    rc, err = run("killed", *fsdp, "--resume")
+    assert rc == 0, err
+    assert "resumed from" in err and "step 2" in err
+    assert _max_diff(weights("fsdp"), weights("killed")) == 0.0
+
+    # An FSDP checkpoint is an ordinary one: the same tensors as a single-process checkpoint.
+    ck_fsdp, ck_one = (tmp_path / r / "checkpoints" / "step-00000002" for r in ("fsdp", "one"))
+    wf, wo = load_file(str(ck_fsdp / "model.safetensors")), load_file(str(ck_one / "model.safetensors"))
+    assert _max_diff(wf, wo) < 1e-5
+    of, oo = (torch.load(c / "optimizer.pt", weights_only=True)["optimizer"] for c in (ck_fsdp, ck_one))
+    assert of["param_groups"] == oo["param_groups"]
+    assert of["state"].keys() == oo["state"].keys()
+    for i in oo["state"]:
+        assert _max_diff(of["state"][i], oo["state"][i]) < 1e-5, i
+    # ... so each resumes in the other mode, ending where that mode's uninterrupted run ended.
+    for out, extra, ck, same_as in [("fsdp-to-one", [], ck_fsdp, "one"), ("one-to-fsdp", fsdp, ck_one, "fsdp")]:
+        rc, err = run(out, *extra, "--resume", str(ck))
+        assert rc == 0, err
+        assert _max_diff(weights(same_as), weights(out)) < 1e-5

@@ -53,14 +53,21 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Parameters that train (all of them, or the LoRA adapters), contiguous and on the CPU."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    names = trainable_names(model)
     return {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if n in names}
 
 
 def save_checkpoint(output_dir: str | Path, step: int, epoch: int, model, optimizer, scheduler, config: dict,
-                    keep_last: int = 0, _crash_hook=None) -> Path:
+                    keep_last: int = 0, state: tuple[dict, dict] | None = None, _crash_hook=None) -> Path:
+    """`state`: (weights, optimizer state) already gathered from a sharded model (`Dist.gather_state`);
+    else they are taken from `model` and `optimizer`."""
+    weights, optim_state = state or (trainable_state(model), optimizer.state_dict())
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
@@ -69,10 +76,10 @@ def save_checkpoint(output_dir: str | Path, step: int, epoch: int, model, optimi
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        save_file(trainable_state(model), str(tmp / "model.safetensors"))
+        save_file(weights, str(tmp / "model.safetensors"))
         if _crash_hook is not None:
             _crash_hook(tmp)  # tests: die here, mid-write
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -98,19 +105,27 @@ def save_checkpoint(output_dir: str | Path, step: int, epoch: int, model, optimi
     return final
 
 
-def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from a checkpoint; return its state.json."""
+def load_checkpoint(path: str | Path, model, optimizer, scheduler, shards=None) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from a checkpoint; return its state.json.
+    `shards`: the `Dist` of a sharded (FSDP) model; then every rank calls this, rank 0 alone reads
+    the weights and optimizer state, and `Dist.load_state` hands each rank its shard."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
-    weights = load_file(str(path / "model.safetensors"))
-    missing = set(trainable_state(model)) - set(weights)
-    if missing:
-        raise ValueError(f"{path}: checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}): "
-                         "it was made for another model")
-    model.load_state_dict(weights, strict=False)
-    opt = torch.load(path / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
+    weights = opt = None
+    if shards is None or shards.main:
+        weights = load_file(str(path / "model.safetensors"))
+        missing = trainable_names(model) - set(weights)
+        if missing:
+            raise ValueError(f"{path}: checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}): "
+                             "it was made for another model")
+        opt = torch.load(path / "optimizer.pt", weights_only=True)["optimizer"]
+    if shards is None:
+        model.load_state_dict(weights, strict=False)
+        optimizer.load_state_dict(opt)
+    else:
+        shards.load_state(model, optimizer, weights, opt)
+    # mmap: the other ranks read just the (small) scheduler state, not the optimizer's tensors
+    scheduler.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, mmap=True)["scheduler"])
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():

@@ -6,7 +6,9 @@ batch is sorted by length first, so ranks get similar work). Gradients are summe
 before the optimizer step, and every rank scales its loss by 1/global batch, so the update is
 exactly the single-process one at the same global batch (DDP semantics). Metrics are summed over
 ranks; only rank 0 writes files. gloo on CPU, NCCL on GPU. With `--fsdp`, FSDP2 (`fully_shard`)
-shards the transformer blocks over the ranks for models that do not fit one device.
+shards the transformer blocks over the ranks for models that do not fit one device; checkpoints
+gather the whole weights and optimizer state onto rank 0 (an ordinary checkpoint) and resuming
+broadcasts them back from rank 0, each rank keeping its shard.
 
 We all-reduce gradients ourselves rather than wrapping the model in DistributedDataParallel:
 directpo's log-prob path calls the backbone and LM head directly (to skip full-vocabulary logits),
@@ -84,11 +86,12 @@ class Dist:
         if getattr(model.config, "tie_word_embeddings", False):
             raise ValueError("FSDP with tied input/output embeddings is not supported: the LM head would be "
                              "sharded with the embedding; use data parallelism (drop --fsdp)")
-        blocks = set(getattr(model, "_no_split_modules", None) or [])
-        for m in model.modules():
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the adapted model
+        blocks = set(getattr(inner, "_no_split_modules", None) or [])
+        for m in inner.modules():
             if type(m).__name__ in blocks:
-                fully_shard(m)
-        fully_shard(model.base_model)
+                fully_shard(m)  # with LoRA, a block's adapters are sharded with its frozen weights
+        fully_shard(inner.base_model)
         for m in model.modules():
             if isinstance(m, FSDPModule):
                 m.set_gradient_divide_factor(1.0)
@@ -124,6 +127,40 @@ class Dist:
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return sd if self.main else None
 
+    def gather_state(self, model, optimizer) -> tuple[dict, dict] | None:
+        """A sharded model's trainable weights and optimizer state, whole, on rank 0 (None elsewhere;
+        every rank must call: it gathers). The optimizer state is re-keyed from parameter names to
+        indices, the layout of `optimizer.state_dict()`, so an FSDP checkpoint is an ordinary one."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        if not self.main:
+            return None
+        index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
+        weights = {n: t.contiguous() for n, t in weights.items() if n in index}  # parameters, not buffers
+        optim = {"state": {index[n]: s for n, s in optim["state"].items()},
+                 "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in optim["param_groups"]]}
+        return weights, optim
+
+    def load_state(self, model, optimizer, weights: dict | None, optim: dict | None) -> None:
+        """Inverse of `gather_state`: rank 0 passes a checkpoint's whole weights and optimizer state
+        (others None); it broadcasts them and each rank keeps its shard, so only rank 0 ever holds
+        the whole state. Every rank must call."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        if self.main:
+            names = _param_names(model, optimizer)
+            optim = {"state": {names[i]: s for i, s in optim["state"].items()},
+                     "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optim["param_groups"]]}
+        # strict=False: a checkpoint holds trainable parameters only (the caller checked they are all
+        # there). Two calls, not `set_state_dict`: given an empty model state (ranks > 0) that one
+        # skips the model, and rank 0 would wait for them forever.
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        set_optimizer_state_dict(model, optimizer, optim or {}, options=options)
+        set_model_state_dict(model, weights or {}, options=options)
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
@@ -134,6 +171,12 @@ class Dist:
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _param_names(model, optimizer) -> list[str]:
+    """The optimizer's parameters by name, in the order `optimizer.state_dict()` numbers them."""
+    name = {id(p): n for n, p in model.named_parameters()}
+    return [name[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
 def init_from_env() -> Dist:

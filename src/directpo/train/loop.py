@@ -176,8 +176,9 @@ class NonFiniteError(RuntimeError):
 
 
 # Settings that may change between a run and its resumption (they do not change the trajectory).
-RESUMABLE_CHANGES = {"nproc", "resume", "overwrite", "progress", "log_every", "max_steps", "epochs", "save_every", "keep_last",
-                     "eval_every", "eval_data", "threads", "device", "ref_cache", "skip_nonfinite", "output_dir"}
+RESUMABLE_CHANGES = {"nproc", "fsdp", "resume", "overwrite", "progress", "log_every", "max_steps", "epochs",
+                     "save_every", "keep_last", "eval_every", "eval_data", "threads", "device", "ref_cache",
+                     "skip_nonfinite", "output_dir"}
 
 
 def check_output_dir(out: Path, overwrite: bool, resume: str | None) -> None:
@@ -302,9 +303,8 @@ def train(cfg: TrainConfig) -> dict:
 
     sharded = cfg.fsdp and d.enabled
     if sharded:  # after the reference tables: they were computed from the whole starting model
-        if cfg.save_every or cfg.resume or cfg.lora_r:
-            raise ValueError("--fsdp does not yet combine with --save-every/--resume/--lora-r; use data "
-                             "parallelism (without --fsdp) for those")
+        if cfg.merge:  # merging adapters into sharded weights would need the whole model on one rank
+            raise ValueError("--fsdp does not combine with --merge: save the adapters, merge them afterwards")
         if ref_model is not None:
             raise ValueError("--fsdp needs precomputed reference log-probs (drop --no-precompute-ref)")
         policy = d.shard_model(policy)
@@ -327,7 +327,7 @@ def train(cfg: TrainConfig) -> dict:
     # set up from the *initial* model, as it must be); the data order is a function of the step.
     start_step, ckpt = 0, resume_point(cfg, out)
     if ckpt is not None:
-        start_step = load_checkpoint(ckpt, policy, optimizer, scheduler)["step"]
+        start_step = load_checkpoint(ckpt, policy, optimizer, scheduler, shards=d if sharded else None)["step"]
         log(f"resumed from {ckpt} at step {start_step}")
     batches = batch_order(len(train_set), cfg.batch_size, cfg.seed)
     for _ in range(start_step):
@@ -420,9 +420,10 @@ def train(cfg: TrainConfig) -> dict:
                                                 or step == total_steps):
             last_eval = run_eval(step)
         if cfg.save_every and step % cfg.save_every == 0:
+            state = d.gather_state(policy, optimizer) if sharded else None  # every rank takes part
             if d.main:
                 save_checkpoint(out, step, epoch, policy, optimizer, scheduler, run_config, cfg.keep_last,
-                                _crash_hook=crash_hook(step))
+                                state=state, _crash_hook=crash_hook(step))
             d.barrier()
     if bar is not None:
         bar.close()
