@@ -10,10 +10,10 @@ library's own commands/APIs and each resumable (a killed study continues where i
   3 prompts     2–8-token prefixes of held-out reviews: train prompts, disjoint eval prompts
   4 pairs       N samples per train prompt from πSFT, labelled by the scorer (best vs worst)
   5 rm          a Bradley–Terry reward model on the pairs (`directpo rm`)
-  6 runs        DPO over β; Unlikelihood; Preferred-FT (`train`); PPO with the RM and PPO-GT with the
-                scorer over KL coefficients (`ppo`); each saves several checkpoints
-  7 eval        every checkpoint on the eval prompts (`directpo eval`: ground-truth reward, KL from
-                samples of π, length); Best-of-N of πSFT picked by the RM (KL = log N − (N−1)/N)
+  6 baselines   πSFT itself, and Best-of-N of πSFT picked by the RM (KL = log N − (N−1)/N)
+  7 runs        DPO over β; Unlikelihood; Preferred-FT (`train`); PPO with the RM and PPO-GT with the
+                scorer over KL coefficients (`ppo`); each saves several checkpoints, each evaluated on
+                the eval prompts (`directpo eval`: ground-truth reward, KL from samples of π, length)
   8 report      points.json / points.csv, frontier.png, summary.md (frontier areas with error bars)
 
 Presets: `smoke` (every stage on a tiny model, CI), `cpu-small` (≤ 60 min on 2 CPU cores),
@@ -602,13 +602,13 @@ def run_sentiment(cfg: SentimentConfig) -> dict:
     info["prompts"] = stage(3, "prompts", stage_prompts, cfg, out, sft)
     info["pairs"] = stage(4, "preference pairs", stage_pairs, cfg, out, sft, scorer)
     info["rm"] = stage(5, "reward model", stage_rm, cfg, out, sft)
-    for k, run in enumerate(runs, 1):
-        stage(6, f"run {k}/{len(runs)} {run.name}", run_method, cfg, out, sft, run, scorer)
     (out / "evals").mkdir(exist_ok=True)
-    points = stage(7, "evaluate πSFT", lambda: [eval_point(cfg, out, sft, scorer, "sft", None, 0, sft)])
+    points = stage(6, "evaluate πSFT", lambda: [eval_point(cfg, out, sft, scorer, "sft", None, 0, sft)])
+    points += stage(6, "Best-of-N", eval_best_of_n, cfg, out, sft, scorer)
+    # Each run is evaluated as soon as it is trained: its points are on disk before the next starts.
     for k, run in enumerate(runs, 1):
-        points += stage(7, f"evaluate {k}/{len(runs)} {run.name}", eval_run, cfg, out, sft, run, scorer)
-    points += stage(7, "evaluate Best-of-N", eval_best_of_n, cfg, out, sft, scorer)
+        stage(7, f"run {k}/{len(runs)} {run.name}: train", run_method, cfg, out, sft, run, scorer)
+        points += stage(7, f"run {k}/{len(runs)} {run.name}: evaluate", eval_run, cfg, out, sft, run, scorer)
 
     log(f"stage 8/{n_stages}: report")
     comparisons = summarize(points)
