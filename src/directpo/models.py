@@ -32,9 +32,17 @@ def load_tokenizer(name_or_dir: str, trust_remote_code: bool = False):
 
 
 def load_model(name_or_dir: str, device: torch.device | str = "cpu", trust_remote_code: bool = False,
-               dtype: torch.dtype = torch.float32):
-    """A causal LM in `dtype` (fp32 master weights by default), on `device`."""
-    from transformers import AutoModelForCausalLM
+               dtype: torch.dtype = torch.float32, empty: bool = False):
+    """A causal LM in `dtype` (fp32 master weights by default), on `device`.
+
+    empty=True: the same architecture on the `meta` device, weights not read and no storage
+    allocated (FSDP ranks > 0: rank 0 broadcasts the weights into their shards)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if empty:
+        config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
 
     # safetensors only: a pickled checkpoint (pytorch_model.bin) can run arbitrary code when loaded.
     try:

@@ -1,6 +1,7 @@
 """Data-parallel training with torchrun (gloo, 2 CPU processes) equals single-process training."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def test_two_process_run_matches_single_process(tiny_model, tmp_path, mode):
               "--max-length", "64", "--no-progress", "--threads", "1"]
     if mode == "ddp-live-ref":
         common.append("--no-precompute-ref")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", DIRECTPO_DEBUG_FSDP_INIT="1")
     env.pop("WORLD_SIZE", None)
     single = subprocess.run([sys.executable, "-m", "directpo", "train", *common, "--output-dir", str(tmp_path / "one")],
                             capture_output=True, text=True, env=env, timeout=300)
@@ -50,6 +51,13 @@ def test_two_process_run_matches_single_process(tiny_model, tmp_path, mode):
     wa, wb = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    if mode == "fsdp":  # rank 0 alone read the weights; rank 1 only ever held its shards (and the LM head)
+        total = sum(t.numel() for t in wa.values())
+        held = {int(r): (int(a), int(b)) for r, a, b in re.findall(
+            r"rank (\d): (\d+) parameter elements loaded before sharding, (\d+) held after", multi.stderr)}
+        assert held[0][0] == total and held[1][0] == 0
+        head = wa["lm_head.weight"].numel()
+        assert held[1][1] == pytest.approx(head + (total - head) / 2, rel=0.01)
 
 
 def _train(argv: list[str], **env_extra) -> tuple[int, str]:

@@ -6,7 +6,8 @@ batch is sorted by length first, so ranks get similar work). Gradients are summe
 before the optimizer step, and every rank scales its loss by 1/global batch, so the update is
 exactly the single-process one at the same global batch (DDP semantics). Metrics are summed over
 ranks; only rank 0 writes files. gloo on CPU, NCCL on GPU. With `--fsdp`, FSDP2 (`fully_shard`)
-shards the transformer blocks over the ranks for models that do not fit one device; checkpoints
+shards the transformer blocks over the ranks for models that do not fit one device (only rank 0
+reads the weights; it broadcasts them into the other ranks' shards); checkpoints
 gather the whole weights and optimizer state onto rank 0 (an ordinary checkpoint) and resuming
 broadcasts them back from rank 0, each rank keeping its shard.
 
@@ -80,12 +81,21 @@ class Dist:
         ranks. The LM head stays whole on every rank, because directpo's log-prob path multiplies by
         its weight directly; its gradient is summed like DDP's (`all_reduce_grads` skips sharded
         parameters). Gradients are summed, not averaged (divide factor 1): every rank already
-        scales its loss by 1/global batch."""
+        scales its loss by 1/global batch.
+
+        Only rank 0 holds the weights; ranks > 0 pass the model built on the meta device
+        (`load_model(empty=True)`). After sharding, each rank gets storage for its shard alone and
+        rank 0 broadcasts its weights into every rank's shard, so no rank > 0 holds a whole copy."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
         if getattr(model.config, "tie_word_embeddings", False):
             raise ValueError("FSDP with tied input/output embeddings is not supported: the LM head would be "
                              "sharded with the embedding; use data parallelism (drop --fsdp)")
+        loaded = sum(p.numel() for p in model.parameters() if not p.is_meta)  # for the debug line below
+        # Rank 0's whole weights, taken before sharding (the same storage as its parameters, no copy;
+        # freed when this returns). Ranks > 0 pass {}: with broadcast_from_rank0 they still take part.
+        full = model.state_dict() if self.main else {}
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the adapted model
         blocks = set(getattr(inner, "_no_split_modules", None) or [])
         for m in inner.modules():
@@ -96,6 +106,20 @@ class Dist:
             if isinstance(m, FSDPModule):
                 m.set_gradient_divide_factor(1.0)
                 m.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+        if not self.main:
+            model.to_empty(device=self._device())  # storage for this rank's shards only, uninitialised
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        # Non-persistent buffers (rotary inv_freq, ...) are not in the state dict, and `to_empty` left
+        # them as garbage: take rank 0's (buffers are not sharded, and small).
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+        if os.environ.get("DIRECTPO_DEBUG_FSDP_INIT"):  # tests: what each rank held before sharding
+            local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+            import resource
+
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux: KiB
+            print(f"[directpo] rank {self.rank}: {loaded} parameter elements loaded before sharding, "
+                  f"{local} held after; peak RSS {rss} MiB", file=sys.stderr, flush=True)
         return model
 
     def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:

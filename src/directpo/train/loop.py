@@ -259,7 +259,17 @@ def train(cfg: TrainConfig) -> dict:
 
     spec = get_loss(cfg.loss)
     loss_params = LossParams(cfg.beta, cfg.label_smoothing, cfg.unlikelihood_weight)
-    policy = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code)
+    sharded = cfg.fsdp and d.enabled
+    if sharded:  # checked before loading anything
+        if cfg.merge:  # merging adapters into sharded weights would need the whole model on one rank
+            raise ValueError("--fsdp does not combine with --merge: save the adapters, merge them afterwards")
+        if spec.needs_reference and not cfg.precompute_ref:
+            raise ValueError("--fsdp needs precomputed reference log-probs (drop --no-precompute-ref)")
+    # FSDP: rank 0 alone reads the weights; the others build the model on the meta device (no
+    # storage) and receive their shards from rank 0 in `shard_model`, so no rank > 0 ever holds a
+    # whole copy. Rank 0 also computes the reference tables below and broadcasts them.
+    empty = sharded and not d.main
+    policy = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code, empty=empty)
     check_vocab(tokenizer, policy, cfg.model)
     if cfg.lora_r:
         policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_dropout)
@@ -270,7 +280,7 @@ def train(cfg: TrainConfig) -> dict:
     if not spec.needs_reference:
         ref_model = None
     elif not same_as_policy:
-        ref_model = freeze(load_model(cfg.ref, device, trust_remote_code=cfg.trust_remote_code))
+        ref_model = freeze(load_model(cfg.ref, device, trust_remote_code=cfg.trust_remote_code, empty=empty))
         check_vocab(tokenizer, ref_model, cfg.ref)
     elif cfg.precompute_ref or cfg.lora_r:
         ref_model = policy  # with LoRA: the same network, adapters disabled (see `adapters_disabled`)
@@ -301,12 +311,7 @@ def train(cfg: TrainConfig) -> dict:
         train_ref = d.broadcast(train_ref, shape=(len(train_set), 0))
         ref_model = None  # the table replaces the model: its memory is free for training
 
-    sharded = cfg.fsdp and d.enabled
-    if sharded:  # after the reference tables: they were computed from the whole starting model
-        if cfg.merge:  # merging adapters into sharded weights would need the whole model on one rank
-            raise ValueError("--fsdp does not combine with --merge: save the adapters, merge them afterwards")
-        if ref_model is not None:
-            raise ValueError("--fsdp needs precomputed reference log-probs (drop --no-precompute-ref)")
+    if sharded:  # after the reference tables: rank 0 computed them from the whole starting model
         policy = d.shard_model(policy)
     optimizer = build_optimizer(policy.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = warmup_schedule(optimizer, cfg.warmup_steps)
