@@ -75,7 +75,7 @@ class SentimentConfig:
     heads: int = _f(4, "from-scratch model: attention heads")
     vocab_size: int = _f(4096, "from-scratch model: BPE vocabulary trained on the corpus")
     pretrain_epochs: float = _f(3.0, "passes over the corpus for πSFT")
-    pretrain_lr: float = _f(2e-3, "πSFT learning rate (AdamW, cosine-free linear warm-up)")
+    pretrain_lr: float = _f(2e-3, "πSFT learning rate (AdamW, linear warm-up)")
     pretrain_batch: int = _f(64, "πSFT batch (texts)")
     max_length: int = _f(64, "max tokens of a text / prompt + completion")
     n_train_prompts: int = _f(1500, "prompts for preference pairs and PPO")
