@@ -182,7 +182,8 @@ def _clean(text: str) -> str:
 
 
 def default_corpus() -> str:
-    for base in (Path.cwd(), *Path.cwd().parents):
+    here = Path(__file__).resolve()
+    for base in dict.fromkeys((Path.cwd(), *Path.cwd().parents, *here.parents)):  # from cwd or this checkout
         p = base / "shared" / "data" / "sst" / "datasetSentences.txt"
         if p.exists():
             return str(p)
