@@ -84,7 +84,7 @@ class SentimentConfig:
     prompt_max_tokens: int = _f(8, "longest prompt prefix (tokens)")
     samples_per_prompt: int = _f(4, "completions sampled from πSFT per train prompt to build pairs")
     max_new_tokens: int = _f(32, "completion length limit (sampling, PPO, evaluation)")
-    pairs: str = _f("best_worst", "pairs per prompt: best vs worst sample, or all pairs above the margin",
+    pairs: str = _f("all", "pairs per prompt: all pairs above the margin, or best vs worst sample only",
                     choices=["best_worst", "all"])
     pair_margin: float = _f(0.05, "minimum reward difference for a pair")
     reward_model: str | None = _f(None, "ground truth: an HF sentiment classifier (P(positive)); default: VADER "
