@@ -633,7 +633,7 @@ def _header(cfg: SentimentConfig, info: dict, seconds: float) -> str:
     lines = [f"# Controlled sentiment generation — preset `{cfg.preset}`", "",
              "The paper's §6.1 / Fig. 2 (left), reproduced by `directpo experiment sentiment`.", "",
              f"- corpus: {info['corpus']['corpus']} ({info['corpus']['texts']} texts)",
-             f"- πSFT: {sft['sft']}" + (f", pretrained here ({sft['steps']} steps), held-out perplexity "
+             f"- πSFT: {_rel(sft['sft'], cfg.output_dir)}" + (f", pretrained here ({sft['steps']} steps), held-out perplexity "
                                       f"{sft['heldout_perplexity']:.1f}" if sft.get("pretrained") else ""),
              f"- ground-truth reward: {gt}",
              f"- prompts: {info['prompts']['train']} train, {info['prompts']['eval']} eval (disjoint), "
@@ -641,12 +641,24 @@ def _header(cfg: SentimentConfig, info: dict, seconds: float) -> str:
              f"- pairs: {info['pairs']['pairs']} ({cfg.pairs}, margin {cfg.pair_margin}) from "
              f"{cfg.samples_per_prompt} samples per prompt; median within-prompt reward spread "
              f"{info['pairs']['median_spread']:.2f}",
-             f"- reward model: held-out pair accuracy {info['rm']['heldout_accuracy']}",
+             f"- reward model: held-out pair accuracy {_fmt(info['rm']['heldout_accuracy'])}",
              f"- evaluation: {cfg.eval_samples} samples × {info['prompts']['eval']} eval prompts per point, "
              f"≤ {cfg.max_new_tokens} new tokens, temperature 1; KL(π‖πSFT) from samples of π; Best-of-N KL is "
              "the analytic log N − (N−1)/N",
              f"- total time: {seconds / 60:.1f} min", "", "![frontier](frontier.png)", ""]
     return "\n".join(lines)
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _rel(path: str, root: str) -> str:
+    """`sft` for OUTPUT/sft: the report does not depend on where the study ran."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return path
 
 
 def sentiment_config(args, build_config) -> SentimentConfig:
