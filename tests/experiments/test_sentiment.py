@@ -93,3 +93,11 @@ def test_smoke_study_end_to_end_and_resumes(tmp_path, monkeypatch):
     for name in ("PPO (learned RM)", "PPO-GT", "Unlikelihood", "Preferred-FT", "Best-of-N"):
         assert name in md
     assert "perplexity" in md
+
+
+def test_too_small_corpus_names_the_file(tmp_path):
+    corpus = review_corpus(tmp_path / "tiny.txt", n=50)
+    cfg = sentiment.SentimentConfig(output_dir=str(tmp_path / "out"), corpus=str(corpus),
+                                    **sentiment.preset_defaults("smoke"))
+    with pytest.raises(ValueError, match=r"tiny\.txt: 50 usable texts, too few"):
+        sentiment.stage_corpus(cfg, tmp_path / "out")

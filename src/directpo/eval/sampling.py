@@ -39,7 +39,8 @@ class PromptItem:
     row: int = 0
 
 
-def _reference_text(value) -> str:
+def message_text(value) -> str:
+    """A text, or the concatenated contents of a list of {role, content} messages."""
     return value if isinstance(value, str) else "".join(m.get("content", "") for m in value)
 
 
@@ -65,7 +66,7 @@ def parse_prompt_row(rec: dict, source: str, row: int) -> PromptItem:
         if not isinstance(reference, str) and not _is_messages(reference):
             raise DataError(source, row, "reference", f"expected a string, got {type(reference).__name__}",
                             kind="type")
-    return PromptItem(prompt, None if reference is None else _reference_text(reference), source, row)
+    return PromptItem(prompt, None if reference is None else message_text(reference), source, row)
 
 
 def load_prompts(spec: str, on_invalid: str = "error", split: str | None = None,
@@ -269,11 +270,14 @@ def draw_samples(model, tokenizer, items: list[PromptItem], n: int = 1, max_new_
 
 
 def write_jsonl(rows, path: str | Path) -> None:
+    """Written to a temporary sibling and renamed: the file is whole or absent, never half-written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
 
 
 def sample(model: str, prompts: str, out: str, n: int = 1, max_new_tokens: int = 128, temperature: float = 1.0,

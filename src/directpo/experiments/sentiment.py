@@ -148,16 +148,14 @@ def log(msg: str) -> None:
     print(f"[directpo] sentiment: {msg}", file=sys.stderr, flush=True)
 
 
-def _write_jsonl_atomic(rows, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.rename(path)
-
-
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in open(path)]
+
+
+def write_jsonl(rows, path: Path) -> None:
+    from ..eval.sampling import write_jsonl as write  # atomic: a killed stage leaves no half file
+
+    write(rows, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,7 +231,7 @@ def stage_corpus(cfg: SentimentConfig, out: Path) -> dict:
     pools = {"eval_pool": texts[:n_ev], "train_pool": texts[n_ev:n_ev + n_tr],
              "lm_heldout": texts[n_ev + n_tr:n_ev + n_tr + n_lm], "pretrain": texts[n_ev + n_tr + n_lm:]}
     for name, rows in pools.items():
-        _write_jsonl_atomic(({"prompt": "", "completion": t} for t in rows), d / f"{name}.jsonl")
+        write_jsonl(({"prompt": "", "completion": t} for t in rows), d / f"{name}.jsonl")
     info = {"corpus": spec, "texts": len(texts), **{k: len(v) for k, v in pools.items()}}
     (d / "done.json").write_text(json.dumps(info))
     return info
@@ -260,7 +258,7 @@ def _train_resumable(cfg_kw: dict) -> dict:
 
 def _common(cfg: SentimentConfig) -> dict:
     return dict(precision=cfg.precision, device=cfg.device, threads=cfg.threads, seed=cfg.seed,
-                progress=cfg.progress, log_every=10 ** 9, max_length=cfg.max_length, ref_cache="off")
+                progress=cfg.progress, log_every=10 ** 9, max_length=cfg.max_length)
 
 
 def stage_sft(cfg: SentimentConfig, out: Path) -> dict:
@@ -338,8 +336,8 @@ def stage_prompts(cfg: SentimentConfig, out: Path, sft: str) -> dict:
 
     train = prefixes("train_pool", cfg.n_train_prompts, set())
     evals = prefixes("eval_pool", cfg.n_eval_prompts, set(train))  # disjoint from the train prompts
-    _write_jsonl_atomic(({"prompt": p} for p in train), d / "train.jsonl")
-    _write_jsonl_atomic(({"prompt": p} for p in evals), d / "eval.jsonl")
+    write_jsonl(({"prompt": p} for p in train), d / "train.jsonl")
+    write_jsonl(({"prompt": p} for p in evals), d / "eval.jsonl")
     info = {"train": len(train), "eval": len(evals), "examples": evals[:5]}
     (d / "done.json").write_text(json.dumps(info))
     return info
@@ -382,8 +380,8 @@ def stage_pairs(cfg: SentimentConfig, out: Path, sft: str, scorer) -> dict:
                          "πSFT's samples apart; lower --pair-margin or sample more per prompt")
     random.Random(cfg.seed + 3).shuffle(rows)
     n_held = max(4, len(rows) // 10)  # held-out pairs: the reward model's accuracy
-    _write_jsonl_atomic(rows[n_held:], d / "train.jsonl")
-    _write_jsonl_atomic(rows[:n_held], d / "heldout.jsonl")
+    write_jsonl(rows[n_held:], d / "train.jsonl")
+    write_jsonl(rows[:n_held], d / "heldout.jsonl")
     info = {"pairs": len(rows) - n_held, "heldout_pairs": n_held, "samples": len(s.texts),
             "median_spread": statistics.median(spreads), "sft_sample_reward": statistics.fmean(rewards),
             "empty_samples": sum(not t.strip() for t in s.texts)}
@@ -405,7 +403,7 @@ def stage_rm(cfg: SentimentConfig, out: Path, sft: str) -> dict:
                                       optimizer="adamw", lr=cfg.rm_lr, batch_size=cfg.batch_size,
                                       micro_batch_size=cfg.batch_size, max_steps=cfg.rm_steps,
                                       warmup_steps=cfg.warmup_steps, overwrite=True,
-                                      **{**_common(cfg), "ref_cache": "auto"}))
+                                      **_common(cfg)))
     evals = [json.loads(x) for x in open(rm / "metrics.jsonl") if '"eval"' in x]
     return {"rm": str(rm), "heldout_accuracy": evals[-1].get("accuracy") if evals else None}
 
@@ -450,7 +448,7 @@ def run_method(cfg: SentimentConfig, out: Path, sft: str, run: Run, scorer) -> N
         _train_resumable(dict(model=sft, data=pairs, output_dir=str(d), optimizer=cfg.optimizer, lr=lr,
                               batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, max_steps=run.steps,
                               warmup_steps=cfg.warmup_steps, save_every=every, **extra,
-                              **{**_common(cfg), "ref_cache": "auto"}))
+                              **_common(cfg)))
         return
     if (d / COMPLETE_MARKER).exists():
         return
@@ -494,11 +492,15 @@ def export_checkpoint(ckpt: Path, base: str, dest: Path) -> Path:
 # ----------------------------------------------------------------------------------------------
 # 7. Evaluation
 
+def _point_path(out: Path, method: str, knob, step: int) -> Path:
+    return out / "evals" / f"{method}_{knob}_{step}.json"
+
+
 def eval_point(cfg: SentimentConfig, out: Path, sft: str, scorer, method: str, knob, step: int,
                model_dir: str) -> dict:
     from ..eval.evaluate import evaluate
 
-    path = out / "evals" / f"{method}_{knob}_{step}.json"
+    path = _point_path(out, method, knob, step)
     if not path.exists():
         r = evaluate(model_dir, str(out / "prompts" / "eval.jsonl"), str(path) + ".tmp", ref=sft, reward=scorer,
                      n=cfg.eval_samples, temperatures=[1.0], max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 4,
@@ -514,8 +516,9 @@ def eval_run(cfg: SentimentConfig, out: Path, sft: str, run: Run, scorer) -> lis
     points = []
     run_dir = out / "runs" / run.name
     for step, where in checkpoints_of(run_dir, run, cfg):
-        if (out / "evals" / f"{run.method}_{run.knob}_{step}.json").exists():
-            points.append(eval_point(cfg, out, sft, scorer, run.method, run.knob, step, ""))
+        done = _point_path(out, run.method, run.knob, step)
+        if done.exists():  # evaluated before the study was stopped: no export needed
+            points.append(json.loads(done.read_text()))
             continue
         tmp = None
         if (where / "model.safetensors").exists() and not (where / "config.json").exists():

@@ -115,11 +115,9 @@ def vader_sentiment(prompt, completion: str) -> float:
 
     Use it as `--reward-fn directpo.rlhf.rewards:vader_sentiment`.
     """
-    return _vader().polarity_scores(_text(prompt) + completion)["compound"]
+    from ..eval.sampling import message_text
 
-
-def _text(prompt) -> str:
-    return prompt if isinstance(prompt, str) else "".join(m.get("content", "") for m in prompt)
+    return _vader().polarity_scores(message_text(prompt) + completion)["compound"]
 
 
 _VADER = None
@@ -172,8 +170,10 @@ class ClassifierReward:
         self.batch_size, self.max_length, self._torch = batch_size, max_length, torch
 
     def __call__(self, prompts, completions) -> list[float]:
+        from ..eval.sampling import message_text
+
         torch = self._torch
-        texts = [_text(p) + c for p, c in zip(prompts, completions)]
+        texts = [message_text(p) + c for p, c in zip(prompts, completions)]
         out: list[float] = []
         with torch.no_grad():
             for s in range(0, len(texts), self.batch_size):
