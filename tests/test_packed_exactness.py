@@ -32,26 +32,30 @@ def _close(a, b, atol=1e-5):
     assert torch.allclose(a[~nan], b[~nan], atol=atol, rtol=1e-6), (a - b).abs().nan_to_num().max()
 
 
+# segmented: attention segment by segment (directpo.attention); False: the dense 4D mask path
+@pytest.mark.parametrize("segmented", [True, False])
 @pytest.mark.parametrize("row_tokens", [None, 64, 4096])
 @pytest.mark.parametrize("trunc", [dict(), dict(max_prompt_length=12, max_length=40)])
-def test_packed_logps_equal_padded(model, tiny_tokenizer, row_tokens, trunc):
+def test_packed_logps_equal_padded(model, tiny_tokenizer, row_tokens, trunc, segmented):
     tok = _examples(tiny_tokenizer, **trunc)
     if trunc:
         assert any(t.prompt_truncated for t in tok) and any(t.responses_truncated for t in tok)
     padded = example_logps(model, collate_padded(tok, tiny_tokenizer.pad_token_id))
-    packed = example_logps(model, collate_packed(tok, tiny_tokenizer.pad_token_id, row_tokens))
-    _close(packed, padded)
+    batch = collate_packed(tok, tiny_tokenizer.pad_token_id, row_tokens)
+    assert (batch.input_ids.shape[0] == 1) == (row_tokens == 4096)
+    _close(example_logps(model, batch, segmented=segmented), padded)
     for i in range(len(tok)):  # a micro-batch of a single example
-        one = example_logps(model, collate_packed([tok[i]], tiny_tokenizer.pad_token_id))
+        one = example_logps(model, collate_packed([tok[i]], tiny_tokenizer.pad_token_id), segmented=segmented)
         _close(one[0, :len(tok[i].response_ids)], padded[i, :len(tok[i].response_ids)])
 
 
-def test_packed_loss_and_gradients_equal_padded(model, tiny_tokenizer):
+@pytest.mark.parametrize("segmented", [True, False])
+def test_packed_loss_and_gradients_equal_padded(model, tiny_tokenizer, segmented):
     tok = [t for t in _examples(tiny_tokenizer) if len(t.response_ids) == 2]
 
     def run(collate):
         model.zero_grad()
-        lp = example_logps(model, collate(tok, tiny_tokenizer.pad_token_id))
+        lp = example_logps(model, collate(tok, tiny_tokenizer.pad_token_id), segmented=segmented)
         ref = lp.detach() + torch.linspace(-1, 1, lp.numel()).view_as(lp)
         loss = dpo_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], beta=0.1).losses
         loss.sum().backward()
@@ -78,7 +82,7 @@ def test_eager_attention_takes_an_additive_mask(tiny_model, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
     eager = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager")
     tok = _examples(tiny_tokenizer)
-    _close(example_logps(eager, collate_packed(tok, tiny_tokenizer.pad_token_id, 4096)),
+    _close(example_logps(eager, collate_packed(tok, tiny_tokenizer.pad_token_id, 4096), segmented=False),
            example_logps(eager, collate_padded(tok, tiny_tokenizer.pad_token_id)))
 
 
@@ -93,7 +97,8 @@ def test_packed_mask_structure(tiny_tokenizer):
     tok = _examples(tiny_tokenizer)[:2]
     b = collate_packed(tok, tiny_tokenizer.pad_token_id, 4096)
     assert b.input_ids.shape[0] == 1  # both examples share one row
-    m = b.attention_mask[0, 0]
+    assert b.attention_mask is None and len(b.segments) == 2
+    m = b.dense_mask()[0, 0]
     ids = b.input_ids[0].tolist()
     P, c = len(tok[0].prompt_ids), len(tok[0].response_ids[0])
     start = next(s for s in range(len(ids)) if ids[s:s + P] == tok[0].prompt_ids)

@@ -19,8 +19,12 @@ and ``label_seq`` (which response sequence the label belongs to).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
+
+from .attention import segment_attention, sliding_window, supports_segment_attention
 
 # Config attributes that make an LM head more than `hidden @ W.T (+ b)`: models carrying any of them
 # take the plain path (the model's own logits), so results stay exact for every architecture.
@@ -121,8 +125,6 @@ def _backbone_and_head(model: nn.Module):
 
 def _attention_mask(model: nn.Module, mask: torch.Tensor) -> torch.Tensor:
     """A boolean 4D mask (True = attend) as the model's attention implementation wants it."""
-    if mask.dim() != 4:
-        return mask
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
     if impl == "sdpa":
         return mask
@@ -133,20 +135,50 @@ def _attention_mask(model: nn.Module, mask: torch.Tensor) -> torch.Tensor:
                      "use the padded layout (--layout padded)")
 
 
-def token_logps(model: nn.Module, batch, fused: bool = True) -> torch.Tensor:
-    """Log-prob of every label token of `batch` (shape (N,), fp32), in `batch.label_pos` order."""
+def packed_row_tokens(row_tokens: int | None, *models: nn.Module | None) -> int | None:
+    """Row capacity for the packed layout: `row_tokens` when set; else the whole micro-batch in one
+    unpadded row when every model that will read the batches attends segment by segment, or rows as
+    long as the longest example when one needs a dense mask (its cost grows with the row squared)."""
+    if row_tokens:
+        return row_tokens
+    return ONE_ROW if all(supports_segment_attention(m) for m in models if m is not None) else None
+
+
+ONE_ROW = 1 << 40
+
+
+def token_logps(model: nn.Module, batch, fused: bool = True, segmented: bool = True) -> torch.Tensor:
+    """Log-prob of every label token of `batch` (shape (N,), fp32), in `batch.label_pos` order.
+
+    A packed batch is attended segment by segment (`directpo.attention`) when the model allows it
+    and `segmented`; otherwise through the dense mask its segments describe.
+    """
     parts = _backbone_and_head(model) if fused else None
-    kwargs = dict(input_ids=batch.input_ids, attention_mask=_attention_mask(model, batch.attention_mask),
-                  use_cache=False)
+    kwargs = dict(input_ids=batch.input_ids, use_cache=False)
     if batch.position_ids is not None:
         kwargs["position_ids"] = batch.position_ids
-    if parts is not None:
-        backbone, head = parts
-        hidden = backbone(**kwargs).last_hidden_state
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.label_pos)
-        return label_logprobs(hidden, head, batch.label_ids)
-    # Plain path: the model's own logits (exact for heads with softcapping or scaling).
-    logits = model(**kwargs).logits
+    attend = contextlib.nullcontext()
+    if batch.segments is None:
+        kwargs["attention_mask"] = batch.attention_mask
+    elif segmented and supports_segment_attention(model):
+        attend = segment_attention(model, batch.segments)
+    else:
+        window = sliding_window(model)
+        longest = max(P + sum(lens) for _, _, P, lens in batch.segments)
+        if window is not None and longest > window:
+            # A prepared 4D mask replaces the model's own masking, window included.
+            raise ValueError(f"this model attends within a sliding window of {window} tokens and an example here "
+                             f"is {longest} tokens long: the packed layout cannot express the window; use "
+                             "--layout padded")
+        kwargs["attention_mask"] = _attention_mask(model, batch.dense_mask())
+    with attend:
+        if parts is not None:
+            backbone, head = parts
+            hidden = backbone(**kwargs).last_hidden_state
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.label_pos)
+            return label_logprobs(hidden, head, batch.label_ids)
+        # Plain path: the model's own logits (exact for heads with softcapping or scaling).
+        logits = model(**kwargs).logits
     logits = logits.reshape(-1, logits.shape[-1]).index_select(0, batch.label_pos).float()
     return logits.gather(1, batch.label_ids[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
@@ -160,9 +192,9 @@ def sum_per_sequence(values: torch.Tensor, batch) -> torch.Tensor:
     return out.to(values.dtype)
 
 
-def sequence_logps(model: nn.Module, batch, fused: bool = True) -> torch.Tensor:
+def sequence_logps(model: nn.Module, batch, fused: bool = True, segmented: bool = True) -> torch.Tensor:
     """Σ of label-token log-probs per response sequence: shape (batch.num_seqs,), fp32."""
-    return sum_per_sequence(token_logps(model, batch, fused=fused), batch)
+    return sum_per_sequence(token_logps(model, batch, fused=fused, segmented=segmented), batch)
 
 
 def per_example(batch, seq_values: torch.Tensor) -> torch.Tensor:
@@ -171,9 +203,10 @@ def per_example(batch, seq_values: torch.Tensor) -> torch.Tensor:
     return seq_values[idx.clamp(min=0)].masked_fill(idx < 0, float("nan"))
 
 
-def example_logps(model: nn.Module, batch, fused: bool = True, unlikelihood: bool = False):
+def example_logps(model: nn.Module, batch, fused: bool = True, unlikelihood: bool = False,
+                  segmented: bool = True):
     """(B, K) summed response log-probs; with `unlikelihood=True` also (B, K) Σ_t −log(1 − p_t)."""
-    tok = token_logps(model, batch, fused=fused)
+    tok = token_logps(model, batch, fused=fused, segmented=segmented)
     seq = sum_per_sequence(tok, batch)
     if not unlikelihood:
         return per_example(batch, seq)

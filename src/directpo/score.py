@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .data import SkipReport, TokenizeStats, load_examples, make_collate, tokenize_examples
-from .logprobs import dataset_logps
+from .logprobs import dataset_logps, packed_row_tokens
 from .losses import implicit_reward
 from .models import load_model, load_tokenizer, pick_device
 
@@ -27,12 +27,14 @@ def score(model: str, data: str, out: str, ref: str | None = None, beta: float =
     examples = load_examples(data, on_invalid=on_invalid, split=split, report=report)
     tokenized = tokenize_examples(examples, tokenizer, max_length, max_prompt_length, on_invalid, report, stats)
     dtype = torch.bfloat16 if precision == "bf16" else None
-    collate = make_collate(layout, tokenizer.pad_token_id)
-    pol = dataset_logps(load_model(model, dev), tokenized, collate, batch_size, dev, dtype, progress="scoring")
-    ref_lp = None
-    if ref:
-        ref_lp = dataset_logps(load_model(ref, dev), tokenized, collate, batch_size, dev, dtype,
-                               progress="scoring (reference)")
+
+    def logps(name, what):
+        m = load_model(name, dev)
+        collate = make_collate(layout, tokenizer.pad_token_id, packed_row_tokens(None, m))
+        return dataset_logps(m, tokenized, collate, batch_size, dev, dtype, progress=what)
+
+    pol = logps(model, "scoring")
+    ref_lp = logps(ref, "scoring (reference)") if ref else None
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
         for i, ex in enumerate(tokenized):

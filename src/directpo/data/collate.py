@@ -13,8 +13,10 @@ grouped by rank (all chosen, then all rejected), so chosen and rejected share on
 
 `collate_packed` computes each prompt once: an example is one segment [prompt | r1 | r2 | ...]
 whose responses restart their position ids after the prompt and see only the prompt and their own
-earlier tokens (a 4D attention mask), and several segments share a row (block-diagonal mask), so
-no FLOP goes to a repeated prompt and little to padding. Its log-probs equal the padded layout's.
+earlier tokens, and several segments share a row (no attention across segments), so no FLOP goes
+to a repeated prompt and little to padding. The pattern travels as ``segments`` (attended segment
+by segment in `directpo.attention`, or as a dense 4D mask from `Batch.dense_mask()` for models
+that need one). Its log-probs equal the padded layout's.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from .tokenize import TokenizedExample
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # (R, T)
-    attention_mask: torch.Tensor  # (R, T) padding mask, or (R, 1, T, T) boolean attention mask
+    attention_mask: torch.Tensor | None  # (R, T) padding mask; None in the packed layout (see segments)
     position_ids: torch.Tensor | None  # (R, T) or None for 0..T-1
     label_pos: torch.Tensor  # (N,)
     label_ids: torch.Tensor  # (N,)
@@ -36,6 +38,8 @@ class Batch:
     seq_index: torch.Tensor  # (B, K)
     rows: list[int]  # source rows of the B examples
     token_count: int | None = None  # real tokens, where the mask alone cannot tell
+    # packed layout: (row, start, prompt_len, response_lens) per example, in row order
+    segments: list[tuple[int, int, int, tuple[int, ...]]] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -50,8 +54,14 @@ class Batch:
         """Real (non-padding) tokens the model processes."""
         if self.token_count is not None:
             return self.token_count
-        m = self.attention_mask
-        return int(m.sum().item()) if m.dim() == 2 else int(m.any(-1).sum().item())
+        return int(self.attention_mask.sum().item())
+
+    def dense_mask(self) -> torch.Tensor:
+        """Packed layout: the attention pattern its segments describe, as a (R, 1, T, T) boolean mask."""
+        if self.segments is None:
+            raise ValueError("dense_mask() is for the packed layout; a padded batch has attention_mask")
+        R, T = self.input_ids.shape
+        return dense_packed_mask(self.segments, R, T).to(self.input_ids.device)
 
     def to(self, device) -> "Batch":
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -120,7 +130,12 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def collate_packed(examples: list[TokenizedExample], pad_id: int, row_tokens: int | None = None) -> Batch:
-    """Prefix-shared, packed layout. Rows hold up to max(row_tokens, longest segment) tokens."""
+    """Prefix-shared, packed layout. Rows hold up to max(row_tokens, longest segment) tokens.
+
+    The attention pattern is carried as `segments`, not as a mask: `directpo.attention` attends
+    segment by segment, and `Batch.dense_mask()` builds the equivalent (R, 1, T, T) mask for models
+    that need one.
+    """
     seq_index = _assign_sequences(examples)
     lengths = [len(ex.prompt_ids) + sum(len(r) for r in ex.response_ids) for ex in examples]
     rows = pack_rows(lengths, max(row_tokens or 0, max(lengths)))
@@ -128,24 +143,21 @@ def collate_packed(examples: list[TokenizedExample], pad_id: int, row_tokens: in
     R = len(rows)
     input_ids = torch.full((R, T), pad_id, dtype=torch.long)
     position_ids = torch.zeros((R, T), dtype=torch.long)
-    segment = torch.full((R, T), -1, dtype=torch.long)  # example index, -1 = padding
-    branch = torch.zeros((R, T), dtype=torch.long)  # 0 = prompt, k + 1 = response k
     pos, lab, seq = [], [], []
+    segments = []
     for r, row in enumerate(rows):
         o = 0
         for i in row:
             ex = examples[i]
             P = len(ex.prompt_ids)
+            segments.append((r, o, P, tuple(len(resp) for resp in ex.response_ids)))
             input_ids[r, o:o + P] = torch.tensor(ex.prompt_ids)
             position_ids[r, o:o + P] = torch.arange(P)
-            segment[r, o:o + P] = i
             start = o + P
             for k, resp in enumerate(ex.response_ids):
                 L = len(resp)
                 input_ids[r, start:start + L] = torch.tensor(resp)
                 position_ids[r, start:start + L] = torch.arange(P, P + L)
-                segment[r, start:start + L] = i
-                branch[r, start:start + L] = k + 1
                 # the first token is predicted by the prompt's last position, the rest by their predecessor
                 base = r * T
                 pos.append(base + o + P - 1)
@@ -154,15 +166,29 @@ def collate_packed(examples: list[TokenizedExample], pad_id: int, row_tokens: in
                 seq.extend([int(seq_index[i, k])] * L)
                 start += L
             o = start
-    idx = torch.arange(T)
+    return Batch(input_ids, None, position_ids, torch.tensor(pos), torch.tensor(lab), torch.tensor(seq),
+                 seq_index, [ex.row for ex in examples], token_count=sum(lengths), segments=segments)
+
+
+def dense_packed_mask(segments: list[tuple[int, int, int, tuple[int, ...]]], rows: int, length: int) -> torch.Tensor:
+    """(R, 1, T, T) boolean mask (True = attend) of a packed layout: causal, within a segment, and a
+    response sees the prompt and itself but no other response."""
+    segment = torch.full((rows, length), -1, dtype=torch.long)  # segment number, -1 = padding
+    branch = torch.zeros((rows, length), dtype=torch.long)  # 0 = prompt, k + 1 = response k
+    for n, (r, start, P, lens) in enumerate(segments):
+        segment[r, start:start + P + sum(lens)] = n
+        s = start + P
+        for k, L in enumerate(lens):
+            branch[r, s:s + L] = k + 1
+            s += L
+    idx = torch.arange(length)
     causal = idx[None, :, None] >= idx[None, None, :]
     same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)
     visible_branch = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
     mask = causal & same & visible_branch
     # Padding queries attend to themselves only, so attention rows are never empty (no NaN).
-    mask |= torch.eye(T, dtype=torch.bool)[None] & (segment < 0)[:, :, None]
-    return Batch(input_ids, mask[:, None], position_ids, torch.tensor(pos), torch.tensor(lab), torch.tensor(seq),
-                 seq_index, [ex.row for ex in examples], token_count=int((segment >= 0).sum()))
+    mask |= torch.eye(length, dtype=torch.bool)[None] & (segment < 0)[:, :, None]
+    return mask[:, None]
 
 
 LAYOUTS = ("packed", "padded")

@@ -53,7 +53,8 @@ class TrainConfig:
     data_split: str | None = _f(None, "split name for `datasets` sources (default: train)")
     layout: str = _f("packed", "packed: each prompt computed once for all its responses, several examples per row "
                                "(exact); padded: one padded row per prompt+response", choices=["packed", "padded"])
-    row_tokens: int = _f(0, "packed layout: tokens per row (0: the longest example of the micro-batch)")
+    row_tokens: int = _f(0, "packed layout: tokens per row (0: the whole micro-batch in one unpadded row when the "
+                             "model attends segment by segment, else rows as long as its longest example)")
     precision: str = _f("fp32", "bf16: autocast matmuls to bfloat16 (fp32 master weights and loss)",
                         choices=["fp32", "bf16"])
     device: str | None = _f(None, "cpu or cuda (default: cuda when available)")

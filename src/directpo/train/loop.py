@@ -25,7 +25,7 @@ import torch
 from .. import __version__
 from ..data import SkipReport, TokenizeStats, load_examples, make_collate, tokenize_examples
 from ..data.formats import ranking_to_pairs
-from ..logprobs import dataset_logps, example_logps
+from ..logprobs import dataset_logps, example_logps, packed_row_tokens
 from ..losses import LossInputs, LossParams, get_loss, sft_loss
 from ..metrics import last_valid, ranking_metrics
 from ..models import freeze, load_model, load_tokenizer, pick_device
@@ -253,7 +253,6 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    collate = make_collate(cfg.layout, tokenizer.pad_token_id, cfg.row_tokens)
     train_set, report, _ = prepare_data(cfg.data, tokenizer, cfg, "train")
     eval_set = prepare_data(cfg.eval_data, tokenizer, cfg, "eval")[0] if cfg.eval_data else None
 
@@ -286,6 +285,7 @@ def train(cfg: TrainConfig) -> dict:
         ref_model = policy  # with LoRA: the same network, adapters disabled (see `adapters_disabled`)
     else:
         ref_model = freeze(copy.deepcopy(policy))
+    collate = make_collate(cfg.layout, tokenizer.pad_token_id, packed_row_tokens(cfg.row_tokens, policy, ref_model))
     ac_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
 
     # Reference log-probs of the eval set (and, with precompute_ref, of the training set) never

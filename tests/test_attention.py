@@ -1,0 +1,98 @@
+"""Segment-by-segment attention for the packed layout (directpo.attention)."""
+import pytest
+import torch
+
+from directpo.attention import NAME, segment_attention, supports_segment_attention
+from directpo.data import Example, collate_packed, collate_padded, tokenize_example
+from directpo.logprobs import example_logps, packed_row_tokens, ONE_ROW
+from directpo.models import load_model
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return load_model(str(tiny_model))
+
+
+def _tok(tok):
+    exs = [Example("Review of Kalo:", [" It was great, warm and fresh.", " It was dull."], "t", 0),
+           Example("Hi", [" ok", " no thanks, it was messy and weak and flat.", " maybe", " sure!"], "t", 1)]
+    return [tokenize_example(e, tok) for e in exs]
+
+
+def test_segments_describe_the_rows(tiny_tokenizer):
+    tok = _tok(tiny_tokenizer)
+    b = collate_packed(tok, tiny_tokenizer.pad_token_id, ONE_ROW)
+    assert b.input_ids.shape == (1, sum(len(t.prompt_ids) + sum(map(len, t.response_ids)) for t in tok))  # no padding
+    (r0, s0, p0, l0), (r1, s1, p1, l1) = sorted(b.segments, key=lambda s: s[1])
+    assert r0 == r1 == 0 and s0 == 0 and s1 == p0 + sum(l0)
+    assert {(p0, l0), (p1, l1)} == {(len(t.prompt_ids), tuple(map(len, t.response_ids))) for t in tok}
+
+
+def test_config_restored_and_function_needs_the_context(model, tiny_tokenizer):
+    before = model.config._attn_implementation
+    b = collate_packed(_tok(tiny_tokenizer), tiny_tokenizer.pad_token_id, ONE_ROW)
+    with segment_attention(model, b.segments):
+        assert model.config._attn_implementation == NAME
+    assert model.config._attn_implementation == before
+    from transformers import AttentionInterface
+
+    fn = AttentionInterface()[NAME]
+    q = torch.zeros(1, 2, 3, 4)
+    with pytest.raises(RuntimeError, match="only inside"):
+        fn(model.model.layers[0].self_attn, q, q, q, None)
+
+
+def test_one_row_equals_padded_with_gradients_and_grouped_kv(tmp_path, tiny_tokenizer):
+    """GQA (2 query heads per key/value head): segment attention == padded, values and gradients."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64)
+    m = LlamaForCausalLM(cfg)
+    tok = _tok(tiny_tokenizer)
+
+    def run(batch):
+        m.zero_grad()
+        lp = example_logps(m, batch)
+        lp.nan_to_num().sum().backward()
+        return lp.detach(), [p.grad.clone() for p in m.parameters()]
+
+    a, ga = run(collate_padded(tok, tiny_tokenizer.pad_token_id))
+    b, gb = run(collate_packed(tok, tiny_tokenizer.pad_token_id, ONE_ROW))
+    ok = ~torch.isnan(a)
+    assert torch.equal(ok, ~torch.isnan(b))
+    assert torch.allclose(a[ok], b[ok], atol=1e-5)
+    for x, y in zip(ga, gb):
+        assert torch.allclose(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_sliding_window_models_keep_the_dense_mask(tiny_tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        num_key_value_heads=2, intermediate_size=64, sliding_window=4096)
+    m = MistralForCausalLM(cfg)
+    assert not supports_segment_attention(m)
+    assert packed_row_tokens(None, m) is None  # rows of the longest example, not one row
+    tok = _tok(tiny_tokenizer)
+    a = example_logps(m, collate_padded(tok, tiny_tokenizer.pad_token_id))
+    ok = ~torch.isnan(a)
+    b = example_logps(m, collate_packed(tok, tiny_tokenizer.pad_token_id))  # window longer than every example
+    assert torch.allclose(a[ok], b[ok], atol=1e-5)
+    cfg.sliding_window = 8  # shorter than the examples: the dense mask can't express it, so refuse
+    with pytest.raises(ValueError, match="sliding window of 8 tokens"):
+        example_logps(m, collate_packed(tok, tiny_tokenizer.pad_token_id))
+    cfg.sliding_window = None
+    assert supports_segment_attention(m)
+    a = example_logps(m, collate_padded(tok, tiny_tokenizer.pad_token_id))
+    b = example_logps(m, collate_packed(tok, tiny_tokenizer.pad_token_id, ONE_ROW))
+    ok = ~torch.isnan(a)
+    assert torch.allclose(a[ok], b[ok], atol=1e-5)
+
+
+def test_row_tokens_choice(model):
+    assert packed_row_tokens(None, model) == ONE_ROW
+    assert packed_row_tokens(100, model) == 100
+    assert packed_row_tokens(None, model, torch.nn.Linear(2, 2)) is None  # a model without the interface
