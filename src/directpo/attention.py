@@ -7,12 +7,13 @@ square, and a row of several packed examples hides far more, so packing more exa
 *slower*. Here each segment is attended to on its own:
 
 * prompt queries attend to the prompt, causally;
-* the queries of response k attend to [prompt keys | their own earlier keys] (an L × (P + L)
-  block), never to another response.
+* the queries of all responses attend to the segment's keys with a (ΣL × (P + ΣL)) mask: the
+  prompt, and their own response up to themselves, never another response.
 
-That is exactly the visible part of the dense mask, so results equal the masked computation (and
-the plain padded one) while attention FLOPs drop to P²/2 + Σ_k (P·L_k + L_k²/2) per example, and
-whole micro-batches can live in one unpadded row.
+That is the visible part of the dense mask, so results equal the masked computation (and the plain
+padded one), while attention costs P²/2 + ΣL·(P + ΣL) per example instead of T² per row (the
+masked response-to-response blocks are the only waste, and no key is stored twice for autograd),
+and whole micro-batches can live in one unpadded row.
 
 How it plugs in: Hugging Face models that route attention through `AttentionInterface` call the
 function registered under the name in `config._attn_implementation`. `segment_attention(model,
@@ -43,48 +44,51 @@ _UNSUPPORTED_CONFIG = ("sliding_window", "attn_logit_softcapping", "attention_ch
 
 
 class _Plan:
-    """The segments of one batch, plus the (L × (P + L)) response masks reused by every layer."""
+    """The segments of one batch cut into pieces, plus the response masks, reused by every layer."""
 
     def __init__(self, segments: list[Segment]):
         self.segments = segments
-        self._pieces = None
-        self._masks: dict[tuple[int, int, str], torch.Tensor] = {}
+        self._rows = None
+        self._masks: dict[tuple, torch.Tensor] = {}
 
-    def row_pieces(self, length: int):
-        """Per row: the consecutive pieces covering [0, length) and their sizes; a piece is None
-        (padding), ("prompt",) or ("response", index of its prompt's piece, P, L)."""
-        if self._pieces is None:
-            self._pieces = self._cut(length)
-        return self._pieces
+    def rows(self, length: int):
+        """Per row: (q_sizes, kv_sizes, items). Queries are cut into [prompt, responses] pieces, keys
+        and values into whole segments (padding gaps are pieces too); items are (q piece index,
+        kv piece index, P, response lens) for each segment."""
+        if self._rows is None:
+            by_row: dict[int, list] = {}
+            for r, start, P, lens in sorted(self.segments):
+                by_row.setdefault(r, []).append((start, P, lens))
+            self._rows = []
+            for r in range(max(by_row) + 1):
+                q_sizes, kv_sizes, items, end = [], [], [], 0
+                for start, P, lens in by_row.get(r, []):
+                    if start > end:  # padding before this segment
+                        q_sizes.append(start - end)
+                        kv_sizes.append(start - end)
+                    items.append((len(q_sizes), len(kv_sizes), P, lens))
+                    q_sizes += [P, sum(lens)]
+                    kv_sizes.append(P + sum(lens))
+                    end = start + P + sum(lens)
+                if end < length:
+                    q_sizes.append(length - end)
+                    kv_sizes.append(length - end)
+                self._rows.append((q_sizes, kv_sizes, items))
+        return self._rows
 
-    def _cut(self, length: int):
-        rows: dict[int, tuple[list, list]] = {}
-        for r, start, P, lens in self.segments:
-            pieces, sizes = rows.setdefault(r, ([], []))
-            end = sum(sizes)
-            if start > end:
-                pieces.append(None)
-                sizes.append(start - end)
-            p = len(pieces)
-            pieces.append(("prompt",))
-            sizes.append(P)
-            for L in lens:
-                pieces.append(("response", p, P, L))
-                sizes.append(L)
-        out = []
-        for r in range(max(rows) + 1):
-            pieces, sizes = rows.get(r, ([], []))
-            if sum(sizes) < length:
-                pieces.append(None)
-                sizes.append(length - sum(sizes))
-            out.append((pieces, sizes))
-        return out
-
-    def response_mask(self, P: int, L: int, device) -> torch.Tensor:
-        key = (P, L, str(device))
+    def response_mask(self, P: int, lens: tuple[int, ...], device) -> torch.Tensor:
+        """(ΣL × (P + ΣL)) boolean mask: every response token sees the whole prompt, and the tokens of
+        its own response up to itself; never another response."""
+        key = (P, lens, str(device))
         m = self._masks.get(key)
-        if m is None:  # query j of the response sees the whole prompt and response keys 0..j
-            m = torch.ones(L, P + L, dtype=torch.bool, device=device).tril(P)
+        if m is None:
+            n = sum(lens)
+            m = torch.zeros(n, P + n, dtype=torch.bool, device=device)
+            m[:, :P] = True
+            s = 0
+            for L in lens:
+                m[s:s + L, P + s:P + s + L] = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+                s += L
             self._masks[key] = m
         return m
 
@@ -102,25 +106,25 @@ def _segment_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     kw = dict(dropout_p=dropout, scale=scaling)
     if key.shape[1] != query.shape[1]:
         kw["enable_gqa"] = True
-    # Cut each row into consecutive pieces once (`split`), never by per-segment slicing: the backward
-    # of a slice is a zero tensor of the whole row plus an add, which made the cost grow with
-    # segments × row length; the backward of `split` is a single concatenation.
+    # Rows are cut into pieces with `split` (never by per-segment slicing: a slice's backward is a
+    # zero tensor the size of the whole row plus an add, so cost grew with segments × row length;
+    # a split's backward is one concatenation). Pieces stay 4D, (1, heads, len, D): SDPA's fused CPU
+    # kernel wants 4D inputs. Keys/values are one piece per segment, used as they are by both calls,
+    # so autograd keeps no copies of the prompt's keys.
     outs = []
-    # (1, heads, len, D) pieces: SDPA's fused CPU kernel wants 4D inputs (3D ones take the slow math path)
-    rows = zip(query.split(1), key.split(1), value.split(1), plan.row_pieces(query.shape[2]))
-    for q_row, k_row, v_row, (pieces, sizes) in rows:
-        qs, ks, vs = (t.split(sizes, dim=2) for t in (q_row, k_row, v_row))
-        parts = []
-        for n, piece in enumerate(pieces):
-            if piece is None:  # padding: zeros (nothing reads them)
-                parts.append(qs[n].new_zeros(qs[n].shape))
-            elif piece[0] == "prompt":
-                parts.append(F.scaled_dot_product_attention(qs[n], ks[n], vs[n], is_causal=True, **kw))
-            else:  # ("response", index of its prompt piece, P, L)
-                _, p, P, L = piece
-                kb, vb = torch.cat([ks[p], ks[n]], dim=2), torch.cat([vs[p], vs[n]], dim=2)
-                mask = plan.response_mask(P, L, query.device)
-                parts.append(F.scaled_dot_product_attention(qs[n], kb, vb, attn_mask=mask, **kw))
+    for q_row, k_row, v_row, (q_sizes, kv_sizes, items) in zip(query.split(1), key.split(1), value.split(1),
+                                                                 plan.rows(query.shape[2])):
+        qs, ks, vs = q_row.split(q_sizes, dim=2), k_row.split(kv_sizes, dim=2), v_row.split(kv_sizes, dim=2)
+        parts = [None] * len(qs)
+        for qi, kvi, P, lens in items:
+            k, v = ks[kvi], vs[kvi]
+            # Prompt queries: causal with top-left alignment, so query i sees keys 0..i (prompt only).
+            parts[qi] = F.scaled_dot_product_attention(qs[qi], k, v, is_causal=True, **kw)
+            parts[qi + 1] = F.scaled_dot_product_attention(
+                qs[qi + 1], k, v, attn_mask=plan.response_mask(P, lens, query.device), **kw)
+        for n, part in enumerate(parts):
+            if part is None:  # padding: zeros (nothing reads them)
+                parts[n] = qs[n].new_zeros(qs[n].shape)
         outs.append(torch.cat(parts, dim=2))
     out = torch.cat(outs)
     return out.transpose(1, 2).contiguous(), None
