@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .attention import segment_attention, sliding_window, supports_segment_attention
+from .fused import lean_mlp
 
 # Config attributes that make an LM head more than `hidden @ W.T (+ b)`: models carrying any of them
 # take the plain path (the model's own logits), so results stay exact for every architecture.
@@ -171,7 +172,7 @@ def token_logps(model: nn.Module, batch, fused: bool = True, segmented: bool = T
                              f"is {longest} tokens long: the packed layout cannot express the window; use "
                              "--layout padded")
         kwargs["attention_mask"] = _attention_mask(model, batch.dense_mask())
-    with attend:
+    with attend, lean_mlp(model):
         if parts is not None:
             backbone, head = parts
             hidden = backbone(**kwargs).last_hidden_state

@@ -1,0 +1,93 @@
+"""A leaner SwiGLU MLP for training: the same numbers, half the MLP activations kept for backward.
+
+A Llama-style MLP computes `down(silu(gate(x)) * up(x))`. Run op by op, autograd keeps four
+(tokens × intermediate) tensors per layer until backward: gate(x) for silu, silu(gate(x)) and
+up(x) for the product, and the product for `down`. With intermediate ≈ 2.7 × hidden those are the
+largest activations of the whole model (42 % of what a DPO step on the `base` fixture keeps).
+
+`_SwiGLUDown` keeps gate(x) and up(x) only and recomputes silu and the product in backward (two
+element-wise passes; the matmul is not recomputed). The forward runs the same operations in the
+same order, so outputs are bit-identical; gradients use the same formulas as autograd's.
+
+`lean_mlp(model)` swaps this in, for the duration of a forward, on every MLP module whose forward is
+exactly that expression (checked on its source, so any architecture written that way qualifies:
+Llama, Mistral, Qwen2/3, OLMo 2, ...) with plain `nn.Linear` projections (a LoRA-wrapped
+projection keeps the module's own forward) and a SiLU activation.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_SWIGLU_SOURCE = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
+_checked: dict[type, bool] = {}
+
+
+class _SwiGLUDown(torch.autograd.Function):
+    """down(silu(gate) * up) with only gate and up saved."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias):
+        out = F.linear(F.silu(gate) * up, weight, bias)
+        ctx.save_for_backward(gate, up, weight)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up, weight = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        # Under autocast the forward ran in a lower precision than the fp32 weights; backward runs
+        # outside autocast, so cast as autograd's own cast nodes would.
+        grad_h = grad_out @ weight.to(grad_out.dtype)  # d out / d (silu · up)
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[2]:
+            h = (silu * up).to(grad_out.dtype)
+            grad_w = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ h.reshape(-1, h.shape[-1])).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(weight.dtype)
+        grad_h = grad_h.to(gate.dtype)
+        grad_up = grad_h * silu
+        # silu'(g) = σ(g) · (1 + g · (1 − σ(g)))
+        grad_gate = grad_h * up * sig * (1 + gate * (1 - sig))
+        return grad_gate, grad_up, grad_w, grad_b
+
+
+def _lean_forward(self, x):
+    return _SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight, self.down_proj.bias)
+
+
+def _qualifies(module: nn.Module) -> bool:
+    cls = type(module)
+    if cls not in _checked:
+        try:
+            src = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            src = ""
+        _checked[cls] = _SWIGLU_SOURCE in src
+    if not _checked[cls]:
+        return False
+    plain = all(type(getattr(module, n, None)) is nn.Linear for n in ("gate_proj", "up_proj", "down_proj"))
+    act = getattr(module, "act_fn", None)
+    return plain and (type(act) is nn.SiLU or type(act).__name__ == "SiLUActivation")
+
+
+@contextlib.contextmanager
+def lean_mlp(model: nn.Module):
+    """Within the block, qualifying MLPs of `model` run `_SwiGLUDown` (see module doc)."""
+    swapped = []
+    if torch.is_grad_enabled():  # without autograd nothing is kept anyway
+        for m in model.modules():
+            if "forward" not in m.__dict__ and _qualifies(m):
+                m.forward = _lean_forward.__get__(m)
+                swapped.append(m)
+    try:
+        yield len(swapped)
+    finally:
+        for m in swapped:
+            del m.forward

@@ -1,0 +1,76 @@
+"""The lean SwiGLU MLP (directpo.fused): same outputs, same gradients, fewer saved activations."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from directpo.fused import _qualifies, lean_mlp
+
+
+@pytest.fixture()
+def llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=88, mlp_bias=False)
+    return LlamaForCausalLM(cfg)
+
+
+def _run(model, ids, lean, dtype=None):
+    layers = model.config.num_hidden_layers
+    model.zero_grad()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            if lean:
+                with lean_mlp(model) as n:
+                    assert n == layers  # one MLP per layer
+                    out = model(input_ids=ids).logits
+            else:
+                out = model(input_ids=ids).logits
+    (out.float().square().mean()).backward()
+    return out.detach().float(), {k: p.grad.clone() for k, p in model.named_parameters()}, sum(saved)
+
+
+def test_same_outputs_and_gradients_fewer_saved(llama):
+    ids = torch.randint(0, 97, (2, 11))
+    a, ga, na = _run(llama, ids, lean=False)
+    b, gb, nb = _run(llama, ids, lean=True)
+    assert torch.equal(a, b)  # the forward runs the same ops in the same order
+    for k in ga:
+        assert torch.allclose(ga[k], gb[k], atol=1e-6, rtol=1e-5), k
+    assert nb < na - 2 * 2 * 2 * 11 * 88 + 1  # two (tokens × intermediate) tensors fewer per layer
+    assert "forward" not in llama.model.layers[0].mlp.__dict__  # restored
+
+
+def test_bias_and_bf16_autocast(llama):
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                      intermediate_size=88, mlp_bias=True)
+    m = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        m.model.layers[0].mlp.down_proj.bias.normal_()
+    ids = torch.randint(0, 97, (2, 9))
+    _, ga, _ = _run(m, ids, lean=False)
+    _, gb, _ = _run(m, ids, lean=True)
+    for k in ga:
+        assert torch.allclose(ga[k], gb[k], atol=1e-6, rtol=1e-5), k
+    a, ga, _ = _run(m, ids, lean=False, dtype=torch.bfloat16)
+    b, gb, _ = _run(m, ids, lean=True, dtype=torch.bfloat16)
+    assert torch.equal(a, b)
+    for k in ga:
+        assert gb[k].dtype == torch.float32
+        assert torch.allclose(ga[k], gb[k], atol=2e-2, rtol=2e-2), k
+
+
+def test_only_plain_swiglu_mlps_qualify(llama):
+    mlp = llama.model.layers[0].mlp
+    assert _qualifies(mlp)
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(llama, LoraConfig(r=2, target_modules=["down_proj"]))
+    assert not _qualifies(lora.base_model.model.model.layers[0].mlp)  # a LoRA-wrapped projection
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    assert not any(_qualifies(m) for m in gpt2.modules())
+    with torch.no_grad(), lean_mlp(llama) as n:  # nothing to save without autograd
+        assert n == 0
