@@ -96,3 +96,22 @@ def test_row_tokens_choice(model):
     assert packed_row_tokens(None, model) == ONE_ROW
     assert packed_row_tokens(100, model) == 100
     assert packed_row_tokens(None, model, torch.nn.Linear(2, 2)) is None  # a model without the interface
+
+
+def test_activation_checkpointing_keeps_the_dense_path(tiny_model, tiny_tokenizer):
+    """Checkpointed layers run again in backward, outside our context: the model must not depend on it."""
+    m = load_model(str(tiny_model))
+    m.train()
+    tok = _tok(tiny_tokenizer)
+
+    def grads(model):
+        model.zero_grad()
+        batch = collate_packed(tok, tiny_tokenizer.pad_token_id, packed_row_tokens(None, model))
+        example_logps(model, batch).nan_to_num().sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads(m)
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not supports_segment_attention(m)
+    for a, b in zip(plain, grads(m)):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)

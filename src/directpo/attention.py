@@ -173,11 +173,21 @@ def _configs(config) -> list:
     return out
 
 
+def activation_checkpointing(model: nn.Module) -> bool:
+    """True when `model` recomputes layer forwards during backward (outside any context we set)."""
+    m = _unwrap(model)
+    flag = getattr(m, "is_activation_checkpointing", None)
+    return bool(flag if flag is not None else getattr(m, "is_gradient_checkpointing", False))
+
+
 def supports_segment_attention(model: nn.Module) -> bool:
-    """True when `model` computes attention through AttentionInterface as plain masked softmax attention."""
+    """True when `model` computes attention through AttentionInterface as plain masked softmax attention
+    (and does not recompute layers in backward, where the segment layout would be gone)."""
     m = _unwrap(model)
     config = getattr(m, "config", None)
     if config is None or not getattr(type(m), "_supports_attention_backend", False):
+        return False
+    if activation_checkpointing(m):
         return False
     for c in _configs(config):
         if any(getattr(c, a, None) is not None for a in _UNSUPPORTED_CONFIG):

@@ -80,8 +80,12 @@ def _qualifies(module: nn.Module) -> bool:
 @contextlib.contextmanager
 def lean_mlp(model: nn.Module):
     """Within the block, qualifying MLPs of `model` run `_SwiGLUDown` (see module doc)."""
+    from .attention import activation_checkpointing
+
     swapped = []
-    if torch.is_grad_enabled():  # without autograd nothing is kept anyway
+    # Without autograd nothing is kept anyway; with activation checkpointing the layers run again in
+    # backward, after this block has put the original forward back.
+    if torch.is_grad_enabled() and not activation_checkpointing(model):
         for m in model.modules():
             if "forward" not in m.__dict__ and _qualifies(m):
                 m.forward = _lean_forward.__get__(m)
