@@ -40,6 +40,9 @@ def test_config_restored_and_function_needs_the_context(model, tiny_tokenizer):
     q = torch.zeros(1, 2, 3, 4)
     with pytest.raises(RuntimeError, match="only inside"):
         fn(model.model.layers[0].self_attn, q, q, q, None)
+    with segment_attention(model, [(0, 0, 1, (2,))]):  # an attention it does not implement: refused, named
+        with pytest.raises(ValueError, match="'sliding_window'.*--layout padded"):
+            fn(model.model.layers[0].self_attn, q, q, q, None, sliding_window=2)
 
 
 def test_one_row_equals_padded_with_gradients_and_grouped_kv(tmp_path, tiny_tokenizer):

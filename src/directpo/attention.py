@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models import unwrap_peft
+
 NAME = "directpo_segments"
 
 # (row, start, prompt_len, response_lens): one per example, see `directpo.data.collate.Batch.segments`
@@ -150,17 +152,6 @@ def _register() -> None:
     _registered = True
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside DDP / FSDP / PEFT wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
-            model = model.module
-        elif hasattr(model, "get_base_model"):  # PEFT
-            model = model.get_base_model()
-        else:
-            return model
-
-
 def _configs(config) -> list:
     """A config and all its sub-configs (composite models keep one per sub-model)."""
     out, todo = [], [config]
@@ -175,7 +166,7 @@ def _configs(config) -> list:
 
 def activation_checkpointing(model: nn.Module) -> bool:
     """True when `model` recomputes layer forwards during backward (outside any context we set)."""
-    m = _unwrap(model)
+    m = unwrap_peft(model)
     flag = getattr(m, "is_activation_checkpointing", None)
     return bool(flag if flag is not None else getattr(m, "is_gradient_checkpointing", False))
 
@@ -183,7 +174,7 @@ def activation_checkpointing(model: nn.Module) -> bool:
 def supports_segment_attention(model: nn.Module) -> bool:
     """True when `model` computes attention through AttentionInterface as plain masked softmax attention
     (and does not recompute layers in backward, where the segment layout would be gone)."""
-    m = _unwrap(model)
+    m = unwrap_peft(model)
     config = getattr(m, "config", None)
     if config is None or not getattr(type(m), "_supports_attention_backend", False):
         return False
@@ -199,7 +190,7 @@ def supports_segment_attention(model: nn.Module) -> bool:
 
 def sliding_window(model: nn.Module) -> int | None:
     """The smallest sliding attention window of `model`'s configs, or None."""
-    m = _unwrap(model)
+    m = unwrap_peft(model)
     windows = [getattr(c, "sliding_window", None) for c in _configs(getattr(m, "config", None))]
     windows = [w for w in windows if isinstance(w, int)]
     return min(windows) if windows else None
@@ -209,7 +200,7 @@ def sliding_window(model: nn.Module) -> int | None:
 def segment_attention(model: nn.Module, segments: list[Segment]):
     """Within the block, `model`'s attention layers attend segment by segment (see module doc)."""
     _register()
-    configs = _configs(_unwrap(model).config)
+    configs = _configs(unwrap_peft(model).config)
     saved = [c._attn_implementation_internal for c in configs]
     token = _PLAN.set(_Plan(segments))
     try:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import activation_checkpointing
+
 _SWIGLU_SOURCE = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
 _checked: dict[type, bool] = {}
 
@@ -80,8 +82,6 @@ def _qualifies(module: nn.Module) -> bool:
 @contextlib.contextmanager
 def lean_mlp(model: nn.Module):
     """Within the block, qualifying MLPs of `model` run `_SwiGLUDown` (see module doc)."""
-    from .attention import activation_checkpointing
-
     swapped = []
     # Without autograd nothing is kept anyway; with activation checkpointing the layers run again in
     # backward, after this block has put the original forward back.

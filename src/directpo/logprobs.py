@@ -26,6 +26,7 @@ from torch import nn
 
 from .attention import segment_attention, sliding_window, supports_segment_attention
 from .fused import lean_mlp
+from .models import unwrap_peft
 
 # Config attributes that make an LM head more than `hidden @ W.T (+ b)`: models carrying any of them
 # take the plain path (the model's own logits), so results stay exact for every architecture.
@@ -111,8 +112,7 @@ def label_logprobs(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tenso
 
 def _backbone_and_head(model: nn.Module):
     """The decoder stack and the LM head when the head is a plain linear map; else None."""
-    if hasattr(model, "get_base_model"):  # PEFT wrapper: the adapted model itself (LoRA layers injected)
-        model = model.get_base_model()
+    model = unwrap_peft(model)
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if any(getattr(text_config, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS):
@@ -136,6 +136,9 @@ def _attention_mask(model: nn.Module, mask: torch.Tensor) -> torch.Tensor:
                      "use the padded layout (--layout padded)")
 
 
+ONE_ROW = 1 << 40  # a row capacity no micro-batch reaches: everything in one row
+
+
 def packed_row_tokens(row_tokens: int | None, *models: nn.Module | None) -> int | None:
     """Row capacity for the packed layout: `row_tokens` when set; else the whole micro-batch in one
     unpadded row when every model that will read the batches attends segment by segment, or rows as
@@ -143,9 +146,6 @@ def packed_row_tokens(row_tokens: int | None, *models: nn.Module | None) -> int 
     if row_tokens:
         return row_tokens
     return ONE_ROW if all(supports_segment_attention(m) for m in models if m is not None) else None
-
-
-ONE_ROW = 1 << 40
 
 
 def token_logps(model: nn.Module, batch, fused: bool = True, segmented: bool = True) -> torch.Tensor:

@@ -12,6 +12,11 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+def unwrap_peft(model):
+    """The adapted model inside a PEFT wrapper (LoRA layers injected), or `model` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def pick_device(device: str | None = None) -> torch.device:
     if device:
         return torch.device(device)

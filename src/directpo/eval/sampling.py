@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..data.formats import DataError, SkipReport, _is_messages, _messages, parse_row, read_records
-from ..models import load_model, load_tokenizer, pick_device
+from ..models import load_model, load_tokenizer, pick_device, unwrap_peft
 
 _PAIR_FIELDS = ("chosen", "rejected", "responses", "completion")
 
@@ -145,7 +145,7 @@ def _cache_kw(model) -> str:
     """The name of the KV-cache argument: `cache` in recent transformers, `past_key_values` before."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    base = unwrap_peft(model)
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..models import unwrap_peft
+
 
 @dataclass
 class Dist:
@@ -96,7 +98,7 @@ class Dist:
         # Rank 0's whole weights, taken before sharding (the same storage as its parameters, no copy;
         # freed when this returns). Ranks > 0 pass {}: with broadcast_from_rank0 they still take part.
         full = model.state_dict() if self.main else {}
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the adapted model
+        inner = unwrap_peft(model)
         blocks = set(getattr(inner, "_no_split_modules", None) or [])
         for m in inner.modules():
             if type(m).__name__ in blocks:
