@@ -4,7 +4,7 @@ in miniature).
     python scripts/rlhf_comparison.py [--out runs/rlhf_comparison] [--seed 0]
 
 Task: `directpo.toy.review_task` (film reviews; the chosen one has more praise than criticism).
-Ground-truth reward: `directpo.rlhf.rewards:review_sentiment` = #positive − #negative words.
+Ground-truth reward: `directpo.eval.scorers:review_sentiment` = #positive − #negative words.
 1. base: a tiny random Llama; SFT on both chosen and rejected reviews -> πref (mixed reviews, mean
    reward ≈ 0).
 2. A Bradley–Terry reward model on the same pairs (`directpo rm`), from πref.
@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 
 from directpo.eval.bon import best_of_n, bon_kl
-from directpo.eval.evaluate import evaluate, mean_se
+from directpo.eval.evaluate import evaluate_policy, mean_se
+from directpo.eval.reward_model import RewardModel
+from directpo.eval.scorers import review_sentiment
 from directpo.rlhf.config import PPOConfig
 from directpo.rlhf.ppo import ppo
-from directpo.rlhf.reward_model import RewardModel, train_reward_model
-from directpo.rlhf.rewards import review_sentiment
+from directpo.rlhf.reward_model import train_reward_model
 from directpo.toy import build_tiny_model, review_task, write_jsonl
 from directpo.train import TrainConfig, train
 
@@ -79,7 +80,7 @@ def main(argv=None) -> dict:
                  progress=False)
     results = {}
     for name in policies:
-        r = evaluate(str(out / name), str(held_out), str(out / f"eval_{name}.json"), **ev_kw)
+        r = evaluate_policy(str(out / name), str(held_out), str(out / f"eval_{name}.json"), **ev_kw)
         results[name] = {k: r[k] for k in ("reward_mean", "reward_se", "kl_mean", "kl_se", "win_rate",
                                            "length_mean")}
     for n in (4, 16):

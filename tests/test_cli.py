@@ -4,7 +4,9 @@ import math
 
 import pytest
 
-from directpo.cli import build_config, main, make_parser
+from directpo.cli import main, make_parser
+from directpo.config import ConfigError, build_config
+from directpo.train.config import TrainConfig
 from directpo.toy import review_task, write_jsonl
 
 from conftest import hh_rows
@@ -13,27 +15,28 @@ from conftest import hh_rows
 def test_flags_yaml_and_precedence(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("model: m\ndata: d\noutput-dir: o\nbeta: 0.5\nmax_steps: 7\nprecompute_ref: true\n")
-    args = make_parser().parse_args(["train", "--config", str(cfg_file), "--beta", "0.25", "--max-length", "none"])
-    cfg = build_config(args)
+    args = make_parser("train").parse_args(["train", "--config", str(cfg_file), "--beta", "0.25", "--max-length",
+                                            "none"])
+    cfg = build_config(args, TrainConfig)
     assert (cfg.model, cfg.output_dir, cfg.beta, cfg.max_steps, cfg.precompute_ref) == ("m", "o", 0.25, 7, True)
     assert cfg.max_length is None and cfg.lr == 1e-6  # flag overrides YAML; untouched keys keep defaults
     bad = tmp_path / "bad.yaml"
     bad.write_text("betta: 0.1\n")
-    with pytest.raises(SystemExit, match="unknown setting 'betta'"):
-        build_config(make_parser().parse_args(["train", "--config", str(bad)]))
+    with pytest.raises(ConfigError, match="unknown setting 'betta'"):
+        build_config(make_parser("train").parse_args(["train", "--config", str(bad)]), TrainConfig)
 
 
 def test_all_issue_flags_exist():
     """The flag names scripts depend on (fixed by the DPO-core issue)."""
-    args = make_parser().parse_args(
+    args = make_parser("train").parse_args(
         ["train", "--model", "M", "--data", "D", "--output-dir", "O", "--ref", "R", "--beta", "0.2", "--lr", "1e-5",
          "--optimizer", "adamw", "--batch-size", "16", "--micro-batch-size", "4", "--max-steps", "3", "--epochs", "2",
          "--warmup-steps", "5", "--max-length", "128", "--max-prompt-length", "64", "--eval-data", "E",
          "--eval-every", "10", "--seed", "3", "--precompute-ref", "--on-invalid", "skip"])
-    cfg = build_config(args)
+    cfg = build_config(args, TrainConfig)
     assert (cfg.ref, cfg.micro_batch_size, cfg.epochs, cfg.max_prompt_length, cfg.on_invalid) == ("R", 4, 2.0, 64,
                                                                                                    "skip")
-    args = make_parser().parse_args(["score", "--model", "M", "--data", "D", "--out", "F.jsonl", "--ref", "R",
+    args = make_parser("score").parse_args(["score", "--model", "M", "--data", "D", "--out", "F.jsonl", "--ref", "R",
                                      "--beta", "0.3", "--max-length", "100"])
     assert (args.ref, args.beta, args.max_length) == ("R", 0.3, 100)
 

@@ -5,27 +5,18 @@ TRL gets hh_pairs' explicit prompt/chosen/rejected; directpo gets the raw {chose
 transcripts, so its own HH split is part of what is checked. The set mixes ordinary pairs, pairs
 whose responses are truncated at max_length, and pairs whose prompt alone is >= max_length (TRL
 drops them, directpo skips them as 'prompt_too_long' with --on-invalid skip); rows are aligned by
-TRL's `idx` column and directpo's `row` field. The comparison code lives in scripts/trl_parity.py.
+TRL's `idx` column and directpo's `row` field. The comparison code lives in tests/helpers_trl_parity.py
+(which scripts/trl_parity.py runs from the command line).
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("DIRECTPO_SHARED", REPO.parent / "shared"))
+import helpers_trl_parity as tp
+from helpers_trl_parity import SHARED
+
 MAX_LENGTH = 512
 TOL = 1e-3
-
-
-def _parity_module():
-    spec = importlib.util.spec_from_file_location("_directpo_trl_parity", REPO / "scripts" / "trl_parity.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.trl
@@ -34,7 +25,6 @@ def test_score_matches_trl_precomputed_ref_logps(tmp_path):
     pytest.importorskip("datasets")
     from transformers import AutoTokenizer
 
-    tp = _parity_module()
     try:
         fixture, hh_pairs = tp.shared_modules(SHARED)
     except FileNotFoundError as e:

@@ -1,6 +1,8 @@
 """Loading Hugging Face causal LMs and tokenizers (hub id or local directory)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -21,6 +23,13 @@ def pick_device(device: str | None = None) -> torch.device:
     if device:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_ctx(device: torch.device | str, precision: str):
+    """bf16 autocast on `device` for precision 'bf16'; a no-op context otherwise (fp32)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def load_tokenizer(name_or_dir: str, trust_remote_code: bool = False):
@@ -67,3 +76,12 @@ def freeze(model):
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def autocast_ctx(device: torch.device | str, precision: str):
+    """bf16 autocast of matmuls (fp32 master weights) for precision 'bf16', else nothing."""
+    import contextlib
+
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

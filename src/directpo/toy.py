@@ -11,9 +11,10 @@ on them measures whether DPO learned the preference rather than memorising pairs
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
+
+from .data.formats import write_jsonl  # noqa: F401  (re-exported: `directpo.toy.write_jsonl` writes task files)
 
 POSITIVE = ["great", "wonderful", "moving", "brilliant", "funny", "charming", "clever", "beautiful", "gripping",
             "delightful", "superb", "warm", "fresh", "touching", "smart", "lovely"]
@@ -84,15 +85,6 @@ def ranked_review_task(n_train: int = 256, n_eval: int = 64, k: int = 4, seed: i
 
 def template_fill(template: str, a: str, b: str, c: str) -> str:
     return template.format(a=a, b=b, c=c, A=a.capitalize())
-
-
-def write_jsonl(rows: list[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    return path
 
 
 def build_tiny_model(out_dir: str | Path, texts: list[str], hidden: int = 64, layers: int = 2, heads: int = 4,

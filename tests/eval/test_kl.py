@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from directpo.eval.evaluate import completion_logps, sequence_kl
-from directpo.eval.sampling import PromptItem, draw_samples, encode_prompt
+from directpo.data.prompts import PromptItem, encode_prompt
+from directpo.eval.sampling import draw_samples
 from directpo.models import load_model
 
 

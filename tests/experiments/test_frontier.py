@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from directpo.experiments.frontier import compare, frontier_at, frontier_mean, markdown, plot_frontier, summarize, \
-    write_points
+from directpo.experiments.frontier import compare_frontiers, frontier_at, frontier_mean, markdown, plot_frontier, \
+    summarize, write_points
 
 
 def pt(method, kl, reward, kl_se=0.0, reward_se=0.0, knob=None, step=0):
@@ -26,13 +26,13 @@ def test_compare_verdicts_follow_the_error_bars():
     start = pt("sft", 0.0, 0.0)
     better = [pt("dpo", 1.0, 1.0, 0.01, 0.01), pt("dpo", 2.0, 1.5, 0.01, 0.01)]
     worse = [pt("ppo", 1.0, 0.5, 0.01, 0.01), pt("ppo", 4.0, 2.0, 0.01, 0.01)]
-    c = compare(better, worse, start)
+    c = compare_frontiers(better, worse, start)
     assert c["kl_range"] == 2.0  # the range both reach
     assert c["diff"] == pytest.approx((1.0 * 1 + 1.5 * 0) / 2 - 0.5 / 2, abs=1e-9)
     assert c["verdict"] == "dominates" and 0 < c["diff_se"] < 0.05
-    assert compare(worse, better, start)["verdict"] == "is dominated by"
+    assert compare_frontiers(worse, better, start)["verdict"] == "is dominated by"
     noisy = [pt("ppo", 1.0, 0.5, 0.5, 2.0), pt("ppo", 2.0, 1.0, 0.5, 2.0)]
-    assert compare(better, noisy, start)["verdict"] == "ties with"
+    assert compare_frontiers(better, noisy, start)["verdict"] == "ties with"
 
 
 def test_report_files(tmp_path):

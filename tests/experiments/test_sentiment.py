@@ -7,7 +7,9 @@ import pytest
 from directpo.data.formats import DataError
 from directpo.eval.bon import bon_kl
 from directpo.experiments import sentiment
-from directpo.experiments.sentiment import read_corpus
+from directpo.experiments.sentiment.config import SentimentConfig, preset_defaults
+from directpo.experiments.sentiment.corpus import read_corpus
+from directpo.experiments.sentiment.stages import stage_corpus
 from directpo.toy import NEGATIVE, POSITIVE
 
 pytest.importorskip("vaderSentiment")
@@ -97,7 +99,6 @@ def test_smoke_study_end_to_end_and_resumes(tmp_path, monkeypatch):
 
 def test_too_small_corpus_names_the_file(tmp_path):
     corpus = review_corpus(tmp_path / "tiny.txt", n=50)
-    cfg = sentiment.SentimentConfig(output_dir=str(tmp_path / "out"), corpus=str(corpus),
-                                    **sentiment.preset_defaults("smoke"))
+    cfg = SentimentConfig(output_dir=str(tmp_path / "out"), corpus=str(corpus), **preset_defaults("smoke"))
     with pytest.raises(ValueError, match=r"tiny\.txt: 50 usable texts, too few"):
-        sentiment.stage_corpus(cfg, tmp_path / "out")
+        stage_corpus(cfg, tmp_path / "out")

@@ -85,7 +85,8 @@ def test_ppo_raises_reward_with_finite_kl(tiny_model, tmp_path):
     assert m[-1]["kl"] > 0.1  # moved away from πref, and the KL says so
     assert m[-1]["entropy"] < m[0]["entropy"]
     # the saved policy is a plain HF model that generates more 'e's than the start
-    from directpo.eval.sampling import draw_samples, load_prompts
+    from directpo.data.prompts import load_prompts
+    from directpo.eval.sampling import draw_samples
     from directpo.models import load_model, load_tokenizer
 
     items = load_prompts(str(prompts))[:16]
@@ -121,3 +122,52 @@ def test_ppo_cli_reward_fn_from_cwd(tiny_model, tmp_path, monkeypatch, capsys):
     assert main(["ppo", "--model", str(tiny_model), "--prompts", "pairs.jsonl", "--output-dir", "o2",
                  "--max-steps", "1"]) == 2
     assert "exactly one of --reward-model" in capsys.readouterr().err
+
+
+def test_ppo_killed_mid_checkpoint_resumes_bit_identical(tiny_model, tmp_path):
+    """kill -9 while writing checkpoint 3, `--resume`: the final policy and value head, and every
+    metrics line but the timings, equal an uninterrupted run's exactly (adaptive β, two PPO epochs:
+    the KL coefficient and the mini-batch generator are part of the checkpoint)."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    from directpo.train.checkpoint import list_checkpoints
+
+    (tmp_path / "rewards_here.py").write_text("def count_e(prompt, completion):\n    return float(completion.count('e'))\n")
+    rows, _ = review_task(n_train=12, n_eval=1, seed=6)
+    write_jsonl([{"prompt": r["prompt"]} for r in rows], tmp_path / "prompts.jsonl")
+    faults = Path(__file__).resolve().parents[1] / "faults.py"
+
+    def run(out, *extra, kill=None):
+        argv = ["ppo", "--model", str(tiny_model), "--prompts", "prompts.jsonl", "--output-dir", out,
+                "--reward-fn", "rewards_here:count_e", "--batch-size", "4", "--mini-batch-size", "2", "--ppo-epochs",
+                "2", "--max-steps", "5", "--max-new-tokens", "6", "--lr", "5e-3", "--adaptive-kl", "--target-kl",
+                "0.5", "--save-every", "1", "--threads", "1", "--no-progress", *extra]
+        cmd = [sys.executable, "-m", "directpo"] if kill is None else [sys.executable, str(faults),
+                                                                        "--kill-during-save", str(kill)]
+        p = subprocess.run([*cmd, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        return p.returncode, p.stderr[-3000:]
+
+    rc, err = run("full")
+    assert rc == 0, err
+    rc, _ = run("killed", kill=3)
+    assert rc == -signal.SIGKILL
+    assert [p.name for p in list_checkpoints(tmp_path / "killed")] == ["step-00000001", "step-00000002"]
+    rc, err = run("killed", "--resume")
+    assert rc == 0, err
+    assert "resumed from" in err and "step 2" in err
+    for name in ("model.safetensors", "value_head.safetensors"):
+        a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "killed" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+    def lines(out):
+        skip = {"rollouts_per_s", "elapsed_s"}
+        return [{k: v for k, v in json.loads(x).items() if k not in skip} for x in open(tmp_path / out / "metrics.jsonl")]
+
+    assert lines("full") == lines("killed")
+    assert len({m["kl_coef"] for m in lines("full")}) > 1  # β did adapt, so restoring it mattered

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from directpo.cli import main
+from directpo.eval.reward_model import RewardModel
+from directpo.eval.scorers import load_callable, load_reward_fn, review_sentiment
 from directpo.losses import bradley_terry_loss
-from directpo.rlhf.reward_model import RewardModel
-from directpo.rlhf.rewards import load_callable, load_reward_fn, review_sentiment
 from directpo.toy import review_task, write_jsonl
 
 
@@ -22,7 +22,15 @@ def test_bradley_terry_hand_values():
     # −log σ(d) = log(1 + e^{−d})
     expected = [math.log(2), math.log(1 + math.exp(-1)), math.log(1 + math.exp(-2)), math.log(1 + math.exp(2)), 100.0]
     assert loss.tolist() == pytest.approx(expected, rel=1e-6)
-    assert expected[1] == pytest.approx(0.3132617, abs=1e-7) and expected[3] == pytest.approx(2.1269280, abs=1e-7)
+    # Other inputs, against −log p(yw ≻ yl) with p = 1 / (1 + e^{−d}) written out independently.
+    g = torch.Generator().manual_seed(0)
+    c = 3 * torch.randn(64, generator=g, dtype=torch.float64)
+    r = 3 * torch.randn(64, generator=g, dtype=torch.float64)
+    independent = [-math.log(1 / (1 + math.exp(-(a - b)))) for a, b in zip(c.tolist(), r.tolist())]
+    assert bradley_terry_loss(c, r).tolist() == pytest.approx(independent, rel=1e-9)
+    # and finite where the naive formula is not: e^{1000} overflows, log σ(−1000) = −1000
+    far = bradley_terry_loss(torch.tensor([1000.0, -1000.0]), torch.tensor([0.0, 0.0]))
+    assert far.tolist() == pytest.approx([0.0, 1000.0], abs=1e-6)
     loss.sum().backward()
     # d/dr(yw) = −σ(−d): −½ at d = 0, → −1 for a badly wrong pair, and only differences matter
     assert chosen.grad.tolist() == pytest.approx([-0.5, -1 / (1 + math.e), -1 / (1 + math.e ** 2),

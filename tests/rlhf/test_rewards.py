@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from directpo.rlhf.rewards import ClassifierReward, callable_scorer, vader_sentiment
+from directpo.eval.scorers import ClassifierReward, callable_scorer, vader_sentiment
 
 
 def test_vader_scores_the_whole_review():

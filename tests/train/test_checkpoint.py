@@ -30,10 +30,15 @@ def _argv(model, data, out, steps=6, *extra):
             "--warmup-steps", "2", "--max-length", "64", "--save-every", "1", "--no-progress", *extra]
 
 
-def _run(argv, env_extra=None, wait=True):
-    env = dict(os.environ, **(env_extra or {}))
-    p = subprocess.Popen([sys.executable, "-m", "directpo", *argv], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+FAULTS = Path(__file__).resolve().parents[1] / "faults.py"
+
+
+def _run(argv, kill_during_save=None, wait=True):
+    """`directpo ARGV` in a fresh process; with `kill_during_save=N` it SIGKILLs itself mid-write of
+    checkpoint N (tests/faults.py)."""
+    cmd = [sys.executable, "-m", "directpo"] if kill_during_save is None else \
+        [sys.executable, str(FAULTS), "--kill-during-save", str(kill_during_save)]
+    p = subprocess.Popen([*cmd, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if wait:
         out, err = p.communicate(timeout=300)
         return p.returncode, err
@@ -54,7 +59,7 @@ def test_kill_mid_checkpoint_write_then_resume_is_bit_identical(tiny_model, data
     rc, err = _run(_argv(tiny_model, data, tmp_path / "full"))
     assert rc == 0, err
     out = tmp_path / "killed"
-    rc, _ = _run(_argv(tiny_model, data, out), {"DIRECTPO_TEST_KILL_DURING_SAVE": "3"})
+    rc, _ = _run(_argv(tiny_model, data, out), kill_during_save=3)
     assert rc == -signal.SIGKILL
     assert [p.name for p in list_checkpoints(out)] == ["step-00000001", "step-00000002"]  # step 3 never appeared
     assert not (out / "model.safetensors").exists()

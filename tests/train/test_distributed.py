@@ -5,6 +5,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,9 @@ from directpo.toy import review_task, write_jsonl
 from directpo.train.checkpoint import list_checkpoints
 from directpo.train.distributed import Dist
 
+FAULTS = Path(__file__).resolve().parents[1] / "faults.py"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
 
 def test_shards_cover_each_example_once():
     idx = list(range(11))
@@ -22,49 +26,92 @@ def test_shards_cover_each_example_once():
     assert all(len(set(a) & set(b)) == 0 for i, a in enumerate(shards) for b in shards[i + 1:])
 
 
-@pytest.mark.parametrize("mode", ["ddp", "ddp-live-ref", "fsdp"])
-def test_two_process_run_matches_single_process(tiny_model, tmp_path, mode):
+def _two_runs(tiny_model, tmp_path, mode: str, fault: list[str] = ()):
+    """The same 5 SGD steps in one process and in two (torchrun on tests/faults.py, which reports
+    what each rank held around FSDP sharding and can inject a fault): (single, multi) metrics,
+    weights, and the multi-process stderr."""
     rows, _ = review_task(n_train=40, n_eval=8, seed=21)
     data = write_jsonl(rows, tmp_path / "d.jsonl")
-    common = ["--model", str(tiny_model), "--data", str(data), "--lr", "1e-3", "--optimizer", "adamw",
+    # Plain SGD: the update is lr × the summed gradient, so a wrong reduction shows in the weights
+    # (Adam and RMSprop divide it out), and float re-association noise stays ~1e-7 relative
+    # whatever the CPU (Adam turns it into lr-sized steps on near-zero gradients).
+    common = ["--model", str(tiny_model), "--data", str(data), "--lr", "0.5", "--optimizer", "sgd",
               "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "5", "--warmup-steps", "0",
-              "--max-length", "64", "--no-progress", "--threads", "1"]
+              "--max-grad-norm", "0", "--max-length", "64", "--no-progress", "--threads", "1"]
     if mode == "ddp-live-ref":
         common.append("--no-precompute-ref")
-    env = dict(os.environ, OMP_NUM_THREADS="1", DIRECTPO_DEBUG_FSDP_INIT="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     single = subprocess.run([sys.executable, "-m", "directpo", "train", *common, "--output-dir", str(tmp_path / "one")],
                             capture_output=True, text=True, env=env, timeout=300)
     assert single.returncode == 0, single.stderr
-    multi = subprocess.run([sys.executable, "-m", "directpo", "train", *common, "--output-dir", str(tmp_path / "two"),
-                            "--nproc", "2", *(["--fsdp", "--eval-data", str(data), "--eval-every", "2"]
-                                              if mode == "fsdp" else [])], capture_output=True, text=True, env=env, timeout=300)
+    multi = subprocess.run([*TORCHRUN, str(FAULTS), "--report-fsdp-init", *fault, "train", *common, "--output-dir",
+                            str(tmp_path / "two"), *(["--fsdp", "--eval-data", str(data), "--eval-every", "2"]
+                                                     if mode == "fsdp" else [])],
+                           capture_output=True, text=True, env=env, timeout=300)
     assert multi.returncode == 0, multi.stderr[-3000:]
     a = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
-    b = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
-    b = [m for m in b if m["split"] == "train"]
-    assert len(a) == len(b) == 5  # rank 0 alone writes
+    b = [m for m in map(json.loads, open(tmp_path / "two" / "metrics.jsonl")) if m["split"] == "train"]
+    wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
+    return (a, wa), (b, wb), multi.stderr
+
+
+def _equal_runs(one, two, start: dict) -> list[str]:
+    """Where two runs differ by more than float re-association explains (empty: equal). Per step:
+    the loss and the margin (1e-5 absolute) and the gradient norm (1e-4 relative: the reduced
+    gradient itself); the weights' updates w − w0 within 1e-4 of the largest update."""
+    (a, wa), (b, wb) = one, two
+    bad = [] if len(a) == len(b) == 5 else [f"{len(a)} vs {len(b)} metrics lines"]
     for x, y in zip(a, b):
-        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
-        assert x["rewards/margins"] == pytest.approx(y["rewards/margins"], abs=1e-5)
-        assert x["tokens_per_s"] > 0 and y["tokens_per_s"] > 0
-    wa, wb = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+        for key, tol in (("loss", 1e-5), ("rewards/margins", 1e-5), ("grad_norm", 1e-4 * x["grad_norm"])):
+            if abs(x[key] - y[key]) > tol:
+                bad.append(f"step {x['step']} {key}: {x[key]} vs {y[key]}")
+    update = max((wa[k] - start[k]).abs().max().item() for k in wa)
     for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+        diff = (wa[k] - wb[k]).abs().max().item()
+        if diff > 1e-4 * update:
+            bad.append(f"{k}: weights differ by {diff:.2e} (largest update {update:.2e})")
+    return bad
+
+
+@pytest.mark.parametrize("mode", ["ddp", "ddp-live-ref", "fsdp"])
+def test_two_process_run_matches_single_process(tiny_model, tmp_path, mode):
+    one, two, err = _two_runs(tiny_model, tmp_path, mode)
+    start = load_file(str(tiny_model / "model.safetensors"))
+    assert _equal_runs(one, two, start) == []
+    assert all(m["tokens_per_s"] > 0 for m in one[0] + two[0])
     if mode == "fsdp":  # rank 0 alone read the weights; rank 1 only ever held its shards (and the LM head)
+        wa = one[1]
         total = sum(t.numel() for t in wa.values())
         held = {int(r): (int(a), int(b)) for r, a, b in re.findall(
-            r"rank (\d): (\d+) parameter elements loaded before sharding, (\d+) held after", multi.stderr)}
+            r"rank (\d): (\d+) parameter elements loaded before sharding, (\d+) held after", err)}
         assert held[0][0] == total and held[1][0] == 0
         head = wa["lm_head.weight"].numel()
         assert held[1][1] == pytest.approx(head + (total - head) / 2, rel=0.01)
 
 
-def _train(argv: list[str], **env_extra) -> tuple[int, str]:
-    """`directpo train ...` in a fresh process; returns (exit code, end of stderr)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", **env_extra)
+@pytest.mark.parametrize("fault", ["skip", "mean"])
+def test_the_equality_check_catches_a_broken_all_reduce(tiny_model, tmp_path, fault):
+    """The same comparison fails when the gradients are not summed over ranks (each rank steps on
+    its half of the batch) or are averaged instead of summed (half the update)."""
+    one, two, _ = _two_runs(tiny_model, tmp_path, "ddp", ["--break-all-reduce", fault])
+    bad = _equal_runs(one, two, load_file(str(tiny_model / "model.safetensors")))
+    assert any("grad_norm" in b for b in bad) and any("weights differ" in b for b in bad), bad
+
+
+def _train(argv: list[str], kill_during_save: int | None = None) -> tuple[int, str]:
+    """`directpo train ...` in a fresh process; returns (exit code, end of stderr). With
+    `kill_during_save=N` (2 processes), torchrun runs tests/faults.py, whose rank 0 dies mid-write of
+    checkpoint N."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    p = subprocess.Popen([sys.executable, "-m", "directpo", "train", *argv], stdout=subprocess.PIPE,
+    if kill_during_save is None:
+        cmd = [sys.executable, "-m", "directpo", "train", *argv]
+    else:
+        assert argv[argv.index("--nproc") + 1] == "2"
+        cmd = [*TORCHRUN, str(FAULTS), "--kill-during-save", str(kill_during_save), "train",
+               *[a for i, a in enumerate(argv) if a != "--nproc" and argv[i - 1] != "--nproc"]]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         err = p.communicate(timeout=300)[1]
@@ -92,8 +139,8 @@ def test_fsdp_checkpoints_resume_exactly_and_are_ordinary(tiny_model, tmp_path, 
               *(["--lora-r", "4", "--lr", "1e-2"] if lora else [])]
     fsdp = ["--nproc", "2", "--fsdp"]
 
-    def run(out, *extra, **env_extra):
-        return _train([*common, "--output-dir", str(tmp_path / out), *extra], **env_extra)
+    def run(out, *extra, kill_during_save=None):
+        return _train([*common, "--output-dir", str(tmp_path / out), *extra], kill_during_save)
 
     def weights(out):
         return load_file(str(tmp_path / out / ("adapter_model.safetensors" if lora else "model.safetensors")))
@@ -101,7 +148,7 @@ def test_fsdp_checkpoints_resume_exactly_and_are_ordinary(tiny_model, tmp_path, 
     for out, extra in [("fsdp", fsdp), ("one", [])]:
         rc, err = run(out, *extra)
         assert rc == 0, err
-    rc, _ = run("killed", *fsdp, DIRECTPO_TEST_KILL_DURING_SAVE="4")  # rank 0 dies writing step 4
+    rc, _ = run("killed", *fsdp, kill_during_save=4)  # rank 0 dies writing step 4
     assert rc != 0
     assert [p.name for p in list_checkpoints(tmp_path / "killed")] == ["step-00000002"]
     rc, err = run("killed", *fsdp, "--resume")

@@ -125,6 +125,7 @@ def test_token_budget_micro_batches():
     exs = [SimpleNamespace(num_tokens=n) for n in (10, 20, 30, 40, 100)]
     cfg = SimpleNamespace(micro_batch_tokens=50, micro_batch_size=8)
     assert micro_batches([0, 1, 2, 3, 4], exs, cfg) == [[0, 1], [2], [3], [4]]  # an oversized example goes alone
-    cfg.micro_batch_tokens = 0
-    assert micro_batches([0, 1, 2, 3, 4], exs, SimpleNamespace(micro_batch_tokens=0, micro_batch_size=2)) == \
-        [[0, 1], [2, 3], [4]]
+    cfg.micro_batch_tokens = 100  # the budget is inclusive: 10+20+30+40 = 100 fits in one
+    assert micro_batches([0, 1, 2, 3, 4], exs, cfg) == [[0, 1, 2, 3], [4]]
+    cfg.micro_batch_tokens, cfg.micro_batch_size = 0, 2  # off: split by count
+    assert micro_batches([0, 1, 2, 3, 4], exs, cfg) == [[0, 1], [2, 3], [4]]

@@ -1,16 +1,16 @@
 """The paper's method family through the one trainer: SFT, the SFT→DPO pipeline, Plackett–Luce,
 ranking-to-pairs, Unlikelihood, the RPO-style SFT term."""
-import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
 
 from conftest import hh_rows
+from helpers_ranking import ranking_experiment
+
 from directpo.cli import main
 from directpo.toy import ranked_review_task, review_task, write_jsonl
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _lines(out):
@@ -47,7 +47,7 @@ def test_pipeline_on_real_hh_pairs_is_resumable(tiny_model, tmp_path, capsys):
     dpo_cfg = json.loads((out / "dpo" / "directpo_config.json").read_text())
     assert dpo_cfg["reference"] == str(out / "sft") and dpo_cfg["model"] == str(out / "sft")
     assert json.loads((out / "sft" / "directpo_config.json").read_text())["loss"] == "sft"
-    assert _lines(out / "dpo")[0]["loss"] == pytest.approx(0.6931, abs=1e-4)  # starts at πθ = πref = πSFT
+    assert _lines(out / "dpo")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # starts at πθ = πref = πSFT
     capsys.readouterr()
     assert main(argv) == 0  # both stages complete: nothing reruns
     assert capsys.readouterr().err.count("already complete") == 2
@@ -81,14 +81,12 @@ def test_unlikelihood_and_sft_weight(tiny_model, tmp_path):
     assert m[-1]["logps/chosen"] > m[0]["logps/chosen"]
     assert main(["train", "--model", str(tiny_model), "--data", str(data), "--output-dir", str(tmp_path / "rpo"),
                  "--sft-weight", "1.0", "--max-steps", "2", *FAST]) == 0
-    rpo, dpo_first = _lines(tmp_path / "rpo")[0], 0.6931
-    assert rpo["loss"] == pytest.approx(dpo_first + rpo["nll/token"], abs=1e-3)
+    rpo, dpo_first = _lines(tmp_path / "rpo")[0], math.log(2)  # step 1: πθ = πref, the DPO term is log 2
+    assert rpo["loss"] == pytest.approx(dpo_first + rpo["nll/token"], abs=1e-6)
 
 
 def test_plackett_luce_beats_best_vs_worst_dpo_on_heldout_ranking(tmp_path):
-    """The issue's comparison, at equal steps, on the synthetic K = 4 task (scripts/ranking_experiment.py)."""
-    spec = importlib.util.spec_from_file_location("ranking_experiment", REPO / "scripts" / "ranking_experiment.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    res = mod.main(["--steps", "60", "--out", str(tmp_path), "--only", "plackett_luce,dpo_best_worst"])
+    """The issue's comparison, at equal steps, on the synthetic K = 4 task (tests/helpers_ranking.py; the
+    same experiment as scripts/ranking_experiment.py)."""
+    res = ranking_experiment(tmp_path, steps=60, only=["plackett_luce", "dpo_best_worst"])
     assert res["plackett_luce"]["kendall_tau"][0] > res["dpo_best_worst"]["kendall_tau"][0] + 0.05

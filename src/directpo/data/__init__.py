@@ -1,8 +1,13 @@
-"""Preference data: formats -> canonical Example -> tokenized -> collated Batch."""
+"""Preference data: formats -> canonical Example -> tokenized -> collated Batch; prompt files for sampling."""
 from .collate import LAYOUTS, Batch, collate_packed, collate_padded, make_collate
-from .formats import DataError, Example, SkipReport, load_examples, parse_row, read_records, split_hh
-from .tokenize import TokenizedExample, TokenizeStats, render, tokenize_example, tokenize_examples
+from .formats import (DataError, Example, SkipReport, load_examples, message_text, parse_records, parse_row,
+                      read_records, split_hh, write_jsonl)
+from .prompts import PromptItem, encode_prompt, load_prompts, parse_prompt_row
+from .tokenize import (TokenizedExample, TokenizeStats, prompt_ids, render, render_prompt, tokenize_example,
+                       tokenize_examples, truncate_prompt)
 
-__all__ = ["LAYOUTS", "Batch", "collate_packed", "collate_padded", "make_collate", "DataError", "Example", "SkipReport", "load_examples", "parse_row",
-           "read_records", "split_hh", "TokenizedExample", "TokenizeStats", "render", "tokenize_example",
-           "tokenize_examples"]
+__all__ = ["LAYOUTS", "Batch", "collate_packed", "collate_padded", "make_collate", "DataError", "Example",
+           "SkipReport", "load_examples", "message_text", "parse_records", "parse_row", "read_records", "split_hh",
+           "write_jsonl", "PromptItem", "encode_prompt", "load_prompts", "parse_prompt_row", "TokenizedExample",
+           "TokenizeStats", "prompt_ids", "render", "render_prompt", "tokenize_example", "tokenize_examples",
+           "truncate_prompt"]

@@ -24,12 +24,19 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 HH_ASSISTANT = "\n\nAssistant:"
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz", ".parquet")
 
 Text = str | list  # plain text, or a list of {"role", "content"} messages
+T = TypeVar("T")
+
+
+def message_text(value: Text) -> str:
+    """A text, or the concatenated contents of a list of {role, content} messages."""
+    return value if isinstance(value, str) else "".join(m.get("content", "") for m in value)
 
 
 class DataError(ValueError):
@@ -215,10 +222,6 @@ def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
 
 
-def _response_text(value: Text) -> str:
-    return value if isinstance(value, str) else "".join(m.get("content", "") for m in value)
-
-
 def parse_row(rec: dict, source: str, row: int) -> Example:
     """Turn one record into an Example, or raise a DataError naming source, row and field."""
     # Columnar sources (Parquet, `datasets`) fill absent fields with None: treat that as absent,
@@ -242,7 +245,7 @@ def parse_row(rec: dict, source: str, row: int) -> Example:
     else:
         raw, names = ex.responses, ["chosen", "rejected"]
     for name, r in zip(names, raw):
-        if not _response_text(r).strip():
+        if not message_text(r).strip():
             raise DataError(source, row, name, "empty response", kind="empty")
     texts = [json.dumps(r) if not isinstance(r, str) else r for r in ex.responses]
     if len(set(texts)) < len(texts):
@@ -336,9 +339,13 @@ def _ranking(rec: dict, k: int, source: str, row: int) -> list[int]:
     return list(range(k))  # responses already best first
 
 
-def load_examples(spec: str, on_invalid: str = "error", split: str | None = None,
-                  report: SkipReport | None = None) -> list[Example]:
-    """Read and validate every row of `spec`. Raises the first DataError unless on_invalid='skip'."""
+def parse_records(spec: str, parse: Callable[[dict, str, int], T], on_invalid: str = "error",
+                  split: str | None = None, report: SkipReport | None = None, what: str = "rows") -> list[T]:
+    """`parse(record, source, row)` over every row of `spec`, in file order.
+
+    A row that is not a JSON object, or whose `parse` raises a DataError, stops the run (the error
+    names file, row and field) unless on_invalid='skip': then it is left out and counted in
+    `report`. No usable row at all is a DataError ("no usable {what}")."""
     if on_invalid not in ("error", "skip"):
         raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
     if spec.lower().endswith(FILE_SUFFIXES) and not os.path.exists(spec):
@@ -349,14 +356,20 @@ def load_examples(spec: str, on_invalid: str = "error", split: str | None = None
         try:
             if isinstance(rec, DataError):
                 raise rec
-            out.append(parse_row(rec, spec, row))
+            out.append(parse(rec, spec, row))
         except DataError as e:
             if on_invalid == "error":
                 raise
             report.add(e)
     if not out:
-        raise DataError(spec, None, None, "no usable rows" + (f" ({report.summary()})" if report.total else ""))
+        raise DataError(spec, None, None, f"no usable {what}" + (f" ({report.summary()})" if report.total else ""))
     return out
+
+
+def load_examples(spec: str, on_invalid: str = "error", split: str | None = None,
+                  report: SkipReport | None = None) -> list[Example]:
+    """Read and validate every row of `spec`. Raises the first DataError unless on_invalid='skip'."""
+    return parse_records(spec, parse_row, on_invalid, split, report)
 
 
 def ranking_to_pairs(examples: list[Example], mode: str = "all") -> list[Example]:
@@ -378,3 +391,24 @@ def ranking_to_pairs(examples: list[Example], mode: str = "all") -> list[Example
             out += [Example(ex.prompt, [ex.responses[i], ex.responses[j]], ex.source, ex.row)
                     for i in range(K) for j in range(i + 1, K)]
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
+    """One JSON object per line. Written to a temporary sibling and renamed: the file is whole or
+    absent, never half-written. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
+    return path

@@ -10,12 +10,16 @@ context it sees when generating. (TRL instead drops the prompt's last tokens in 
 Truncation. `max_prompt_length` cuts the prompt from the left (keeping the latest turns, and a
 leading BOS); responses are then cut from the right to fit `max_length`. A prompt that leaves no
 room for a single response token is a `DataError` of kind 'prompt_too_long'.
+
+Prompts alone (for sampling: `directpo.data.prompts.encode_prompt`) go through the same three
+steps as a training example's prompt: `render_prompt` (text, or the chat template with the
+generation prompt), `prompt_ids` (an empty prompt starts from BOS, or EOS) and `truncate_prompt`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .formats import DataError, Example, SkipReport
+from .formats import DataError, Example, SkipReport, Text
 
 
 @dataclass
@@ -44,18 +48,57 @@ class TokenizeStats:
                 f"truncated (right), {self.boundary_merges} prompt/response boundary merges re-split")
 
 
+def render_prompt(prompt: Text, tokenizer, source: str = "prompt", row: int | None = None) -> tuple[str, bool]:
+    """The text a prompt is tokenized from, and whether the tokenizer should add special tokens.
+
+    Text is used as is (special tokens added, as `tokenizer(prompt)` does at inference); a list of
+    messages goes through the tokenizer's chat template with the generation prompt, and the
+    template then owns BOS and end-of-turn markers (no special tokens added)."""
+    if not isinstance(prompt, list):
+        return prompt, True
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(source, row, "prompt", "conversational row, but the tokenizer has no chat template",
+                        kind="invalid")
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), False
+
+
+def prompt_ids(text: str, tokenizer, add_special_tokens: bool = True, source: str = "prompt",
+               row: int | None = None) -> tuple[list[int], bool]:
+    """(ids of a rendered prompt, whether a start token was injected).
+
+    An empty prompt becomes [BOS] (or [EOS] when there is no BOS): the first response token needs
+    a position to be predicted from."""
+    ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    if ids:
+        return ids, False
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise DataError(source, row, "prompt", "empty prompt and the tokenizer has neither BOS nor EOS to start from")
+    return [start], True
+
+
+def truncate_prompt(ids: list[int], tokenizer, max_prompt_length: int | None) -> list[int]:
+    """Prompt ids cut from the left to at most `max_prompt_length`, keeping a leading BOS."""
+    if max_prompt_length is None:
+        return ids
+    if max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be ≥ 1 (the first response token is predicted from the "
+                         f"prompt's last one), got {max_prompt_length}")
+    if len(ids) <= max_prompt_length:
+        return ids
+    keep = 1 if (tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id) else 0
+    return ids[:keep] + ids[len(ids) - (max_prompt_length - keep):]
+
+
 def render(example: Example, tokenizer) -> tuple[str, list[str], bool]:
     """Text of the prompt and of each response, and whether the tokenizer should add special tokens.
 
     Conversational examples go through the tokenizer's chat template; the template then owns BOS
     and end-of-turn markers, so no special tokens are added and no EOS is appended.
     """
+    prompt_text, add_special = render_prompt(example.prompt, tokenizer, example.source, example.row)
     if not example.conversational:
-        return example.prompt, list(example.responses), True
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(example.source, example.row, "prompt",
-                        "conversational row, but the tokenizer has no chat template", kind="invalid")
-    prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
+        return prompt_text, list(example.responses), add_special
     fulls = [tokenizer.apply_chat_template(example.prompt + r, tokenize=False) for r in example.responses]
     # Some templates render the prompt differently alone than followed by a reply; the prompt is
     # then the longest text all renderings share.
@@ -78,23 +121,15 @@ def tokenize_example(example: Example, tokenizer, max_length: int | None = None,
                      max_prompt_length: int | None = None, stats: TokenizeStats | None = None) -> TokenizedExample:
     stats = stats if stats is not None else TokenizeStats()
     prompt_text, responses, add_special = render(example, tokenizer)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=add_special)["input_ids"]
+    p_ids, injected_start = prompt_ids(prompt_text, tokenizer, add_special, example.source, example.row)
     eos = tokenizer.eos_token_id
-    injected_start = not prompt_ids
-    if injected_start:
-        # The first response token needs a position to be predicted from.
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
-        if start is None:
-            raise DataError(example.source, example.row, "prompt",
-                            "empty prompt and the tokenizer has neither BOS nor EOS to start from")
-        prompt_ids = [start]
     response_ids = []
     for text in responses:
         full = tokenizer(prompt_text + text, add_special_tokens=add_special)["input_ids"]
         if injected_start:  # nothing to merge with: the response is all there is
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        elif full[:len(prompt_ids)] == prompt_ids:
-            ids = full[len(prompt_ids):]
+        elif full[:len(p_ids)] == p_ids:
+            ids = full[len(p_ids):]
         else:
             stats.boundary_merges += 1
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -102,21 +137,18 @@ def tokenize_example(example: Example, tokenizer, max_length: int | None = None,
             ids = ids + [eos]
         response_ids.append(ids)
 
-    prompt_truncated = False
-    if max_prompt_length is not None and max_prompt_length < 1:
-        raise ValueError(f"max_prompt_length must be ≥ 1 (the first response token is predicted from the "
-                         f"prompt's last one), got {max_prompt_length}")
-    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-        keep = 1 if (tokenizer.bos_token_id is not None and prompt_ids[0] == tokenizer.bos_token_id) else 0
-        prompt_ids = prompt_ids[:keep] + prompt_ids[len(prompt_ids) - (max_prompt_length - keep):]
-        prompt_truncated = True
+    # Truncated only now: the boundary check above needs the whole prompt's ids.
+    cut = truncate_prompt(p_ids, tokenizer, max_prompt_length)
+    prompt_truncated = len(cut) < len(p_ids)
+    if prompt_truncated:
         stats.prompts_truncated += 1
+    p_ids = cut
     n_trunc = 0
     if max_length is not None:
-        room = max_length - len(prompt_ids)
+        room = max_length - len(p_ids)
         if room < 1:
             raise DataError(example.source, example.row, "prompt",
-                            f"prompt is {len(prompt_ids)} tokens, leaving no room for a response within "
+                            f"prompt is {len(p_ids)} tokens, leaving no room for a response within "
                             f"max_length={max_length}; set max_prompt_length to truncate prompts from the left, "
                             "or on_invalid='skip' to leave such rows out", kind="prompt_too_long")
         for k, ids in enumerate(response_ids):
@@ -124,7 +156,7 @@ def tokenize_example(example: Example, tokenizer, max_length: int | None = None,
                 response_ids[k] = ids[:room]
                 n_trunc += 1
         stats.responses_truncated += n_trunc
-    return TokenizedExample(prompt_ids, response_ids, example.source, example.row, prompt_truncated, n_trunc)
+    return TokenizedExample(p_ids, response_ids, example.source, example.row, prompt_truncated, n_trunc)
 
 
 def tokenize_examples(examples: list[Example], tokenizer, max_length: int | None = None,

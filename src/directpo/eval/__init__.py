@@ -1,5 +1,8 @@
-"""Evaluation: sampling, Best-of-N, judges (reward model, callable, OpenAI-compatible chat endpoint),
-sequence-level KL(π‖πref), win rates and temperature sweeps."""
-from .sampling import PromptItem, generate_completions, load_prompts, sample
+"""Evaluation: sampling (`sampling`), scorers (`scorers`: reward functions, `reward_model`: trained
+reward models), Best-of-N (`bon`), judges (`judge`: reward, callable, OpenAI-compatible chat
+endpoint), sequence-level KL(π‖πref), win rates and temperature sweeps (`evaluate`), implicit-reward
+scoring of preference files (`score`).
 
-__all__ = ["PromptItem", "generate_completions", "load_prompts", "sample"]
+Import the submodules directly; this package imports nothing. Prompt files are read by
+`directpo.data.prompts`.
+"""

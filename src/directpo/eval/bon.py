@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 import sys
 
-from ..data import SkipReport
+from ..data.formats import SkipReport, write_jsonl
+from ..data.prompts import load_prompts
 from ..models import load_model, load_tokenizer, pick_device
 from .evaluate import mean_se
-from .sampling import draw_samples, load_prompts, write_jsonl
+from .sampling import draw_samples
+from .scorers import as_scorer
 
 
 def bon_kl(n: int) -> float:
@@ -26,8 +28,6 @@ def best_of_n(model: str, prompts: str, out: str, n: int, reward, max_new_tokens
               split: str | None = None, progress: bool = True) -> dict:
     """One JSON line per prompt: prompt_index, prompt, completion (the best), reward, index (which of
     the N), rewards (all N), completions (all N)."""
-    from ..rlhf.rewards import as_scorer
-
     if n < 1:
         raise ValueError(f"n must be ≥ 1, got {n}")
     reward = as_scorer(reward)

@@ -24,9 +24,12 @@ from pathlib import Path
 import torch
 
 from ..data import SkipReport, TokenizedExample, make_collate
+from ..data.formats import write_jsonl
+from ..data.prompts import load_prompts
 from ..logprobs import dataset_logps
 from ..models import load_model, load_tokenizer, pick_device
-from .sampling import Samples, draw_samples, load_prompts, write_jsonl
+from .sampling import Samples, draw_samples
+from .scorers import as_scorer
 
 
 def mean_se(values) -> tuple[float, float]:
@@ -106,14 +109,13 @@ def plot_sweep(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-def evaluate(model: str, prompts: str, out: str, ref: str | None = None, reward=None, judge=None, n: int = 1,
-             temperatures=(1.0,), max_new_tokens: int = 128, top_p: float = 1.0, seed: int = 0,
-             batch_size: int = 16, max_prompt_length: int | None = None, device: str | None = None,
-             precision: str = "fp32", plot: str | None = None, samples_out: str | None = None,
-             on_invalid: str = "error", split: str | None = None, progress: bool = True) -> dict:
+def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, reward=None, judge=None, n: int = 1,
+                    temperatures=(1.0,), max_new_tokens: int = 128, top_p: float = 1.0, seed: int = 0,
+                    batch_size: int = 16, max_prompt_length: int | None = None, device: str | None = None,
+                    precision: str = "fp32", plot: str | None = None, samples_out: str | None = None,
+                    on_invalid: str = "error", split: str | None = None, progress: bool = True) -> dict:
     """`reward`: a scorer `(prompts, completions) -> list[float]` (or None); `judge`: a ChatJudge or
     RewardJudge for win rates (None: the reward judges, when references exist)."""
-    from ..rlhf.rewards import as_scorer
     from .judge import RewardJudge
 
     reward = as_scorer(reward) if reward is not None else None

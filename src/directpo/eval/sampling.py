@@ -1,12 +1,8 @@
 """`directpo sample`: completions from a model for a prompt file, batched, seeded.
 
-Prompts come from a JSONL/JSON/Parquet file (or a `datasets` source) whose rows have a `prompt`
-field (text, or a list of {role, content} messages), or from any preference file `directpo train`
-reads: its prompts are used, and its best response (`chosen`), or a `reference` field, is kept as
-the reference completion for win rates.
-
-Prompts are tokenized exactly as in training (`directpo.data.tokenize`: `tokenizer(prompt)` with
-special tokens; chat templates with the generation prompt), left-padded, and sampled with
+Prompts come from a prompt file or any preference file `directpo train` reads
+(`directpo.data.prompts.load_prompts`), are tokenized exactly as in training
+(`directpo.data.prompts.encode_prompt`), left-padded, and sampled with
 our own loop with a KV cache (`sample_batch`): plain ancestral sampling from softmax(logits / T),
 optionally nucleus-filtered, and nothing else (no default top-k, no repetition penalty, whatever
 a checkpoint's generation config says): at temperature 1 and top-p 1, samples come from π itself,
@@ -18,99 +14,14 @@ untouched), so the same settings give the same samples.
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from ..data.formats import DataError, SkipReport, _is_messages, _messages, parse_row, read_records
+from ..data.formats import SkipReport, write_jsonl
+from ..data.prompts import PromptItem, encode_prompt, load_prompts
 from ..models import load_model, load_tokenizer, pick_device, unwrap_peft
-
-_PAIR_FIELDS = ("chosen", "rejected", "responses", "completion")
-
-
-@dataclass
-class PromptItem:
-    prompt: str | list  # text, or a list of {role, content} messages
-    reference: str | None = None  # a reference completion (for win rates), when the row has one
-    source: str = ""
-    row: int = 0
-
-
-def message_text(value) -> str:
-    """A text, or the concatenated contents of a list of {role, content} messages."""
-    return value if isinstance(value, str) else "".join(m.get("content", "") for m in value)
-
-
-def parse_prompt_row(rec: dict, source: str, row: int) -> PromptItem:
-    """A prompt row ({prompt[, reference]}) or any preference/SFT row directpo reads."""
-    rec = {k: v for k, v in rec.items() if v is not None}
-    reference = None
-    if any(k in rec for k in _PAIR_FIELDS):  # preference, ranked or SFT row: its prompt, its best response
-        ex = parse_row(rec, source, row)
-        prompt, reference = ex.prompt, ex.responses[0]
-    elif "prompt" not in rec:
-        raise DataError(source, row, "prompt", "missing: a prompt row needs a 'prompt' field (text or messages)",
-                        kind="missing")
-    elif _is_messages(rec["prompt"]):
-        prompt = _messages(rec["prompt"], source, row, "prompt")
-    elif isinstance(rec["prompt"], str):
-        prompt = rec["prompt"]
-    else:
-        raise DataError(source, row, "prompt", f"expected a string or a list of messages, got "
-                                               f"{type(rec['prompt']).__name__}", kind="type")
-    if "reference" in rec:
-        reference = rec["reference"]
-        if not isinstance(reference, str) and not _is_messages(reference):
-            raise DataError(source, row, "reference", f"expected a string, got {type(reference).__name__}",
-                            kind="type")
-    return PromptItem(prompt, None if reference is None else message_text(reference), source, row)
-
-
-def load_prompts(spec: str, on_invalid: str = "error", split: str | None = None,
-                 report: SkipReport | None = None) -> list[PromptItem]:
-    """Every prompt of `spec`, in file order. Bad rows raise a DataError naming file, row and field
-    (or are skipped and counted with on_invalid='skip')."""
-    import os
-
-    from ..data.formats import FILE_SUFFIXES
-
-    if spec.lower().endswith(FILE_SUFFIXES) and not os.path.exists(spec):
-        raise DataError(spec, None, None, "no such file")
-    report = report if report is not None else SkipReport()
-    items = []
-    for row, rec in read_records(spec, split):
-        try:
-            if isinstance(rec, DataError):
-                raise rec
-            items.append(parse_prompt_row(rec, spec, row))
-        except DataError as e:
-            if on_invalid != "skip":
-                raise
-            report.add(e)
-    if not items:
-        raise DataError(spec, None, None, "no usable prompts" + (f" ({report.summary()})" if report.total else ""))
-    return items
-
-
-def encode_prompt(prompt: str | list, tokenizer, max_prompt_length: int | None = None) -> list[int]:
-    """Prompt ids as `directpo.data.tokenize` builds them (BOS kept when cutting from the left)."""
-    if isinstance(prompt, list):
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("conversational prompt, but the tokenizer has no chat template")
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        ids = tokenizer(prompt)["input_ids"]
-    if not ids:
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        ids = [start]
-    if max_prompt_length is not None and len(ids) > max_prompt_length:
-        keep = 1 if (tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id) else 0
-        ids = ids[:keep] + ids[len(ids) - (max_prompt_length - keep):]
-    return ids
 
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -267,17 +178,6 @@ def draw_samples(model, tokenizer, items: list[PromptItem], n: int = 1, max_new_
     comps = generate_completions(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, seed, batch_size,
                                  progress)
     return Samples(items, prompt_ids, comps, [decode(tokenizer, c) for c in comps], n)
-
-
-def write_jsonl(rows, path: str | Path) -> None:
-    """Written to a temporary sibling and renamed: the file is whole or absent, never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def sample(model: str, prompts: str, out: str, n: int = 1, max_new_tokens: int = 128, temperature: float = 1.0,

@@ -47,7 +47,7 @@ def frontier_at(points: list[dict], k: float, start: float) -> float:
     return max([start] + [p["reward"] for p in points if max(p["kl"], 0.0) <= k])
 
 
-def compare(a: list[dict], b: list[dict], start: dict, draws: int = 2000, seed: int = 0) -> dict:
+def compare_frontiers(a: list[dict], b: list[dict], start: dict, draws: int = 2000, seed: int = 0) -> dict:
     """Mean frontier height of method a minus method b over the KL range both reach."""
     if not a or not b:
         return {}
@@ -126,7 +126,7 @@ def summarize(points: list[dict], reference: str = "dpo") -> dict:
             continue
         ps = [p for p in points if p["method"] == m]
         if ps and ref_pts:
-            out[m] = compare(ref_pts, ps, start)
+            out[m] = compare_frontiers(ref_pts, ps, start)
     return out
 
 

@@ -1,5 +1,6 @@
-"""The RLHF side of the paper (§3): a Bradley–Terry reward model, PPO with a KL penalty (eq. 3),
-and reward functions (a trained reward model, or any Python callable)."""
-from .rewards import load_callable, load_reward_fn, review_sentiment
+"""The RLHF side of the paper (§3): a Bradley–Terry reward model (`directpo.rlhf.reward_model`,
+training) and PPO with a KL penalty (eq. 3, `directpo.rlhf.ppo`).
 
-__all__ = ["load_callable", "load_reward_fn", "review_sentiment"]
+Scoring (a trained reward model, or any Python callable) lives in `directpo.eval.scorers` and
+`directpo.eval.reward_model`. Import the submodules directly; this package imports nothing.
+"""

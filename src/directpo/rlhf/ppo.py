@@ -23,24 +23,26 @@ to value_head.safetensors beside it.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from .. import __version__
+from ..console import log
 from ..data import TokenizedExample
 from ..data.collate import collate_padded
-from ..eval.sampling import decode, encode_prompt, generate_completions, load_prompts
+from ..data.prompts import encode_prompt, load_prompts
+from ..eval.sampling import decode, generate_completions
+from ..eval.scorers import as_scorer, load_reward_fn
 from ..logprobs import _backbone_and_head, label_logprobs, token_logps
-from ..models import freeze, load_model, load_tokenizer, pick_device
-from ..train.loop import COMPLETE_MARKER, autocast_ctx, batch_order, log
+from ..models import autocast_ctx, freeze, load_model, load_tokenizer, pick_device
+from ..train.loop import batch_order
 from ..train.optim import build_optimizer, warmup_schedule
+from ..train.run import Progress, RunDir, StepDriver, resume, setup_torch
 from .config import PPOConfig
 
 
@@ -157,146 +159,203 @@ def save_snapshot(policy, tokenizer, path: Path) -> None:
     tmp.rename(path)
 
 
-def ppo(cfg: PPOConfig, reward=None) -> dict:
-    """Run PPO. `reward`: f(prompt, completion) -> float, or a `batched` scorer (see
-    directpo.rlhf.rewards); default: from cfg.reward_model / cfg.reward_fn."""
-    from .rewards import as_scorer, load_reward_fn
+@dataclass
+class PPOModels:
+    """What a PPO run holds: the policy and its value head, πref, the prompts, the reward."""
 
-    cfg.validate()
-    out = Path(cfg.output_dir)
-    if (out / "metrics.jsonl").exists() and not cfg.overwrite:
-        raise FileExistsError(f"{out} already holds a run (metrics.jsonl); pass --overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    policy: nn.Module
+    value_head: nn.Linear
+    ref: nn.Module
+    tokenizer: object
+    items: list  # PromptItem per prompt
+    prompt_ids: list[list[int]]
+    reward: object  # a checked batch scorer
+    device: torch.device
+
+
+def setup_models(cfg: PPOConfig, reward, device) -> PPOModels:
     if reward is None:
         reward = load_reward_fn(cfg.reward_model, cfg.reward_fn, device=cfg.device, precision=cfg.precision)
     elif cfg.reward_model or cfg.reward_fn:
         raise ValueError("give the reward either as an argument or in the config, not both")
-    reward = as_scorer(reward)
-
     items = load_prompts(cfg.prompts, cfg.on_invalid, cfg.data_split)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     prompt_ids = [encode_prompt(it.prompt, tokenizer, cfg.max_prompt_length) for it in items]
-    policy = load_model(cfg.model, device)
+    policy = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code)
     policy.eval()  # no dropout: the rollout's log-probs are the ratio's denominator
-    ref = freeze(load_model(cfg.ref or cfg.model, device))
+    ref = freeze(load_model(cfg.ref or cfg.model, device, trust_remote_code=cfg.trust_remote_code))
     head = policy.get_output_embeddings()  # its input width is the width of the last hidden states
     hidden = head.weight.shape[1] if head is not None else policy.config.get_text_config().hidden_size
     value_head = nn.Linear(hidden, 1).to(device)
     nn.init.zeros_(value_head.weight)
     nn.init.zeros_(value_head.bias)
-    params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
+    return PPOModels(policy, value_head, ref, tokenizer, items, prompt_ids, as_scorer(reward), device)
+
+
+@dataclass
+class Rollouts:
+    """One PPO step's rollouts: (B, L) per-token tensors, right-padded, `mask` 1 on response tokens."""
+
+    examples: list[TokenizedExample]
+    lengths: list[int]
+    scores: torch.Tensor
+    old_logp: torch.Tensor
+    old_values: torch.Tensor
+    entropy: torch.Tensor  # flat, per response token
+    mask: torch.Tensor
+    kl_tok: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def collect_rollouts(m: PPOModels, cfg: PPOConfig, idx: list[int], step: int, kl_coef: float) -> Rollouts:
+    """Steps 1-4: sample from πθ, score, per-token rewards with the KL penalty, GAE."""
+    p_ids = [m.prompt_ids[i] for i in idx]
+    comps = generate_completions(m.policy, m.tokenizer, p_ids, cfg.max_new_tokens, 1.0, 1.0,
+                                 seed=cfg.seed * 1_000_003 + 1000 * step,
+                                 batch_size=cfg.generation_batch_size or len(p_ids))
+    texts = [decode(m.tokenizer, c) for c in comps]
+    scores = torch.tensor(m.reward([m.items[i].prompt for i in idx], texts), dtype=torch.float32)
+    examples = [TokenizedExample(p, [c]) for p, c in zip(p_ids, comps)]
+    lengths = [len(c) for c in comps]
+    old_lp, old_v, ent, ref_lp = [], [], [], []
+    with torch.no_grad(), autocast_ctx(m.device, cfg.precision):
+        for s in range(0, len(examples), cfg.mini_batch_size):
+            batch = collate_padded(examples[s:s + cfg.mini_batch_size], m.tokenizer.pad_token_id).to(m.device)
+            lp, v, e = policy_forward(m.policy, m.value_head, batch, entropy=True)
+            old_lp.append(lp), old_v.append(v), ent.append(e)
+            ref_lp.append(token_logps(m.ref, batch))
+    old_logp = _padded(torch.cat(old_lp).float().cpu(), lengths)
+    old_values = _padded(torch.cat(old_v).float().cpu(), lengths)
+    ref_logp = _padded(torch.cat(ref_lp).float().cpu(), lengths)
+    mask = _padded(torch.ones(sum(lengths)), lengths)
+    kl_tok = (old_logp - ref_logp) * mask
+    rewards = -kl_coef * kl_tok
+    rewards[torch.arange(len(lengths)), torch.tensor(lengths) - 1] += scores
+    advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = whiten(advantages, mask)
+    return Rollouts(examples, lengths, scores, old_logp, old_values, torch.cat(ent).float().cpu(), mask, kl_tok,
+                    advantages, returns)
+
+
+def ppo_update(m: PPOModels, cfg: PPOConfig, ro: Rollouts, driver: StepDriver, gen: torch.Generator,
+               step: int) -> tuple[dict, list[float]]:
+    """Step 5: `ppo_epochs` passes of mini-batches, one optimizer step each. Returns the mean
+    losses and the gradient norms."""
+    sums, n_mb, grad_norms = {}, 0, []
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(len(ro.examples), generator=gen).tolist()
+        for s in range(0, len(perm), cfg.mini_batch_size):
+            mb = perm[s:s + cfg.mini_batch_size]
+            batch = collate_padded([ro.examples[i] for i in mb], m.tokenizer.pad_token_id).to(m.device)
+            L = max(ro.lengths[i] for i in mb)
+            with autocast_ctx(m.device, cfg.precision):
+                lp, v, _ = policy_forward(m.policy, m.value_head, batch)
+            mb_lengths = [ro.lengths[i] for i in mb]
+            sel = lambda x: x[mb, :L].to(m.device)  # noqa: E731
+            losses = ppo_losses(_padded(lp, mb_lengths), sel(ro.old_logp), _padded(v, mb_lengths),
+                                sel(ro.old_values), sel(ro.advantages), sel(ro.returns), sel(ro.mask), cfg.cliprange,
+                                cfg.cliprange_value)
+            loss = losses["policy_loss"] + cfg.vf_coef * losses["value_loss"]
+            loss.backward()
+            _, grad_norm, _ = driver.step({"loss": loss.item()}, lambda: f"at PPO step {step}")
+            if grad_norm is not None:
+                grad_norms.append(grad_norm)
+            for k, val in losses.items():
+                sums[k] = sums.get(k, 0.0) + val.detach().item()
+            n_mb += 1
+    return {k: v / n_mb for k, v in sums.items()}, grad_norms
+
+
+def step_metrics(step: int, ro: Rollouts, losses: dict, grad_norms: list[float], kl_coef: float, lr: float,
+                 seconds: float, elapsed: float) -> dict:
+    seq_kl = ro.kl_tok.sum(1)
+    scores = ro.scores
+    return {"step": step, "reward": scores.mean().item(),
+            "reward_std": scores.std().item() if len(scores) > 1 else 0.0, "kl": seq_kl.mean().item(),
+            "kl_coef": kl_coef, "entropy": ro.entropy.mean().item(), **losses,
+            "non_score_reward": (-kl_coef * seq_kl).mean().item(), "length_mean": sum(ro.lengths) / len(ro.lengths),
+            "value_mean": masked_mean(ro.old_values, ro.mask).item(),
+            "return_mean": masked_mean(ro.returns, ro.mask).item(), "lr": lr,
+            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+            "rollouts_per_s": len(ro.lengths) / seconds, "elapsed_s": elapsed}
+
+
+def ppo(cfg: PPOConfig, reward=None) -> dict:
+    """Run PPO. `reward`: f(prompt, completion) -> float, or a `batched` scorer (see
+    directpo.eval.scorers); default: from cfg.reward_model / cfg.reward_fn."""
+    cfg.validate()
+    run = RunDir(cfg.output_dir)
+    run.prepare(cfg.overwrite, cfg.resume)
+    setup_torch(cfg.threads, cfg.seed)
+    device = pick_device(cfg.device)
+    m = setup_models(cfg, reward, device)
+    params = [p for p in m.policy.parameters() if p.requires_grad] + list(m.value_head.parameters())
     optimizer = build_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = warmup_schedule(optimizer, cfg.warmup_steps)
     kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
-    pad = tokenizer.pad_token_id
-    (out / "directpo_config.json").write_text(json.dumps(
-        {"directpo_version": __version__, "command": "ppo", **asdict(cfg), "reference": cfg.ref or cfg.model,
-         "prompts_count": len(items)}, indent=2))
-    log(f"PPO: {cfg.max_steps} steps × {cfg.batch_size} rollouts ({len(items)} prompts), {cfg.ppo_epochs} epochs of "
-        f"mini-batches of {cfg.mini_batch_size}, β {cfg.kl_coef}{' (adaptive)' if cfg.adaptive_kl else ''}, "
+    gen = torch.Generator().manual_seed(cfg.seed)  # mini-batch order
+    run.record_config("ppo", cfg, reference=cfg.ref or cfg.model, prompts_count=len(m.items))
+    log(f"PPO: {cfg.max_steps} steps × {cfg.batch_size} rollouts ({len(m.items)} prompts), {cfg.ppo_epochs} epochs "
+        f"of mini-batches of {cfg.mini_batch_size}, β {cfg.kl_coef}{' (adaptive)' if cfg.adaptive_kl else ''}, "
         f"{cfg.optimizer} lr {cfg.lr}, on {device}")
-
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.max_steps, desc="ppo", unit="step", mininterval=1.0, dynamic_ncols=True)
-    metrics = open(out / "metrics.jsonl", "w")
-    order = batch_order(len(items), cfg.batch_size, cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    # Resume: policy, value head, optimizer, schedule, RNG, β and the mini-batch generator; the
+    # prompt order and the sampling seed are functions of the step.
+    start_step, state = resume(run, cfg, m.policy, optimizer, scheduler)
+    if start_step:
+        restore_extra(state["extra"], m.value_head, kl_ctl, gen)
+    order = batch_order(len(m.items), cfg.batch_size, cfg.seed)
+    for _ in range(start_step):
+        next(order)
+    driver = StepDriver(params, optimizer, scheduler, cfg.max_grad_norm, skip_nonfinite=cfg.skip_nonfinite)
+    progress = Progress(cfg.progress, cfg.max_steps, start_step, "ppo", cfg.log_every)
+    metrics = run.metrics(start_step)
     t_start, last = time.perf_counter(), {}
-    for step in range(1, cfg.max_steps + 1):
-        t0 = time.perf_counter()
-        _, idx = next(order)
-        # 1-2. rollouts from πθ, scored
-        p_ids = [prompt_ids[i] for i in idx]
-        comps = generate_completions(policy, tokenizer, p_ids, cfg.max_new_tokens, 1.0, 1.0,
-                                     seed=cfg.seed * 1_000_003 + 1000 * step,
-                                     batch_size=cfg.generation_batch_size or len(p_ids))
-        texts = [decode(tokenizer, c) for c in comps]
-        scores = torch.tensor(reward([items[i].prompt for i in idx], texts), dtype=torch.float32)
-        examples = [TokenizedExample(p, [c]) for p, c in zip(p_ids, comps)]
-        lengths = [len(c) for c in comps]
-        # 3-4. old log-probs, reference log-probs, values; per-token rewards; GAE
-        with torch.no_grad(), autocast_ctx(device, cfg.precision):
-            old_lp, old_v, ent = [], [], []
-            ref_lp = []
-            for s in range(0, len(examples), cfg.mini_batch_size):
-                batch = collate_padded(examples[s:s + cfg.mini_batch_size], pad).to(device)
-                lp, v, e = policy_forward(policy, value_head, batch, entropy=True)
-                old_lp.append(lp), old_v.append(v), ent.append(e)
-                ref_lp.append(token_logps(ref, batch))
-        old_logp = _padded(torch.cat(old_lp).float().cpu(), lengths)
-        old_values = _padded(torch.cat(old_v).float().cpu(), lengths)
-        ref_logp = _padded(torch.cat(ref_lp).float().cpu(), lengths)
-        entropy = torch.cat(ent).float().cpu()
-        mask = _padded(torch.ones(sum(lengths)), lengths)
-        kl_tok = (old_logp - ref_logp) * mask
-        rewards = -kl_ctl.value * kl_tok
-        rewards[torch.arange(len(lengths)), torch.tensor(lengths) - 1] += scores
-        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = whiten(advantages, mask)
-        # 5. PPO epochs over mini-batches
-        sums, n_mb, grad_norms = {}, 0, []
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(len(examples), generator=gen).tolist()
-            for s in range(0, len(perm), cfg.mini_batch_size):
-                mb = perm[s:s + cfg.mini_batch_size]
-                batch = collate_padded([examples[i] for i in mb], pad).to(device)
-                L = max(lengths[i] for i in mb)
-                with autocast_ctx(device, cfg.precision):
-                    lp, v, _ = policy_forward(policy, value_head, batch)
-                mb_lengths = [lengths[i] for i in mb]
-                sel = lambda x: x[mb, :L].to(device)  # noqa: E731
-                losses = ppo_losses(_padded(lp, mb_lengths), sel(old_logp), _padded(v, mb_lengths), sel(old_values),
-                                    sel(advantages), sel(returns), sel(mask), cfg.cliprange, cfg.cliprange_value)
-                loss = losses["policy_loss"] + cfg.vf_coef * losses["value_loss"]
-                loss.backward()
-                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(
-                    params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                for k, val in losses.items():
-                    sums[k] = sums.get(k, 0.0) + val.detach().item()
-                n_mb += 1
-        # 6. KL coefficient, metrics
-        seq_kl = kl_tok.sum(1)
-        beta = kl_ctl.value
-        kl_ctl.update(seq_kl.mean().item(), len(idx))
-        dt = time.perf_counter() - t0
-        last = {"step": step, "reward": scores.mean().item(),
-                "reward_std": scores.std().item() if len(scores) > 1 else 0.0, "kl": seq_kl.mean().item(),
-                "kl_coef": beta, "entropy": entropy.mean().item(), **{k: v / n_mb for k, v in sums.items()},
-                "non_score_reward": (-beta * seq_kl).mean().item(), "length_mean": sum(lengths) / len(lengths),
-                "value_mean": masked_mean(old_values, mask).item(), "return_mean": masked_mean(returns, mask).item(),
-                "lr": scheduler.get_last_lr()[0], "grad_norm": sum(grad_norms) / len(grad_norms),
-                "rollouts_per_s": len(idx) / dt, "elapsed_s": time.perf_counter() - t_start}
-        metrics.write(json.dumps(last) + "\n")
-        metrics.flush()
-        summary = f"reward {last['reward']:.3f} kl {last['kl']:.3f} β {beta:.3g} clip {last['clip_frac']:.2f}"
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(summary)
-        elif step % cfg.log_every == 0 or step == cfg.max_steps:
-            log(f"step {step}/{cfg.max_steps} {summary} vloss {last['value_loss']:.4f} ent {last['entropy']:.3f}")
-        if cfg.snapshot_every and step % cfg.snapshot_every == 0 and step < cfg.max_steps:
-            save_snapshot(policy, tokenizer, out / "snapshots" / f"step-{step}")
-    if bar is not None:
-        bar.close()
-    metrics.close()
+    try:
+        for step in range(start_step + 1, cfg.max_steps + 1):
+            t0 = time.perf_counter()
+            epoch, idx = next(order)
+            ro = collect_rollouts(m, cfg, idx, step, kl_ctl.value)
+            losses, grad_norms = ppo_update(m, cfg, ro, driver, gen, step)
+            beta = kl_ctl.value
+            kl_ctl.update(ro.kl_tok.sum(1).mean().item(), len(idx))  # 6. the KL coefficient
+            last = step_metrics(step, ro, losses, grad_norms, beta, scheduler.get_last_lr()[0],
+                                time.perf_counter() - t0, time.perf_counter() - t_start)
+            metrics.write(last)
+            short = f"reward {last['reward']:.3f} kl {last['kl']:.3f} β {beta:.3g} clip {last['clip_frac']:.2f}"
+            progress.update(step, short, f"{short} vloss {last['value_loss']:.4f} ent {last['entropy']:.3f}")
+            if cfg.snapshot_every and step % cfg.snapshot_every == 0 and step < cfg.max_steps:
+                save_snapshot(m.policy, m.tokenizer, run.path / "snapshots" / f"step-{step}")
+            if cfg.save_every and step % cfg.save_every == 0:
+                run.save_checkpoint(step, epoch, m.policy, optimizer, scheduler, cfg,
+                                    extra=extra_state(m.value_head, kl_ctl, gen))
+    finally:
+        progress.close()
+        metrics.close()
+    return save_ppo(m, run, {"output_dir": str(run.path), "train": last, "final_kl_coef": kl_ctl.value})
 
+
+def extra_state(value_head: nn.Linear, kl_ctl: KLController, gen: torch.Generator) -> dict:
+    """What a PPO checkpoint holds beyond the policy, optimizer and schedule."""
+    return {"value_head": {k: v.detach().cpu().clone() for k, v in value_head.state_dict().items()},
+            "kl_coef": kl_ctl.value, "generator": gen.get_state()}
+
+
+def restore_extra(extra: dict, value_head: nn.Linear, kl_ctl: KLController, gen: torch.Generator) -> None:
+    value_head.load_state_dict(extra["value_head"])
+    kl_ctl.value = float(extra["kl_coef"])
+    gen.set_state(extra["generator"])
+
+
+def save_ppo(m: PPOModels, run: RunDir, result: dict) -> dict:
+    """The policy in Hugging Face format with its tokenizer, the value head beside it; run complete."""
     from safetensors.torch import save_file
 
-    policy.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
-              str(out / "value_head.safetensors"))
-    result = {"output_dir": str(out), "train": last, "final_kl_coef": kl_ctl.value}
-    (out / COMPLETE_MARKER).write_text(json.dumps(result))
-    log(f"saved policy, tokenizer and value head to {out}")
+    m.policy.save_pretrained(run.path)
+    m.tokenizer.save_pretrained(run.path)
+    save_file({k: v.detach().cpu().contiguous() for k, v in m.value_head.state_dict().items()},
+              str(run.path / "value_head.safetensors"))
+    run.complete(result)
+    log(f"saved policy, tokenizer and value head to {run.path}")
     return result

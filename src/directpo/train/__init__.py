@@ -1,5 +1,14 @@
-"""Training: config, optimizer/schedule, and the loop."""
+"""Training: settings, the run machinery (run directory, checkpoints, step driver), the DPO/SFT
+loop, optimizer and warm-up, LoRA, several processes. `train` is imported on first use, so reading
+`TrainConfig` (e.g. to build `directpo train --help`) loads no model code."""
 from .config import TrainConfig
-from .loop import train
 
 __all__ = ["TrainConfig", "train"]
+
+
+def __getattr__(name):
+    if name == "train":
+        from .loop import train
+
+        return train
+    raise AttributeError(name)

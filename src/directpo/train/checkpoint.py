@@ -6,6 +6,8 @@ A checkpoint is a directory `OUTPUT/checkpoints/step-NNNNNNNN/` holding
     optimizer.pt        optimizer and lr-scheduler state (read back with torch.load(weights_only=True))
     state.json          step, epoch and the config it was made with
     rng.pt              torch CPU (and CUDA) RNG states
+    extra.pt            what else a trainer needs to continue exactly (PPO: value head, KL
+                        coefficient, mini-batch generator), when it has any
 
 It is written into a temporary sibling directory and renamed into place only when complete: a
 rename is atomic, so a checkpoint directory either exists whole or not at all, and a crash during a
@@ -64,9 +66,10 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, epoch: int, model, optimizer, scheduler, config: dict,
-                    keep_last: int = 0, state: tuple[dict, dict] | None = None, _crash_hook=None) -> Path:
+                    keep_last: int = 0, state: tuple[dict, dict] | None = None, extra: dict | None = None) -> Path:
     """`state`: (weights, optimizer state) already gathered from a sharded model (`Dist.gather_state`);
-    else they are taken from `model` and `optimizer`."""
+    else they are taken from `model` and `optimizer`. `extra`: tensors and numbers the trainer needs
+    back on resume (read with weights_only=True: no pickled code)."""
     weights, optim_state = state or (trainable_state(model), optimizer.state_dict())
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -77,13 +80,13 @@ def save_checkpoint(output_dir: str | Path, step: int, epoch: int, model, optimi
     tmp.mkdir()
     try:
         save_file(weights, str(tmp / "model.safetensors"))
-        if _crash_hook is not None:
-            _crash_hook(tmp)  # tests: die here, mid-write
         torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
+        if extra is not None:
+            torch.save(extra, tmp / "extra.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "epoch": epoch, "config": config}, indent=1))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -106,7 +109,8 @@ def save_checkpoint(output_dir: str | Path, step: int, epoch: int, model, optimi
 
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler, shards=None) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from a checkpoint; return its state.json.
+    """Restore weights, optimizer, scheduler and RNG from a checkpoint; return its state.json (with
+    the trainer's `extra` state under "extra", when the checkpoint has one).
     `shards`: the `Dist` of a sharded (FSDP) model; then every rank calls this, rank 0 alone reads
     the weights and optimizer state, and `Dist.load_state` hands each rank its shard."""
     path = Path(path)
@@ -130,4 +134,6 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, shards=None) 
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+    if (path / "extra.pt").exists():
+        state["extra"] = torch.load(path / "extra.pt", weights_only=True)
     return state

@@ -94,7 +94,6 @@ class Dist:
         if getattr(model.config, "tie_word_embeddings", False):
             raise ValueError("FSDP with tied input/output embeddings is not supported: the LM head would be "
                              "sharded with the embedding; use data parallelism (drop --fsdp)")
-        loaded = sum(p.numel() for p in model.parameters() if not p.is_meta)  # for the debug line below
         # Rank 0's whole weights, taken before sharding (the same storage as its parameters, no copy;
         # freed when this returns). Ranks > 0 pass {}: with broadcast_from_rank0 they still take part.
         full = model.state_dict() if self.main else {}
@@ -115,13 +114,6 @@ class Dist:
         # them as garbage: take rank 0's (buffers are not sharded, and small).
         for b in model.buffers():
             dist.broadcast(b, 0)
-        if os.environ.get("DIRECTPO_DEBUG_FSDP_INIT"):  # tests: what each rank held before sharding
-            local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
-            import resource
-
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux: KiB
-            print(f"[directpo] rank {self.rank}: {loaded} parameter elements loaded before sharding, "
-                  f"{local} held after; peak RSS {rss} MiB", file=sys.stderr, flush=True)
         return model
 
     def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+OPTIMIZERS = ("rmsprop", "adamw", "sgd")
+
 
 def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
@@ -10,7 +12,9 @@ def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0) -> 
         return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose rmsprop or adamw")
+    if name == "sgd":  # plain SGD: the update is lr × the gradient, nothing rescaled
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose {', '.join(OPTIMIZERS)}")
 
 
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -9,16 +9,13 @@ stages, so a killed pipeline continues from the stage it was in.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .train.config import TrainConfig
-from .train.loop import COMPLETE_MARKER, train
-
-
-def _done(out: Path) -> bool:
-    return (out / COMPLETE_MARKER).exists()
+from ..console import log
+from .config import TrainConfig
+from .loop import train
+from .run import COMPLETE_MARKER, is_complete
 
 
 def run_pipeline(cfg: TrainConfig, **sft_overrides) -> dict:
@@ -28,16 +25,16 @@ def run_pipeline(cfg: TrainConfig, **sft_overrides) -> dict:
                       **{k.removeprefix("sft_"): v for k, v in sft_overrides.items()})
     if sft_overrides.get("sft_epochs") is not None and "sft_max_steps" not in sft_overrides:
         sft_cfg = replace(sft_cfg, max_steps=None)
-    if _done(sft_dir):
-        print(f"[directpo] pipeline: stage 1 (Preferred-FT) already complete in {sft_dir}", file=sys.stderr)
+    if is_complete(sft_dir):
+        log(f"pipeline: stage 1 (Preferred-FT) already complete in {sft_dir}")
     else:
-        print(f"[directpo] pipeline: stage 1 (Preferred-FT) -> {sft_dir}", file=sys.stderr)
+        log(f"pipeline: stage 1 (Preferred-FT) -> {sft_dir}")
         train(sft_cfg)
     dpo_cfg = replace(cfg, model=str(sft_dir), ref=str(sft_dir), output_dir=str(dpo_dir), overwrite=True)
-    if _done(dpo_dir):
-        print(f"[directpo] pipeline: stage 2 (DPO) already complete in {dpo_dir}", file=sys.stderr)
+    if is_complete(dpo_dir):
+        log(f"pipeline: stage 2 (DPO) already complete in {dpo_dir}")
     else:
-        print(f"[directpo] pipeline: stage 2 ({cfg.loss}, πref = the SFT model) -> {dpo_dir}", file=sys.stderr)
+        log(f"pipeline: stage 2 ({cfg.loss}, πref = the SFT model) -> {dpo_dir}")
         train(dpo_cfg)
     return {"sft": json.loads((sft_dir / COMPLETE_MARKER).read_text()),
             "dpo": json.loads((dpo_dir / COMPLETE_MARKER).read_text())}

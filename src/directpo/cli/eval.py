@@ -1,8 +1,4 @@
-"""Command-line parsers of the RLHF and evaluation commands: rm, ppo, sample, bon, eval.
-
-Registered by `directpo.cli.make_parser` (like `bench`); `rm` takes the trainer's flags
-(`TrainConfig`), `ppo` those of `PPOConfig`, both with `--config FILE.yaml`.
-"""
+"""`directpo score`, `sample`, `bon`, `eval`: scoring pairs, sampling, Best-of-N, evaluation."""
 from __future__ import annotations
 
 import argparse
@@ -44,10 +40,39 @@ def _reward_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_mutually_exclusive_group(required=required)
     g.add_argument("--reward-model", help="reward model directory (`directpo rm` output)")
     g.add_argument("--reward-fn", help="reward callable module:function, f(prompt, completion) -> float "
-                                       "(module imported from sys.path, the current directory included)")
+                                       "(module imported from sys.path, the current directory included); "
+                                       "built in: directpo.eval.scorers:review_sentiment, "
+                                       "directpo.eval.scorers:vader_sentiment")
 
 
-def cmd_sample(args) -> int:
+def _score_flags(s) -> None:
+    s.add_argument("--model", required=True, help="model to score with (hub id or local dir)")
+    s.add_argument("--data", required=True, help="preference data (same formats as train)")
+    s.add_argument("--out", required=True, help="output JSONL: one line per pair, in input order")
+    s.add_argument("--ref", help="reference model: adds implicit rewards β·(log π − log πref)")
+    s.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward")
+    s.add_argument("--max-length", type=_optional_int, default=512)
+    s.add_argument("--max-prompt-length", type=_optional_int, default=None)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--on-invalid", choices=["error", "skip"], default="error")
+    s.add_argument("--data-split", default=None)
+    s.add_argument("--device", default=None)
+    s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    s.add_argument("--layout", choices=["packed", "padded"], default="packed",
+                   help="packed: each prompt computed once (exact); padded: one row per prompt+response")
+
+
+def run_score(args) -> int:
+    from ..eval.score import score
+
+    result = score(args.model, args.data, args.out, ref=args.ref, beta=args.beta, max_length=args.max_length,
+                   max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, on_invalid=args.on_invalid,
+                   device=args.device, precision=args.precision, split=args.data_split, layout=args.layout)
+    print(json.dumps(result))
+    return 0
+
+
+def run_sample(args) -> int:
     from ..eval.sampling import sample
 
     print(json.dumps(sample(args.model, args.prompts, args.out, n=args.n, max_new_tokens=args.max_new_tokens,
@@ -58,34 +83,15 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def cmd_rm(args) -> int:
-    from ..cli import build_config
-    from .reward_model import train_reward_model
-
-    summary = train_reward_model(build_config(args))
-    print(json.dumps({k: summary[k] for k in ("output_dir", "train", "eval", "reward_offset")}))
-    return 0
-
-
-def cmd_ppo(args) -> int:
-    from ..cli import build_config
-    from .config import PPOConfig
-    from .ppo import ppo
-
-    summary = ppo(build_config(args, PPOConfig))
-    print(json.dumps(summary))
-    return 0
-
-
 def _scorer(args):
-    from .rewards import load_reward_fn
+    from ..eval.scorers import load_reward_fn
 
     if args.reward_model is None and args.reward_fn is None:
         return None
     return load_reward_fn(args.reward_model, args.reward_fn, device=args.device, batch_size=args.batch_size)
 
 
-def cmd_bon(args) -> int:
+def run_bon(args) -> int:
     from ..eval.bon import best_of_n
 
     print(json.dumps(best_of_n(args.model, args.prompts, args.out, args.n, _scorer(args),
@@ -96,8 +102,8 @@ def cmd_bon(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from ..eval.evaluate import evaluate
+def run_eval(args) -> int:
+    from ..eval.evaluate import evaluate_policy
     from ..eval.judge import ChatJudge
 
     if args.reward_model is None and args.reward_fn is None and args.judge_url is None:
@@ -109,7 +115,7 @@ def cmd_eval(args) -> int:
         judge = ChatJudge(args.judge_url, args.judge_model, prompt=args.judge_prompt, timeout=args.judge_timeout,
                           workers=args.judge_workers, seed=args.seed)
     temps = args.temperatures if args.temperatures is not None else [args.temperature]
-    res = evaluate(args.model, args.prompts, args.out, ref=args.ref, reward=_scorer(args), judge=judge, n=args.n,
+    res = evaluate_policy(args.model, args.prompts, args.out, ref=args.ref, reward=_scorer(args), judge=judge, n=args.n,
                    temperatures=temps, max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed,
                    batch_size=args.batch_size, max_prompt_length=args.max_prompt_length, device=args.device,
                    precision=args.precision, plot=args.plot, samples_out=args.samples_out,
@@ -119,36 +125,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def add_rlhf_parsers(sub, add_config_flags) -> None:
-    from ..train.config import TrainConfig
-    from .config import PPOConfig
-
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    s = sub.add_parser("sample", help="sample completions from a model for a prompt file (JSONL out)",
-                       formatter_class=fmt)
+def _sample_flags(s) -> None:
     s.add_argument("--model", required=True, help="model to sample from (hub id or local dir)")
     s.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field, or a preference file")
     s.add_argument("--out", required=True, help="output JSONL: prompt_index, index, prompt, completion")
     _generation_flags(s)
-    s.set_defaults(func=cmd_sample)
 
-    r = sub.add_parser("rm", help="train a Bradley–Terry reward model (LM + scalar head) on preference pairs",
-                       formatter_class=fmt)
-    r.add_argument("--config", help="YAML file of settings (keys as the flags)")
-    add_config_flags(r, TrainConfig)
-    r.set_defaults(func=cmd_rm)
 
-    b = sub.add_parser("bon", help="Best-of-N: N samples per prompt, scored, the best kept", formatter_class=fmt)
+def _bon_flags(b) -> None:
     b.add_argument("--model", required=True, help="model to sample from")
     b.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field, or a preference file")
     b.add_argument("--out", required=True, help="output JSONL: one line per prompt, best completion and all rewards")
     b.add_argument("--n", type=int, required=True, help="samples per prompt (N)")
     _reward_flags(b)
     _generation_flags(b, n_default=None)
-    b.set_defaults(func=cmd_bon)
 
-    e = sub.add_parser("eval", help="reward, KL(π‖πref), length and win rate of a policy on held-out prompts, "
-                                    "over a temperature sweep", formatter_class=fmt)
+
+def _eval_flags(e) -> None:
     e.add_argument("--model", required=True, help="the policy π")
     e.add_argument("--ref", required=True, help="the reference πref of the KL (same tokenizer)")
     e.add_argument("--prompts", required=True, help="prompts; a preference file's chosen responses (or a "
@@ -168,10 +161,13 @@ def add_rlhf_parsers(sub, add_config_flags) -> None:
     e.add_argument("--samples-out", help="also write every sample (and its reward) to this JSONL")
     e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="log-prob precision (KL)")
     _generation_flags(e)
-    e.set_defaults(func=cmd_eval)
 
-    pp = sub.add_parser("ppo", help="PPO against a reward model or callable with a KL penalty to πref (eq. 3)",
-                        formatter_class=fmt)
-    pp.add_argument("--config", help="YAML file of settings (keys as the flags)")
-    add_config_flags(pp, PPOConfig)
-    pp.set_defaults(func=cmd_ppo)
+
+_COMMANDS = {"score": (_score_flags, run_score), "sample": (_sample_flags, run_sample), "bon": (_bon_flags, run_bon),
+             "eval": (_eval_flags, run_eval)}
+
+
+def register(command: str, parser) -> None:
+    add, run = _COMMANDS[command]
+    add(parser)
+    parser.set_defaults(func=run)

@@ -1,5 +1,6 @@
-"""Reward functions: `score(prompts, completions) -> list[float]`, from a trained reward model
-directory (`--reward-model DIR`) or from a Python callable (`--reward-fn module:function`).
+"""Scorers: `score(prompts, completions) -> list[float]`, from a trained reward model directory
+(`--reward-model DIR`, `directpo.eval.reward_model.RewardModel`) or from a Python callable
+(`--reward-fn module:function`). Evaluation, Best-of-N and PPO all score through this protocol.
 
 A callable takes one `(prompt, completion)` and returns a number; one marked `fn.batched = True`
 takes the two lists and returns one number per pair. `prompt` is the prompt as the file gives it
@@ -97,7 +98,7 @@ _WORD = re.compile(r"[a-z]+")
 def review_sentiment(prompt, completion: str) -> float:
     """Praise minus criticism: (# positive words) − (# negative words) of `directpo.toy`'s lists.
 
-    Use it as `--reward-fn directpo.rlhf.rewards:review_sentiment`.
+    Use it as `--reward-fn directpo.eval.scorers:review_sentiment`.
     """
     from ..toy import NEGATIVE, POSITIVE
 
@@ -113,9 +114,9 @@ def vader_sentiment(prompt, completion: str) -> float:
     """VADER compound sentiment (−1 … 1) of the whole review, prompt + completion: an offline
     stand-in for the paper's sentiment classifier (`pip install vaderSentiment`).
 
-    Use it as `--reward-fn directpo.rlhf.rewards:vader_sentiment`.
+    Use it as `--reward-fn directpo.eval.scorers:vader_sentiment`.
     """
-    from ..eval.sampling import message_text
+    from ..data.formats import message_text
 
     return _vader().polarity_scores(message_text(prompt) + completion)["compound"]
 
@@ -170,7 +171,7 @@ class ClassifierReward:
         self.batch_size, self.max_length, self._torch = batch_size, max_length, torch
 
     def __call__(self, prompts, completions) -> list[float]:
-        from ..eval.sampling import message_text
+        from ..data.formats import message_text
 
         torch = self._torch
         texts = [message_text(p) + c for p, c in zip(prompts, completions)]

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from .data import SkipReport, TokenizeStats, load_examples, make_collate, tokenize_examples
-from .logprobs import dataset_logps, packed_row_tokens
-from .losses import implicit_reward
-from .models import load_model, load_tokenizer, pick_device
+from ..data import SkipReport, TokenizeStats, load_examples, make_collate, tokenize_examples
+from ..logprobs import dataset_logps, packed_row_tokens
+from ..losses import implicit_reward
+from ..models import load_model, load_tokenizer, pick_device
 
 
 def score(model: str, data: str, out: str, ref: str | None = None, beta: float = 0.1, max_length: int | None = 512,

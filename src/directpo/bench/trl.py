@@ -1,11 +1,11 @@
-"""The TRL side of `directpo bench`: one DPOTrainer run, in the subprocess `directpo.bench` starts.
+"""The TRL side of `directpo bench`: one DPOTrainer run, in the subprocess the runner starts.
 
 TRL is optional (the `bench` extra) and imported only here, inside `run_trl`. The settings are the
 shared anchor script's (`shared/bench/trl_dpo.py`): DPOConfig with report_to='none',
 save_strategy='no', logging_steps=1, learning_rate 1e-6, β 0.1, seed 0, no tqdm, use_cpu on the
 CPU; steps are timed by a TrainerCallback at `on_step_end`. The trainer additionally records, per
 optimizer step, the sizes of the tensors it was given (rows, real tokens, label tokens, Σ len²),
-from which `directpo.bench` counts tokens and model FLOPs.
+from which `directpo.bench.report` counts tokens and model FLOPs.
 """
 from __future__ import annotations
 

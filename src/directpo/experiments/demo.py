@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from .toy import build_tiny_model, review_task, write_jsonl
-from .train import TrainConfig, train
+from ..toy import build_tiny_model, review_task, write_jsonl
+from ..train import TrainConfig, train
 
 
 def run_demo(output_dir: str = "runs/demo", steps: int = 60, seed: int = 0, threshold: float = 0.8) -> dict:

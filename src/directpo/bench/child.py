@@ -1,0 +1,64 @@
+"""One measurement, inside its own subprocess (`python -m directpo.bench --child SPEC`).
+
+The runner writes a spec (system, model, pairs file, batch, steps, precision, ...) and starts a
+fresh interpreter on it; this module runs that one training and writes the raw figures (per-step
+timings, peak RSS of this process) where the spec's `result` says.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+
+def directpo_train_config(spec: dict):
+    """The `TrainConfig` of a directpo run: the same as `directpo train` with these flags:
+    --batch-size B --micro-batch-size MB --max-steps steps+1 --warmup-steps 0 --lr 1e-6 --precompute-ref
+    --no-progress --max-length L --on-invalid skip --precision P --seed 0 --ref-cache off --overwrite
+    [--threads N] [--device D]."""
+    from ..train.config import TrainConfig
+
+    return TrainConfig(model=spec["model"], data=spec["data"], output_dir=spec["output_dir"],
+                       batch_size=spec["batch"], micro_batch_size=spec.get("micro_batch") or spec["batch"],
+                       max_steps=spec["steps"] + 1, warmup_steps=0, lr=1e-6, precompute_ref=True, progress=False,
+                       max_length=spec["max_length"], on_invalid="skip", precision=spec["precision"], seed=0,
+                       ref_cache="off", overwrite=True, threads=spec.get("threads") or 0, device=spec.get("device"))
+
+
+def _child_directpo(spec: dict) -> dict:
+    """Train with directpo's own loop in this process; per-step figures from its metrics.jsonl."""
+    from ..train.loop import train
+
+    train(directpo_train_config(spec))
+    out = Path(spec["output_dir"])
+    steps = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        if m.get("split") != "train":
+            continue
+        dt = spec["batch"] / m["pairs_per_s"]
+        steps.append({"step": m["step"], "pairs": spec["batch"], "dt": dt,
+                      "tokens_processed": m["tokens_per_s"] * dt, "elapsed_s": m.get("elapsed_s")})
+    cfg = json.loads((out / "directpo_config.json").read_text())
+    return {"steps": steps, "train_pairs": cfg.get("train_pairs", cfg.get("train_examples"))}
+
+
+def child_main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    if spec["system"] == "directpo":
+        res = _child_directpo(spec)
+    elif spec["system"] == "trl":
+        from .trl import run_trl
+
+        res = run_trl(spec)
+    else:
+        raise SystemExit(f"unknown system {spec['system']!r}")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    res["peak_rss_mib"] = rss / (1 << 20) if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        res["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / (1 << 20)
+    Path(spec["result"]).write_text(json.dumps(res))
+    return 0

@@ -1,0 +1,214 @@
+"""From raw run results to figures: per-run summaries, medians over rounds, the directpo vs TRL
+comparison, and the printed report."""
+from __future__ import annotations
+
+import statistics
+
+from .flops import ModelDims, prefix_shared_counts, train_flops
+
+TOKENS_DEFINITION = ("tokens = real prompt + response tokens of the padded-equivalent layout (prompt counted once per "
+                     "response, no padding), the same for both systems")
+FLOPS_DEFINITION = ("model FLOPs = 6·N·T + 6·h·V·Lab + 12·layers·d_attn·A (fwd+bwd); N = non-embedding params, "
+                    "T = tokens through the backbone, Lab = label tokens through the LM head, A = attended "
+                    "query-key pairs (len²/2 causal). directpo: T = P + ΣL, A = P²/2 + Σ(P·L + L²/2); "
+                    "TRL: T = Σ(P + L), A = Σ(P + L)²/2; a live reference adds F/3")
+PAIRS_DEFINITION = ("pairs/s = pairs of the timed steps / time from the end of warm-up step 1 to the end of the "
+                    "last step")
+DEFINITIONS = {"pairs_per_s": PAIRS_DEFINITION, "tokens": TOKENS_DEFINITION, "flops": FLOPS_DEFINITION,
+               "pct_of_peak": "GFLOP/s / the measured matmul peak in the run's precision",
+               "peak_rss_mib": "ru_maxrss of the run's own process", "median": "over rounds, per figure"}
+MEDIAN_KEYS = ("pairs_per_s", "tokens_per_s", "tokens_processed_per_s", "peak_rss_mib", "gflops", "cuda_peak_mib")
+
+
+# ------------------------------------------------------------------------------------------------
+# One run
+
+
+def step_members(n: int, batch: int, seed: int, steps: int) -> list[list[int]] | None:
+    """Which pairs directpo's loop put in each step (its seeded order), or None if unavailable."""
+    try:
+        from ..train.loop import batch_order
+    except ImportError:
+        return None
+    order = batch_order(n, batch, seed)
+    return [next(order)[1] for _ in range(steps)]
+
+
+def _rates(pairs, seconds, tokens, processed, flops, exact: bool) -> dict:
+    return {"pairs": pairs, "seconds": seconds, "pairs_per_s": pairs / seconds, "tokens": tokens,
+            "tokens_per_s": tokens / seconds, "tokens_processed_per_s": processed / seconds,
+            "flops": flops, "gflops": flops / seconds / 1e9, "tokens_exact": exact}
+
+
+def summarize_directpo(raw: dict, tokenized, dims: ModelDims, batch: int) -> dict:
+    steps = sorted(raw["steps"], key=lambda s: s["step"])
+    if len(steps) < 2:
+        raise ValueError("directpo run logged fewer than 2 steps")
+    timed = steps[1:]
+    if all(s.get("elapsed_s") is not None for s in steps):
+        seconds = steps[-1]["elapsed_s"] - steps[0]["elapsed_s"]
+    else:
+        seconds = sum(s["dt"] for s in timed)
+    pairs = sum(s["pairs"] for s in timed)
+    processed = sum(s["tokens_processed"] for s in timed)
+    # Padded-equivalent tokens and FLOPs per step need the step's pairs: recompute the loop's
+    # seeded order, and trust it only if it reproduces the tokens the loop itself logged.
+    members = step_members(len(tokenized), batch, 0, len(steps))
+    shared = [prefix_shared_counts(len(t.prompt_ids), [len(r) for r in t.response_ids]) for t in tokenized]
+    exact = members is not None and all(
+        abs(sum(shared[i][0] for i in mb) - s["tokens_processed"]) < 0.5 for mb, s in zip(members, steps))
+    if exact:
+        timed_ids = [i for mb in members[1:] for i in mb]
+        tokens = sum(tokenized[i].num_tokens for i in timed_ids)
+        flops = sum(train_flops(dims, *shared[i]) for i in timed_ids)
+    else:  # the per-pair means of this set, scaled to the timed pairs
+        n = len(tokenized)
+        tokens = pairs * sum(t.num_tokens for t in tokenized) / n
+        flops = pairs * sum(train_flops(dims, *c) for c in shared) / n
+    return _rates(pairs, seconds, tokens, processed, flops, exact)
+
+
+def summarize_trl(raw: dict, dims: ModelDims, live_ref: bool) -> dict:
+    t = raw["step_end_times"]
+    inputs = raw["step_inputs"]
+    if len(t) < 2:
+        raise ValueError("TRL run recorded fewer than 2 steps")
+    seconds = t[-1] - t[0]
+    timed = inputs[1:len(t)]
+    pairs = sum(s["rows"] // 2 for s in timed)
+    tokens = sum(s["tokens"] for s in timed)
+    flops = sum(train_flops(dims, s["tokens"], s["labels"], s["sq_len"] / 2) for s in timed)
+    if live_ref:
+        flops *= 4 / 3  # + the reference model's forward pass
+    return _rates(pairs, seconds, tokens, tokens, flops, True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Over rounds and systems
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize_config(cfg, runs: list[dict], peaks: dict) -> dict:
+    """The medians over rounds of one configuration's runs (`cfg`: a RunConfig)."""
+    mine = [x for x in runs if x["system"] == cfg.system and x["config"] == cfg.name]
+    ok = [x for x in mine if "error" not in x]
+    res = {"system": cfg.system, "config": cfg.name, "precision": cfg.precision, "rounds_ok": len(ok),
+           "rounds_failed": len(mine) - len(ok)}
+    for key in MEDIAN_KEYS:
+        res[key] = _median([x.get(key) for x in ok])
+    peak = peaks.get(cfg.precision)
+    res["pct_of_peak"] = (100 * res["gflops"] / peak) if res["gflops"] is not None and peak else None
+    res["flops_per_pair"] = _median([x["flops"] / x["pairs"] for x in ok])
+    return res
+
+
+def compare_systems(results: list[dict]) -> dict | None:
+    """directpo's best configuration against TRL's (by pairs/s), or None without both."""
+    def best(system):
+        ok = [r for r in results if r["system"] == system and r["pairs_per_s"] is not None]
+        return max(ok, key=lambda r: r["pairs_per_s"]) if ok else None
+
+    d, t = best("directpo"), best("trl")
+    if d is None or t is None:
+        return None
+    return {"directpo_best": d["config"], "trl_best": t["config"],
+            "pairs_per_s": {"directpo": d["pairs_per_s"], "trl": t["pairs_per_s"],
+                            "ratio": d["pairs_per_s"] / t["pairs_per_s"]},
+            "peak_rss_mib": {"directpo": d["peak_rss_mib"], "trl": t["peak_rss_mib"],
+                             "ratio": d["peak_rss_mib"] / t["peak_rss_mib"]}}
+
+
+# ------------------------------------------------------------------------------------------------
+# The printed report
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _header_lines(r: dict) -> list[str]:
+    s, m, p = r["settings"], r["model"], r["matmul_peak_gflops"]
+    lines = [f"directpo bench: {s['model']} ({m['params'] / 1e6:.1f}M params, {m['nonemb_params'] / 1e6:.2f}M "
+             f"non-embedding, hidden {m['hidden']}, {m['layers']} layers, vocab {m['vocab']})",
+             f"  {s['pairs']} pairs from {s['data']}, batch {s['batch']}, max_length {s['max_length']}, "
+             f"{s['steps_timed']} timed steps + 1 warm-up" +
+             (f", {s['rounds']} round(s), median over rounds" if r["results"] else ""),
+             f"  {r['machine']['device']} ({r['machine']['device_name']}), {r['machine']['threads']} threads; "
+             f"matmul peak fp32 {p['fp32']:.3g} GFLOP/s, bf16 {p['bf16']:.3g} GFLOP/s (best of a probe before and "
+             "after the runs)",
+             f"  {r['bf16']['reason']}"]
+    for sk in r["skipped"]:
+        if sk.get("config") != "bf16":
+            lines.append(f"  {sk['system']} skipped: {sk['reason']}")
+    return lines
+
+
+def _results_table(results: list[dict]) -> list[str]:
+    cuda = any(x.get("cuda_peak_mib") is not None for x in results)
+    head = f"{'system':<9} {'config':<20} {'pairs/s':>8} {'tokens/s':>9} {'peak RSS MiB':>12} " \
+           f"{'GFLOP/s':>8} {'% of peak':>9}" + (f" {'GPU peak MiB':>12}" if cuda else "")
+    lines = ["", head, "-" * len(head)]
+    for x in results:
+        if x["pairs_per_s"] is None:
+            lines.append(f"{x['system']:<9} {x['config']:<20} failed in every round (see runs[].log_tail)")
+            continue
+        row = (f"{x['system']:<9} {x['config']:<20} {x['pairs_per_s']:>8.3f} {x['tokens_per_s']:>9.0f} "
+               f"{x['peak_rss_mib']:>12.0f} {x['gflops']:>8.2f} {_fmt(x['pct_of_peak'], '>8.1f')}%")
+        if cuda:
+            row += f" {_fmt(x.get('cuda_peak_mib'), '>12.0f')}"
+        lines.append(row)
+    return lines
+
+
+def _comparison_lines(c: dict | None) -> list[str]:
+    if not c:
+        return []
+    pr, rr = c["pairs_per_s"], c["peak_rss_mib"]
+    return ["", f"directpo best ({c['directpo_best']}) vs TRL best ({c['trl_best']}):",
+            f"  pairs/s:  {pr['directpo']:.3f} vs {pr['trl']:.3f} -> {pr['ratio']:.2f}x",
+            f"  peak RSS: {rr['directpo']:.0f} vs {rr['trl']:.0f} MiB -> {rr['ratio']:.2f}x "
+            f"(TRL uses {1 / rr['ratio']:.2f}x directpo's)"]
+
+
+def _notes(runs: list[dict]) -> list[str]:
+    lines = ["", "notes:", f"  {PAIRS_DEFINITION}", f"  {TOKENS_DEFINITION}", f"  {FLOPS_DEFINITION}",
+             "  % of peak = GFLOP/s / measured matmul peak of the run's precision; peak RSS = ru_maxrss "
+             "of the run's own subprocess"]
+    if any(x.get("tokens_exact") is False for x in runs):
+        lines.append("  (directpo tokens/FLOPs of some runs estimated from per-pair means: the step order could "
+                     "not be reproduced)")
+    return lines
+
+
+def _sweep_lines(sweep: list[dict]) -> list[str]:
+    lines = ["", "vocabulary sweep (directpo fp32, random init, same tokenizer, 1 round):",
+             f"{'vocab':>8} {'params M':>9} {'peak RSS MiB':>12} {'ΔRSS MiB':>9} "
+             f"{'Δ(params+grads+state) MiB':>26} {'pairs/s':>8}"]
+    for x in sweep:
+        if "error" in x:
+            lines.append(f"{x['vocab']:>8} {x['error']}")
+            continue
+        lines.append(f"{x['vocab']:>8} {x['params'] / 1e6:>9.2f} {x['peak_rss_mib']:>12.0f} "
+                     f"{_fmt(x.get('rss_growth_mib'), '>9.0f')} {_fmt(x.get('param_state_growth_mib'), '>26.0f')} "
+                     f"{x['pairs_per_s']:>8.3f}")
+    last = next((x for x in reversed(sweep) if "sublinear" in x), None)
+    if last is not None:
+        lines.append(f"  vocab x{last['vocab_ratio_vs_first']:.2f} -> peak RSS x{last['rss_ratio_vs_first']:.2f} "
+                     f"({'sub-linear' if last['sublinear'] else 'NOT sub-linear'}); the growth is the larger "
+                     "embedding/LM head (weights, grads, optimizer state), the LM head's activations are chunked "
+                     "and over label tokens only")
+    return lines
+
+
+def format_report(r: dict) -> str:
+    """The table `directpo bench` prints, from its result dict."""
+    lines = _header_lines(r)
+    if r["results"]:
+        lines += _results_table(r["results"]) + _comparison_lines(r["comparison"]) + _notes(r["runs"])
+    if r["vocab_sweep"]:
+        lines += _sweep_lines(r["vocab_sweep"])
+    return "\n".join(lines)

@@ -1,0 +1,70 @@
+"""`directpo <command>`: the command line, on top of everything and loaded lazily.
+
+Each command group lives in its own module (`directpo.cli.train`, `.eval`, `.rlhf`, `.bench`,
+`.experiment`, `.demo`) with a `register(command, parser)` that adds the command's flags and sets
+`func`. Only the module of the command being run is imported, so `directpo --help` and
+`directpo train --help` load neither the benchmark, the experiments, the RLHF code, TRL nor
+matplotlib. Nothing below this package imports it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from .. import __version__
+
+# command: (module in this package, one-line help). The order is the order of `directpo --help`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("train", "train a policy with DPO (or another --loss) on preference data"),
+    "sft": ("train", "supervised fine-tuning (Preferred-FT on the chosen responses of a preference set, or on "
+                     "prompt/completion rows)"),
+    "pipeline": ("train", "the paper's recipe: Preferred-FT on the chosen responses, then DPO from (and against) "
+                          "that SFT model; resumable per stage"),
+    "score": ("eval", "log-probs (and implicit rewards, with --ref) of every pair in a file"),
+    "sample": ("eval", "sample completions from a model for a prompt file (JSONL out)"),
+    "bon": ("eval", "Best-of-N: N samples per prompt, scored, the best kept"),
+    "eval": ("eval", "reward, KL(π‖πref), length and win rate of a policy on held-out prompts, over a "
+                     "temperature sweep"),
+    "rm": ("rlhf", "train a Bradley–Terry reward model (LM + scalar head) on preference pairs"),
+    "ppo": ("rlhf", "PPO against a reward model or callable with a KL penalty to πref (eq. 3)"),
+    "demo": ("demo", "no-network demo: tiny model, built-in task, DPO, held-out reward accuracy"),
+    "experiment": ("experiment", "the paper's experiments, end to end, with a report"),
+    "bench": ("bench", "benchmark directpo against TRL's DPOTrainer on the same model and data"),
+}
+
+
+def make_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `directpo` parser. Every command is listed; only `command`'s flags are registered (its
+    module imported), so building the parser for one command loads nothing of the others."""
+    p = argparse.ArgumentParser(prog="directpo", description="Direct Preference Optimization for Hugging Face "
+                                                               "causal LMs (Rafailov et al., 2023).")
+    p.add_argument("--version", action="version", version=f"directpo {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        c = sub.add_parser(name, help=help_, description=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if name == command:
+            importlib.import_module(f"{__name__}.{module}").register(name, c)
+    return p
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The command word: the first argument that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = make_parser(_command_of(argv)).parse_args(argv)
+    args.argv = argv
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as e:  # user errors (DataError, ConfigError, ...): one line, exit 2
+        print(f"directpo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

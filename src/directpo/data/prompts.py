@@ -1,0 +1,68 @@
+"""Prompts to sample from: `load_prompts` reads a prompt file, `encode_prompt` turns a prompt into ids.
+
+Prompts come from a JSONL/JSON/Parquet file (or a `datasets` source) whose rows have a `prompt`
+field (text, or a list of {role, content} messages), or from any preference file `directpo train`
+reads: its prompts are used, and its best response (`chosen`), or a `reference` field, is kept as
+the reference completion for win rates. Files are read, and bad rows reported or skipped, exactly
+as for training data (`directpo.data.formats.parse_records`).
+
+Prompts are tokenized exactly as in training (`directpo.data.tokenize`: `render_prompt`,
+`prompt_ids`, `truncate_prompt`): `tokenizer(prompt)` with special tokens, chat templates with
+the generation prompt, cut from the left keeping BOS.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .formats import DataError, SkipReport, _is_messages, _messages, message_text, parse_records, parse_row
+from .tokenize import prompt_ids, render_prompt, truncate_prompt
+
+_PAIR_FIELDS = ("chosen", "rejected", "responses", "completion")
+
+
+@dataclass
+class PromptItem:
+    prompt: str | list  # text, or a list of {role, content} messages
+    reference: str | None = None  # a reference completion (for win rates), when the row has one
+    source: str = ""
+    row: int = 0
+
+
+def parse_prompt_row(rec: dict, source: str, row: int) -> PromptItem:
+    """A prompt row ({prompt[, reference]}) or any preference/SFT row directpo reads."""
+    rec = {k: v for k, v in rec.items() if v is not None}
+    reference = None
+    if any(k in rec for k in _PAIR_FIELDS):  # preference, ranked or SFT row: its prompt, its best response
+        ex = parse_row(rec, source, row)
+        prompt, reference = ex.prompt, ex.responses[0]
+    elif "prompt" not in rec:
+        raise DataError(source, row, "prompt", "missing: a prompt row needs a 'prompt' field (text or messages)",
+                        kind="missing")
+    elif _is_messages(rec["prompt"]):
+        prompt = _messages(rec["prompt"], source, row, "prompt")
+    elif isinstance(rec["prompt"], str):
+        prompt = rec["prompt"]
+    else:
+        raise DataError(source, row, "prompt", f"expected a string or a list of messages, got "
+                                               f"{type(rec['prompt']).__name__}", kind="type")
+    if "reference" in rec:
+        reference = rec["reference"]
+        if not isinstance(reference, str) and not _is_messages(reference):
+            raise DataError(source, row, "reference", f"expected a string, got {type(reference).__name__}",
+                            kind="type")
+    return PromptItem(prompt, None if reference is None else message_text(reference), source, row)
+
+
+def load_prompts(spec: str, on_invalid: str = "error", split: str | None = None,
+                 report: SkipReport | None = None) -> list[PromptItem]:
+    """Every prompt of `spec`, in file order. Bad rows raise a DataError naming file, row and field
+    (or are skipped and counted with on_invalid='skip')."""
+    return parse_records(spec, parse_prompt_row, on_invalid, split, report, what="prompts")
+
+
+def encode_prompt(prompt: str | list, tokenizer, max_prompt_length: int | None = None) -> list[int]:
+    """Prompt ids as `directpo.data.tokenize` builds a training example's (BOS kept when cutting
+    from the left)."""
+    text, add_special = render_prompt(prompt, tokenizer)
+    ids, _ = prompt_ids(text, tokenizer, add_special)
+    return truncate_prompt(ids, tokenizer, max_prompt_length)

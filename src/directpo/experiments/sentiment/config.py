@@ -1,0 +1,131 @@
+"""Settings of `directpo experiment sentiment`: the study's dataclass (its fields are the flags) and presets.
+
+Precedence: dataclass defaults < preset < YAML `--config` < command-line flags.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...config import build_config, load_yaml, setting
+
+PRESETS: dict[str, dict] = {
+    # Every stage, tiny everything: for CI (< 3 min on 2 cores).
+    "smoke": dict(hidden=32, layers=2, heads=2, vocab_size=400, max_corpus=1200, n_train_prompts=64,
+                  n_eval_prompts=16, pretrain_epochs=2.0, pretrain_batch=32, max_new_tokens=12, batch_size=16,
+                  dpo_betas="0.1,1.0", dpo_steps=4, ul_weights="1.0", ul_steps=4, pft_steps=4, rm_steps=4,
+                  ppo_kl_coefs="0.1", ppo_gt_kl_coefs="0.1", ppo_steps=2, ppo_batch=16, ppo_mini_batch=8,
+                  ppo_epochs=1, bon_ns="2,4", eval_points=2, eval_samples=2, eval_batch=32),
+    # The issue's budget: ≤ 60 min on 2 CPU cores, fp32 (this CPU has no fast bf16).
+    "cpu-small": dict(),
+    # The paper's scale: needs the network (IMDb, gpt2-large, the siebert classifier) and a GPU.
+    "paper": dict(corpus="stanfordnlp/imdb", corpus_field="text", init_model="gpt2-large",
+                  reward_model="siebert/sentiment-roberta-large-english", max_corpus=0, pretrain_epochs=1.0,
+                  pretrain_lr=1e-5, pretrain_batch=64, max_length=256, n_train_prompts=12000, n_eval_prompts=500,
+                  max_new_tokens=64, samples_per_prompt=4, batch_size=64, optimizer="rmsprop",
+                  dpo_betas="0.05,0.1,0.5,1.0", dpo_steps=600, dpo_lr=1e-6, ul_weights="0.1,1.0", ul_steps=600,
+                  ul_lr=1e-6, pft_steps=600, pft_lr=1e-6, rm_steps=600, rm_lr=1e-5,
+                  ppo_kl_coefs="0.02,0.05,0.1,0.2", ppo_gt_kl_coefs="0.02,0.05,0.1,0.2", ppo_steps=300,
+                  ppo_lr=1e-6, ppo_batch=64, ppo_mini_batch=16, bon_ns="4,16,64,128", eval_points=4,
+                  eval_samples=4, eval_batch=64, precision="bf16", warmup_steps=150),
+}
+
+
+@dataclass
+class SentimentConfig:
+    """The controlled-sentiment study"""
+
+    output_dir: str = setting(None, "where every stage's outputs and the report go", required=True)
+    preset: str = setting("cpu-small", "sizes and budgets: smoke (CI), cpu-small (≤ 60 min, 2 cores), paper (GPU)",
+                          choices=list(PRESETS))
+    corpus: str | None = setting(None, "review text: a .txt file (one text per line; SST's datasetSentences.txt is "
+                                       "recognised), .jsonl/.json/.parquet, or a `datasets` name (default: the SST "
+                                       "sentences shipped next to this checkout, else stanfordnlp/imdb)")
+    corpus_field: str = setting("text", "field of a .jsonl/.parquet/`datasets` corpus holding the review text")
+    max_corpus: int = setting(0, "use at most this many texts of the corpus (0: all)")
+    base_model: str | None = setting(None, "a ready πSFT (hub id or directory): skips pretraining")
+    init_model: str | None = setting(None, "fine-tune this model on the corpus to get πSFT (the paper: gpt2-large); "
+                                           "default: a small Llama pretrained from scratch")
+    hidden: int = setting(256, "from-scratch model: hidden size")
+    layers: int = setting(4, "from-scratch model: layers")
+    heads: int = setting(4, "from-scratch model: attention heads")
+    vocab_size: int = setting(4096, "from-scratch model: BPE vocabulary trained on the corpus")
+    pretrain_epochs: float = setting(3.0, "passes over the corpus for πSFT")
+    pretrain_lr: float = setting(2e-3, "πSFT learning rate (AdamW, linear warm-up)")
+    pretrain_batch: int = setting(64, "πSFT batch (texts)")
+    max_length: int = setting(64, "max tokens of a text / prompt + completion")
+    n_train_prompts: int = setting(1500, "prompts for preference pairs and PPO")
+    n_eval_prompts: int = setting(256, "held-out prompts for evaluation (disjoint from the train prompts)")
+    prompt_min_tokens: int = setting(2, "shortest prompt prefix (tokens)")
+    prompt_max_tokens: int = setting(8, "longest prompt prefix (tokens)")
+    samples_per_prompt: int = setting(4, "completions sampled from πSFT per train prompt to build pairs")
+    max_new_tokens: int = setting(32, "completion length limit (sampling, PPO, evaluation)")
+    pairs: str = setting("all", "pairs per prompt: all pairs above the margin, or best vs worst sample only",
+                         choices=["best_worst", "all"])
+    pair_margin: float = setting(0.05, "minimum reward difference for a pair")
+    reward_model: str | None = setting(None, "ground truth: an HF sentiment classifier (P(positive)); default: VADER "
+                                             "compound score (offline)")
+    batch_size: int = setting(32, "pairs per step of DPO, Unlikelihood, Preferred-FT and the reward model")
+    optimizer: str = setting("adamw", "optimizer of the preference runs", choices=["adamw", "rmsprop"])
+    warmup_steps: int = setting(20, "warm-up steps of every training run")
+    dpo_betas: str = setting("0.05,0.1,0.5,1.0", "DPO: β values (one run each)")
+    dpo_steps: int = setting(160, "DPO: steps per run")
+    dpo_lr: float = setting(1e-4, "DPO: learning rate")
+    ul_weights: str = setting("1.0", "Unlikelihood: α values (weight of the rejected-token term)")
+    ul_steps: int = setting(160, "Unlikelihood: steps per run")
+    ul_lr: float = setting(1e-4, "Unlikelihood: learning rate")
+    pft_steps: int = setting(160, "Preferred-FT: steps")
+    pft_lr: float = setting(1e-4, "Preferred-FT: learning rate")
+    rm_steps: int = setting(150, "reward model: steps")
+    rm_lr: float = setting(1e-4, "reward model: learning rate")
+    ppo_kl_coefs: str = setting("0.05,0.2", "PPO with the learned RM: KL coefficients (one run each)")
+    ppo_gt_kl_coefs: str = setting("0.05,0.2", "PPO-GT (the scorer as reward): KL coefficients")
+    ppo_steps: int = setting(40, "PPO: steps (rollout batches) per run")
+    ppo_lr: float = setting(1e-4, "PPO: learning rate")
+    ppo_batch: int = setting(64, "PPO: rollouts per step")
+    ppo_mini_batch: int = setting(16, "PPO: rollouts per gradient step")
+    ppo_epochs: int = setting(4, "PPO: passes over each rollout batch")
+    bon_ns: str = setting("2,4,8,16", "Best-of-N: N values (samples of πSFT, picked by the learned RM)")
+    eval_points: int = setting(4, "checkpoints evaluated per run (evenly spaced, the last included)")
+    eval_samples: int = setting(4, "samples per eval prompt")
+    eval_batch: int = setting(256, "sequences generated/scored at once")
+    seed: int = setting(0, "seed of every stage")
+    precision: str = setting("fp32", "bf16: autocast matmuls (fast on GPUs and AMX CPUs only)",
+                             choices=["fp32", "bf16"])
+    device: str | None = setting(None, "cpu or cuda (default: cuda when available)")
+    threads: int = setting(0, "CPU threads for torch (0: torch's default)")
+    progress: bool = setting(True, "progress bars")
+
+    def validate(self) -> "SentimentConfig":
+        if self.output_dir is None:
+            raise ValueError("missing required setting --output-dir")
+        if not 1 <= self.prompt_min_tokens <= self.prompt_max_tokens:
+            raise ValueError("need 1 ≤ prompt_min_tokens ≤ prompt_max_tokens")
+        if self.eval_points < 1 or self.samples_per_prompt < 2:
+            raise ValueError("eval_points must be ≥ 1 and samples_per_prompt ≥ 2")
+        for name in ("dpo_betas", "ul_weights", "ppo_kl_coefs", "ppo_gt_kl_coefs", "bon_ns"):
+            parse_numbers(getattr(self, name), name)
+        return self
+
+
+def preset_defaults(name: str) -> dict:
+    """The settings a preset changes, plus the preset's own name."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return dict(PRESETS[name], preset=name)
+
+
+def parse_numbers(text: str, name: str) -> list[float]:
+    """The comma-separated numbers of setting `name` (e.g. --dpo-betas 0.1,1.0)."""
+    try:
+        return [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{name.replace('_', '-')}: expected comma-separated numbers, got {text!r}") from None
+
+
+def sentiment_config(args) -> SentimentConfig:
+    """The study's settings from parsed flags: dataclass defaults < preset < YAML < flags. The preset
+    is the flag's, else the YAML file's, else cpu-small."""
+    preset = getattr(args, "preset", None)
+    if preset is None and getattr(args, "config", None):
+        preset = load_yaml(args.config, SentimentConfig).get("preset")
+    return build_config(args, SentimentConfig, **preset_defaults(preset or "cpu-small"))

@@ -1,0 +1,226 @@
+"""One run machinery for every trainer: DPO/SFT (`train.loop`), the reward model and PPO (`rlhf`).
+
+    RunDir       the output directory: the overwrite/resume guard, the recorded settings
+                 (directpo_config.json), metrics.jsonl, checkpoints with --save-every/--keep-last,
+                 --resume, and the completion marker written last
+    StepDriver   one optimizer step: micro-batch accumulation, the all-reduce over processes,
+                 gradient clipping, the non-finite guard, optimizer and warm-up schedule
+    Progress     a progress bar, or a log line every N steps
+
+A trainer reads top to bottom as: settings -> data -> models -> RunDir.start -> for each step:
+StepDriver.accumulate + StepDriver.step, metrics line, maybe evaluate, maybe checkpoint ->
+save -> RunDir.complete.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import __version__
+from ..console import log
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+COMPLETE_MARKER = "run_complete.json"
+CONFIG_FILE = "directpo_config.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def is_complete(output_dir: str | Path) -> bool:
+    """Whether the run in `output_dir` finished (its completion marker is written last)."""
+    return (Path(output_dir) / COMPLETE_MARKER).exists()
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/inf loss or gradient: the step was not applied."""
+
+
+def setup_torch(threads: int, seed: int) -> None:
+    """Thread count and the global seed, the first thing every trainer does."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON object a line, flushed as written (rank 0 writes; others no-op)."""
+
+    def __init__(self, path: Path | None, start_step: int = 0):
+        self.file = None
+        if path is None:
+            return
+        if start_step and path.exists():  # resuming: drop the lines of steps after the checkpoint (redone)
+            keep = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= start_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, path)
+        self.file = open(path, "a" if start_step else "w")
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+class RunDir:
+    """A run's output directory. Only the main process (rank 0) writes to it."""
+
+    def __init__(self, path: str | Path, main: bool = True):
+        self.path, self.main = Path(path), main
+
+    def prepare(self, overwrite: bool, resume: str | None) -> None:
+        """Refuse to clobber another run; make sure the directory can be written."""
+        if not self.main:
+            return
+        if (self.path / METRICS_FILE).exists() and not (overwrite or resume):
+            raise FileExistsError(f"{self.path} already holds a run ({METRICS_FILE}); pass --resume to continue it "
+                                  "or --overwrite to replace it")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise PermissionError(f"cannot write to output directory {self.path}: {e.strerror or e}") from None
+
+    def record_config(self, command: str, cfg, **extra) -> dict:
+        """directpo_config.json: the version, the command, every setting, and what the run derived."""
+        settings = {"directpo_version": __version__, "command": command, **asdict(cfg), **extra}
+        if self.main:
+            (self.path / CONFIG_FILE).write_text(json.dumps(settings, indent=2))
+        return settings
+
+    def resume_point(self, cfg) -> Path | None:
+        """The checkpoint to resume from (None: start fresh), after checking it belongs to this run:
+        every setting that changes the trajectory must be the same."""
+        if not cfg.resume:
+            return None
+        path = latest_checkpoint(self.path) if cfg.resume == "latest" else Path(cfg.resume)
+        if path is None:
+            log(f"--resume: no checkpoint in {self.path / 'checkpoints'}; starting from step 0")
+            return None
+        if not (path / "state.json").exists():
+            raise FileNotFoundError(f"--resume {path}: not a checkpoint directory (no state.json)")
+        saved = json.loads((path / "state.json").read_text())["config"]
+        now = asdict(cfg)
+        diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now
+                if k not in cfg.RESUMABLE_CHANGES and saved.get(k) != now[k]]
+        if diff:
+            raise ValueError(f"--resume {path}: the checkpoint was made with other settings ({'; '.join(diff)}); "
+                             "resume with the same settings, or start a new run")
+        return path
+
+    def metrics(self, start_step: int) -> MetricsLog:
+        return MetricsLog(self.path / METRICS_FILE if self.main else None, start_step)
+
+    def save_checkpoint(self, step: int, epoch: int, model, optimizer, scheduler, cfg, **kw) -> Path | None:
+        if self.main:
+            return save_checkpoint(self.path, step, epoch, model, optimizer, scheduler, asdict(cfg), cfg.keep_last,
+                                   **kw)
+        return None
+
+    def complete(self, result: dict) -> None:
+        """The completion marker, written last: a run without it did not finish."""
+        if self.main:
+            (self.path / COMPLETE_MARKER).write_text(json.dumps(result))
+
+
+def resume(run: RunDir, cfg, model, optimizer, scheduler, **kw) -> tuple[int, dict]:
+    """(step, checkpoint state) to continue from: weights, optimizer, scheduler and RNG restored
+    from the checkpoint `--resume` names; (0, {}) for a fresh run."""
+    path = run.resume_point(cfg)
+    if path is None:
+        return 0, {}
+    state = load_checkpoint(path, model, optimizer, scheduler, **kw)
+    log(f"resumed from {path} at step {state['step']}")
+    return state["step"], state
+
+
+class StepDriver:
+    """One optimizer step, the same for every trainer.
+
+    `accumulate` runs forward/backward over the micro-batches of a batch, each loss divided by the
+    whole batch's size, so the accumulated gradient is the full batch mean's whatever the split.
+    `step` sums gradients (and metric sums) over processes, clips the global norm, and applies the
+    update, unless the loss or gradient is not finite: then nothing touches the weights, and the
+    step is skipped (counted) or the run stops with `NonFiniteError`.
+    """
+
+    def __init__(self, params, optimizer, scheduler, max_grad_norm: float, dist=None, sharded: bool = False,
+                 skip_nonfinite: bool = False):
+        self.params = [p for p in params if p.requires_grad]
+        self.optimizer, self.scheduler, self.max_grad_norm = optimizer, scheduler, max_grad_norm
+        self.dist, self.sharded, self.skip_nonfinite = dist, sharded, skip_nonfinite
+        self.skipped = 0
+
+    def accumulate(self, micro_batches, loss_of: Callable, batch_size: int) -> dict[str, float]:
+        """Σ of the micro-batches' metric sums; `loss_of(mb) -> (per-example losses, metric sums)`."""
+        sums: dict[str, float] = {}
+        for mb in micro_batches:
+            losses, stats = loss_of(mb)
+            (losses.sum() / batch_size).backward()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+        return sums
+
+    def step(self, sums: dict[str, float], where: Callable[[], str] = lambda: "") -> tuple[dict, float | None, float]:
+        """(metric sums over all processes, gradient norm or None when skipped, lr of this step)."""
+        if self.dist is not None:
+            self.dist.all_reduce_grads(self.params)
+            sums = self.dist.sum_stats(sums)
+        if self.sharded:
+            grad_norm = self.dist.clip_grad_norm(self.params, self.max_grad_norm)
+        else:
+            limit = self.max_grad_norm if self.max_grad_norm > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
+        lr = self.scheduler.get_last_lr()[0]
+        loss = sums.get("loss", 0.0)
+        if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+            self._non_finite("loss" if not math.isfinite(loss) else "gradient norm", where())
+            return sums, None, lr
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return sums, float(grad_norm), lr
+
+    def _non_finite(self, what: str, where: str) -> None:
+        # Never let NaN/inf into the weights: stop (the last checkpoint stays as it was) or skip.
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self.skip_nonfinite:
+            raise NonFiniteError(f"non-finite {what} {where}; stopped without updating the weights. Pass "
+                                 "--skip-nonfinite to skip such steps, or lower the learning rate")
+        self.skipped += 1
+        self.scheduler.step()
+        log(f"non-finite {what} {where}: step skipped ({self.skipped} so far)")
+
+
+class Progress:
+    """A tqdm bar (rank 0, when asked), else a log line every `log_every` steps and at the end."""
+
+    def __init__(self, enabled: bool, total: int, initial: int, desc: str, log_every: int = 1):
+        self.total, self.log_every, self.bar = total, max(1, log_every), None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", mininterval=1.0,
+                            dynamic_ncols=True)
+
+    def update(self, step: int, short: str, long: str | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(short)
+        elif step % self.log_every == 0 or step == self.total:
+            log(f"step {step}/{self.total} {long or short}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
