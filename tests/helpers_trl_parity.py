@@ -130,7 +130,10 @@ def trl_ref_logps(model_dir, pairs: list[dict], max_length: int, batch_size: int
 
 
 def directpo_logps(model_dir, raw_rows: list[dict], max_length: int, work: Path) -> dict[int, dict]:
-    """{row: score line} from `directpo score` on the raw HH rows."""
+    """{row: score line} from `directpo score` on the raw HH rows. `--max-prompt-length max_length - 1`
+    reproduces TRL's truncation (the prompt kept whole, the responses cut to fit) for every pair TRL
+    keeps; directpo's default would instead cut the prompt of a pair that does not fit to half of
+    max_length. Prompts of max_length tokens or more, which TRL drops, directpo cuts and keeps."""
     from directpo.cli import main as directpo_main
 
     data = work / "hh_raw.jsonl"
@@ -139,7 +142,8 @@ def directpo_logps(model_dir, raw_rows: list[dict], max_length: int, work: Path)
         for r in raw_rows:
             f.write(json.dumps(r) + "\n")
     rc = directpo_main(["score", "--model", str(model_dir), "--data", str(data), "--out", str(out),
-                        "--max-length", str(max_length), "--on-invalid", "skip", "--device", "cpu"])
+                        "--max-length", str(max_length), "--max-prompt-length", str(max_length - 1),
+                        "--on-invalid", "skip", "--device", "cpu"])
     if rc not in (0, None):
         raise RuntimeError(f"directpo score exited with {rc}")
     with open(out) as f:

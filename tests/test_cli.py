@@ -67,7 +67,7 @@ def test_bad_data_exits_with_file_row_field(tiny_model, tmp_path, capsys):
     rc = main(["train", "--model", str(tiny_model), "--data", str(data), "--output-dir", str(tmp_path / "o"),
                "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 2 and str(data) in err and "row 1" in err and "'rejected'" in err
+    assert rc == 2 and str(data) in err and "line 2" in err and "'rejected'" in err
 
 
 def test_train_on_real_hh_pairs_reaches_high_reward_accuracy(tiny_model, tmp_path):

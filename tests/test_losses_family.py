@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from directpo.losses import (LOSSES, LossInputs, LossParams, cdpo_loss, dpo_loss, hinge_loss, ipo_loss,
-                             plackett_luce_loss, unlikelihood_loss, unlikelihood_terms)
+from directpo.losses import (LOSSES, LossInputs, LossParams, cdpo_loss, dpo_loss, hinge_loss, ipo_avg_loss,
+                             ipo_loss, plackett_luce_loss, unlikelihood_loss, unlikelihood_terms)
 from directpo.metrics import ranking_metrics
 
 NAN = float("nan")
@@ -81,6 +81,50 @@ def test_ipo_cdpo_hinge_hand_values():
     assert cdpo_loss(pc, pr, rc, rr, beta=0.1).losses.item() == pytest.approx(expected, abs=1e-6)
 
 
+def test_ipo_avg_matches_per_token_average_by_hand():
+    """TRL's IPO: every log-prob divided by its response's length, then (h − 1/(2β))²."""
+    g = torch.Generator().manual_seed(11)
+    tokens = {k: torch.log(torch.rand(n, generator=g, dtype=torch.float64)) for k, n in
+              (("pc", 3), ("pr", 7), ("rc", 3), ("rr", 7))}  # per-token log-probs: |yw| = 3, |yl| = 7
+    avg = {k: sum(v.tolist()) / len(v) for k, v in tokens.items()}
+    beta = 0.3
+    h = (avg["pc"] - avg["rc"]) - (avg["pr"] - avg["rr"])
+    s = {k: v.sum()[None] for k, v in tokens.items()}
+    out = ipo_avg_loss(s["pc"], s["pr"], s["rc"], s["rr"], torch.tensor([3.0]), torch.tensor([7.0]), beta=beta)
+    assert out.losses.item() == pytest.approx((h - 1 / (2 * beta)) ** 2, rel=1e-12)
+    assert out.chosen_rewards.item() == pytest.approx(beta * (avg["pc"] - avg["rc"]), rel=1e-12)
+    assert out.rejected_rewards.item() == pytest.approx(beta * (avg["pr"] - avg["rr"]), rel=1e-12)
+    # through the registry, which reads the lengths from LossInputs
+    x = LossInputs(torch.cat([s["pc"], s["pr"]])[None], torch.cat([s["rc"], s["rr"]])[None],
+                   torch.tensor([[3.0, 7.0]], dtype=torch.float64))
+    got = LOSSES["ipo_avg"].fn(x, LossParams(beta=beta))
+    assert got.losses.item() == pytest.approx((h - 1 / (2 * beta)) ** 2, rel=1e-12)
+    # with different lengths the summed and the averaged forms differ
+    assert LOSSES["ipo"].fn(x, LossParams(beta=beta)).losses.item() != pytest.approx(got.losses.item())
+
+
+def test_ipo_and_ipo_avg_agree_on_one_token_responses():
+    pol, ref = _rand((16, 2), 20), _rand((16, 2), 21)
+    x = LossInputs(pol, ref, torch.ones(16, 2, dtype=torch.float64))
+    for beta in (0.05, 0.5, 2.0):
+        a, b = LOSSES["ipo"].fn(x, LossParams(beta=beta)), LOSSES["ipo_avg"].fn(x, LossParams(beta=beta))
+        assert torch.equal(a.losses, b.losses) and torch.equal(a.rewards, b.rewards)
+
+
+def test_reference_free_is_a_constant_sequence_reference_not_a_per_token_uniform_one():
+    """reference_free = DPO with log πref(y|x) = c for every y (any constant); a per-token uniform
+    reference, log πref(y|x) = −|y|·log V, is that only when the lengths are equal."""
+    pol = _rand((8, 2), 22)
+    lengths = torch.tensor([[3.0, 9.0]] * 8, dtype=torch.float64)
+    free = LOSSES["reference_free"].fn(LossInputs(pol, None, lengths), LossParams(beta=0.2)).losses
+    const = dpo_loss(pol[:, 0], pol[:, 1], torch.full((8,), -7.0, dtype=torch.float64),
+                     torch.full((8,), -7.0, dtype=torch.float64), beta=0.2).losses
+    assert torch.allclose(free, const, atol=1e-12)
+    uniform = -lengths * math.log(600)
+    per_token = dpo_loss(pol[:, 0], pol[:, 1], uniform[:, 0], uniform[:, 1], beta=0.2).losses
+    assert not torch.allclose(free, per_token)
+
+
 def test_unlikelihood_matches_token_level_computation():
     g = torch.Generator().manual_seed(7)
     chosen_tok = torch.log(torch.rand(5, generator=g, dtype=torch.float64))
@@ -110,5 +154,5 @@ def test_ranking_metrics():
     r = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0], [2.0, 3.0, 1.0, NAN], [1.0, 1.0, NAN, NAN]])
     m = ranking_metrics(r)
     assert m["kendall_tau"].tolist() == [1.0, -1.0, pytest.approx(1 / 3), 0.0]
-    assert m["top1"].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert m["top1"].tolist() == [1.0, 0.0, 0.0, 0.0]  # row 3: a tie at the top is wrong
     assert m["accuracy"].tolist() == [1.0, 0.0, pytest.approx(2 / 3), 0.0]

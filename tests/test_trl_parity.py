@@ -43,8 +43,10 @@ def test_score_matches_trl_precomputed_ref_logps(tmp_path):
     dpo = tp.directpo_logps(model_dir, raw_rows, MAX_LENGTH, tmp_path)
     res = tp.compare(trl, dpo, MAX_LENGTH)
 
-    # Same rows kept: TRL drops exactly the prompts >= max_length that directpo skips.
-    assert res["trl_only"] == [] and res["directpo_only"] == []
+    # Same rows kept, but for the prompts >= max_length: TRL drops them, directpo keeps them with the
+    # prompt cut from the left.
+    too_long = [i for i, p in enumerate(pairs) if tp.lengths(tok, p)[0] >= MAX_LENGTH]  # row = file index
+    assert res["trl_only"] == [] and sorted(res["directpo_only"]) == too_long
     assert res["compared"] == len(pairs) - n_too_long
     assert res["truncated"] == n_trunc
     # Same tokens scored (HH split, prompt/response boundary, EOS, truncation).

@@ -21,8 +21,31 @@ class ConfigError(ValueError):
 
 
 def setting(default, help: str, **meta):
-    """A config field: its default, its help text, and optional `choices`, `required`, `nargs`/`const`."""
+    """A config field: its default, its help text, and optional `choices`, `required`, `nargs`/`const`,
+    and bounds `ge`, `gt`, `le`, `lt` (checked by `check_ranges`: every numeric setting in one place)."""
     return field(default=default, metadata={"help": help, **meta})
+
+
+_BOUNDS = {"ge": ("≥", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b), "le": ("≤", lambda v, b: v <= b),
+           "lt": ("<", lambda v, b: v < b)}
+
+
+def allowed_range(meta: dict) -> str:
+    """'≥ 1', '> 0', '≥ 0 and < 0.5', ... from a field's bounds ('' when unbounded)."""
+    return " and ".join(f"{sym} {meta[k]:g}" for k, (sym, _) in _BOUNDS.items() if k in meta)
+
+
+def check_ranges(cfg) -> None:
+    """Every bounded numeric setting within its range, else a ConfigError naming the flag, the
+    allowed range, what the setting means and the value given."""
+    for f in fields(cfg):
+        value, meta = getattr(cfg, f.name), f.metadata
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        bad = [sym for k, (sym, ok) in _BOUNDS.items() if k in meta and not ok(value, meta[k])]
+        if bad or value != value:  # NaN fails every bound
+            what = meta.get("help", "").split(";")[0].split(" (")[0]
+            raise ConfigError(f"{flag_name(f.name)} must be {allowed_range(meta)} ({what}); got {value:g}")
 
 
 def config_fields(cls):
@@ -174,7 +197,9 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) 
 def _add_flag(group, f) -> None:
     meta, flag = f.metadata, flag_name(f.name)
     default = None if f.default is MISSING else f.default
-    help_ = meta.get("help", "") + ("" if meta.get("required") else f" (default: {default})")
+    bounds = allowed_range(meta)
+    help_ = meta.get("help", "") + (f"; {bounds}" if bounds else "") + \
+        ("" if meta.get("required") else f" (default: {default})")
     if _base_type(f.type)[0] == "bool":
         group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_, default=argparse.SUPPRESS)
         return

@@ -6,6 +6,16 @@ here knows about models, tokenizers or the trainer: that keeps each formula chec
 
 Notation (paper, eq. 7):
     L_DPO = −log σ( β·[log πθ(yw|x) − log πref(yw|x)] − β·[log πθ(yl|x) − log πref(yl|x)] )
+
+Exactly what some of the registry's losses compute (h = the log-ratio difference above, without β):
+    ipo             (h − 1/(2β))², h from *summed* log-probs. TRL's IPO averages log-probs per token,
+                    which rescales h by ~1/length and so changes what a given β means; `ipo_avg` is
+                    that per-token form.
+    reference_free  DPO with log πref(y|x) = 0 for every response, i.e. a *constant* sequence-level
+                    reference (any constant cancels in h). It is not a per-token uniform reference
+                    (log πref(y|x) = −|y|·log V): that one cancels only when |yw| = |yl|.
+    unlikelihood    −log πθ(yw|x)/|yw| + α·(1/|yl|)·Σ_t −log(1 − πθ(yl_t|x, yl_<t)): both terms are
+                    per-token means (of the chosen response's NLL, of the rejected tokens' penalty).
 """
 from __future__ import annotations
 
@@ -61,12 +71,27 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     """IPO (Azar et al., 2023): (h − 1/(2β))², h the log-ratio difference; β plays IPO's τ.
 
     Regresses the margin to a finite target instead of pushing it to infinity, so it does not
-    overfit deterministic preferences. (Summed log-probs, as everywhere here; TRL averages per token.)
+    overfit deterministic preferences. The log-probs are summed over the response, as everywhere
+    here; TRL's IPO averages them per token, which changes what β means (see `ipo_avg_loss`).
     """
     h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
     return LossOutput((h - 1 / (2 * beta)) ** 2,
                       implicit_reward(policy_chosen_logps, ref_chosen_logps, beta).detach(),
                       implicit_reward(policy_rejected_logps, ref_rejected_logps, beta).detach())
+
+
+def ipo_avg_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                 chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, beta: float = 0.1,
+                 **_) -> LossOutput:
+    """IPO on per-token average log-probs (TRL's form): `ipo_loss` with every log πθ(y|x) and
+    log πref(y|x) divided by |y|, i.e. (h̄ − 1/(2β))² with
+        h̄ = [log πθ(yw|x) − log πref(yw|x)]/|yw| − [log πθ(yl|x) − log πref(yl|x)]/|yl|.
+    The implicit rewards are per-token too: β·[log πθ(y|x) − log πref(y|x)]/|y|.
+    For one-token responses it is exactly `ipo_loss`.
+    """
+    nc, nr = chosen_lengths.clamp(min=1), rejected_lengths.clamp(min=1)
+    return ipo_loss(policy_chosen_logps / nc, policy_rejected_logps / nr, ref_chosen_logps / nc,
+                    ref_rejected_logps / nr, beta=beta)
 
 
 def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float = 0.1,
@@ -110,9 +135,10 @@ def sft_loss(policy_logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 def unlikelihood_loss(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor,
                       rejected_unlikelihood: torch.Tensor, rejected_lengths: torch.Tensor,
                       weight: float = 1.0) -> torch.Tensor:
-    """The paper's Unlikelihood baseline (Welleck et al., 2019), per example:
+    """The paper's Unlikelihood baseline (Welleck et al., 2019), per example: the per-token mean
+    NLL of the chosen response plus α × the per-token mean unlikelihood penalty of the rejected one,
 
-        −log p(yw)/|yw|  +  α · Σ_t −log(1 − p(yl_t | x, yl_<t)) / |yl|
+        −log πθ(yw|x)/|yw|  +  α · (1/|yl|) · Σ_t −log(1 − πθ(yl_t | x, yl_<t))
 
     `rejected_unlikelihood` is Σ_t −log(1 − p_t) over the rejected tokens (`unlikelihood_terms`).
     """
@@ -169,7 +195,14 @@ def _pairwise(fn):
     return run
 
 
+def _ipo_avg(x: LossInputs, p: LossParams) -> RankedLossOutput:
+    out = ipo_avg_loss(x.policy[:, 0], x.policy[:, 1], x.ref[:, 0], x.ref[:, 1], x.lengths[:, 0], x.lengths[:, 1],
+                       beta=p.beta)
+    return RankedLossOutput(out.losses, torch.stack([out.chosen_rewards, out.rejected_rewards], 1))
+
+
 def _reference_free(x: LossInputs, p: LossParams) -> RankedLossOutput:
+    """DPO with log πref(y|x) = 0: a constant sequence-level reference (not a per-token uniform one)."""
     zeros = torch.zeros_like(x.policy[:, 0])
     out = dpo_loss(x.policy[:, 0], x.policy[:, 1], zeros, zeros, beta=p.beta, label_smoothing=p.label_smoothing)
     return RankedLossOutput(out.losses, torch.stack([out.chosen_rewards, out.rejected_rewards], 1))
@@ -191,13 +224,18 @@ def _unlikelihood(x: LossInputs, p: LossParams) -> RankedLossOutput:
 LOSSES: dict[str, LossSpec] = {
     "dpo": LossSpec(_pairwise(dpo_loss), help="DPO, eq. 7 (label_smoothing > 0: conservative DPO)"),
     "cdpo": LossSpec(_pairwise(cdpo_loss), help="conservative DPO, ε = label_smoothing (default 0.1)"),
-    "ipo": LossSpec(_pairwise(ipo_loss), help="IPO (Azar et al.): squared margin regression to 1/(2β)"),
+    "ipo": LossSpec(_pairwise(ipo_loss), help="IPO (Azar et al.): squared margin regression to 1/(2β), "
+                                              "summed log-probs (TRL averages per token: see ipo_avg)"),
+    "ipo_avg": LossSpec(_ipo_avg, help="IPO on per-token average log-probs (TRL's form; β means what it means "
+                                       "there)"),
     "hinge": LossSpec(_pairwise(hinge_loss), help="SLiC hinge on the implicit reward margin"),
-    "reference_free": LossSpec(_reference_free, needs_reference=False, help="DPO with a uniform reference"),
+    "reference_free": LossSpec(_reference_free, needs_reference=False,
+                               help="DPO with a constant sequence-level reference (log πref(y|x) = 0)"),
     "plackett_luce": LossSpec(_plackett_luce, pairwise=False, help="ranking DPO over K ≥ 2 responses (A.3/A.5)"),
     "sft": LossSpec(_sft, needs_reference=False, pairwise=False, help="supervised NLL of the best response"),
     "unlikelihood": LossSpec(_unlikelihood, needs_reference=False, needs_unlikelihood=True,
-                             help="the paper's Unlikelihood baseline: NLL(yw) + α·unlikelihood(yl)"),
+                             help="the paper's Unlikelihood baseline: per-token mean NLL(yw) + α·per-token mean "
+                                  "−log(1 − p) over yl"),
 }
 
 # The plain pairwise functions, for users who call them directly.

@@ -1,7 +1,11 @@
 """Per-example metrics of implicit rewards against the given ranking (pure functions).
 
 Rewards are (B, K) with responses best first and NaN where absent. For a pair, the concordant
-fraction is the usual reward accuracy (chosen reward > rejected reward; a tie counts as wrong).
+fraction is the usual reward accuracy (chosen reward > rejected reward).
+
+Ties, one rule for every metric: a tie is not a correct ranking. A tied pair counts as wrong in the
+accuracy (neither concordant nor discordant in Kendall's τ), and top-1 is correct only when the best
+response's reward is strictly above every other response's: a tie at the top counts as wrong.
 """
 from __future__ import annotations
 
@@ -25,11 +29,12 @@ def ranking_metrics(rewards: torch.Tensor) -> dict[str, torch.Tensor]:
     n = both.sum((1, 2)).clamp(min=1)
     concordant = ((diff > 0) & both).sum((1, 2))
     discordant = ((diff < 0) & both).sum((1, 2))
-    best_is_top = r.masked_fill(~valid, float("-inf")).argmax(1) == 0
-    # a row whose rewards are all equal has no top: count it as wrong, like a tied pair
-    all_tied = (r.masked_fill(~valid, float("inf")).amin(1) == r.masked_fill(~valid, float("-inf")).amax(1))
+    # top-1: the best response strictly above every other one (a tie at the top is wrong, as a tied
+    # pair is); a row with fewer than two responses has no ranking to get right
+    rest = torch.cat([r[:, 1:].masked_fill(~valid[:, 1:], float("-inf")), torch.full_like(r[:, :1], float("-inf"))], 1)
+    strictly_top = valid[:, 0] & valid[:, 1:].any(1) & (r[:, 0] > rest.amax(1))
     return {
         "accuracy": concordant / n,
         "kendall_tau": (concordant - discordant) / n,
-        "top1": (best_is_top & ~all_tied).float(),
+        "top1": strictly_top.float(),
     }

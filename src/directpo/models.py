@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 
 import torch
 
@@ -20,9 +22,20 @@ def unwrap_peft(model):
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The requested device (checked: it must exist in this torch build), or cuda when available."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a device name (cpu, cuda, cuda:1, mps, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU is visible"
+        raise ValueError(f"--device {device}: no CUDA device here (torch {torch.__version__} is {build}); use --device "
+                         "cpu or leave --device out")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
 
 
 def autocast_ctx(device: torch.device | str, precision: str):
@@ -32,12 +45,43 @@ def autocast_ctx(device: torch.device | str, precision: str):
     return contextlib.nullcontext()
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def check_model_source(name_or_dir: str) -> None:
+    """A local directory that exists, or a name shaped like a hub id (`name`, `owner/name`). A
+    local-looking path that does not exist is refused at once, instead of after a minute of hub
+    retries and a message about repo ids."""
+    path = os.path.expanduser(name_or_dir)
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise ValueError(f"{name_or_dir}: is a file; give the model's directory (with config.json) or a hub id")
+    first = name_or_dir.split("/")[0]
+    local_looking = name_or_dir.startswith(("/", "./", "../", "~", "\\")) or name_or_dir.count("/") > 1 \
+        or not _HUB_ID.match(name_or_dir) or ("/" in name_or_dir and os.path.isdir(first))
+    if local_looking:
+        raise FileNotFoundError(f"{name_or_dir}: no such model directory")
+
+
+def _hub_error(name_or_dir: str, e: OSError) -> OSError:
+    """One line for a hub id that could not be loaded (offline, no such repo, gated)."""
+    first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return OSError(f"{name_or_dir}: not a local directory, and the Hugging Face hub could not provide it ({first})")
+
+
 def load_tokenizer(name_or_dir: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    check_model_source(name_or_dir)
     quiet_transformers()
 
-    tok = AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if os.path.isdir(os.path.expanduser(name_or_dir)):
+            raise
+        raise _hub_error(name_or_dir, e) from e
     if tok.pad_token_id is None:
         # Padding positions are masked out of attention and labels, so any id will do; EOS is the
         # conventional choice and keeps the vocabulary unchanged.
@@ -53,6 +97,7 @@ def load_model(name_or_dir: str, device: torch.device | str = "cpu", trust_remot
     allocated (FSDP ranks > 0: rank 0 broadcasts the weights into their shards)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    check_model_source(name_or_dir)
     if empty:
         config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
@@ -63,12 +108,49 @@ def load_model(name_or_dir: str, device: torch.device | str = "cpu", trust_remot
         model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      use_safetensors=True)
     except OSError as e:
-        if "safetensors" in str(e).lower() or ".bin" in str(e):
-            raise OSError(f"{name_or_dir}: no safetensors weights found; directpo loads only safetensors (pickled "
-                          f".bin checkpoints can run code). Convert it with `save_pretrained` first. ({e})") from e
+        explained = safetensors_only_error(name_or_dir, e)
+        if explained is not None:
+            raise explained from e
+        if not os.path.isdir(os.path.expanduser(name_or_dir)):
+            raise _hub_error(name_or_dir, e) from e
         raise
 
     return model.to(device)
+
+
+def check_vocab(tokenizer, model, name: str, ref=None, ref_name: str | None = None) -> None:
+    """Refuse a tokenizer with ids past the model's embedding (an IndexError deep in a forward
+    otherwise); with `ref`, the same for the reference, and policy and reference must have the
+    same vocabulary size (their log-probs are compared token by token)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ValueError(f"{name}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
+                         f"{rows} rows: they do not belong together")
+    if ref is None:
+        return
+    ref_name = ref_name or "the reference"
+    check_vocab(tokenizer, ref, ref_name)
+
+    def logits_width(m) -> int:  # rows of the output embedding (else the input one, else the config)
+        for get in ("get_output_embeddings", "get_input_embeddings"):
+            emb = getattr(m, get, lambda: None)()
+            if emb is not None and getattr(emb, "weight", None) is not None:
+                return emb.weight.shape[0]
+        return m.config.vocab_size
+
+    if logits_width(model) != logits_width(ref):
+        raise ValueError(f"{ref_name}: policy and reference have different vocabulary sizes ({name}: "
+                         f"{logits_width(model)}, {ref_name}: {logits_width(ref)}); the reference must share "
+                         "the policy's tokenizer")
+
+
+def safetensors_only_error(name_or_dir: str, e: OSError) -> OSError | None:
+    """`load_model`'s explanation when `name_or_dir` has no safetensors weights (a `.bin`-only
+    checkpoint), for other loaders that read safetensors only; None when `e` is another error."""
+    if "safetensors" in str(e).lower() or ".bin" in str(e):
+        return OSError(f"{name_or_dir}: no safetensors weights found; directpo loads only safetensors (pickled "
+                       f".bin checkpoints can run code). Convert it with `save_pretrained` first. ({e})")
+    return None
 
 
 def freeze(model):

@@ -63,13 +63,15 @@ def _expected(rows: list[dict]) -> list[tuple]:
 
 
 def _assert_names(err: DataError, source, row, field) -> None:
-    """The error names file, row and field, both as attributes and in its message."""
+    """The error names file, row and field, both as attributes (row 0-based) and in its message (1-based:
+    "line N" in a JSONL file, "row N" elsewhere)."""
     msg = str(err)
     assert err.source == str(source)
     assert str(source) in msg
     assert err.row == row
     if row is not None:
-        assert f"row {row}" in msg
+        unit = "line" if str(source).endswith((".jsonl", ".jsonl.gz", ".ndjson")) else "row"
+        assert f"{unit} {row + 1}," in msg or f"{unit} {row + 1}:" in msg
     assert err.field == field
     if field is not None:
         assert f"'{field}'" in msg
@@ -409,15 +411,15 @@ def test_malformed_json_line(tmp_path):
     err, path = _load_error(tmp_path, [GOOD, "", GOOD, '{"prompt": "x", "chosen": "a",'])
     assert err.source == str(path) and str(path) in str(err)
     assert err.row == 3  # 0-based line index, blank line counted
-    assert "row 3" in str(err)
-    assert "line 4" in str(err)  # and the 1-based line for editors
+    assert f"{path}, line 4: malformed JSON" in str(err)  # the message says the 1-based line, as editors do
+    assert "row" not in str(err)
     assert err.kind == "malformed"
 
 
 def test_json_array_line(tmp_path):
     err, path = _load_error(tmp_path, [GOOD, '["P", "a", "b"]'])
     assert err.source == str(path) and str(path) in str(err)
-    assert err.row == 1 and "row 1" in str(err)
+    assert err.row == 1 and f"{path}, line 2:" in str(err)
     assert "list" in str(err)
     assert err.kind == "malformed"
 
@@ -427,7 +429,7 @@ def test_json_file_non_object_row(tmp_path):
     path.write_text(json.dumps([ROWS[0], "oops"]), encoding="utf-8")
     with pytest.raises(DataError) as ei:
         load_examples(str(path))
-    assert ei.value.row == 1 and str(path) in str(ei.value) and ei.value.kind == "malformed"
+    assert ei.value.row == 1 and f"{path}, row 2:" in str(ei.value) and ei.value.kind == "malformed"
 
 
 BAD_ROWS = {
@@ -550,7 +552,7 @@ def test_skip_counts_bad_rows(tmp_path):
     for kind, n in report.counts.items():
         assert f"{n} {kind}" in s
     assert str(path) in s  # the example messages name the file
-    assert "row 1" in s  # first malformed row
+    assert "line 2" in s  # first malformed row (0-based row 1)
 
 
 def test_skip_report_empty_summary():
@@ -602,3 +604,271 @@ def test_nan_survives_json_roundtrip():
     """Guard for the NaN cases above: json really produces a float NaN from the written row."""
     rec = json.loads(json.dumps(BAD_ROWS["nan_score"][0]))
     assert math.isnan(rec["scores"][1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Messages count rows from 1: "line N" in line-based files, "row N" elsewhere; Example.row stays 0-based
+
+
+def test_messages_say_line_in_jsonl_and_row_elsewhere(tmp_path, hf_cache):
+    rows = [ROWS[0], ROWS[1], BAD_ROWS["identical"][0]]
+    jsonl = _write_jsonl(tmp_path / "d.jsonl", rows)
+    gz = _write_jsonl(tmp_path / "d.jsonl.gz", rows, gz=True)
+    for path in (jsonl, gz):
+        with pytest.raises(DataError) as ei:
+            load_examples(str(path))
+        assert ei.value.row == 2
+        assert str(ei.value).startswith(f"{path}, line 3, field 'rejected': identical")
+    others = _write_all_formats(tmp_path, rows)
+    del others["jsonl"]
+    for name, spec in others.items():
+        with pytest.raises(DataError) as ei:
+            load_examples(spec)
+        assert ei.value.row == 2, name
+        assert str(ei.value).startswith(f"{spec}, row 3, field 'rejected': identical"), name
+    exs = load_examples(str(jsonl), on_invalid="skip")
+    assert [ex.row for ex in exs] == [0, 1]  # the attribute is unchanged: 0-based
+
+
+# ----------------------------------------------------------------------------------------------
+# Bytes that are not UTF-8, lone surrogates, broken gzip
+
+
+LATIN1_ROW = '{"prompt": "Caf\u00e9?", "chosen": " Oui.", "rejected": " Non."}'.encode("latin-1")  # é as 0xe9
+
+
+def _write_bytes(path: Path, data: bytes, gz: bool = False) -> Path:
+    if gz:
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.gz"])
+def test_non_utf8_line_names_file_and_line(tmp_path, name):
+    data = GOOD.encode() + b"\n\n" + LATIN1_ROW + b"\n" + json.dumps(ROWS[1]).encode() + b"\n"
+    path = _write_bytes(tmp_path / name, data, gz=name.endswith(".gz"))
+    with pytest.raises(DataError) as ei:
+        load_examples(str(path))
+    err = ei.value
+    assert (err.row, err.kind) == (2, "encoding")
+    # '{"prompt": "Caf' is 15 characters: the é is column 16
+    assert str(err).startswith(f"{path}, line 3: not valid UTF-8: byte 0xe9 at column 16")
+    assert "codec" not in str(err)
+    report = SkipReport()
+    exs = load_examples(str(path), on_invalid="skip", report=report)
+    assert [ex.row for ex in exs] == [0, 3] and dict(report.counts) == {"encoding": 1}
+
+
+def test_non_utf8_only_rows_is_no_usable_rows(tmp_path):
+    path = _write_bytes(tmp_path / "d.jsonl", LATIN1_ROW + b"\n" + b"\xff\xfe\x00\n")
+    report = SkipReport()
+    with pytest.raises(DataError, match="no usable rows"):
+        load_examples(str(path), on_invalid="skip", report=report)
+    assert report.counts["encoding"] == 2
+
+
+@pytest.mark.parametrize("name", ["d.json", "d.json.gz"])
+def test_non_utf8_in_json_array_is_an_error_of_its_row(tmp_path, name):
+    data = b"[\n" + GOOD.encode() + b",\n" + LATIN1_ROW + b",\n" + json.dumps(ROWS[1]).encode() + b"\n]\n"
+    path = _write_bytes(tmp_path / name, data, gz=name.endswith(".gz"))
+    with pytest.raises(DataError) as ei:
+        load_examples(str(path))
+    err = ei.value
+    assert (err.row, err.field, err.kind) == (1, "prompt", "encoding")
+    assert str(err).startswith(f"{path}, row 2, field 'prompt': not valid UTF-8: byte 0xe9")
+    exs = load_examples(str(path), on_invalid="skip")
+    assert [ex.row for ex in exs] == [0, 2]
+    assert exs[1].prompt == ROWS[1]["prompt"]
+
+
+def test_non_utf8_outside_strings_in_json_names_the_line(tmp_path):
+    path = _write_bytes(tmp_path / "d.json", b"[\n" + GOOD.encode() + b",\n  \x80\n]")
+    with pytest.raises(DataError) as ei:
+        load_examples(str(path), on_invalid="skip")  # not a row's fault: the file cannot be read
+    assert str(ei.value) == f"{path}: not valid UTF-8: byte 0x80 at line 3, column 3"
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json"])
+def test_utf8_bom_is_read(tmp_path, name):
+    body = (GOOD + "\n") if name.endswith(".jsonl") else json.dumps([ROWS[0]])
+    path = _write_bytes(tmp_path / name, b"\xef\xbb\xbf" + body.encode())
+    assert _content(load_examples(str(path))) == _expected(ROWS[:1])
+
+
+@pytest.mark.parametrize("field, value, where", [
+    ("prompt", "P\ud800", "prompt"),
+    ("chosen", [{"role": "assistant", "content": "ok\udfff"}], "chosen[0].content"),
+    ("responses", ["a", "b\udc80"], "responses[1]"),
+])
+def test_lone_surrogate_is_an_error_of_its_field(tmp_path, field, value, where):
+    rec = {"prompt": "P", "chosen": "a", "rejected": "b"} if field != "responses" else {"prompt": "P"}
+    if field == "chosen":
+        rec = {"prompt": "P", "rejected": [{"role": "assistant", "content": "no"}]}
+    rec[field] = value
+    path = _write_lines(tmp_path / "d.jsonl", [GOOD, json.dumps(rec)])  # ensure_ascii: written as \ud800 escapes
+    with pytest.raises(DataError) as ei:
+        load_examples(str(path))
+    _assert_names(ei.value, path, 1, where)
+    assert ei.value.kind == "encoding" and "lone surrogate" in str(ei.value)
+    assert len(load_examples(str(path), on_invalid="skip")) == 1
+
+
+def test_prompt_file_lone_surrogate_in_reference(tmp_path):
+    from directpo.data.prompts import load_prompts
+
+    path = _write_lines(tmp_path / "p.jsonl", ['{"prompt": "ok"}', '{"prompt": "p", "reference": "r\\ud800"}'])
+    with pytest.raises(DataError) as ei:
+        load_prompts(str(path))
+    _assert_names(ei.value, path, 1, "reference")
+
+
+@pytest.mark.parametrize("name", ["d.jsonl.gz", "d.json.gz"])
+def test_not_gzip_data(tmp_path, name):
+    path = _write_bytes(tmp_path / name, GOOD.encode() + b"\n")  # plain text under a .gz name
+    with pytest.raises(DataError) as ei:
+        load_examples(str(path), on_invalid="skip")
+    assert str(ei.value).startswith(f"{path}: corrupt or truncated gzip data: ")
+
+
+def test_truncated_gzip_names_the_last_line_read(tmp_path):
+    lines = [json.dumps({"prompt": f"P{i} " + "x" * 50, "chosen": " a", "rejected": " b"}) for i in range(2000)]
+    whole = gzip.compress("".join(line + "\n" for line in lines).encode())
+    path = _write_bytes(tmp_path / "d.jsonl.gz", whole[:len(whole) // 2])
+    with pytest.raises(DataError) as ei:
+        load_examples(str(path), on_invalid="skip")
+    assert str(ei.value).startswith(f"{path}: corrupt or truncated gzip data after line ")
+
+
+def test_corrupt_parquet(tmp_path):
+    path = _write_bytes(tmp_path / "d.parquet", b"PAR1 not really")
+    with pytest.raises(DataError) as ei:
+        load_examples(str(path))
+    assert str(ei.value).startswith(f"{path}: cannot read as Parquet")
+
+
+def test_json_python_cannot_hold_is_malformed(tmp_path):
+    """Valid JSON that Python's json refuses: nesting past the stack, an integer past the digit limit."""
+    path = _write_lines(tmp_path / "d.jsonl", [GOOD, "[" * 100_000, '{"prompt": "p", "chosen": 1' + "0" * 5000 + "}"])
+    report = SkipReport()
+    assert len(load_examples(str(path), on_invalid="skip", report=report)) == 1
+    assert report.counts == {"malformed": 2}
+    with pytest.raises(DataError, match="line 2: malformed JSON: nested too deeply"):
+        load_examples(str(path))
+
+
+def test_huge_integer_score_is_a_number():
+    """A 400-digit integer score is finite (math.isfinite would overflow converting it to float)."""
+    ex = parse_row({"prompt": "P", "responses": ["a", "b"], "scores": [1, 10 ** 400]}, "r.jsonl", 0)
+    assert ex.responses == ["b", "a"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranked rows with both `ranking` and `scores`
+
+
+@pytest.mark.parametrize("scores", [[0.5, 2.0, -1.0], [2, 3, 1], [2, 2, 0]])  # last: a tie the ranking orders
+def test_ranking_and_scores_that_agree(scores):
+    rec = {"prompt": "P", "responses": ["b", "a", "c"], "ranking": [1, 0, 2], "scores": scores}
+    assert parse_row(rec, "r", 0).responses == ["a", "b", "c"]
+
+
+def test_ranking_and_scores_that_disagree():
+    rec = {"prompt": "P", "responses": ["b", "a", "c"], "ranking": [1, 0, 2], "scores": [0.5, 2.0, 3.0]}
+    with pytest.raises(DataError) as ei:
+        parse_row(rec, "r.jsonl", 4)
+    _assert_names(ei.value, "r.jsonl", 4, "ranking")
+    assert ei.value.kind == "invalid"
+    assert "disagrees with 'scores'" in str(ei.value)
+    assert "ranks response 0 above response 2, whose score is higher (3.0 > 0.5)" in str(ei.value)
+
+
+def test_ranking_and_bad_scores_still_checks_scores():
+    rec = {"prompt": "P", "responses": ["a", "b"], "ranking": [0, 1], "scores": [1.0, float("nan")]}
+    with pytest.raises(DataError) as ei:
+        parse_row(rec, "r", 0)
+    assert ei.value.field == "scores[1]"
+
+
+# ----------------------------------------------------------------------------------------------
+# What `--data` names: a file, a directory, a hub id; a missing local path fails at once
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """`datasets.load_dataset` replaced: records what it was asked for, returns two good rows."""
+    import datasets
+
+    calls = []
+
+    def fake(name, split=None, **kw):
+        calls.append((name, split))
+        return [ROWS[0], ROWS[1]]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    return calls
+
+
+@pytest.mark.parametrize("spec", ["pairs.txt", "out/nosuch.jsonl", "/abs/nosuch", "./nosuch", "../nosuch",
+                                  "~/nosuch-directpo", "a/b/c", "nosuch.jsonl", "data.csv", "owner/name.parquet",
+                                  "has space", "/abs/ds:test"])
+def test_missing_local_path_fails_at_once(tmp_path, monkeypatch, no_hub, spec):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as ei:
+        load_examples(spec)
+    assert str(ei.value) == f"{spec}: no such file or directory"
+    assert no_hub == []  # never asked the hub
+
+
+@pytest.mark.parametrize("spec, asked", [
+    ("imdb", ("imdb", "train")),
+    ("Anthropic/hh-rlhf", ("Anthropic/hh-rlhf", "train")),
+    ("Anthropic/hh-rlhf:test", ("Anthropic/hh-rlhf", "test")),
+    ("trl-lib/ultrafeedback_binarized", ("trl-lib/ultrafeedback_binarized", "train")),
+    ("org/data.v2", ("org/data.v2", "train")),
+])
+def test_hub_ids_go_to_datasets(tmp_path, monkeypatch, no_hub, spec, asked):
+    monkeypatch.chdir(tmp_path)
+    exs = load_examples(spec)
+    assert no_hub == [asked]
+    assert [ex.row for ex in exs] == [0, 1] and all(ex.source == spec for ex in exs)
+
+
+def test_existing_path_wins_over_hub_shape(tmp_path, monkeypatch, no_hub):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "owner").mkdir()
+    _write_jsonl(tmp_path / "owner" / "name.jsonl", ROWS)
+    assert len(load_examples("owner/name.jsonl")) == 3 and no_hub == []
+    d = tmp_path / "localdir"
+    d.mkdir()
+    load_examples("localdir")
+    assert no_hub == [("localdir", "train")]
+
+
+@pytest.mark.parametrize("name", ["pairs.txt", "pairs.csv", "pairs"])
+def test_existing_file_of_unsupported_type(tmp_path, no_hub, name):
+    path = tmp_path / name
+    path.write_text("prompt,chosen,rejected\n", encoding="utf-8")
+    with pytest.raises(DataError) as ei:
+        load_examples(str(path))
+    msg = str(ei.value)
+    assert msg.startswith(f"{path}: unsupported file type: directpo reads .jsonl, .jsonl.gz")
+    assert ".json, .json.gz, .parquet files" in msg and no_hub == []
+
+
+def test_bad_byte_in_an_unused_json_field_is_still_an_error(tmp_path):
+    """As in JSONL, where the whole line fails to decode: a row holding a bad byte anywhere is refused."""
+    row = b'{"prompt": "P", "chosen": " a", "rejected": " b", "meta": {"note": "caf\xe9"}}'
+    path = _write_bytes(tmp_path / "d.json", b"[" + GOOD.encode() + b", " + row + b"]")
+    with pytest.raises(DataError) as ei:
+        load_examples(str(path))
+    _assert_names(ei.value, path, 1, "meta.note")
+    assert ei.value.kind == "encoding"
+
+
+def test_split_suffix_on_a_file(tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", ROWS)
+    with pytest.raises(DataError, match="picks from a `datasets` source, not a file"):
+        load_examples(f"{path}:test")

@@ -50,7 +50,7 @@ def test_load_prompts_skips_like_load_examples(tmp_path):
     report = SkipReport()
     assert [it.prompt for it in load_prompts(str(bad), on_invalid="skip", report=report)] == ["ok"]
     assert dict(report.counts) == {"malformed": 1, "type": 1, "missing": 1}
-    with pytest.raises(DataError, match="row 1"):
+    with pytest.raises(DataError, match="p.jsonl, line 2:"):
         load_prompts(str(bad))
     with pytest.raises(ValueError, match="on_invalid"):
         load_prompts(str(bad), on_invalid="ignore")

@@ -7,7 +7,7 @@ try:  # tests/ may or may not be a package
     from tests.conftest import hh_rows
 except ImportError:  # pragma: no cover
     from conftest import hh_rows
-from directpo.data.formats import DataError, Example, SkipReport, parse_row
+from directpo.data.formats import DataError, Example, SkipReport, load_examples, parse_row
 from directpo.data.tokenize import TokenizedExample, TokenizeStats, render, tokenize_example, tokenize_examples
 from directpo.toy import SIMPLE_CHAT_TEMPLATE
 
@@ -245,12 +245,14 @@ def test_max_length_cuts_responses_from_the_right(tok):
     assert long_n > short_n + 2
     max_length = p + short_n + 1  # room for the short response, not the long one
     stats = TokenizeStats()
-    te = tokenize_example(ex, tok, max_length=max_length, stats=stats)
+    # an explicit max_prompt_length (here: the whole prompt) keeps the prompt as it is
+    te = tokenize_example(ex, tok, max_length=max_length, max_prompt_length=p, stats=stats)
     assert te.prompt_ids == full.prompt_ids
     assert te.response_ids[0] == full.response_ids[0][:short_n + 1]
     assert te.response_ids[0][-1] != tok.eos_token_id  # the EOS went with the cut
     assert te.response_ids[1] == full.response_ids[1]
     assert te.responses_truncated == 1 and stats.responses_truncated == 1
+    assert stats.prompts_truncated == stats.prompts_cut_to_fit == 0
     assert all(len(te.prompt_ids) + len(r) <= max_length for r in te.response_ids)
 
 
@@ -260,8 +262,10 @@ def test_max_length_exactly_fits(tok):
     max_length = max(len(full.prompt_ids) + len(r) for r in full.response_ids)
     stats = TokenizeStats()
     te = tokenize_example(ex, tok, max_length=max_length, stats=stats)
+    assert te.prompt_ids == full.prompt_ids
     assert te.response_ids == full.response_ids
     assert te.responses_truncated == 0 and stats.responses_truncated == 0
+    assert stats.prompts_truncated == stats.prompts_cut_to_fit == 0
 
 
 def test_prompt_and_response_truncation_together(tok):
@@ -273,25 +277,165 @@ def test_prompt_and_response_truncation_together(tok):
     assert all(len(te.prompt_ids) + len(r) <= 8 for r in te.response_ids)
 
 
+# Without max_prompt_length: a pair that does not fit has its prompt cut to max_length // 2
+
+
+LONG_RESPONSES = [" It was great, warm and dull, and I found it moving.", " No."]
+
+
+@pytest.mark.parametrize("max_length", [9, 10, 14])  # odd and even: the prompt keeps max_length // 2
+def test_default_cuts_prompt_to_half_when_pair_does_not_fit(tok, max_length):
+    ex = Example(LONG_PROMPT, LONG_RESPONSES, "t", 0)
+    full = tokenize_example(ex, tok)
+    n = len(full.prompt_ids)
+    assert n > max_length // 2 and n + len(full.response_ids[0]) > max_length  # premise: it does not fit
+    stats = TokenizeStats()
+    te = tokenize_example(ex, tok, max_length=max_length, stats=stats)
+    half = max_length // 2
+    assert te.prompt_ids == full.prompt_ids[-half:]  # the latest tokens (no BOS from this tokenizer)
+    assert te.prompt_truncated
+    room = max_length - half
+    assert te.response_ids == [r[:room] for r in full.response_ids]
+    assert all(len(te.prompt_ids) + len(r) <= max_length for r in te.response_ids)
+    assert (stats.prompts_truncated, stats.prompts_cut_to_fit) == (1, 1)
+    assert "1 prompts truncated (left; 1 cut to half of max_length to fit)" in stats.summary()
+
+
+def test_default_leaves_a_pair_that_fits_alone(tok):
+    ex = Example(LONG_PROMPT, LONG_RESPONSES, "t", 0)
+    full = tokenize_example(ex, tok)
+    fits = len(full.prompt_ids) + max(len(r) for r in full.response_ids)
+    stats = TokenizeStats()
+    assert tokenize_example(ex, tok, max_length=fits, stats=stats) == full
+    assert stats == TokenizeStats()
+    one_short = tokenize_example(ex, tok, max_length=fits - 1, stats=stats)  # one token over: the prompt is cut
+    assert len(one_short.prompt_ids) == (fits - 1) // 2 and stats.prompts_cut_to_fit == 1
+
+
+def test_default_does_not_cut_a_short_prompt(tok):
+    """A pair that does not fit because of its responses: a prompt within half of max_length stays whole."""
+    ex = Example("Review of Kalo:", LONG_RESPONSES, "t", 0)
+    full = tokenize_example(ex, tok)
+    max_length = 2 * len(full.prompt_ids) + 1
+    assert len(full.prompt_ids) + len(full.response_ids[0]) > max_length
+    stats = TokenizeStats()
+    te = tokenize_example(ex, tok, max_length=max_length, stats=stats)
+    assert te.prompt_ids == full.prompt_ids and not te.prompt_truncated
+    assert te.response_ids[0] == full.response_ids[0][:max_length - len(full.prompt_ids)]
+    assert stats.prompts_truncated == stats.prompts_cut_to_fit == 0 and stats.responses_truncated == 1
+
+
+def test_default_cut_keeps_bos(bos_tok):
+    ex = Example(LONG_PROMPT, LONG_RESPONSES, "t", 0)
+    full = tokenize_example(ex, bos_tok)
+    assert full.prompt_ids[0] == bos_tok.bos_token_id
+    te = tokenize_example(ex, bos_tok, max_length=12)
+    assert te.prompt_ids == [bos_tok.bos_token_id] + full.prompt_ids[-5:]
+
+
+def test_explicit_max_prompt_length_keeps_its_meaning(tok):
+    """An explicit max_prompt_length cuts every longer prompt, pair fitting or not, and is not 'to fit'."""
+    ex = Example(LONG_PROMPT, [" a", " b"], "t", 0)
+    full = tokenize_example(ex, tok)
+    n = len(full.prompt_ids)
+    stats = TokenizeStats()
+    te = tokenize_example(ex, tok, max_length=n + 10, max_prompt_length=n - 2, stats=stats)  # fits, cut anyway
+    assert te.prompt_ids == full.prompt_ids[2:]
+    ex2 = Example(LONG_PROMPT, LONG_RESPONSES, "t", 0)
+    te2 = tokenize_example(ex2, tok, max_length=n + 2, max_prompt_length=n - 1, stats=stats)  # no fit: n - 1, not half
+    assert len(te2.prompt_ids) == n - 1
+    assert (stats.prompts_truncated, stats.prompts_cut_to_fit) == (2, 0)
+
+
+def test_cut_to_fit_counts_accumulate(tok):
+    long = Example(LONG_PROMPT, LONG_RESPONSES, "t", 0)
+    short = Example("Hi.", [" Hello.", " Go."], "t", 1)
+    stats = TokenizeStats()
+    out = tokenize_examples([long, short, long], tok, max_length=10, stats=stats)
+    assert [te.prompt_truncated for te in out] == [True, False, True]
+    assert (stats.prompts_truncated, stats.prompts_cut_to_fit) == (2, 2)
+    assert "2 cut to half of max_length to fit" in stats.summary()
+
+
+def test_hh_real_rows_fit_with_default_settings(tok, tmp_path):
+    """The issue's case: HH-RLHF's long multi-turn prompts with max_length and no max_prompt_length.
+
+    The tiny tokenizer (600 tokens) is less thrifty than a real one, so 512 already cuts some of the
+    first 300 rows; 256 cuts more. No row is a tokenization error, every pair fits, and cut prompts
+    keep their end (the latest turns)."""
+    import gzip
+    import json
+
+    path = tmp_path / "hh.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in hh_rows(300))
+    examples = load_examples(str(path), on_invalid="skip")  # (HH has a few rows with an empty response)
+    assert len(examples) > 290
+    for max_length in (512, 256):
+        stats, report = TokenizeStats(), SkipReport()
+        out = tokenize_examples(examples, tok, max_length=max_length, stats=stats, report=report)
+        assert len(out) == len(examples) and report.total == 0
+        assert stats.prompts_cut_to_fit > 0 and stats.prompts_cut_to_fit == stats.prompts_truncated
+        assert f"{stats.prompts_cut_to_fit} cut to half of max_length to fit" in stats.summary()
+        for ex, te in zip(examples, out):
+            assert all(len(te.prompt_ids) + len(r) <= max_length for r in te.response_ids)
+            if te.prompt_truncated:
+                assert len(te.prompt_ids) == max_length // 2
+                assert te.prompt_ids == _ids(tok, ex.prompt)[-(max_length // 2):]  # the latest turns
+                assert _decode(tok, te.prompt_ids).endswith("\n\nAssistant:")
+
+
+def test_max_prompt_length_equal_to_max_length_never_cuts_prompts(tok):
+    """Today's behaviour (and TRL's), still reachable: max_prompt_length = max_length keeps every
+    prompt whole; responses are cut to fit, and a prompt that fills max_length is 'prompt_too_long'."""
+    examples = [parse_row(r, "hh.jsonl", i) for i, r in enumerate(hh_rows(40))]
+    whole = tokenize_examples(examples, tok)
+    report, stats = SkipReport(), TokenizeStats()
+    out = tokenize_examples(examples, tok, max_length=128, max_prompt_length=128, on_invalid="skip", report=report,
+                            stats=stats)
+    kept = {te.row: te for te in out}
+    for full in whole:
+        if len(full.prompt_ids) >= 128:
+            assert full.row not in kept
+        else:
+            te = kept[full.row]
+            assert te.prompt_ids == full.prompt_ids
+            assert te.response_ids == [r[:128 - len(full.prompt_ids)] for r in full.response_ids]
+    assert report.counts["prompt_too_long"] == len(whole) - len(out) > 0
+    assert stats.prompts_truncated == stats.prompts_cut_to_fit == 0
+
+
 def _prompt_too_long_example(tok, row=5):
     ex = Example(LONG_PROMPT, [" yes", " no"], "data/prefs.jsonl", row)
     return ex, len(_ids(tok, LONG_PROMPT))
+
+
+# What cannot be fixed: an explicit max_prompt_length that leaves no room within max_length.
 
 
 @pytest.mark.parametrize("slack", [0, -3])  # prompt exactly max_length, or longer
 def test_prompt_too_long(tok, slack):
     ex, n = _prompt_too_long_example(tok)
     with pytest.raises(DataError) as ei:
-        tokenize_example(ex, tok, max_length=n + slack)
+        tokenize_example(ex, tok, max_length=n + slack, max_prompt_length=n)
     err = ei.value
     assert err.kind == "prompt_too_long"
     assert (err.source, err.row, err.field) == ("data/prefs.jsonl", 5, "prompt")
-    assert "data/prefs.jsonl" in str(err) and "row 5" in str(err) and "'prompt'" in str(err)
+    assert "data/prefs.jsonl, line 6, field 'prompt': prompt is" in str(err)
+    assert "max_prompt_length below max_length" in str(err)
+
+
+def test_prompt_too_long_without_max_prompt_length_is_cut_instead(tok):
+    ex, n = _prompt_too_long_example(tok)
+    stats = TokenizeStats()
+    te = tokenize_example(ex, tok, max_length=n, stats=stats)
+    assert len(te.prompt_ids) == n // 2 and stats.prompts_cut_to_fit == 1
+    assert te.response_ids == tokenize_example(ex, tok).response_ids
 
 
 def test_prompt_one_short_of_max_length_fits(tok):
     ex, n = _prompt_too_long_example(tok)
-    te = tokenize_example(ex, tok, max_length=n + 1)
+    te = tokenize_example(ex, tok, max_length=n + 1, max_prompt_length=n)
     assert all(len(r) == 1 for r in te.response_ids)
     assert te.responses_truncated == 2
 
@@ -307,17 +451,18 @@ def test_prompt_too_long_skipped_and_counted(tok):
     bad, n = _prompt_too_long_example(tok)
     good = Example("Hi.", [" Hello.", " Go."], "data/prefs.jsonl", 6)
     report, stats = SkipReport(), TokenizeStats()
-    out = tokenize_examples([good, bad, good], tok, max_length=n - 1, on_invalid="skip", report=report, stats=stats)
+    out = tokenize_examples([good, bad, good], tok, max_length=n - 1, max_prompt_length=n, on_invalid="skip",
+                            report=report, stats=stats)
     assert [te.row for te in out] == [6, 6]
     assert dict(report.counts) == {"prompt_too_long": 1}
-    assert "1 prompt_too_long" in report.summary() and "row 5" in report.summary()
+    assert "1 prompt_too_long" in report.summary() and "line 6" in report.summary()
 
 
 def test_prompt_too_long_error_mode(tok):
     bad, n = _prompt_too_long_example(tok)
     good = Example("Hi.", [" Hello.", " Go."], "data/prefs.jsonl", 6)
     with pytest.raises(DataError) as ei:
-        tokenize_examples([good, bad], tok, max_length=n - 1)
+        tokenize_examples([good, bad], tok, max_length=n - 1, max_prompt_length=n)
     assert ei.value.kind == "prompt_too_long" and ei.value.row == 5
 
 
@@ -325,7 +470,7 @@ def test_all_prompts_too_long_raises_even_with_skip(tok):
     bad, n = _prompt_too_long_example(tok)
     report = SkipReport()
     with pytest.raises(DataError) as ei:
-        tokenize_examples([bad, bad], tok, max_length=n - 1, on_invalid="skip", report=report)
+        tokenize_examples([bad, bad], tok, max_length=n - 1, max_prompt_length=n, on_invalid="skip", report=report)
     assert "data/prefs.jsonl" in str(ei.value)
     assert report.counts["prompt_too_long"] == 2
 
@@ -385,9 +530,12 @@ def test_conversational_multi_turn_response(tok):
 
 def test_conversational_max_length(tok):
     te_full = tokenize_example(CONV, tok)
-    max_length = len(te_full.prompt_ids) + 2
-    te = tokenize_example(CONV, tok, max_length=max_length)
+    p = len(te_full.prompt_ids)
+    te = tokenize_example(CONV, tok, max_length=p + 2, max_prompt_length=p)
     assert te.response_ids == [r[:2] for r in te_full.response_ids]
+    te = tokenize_example(CONV, tok, max_length=p + 2)  # by default the prompt is cut to fit, keeping BOS
+    assert te.prompt_ids == [tok.bos_token_id] + te_full.prompt_ids[-((p + 2) // 2 - 1):]
+    assert te.response_ids == [r[:p + 2 - (p + 2) // 2] for r in te_full.response_ids]
 
 
 def test_conversational_without_template_is_an_error(no_template_tok):
@@ -395,3 +543,19 @@ def test_conversational_without_template_is_an_error(no_template_tok):
         tokenize_example(CONV, no_template_tok)
     assert (ei.value.source, ei.value.row, ei.value.field) == ("c.jsonl", 0, "prompt")
     assert "chat template" in str(ei.value)
+
+
+def test_chat_template_that_refuses_the_messages_is_a_data_error(no_template_tok):
+    """Real templates raise for roles they do not know or turns out of order: an error of the row."""
+    no_template_tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                                     "{{ raise_exception('System role not supported') }}{% endif %}"
+                                     "{{ m['content'] }}{% endfor %}")
+    with pytest.raises(DataError) as ei:
+        tokenize_example(CONV, no_template_tok)
+    assert (ei.value.source, ei.value.row, ei.value.field, ei.value.kind) == ("c.jsonl", 0, "prompt", "template")
+    assert str(ei.value).startswith("c.jsonl, line 1, field 'prompt': the tokenizer's chat template refused")
+    assert "System role not supported" in str(ei.value)
+    report = SkipReport()
+    ok = Example([{"role": "user", "content": "Hi"}], CONV.responses, "c.jsonl", 1)
+    assert [te.row for te in tokenize_examples([CONV, ok], no_template_tok, on_invalid="skip", report=report)] == [1]
+    assert report.counts == {"template": 1}

@@ -61,10 +61,10 @@ def test_prompts_from_preference_files_and_errors(tiny_model, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
     assert main(["sample", "--model", str(tiny_model), "--prompts", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 2
-    assert "bad.jsonl, row 1, field 'prompt'" in capsys.readouterr().err
+    assert "bad.jsonl, line 2, field 'prompt'" in capsys.readouterr().err
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n{"prompt": "ok", "reference": 5}\n')
     assert main(["sample", "--model", str(tiny_model), "--prompts", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 2
-    assert "row 1, field 'prompt': missing" in capsys.readouterr().err
+    assert "line 2, field 'prompt': missing" in capsys.readouterr().err
     assert len(load_prompts(str(bad), on_invalid="skip")) == 1
     assert main(["sample", "--model", str(tiny_model), "--prompts", str(tmp_path / "none.jsonl"),
                  "--out", str(tmp_path / "o.jsonl")]) == 2

@@ -8,7 +8,8 @@ from directpo.data.formats import DataError
 from directpo.eval.bon import bon_kl
 from directpo.experiments import sentiment
 from directpo.experiments.sentiment.config import SentimentConfig, preset_defaults
-from directpo.experiments.sentiment.corpus import read_corpus
+from directpo.experiments.sentiment import corpus as corpus_module
+from directpo.experiments.sentiment.corpus import SST_RELATIVE_PATH, default_corpus, read_corpus
 from directpo.experiments.sentiment.stages import stage_corpus
 from directpo.toy import NEGATIVE, POSITIVE
 
@@ -35,7 +36,7 @@ def test_read_corpus_formats_and_errors(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"text": "a fine film"}\n{"review": "no text field"}\n')
     with pytest.raises(DataError) as e:
         read_corpus(str(tmp_path / "c.jsonl"))
-    assert "c.jsonl" in str(e.value) and "row 1" in str(e.value) and "text" in str(e.value)
+    assert "c.jsonl" in str(e.value) and "line 2" in str(e.value) and "text" in str(e.value)  # 1-based, as editors count
 
 
 def test_smoke_study_end_to_end_and_resumes(tmp_path, monkeypatch):
@@ -102,3 +103,37 @@ def test_too_small_corpus_names_the_file(tmp_path):
     cfg = SentimentConfig(output_dir=str(tmp_path / "out"), corpus=str(corpus), **preset_defaults("smoke"))
     with pytest.raises(ValueError, match=r"tiny\.txt: 50 usable texts, too few"):
         stage_corpus(cfg, tmp_path / "out")
+
+
+def test_default_corpus_is_found_next_to_the_checkout_or_is_an_error(tmp_path, monkeypatch, capsys):
+    """No --corpus: the SST sentences above the working directory or above the package, else a clear
+    error naming --corpus and where it looked; never a silent download of IMDb from the hub."""
+    monkeypatch.setattr(corpus_module, "__file__", str(tmp_path / "site" / "directpo" / "corpus.py"))
+    work = tmp_path / "project" / "sub"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    with pytest.raises(ValueError) as e:
+        default_corpus()
+    msg = str(e.value)
+    assert "--corpus" in msg and str(work) in msg and str(SST_RELATIVE_PATH) in msg and "\n" not in msg
+    assert str(tmp_path / "site" / "directpo") in msg
+    # the command: exit 2 with that line, before anything is downloaded or trained
+    from directpo.cli import main
+
+    assert main(["experiment", "sentiment", "--preset", "smoke", "--output-dir", str(tmp_path / "out"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: no corpus: --corpus is not given" in err
+    # found above the working directory ...
+    sst = tmp_path / "project" / SST_RELATIVE_PATH
+    sst.parent.mkdir(parents=True)
+    review_corpus(sst, n=5)
+    assert default_corpus() == str(sst)
+    # ... or above the package
+    sst.unlink()
+    monkeypatch.setattr(corpus_module, "__file__", str(tmp_path / "project" / "src" / "directpo" / "corpus.py"))
+    monkeypatch.chdir(tmp_path)
+    sst2 = tmp_path / "project" / "src" / SST_RELATIVE_PATH
+    sst2.parent.mkdir(parents=True)
+    review_corpus(sst2, n=5)
+    assert default_corpus() == str(sst2)

@@ -105,7 +105,7 @@ def test_rm_bad_data_names_file_row_field(tiny_model, tmp_path, capsys):
                  "--max-steps", "1", "--no-progress"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "bad.jsonl, row 1, field 'rejected'" in err
+    assert "bad.jsonl, line 2, field 'rejected'" in err
 
 
 def test_reward_fn_loading(tmp_path, monkeypatch):

@@ -50,3 +50,30 @@ def test_classifier_reward_is_p_positive(classifier):
         pytest.approx(1 - got[0], abs=1e-5)
     with pytest.raises(ValueError, match="no class named 'joy'"):
         ClassifierReward(str(classifier), device="cpu", positive_label="joy")
+
+
+def test_ppo_refuses_a_reference_of_another_vocabulary(tiny_model, tmp_path, capsys):
+    """`ppo --ref` with more vocabulary rows than the policy: one line naming both, before any step
+    (an IndexError or silently compared log-probs otherwise)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from directpo.cli import main
+    from directpo.models import load_tokenizer
+    from directpo.toy import review_task, write_jsonl
+
+    tok = load_tokenizer(str(tiny_model))
+    ref = tmp_path / "big"
+    cfg = LlamaConfig(vocab_size=len(tok) + 8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=64, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(ref)
+    tok.save_pretrained(ref)
+    rows, _ = review_task(n_train=4, n_eval=1, seed=4)
+    prompts = write_jsonl([{"prompt": r["prompt"]} for r in rows], tmp_path / "prompts.jsonl")
+    rc = main(["ppo", "--model", str(tiny_model), "--ref", str(ref), "--prompts", str(prompts), "--output-dir",
+               str(tmp_path / "ppo"), "--reward-fn", "directpo.eval.scorers:review_sentiment", "--batch-size", "2",
+               "--mini-batch-size", "2", "--max-steps", "1", "--max-new-tokens", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{ref}: policy and reference have different vocabulary sizes ({tiny_model}: {len(tok)}, " \
+                       f"{ref}: {len(tok) + 8})" in err
+    assert not (tmp_path / "ppo" / "metrics.jsonl").exists() or not (tmp_path / "ppo" / "metrics.jsonl").read_text()

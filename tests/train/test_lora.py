@@ -3,6 +3,7 @@ and load, and a LoRA run needs less memory than full fine-tuning."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from directpo.logprobs import dataset_logps  # noqa: E402
 from directpo.models import load_model, load_tokenizer  # noqa: E402
 from directpo.toy import build_tiny_model, review_task, write_jsonl  # noqa: E402
 from directpo.train import TrainConfig, train  # noqa: E402
-from directpo.train.lora import adapters_disabled, apply_lora  # noqa: E402
+from directpo.train.lora import adapters_disabled, apply_lora, save_policy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,38 @@ def test_lora_dpo_reference_is_the_base_model_and_saves(tiny_model, data, tmp_pa
     from transformers import AutoModelForCausalLM
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert torch.allclose(_logps(merged, tiny_model, data), adapted_logps, atol=1e-4)
+
+
+def test_adapter_of_a_relative_base_loads_from_another_directory(tiny_model, data, tmp_path, monkeypatch):
+    """The base given as a relative directory is recorded by its absolute path, so the adapter loads
+    wherever the user is; the adapted model computes what the run saved."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(tiny_model, work / "base")
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    train(TrainConfig(model="base", data=str(data), output_dir="out", lr=1e-2, optimizer="adamw", batch_size=8,
+                      micro_batch_size=8, max_steps=2, warmup_steps=0, max_length=64, progress=False, lora_r=4,
+                      lora_alpha=8, ref_cache="off"))
+    recorded = json.loads((work / "out" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str((work / "base").resolve())
+    monkeypatch.chdir(elsewhere)
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+    adapted = AutoPeftModelForCausalLM.from_pretrained(work / "out")
+    explicit = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(recorded), work / "out")
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        assert torch.allclose(adapted(ids).logits, explicit(ids).logits, atol=1e-6)
+
+
+def test_hub_ids_are_recorded_as_given(tiny_model, tmp_path, monkeypatch):
+    model = load_model(str(tiny_model))
+    model.config._name_or_path = model.name_or_path = "some-org/not-a-directory"
+    peft_model = apply_lora(model, r=2, alpha=4, target_modules="q_proj")
+    monkeypatch.chdir(tmp_path)
+    save_policy(peft_model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "some-org/not-a-directory"
 
 
 def test_lora_freezes_base_and_trains_only_adapters(tiny_model):

@@ -2,6 +2,7 @@
 ranking-to-pairs, Unlikelihood, the RPO-style SFT term."""
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,67 @@ def test_pipeline_on_real_hh_pairs_is_resumable(tiny_model, tmp_path, capsys):
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "stage 1 (Preferred-FT) already complete" in err and "stage 2 (dpo" in err
+
+
+def test_pipeline_refuses_a_finished_stage_with_other_settings(tiny_model, tmp_path, capsys):
+    """Another --model/--data/--lr into the same directory is refused (naming what differs) instead of
+    returning the old results; settings that do not change the result may change; --overwrite reruns."""
+    rows, _ = review_task(n_train=16, n_eval=1, seed=3)
+    data, other_data = write_jsonl(rows, tmp_path / "a.jsonl"), write_jsonl(rows[:12], tmp_path / "b.jsonl")
+    other_model = tmp_path / "other_model"
+    shutil.copytree(tiny_model, other_model)  # same weights, another model: the setting differs
+    (tmp_path / "same_model").symlink_to(tiny_model)  # the same directory by another name: no difference
+    out = tmp_path / "pipe"
+    argv = ["pipeline", "--model", str(tiny_model), "--data", str(data), "--output-dir", str(out), "--max-steps", "1",
+            "--ref-cache", "off", *FAST]
+    assert main(argv) == 0
+    first = json.loads((out / "dpo" / "run_complete.json").read_text())
+    capsys.readouterr()
+
+    def swap(flag, value):
+        if flag not in argv:
+            return argv + [flag, value]
+        i = argv.index(flag)
+        return argv[:i + 1] + [value] + argv[i + 2:]
+
+    for flag, value, stage, named in (("--model", str(other_model), "stage 1", "model"),
+                                      ("--data", str(other_data), "stage 1", "data"),
+                                      ("--lr", "1e-2", "stage 1", "lr"),
+                                      ("--beta", "0.5", "stage 2", "beta"),  # DPO's β: the SFT stage is reused
+                                      ("--max-steps", "2", "stage 1", "max_steps")):
+        assert main(swap(flag, value)) == 2, flag
+        err = capsys.readouterr().err.splitlines()[-1]  # one line (after "stage 1 ... already complete")
+        assert err.startswith("directpo pipeline: error:") and stage in err, err
+        assert f"{named}: " in err and "--output-dir" in err and "--overwrite" in err, err
+    # the refused runs changed nothing
+    assert json.loads((out / "dpo" / "run_complete.json").read_text()) == first
+    # settings that do not change the result: both stages reused
+    assert main(swap("--model", str(tmp_path / "same_model")) + ["--log-every", "5", "--threads", "1", "--device",
+                                                                 "cpu", "--progress"]) == 0
+    assert capsys.readouterr().err.count("already complete") == 2
+    # --overwrite: the pipeline reruns with the new settings
+    assert main(swap("--lr", "1e-2") + ["--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert "already complete" not in err and "stage 1 (Preferred-FT) ->" in err and "stage 2 (dpo" in err
+    for stage in ("sft", "dpo"):
+        assert json.loads((out / stage / "directpo_config.json").read_text())["lr"] == 1e-2
+    assert main(swap("--lr", "1e-2")) == 0  # and is then complete with them
+    assert capsys.readouterr().err.count("already complete") == 2
+
+
+def test_pipeline_reruns_stage_2_after_stage_1_reran(tiny_model, tmp_path, capsys):
+    """A stage that runs invalidates the later ones, even when the pipeline is killed in between."""
+    rows, _ = review_task(n_train=16, n_eval=1, seed=3)
+    data = write_jsonl(rows, tmp_path / "a.jsonl")
+    out = tmp_path / "pipe"
+    argv = ["pipeline", "--model", str(tiny_model), "--data", str(data), "--output-dir", str(out), "--max-steps", "1",
+            "--ref-cache", "off", *FAST]
+    assert main(argv) == 0
+    (out / "sft" / "run_complete.json").unlink()  # as if killed during stage 1 of a rerun
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "already complete" not in err and "stage 2 (dpo" in err
 
 
 def test_plackett_luce_and_ranking_to_pairs(tiny_model, tmp_path, capsys):

@@ -22,8 +22,16 @@ def directpo_train_config(spec: dict):
     return TrainConfig(model=spec["model"], data=spec["data"], output_dir=spec["output_dir"],
                        batch_size=spec["batch"], micro_batch_size=spec.get("micro_batch") or spec["batch"],
                        max_steps=spec["steps"] + 1, warmup_steps=0, lr=1e-6, precompute_ref=True, progress=False,
-                       max_length=spec["max_length"], on_invalid="skip", precision=spec["precision"], seed=0,
+                       max_length=spec["max_length"], max_prompt_length=keep_prompt(spec["max_length"]),
+                       on_invalid="skip", precision=spec["precision"], seed=0,
                        ref_cache="off", overwrite=True, threads=spec.get("threads") or 0, device=spec.get("device"))
+
+
+def keep_prompt(max_length: int | None) -> int | None:
+    """The prompt limit that truncates as TRL does (the prompt kept whole, the responses cut to
+    fit), so both systems compute the same tokens; directpo's own default would cut the prompt of
+    a pair that does not fit to half of max_length."""
+    return max_length - 1 if max_length else None
 
 
 def _child_directpo(spec: dict) -> dict:

@@ -116,6 +116,7 @@ def prepare_pairs(data: str, model: str, n: int, max_length: int | None, out_pat
     """
     from ..data import DataError, Example, SkipReport, load_examples, tokenize_example
     from ..models import load_tokenizer
+    from .child import keep_prompt
 
     tok = load_tokenizer(model)
     report = SkipReport()
@@ -127,7 +128,7 @@ def prepare_pairs(data: str, model: str, n: int, max_length: int | None, out_pat
             continue
         pair = Example(ex.prompt, [ex.chosen, ex.rejected], ex.source, ex.row)
         try:
-            t = tokenize_example(pair, tok, max_length)
+            t = tokenize_example(pair, tok, max_length, keep_prompt(max_length))
         except DataError as e:
             report.add(e)
             continue

@@ -22,6 +22,8 @@ def run_trl(spec: dict) -> dict:
     import trl
     from trl import DPOConfig, DPOTrainer
 
+    from ..models import safetensors_only_error
+
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
@@ -36,7 +38,11 @@ def run_trl(spec: dict) -> dict:
     tok = AutoTokenizer.from_pretrained(spec["model"])
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    # safetensors only, as directpo's side (`directpo.models.load_model`): a pickled .bin can run code.
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, use_safetensors=True)
+    except OSError as e:
+        raise (safetensors_only_error(spec["model"], e) or e) from e
 
     class Clock(TrainerCallback):
         def __init__(self):

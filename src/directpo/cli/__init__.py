@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 
 from .. import __version__
@@ -22,11 +23,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
                      "prompt/completion rows)"),
     "pipeline": ("train", "the paper's recipe: Preferred-FT on the chosen responses, then DPO from (and against) "
                           "that SFT model; resumable per stage"),
+    "inspect": ("inspect", "a report on preference data, read as train reads it: shapes, invalid rows, duplicates, "
+                           "length bias, truncation, tokenization, the reference's log-probs"),
     "score": ("eval", "log-probs (and implicit rewards, with --ref) of every pair in a file"),
     "sample": ("eval", "sample completions from a model for a prompt file (JSONL out)"),
     "bon": ("eval", "Best-of-N: N samples per prompt, scored, the best kept"),
     "eval": ("eval", "reward, KL(π‖πref), length and win rate of a policy on held-out prompts, over a "
                      "temperature sweep"),
+    "plot": ("plot", "training curves of runs from their metrics.jsonl (loss, accuracy, margins, lr, ...), overlaid"),
     "rm": ("rlhf", "train a Bradley–Terry reward model (LM + scalar head) on preference pairs"),
     "ppo": ("rlhf", "PPO against a reward model or callable with a KL penalty to πref (eq. 3)"),
     "demo": ("demo", "no-network demo: tiny model, built-in task, DPO, held-out reward accuracy"),
@@ -35,15 +39,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# argparse takes "-1e-4" for an option (its negative-number pattern has no exponent), so
+# `--lr -1e-4` would fail with "expected one argument" instead of reaching the range check.
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def make_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The `directpo` parser. Every command is listed; only `command`'s flags are registered (its
     module imported), so building the parser for one command loads nothing of the others."""
     p = argparse.ArgumentParser(prog="directpo", description="Direct Preference Optimization for Hugging Face "
                                                                "causal LMs (Rafailov et al., 2023).")
     p.add_argument("--version", action="version", version=f"directpo {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (also: DIRECTPO_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         c = sub.add_parser(name, help=help_, description=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        c._negative_number_matcher = _NEGATIVE_NUMBER
         if name == command:
             importlib.import_module(f"{__name__}.{module}").register(name, c)
     return p
@@ -54,16 +65,32 @@ def _command_of(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def is_user_error(e: BaseException) -> bool:
+    """A mistake in the input or the settings, or a run stopped on purpose (it says why): one line,
+    no traceback. ValueError/OSError subclasses (DataError, ConfigError, FileExistsError, ...) and
+    exceptions marked `user_error = True` (a diverged or interrupted run)."""
+    return isinstance(e, (ValueError, OSError)) or getattr(e, "user_error", False)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("DIRECTPO_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     args = make_parser(_command_of(argv)).parse_args(argv)
     args.argv = argv
     try:
         return args.func(args)
-    except (ValueError, OSError) as e:  # user errors (DataError, ConfigError, ...): one line, exit 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"directpo {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug or not is_user_error(e):
+            raise
         print(f"directpo {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,67 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, once: not when the help already says it, nor for None or on/off switches."""
+
+    def _get_help_string(self, action):
+        help_ = action.help or ""
+        if "(default:" in help_ or action.default is None or isinstance(action.default, bool):
+            return help_
+        return super()._get_help_string(action)
+
+
+# ----------------------------------------------------------------------------------------------
+# Values checked as the flags are read: a bad one is a one-line usage error naming the flag and
+# the allowed range (argparse adds "argument --flag:"), before anything is loaded.
+
+
+def _number(s: str, kind):
+    try:
+        return kind(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {s!r}") \
+            from None
+
+
+def _int_at_least(lo: int):
+    def parse(s: str) -> int:
+        v = _number(s, int)
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer ≥ {lo}, got {s}")
+        return v
+    parse.__name__ = "int"
+    return parse
 
 
 def _optional_int(s: str):
-    return None if s.lower() in ("none", "null") else int(s)
+    """An integer ≥ 1, or none (no limit)."""
+    if s.lower() in ("none", "null"):
+        return None
+    v = _number(s, int)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer ≥ 1 or none, got {s}")
+    return v
+
+
+def _float_in(lo: float, hi: float | None = None, lo_open: bool = True):
+    """A number in (lo, hi] (or [lo, hi] with lo_open=False); hi None: no upper bound."""
+    def parse(s: str) -> float:
+        v = _number(s, float)
+        ok = (v > lo if lo_open else v >= lo) and (v <= hi if hi is not None else v < float("inf"))
+        if not ok:  # NaN too
+            low = f"> {lo:g}" if lo_open else f"≥ {lo:g}"
+            want = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]" if hi is not None else low
+            raise argparse.ArgumentTypeError(f"must be a number {want}, got {s}")
+        return v
+    parse.__name__ = "float"
+    return parse
+
+
+_positive = _int_at_least(1)
 
 
 def _temperatures(s: str) -> list[float]:
@@ -14,33 +71,74 @@ def _temperatures(s: str) -> list[float]:
         values = [float(x) for x in s.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0.25,0.5,0.75,1.0; got {s!r}")
-    if not values or any(v < 0 for v in values):
+    if not values or any(not 0 <= v < float("inf") for v in values):
         raise argparse.ArgumentTypeError(f"expected temperatures ≥ 0, got {s!r}")
     return values
 
 
 def _generation_flags(p: argparse.ArgumentParser, n_default: int | None = 1, temperature: bool = True) -> None:
     if n_default is not None:
-        p.add_argument("--n", type=int, default=n_default, help="samples per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="max tokens per completion")
+        p.add_argument("--n", type=_positive, default=n_default, help="samples per prompt (≥ 1)")
+    p.add_argument("--max-new-tokens", type=_positive, default=128, help="max tokens per completion (≥ 1)")
     if temperature:
-        p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1: off)")
+        p.add_argument("--temperature", type=_float_in(0, lo_open=False), default=1.0,
+                       help="sampling temperature (≥ 0; 0: greedy)")
+    p.add_argument("--top-p", type=_float_in(0, 1), default=1.0, help="nucleus sampling threshold, in (0, 1] (1: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same settings, same samples)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences generated / scored at once")
+    p.add_argument("--batch-size", type=_positive, default=16, help="sequences generated / scored at once (≥ 1)")
     p.add_argument("--max-prompt-length", type=_optional_int, default=None,
-                   help="max prompt tokens; longer prompts are cut from the left")
+                   help="max prompt tokens (≥ 1); longer prompts are cut from the left (default: no limit)")
     p.add_argument("--on-invalid", choices=["error", "skip"], default="error", help="bad prompt rows")
-    p.add_argument("--data-split", default=None, help="split name for `datasets` sources")
+    p.add_argument("--data-split", default=None, help="split name for `datasets` sources (default: train)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _overwrite_flag(p)
+
+
+def _overwrite_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace output files that exist (never an input file); without it they are refused")
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs: refused when they exist (unless --overwrite) or are an input, before any model is loaded.
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_outputs(outputs: dict[str, str | None], inputs: dict[str, str | None], overwrite: bool) -> None:
+    """Each output ({flag: path}, None: not asked for) is neither an input ({flag: path}), nor
+    another output, nor a directory, nor an existing file unless `overwrite`."""
+    seen: list[tuple[str, str]] = []
+    for flag, path in outputs.items():
+        if not path:
+            continue
+        for other_flag, other in inputs.items():
+            if other and _same_file(path, other):
+                raise ValueError(f"{flag} {path} is the {other_flag} input file: write the output elsewhere "
+                                 "(--overwrite never replaces an input)")
+        for other_flag, other in seen:
+            if _same_file(path, other):
+                raise ValueError(f"{flag} {path} is also the {other_flag} output: give each output its own file")
+        seen.append((flag, path))
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{flag} {path} is a directory: give a file name")
+        if os.path.lexists(path) and not overwrite:
+            raise FileExistsError(f"{flag} {path} exists: pass --overwrite to replace it")
 
 
 def _reward_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_mutually_exclusive_group(required=required)
     g.add_argument("--reward-model", help="reward model directory (`directpo rm` output)")
     g.add_argument("--reward-fn", help="reward callable module:function, f(prompt, completion) -> float "
-                                       "(module imported from sys.path, the current directory included); "
+                                       "(module imported from sys.path, then the current directory); "
                                        "built in: directpo.eval.scorers:review_sentiment, "
                                        "directpo.eval.scorers:vader_sentiment")
 
@@ -50,19 +148,22 @@ def _score_flags(s) -> None:
     s.add_argument("--data", required=True, help="preference data (same formats as train)")
     s.add_argument("--out", required=True, help="output JSONL: one line per pair, in input order")
     s.add_argument("--ref", help="reference model: adds implicit rewards β·(log π − log πref)")
-    s.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward")
-    s.add_argument("--max-length", type=_optional_int, default=512)
-    s.add_argument("--max-prompt-length", type=_optional_int, default=None)
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--on-invalid", choices=["error", "skip"], default="error")
-    s.add_argument("--data-split", default=None)
-    s.add_argument("--device", default=None)
+    s.add_argument("--beta", type=_float_in(0), default=0.1, help="β of the implicit reward (> 0)")
+    s.add_argument("--max-length", type=_optional_int, default=512, help="max tokens of prompt + response (≥ 1)")
+    s.add_argument("--max-prompt-length", type=_optional_int, default=None,
+                   help="max prompt tokens (≥ 1) (default: no limit)")
+    s.add_argument("--batch-size", type=_positive, default=8, help="pairs scored at once (≥ 1)")
+    s.add_argument("--on-invalid", choices=["error", "skip"], default="error", help="bad rows")
+    s.add_argument("--data-split", default=None, help="split name for `datasets` sources (default: train)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     s.add_argument("--layout", choices=["packed", "padded"], default="packed",
                    help="packed: each prompt computed once (exact); padded: one row per prompt+response")
+    _overwrite_flag(s)
 
 
 def run_score(args) -> int:
+    check_outputs({"--out": args.out}, {"--data": args.data}, args.overwrite)
     from ..eval.score import score
 
     result = score(args.model, args.data, args.out, ref=args.ref, beta=args.beta, max_length=args.max_length,
@@ -73,6 +174,7 @@ def run_score(args) -> int:
 
 
 def run_sample(args) -> int:
+    check_outputs({"--out": args.out}, {"--prompts": args.prompts}, args.overwrite)
     from ..eval.sampling import sample
 
     print(json.dumps(sample(args.model, args.prompts, args.out, n=args.n, max_new_tokens=args.max_new_tokens,
@@ -92,6 +194,7 @@ def _scorer(args):
 
 
 def run_bon(args) -> int:
+    check_outputs({"--out": args.out}, {"--prompts": args.prompts}, args.overwrite)
     from ..eval.bon import best_of_n
 
     print(json.dumps(best_of_n(args.model, args.prompts, args.out, args.n, _scorer(args),
@@ -106,6 +209,9 @@ def run_eval(args) -> int:
     from ..eval.evaluate import evaluate_policy
     from ..eval.judge import ChatJudge
 
+    template = args.judge_prompt if os.path.isfile(args.judge_prompt) else None  # a template file
+    check_outputs({"--out": args.out, "--samples-out": args.samples_out, "--plot": args.plot},
+                  {"--prompts": args.prompts, "--judge-prompt": template}, args.overwrite)
     if args.reward_model is None and args.reward_fn is None and args.judge_url is None:
         raise ValueError("give --reward-model, --reward-fn or --judge-url (with --judge-model)")
     judge = None
@@ -120,8 +226,10 @@ def run_eval(args) -> int:
                    batch_size=args.batch_size, max_prompt_length=args.max_prompt_length, device=args.device,
                    precision=args.precision, plot=args.plot, samples_out=args.samples_out,
                    on_invalid=args.on_invalid, split=args.data_split, progress=args.progress)
-    print(json.dumps({k: res.get(k) for k in ("reward_mean", "reward_se", "kl_mean", "kl_se", "length_mean",
-                                              "win_rate", "judge_parse_failures") if k in res}))
+    summary = {k: res.get(k) for k in ("reward_mean", "reward_se", "kl_mean", "kl_se", "length_mean", "win_rate",
+                                       "judge_parse_failures") if k in res}
+    summary.update({k: getattr(args, k) for k in ("out", "samples_out", "plot") if getattr(args, k)})  # final paths
+    print(json.dumps(summary))
     return 0
 
 
@@ -136,7 +244,7 @@ def _bon_flags(b) -> None:
     b.add_argument("--model", required=True, help="model to sample from")
     b.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field, or a preference file")
     b.add_argument("--out", required=True, help="output JSONL: one line per prompt, best completion and all rewards")
-    b.add_argument("--n", type=int, required=True, help="samples per prompt (N)")
+    b.add_argument("--n", type=_positive, required=True, help="samples per prompt (N ≥ 1)")
     _reward_flags(b)
     _generation_flags(b, n_default=None)
 
@@ -153,8 +261,8 @@ def _eval_flags(e) -> None:
     e.add_argument("--judge-prompt", default="dialogue",
                    help="judge prompt: dialogue, summary (the paper's GPT-4 prompts), or a template file with "
                         "{query}, {a}, {b}")
-    e.add_argument("--judge-workers", type=int, default=4, help="parallel judge requests")
-    e.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
+    e.add_argument("--judge-workers", type=_positive, default=4, help="parallel judge requests (≥ 1)")
+    e.add_argument("--judge-timeout", type=_float_in(0), default=60.0, help="seconds per judge request (> 0)")
     e.add_argument("--temperatures", type=_temperatures, default=None,
                    help="comma-separated sweep, e.g. 0.25,0.5,0.75,1.0 (default: --temperature)")
     e.add_argument("--plot", help="PNG of reward / win rate / length against temperature")
@@ -169,5 +277,6 @@ _COMMANDS = {"score": (_score_flags, run_score), "sample": (_sample_flags, run_s
 
 def register(command: str, parser) -> None:
     add, run = _COMMANDS[command]
+    parser.formatter_class = _HelpFormatter
     add(parser)
     parser.set_defaults(func=run)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .formats import DataError, SkipReport, _is_messages, _messages, message_text, parse_records, parse_row
+from .formats import (DataError, SkipReport, _is_messages, _messages, check_unicode, message_text, parse_records,
+                      parse_row)
 from .tokenize import prompt_ids, render_prompt, truncate_prompt
 
 _PAIR_FIELDS = ("chosen", "rejected", "responses", "completion")
@@ -31,6 +32,7 @@ class PromptItem:
 def parse_prompt_row(rec: dict, source: str, row: int) -> PromptItem:
     """A prompt row ({prompt[, reference]}) or any preference/SFT row directpo reads."""
     rec = {k: v for k, v in rec.items() if v is not None}
+    check_unicode(rec, ("prompt", "reference"), source, row)
     reference = None
     if any(k in rec for k in _PAIR_FIELDS):  # preference, ranked or SFT row: its prompt, its best response
         ex = parse_row(rec, source, row)

@@ -8,8 +8,11 @@ ids; we then keep the prompt ids intact and tokenize the response on its own, so
 context it sees when generating. (TRL instead drops the prompt's last tokens in that case.)
 
 Truncation. `max_prompt_length` cuts the prompt from the left (keeping the latest turns, and a
-leading BOS); responses are then cut from the right to fit `max_length`. A prompt that leaves no
-room for a single response token is a `DataError` of kind 'prompt_too_long'.
+leading BOS); responses are then cut from the right to fit `max_length`. Without a
+`max_prompt_length`, a prompt is cut only when its example does not fit (prompt + longest response
+> `max_length`), and then to `max_length // 2` tokens (counted in `TokenizeStats.prompts_cut_to_fit`);
+examples that fit are untouched. A prompt that still leaves no room for a single response token
+(an explicit `max_prompt_length` ≥ `max_length`) is a `DataError` of kind 'prompt_too_long'.
 
 Prompts alone (for sampling: `directpo.data.prompts.encode_prompt`) go through the same three
 steps as a training example's prompt: `render_prompt` (text, or the chat template with the
@@ -39,13 +42,15 @@ class TokenizedExample:
 
 @dataclass
 class TokenizeStats:
-    prompts_truncated: int = 0
+    prompts_truncated: int = 0  # every prompt cut from the left, for whatever reason
+    prompts_cut_to_fit: int = 0  # of those, cut to max_length // 2 because the example did not fit
     responses_truncated: int = 0
     boundary_merges: int = 0
 
     def summary(self) -> str:
-        return (f"{self.prompts_truncated} prompts truncated (left), {self.responses_truncated} responses "
-                f"truncated (right), {self.boundary_merges} prompt/response boundary merges re-split")
+        return (f"{self.prompts_truncated} prompts truncated (left; {self.prompts_cut_to_fit} cut to half of "
+                f"max_length to fit), {self.responses_truncated} responses truncated (right), "
+                f"{self.boundary_merges} prompt/response boundary merges re-split")
 
 
 def render_prompt(prompt: Text, tokenizer, source: str = "prompt", row: int | None = None) -> tuple[str, bool]:
@@ -59,7 +64,19 @@ def render_prompt(prompt: Text, tokenizer, source: str = "prompt", row: int | No
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(source, row, "prompt", "conversational row, but the tokenizer has no chat template",
                         kind="invalid")
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), False
+    return _apply_template(tokenizer, prompt, source, row, add_generation_prompt=True), False
+
+
+def _apply_template(tokenizer, messages: list, source: str, row: int | None, **kwargs) -> str:
+    """The chat template's text; a template that refuses the messages (templates raise for roles
+    they do not know, or turns out of order) is a DataError of the row."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except TemplateError as e:
+        raise DataError(source, row, "prompt", f"the tokenizer's chat template refused the messages: {e}",
+                        kind="template") from None
 
 
 def prompt_ids(text: str, tokenizer, add_special_tokens: bool = True, source: str = "prompt",
@@ -99,7 +116,7 @@ def render(example: Example, tokenizer) -> tuple[str, list[str], bool]:
     prompt_text, add_special = render_prompt(example.prompt, tokenizer, example.source, example.row)
     if not example.conversational:
         return prompt_text, list(example.responses), add_special
-    fulls = [tokenizer.apply_chat_template(example.prompt + r, tokenize=False) for r in example.responses]
+    fulls = [_apply_template(tokenizer, example.prompt + r, example.source, example.row) for r in example.responses]
     # Some templates render the prompt differently alone than followed by a reply; the prompt is
     # then the longest text all renderings share.
     n = len(prompt_text)
@@ -138,10 +155,12 @@ def tokenize_example(example: Example, tokenizer, max_length: int | None = None,
         response_ids.append(ids)
 
     # Truncated only now: the boundary check above needs the whole prompt's ids.
-    cut = truncate_prompt(p_ids, tokenizer, max_prompt_length)
+    limit, to_fit = max_prompt_length, False
+    if (limit is None and max_length is not None and max_length >= 2
+            and len(p_ids) + max(map(len, response_ids), default=0) > max_length):
+        limit, to_fit = max_length // 2, True  # does not fit: keep the latest half, responses get the rest
+    cut = truncate_prompt(p_ids, tokenizer, limit)
     prompt_truncated = len(cut) < len(p_ids)
-    if prompt_truncated:
-        stats.prompts_truncated += 1
     p_ids = cut
     n_trunc = 0
     if max_length is not None:
@@ -149,13 +168,16 @@ def tokenize_example(example: Example, tokenizer, max_length: int | None = None,
         if room < 1:
             raise DataError(example.source, example.row, "prompt",
                             f"prompt is {len(p_ids)} tokens, leaving no room for a response within "
-                            f"max_length={max_length}; set max_prompt_length to truncate prompts from the left, "
+                            f"max_length={max_length}; set max_prompt_length below max_length (or leave it unset), "
                             "or on_invalid='skip' to leave such rows out", kind="prompt_too_long")
         for k, ids in enumerate(response_ids):
             if len(ids) > room:
                 response_ids[k] = ids[:room]
                 n_trunc += 1
         stats.responses_truncated += n_trunc
+    if prompt_truncated:  # counted for the examples kept, not for those refused above
+        stats.prompts_truncated += 1
+        stats.prompts_cut_to_fit += to_fit
     return TokenizedExample(p_ids, response_ids, example.source, example.row, prompt_truncated, n_trunc)
 
 

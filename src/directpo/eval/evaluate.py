@@ -27,7 +27,7 @@ from ..data import SkipReport, TokenizedExample, make_collate
 from ..data.formats import write_jsonl
 from ..data.prompts import load_prompts
 from ..logprobs import dataset_logps
-from ..models import load_model, load_tokenizer, pick_device
+from ..models import check_vocab, load_model, load_tokenizer, pick_device
 from .sampling import Samples, draw_samples
 from .scorers import as_scorer
 
@@ -126,7 +126,10 @@ def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, 
     report = SkipReport()
     items = load_prompts(prompts, on_invalid, split, report)
     tokenizer = load_tokenizer(model)
+    if ref is not None:  # before sampling: a reference that cannot score π's tokens is refused first
+        check_same_tokenizer(tokenizer, load_tokenizer(ref), model, ref)
     policy = load_model(model, dev)
+    check_vocab(tokenizer, policy, model)
     policy.eval()
     references = [it.reference for it in items]
     has_refs = all(r is not None for r in references)
@@ -160,12 +163,11 @@ def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, 
                 row["reward"] = rewards[k]
             sample_rows.append(row)
     if ref is not None:
-        ref_tok = load_tokenizer(ref)
-        check_same_tokenizer(tokenizer, ref_tok, model, ref)
         if kl_samples is None:  # KL needs samples of π itself
             kl_samples = draw_samples(policy, tokenizer, items, n, max_new_tokens, 1.0, 1.0, seed + 7, batch_size,
                                       max_prompt_length, progress="sampling for KL (T=1)" if progress else None)
         ref_model = load_model(ref, dev)
+        check_vocab(tokenizer, policy, model, ref_model, ref)
         kl = sequence_kl(policy, ref_model, kl_samples, tokenizer.pad_token_id, batch_size, precision)
         results.update({k: kl[k] for k in ("kl_mean", "kl_se", "kl_samples")})
         results["kl_temperature"] = 1.0
@@ -176,13 +178,35 @@ def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, 
             results[key] = main[key]
     results["headline_temperature"] = main["temperature"]
     results = _finite_or_none(results)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(results, indent=2))
-    if samples_out:
-        write_jsonl(sample_rows, samples_out)
-    if plot:
-        plot_sweep(results, plot)
+    written = write_outputs(results, sample_rows, out, samples_out, plot)
     parts = [f"{k} {results[k]:.4g}" for k in ("reward_mean", "kl_mean", "win_rate", "length_mean")
              if results.get(k) is not None]
-    print(f"[directpo] eval of {model} on {len(items)} prompts × {n}: {', '.join(parts)} -> {out}", file=sys.stderr)
+    print(f"[directpo] eval of {model} on {len(items)} prompts × {n}: {', '.join(parts)} -> {', '.join(written)}",
+          file=sys.stderr)
     return results
+
+
+def write_outputs(results: dict, sample_rows: list, out: str, samples_out: str | None, plot: str | None) -> list[str]:
+    """The results JSON, the samples JSONL and the plot; their final paths (what to report)."""
+    written = [str(write_json(results, out))]
+    if samples_out:
+        written.append(str(write_jsonl(sample_rows, samples_out)))
+    if plot:
+        plot_sweep(results, plot)
+        written.append(str(plot))
+    return written
+
+
+def write_json(obj, path) -> Path:
+    """`obj` as indented JSON, written to a temporary sibling and renamed (whole or absent); the
+    final path, never the temporary one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
+    return path

@@ -6,11 +6,15 @@
   for summarization), with a one-sentence comparison first and the verdict ("A" or "B") on its own
   line. Which completion is shown as A is a fair coin per comparison (seeded), so a judge's
   position bias cancels out on average. A reply without a readable verdict, malformed JSON, an HTTP
-  error or a timeout is a *parse failure*: counted (by kind), never fatal, and left out of the
-  win rate.
+  error, a redirect or a timeout is a *parse failure*: counted (by kind) and left out of the win
+  rate while they are few; when more than half of the calls fail (a wrong key, URL or model name
+  fails them all), `ChatJudge.judge` raises `JudgeError`, naming how many failed and why.
+  The API key is sent to `url` only: the client follows no redirect (it is a failure of kind
+  `redirect_<code>`), so the key never reaches another address.
 """
 from __future__ import annotations
 
+import http
 import json
 import math
 import os
@@ -112,6 +116,40 @@ class RewardJudge:
         return Verdicts([1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(pol, ref)])
 
 
+class JudgeError(ValueError):
+    """More than half of the judge's calls failed: the win rate would mean nothing (one line, exit 2)."""
+
+
+_KEY_HINT = "check DIRECTPO_JUDGE_API_KEY / OPENAI_API_KEY"
+_HINTS = {401: _KEY_HINT, 403: _KEY_HINT, 404: "check --judge-url (POST {url}/chat/completions) and --judge-model"}
+_KINDS = {"malformed_json": "malformed JSON replies", "no_content": "replies without a message",
+          "unparsable": 'replies without a readable verdict ("A" or "B")'}
+
+
+def describe_failure(kind: str) -> str:
+    """A failure kind ('http_401', 'redirect_302', 'connection (...)', ...) in words, with a hint."""
+    prefix, _, code = kind.partition("_")
+    if kind.startswith("connection"):
+        return f"{kind}: check that --judge-url is reachable"
+    if prefix not in ("http", "redirect") or not code.isdigit():
+        return _KINDS.get(kind, kind)
+    code = int(code)
+    try:
+        text = f"HTTP {code} {http.HTTPStatus(code).phrase}"
+    except ValueError:
+        text = f"HTTP {code}"
+    if prefix == "redirect":
+        return f"{text}: redirect not followed (the API key is never sent across one); give the final URL"
+    return f"{text}: {_HINTS[code]}" if code in _HINTS else text
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: the request carries the API key, which must reach no other address."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl} not followed", headers, fp)
+
+
 class ChatJudge:
     """An OpenAI-compatible chat-completions endpoint as a pairwise judge."""
 
@@ -135,23 +173,26 @@ class ChatJudge:
         self.api_key = api_key if api_key is not None else (os.environ.get("DIRECTPO_JUDGE_API_KEY")
                                                             or os.environ.get("OPENAI_API_KEY"))
         self.timeout, self.max_tokens, self.workers, self.seed = timeout, max_tokens, workers, seed
+        self._opener = urllib.request.build_opener(_RefuseRedirects)
 
     def render(self, prompt, a: str, b: str) -> str:
         return (self.template.replace("{query}", _query_text(prompt)).replace("{a}", a).replace("{b}", b))
 
     def ask(self, content: str) -> tuple[str | None, str | None]:
-        """(reply text, None) or (None, failure kind: 'http', 'connection', 'malformed_json', 'no_content')."""
+        """(reply text, None) or (None, failure kind: 'http_<code>', 'redirect_<code>', 'connection (...)',
+        'malformed_json', 'no_content')."""
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": content}],
                            "temperature": 0, "max_tokens": self.max_tokens}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"},
+                                     method="POST")
+        if self.api_key:  # unredirected as well: urllib would not copy it to a redirect's request
+            req.add_unredirected_header("Authorization", f"Bearer {self.api_key}")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with self._opener.open(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
-            return None, f"http_{e.code}"
+            e.close()
+            return None, f"{'redirect' if 300 <= e.code < 400 else 'http'}_{e.code}"
         except (urllib.error.URLError, OSError, ValueError) as e:  # refused, timeout, bad URL
             return None, f"connection ({type(e).__name__})"
         try:
@@ -192,4 +233,12 @@ class ChatJudge:
                 continue
             v.a_verdicts += verdict == "A"
             v.outcomes.append(1.0 if (verdict == "A") == first else 0.0)
+        self.check_failures(v)
         return v
+
+    def check_failures(self, v: Verdicts) -> None:
+        """JudgeError when more than half of the calls failed (all of them: a wrong key, URL or model)."""
+        failed, total = sum(v.failures.values()), len(v.outcomes)
+        if total and 2 * failed > total:
+            kinds = "; ".join(f"{count} × {describe_failure(kind)}" for kind, count in v.failures.most_common())
+            raise JudgeError(f"judge {self.url}: {failed} of {total} calls failed: {kinds}")

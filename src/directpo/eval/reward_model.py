@@ -23,7 +23,7 @@ from torch import nn
 from ..data import TokenizedExample
 from ..data.collate import collate_padded
 from ..data.formats import Example
-from ..models import autocast_ctx, load_tokenizer, pick_device, quiet_transformers
+from ..models import autocast_ctx, load_tokenizer, pick_device, quiet_transformers, safetensors_only_error
 
 OFFSET_KEY = "reward_offset"
 
@@ -34,10 +34,13 @@ def load_reward_backbone(name_or_dir: str, pad_token_id: int, device="cpu", dtyp
     from transformers import AutoModelForSequenceClassification
 
     quiet_transformers()
-    # safetensors only, as `directpo.models.load_model`: pickled checkpoints can run code.
-    model = AutoModelForSequenceClassification.from_pretrained(name_or_dir, num_labels=1, dtype=dtype,
-                                                               pad_token_id=pad_token_id, use_safetensors=True,
-                                                               trust_remote_code=trust_remote_code)
+    # safetensors only, as `directpo.models.load_model` (and with its explanation): pickled checkpoints can run code.
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_dir, num_labels=1, dtype=dtype,
+                                                                   pad_token_id=pad_token_id, use_safetensors=True,
+                                                                   trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise (safetensors_only_error(name_or_dir, e) or e) from e
     model.config.pad_token_id = pad_token_id
     return model.to(device)
 

@@ -5,16 +5,15 @@ implicit rewards r̂ = β·(log π − log πref) of chosen and rejected, in inp
 """
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import torch
 
 from ..data import SkipReport, TokenizeStats, load_examples, make_collate, tokenize_examples
+from ..data.formats import write_jsonl
 from ..logprobs import dataset_logps, packed_row_tokens
 from ..losses import implicit_reward
-from ..models import load_model, load_tokenizer, pick_device
+from ..models import check_vocab, load_model, load_tokenizer, pick_device
 
 
 def score(model: str, data: str, out: str, ref: str | None = None, beta: float = 0.1, max_length: int | None = 512,
@@ -28,15 +27,20 @@ def score(model: str, data: str, out: str, ref: str | None = None, beta: float =
     tokenized = tokenize_examples(examples, tokenizer, max_length, max_prompt_length, on_invalid, report, stats)
     dtype = torch.bfloat16 if precision == "bf16" else None
 
-    def logps(name, what):
-        m = load_model(name, dev)
+    def logps(m, what):
         collate = make_collate(layout, tokenizer.pad_token_id, packed_row_tokens(None, m))
         return dataset_logps(m, tokenized, collate, batch_size, dev, dtype, progress=what)
 
-    pol = logps(model, "scoring")
-    ref_lp = logps(ref, "scoring (reference)") if ref else None
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
+    policy = load_model(model, dev)
+    check_vocab(tokenizer, policy, model)
+    pol = logps(policy, "scoring")
+    ref_lp = None
+    if ref:
+        policy.to("meta")  # its weights freed; the vocabulary check below needs only its shapes
+        ref_model = load_model(ref, dev)
+        check_vocab(tokenizer, policy, model, ref_model, ref)
+        ref_lp = logps(ref_model, "scoring (reference)")
+    def lines():
         for i, ex in enumerate(tokenized):
             line = {"row": ex.row, "chosen_logp": pol[i, 0].item(), "rejected_logp": pol[i, 1].item(),
                     "chosen_tokens": len(ex.response_ids[0]), "rejected_tokens": len(ex.response_ids[1])}
@@ -44,7 +48,9 @@ def score(model: str, data: str, out: str, ref: str | None = None, beta: float =
                 line.update(ref_chosen_logp=ref_lp[i, 0].item(), ref_rejected_logp=ref_lp[i, 1].item(),
                             chosen_reward=implicit_reward(pol[i, 0], ref_lp[i, 0], beta).item(),
                             rejected_reward=implicit_reward(pol[i, 1], ref_lp[i, 1], beta).item())
-            f.write(json.dumps(line) + "\n")
+            yield line
+
+    write_jsonl(lines(), out)  # whole or absent: an interrupted run leaves an existing file as it was
     if ref_lp is not None:
         margin = implicit_reward(pol[:, 0], ref_lp[:, 0], beta) - implicit_reward(pol[:, 1], ref_lp[:, 1], beta)
         what = "implicit-reward"

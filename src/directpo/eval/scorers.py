@@ -5,8 +5,9 @@
 A callable takes one `(prompt, completion)` and returns a number; one marked `fn.batched = True`
 takes the two lists and returns one number per pair. `prompt` is the prompt as the file gives it
 (text, or a list of {role, content} messages), `completion` the decoded text. The module is
-imported from `sys.path`, the current directory included, so `--reward-fn my_rewards:score` finds
-`./my_rewards.py`.
+imported from `sys.path` with the current directory searched last (and only for that import), so
+`--reward-fn my_rewards:score` finds `./my_rewards.py` while a local folder named like an installed
+package does not shadow it.
 """
 from __future__ import annotations
 
@@ -25,12 +26,24 @@ def load_callable(spec: str) -> Callable:
     if spec.count(":") != 1 or not all(spec.split(":")):
         raise ValueError(f"reward function {spec!r}: expected 'module:function' (e.g. my_rewards:score)")
     mod_name, attr = spec.split(":")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    # The current directory is searched last, and only for this import: a local folder named like an
+    # installed package (`matplotlib/`, `json/`) must not shadow it, now or later. The module, once
+    # imported, stays in sys.modules.
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.append(cwd)
+    importlib.invalidate_caches()  # a module file written since the directory was last listed
     try:
         obj = importlib.import_module(mod_name)
     except ImportError as e:
         raise ValueError(f"reward function {spec!r}: cannot import module {mod_name!r}: {e}") from e
+    finally:
+        if added:
+            for i in range(len(sys.path) - 1, -1, -1):  # our entry: the last one equal to cwd
+                if sys.path[i] == cwd:
+                    del sys.path[i]
+                    break
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"reward function {spec!r}: {mod_name!r} has no attribute {attr!r}")

@@ -37,6 +37,8 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 60, seed: int = 0, thre
     print("\nheld-out implicit-reward accuracy (chance 0.5):")
     for e in evals:
         print(f"  step {e['step']:>4}: {e['rewards/accuracies']:.3f}   margin {e['rewards/margins']:+.3f}")
+    alerts = summary.get("alerts") or []
+    print(f"health alarms: {', '.join(a['name'] for a in alerts) if alerts else 'none'}")
     print(f"{'PASS' if passed else 'FAIL'}: final held-out accuracy {final:.3f} "
           f"({'≥' if passed else '<'} {threshold}) in {time.perf_counter() - t0:.0f} s; model in {out / 'dpo'}")
     return {"passed": passed, "final_accuracy": final, "evals": evals, "summary": summary}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigError, setting
+from ..config import setting
 from ..train.config import PreferenceRunConfig, RunConfig
 
 
@@ -27,38 +27,32 @@ class PPOConfig(RunConfig):
     reward_model: str | None = setting(None, "reward model directory (`directpo rm` output)")
     reward_fn: str | None = setting(None, "reward callable 'module:function' (f(prompt, completion) -> float)")
     ref: str | None = setting(None, "reference model πref of the KL penalty (default: the starting policy)")
-    kl_coef: float = setting(0.1, "β of the KL penalty r − β·(log πθ − log πref) (initial value with --adaptive-kl)")
+    kl_coef: float = setting(0.1, "β of the KL penalty r − β·(log πθ − log πref) (initial value with --adaptive-kl)", ge=0)
     adaptive_kl: bool = setting(False, "adapt β so that the KL tracks --target-kl (Ziegler et al., 2019)")
-    target_kl: float = setting(6.0, "target sequence-level KL (nats) of the adaptive controller")
-    kl_horizon: int = setting(10000, "horizon (rollouts) of the adaptive KL controller")
-    lr: float = setting(1e-5, "learning rate")
+    target_kl: float = setting(6.0, "target sequence-level KL (nats) of the adaptive controller", gt=0)
+    kl_horizon: int = setting(10000, "horizon (rollouts) of the adaptive KL controller", ge=1)
+    lr: float = setting(1e-5, "learning rate", gt=0)
     optimizer: str = setting("adamw", "optimizer", choices=["rmsprop", "adamw", "sgd"])
-    batch_size: int = setting(64, "rollouts (prompts, one completion each) per PPO step")
-    mini_batch_size: int = setting(16, "rollouts per gradient step")
-    ppo_epochs: int = setting(4, "optimisation passes over each batch of rollouts")
-    max_steps: int = setting(100, "PPO steps (rollout batches)")
-    max_new_tokens: int = setting(64, "max tokens per completion")
-    max_prompt_length: int | None = setting(None, "max prompt tokens; longer prompts are cut from the left")
-    generation_batch_size: int = setting(0, "completions generated at once (0: the whole rollout batch)")
-    gamma: float = setting(1.0, "discount γ of GAE")
-    lam: float = setting(0.95, "λ of GAE")
-    cliprange: float = setting(0.2, "ε of the clipped policy ratio")
-    cliprange_value: float = setting(0.2, "clip of the value update around the rollout's values")
-    vf_coef: float = setting(0.1, "weight of the value loss")
+    batch_size: int = setting(64, "rollouts (prompts, one completion each) per PPO step", ge=1)
+    mini_batch_size: int = setting(16, "rollouts per gradient step", ge=1)
+    ppo_epochs: int = setting(4, "optimisation passes over each batch of rollouts", ge=1)
+    max_steps: int = setting(100, "PPO steps (rollout batches)", ge=1)
+    max_new_tokens: int = setting(64, "max tokens per completion", ge=1)
+    max_prompt_length: int | None = setting(None, "max prompt tokens; longer prompts are cut from the left", ge=1)
+    generation_batch_size: int = setting(0, "completions generated at once (0: the whole rollout batch)", ge=0)
+    gamma: float = setting(1.0, "discount γ of GAE", ge=0, le=1)
+    lam: float = setting(0.95, "λ of GAE", ge=0, le=1)
+    cliprange: float = setting(0.2, "ε of the clipped policy ratio", gt=0)
+    cliprange_value: float = setting(0.2, "clip of the value update around the rollout's values", gt=0)
+    vf_coef: float = setting(0.1, "weight of the value loss", ge=0)
     whiten_advantages: bool = setting(True, "normalise advantages to mean 0, variance 1 over each batch")
-    max_grad_norm: float = setting(1.0, "clip the gradient norm to this (0: no clipping)")
-    warmup_steps: int = setting(0, "linear learning-rate warm-up over this many optimizer steps")
+    max_grad_norm: float = setting(1.0, "clip the gradient norm to this (0: no clipping)", ge=0)
+    warmup_steps: int = setting(0, "linear learning-rate warm-up over this many optimizer steps", ge=0)
     on_invalid: str = setting("error", "bad prompt rows: stop with an error naming file/row/field, or skip them",
                          choices=["error", "skip"])
     data_split: str | None = setting(None, "split name for `datasets` sources (default: train)")
     snapshot_every: int = setting(0, "also save the policy (HF format) every N steps to OUTPUT/snapshots/step-N, to "
-                                "evaluate a run at several points (0: never)")
+                                "evaluate a run at several points (0: never)", ge=0)
 
     def validate(self) -> "PPOConfig":
-        super().validate()
-        for name in ("batch_size", "mini_batch_size", "ppo_epochs", "max_steps", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 1")
-        if self.kl_coef < 0 or self.target_kl <= 0 or self.cliprange <= 0:
-            raise ConfigError("kl_coef must be ≥ 0, target_kl and cliprange > 0")
-        return self
+        return super().validate()

@@ -39,10 +39,11 @@ from ..data.prompts import encode_prompt, load_prompts
 from ..eval.sampling import decode, generate_completions
 from ..eval.scorers import as_scorer, load_reward_fn
 from ..logprobs import _backbone_and_head, label_logprobs, token_logps
-from ..models import autocast_ctx, freeze, load_model, load_tokenizer, pick_device
+from ..models import autocast_ctx, check_vocab, freeze, load_model, load_tokenizer, pick_device
 from ..train.loop import batch_order
+from ..train.alarms import HealthMonitor
 from ..train.optim import build_optimizer, warmup_schedule
-from ..train.run import Progress, RunDir, StepDriver, resume, setup_torch
+from ..train.run import Interrupted, Progress, RunDir, StepDriver, StopRequest, resume, setup_torch
 from .config import PPOConfig
 
 
@@ -184,6 +185,7 @@ def setup_models(cfg: PPOConfig, reward, device) -> PPOModels:
     policy = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code)
     policy.eval()  # no dropout: the rollout's log-probs are the ratio's denominator
     ref = freeze(load_model(cfg.ref or cfg.model, device, trust_remote_code=cfg.trust_remote_code))
+    check_vocab(tokenizer, policy, cfg.model, ref, cfg.ref or cfg.model)
     head = policy.get_output_embeddings()  # its input width is the width of the last hidden states
     hidden = head.weight.shape[1] if head is not None else policy.config.get_text_config().hidden_size
     value_head = nn.Linear(hidden, 1).to(device)
@@ -308,11 +310,12 @@ def ppo(cfg: PPOConfig, reward=None) -> dict:
     order = batch_order(len(m.items), cfg.batch_size, cfg.seed)
     for _ in range(start_step):
         next(order)
-    driver = StepDriver(params, optimizer, scheduler, cfg.max_grad_norm, skip_nonfinite=cfg.skip_nonfinite)
+    driver = StepDriver(params, optimizer, scheduler, cfg.max_grad_norm, skip_nonfinite=cfg.skip_nonfinite,
+                        divergence_factor=cfg.divergence_factor, hint=f"Lower --lr (now {cfg.lr:g})")
     progress = Progress(cfg.progress, cfg.max_steps, start_step, "ppo", cfg.log_every)
     metrics = run.metrics(start_step)
-    t_start, last = time.perf_counter(), {}
-    try:
+    t_start, last, alarms = time.perf_counter(), {}, HealthMonitor("ppo")
+    with StopRequest() as stop, metrics, progress:
         for step in range(start_step + 1, cfg.max_steps + 1):
             t0 = time.perf_counter()
             epoch, idx = next(order)
@@ -322,17 +325,20 @@ def ppo(cfg: PPOConfig, reward=None) -> dict:
             kl_ctl.update(ro.kl_tok.sum(1).mean().item(), len(idx))  # 6. the KL coefficient
             last = step_metrics(step, ro, losses, grad_norms, beta, scheduler.get_last_lr()[0],
                                 time.perf_counter() - t0, time.perf_counter() - t_start)
+            alerts = alarms.annotate(last)
             metrics.write(last)
+            for a in alerts:
+                log(str(a))
             short = f"reward {last['reward']:.3f} kl {last['kl']:.3f} β {beta:.3g} clip {last['clip_frac']:.2f}"
             progress.update(step, short, f"{short} vloss {last['value_loss']:.4f} ent {last['entropy']:.3f}")
             if cfg.snapshot_every and step % cfg.snapshot_every == 0 and step < cfg.max_steps:
                 save_snapshot(m.policy, m.tokenizer, run.path / "snapshots" / f"step-{step}")
-            if cfg.save_every and step % cfg.save_every == 0:
+            if cfg.save_every and step % cfg.save_every == 0 or stop.requested():
                 run.save_checkpoint(step, epoch, m.policy, optimizer, scheduler, cfg,
                                     extra=extra_state(m.value_head, kl_ctl, gen))
-    finally:
-        progress.close()
-        metrics.close()
+            if stop.requested():
+                raise Interrupted(f"interrupted at step {step}/{cfg.max_steps}; checkpoint saved in "
+                                  f"{run.path / 'checkpoints'}: resume with --resume")
     return save_ppo(m, run, {"output_dir": str(run.path), "train": last, "final_kl_coef": kl_ctl.value})
 
 

@@ -30,8 +30,9 @@ from ..eval.reward_model import OFFSET_KEY, dataset_rewards, load_reward_backbon
 from ..losses import bradley_terry_loss
 from ..models import autocast_ctx, load_tokenizer, pick_device
 from ..train.loop import batch_order
+from ..train.alarms import HealthMonitor
 from ..train.optim import build_optimizer, warmup_schedule
-from ..train.run import CONFIG_FILE, Progress, RunDir, StepDriver, resume, setup_torch
+from ..train.run import CONFIG_FILE, Interrupted, Progress, RunDir, StepDriver, StopRequest, resume, setup_torch
 from .config import RewardModelConfig
 
 
@@ -101,18 +102,27 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
 
     def evaluate(step: int) -> dict:
         res = {"split": "eval", "step": step, **evaluate_rm(model, eval_set, pad, cfg, device)}
-        metrics.write(res)
+        write(res)
         log(f"eval @ step {step}: {_summary(res)}")
         return res
 
-    driver = StepDriver(model.parameters(), optimizer, scheduler, cfg.max_grad_norm, skip_nonfinite=cfg.skip_nonfinite)
+    def write(line: dict) -> None:  # with its health alarms (one console line each)
+        alerts = alarms.annotate(line)
+        metrics.write(line)
+        for a in alerts:
+            log(str(a))
+
+    alarms = HealthMonitor("rm")
+
+    driver = StepDriver(model.parameters(), optimizer, scheduler, cfg.max_grad_norm, skip_nonfinite=cfg.skip_nonfinite,
+                        divergence_factor=cfg.divergence_factor, hint=f"Lower --lr (now {cfg.lr:g})")
     progress = Progress(cfg.progress, total_steps, start_step, "rm", cfg.log_every)
     metrics = run.metrics(start_step)
     last, last_eval = {}, None
     if eval_set is not None and start_step == 0:
         last_eval = evaluate(0)
     t_start = time.perf_counter()
-    try:
+    with StopRequest() as stop, metrics, progress:
         for step in range(start_step + 1, total_steps + 1):
             t0 = time.perf_counter()
             epoch, idx = next(batches)
@@ -124,15 +134,15 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
             last = {"split": "train", "step": step, "epoch": epoch, **{k: v / len(idx) for k, v in sums.items()},
                     "lr": lr, "grad_norm": grad_norm, "pairs_per_s": len(idx) / (time.perf_counter() - t0),
                     "elapsed_s": time.perf_counter() - t_start}
-            metrics.write(last)
+            write(last)
             progress.update(step, _summary(last), f"{_summary(last)} lr {lr:.2e}")
             if eval_set is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
                 last_eval = evaluate(step)
-            if cfg.save_every and step % cfg.save_every == 0:
+            if cfg.save_every and step % cfg.save_every == 0 or stop.requested():
                 run.save_checkpoint(step, epoch, model, optimizer, scheduler, cfg)
-    finally:
-        progress.close()
-        metrics.close()
+            if stop.requested():
+                raise Interrupted(f"interrupted at step {step}/{total_steps}; checkpoint saved in "
+                                  f"{run.path / 'checkpoints'}: resume with --resume")
     return save_reward_model(model, tokenizer, train_set, cfg, run, settings,
                              {"output_dir": str(run.path), "train": last, "eval": last_eval})
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from ..config import ConfigError, flag_name, setting
+from ..config import ConfigError, check_ranges, flag_name, setting
 
 
 @dataclass
@@ -21,41 +21,57 @@ class RunConfig:
     """Run directory, optimisation, checkpoints, machine"""
 
     output_dir: str = setting(None, "where the final model, tokenizer and metrics.jsonl go", required=True)
-    lr: float = setting(1e-6, "peak learning rate (paper: 1e-6)")
+    lr: float = setting(1e-6, "peak learning rate (paper: 1e-6)", gt=0)
     optimizer: str = setting("rmsprop", "optimizer (paper: rmsprop)", choices=["rmsprop", "adamw", "sgd"])
-    weight_decay: float = setting(0.0, "weight decay (adamw)")
-    batch_size: int = setting(64, "examples per optimizer step (paper: 64 preference pairs)")
-    max_steps: int | None = setting(None, "optimizer steps to run (overrides epochs)")
-    warmup_steps: int = setting(150, "linear learning-rate warm-up from 0 (paper: 150)")
-    max_grad_norm: float = setting(10.0, "clip the gradient norm to this (0: no clipping)")
+    weight_decay: float = setting(0.0, "weight decay (adamw)", ge=0)
+    batch_size: int = setting(64, "examples per optimizer step (paper: 64 preference pairs)", ge=1)
+    max_steps: int | None = setting(None, "optimizer steps to run (overrides epochs)", ge=1)
+    warmup_steps: int = setting(150, "linear learning-rate warm-up from 0 (paper: 150)", ge=0)
+    max_grad_norm: float = setting(10.0, "clip the gradient norm to this (0: no clipping)", ge=0)
     seed: int = setting(0, "seed for initialisation-independent randomness: data order")
     precision: str = setting("fp32", "bf16: autocast matmuls to bfloat16 (fp32 master weights and loss)",
                              choices=["fp32", "bf16"])
     device: str | None = setting(None, "cpu or cuda (default: cuda when available)")
-    threads: int = setting(0, "CPU threads for torch (0: torch's default)")
-    log_every: int = setting(1, "print a metrics line every N steps (metrics.jsonl always gets every step)")
+    threads: int = setting(0, "CPU threads for torch (0: torch's default)", ge=0)
+    log_every: int = setting(1, "print a metrics line every N steps (metrics.jsonl always gets every step)", ge=1)
     overwrite: bool = setting(False, "allow writing into an output directory that already holds a run")
-    save_every: int = setting(0, "write a checkpoint (weights, optimizer, scheduler, RNG) every N steps (0: never)")
-    keep_last: int = setting(0, "keep only the newest K checkpoints (0: keep all)")
+    save_every: int = setting(0, "write a checkpoint (weights, optimizer, scheduler, RNG) every N steps (0: never)", ge=0)
+    keep_last: int = setting(0, "keep only the newest K checkpoints (0: keep all)", ge=0)
     resume: str | None = setting(None, "continue from the latest checkpoint in output_dir (--resume), or from PATH",
                                  nargs="?", const="latest")
     skip_nonfinite: bool = setting(False, "skip (and count) steps whose loss or gradient is NaN/inf instead of "
                                           "stopping")
+    divergence_factor: float = setting(1000.0, "stop (without applying the update) when the loss or the gradient "
+                                               "norm exceeds this many times its first step's value, each floored "
+                                               "at 1: the run diverged (0: never)", ge=0)
     trust_remote_code: bool = setting(False, "allow model/tokenizer repos to run their own Python code (off: safer)")
     progress: bool = setting(True, "show a progress bar with ETA")
+    report_to: str = setting("none", "also send the metrics to TensorBoard (OUTPUT/tensorboard/) or Weights & Biases "
+                                     "(OUTPUT/wandb/, offline unless WANDB_MODE says otherwise); needs "
+                                     "`pip install 'directpo[report]'`", choices=["none", "tensorboard", "wandb"])
+    push_to_hub: str | None = setting(None, "when the run is done, upload OUTPUT (weights, tokenizer, model card, "
+                                            "settings, metrics; never checkpoints/) to this Hugging Face model repo, "
+                                            "owner/name (token: HF_TOKEN or `hf auth login`)")
+    hub_private: bool = setting(False, "with --push-to-hub: create the repo private")
 
     # Settings that may change between a run and its resumption: they do not change the trajectory.
     RESUMABLE_CHANGES = frozenset({
         "nproc", "fsdp", "resume", "overwrite", "progress", "log_every", "max_steps", "epochs", "save_every",
-        "keep_last", "eval_every", "eval_data", "threads", "device", "ref_cache", "skip_nonfinite", "output_dir",
-        "snapshot_every"})
+        "keep_last", "eval_every", "eval_data", "threads", "device", "ref_cache", "skip_nonfinite",
+        "divergence_factor", "output_dir", "snapshot_every",
+        "report_to", "push_to_hub", "hub_private"})
 
     def validate(self):
         missing = [f.name for f in fields(self) if f.metadata.get("required") and getattr(self, f.name) is None]
         if missing:
             raise ConfigError("missing required setting(s): " + ", ".join(flag_name(m) for m in missing))
-        if self.batch_size < 1:
-            raise ConfigError("--batch-size must be ≥ 1")
+        check_ranges(self)
+        from .card import check_repo_id
+        from .loggers import check_report_to
+
+        check_report_to(self.report_to)  # a missing package, said before anything loads
+        if self.push_to_hub:
+            check_repo_id(self.push_to_hub)
         return self
 
 
@@ -65,12 +81,16 @@ class PreferenceRunConfig(RunConfig):
 
     model: str = setting(None, "model to train: a Hugging Face model id or local directory", required=True)
     data: str = setting(None, "preference data: .jsonl/.json/.parquet file, or a `datasets` name/dir", required=True)
-    micro_batch_size: int = setting(8, "examples per forward/backward; batch_size/micro_batch_size are accumulated")
-    epochs: float = setting(1.0, "passes over the training data, when max_steps is not set")
-    max_length: int | None = setting(512, "max tokens of prompt + response; responses are cut from the right")
-    max_prompt_length: int | None = setting(None, "max prompt tokens; longer prompts are cut from the left")
+    micro_batch_size: int = setting(8, "examples per forward/backward; batch_size/micro_batch_size are accumulated", ge=1)
+    epochs: float = setting(1.0, "passes over the training data, when max_steps is not set", gt=0)
+    max_length: int | None = setting(512, "max tokens of prompt + response; a pair that does not fit has its prompt "
+                                          "cut from the left (see max_prompt_length), then its responses from the "
+                                          "right", ge=2)
+    max_prompt_length: int | None = setting(None, "max prompt tokens, longer prompts always cut from the left "
+                                                  "(default: only the prompts of pairs that do not fit, to half of "
+                                                  "max_length)", ge=1)
     eval_data: str | None = setting(None, "held-out preference data for periodic evaluation")
-    eval_every: int = setting(0, "evaluate every N optimizer steps (0: only at the end, when eval_data is set)")
+    eval_every: int = setting(0, "evaluate every N optimizer steps (0: only at the end, when eval_data is set)", ge=0)
     ranking_pairs: str = setting("all", "ranked rows as pairs: every (better, worse) pair, or only best vs worst",
                                  choices=["all", "best_worst"])
     on_invalid: str = setting("error", "bad rows: stop with an error naming file/row/field, or skip them (counted)",
@@ -79,13 +99,9 @@ class PreferenceRunConfig(RunConfig):
 
     def validate(self):
         super().validate()
-        if self.micro_batch_size < 1:
-            raise ConfigError("--micro-batch-size must be ≥ 1")
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                               f"({self.micro_batch_size})")
-        if self.max_prompt_length is not None and self.max_prompt_length < 1:
-            raise ConfigError("max_prompt_length must be ≥ 1")
         if self.max_length is not None and self.max_prompt_length is not None and \
                 self.max_prompt_length >= self.max_length:
             raise ConfigError("max_prompt_length must be smaller than max_length")
@@ -97,15 +113,16 @@ class TrainConfig(PreferenceRunConfig):
     """The loss, the reference, layouts, LoRA, several processes"""
 
     ref: str | None = setting(None, "reference model πref (default: a frozen copy of the starting policy)")
-    loss: str = setting("dpo", "loss: dpo, cdpo, ipo, hinge, reference_free, plackett_luce (rankings), sft, "
-                               "unlikelihood (see directpo.losses.LOSSES)")
-    beta: float = setting(0.1, "β: strength of the implicit KL penalty (paper default 0.1)")
-    label_smoothing: float = setting(0.0, "ε of conservative DPO: probability that a preference label is flipped")
-    sft_weight: float = setting(0.0, "add this × the NLL per token of the best response to the loss (RPO-style)")
-    unlikelihood_weight: float = setting(1.0, "α of the unlikelihood loss: weight of the rejected-token term")
+    loss: str = setting("dpo", "loss: dpo, cdpo, ipo (summed log-probs), ipo_avg (per-token averages, as TRL's), "
+                               "hinge, reference_free, plackett_luce (rankings), sft, unlikelihood (see "
+                               "directpo.losses.LOSSES)")
+    beta: float = setting(0.1, "β: strength of the implicit KL penalty (paper default 0.1)", gt=0)
+    label_smoothing: float = setting(0.0, "ε of conservative DPO: probability that a preference label is flipped", ge=0, lt=0.5)
+    sft_weight: float = setting(0.0, "add this × the NLL per token of the best response to the loss (RPO-style)", ge=0)
+    unlikelihood_weight: float = setting(1.0, "α of the unlikelihood loss: weight of the rejected-token term", ge=0)
     ranking_to_pairs: bool = setting(False, "expand ranked rows (K > 2) into pairs for pairwise losses")
     micro_batch_tokens: int = setting(0, "instead: fill each forward/backward with examples up to this many tokens "
-                                         "(bounds activation memory whatever the lengths; 0: off)")
+                                         "(bounds activation memory whatever the lengths; 0: off)", ge=0)
     precompute_ref: bool = setting(True, "compute reference log-probs once before training (cached on disk) and "
                                          "free the reference model; --no-precompute-ref runs the reference live at "
                                          "every step")
@@ -115,14 +132,14 @@ class TrainConfig(PreferenceRunConfig):
                                     "row (exact); padded: one padded row per prompt+response",
                           choices=["packed", "padded"])
     row_tokens: int = setting(0, "packed layout: tokens per row (0: the whole micro-batch in one unpadded row when "
-                                 "the model attends segment by segment, else rows as long as its longest example)")
+                                 "the model attends segment by segment, else rows as long as its longest example)", ge=0)
     nproc: int = setting(0, "launch N data-parallel processes with torchrun (same global batch; gloo on CPU, NCCL "
-                            "on GPU)")
+                            "on GPU)", ge=0)
     fsdp: bool = setting(False, "with several processes: shard the model with FSDP2 (fully_shard) instead of "
                                 "replicating it")
-    lora_r: int = setting(0, "LoRA rank (0: full fine-tuning); the reference is the model with adapters disabled")
-    lora_alpha: float = setting(16.0, "LoRA scaling α")
-    lora_dropout: float = setting(0.0, "dropout on the LoRA path")
+    lora_r: int = setting(0, "LoRA rank (0: full fine-tuning); the reference is the model with adapters disabled", ge=0)
+    lora_alpha: float = setting(16.0, "LoRA scaling α", gt=0)
+    lora_dropout: float = setting(0.0, "dropout on the LoRA path", ge=0, lt=1)
     lora_target_modules: str = setting("all-linear", "modules to adapt: all-linear, or a comma list (q_proj,v_proj)")
     merge: bool = setting(False, "with LoRA: save the merged full model instead of the adapters")
 
@@ -131,6 +148,4 @@ class TrainConfig(PreferenceRunConfig):
         from ..losses import get_loss
 
         get_loss(self.loss)
-        if self.beta <= 0:
-            raise ConfigError("beta must be > 0")
         return self

@@ -21,17 +21,20 @@ import torch
 
 from ..console import log
 from ..data import SkipReport, TokenizeStats, load_examples, make_collate, tokenize_examples
+from ..data.checks import red_flags, summarize, summary_paragraph
 from ..data.formats import ranking_to_pairs
 from ..logprobs import dataset_logps, example_logps, packed_row_tokens
 from ..losses import LossInputs, LossParams, LossSpec, get_loss, sft_loss
 from ..metrics import last_valid, ranking_metrics
-from ..models import autocast_ctx, freeze, load_model, load_tokenizer, pick_device
+from ..models import autocast_ctx, check_vocab, freeze, load_model, load_tokenizer, pick_device
 from ..reference import default_cache_dir, model_fingerprint, reference_logps
+from .alarms import HealthMonitor
 from .config import TrainConfig
 from .distributed import Dist, device_for, init_from_env
 from .lora import adapters_disabled, apply_lora, save_policy
 from .optim import build_optimizer, warmup_schedule
-from .run import COMPLETE_MARKER, NonFiniteError, Progress, RunDir, StepDriver, resume, setup_torch
+from .run import (COMPLETE_MARKER, Interrupted, NonFiniteError, Progress, RunDir, StepDriver, StopRequest,
+                  resume, setup_torch)
 
 __all__ = ["COMPLETE_MARKER", "NonFiniteError", "TrainConfig", "batch_order", "micro_batches", "train"]
 
@@ -65,6 +68,18 @@ def prepare_data(data_path: str, tokenizer, cfg: TrainConfig, what: str):
                                   on_invalid=cfg.on_invalid, report=report, stats=stats)
     log(f"{what}: {len(tokenized)} examples from {data_path}; {report.summary()}; {stats.summary()}")
     return tokenized, report, stats
+
+
+def check_data(examples, tokenizer, stats, report) -> str:
+    """The cheap checks of `directpo inspect` before step 1: one paragraph in the log (and the model
+    card), a warning line for each red flag (length bias, duplicates, pairs truncated away, ...)."""
+    summary = summarize(examples, tokenizer, stats, report)
+    flags = red_flags(summary)
+    paragraph = summary_paragraph(summary, flags)
+    log(f"data: {paragraph}")
+    for flag in flags:
+        log(f"warning: {flag} (directpo inspect --data ... writes the full report)")
+    return paragraph
 
 
 def batch_order(n: int, batch_size: int, seed: int):
@@ -176,13 +191,6 @@ def summary_line(m: dict, short: bool = False) -> str:
 # Models: the policy, πref, and the reference log-prob tables
 
 
-def check_vocab(tokenizer, model, name: str) -> None:
-    rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
-        raise ValueError(f"{name}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
-                         f"{rows} rows: they do not belong together")
-
-
 def load_policy_and_reference(cfg: TrainConfig, tokenizer, device, loss_spec: LossSpec, empty: bool):
     """(policy, πref model or None). πref: the starting policy, frozen (paper §4), unless another
     model is given. When its log-probs are precomputed, the untouched policy itself serves (no
@@ -196,7 +204,7 @@ def load_policy_and_reference(cfg: TrainConfig, tokenizer, device, loss_spec: Lo
         return policy, None
     if cfg.ref and cfg.ref != cfg.model:
         ref_model = freeze(load_model(cfg.ref, device, trust_remote_code=cfg.trust_remote_code, empty=empty))
-        check_vocab(tokenizer, ref_model, cfg.ref)
+        check_vocab(tokenizer, policy, cfg.model, ref=ref_model, ref_name=cfg.ref)
         return policy, ref_model
     if cfg.precompute_ref or cfg.lora_r:
         return policy, policy
@@ -277,12 +285,15 @@ class Trainer:
         stats["_tokens"] = batch.num_tokens
         return losses, stats
 
-    def evaluate(self, step: int, metrics) -> dict:
+    def evaluate(self, step: int, metrics, alarms: HealthMonitor) -> dict:
         res = {"split": "eval", "step": step, **evaluate_pairs(self.policy, self.eval_set, self.eval_ref, self.cfg,
                                                                 self.collate, self.device, self.loss_spec,
                                                                 self.loss_params)}
+        alerts = alarms.annotate(res)  # health alarms ride on the metrics line and get a console line each
         metrics.write(res)
         log(f"eval @ step {step}: " + summary_line(res))
+        for a in alerts:
+            log(str(a))
         return res
 
     @property
@@ -301,7 +312,9 @@ def setup(cfg: TrainConfig) -> Trainer:
     setup_torch(cfg.threads, cfg.seed)
     device = device_for(d, cfg.device) or pick_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    train_set, report, _ = prepare_data(cfg.data, tokenizer, cfg, "train")
+    train_set, report, stats = prepare_data(cfg.data, tokenizer, cfg, "train")
+    if d.main:
+        run.data_summary = check_data(train_set, tokenizer, stats, report)
     eval_set = prepare_data(cfg.eval_data, tokenizer, cfg, "eval")[0] if cfg.eval_data else None
 
     loss_spec = get_loss(cfg.loss)
@@ -343,14 +356,14 @@ def train(cfg: TrainConfig) -> dict:
     for _ in range(start_step):
         next(batches)
     driver = StepDriver(t.policy.parameters(), optimizer, scheduler, cfg.max_grad_norm, d, t.sharded,
-                        cfg.skip_nonfinite)
+                        cfg.skip_nonfinite, cfg.divergence_factor, hint=f"Lower --lr (now {cfg.lr:g})")
     progress = Progress(cfg.progress and d.main, total_steps, start_step, cfg.loss, cfg.log_every)
     metrics = run.metrics(start_step)
-    last, last_eval = {}, None
+    last, last_eval, alarms = {}, None, HealthMonitor(cfg.loss)
     if t.evaluates and start_step == 0:  # the starting point (for DPO every implicit reward is 0)
-        last_eval = t.evaluate(0, metrics)
+        last_eval = t.evaluate(0, metrics, alarms)
     t_start = time.perf_counter()
-    try:
+    with StopRequest() as stop, metrics, progress:
         for step in range(start_step + 1, total_steps + 1):
             t0 = time.perf_counter()
             epoch, idx = next(batches)
@@ -366,18 +379,22 @@ def train(cfg: TrainConfig) -> dict:
             last = {"split": "train", "step": step, "epoch": epoch, **{k: v / len(idx) for k, v in sums.items()},
                     "lr": lr, "grad_norm": grad_norm, "pairs_per_s": len(idx) / dt, "tokens_per_s": tokens / dt,
                     "elapsed_s": time.perf_counter() - t_start}
+            alerts = alarms.annotate(last)
             metrics.write(last)
             progress.update(step, summary_line(last, short=True),
                             f"{summary_line(last)} lr {lr:.2e} {last['pairs_per_s']:.1f} examples/s")
+            for a in alerts:
+                log(str(a))
             if t.evaluates and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-                last_eval = t.evaluate(step, metrics)
-            if cfg.save_every and step % cfg.save_every == 0:
+                last_eval = t.evaluate(step, metrics, alarms)
+            stopping = stop.requested(d)
+            if cfg.save_every and step % cfg.save_every == 0 or stopping:
                 save_checkpoint(t, step, epoch, optimizer, scheduler)
-    finally:
-        progress.close()
-        metrics.close()
+            if stopping:
+                raise Interrupted(f"interrupted at step {step}/{total_steps}; checkpoint saved in "
+                                  f"{run.path / 'checkpoints'}: resume with --resume")
     return finish(t, {"output_dir": str(run.path), "train": last, "eval": last_eval,
-                      "skipped_nonfinite_steps": driver.skipped})
+                      "skipped_nonfinite_steps": driver.skipped, "alerts": [a.to_dict() for a in alarms.raised]})
 
 
 def save_checkpoint(t: Trainer, step: int, epoch: int, optimizer, scheduler) -> None:

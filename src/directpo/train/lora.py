@@ -3,6 +3,7 @@ LoRA run holds one copy of the base weights, not two (torchtune's recipe)."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 
 def apply_lora(model, r: int, alpha: float, target_modules: str, dropout: float = 0.0):
@@ -24,12 +25,27 @@ def adapters_disabled(model):
     return model.disable_adapter() if is_lora(model) else contextlib.nullcontext()
 
 
+def record_base_path(model) -> None:
+    """Make the base model that `adapter_config.json` names loadable from any working directory: a
+    base given as an existing local directory (maybe relative) is recorded as its absolute path; a
+    hub id stays as given."""
+    for config in getattr(model, "peft_config", {}).values():
+        base = getattr(config, "base_model_name_or_path", None) or getattr(model.get_base_model(), "name_or_path", None)
+        if base and Path(base).is_dir():
+            config.base_model_name_or_path = str(Path(base).resolve())
+
+
 def save_policy(model, out, merge: bool = False, state_dict: dict | None = None):
-    """Adapters (adapter_model.safetensors + adapter_config.json), or with merge=True the merged
-    full model, loadable by AutoModelForCausalLM.from_pretrained. `state_dict`: gathered weights of
-    a sharded model."""
+    """Adapters (adapter_model.safetensors + adapter_config.json, naming the base model by its
+    absolute path when it is a local directory), or with merge=True the merged full model, loadable
+    by AutoModelForCausalLM.from_pretrained. `state_dict`: gathered weights of a sharded model.
+
+    Adapters load with `AutoPeftModelForCausalLM.from_pretrained(out)`, or
+    `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)`."""
     if is_lora(model) and merge:
         model = model.merge_and_unload()
+    elif is_lora(model):
+        record_base_path(model)
     if state_dict is not None:
         model.save_pretrained(out, state_dict=state_dict)
     else:

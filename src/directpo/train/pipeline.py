@@ -4,18 +4,27 @@ Stage 1, Preferred-FT: maximum likelihood on the chosen responses  -> OUTPUT/sft
 Stage 2, DPO from the SFT model, with the SFT model as πref          -> OUTPUT/dpo
 
 Each stage writes `run_complete.json` when it finishes; re-running the pipeline skips completed
-stages, so a killed pipeline continues from the stage it was in.
+stages, so a killed pipeline continues from the stage it was in. A finished stage is reused only
+when its recorded settings (`directpo_config.json`) are the ones it would now run with: another
+--model, --data, --lr, ... is refused (one line naming what differs), and `--overwrite` reruns
+every stage. A stage that runs makes every later stage run too (they start from its output).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from ..console import log
 from .config import TrainConfig
 from .loop import train
-from .run import COMPLETE_MARKER, is_complete
+from .run import COMPLETE_MARKER, CONFIG_FILE, is_complete
+
+# Settings a resumed run may change (`RESUMABLE_CHANGES`) but that change a finished run's result: a
+# run of other length, another evaluation set (the result holds its final evaluation).
+RESULT_SETTINGS = frozenset({"max_steps", "epochs", "eval_data"})
+# Settings the SFT stage does not read (its loss has no reference and no β).
+SFT_UNUSED = frozenset({"beta", "label_smoothing", "unlikelihood_weight", "precompute_ref"})
 
 
 def run_pipeline(cfg: TrainConfig, **sft_overrides) -> dict:
@@ -25,16 +34,47 @@ def run_pipeline(cfg: TrainConfig, **sft_overrides) -> dict:
                       **{k.removeprefix("sft_"): v for k, v in sft_overrides.items()})
     if sft_overrides.get("sft_epochs") is not None and "sft_max_steps" not in sft_overrides:
         sft_cfg = replace(sft_cfg, max_steps=None)
-    if is_complete(sft_dir):
-        log(f"pipeline: stage 1 (Preferred-FT) already complete in {sft_dir}")
-    else:
-        log(f"pipeline: stage 1 (Preferred-FT) -> {sft_dir}")
-        train(sft_cfg)
     dpo_cfg = replace(cfg, model=str(sft_dir), ref=str(sft_dir), output_dir=str(dpo_dir), overwrite=True)
-    if is_complete(dpo_dir):
-        log(f"pipeline: stage 2 (DPO) already complete in {dpo_dir}")
-    else:
-        log(f"pipeline: stage 2 ({cfg.loss}, πref = the SFT model) -> {dpo_dir}")
-        train(dpo_cfg)
+    stages = [("stage 1 (Preferred-FT)", sft_dir, sft_cfg, SFT_UNUSED),
+              ("stage 2 (DPO)", dpo_dir, dpo_cfg, frozenset())]
+    running = cfg.overwrite  # --overwrite: every stage runs again
+    for i, (name, path, stage_cfg, unused) in enumerate(stages):
+        if not running and is_complete(path):
+            differences = changed_settings(path, stage_cfg, unused)
+            if not differences:
+                log(f"pipeline: {name} already complete in {path}")
+                continue
+            raise ValueError(f"{name} in {path} finished with other settings ({'; '.join(differences)}); "
+                             "pass another --output-dir, or --overwrite to rerun the pipeline")
+        running = True
+        for _, later, _, _ in stages[i:]:  # their results are stale from here on, even if this run is killed
+            (later / COMPLETE_MARKER).unlink(missing_ok=True)
+        log(f"pipeline: {name} -> {path}" if i == 0 else
+            f"pipeline: stage 2 ({cfg.loss}, πref = the SFT model) -> {path}")
+        train(stage_cfg)
     return {"sft": json.loads((sft_dir / COMPLETE_MARKER).read_text()),
             "dpo": json.loads((dpo_dir / COMPLETE_MARKER).read_text())}
+
+
+def changed_settings(stage_dir: Path, cfg: TrainConfig, unused: frozenset = frozenset()) -> list[str]:
+    """'name: recorded -> now' for every setting that changes the result of the finished run in
+    `stage_dir` and differs from `cfg` (a missing record: everything differs)."""
+    record = stage_dir / CONFIG_FILE
+    if not record.exists():
+        return [f"no {CONFIG_FILE} records them"]
+    saved = json.loads(record.read_text())
+    ignored = (cfg.RESUMABLE_CHANGES - RESULT_SETTINGS) | unused
+    defaults = {f.name: f.default for f in fields(cfg)}
+    now = asdict(cfg)
+    # A setting newer than the record: the run that wrote it behaved as the setting's default.
+    return [f"{k}: {saved.get(k, defaults[k])!r} -> {v!r}" for k, v in now.items()
+            if k not in ignored and not _same(saved.get(k, defaults[k]), v)]
+
+
+def _same(saved, now) -> bool:
+    """Equal as recorded in JSON; two paths are the same when both name the same existing file."""
+    if saved == json.loads(json.dumps(now)):
+        return True
+    if isinstance(saved, str) and isinstance(now, str) and Path(saved).exists() and Path(now).exists():
+        return Path(saved).resolve() == Path(now).resolve()
+    return False

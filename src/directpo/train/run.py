@@ -16,6 +16,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import signal
+import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -24,7 +27,9 @@ import torch
 
 from .. import __version__
 from ..console import log
+from .card import invoked_command_line, push_to_hub, recorded_alerts, write_model_card
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .loggers import make_logger
 
 COMPLETE_MARKER = "run_complete.json"
 CONFIG_FILE = "directpo_config.json"
@@ -39,6 +44,52 @@ def is_complete(output_dir: str | Path) -> bool:
 class NonFiniteError(RuntimeError):
     """A NaN/inf loss or gradient: the step was not applied."""
 
+    user_error = True  # the CLI prints the message, no traceback
+
+
+class DivergenceError(RuntimeError):
+    """The loss or gradient norm exploded: the step was not applied."""
+
+    user_error = True
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C (or SIGTERM) stopped the run after a checkpoint."""
+
+    user_error = True
+    exit_code = 130
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM during training: the first finishes the current step, after which the
+    trainer saves a checkpoint and stops (`Interrupted`); a second stops at once. Under torchrun the
+    request is agreed over all processes, so they stop at the same step."""
+
+    def __init__(self):
+        self.flag, self.saved = False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.flag:  # the second one: stop now
+            raise KeyboardInterrupt
+        self.flag = True
+        log("stopping after this step (a checkpoint will be saved; press Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc):
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        return False
+
+    def requested(self, dist=None) -> bool:
+        if dist is not None and dist.enabled:
+            return dist.sum_stats({"stop": float(self.flag)})["stop"] > 0
+        return self.flag
+
 
 def setup_torch(threads: int, seed: int) -> None:
     """Thread count and the global seed, the first thing every trainer does."""
@@ -50,8 +101,8 @@ def setup_torch(threads: int, seed: int) -> None:
 class MetricsLog:
     """metrics.jsonl, one JSON object a line, flushed as written (rank 0 writes; others no-op)."""
 
-    def __init__(self, path: Path | None, start_step: int = 0):
-        self.file = None
+    def __init__(self, path: Path | None, start_step: int = 0, logger=None):
+        self.file, self.logger = None, logger
         if path is None:
             return
         if start_step and path.exists():  # resuming: drop the lines of steps after the checkpoint (redone)
@@ -65,10 +116,21 @@ class MetricsLog:
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        if self.logger is not None:  # --report-to: the same record to TensorBoard / W&B
+            self.logger.log(record, record["step"], record.get("split", "train"))
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+        if self.logger is not None:
+            self.logger.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
 class RunDir:
@@ -76,6 +138,8 @@ class RunDir:
 
     def __init__(self, path: str | Path, main: bool = True):
         self.path, self.main = Path(path), main
+        self.settings: dict = {}
+        self.data_summary: str | None = None  # a paragraph on the training data, for the model card
 
     def prepare(self, overwrite: bool, resume: str | None) -> None:
         """Refuse to clobber another run; make sure the directory can be written."""
@@ -91,12 +155,19 @@ class RunDir:
             probe.unlink()
         except OSError as e:
             raise PermissionError(f"cannot write to output directory {self.path}: {e.strerror or e}") from None
+        if overwrite:  # the run starts again: until it finishes it is not complete
+            (self.path / COMPLETE_MARKER).unlink(missing_ok=True)
+        # A process killed while writing a checkpoint leaves its temporary directory: never a
+        # checkpoint (those are renamed into place whole), so it can go.
+        for tmp in (self.path / "checkpoints").glob(".tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def record_config(self, command: str, cfg, **extra) -> dict:
         """directpo_config.json: the version, the command, every setting, and what the run derived."""
         settings = {"directpo_version": __version__, "command": command, **asdict(cfg), **extra}
         if self.main:
             (self.path / CONFIG_FILE).write_text(json.dumps(settings, indent=2))
+        self.settings = settings
         return settings
 
     def resume_point(self, cfg) -> Path | None:
@@ -106,6 +177,11 @@ class RunDir:
             return None
         path = latest_checkpoint(self.path) if cfg.resume == "latest" else Path(cfg.resume)
         if path is None:
+            if (self.path / METRICS_FILE).exists():  # a run is there: starting over would replace it
+                what = "a finished run" if is_complete(self.path) else "a run"
+                raise FileNotFoundError(f"--resume: no checkpoint to resume in {self.path} (it holds {what} without "
+                                        "checkpoints; --save-every N writes them): pass --overwrite to start it "
+                                        "again")
             log(f"--resume: no checkpoint in {self.path / 'checkpoints'}; starting from step 0")
             return None
         if not (path / "state.json").exists():
@@ -120,7 +196,9 @@ class RunDir:
         return path
 
     def metrics(self, start_step: int) -> MetricsLog:
-        return MetricsLog(self.path / METRICS_FILE if self.main else None, start_step)
+        logger = make_logger(self.settings.get("report_to", "none"), self.path, self.settings, start_step) \
+            if self.main else None
+        return MetricsLog(self.path / METRICS_FILE if self.main else None, start_step, logger)
 
     def save_checkpoint(self, step: int, epoch: int, model, optimizer, scheduler, cfg, **kw) -> Path | None:
         if self.main:
@@ -128,10 +206,19 @@ class RunDir:
                                    **kw)
         return None
 
-    def complete(self, result: dict) -> None:
-        """The completion marker, written last: a run without it did not finish."""
-        if self.main:
-            (self.path / COMPLETE_MARKER).write_text(json.dumps(result))
+    def complete(self, result: dict, data_summary: str | None = None, alerts: list[dict] | None = None) -> None:
+        """The model card, then the completion marker, written last: a run without it did not
+        finish. Then, with --push-to-hub, the upload (a failed one leaves the run complete)."""
+        if not self.main:
+            return
+        settings = json.loads((self.path / CONFIG_FILE).read_text())  # as recorded (rm adds its offset)
+        alerts = alerts if alerts is not None else recorded_alerts(self.path)  # resumed runs included
+        write_model_card(self.path, settings, result, invoked_command_line(), data_summary or self.data_summary,
+                         alerts)
+        (self.path / COMPLETE_MARKER).write_text(json.dumps(result))
+        if settings.get("push_to_hub"):
+            url = push_to_hub(self.path, settings["push_to_hub"], private=settings.get("hub_private", False))
+            log(f"uploaded {self.path} to {url}")
 
 
 def resume(run: RunDir, cfg, model, optimizer, scheduler, **kw) -> tuple[int, dict]:
@@ -141,6 +228,8 @@ def resume(run: RunDir, cfg, model, optimizer, scheduler, **kw) -> tuple[int, di
     if path is None:
         return 0, {}
     state = load_checkpoint(path, model, optimizer, scheduler, **kw)
+    if run.main:  # the run goes on: until it finishes again it is not complete
+        (run.path / COMPLETE_MARKER).unlink(missing_ok=True)
     log(f"resumed from {path} at step {state['step']}")
     return state["step"], state
 
@@ -156,10 +245,12 @@ class StepDriver:
     """
 
     def __init__(self, params, optimizer, scheduler, max_grad_norm: float, dist=None, sharded: bool = False,
-                 skip_nonfinite: bool = False):
+                 skip_nonfinite: bool = False, divergence_factor: float = 0.0, hint: str = ""):
         self.params = [p for p in params if p.requires_grad]
         self.optimizer, self.scheduler, self.max_grad_norm = optimizer, scheduler, max_grad_norm
         self.dist, self.sharded, self.skip_nonfinite = dist, sharded, skip_nonfinite
+        self.divergence_factor, self.hint = divergence_factor, hint
+        self.first: tuple[float, float] | None = None  # (|loss|, gradient norm) of the first applied step
         self.skipped = 0
 
     def accumulate(self, micro_batches, loss_of: Callable, batch_size: int) -> dict[str, float]:
@@ -187,10 +278,28 @@ class StepDriver:
         if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
             self._non_finite("loss" if not math.isfinite(loss) else "gradient norm", where())
             return sums, None, lr
+        self._check_divergence(abs(loss), float(grad_norm), where)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return sums, float(grad_norm), lr
+
+    def _check_divergence(self, loss: float, grad_norm: float, where: Callable[[], str]) -> None:
+        """Stop before applying an update whose loss or gradient norm is `divergence_factor` times
+        its first step's (each floored at 1): the run has diverged, and every further step would
+        only make the weights worse."""
+        if not self.divergence_factor:
+            return
+        if self.first is None:
+            self.first = (loss, grad_norm)
+            return
+        for name, now, first in (("loss", loss, self.first[0]), ("gradient norm", grad_norm, self.first[1])):
+            if now > self.divergence_factor * max(first, 1.0):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise DivergenceError(
+                    f"training diverged {where()}: {name} {now:.3g}, {now / max(first, 1e-12):.3g}× its first "
+                    f"step's ({first:.3g}); stopped before applying this update (earlier checkpoints are intact, no "
+                    f"final model saved). {self.hint or 'Lower the learning rate'}, or raise --divergence-factor")
 
     def _non_finite(self, what: str, where: str) -> None:
         # Never let NaN/inf into the weights: stop (the last checkpoint stays as it was) or skip.
@@ -224,3 +333,10 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

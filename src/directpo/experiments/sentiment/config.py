@@ -39,7 +39,7 @@ class SentimentConfig:
                           choices=list(PRESETS))
     corpus: str | None = setting(None, "review text: a .txt file (one text per line; SST's datasetSentences.txt is "
                                        "recognised), .jsonl/.json/.parquet, or a `datasets` name (default: the SST "
-                                       "sentences shipped next to this checkout, else stanfordnlp/imdb)")
+                                       "sentences shipped next to this checkout; not found: an error asking for --corpus)")
     corpus_field: str = setting("text", "field of a .jsonl/.parquet/`datasets` corpus holding the review text")
     max_corpus: int = setting(0, "use at most this many texts of the corpus (0: all)")
     base_model: str | None = setting(None, "a ready πSFT (hub id or directory): skips pretraining")

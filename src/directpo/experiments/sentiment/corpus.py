@@ -9,7 +9,6 @@ from pathlib import Path
 SST_REPLACEMENTS = {"-LRB-": "(", "-RRB-": ")", "\\/": "/", "``": '"', "''": '"'}
 SST_HEADER = "sentence_index\tsentence"
 SST_RELATIVE_PATH = Path("shared") / "data" / "sst" / "datasetSentences.txt"
-FALLBACK_CORPUS = "stanfordnlp/imdb"
 
 
 def clean_text(text: str) -> str:
@@ -28,14 +27,21 @@ def clean_text(text: str) -> str:
 
 
 def default_corpus() -> str:
-    """The SST sentences shipped next to this checkout (looked for from the working directory up, then
-    from this file up), else IMDb from the hub."""
+    """The SST sentences shipped next to this checkout: `shared/data/sst/datasetSentences.txt` in the
+    working directory or a directory above it, else in a directory above this package. Not found:
+    a `ConfigError` naming `--corpus` and where it looked (never a silent download from the hub;
+    the `paper` preset names its corpus, `stanfordnlp/imdb`, explicitly)."""
+    from ...config import ConfigError
+
     here = Path(__file__).resolve()
     for base in dict.fromkeys((Path.cwd(), *Path.cwd().parents, *here.parents)):
         candidate = base / SST_RELATIVE_PATH
         if candidate.exists():
             return str(candidate)
-    return FALLBACK_CORPUS
+    raise ConfigError(f"no corpus: --corpus is not given and SST's sentences ({SST_RELATIVE_PATH}) are not in the "
+                      f"working directory {Path.cwd()} or any directory above it, nor above {here.parent}; pass "
+                      "--corpus: a text file (SST's datasetSentences.txt), .jsonl/.parquet, or a `datasets` name "
+                      "(e.g. stanfordnlp/imdb, downloaded from the hub)")
 
 
 def read_corpus(spec: str, field: str = "text") -> list[str]:

@@ -1,0 +1,228 @@
+"""Read preference data exactly as `train` does and measure it: `inspect_data`.
+
+The rows go through the loaders `train` uses (`load_examples`, then `tokenize_examples` with the
+same tokenizer, chat template, `max_length` and `max_prompt_length`), so what is reported is what
+a run would see. Invalid rows are always collected (read with on_invalid='skip'): with
+`on_invalid='error'` the report says where `train` would stop, and still measures the rest.
+
+Two views of each kept example:
+* as trained: the ids `tokenize_examples` returned, truncated at the limits (truncation, special
+  tokens, rendered examples, the reference's log-probs);
+* untruncated: the same example tokenized without limits (`tokenize_example(ex, tok)`; only the
+  examples the limits cut are tokenized again) for what the data itself holds: length bias,
+  duplicates, the length histograms.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import asdict
+
+from ..data import (DataError, SkipReport, TokenizedExample, TokenizeStats, load_examples, make_collate,
+                    tokenize_example, tokenize_examples)
+from ..data.checks import red_flags, summarize, summary_paragraph
+from ..data.formats import read_records
+
+SHAPES = ("explicit", "hh", "conversational", "ranked", "completion", "other", "unreadable")
+SHAPE_NAMES = {"explicit": "explicit text pairs {prompt, chosen, rejected}",
+               "hh": "HH-RLHF transcripts {chosen, rejected}",
+               "conversational": "conversational (chat messages)",
+               "ranked": "ranked responses {prompt, responses, ranking|scores}",
+               "completion": "prompt/completion (SFT only: one response)",
+               "other": "no chosen/rejected/responses field",
+               "unreadable": "not a JSON object (or not UTF-8)"}
+BOUNDARY = "⟦|⟧"
+SHOW_CHARS = 400  # of each side of a rendered example
+
+
+def row_shape(rec: dict) -> str:
+    """Which of the accepted row shapes (`directpo.data.formats`) a record has, by its fields."""
+    rec = {k: v for k, v in rec.items() if v is not None}
+    if "responses" in rec:
+        return "ranked"
+    if "completion" in rec and "chosen" not in rec:
+        return "completion"
+    if "chosen" not in rec and "rejected" not in rec:
+        return "other"
+    if any(isinstance(rec.get(k), list) for k in ("prompt", "chosen", "rejected")):
+        return "conversational"
+    return "explicit" if "prompt" in rec else "hh"
+
+
+def read_shapes(data: str, split: str | None = None) -> dict[int, str]:
+    """{row: shape} of every row of `data` (unreadable rows too)."""
+    return {row: "unreadable" if isinstance(rec, DataError) else row_shape(rec)
+            for row, rec in read_records(data, split)}
+
+
+def _quantiles(values: list[int]) -> dict:
+    if not values:
+        return {}
+    s = sorted(values)
+    pick = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731
+    return {"min": s[0], "median": statistics.median(s), "mean": statistics.fmean(s), "p90": pick(0.9),
+            "p99": pick(0.99), "max": s[-1]}
+
+
+def untruncated(examples, tokenized: list[TokenizedExample], tokenizer) -> list[TokenizedExample]:
+    """`tokenized` with each example the limits cut replaced by its tokenization without limits."""
+    by_row = {ex.row: ex for ex in examples}
+    return [tokenize_example(by_row[t.row], tokenizer) if t.prompt_truncated or t.responses_truncated else t
+            for t in tokenized]
+
+
+def render_example(t: TokenizedExample, tokenizer, chars: int = SHOW_CHARS) -> dict:
+    """The prompt and chosen/rejected responses as the model reads them (special tokens shown), the
+    boundary marked with ⟦|⟧; long prompts keep their end, long responses their start."""
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False,  # noqa: E731
+                                          clean_up_tokenization_spaces=False)
+    prompt = decode(t.prompt_ids)
+    if len(prompt) > chars:
+        prompt = "…" + prompt[-chars:]
+    sides = []
+    for ids in (t.response_ids[0], t.response_ids[-1]):
+        text = decode(ids)
+        sides.append(text if len(text) <= chars else text[:chars] + "…")
+    out = {"row": t.row, "prompt_tokens": len(t.prompt_ids), "chosen": prompt + BOUNDARY + sides[0]}
+    if len(t.response_ids) > 1:
+        out["rejected"] = prompt + BOUNDARY + sides[1]
+    return out
+
+
+def _by_shape(shapes: dict[int, str], tokenized: list[TokenizedExample]) -> dict:
+    read = Counter(shapes.values())
+    kept = Counter(shapes.get(t.row, "other") for t in tokenized)
+    return {s: {"rows": read[s], "kept": kept[s], "what": SHAPE_NAMES[s]} for s in SHAPES if read[s] or kept[s]}
+
+
+def _invalid(report: SkipReport, on_invalid: str) -> dict:
+    out = {"total": report.total, "by_kind": dict(sorted(report.counts.items())), "examples": dict(report.first)}
+    if on_invalid == "error" and report.total:
+        out["train_stops_at"] = next(iter(report.first.values()))  # the first error met, in file order
+    return out
+
+
+def _lengths(full: list[TokenizedExample], trained: list[TokenizedExample]) -> dict:
+    pairs = [t for t in full if len(t.response_ids) >= 2]
+    out = {"untruncated": {"prompt": _quantiles([len(t.prompt_ids) for t in full]),
+                           "chosen": _quantiles([len(t.response_ids[0]) for t in pairs]),
+                           "rejected": _quantiles([len(t.response_ids[-1]) for t in pairs]),
+                           "total": _quantiles([len(t.prompt_ids) + max(map(len, t.response_ids)) for t in full])},
+           "as_trained": {"prompt": _quantiles([len(t.prompt_ids) for t in trained]),
+                          "total": _quantiles([len(t.prompt_ids) + max(map(len, t.response_ids)) for t in trained])}}
+    return out
+
+
+def _per_pair(full, trained, ref_lp) -> list[dict]:
+    rows = []
+    for i, (f, t) in enumerate(zip(full, trained)):
+        row = {"row": t.row, "prompt_tokens": len(f.prompt_ids), "chosen_tokens": len(f.response_ids[0]),
+               "rejected_tokens": len(f.response_ids[-1]), "prompt_cut": t.prompt_truncated,
+               "responses_cut": t.responses_truncated}
+        if ref_lp is not None:
+            k = sum(1 for x in ref_lp[i].tolist() if x == x) - 1  # the last (worst) scored response
+            row.update(ref_chosen_logp=ref_lp[i, 0].item(), ref_rejected_logp=ref_lp[i, k].item())
+        rows.append(row)
+    return rows
+
+
+TINY_HIDDEN = 256  # on CPU, models this narrow run fastest on one thread (more only add synchronization)
+
+
+def reference_logps(model: str, tokenizer, tokenized: list[TokenizedExample], batch_size: int = 8,
+                    device: str | None = None, precision: str = "fp32", progress: bool = True,
+                    threads: int = 0):
+    """(len(tokenized), K) summed response log-probs under `model`, as `directpo score` computes them.
+
+    `threads`: CPU threads for torch while scoring (0: one for a tiny model on CPU, else torch's
+    default); the previous setting is restored after."""
+    import torch
+
+    from ..logprobs import dataset_logps, packed_row_tokens
+    from ..models import check_vocab, load_model, pick_device
+
+    dev = pick_device(device)
+    ref = load_model(model, dev)
+    check_vocab(tokenizer, ref, model)
+    collate = make_collate("packed", tokenizer.pad_token_id, packed_row_tokens(None, ref))
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    if not threads and dev.type == "cpu" and getattr(ref.config, "hidden_size", TINY_HIDDEN + 1) <= TINY_HIDDEN:
+        threads = 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        return dataset_logps(ref, tokenized, collate, batch_size, dev, dtype,
+                             progress="reference" if progress else None)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _reference_summary(model: str, tokenized, lp) -> dict:
+    import torch
+
+    from ..metrics import last_valid
+
+    pairs = torch.tensor([len(t.response_ids) >= 2 for t in tokenized])
+    chosen, rejected = lp[pairs, 0], last_valid(lp[pairs])
+    margin = chosen - rejected
+    n = int(pairs.sum())
+    return {"model": model, "pairs": n, "accuracy": (margin > 0).float().mean().item() if n else None,
+            "mean_margin": margin.mean().item() if n else None,
+            "mean_chosen_logp": chosen.mean().item() if n else None,
+            "mean_rejected_logp": rejected.mean().item() if n else None}
+
+
+def inspect_data(data: str, tokenizer, model: str | None = None, max_length: int | None = 512,
+                 max_prompt_length: int | None = None, on_invalid: str = "error", split: str | None = None,
+                 batch_size: int = 8, device: str | None = None, precision: str = "fp32",
+                 progress: bool = True, threads: int = 0) -> dict:
+    """Everything `directpo inspect` reports, as one JSON-ready dict (plus "per_pair": a list of
+    one dict per kept example, for pairs.jsonl and the figures). `tokenizer`: a loaded tokenizer
+    (the model's); `model`: the reference, whose log-probs are added when given."""
+    if on_invalid not in ("error", "skip"):
+        raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
+    if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
+        raise ValueError("max_prompt_length must be smaller than max_length")
+    report, stats = SkipReport(), TokenizeStats()
+    examples = load_examples(data, on_invalid="skip", split=split, report=report)
+    tokenized = tokenize_examples(examples, tokenizer, max_length, max_prompt_length, "skip", report, stats)
+    full = untruncated(examples, tokenized, tokenizer)
+    shapes = read_shapes(data, split)
+    summary = summarize(tokenized, tokenizer, stats, report, full=full)
+    rendered = {}
+    for t in tokenized:
+        shape = shapes.get(t.row, "other")
+        if shape not in rendered:
+            rendered[shape] = render_example(t, tokenizer)
+    ins = {"data": data, "settings": {"max_length": max_length, "max_prompt_length": max_prompt_length,
+                                      "on_invalid": on_invalid, "data_split": split, "model": model,
+                                      "tokenizer": getattr(tokenizer, "name_or_path", None)},
+           "rows": {"read": len(shapes), "kept": len(tokenized), "by_shape": _by_shape(shapes, tokenized)},
+           "invalid": _invalid(report, on_invalid), "checks": summary, "tokenize_stats": asdict(stats),
+           "lengths": _lengths(full, tokenized), "examples": rendered}
+    ref_lp = None
+    if model is not None:
+        ref_lp = reference_logps(model, tokenizer, tokenized, batch_size, device, precision, progress, threads)
+        ins["reference"] = _reference_summary(model, tokenized, ref_lp)
+    ins["red_flags"] = _flags(ins)
+    ins["paragraph"] = summary_paragraph(summary, ins["red_flags"])
+    ins["per_pair"] = _per_pair(full, tokenized, ref_lp)
+    return ins
+
+
+def _flags(ins: dict) -> list[str]:
+    flags = []
+    stop = ins["invalid"].get("train_stops_at")
+    if stop:
+        flags.append(f"{ins['invalid']['total']} invalid rows: `train` (on_invalid=error) stops at the first: {stop}")
+    by_shape = ins["rows"]["by_shape"]
+    if by_shape.get("completion", {}).get("kept"):
+        flags.append(f"{by_shape['completion']['kept']} prompt/completion rows have one response: the preference "
+                     "losses refuse them (they are for `directpo sft`)")
+    if by_shape.get("ranked", {}).get("kept"):
+        flags.append(f"{by_shape['ranked']['kept']} ranked rows: pairwise losses need --ranking-to-pairs (or "
+                     "--loss plackett_luce); checks here compare their best and worst responses")
+    checks = ins["checks"]
+    if stop:  # not "left out": train stops (said above)
+        checks = {**checks, "skipped": {**checks["skipped"], "total": 0}}
+    return flags + red_flags(checks)
