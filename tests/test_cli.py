@@ -86,3 +86,20 @@ def test_train_on_real_hh_pairs_reaches_high_reward_accuracy(tiny_model, tmp_pat
     assert lines[-1]["loss"] < lines[0]["loss"]
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_real_hh_trains_with_the_default_lengths(tiny_model, tmp_path, capsys):
+    """No length flags: the multi-turn prompts longer than the default --max-length 512 are cut (to
+    half of it, latest turns kept) instead of stopping the run, and the log counts them."""
+    rows = hh_rows(300)
+    data = write_jsonl(rows, tmp_path / "hh.jsonl")
+    rc = main(["train", "--model", str(tiny_model), "--data", str(data), "--output-dir", str(tmp_path / "o"),
+               "--max-steps", "1", "--batch-size", "8", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0, err[-2000:]
+    import re
+
+    cut = int(re.search(r"(\d+) cut to half of max_length to fit", err).group(1))
+    assert cut > 0
+    done = json.loads((tmp_path / "o" / "directpo_config.json").read_text())
+    assert done["train_examples"] == len(rows) and done["max_prompt_length"] is None

@@ -81,3 +81,34 @@ def test_second_training_run_computes_no_reference_forward(tiny_model, tmp_path,
     la = [json.loads(x)["loss"] for x in open(tmp_path / "a" / "metrics.jsonl")]
     lb = [json.loads(x)["loss"] for x in open(tmp_path / "b" / "metrics.jsonl")]
     assert la == lb
+
+
+def test_an_edited_cache_file_is_recomputed_with_a_warning(setup, tiny_tokenizer, tmp_path):
+    """A table whose numbers were changed on disk (by hand, a bad copy, a disk error) fails its
+    checksum: it is recomputed, not trusted (the issue's edited file gave a step-1 loss of 5.0)."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    model, examples, compute, calls = setup
+    tok = tokenize_examples(examples, tiny_tokenizer, max_length=64)
+    msgs = []
+    t1, _ = reference_logps(model, tok, compute, cache_dir=tmp_path, log=msgs.append)
+    (path,) = tmp_path.glob("*.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    edited = load_file(str(path))["logps"].clone()
+    edited[0, 0] += 5.0
+    save_file({"logps": edited}, str(path), metadata=meta)  # same key and checksum in the header
+    t2, hit = reference_logps(model, tok, compute, cache_dir=tmp_path, log=msgs.append)
+    assert not hit and len(calls) == 2 and torch.equal(t1, t2)
+    assert any("does not match its checksum" in m and str(path) in m for m in msgs)
+    # the recomputed table replaced the edited one: the next run is a clean hit
+    t3, hit = reference_logps(model, tok, compute, cache_dir=tmp_path, log=msgs.append)
+    assert hit and torch.equal(t3, t1) and len(calls) == 2
+    # a file copied under another key's name is not trusted either (its header names its own key)
+    from directpo.reference import cache_key
+
+    other = tmp_path / f"{cache_key(model_fingerprint(model), tok, 'bf16')}.safetensors"
+    other.write_bytes(path.read_bytes())
+    assert reference_logps(model, tok, compute, precision="bf16", cache_dir=tmp_path, log=msgs.append)[1] is False
+    assert len(calls) == 3

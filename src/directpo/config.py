@@ -186,7 +186,8 @@ def _groups(cls) -> list[tuple[str, list]]:
 def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
     """One flag per field of `cls` (and `--config FILE`), grouped by topic in --help. Defaults are
     SUPPRESSed, so the parsed namespace holds exactly what the user typed."""
-    parser.add_argument("--config", help="YAML file of settings (keys as the flags, dashes or underscores)")
+    parser.add_argument("--config", default=argparse.SUPPRESS,
+                        help="YAML file of settings (keys as the flags, dashes or underscores)")
     for title, group_fields in _groups(cls):
         group = parser.add_argument_group(title)
         for f in group_fields:
@@ -198,8 +199,9 @@ def _add_flag(group, f) -> None:
     meta, flag = f.metadata, flag_name(f.name)
     default = None if f.default is MISSING else f.default
     bounds = allowed_range(meta)
-    help_ = meta.get("help", "") + (f"; {bounds}" if bounds else "") + \
-        ("" if meta.get("required") else f" (default: {default})")
+    text = meta.get("help", "")
+    shown = meta.get("required") or "(default:" in text  # the help says its default itself
+    help_ = text + (f"; {bounds}" if bounds else "") + ("" if shown else f" (default: {default})")
     if _base_type(f.type)[0] == "bool":
         group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_, default=argparse.SUPPRESS)
         return

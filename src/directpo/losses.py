@@ -16,11 +16,19 @@ Exactly what some of the registry's losses compute (h = the log-ratio difference
                     (log πref(y|x) = −|y|·log V): that one cancels only when |yw| = |yl|.
     unlikelihood    −log πθ(yw|x)/|yw| + α·(1/|yl|)·Σ_t −log(1 − πθ(yl_t|x, yl_<t)): both terms are
                     per-token means (of the chosen response's NLL, of the rejected tokens' penalty).
+    simpo, orpo     reference-free, on per-token mean log-probs; their rewards are β·log πθ(y|x)/|y|.
+    dpo_norm        DPO on per-token mean log-ratios (rewards per token too).
+    robust, apo_zero, apo_down, exo_pair, nca_pair
+                    functions of the summed log-ratios, each as its paper (cited in its docstring)
+                    states it; rewards β·[log πθ(y|x) − log πref(y|x)].
+    "a,b"           (get_loss) a weighted sum Σ w_i·L_i per example (`combine_losses`), each component's
+                    loss reported in `RankedLossOutput.components`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -151,6 +159,193 @@ def unlikelihood_terms(token_logps: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# The preference-optimization menu beyond the paper: each loss as its own paper states it.
+# h = [log πθ(yw|x) − log πref(yw|x)] − [log πθ(yl|x) − log πref(yl|x)] (summed log-probs) throughout.
+
+
+def _ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
+    """The log-ratios log πθ(y|x) − log πref(y|x) of the chosen and the rejected response."""
+    return policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
+
+
+def _with_rewards(losses: torch.Tensor, chosen_ratio: torch.Tensor, rejected_ratio: torch.Tensor,
+                  beta: float) -> LossOutput:
+    """`losses` with the implicit rewards β·(log πθ − log πref) of chosen and rejected (detached)."""
+    return LossOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
+
+
+def simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths: torch.Tensor,
+               rejected_lengths: torch.Tensor, beta: float = 2.0, gamma: float = 1.0, **_) -> LossOutput:
+    """SimPO (Meng, Xia, Chen 2024, "SimPO: Simple Preference Optimization with a Reference-Free
+    Reward"), per example, without a reference model:
+
+        r(x, y) = β·log πθ(y|x)/|y|            (the length-normalised, reference-free reward)
+        L       = −log σ( r(x, yw) − r(x, yl) − γ )
+
+    γ is the target reward margin. The paper trains with β = 2.0–2.5 (much larger than DPO's), and
+    its authors' repository recommends γ/β = 0.5 as the starting point (grid 0–1): the defaults
+    here, β = 2.0 and γ = 1.0, are that. The rewards reported are r(x, y).
+    """
+    chosen = beta * policy_chosen_logps / chosen_lengths.clamp(min=1)
+    rejected = beta * policy_rejected_logps / rejected_lengths.clamp(min=1)
+    return LossOutput(-F.logsigmoid(chosen - rejected - gamma), chosen.detach(), rejected.detach())
+
+
+# Largest mean token log-prob ORPO's odds are computed at: P(y|x) ≤ 1 − 1e-6 keeps log odds finite.
+ORPO_MAX_LOGP = -1e-6
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x < 0, accurate everywhere (Mächler 2012): log(−expm1(x)) near 0,
+    log1p(−exp(x)) below −log 2. Each branch is evaluated only on inputs it is exact for, so
+    neither puts an inf or NaN into the other's gradient."""
+    near = x > -math.log(2)
+    a = torch.log(-torch.expm1(torch.where(near, x, torch.full_like(x, -math.log(2)))))
+    b = torch.log1p(-torch.exp(torch.where(near, torch.full_like(x, -math.log(2)), x)))
+    return torch.where(near, a, b)
+
+
+def log_odds(mean_logps: torch.Tensor) -> torch.Tensor:
+    """ORPO's log odds log[P/(1 − P)] from log P (P = the per-token geometric-mean likelihood),
+    computed as log P − log(1 − P) with log(1 − P) = `log1mexp(log P)`. log P is capped at
+    `ORPO_MAX_LOGP` (P ≤ 1 − 10⁻⁶, log odds ≤ ≈13.8), where the true value diverges; above the cap
+    the value is the cap's and no gradient flows through it."""
+    logp = mean_logps.clamp(max=ORPO_MAX_LOGP)
+    return logp - log1mexp(logp)
+
+
+def orpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths: torch.Tensor,
+              rejected_lengths: torch.Tensor, beta: float = 0.1, orpo_lambda: float = 0.1, **_) -> LossOutput:
+    """ORPO (Hong, Lee, Thorne 2024, "ORPO: Monolithic Preference Optimization without Reference
+    Model"), per example, without a reference model:
+
+        log P(y|x) = log πθ(y|x)/|y|                      (mean token log-prob)
+        odds(y|x)  = P(y|x) / (1 − P(y|x))
+        L          = −log P(yw|x)  +  λ · −log σ( log odds(yw|x) − log odds(yl|x) )
+
+    The first term is the NLL of the chosen response per token (the SFT loss); λ = `orpo_lambda`
+    (the paper's 0.1). The log odds are computed stably (`log_odds`). β plays no part in the loss:
+    the rewards reported are β·log P(y|x), β times the mean token log-prob (as TRL's ORPO reports);
+    the log odds ratio is a monotone function of the same numbers, so the reward accuracy is the
+    one the odds ratio would give.
+    """
+    chosen = policy_chosen_logps / chosen_lengths.clamp(min=1)
+    rejected = policy_rejected_logps / rejected_lengths.clamp(min=1)
+    ratio_loss = -F.logsigmoid(log_odds(chosen) - log_odds(rejected))
+    return LossOutput(-chosen + orpo_lambda * ratio_loss, (beta * chosen).detach(), (beta * rejected).detach())
+
+
+def dpo_norm_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                  chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, beta: float = 0.1,
+                  label_smoothing: float = 0.0, **_) -> LossOutput:
+    """Length-normalised DPO (LN-DPO: Ahrabian et al. 2024, "A Practical Analysis of Human Alignment
+    with *PO"; the per-token normalisation is SimPO's, Meng et al. 2024, applied to DPO's implicit
+    reward): DPO, eq. 7, on per-token mean log-ratios,
+
+        −log σ( β·[log πθ(yw|x) − log πref(yw|x)]/|yw| − β·[log πθ(yl|x) − log πref(yl|x)]/|yl| )
+
+    `label_smoothing` ε > 0 makes it conservative, as for `dpo_loss`. The implicit rewards are per
+    token too: β·[log πθ(y|x) − log πref(y|x)]/|y|. For one-token responses it is exactly DPO.
+    """
+    nc, nr = chosen_lengths.clamp(min=1), rejected_lengths.clamp(min=1)
+    return dpo_loss(policy_chosen_logps / nc, policy_rejected_logps / nr, ref_chosen_logps / nc,
+                    ref_rejected_logps / nr, beta=beta, label_smoothing=label_smoothing)
+
+
+def robust_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    beta: float = 0.1, label_smoothing: float = 0.0, **_) -> LossOutput:
+    """Robust DPO (Chowdhury, Kini, Natarajan 2024, "Provably Robust DPO: Aligning Language Models
+    with Noisy Feedback"): with preference labels flipped at a known rate ε < 1/2
+    (`label_smoothing`), the unbiased estimate of the clean-label DPO loss,
+
+        [ (1 − ε)·(−log σ(βh)) − ε·(−log σ(−βh)) ] / (1 − 2ε)
+
+    Unlike conservative DPO (−(1−ε)·log σ(βh) − ε·log σ(−βh)) the flipped term enters with a minus
+    sign: the loss is unbiased but not bounded below (it falls without limit as βh → ∞ when ε > 0).
+    ε = 0 is DPO.
+    """
+    eps = label_smoothing
+    if not 0 <= eps < 0.5:
+        raise ValueError(f"robust DPO needs a flip rate 0 ≤ ε < 0.5 (label_smoothing), got {eps}")
+    cr, rr = _ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    z = beta * (cr - rr)
+    losses = ((1 - eps) * -F.logsigmoid(z) - eps * -F.logsigmoid(-z)) / (1 - 2 * eps)
+    return _with_rewards(losses, cr, rr, beta)
+
+
+def apo_zero_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                  beta: float = 0.1, **_) -> LossOutput:
+    """APO-zero (D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive
+    Revisions: Addressing Underspecification in Alignment", eq. 7), with r(y) = β·log πθ(y|x)/πref(y|x):
+
+        1 − σ(r(yw)) + σ(r(yl))
+
+    pushes the chosen likelihood up and the rejected one down, each anchored at the reference (the
+    paper's −σ(r(yw)) + σ(r(yl)) plus 1, TRL's form: same gradient, loss in [0, 2], 1 at πθ = πref).
+    For when the chosen responses are better than what the model produces now.
+    """
+    cr, rr = _ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return _with_rewards(1 - torch.sigmoid(beta * cr) + torch.sigmoid(beta * rr), cr, rr, beta)
+
+
+def apo_down_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                  beta: float = 0.1, **_) -> LossOutput:
+    """APO-down (D'Oosterlinck et al. 2024, "Anchored Preference Optimization", eq. 8), with
+    r(y) = β·log πθ(y|x)/πref(y|x):
+
+        σ(r(yw)) + 1 − σ(r(yw) − r(yl))
+
+    pushes both likelihoods down, the rejected one more (the paper's σ(r(yw)) − σ(r(yw) − r(yl)) plus
+    1, TRL's form: same gradient, loss in [0, 2], 1 at πθ = πref). For when even the chosen responses
+    are worse than what the model produces now.
+    """
+    cr, rr = _ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return _with_rewards(torch.sigmoid(beta * cr) + 1 - torch.sigmoid(beta * (cr - rr)), cr, rr, beta)
+
+
+EXO_DEFAULT_EPSILON = 1e-3  # TRL's, used when label_smoothing is 0 (ε = 0 would make the loss infinite)
+
+
+def exo_pair_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                  beta: float = 0.1, label_smoothing: float = 0.0, **_) -> LossOutput:
+    """EXO on preference pairs (Ji et al. 2024, "Towards Efficient Exact Optimization of Language
+    Model Alignment"; the pairwise form, TRL's `exo_pair`, which cites its eq. 16), per example: the
+    *reverse* KL from the model's distribution over the pair, pθ = (σ(βh), σ(−βh)), to the label
+    distribution with smoothing ε, (1 − ε, ε):
+
+        KL(pθ ‖ p_label) = σ(βh)·[log σ(βh) − log(1 − ε)] + σ(−βh)·[log σ(−βh) − log ε]
+
+    (DPO minimises the forward KL(p_label ‖ pθ) = cross-entropy up to a constant; reverse KL is
+    mode-seeking). ε = `label_smoothing`, or 1e-3 (TRL's default) when that is 0; 0 < ε < 1.
+    The minimum, 0, is at σ(βh) = 1 − ε.
+    """
+    eps = label_smoothing or EXO_DEFAULT_EPSILON
+    if not 0 < eps < 1:
+        raise ValueError(f"EXO needs a label smoothing 0 < ε < 1, got {eps}")
+    cr, rr = _ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    z = beta * (cr - rr)
+    losses = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log(1 - eps))
+              + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+    return _with_rewards(losses, cr, rr, beta)
+
+
+def nca_pair_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                  beta: float = 0.1, **_) -> LossOutput:
+    """NCA on preference pairs (Chen et al. 2024, "Noise Contrastive Alignment of Language Models
+    with Explicit Rewards"; the form for preference pairs, TRL's `nca_pair`), with r(y) = β·log πθ(y|x)/πref(y|x):
+
+        −log σ(r(yw)) − ½·log σ(−r(yw)) − ½·log σ(−r(yl))
+
+    Each response's own reward is trained, not only the margin, so the chosen likelihood is not
+    pushed down with the rejected one (DPO's known failure).
+    """
+    cr, rr = _ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    rw, rl = beta * cr, beta * rr
+    losses = -F.logsigmoid(rw) - 0.5 * F.logsigmoid(-rw) - 0.5 * F.logsigmoid(-rl)
+    return _with_rewards(losses, cr, rr, beta)
+
+
+# ----------------------------------------------------------------------------------------------
 # The registry: name -> LossSpec. The trainer looks losses up here and calls `spec.fn(inputs,
 # params)`; a new loss is one function and one entry, never a branch inside the training loop.
 
@@ -168,14 +363,18 @@ class LossInputs:
 @dataclass
 class LossParams:
     beta: float = 0.1
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # ε: dpo, cdpo, dpo_norm, reference_free (conservative); robust, exo_pair
     unlikelihood_weight: float = 1.0
+    simpo_gamma: float = 1.0  # SimPO's target reward margin γ (γ/β = 0.5 at the paper's β = 2.0)
+    orpo_lambda: float = 0.1  # ORPO's λ, the weight of the odds-ratio term (the paper's 0.1)
 
 
 @dataclass
 class RankedLossOutput:
     losses: torch.Tensor  # (B,)
     rewards: torch.Tensor | None  # (B, K) implicit rewards (None for losses without a reference)
+    # combined losses (`combine_losses`): each component's per-example loss, unweighted, detached
+    components: dict[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -208,6 +407,25 @@ def _reference_free(x: LossInputs, p: LossParams) -> RankedLossOutput:
     return RankedLossOutput(out.losses, torch.stack([out.chosen_rewards, out.rejected_rewards], 1))
 
 
+def _pair(out: LossOutput) -> RankedLossOutput:
+    return RankedLossOutput(out.losses, torch.stack([out.chosen_rewards, out.rejected_rewards], 1))
+
+
+def _simpo(x: LossInputs, p: LossParams) -> RankedLossOutput:
+    return _pair(simpo_loss(x.policy[:, 0], x.policy[:, 1], x.lengths[:, 0], x.lengths[:, 1], beta=p.beta,
+                            gamma=p.simpo_gamma))
+
+
+def _orpo(x: LossInputs, p: LossParams) -> RankedLossOutput:
+    return _pair(orpo_loss(x.policy[:, 0], x.policy[:, 1], x.lengths[:, 0], x.lengths[:, 1], beta=p.beta,
+                           orpo_lambda=p.orpo_lambda))
+
+
+def _dpo_norm(x: LossInputs, p: LossParams) -> RankedLossOutput:
+    return _pair(dpo_norm_loss(x.policy[:, 0], x.policy[:, 1], x.ref[:, 0], x.ref[:, 1], x.lengths[:, 0],
+                               x.lengths[:, 1], beta=p.beta, label_smoothing=p.label_smoothing))
+
+
 def _plackett_luce(x: LossInputs, p: LossParams) -> RankedLossOutput:
     return RankedLossOutput(*plackett_luce_loss(x.policy, x.ref, p.beta))
 
@@ -236,18 +454,105 @@ LOSSES: dict[str, LossSpec] = {
     "unlikelihood": LossSpec(_unlikelihood, needs_reference=False, needs_unlikelihood=True,
                              help="the paper's Unlikelihood baseline: per-token mean NLL(yw) + α·per-token mean "
                                   "−log(1 − p) over yl"),
+    "simpo": LossSpec(_simpo, needs_reference=False,
+                      help="SimPO (Meng et al. 2024): −log σ(β·log πθ(yw)/|yw| − β·log πθ(yl)/|yl| − γ), no "
+                           "reference; γ = simpo_gamma; use β ≈ 2 (the paper's 2.0–2.5), not DPO's 0.1"),
+    "orpo": LossSpec(_orpo, needs_reference=False,
+                     help="ORPO (Hong et al. 2024): per-token NLL(yw) + λ·−log σ(log odds(yw) − log odds(yl)), "
+                          "odds from per-token mean log-probs, no reference; λ = orpo_lambda; rewards β·mean "
+                          "log-prob"),
+    "dpo_norm": LossSpec(_dpo_norm, help="length-normalised DPO (LN-DPO, Ahrabian et al. 2024): DPO on per-token "
+                                         "mean log-ratios (label_smoothing > 0: conservative)"),
+    "robust": LossSpec(_pairwise(robust_dpo_loss),
+                       help="robust DPO (Chowdhury et al. 2024): unbiased DPO under labels flipped at rate "
+                            "ε = label_smoothing < 0.5; not bounded below"),
+    "apo_zero": LossSpec(_pairwise(apo_zero_loss),
+                         help="APO-zero (D'Oosterlinck et al. 2024): 1 − σ(r(yw)) + σ(r(yl)); chosen up, rejected "
+                              "down, each anchored at the reference (chosen better than the model's own outputs)"),
+    "apo_down": LossSpec(_pairwise(apo_down_loss),
+                         help="APO-down (D'Oosterlinck et al. 2024): σ(r(yw)) + 1 − σ(r(yw) − r(yl)); both down, "
+                              "rejected more (chosen worse than the model's own outputs)"),
+    "exo_pair": LossSpec(_pairwise(exo_pair_loss),
+                         help="EXO on pairs (Ji et al. 2024): reverse KL from (σ(βh), σ(−βh)) to the labels "
+                              "(1 − ε, ε), ε = label_smoothing (1e-3 when 0)"),
+    "nca_pair": LossSpec(_pairwise(nca_pair_loss),
+                         help="NCA on pairs (Chen et al. 2024): −log σ(r(yw)) − ½log σ(−r(yw)) − ½log σ(−r(yl)); "
+                              "keeps the chosen likelihood from falling"),
 }
 
 # The plain pairwise functions, for users who call them directly.
-PAIRWISE_LOSSES: dict[str, Callable[..., LossOutput]] = {"dpo": dpo_loss, "cdpo": cdpo_loss, "ipo": ipo_loss,
-                                                         "hinge": hinge_loss}
+PAIRWISE_LOSSES: dict[str, Callable[..., LossOutput]] = {
+    "dpo": dpo_loss, "cdpo": cdpo_loss, "ipo": ipo_loss, "hinge": hinge_loss, "robust": robust_dpo_loss,
+    "apo_zero": apo_zero_loss, "apo_down": apo_down_loss, "exo_pair": exo_pair_loss, "nca_pair": nca_pair_loss}
 
 
-def get_loss(name: str) -> LossSpec:
+def _registered(name: str) -> LossSpec:
     try:
         return LOSSES[name]
     except KeyError:
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}") from None
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}, or a comma list of them "
+                         "(a weighted sum)") from None
+
+
+def combine_losses(names: Sequence[str], weights: Sequence[float] | None = None) -> LossSpec:
+    """A weighted sum of registered losses as one LossSpec: per example Σ_i w_i·L_i (weights 1 when
+    None). Its output's `rewards` are those of the first component that has rewards, and its
+    `components` maps each name to that component's per-example loss, unweighted (detached, for
+    logging). It needs the reference if any component does (the others ignore it), takes pairs if
+    any component does, and needs the unlikelihood terms if any does. Every component sees the same
+    LossParams (one β, one label_smoothing). A component of weight 0 is computed and reported but
+    not added (so its inf or NaN cannot reach the sum).
+    """
+    names = [n.strip() for n in names]
+    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
+    if not names:
+        raise ValueError("a combined loss needs at least one loss")
+    if len(weights) != len(names):
+        raise ValueError(f"{len(names)} losses ({','.join(names)}) but {len(weights)} weights")
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise ValueError(f"loss {twice!r} appears twice in a combined loss: give it one weight instead")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or not any(weights):
+        raise ValueError(f"loss weights must be finite, ≥ 0 and not all 0, got {weights}")
+    specs = [_registered(n) for n in names]
+
+    def run(x: LossInputs, p: LossParams) -> RankedLossOutput:
+        total, rewards, components = None, None, {}
+        for name, w, spec in zip(names, weights, specs):
+            out = spec.fn(x, p)
+            components[name] = out.losses.detach()
+            if w:
+                total = w * out.losses if total is None else total + w * out.losses
+            if rewards is None and out.rewards is not None:
+                rewards = out.rewards
+        return RankedLossOutput(total, rewards, components)
+
+    return LossSpec(run, needs_reference=any(s.needs_reference for s in specs),
+                    pairwise=any(s.pairwise for s in specs),
+                    needs_unlikelihood=any(s.needs_unlikelihood for s in specs),
+                    help="weighted sum " + " + ".join(f"{w:g}·{n}" for n, w in zip(names, weights)))
+
+
+def parse_loss_weights(text: str) -> list[float] | None:
+    """"1,0.5" -> [1.0, 0.5]; "" -> None (weights 1 each)."""
+    if not text.strip():
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise ValueError(f"loss weights must be a comma list of numbers, got {text!r}") from None
+
+
+def get_loss(name: str, weights: Sequence[float] | str | None = None) -> LossSpec:
+    """The LossSpec of `name`: a registered loss ("dpo"), or a comma list of them ("dpo,sft"), which
+    is `combine_losses` of those losses with `weights` (numbers, or a comma string "1,0.5"), 1 each
+    when None or "". Weights given with a single name make a one-component sum (the loss scaled,
+    with its `components` reported)."""
+    if isinstance(weights, str):
+        weights = parse_loss_weights(weights)
+    if "," not in name and weights is None:
+        return _registered(name)
+    return combine_losses(name.split(","), weights)
 
 
 def get_pairwise_loss(name: str) -> Callable[..., LossOutput]:

@@ -11,7 +11,9 @@ that hashes everything the numbers depend on:
 
 A second run with the same inputs (or another epoch) reads the table and runs no reference
 forward; change any of the above and the key changes, so the table is recomputed. Files are
-written atomically (temporary file + rename): a killed run never leaves a half-written table.
+written atomically (temporary file + rename): a killed run never leaves a half-written table. Each
+file carries a checksum of its table and the key it was written under; a file whose numbers no
+longer match (edited, damaged, copied under another name) is recomputed, with a warning.
 """
 from __future__ import annotations
 
@@ -22,9 +24,9 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: tables carry a checksum
 
 
 def default_cache_dir() -> Path:
@@ -61,6 +63,27 @@ def cache_key(model_fp: str, examples, precision: str) -> str:
     return h.hexdigest()
 
 
+def table_checksum(table: torch.Tensor) -> str:
+    return hashlib.sha256(table.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def read_cached(path: Path, key: str, n: int, log) -> torch.Tensor | None:
+    """The cached table at `path` if it is whole and unchanged, else None (with a warning)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, table = f.metadata() or {}, f.get_tensor("logps")
+    except Exception as e:  # noqa: BLE001 - a damaged cache file is recomputed, not trusted
+        log(f"warning: reference log-probs: ignoring unreadable cache file {path} ({e}); recomputing")
+        return None
+    if meta.get("key") != key or meta.get("sha256") != table_checksum(table) or table.shape[0] != n:
+        log(f"warning: reference log-probs: cache file {path} does not match its checksum (edited or damaged); "
+            "recomputing")
+        return None
+    return table
+
+
 def reference_logps(ref_model, examples, compute, precision: str = "fp32", cache_dir: str | Path | None = None,
                     model_fp: str | None = None, log=None) -> tuple[torch.Tensor, bool]:
     """The (len(examples), K) reference table and whether it came from the cache.
@@ -74,18 +97,15 @@ def reference_logps(ref_model, examples, compute, precision: str = "fp32", cache
     key = cache_key(model_fp or model_fingerprint(ref_model), examples, precision)
     path = Path(cache_dir) / f"{key}.safetensors"
     if path.exists():
-        try:
-            table = load_file(str(path))["logps"]
-            if table.shape[0] == len(examples):
-                log(f"reference log-probs: cache hit {path}")
-                return table, True
-        except Exception as e:  # noqa: BLE001 - a damaged cache file is recomputed, not trusted
-            log(f"reference log-probs: ignoring unreadable cache file {path} ({e})")
-    table = compute(ref_model, examples)
+        table = read_cached(path, key, len(examples), log)
+        if table is not None:
+            log(f"reference log-probs: cache hit {path}")
+            return table, True
+    table = compute(ref_model, examples).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"logps": table.contiguous()}, str(tmp), metadata={"examples": str(len(examples)),
-                                                                  "precision": precision})
+    save_file({"logps": table}, str(tmp), metadata={"examples": str(len(examples)), "precision": precision,
+                                                    "key": key, "sha256": table_checksum(table)})
     os.replace(tmp, path)
     log(f"reference log-probs: computed and cached at {path}")
     return table, False

@@ -439,8 +439,7 @@ BAD_ROWS = {
     "no_responses_at_all": ({"prompt": "P", "answer": "a"}, "chosen", "missing"),
     "number_rejected": ({"prompt": "P", "chosen": "a", "rejected": 5}, "rejected", "type"),
     "number_prompt": ({"prompt": 5, "chosen": "a", "rejected": "b"}, "prompt", "type"),
-    "empty_chosen": ({"prompt": "P", "chosen": "", "rejected": "b"}, "chosen", "empty"),
-    "whitespace_rejected": ({"prompt": "P", "chosen": "a", "rejected": " \n\t "}, "rejected", "empty"),
+    "both_empty": ({"prompt": "P", "chosen": "", "rejected": ""}, "rejected", "identical"),
     "identical": ({"prompt": "P", "chosen": "same", "rejected": "same"}, "rejected", "identical"),
     "hh_no_shared_marker": ({"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"},
                             "prompt", "missing"),
@@ -471,7 +470,7 @@ def test_bad_row_in_jsonl(tmp_path, case):
     assert err.kind == kind
 
 
-@pytest.mark.parametrize("case", ["number_rejected", "empty_chosen", "identical", "tied_scores"])
+@pytest.mark.parametrize("case", ["number_rejected", "both_empty", "identical", "tied_scores"])
 def test_bad_row_in_json_and_parquet(tmp_path, case):
     rec, field, kind = BAD_ROWS[case]
     rows = [dict(r) for r in ([ROWS[0]] if "responses" not in rec else
@@ -489,18 +488,23 @@ def test_bad_row_in_json_and_parquet(tmp_path, case):
         assert ei.value.kind == kind
 
 
-def test_empty_ranked_response_names_original_index():
-    with pytest.raises(DataError) as ei:
-        parse_row({"prompt": "P", "responses": ["good", "  ", "bad"], "scores": [3, 1, 2]}, "f.jsonl", 0)
-    assert ei.value.kind == "empty"
-    assert ei.value.field == "responses[1]"  # the whitespace response is at index 1 of the row
+def test_empty_responses_are_responses():
+    """An empty (or blank) response is kept: it trains the end of turn alone. HH has such rows, where
+    saying nothing was the preferred answer."""
+    ex = parse_row({"prompt": "P", "chosen": "", "rejected": "b"}, "f.jsonl", 0)
+    assert ex.responses == ["", "b"]
+    ex = parse_row({"prompt": "P", "responses": ["good", "  ", "bad"], "scores": [3, 1, 2]}, "f.jsonl", 0)
+    assert ex.responses == ["good", "bad", "  "]
+    assert parse_row({"prompt": "P", "completion": ""}, "f.jsonl", 0).responses == [""]
 
 
-def test_empty_ranked_response_without_reordering():
-    with pytest.raises(DataError) as ei:
-        parse_row({"prompt": "P", "responses": ["good", "  ", "bad"]}, "f.jsonl", 0)
-    _assert_names(ei.value, "f.jsonl", 0, "responses[1]")
-    assert ei.value.kind == "empty"
+def test_empty_response_tokenizes_to_the_end_of_turn(tiny_tokenizer):
+    from directpo.data import Example, tokenize_example
+
+    t = tokenize_example(Example("Human: where does she live?\n\nAssistant:", ["", " I won't say."], "f", 0),
+                         tiny_tokenizer, 64)
+    assert t.response_ids[0] == [tiny_tokenizer.eos_token_id]
+    assert t.response_ids[1][-1] == tiny_tokenizer.eos_token_id and len(t.response_ids[1]) > 1
 
 
 def test_nonexistent_file():
@@ -534,7 +538,7 @@ def test_skip_counts_bad_rows(tmp_path):
         "{not json",                                       # 1 malformed
         json.dumps(BAD_ROWS["identical"][0]),              # 2 identical
         json.dumps(ROWS[1]),                               # 3 ok
-        json.dumps(BAD_ROWS["whitespace_rejected"][0]),    # 4 empty
+        json.dumps(BAD_ROWS["both_empty"][0]),             # 4 identical (two empty responses)
         "[1, 2]",                                          # 5 malformed
         json.dumps(BAD_ROWS["missing_chosen"][0]),         # 6 missing
         json.dumps(BAD_ROWS["tied_scores"][0]),            # 7 invalid
@@ -545,7 +549,7 @@ def test_skip_counts_bad_rows(tmp_path):
     exs = load_examples(str(path), on_invalid="skip", report=report)
     assert [ex.row for ex in exs] == [0, 3, 8]
     assert _content(exs) == [(r["prompt"], [r["chosen"], r["rejected"]], row) for r, row in zip(ROWS, [0, 3, 8])]
-    assert dict(report.counts) == {"malformed": 2, "identical": 1, "empty": 1, "missing": 1, "invalid": 1}
+    assert dict(report.counts) == {"malformed": 2, "identical": 2, "missing": 1, "invalid": 1}
     assert report.total == 6
     s = report.summary()
     assert "skipped 6 rows" in s

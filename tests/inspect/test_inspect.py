@@ -50,9 +50,7 @@ def _independent(rows, tok, max_length, max_prompt_length=None):
     valid, refused = [], Counter()
     for r in rows:
         prompt, c, rj = _split(r["chosen"], r["rejected"])
-        if not c.strip() or not rj.strip():
-            refused["empty"] += 1
-        elif c == rj:
+        if c == rj:  # (an empty response is a response: trained as the end of turn alone)
             refused["identical"] += 1
         else:
             valid.append((prompt, c, rj))
@@ -99,7 +97,7 @@ def test_counts_equal_an_independent_count_of_the_raw_rows(planted, inspected, t
     assert (tr["prompts_cut"], tr["responses_cut"]) == (want["prompts_cut"], want["responses_cut"])
     assert tr["prompts_cut"] > 0 and tr["responses_cut"] > 0 and tr["no_response_tokens"] == 0
     assert inspected["tokenize_stats"]["prompts_truncated"] == want["prompts_cut"]
-    assert inspected["invalid"]["by_kind"] == {"empty": want["empty"], "identical": want["identical"]}
+    assert inspected["invalid"]["by_kind"] == {"identical": want["identical"]}
 
 
 def test_truncation_counts_with_a_max_prompt_length(planted, tiny_tokenizer):

@@ -152,3 +152,27 @@ def test_plackett_luce_beats_best_vs_worst_dpo_on_heldout_ranking(tmp_path):
     same experiment as scripts/ranking_experiment.py)."""
     res = ranking_experiment(tmp_path, steps=60, only=["plackett_luce", "dpo_best_worst"])
     assert res["plackett_luce"]["kendall_tau"][0] > res["dpo_best_worst"]["kendall_tau"][0] + 0.05
+
+
+@pytest.mark.parametrize("loss, extra", [
+    ("simpo", ["--beta", "2.0", "--simpo-gamma", "1.0"]), ("orpo", ["--orpo-lambda", "0.1"]), ("dpo_norm", []),
+    ("robust", ["--label-smoothing", "0.1"]), ("apo_zero", []), ("apo_down", []), ("exo_pair", []), ("nca_pair", []),
+    ("dpo,sft", ["--loss-weights", "1,0.5"]),
+])
+def test_every_new_loss_trains_two_steps(tiny_model, tmp_path, capsys, loss, extra):
+    """A 2-step `train` run per loss of the menu; the reference-free ones compute no reference log-probs."""
+    rows, _ = review_task(n_train=8, n_eval=1, seed=7)
+    data = write_jsonl(rows, tmp_path / "d.jsonl")
+    out = tmp_path / "o"
+    rc = main(["train", "--model", str(tiny_model), "--data", str(data), "--output-dir", str(out), "--loss", loss,
+               "--batch-size", "4", "--micro-batch-size", "4", "--max-steps", "2", "--max-length", "64",
+               "--lr", "1e-3", "--optimizer", "adamw", "--warmup-steps", "0", "--no-progress", *extra])
+    err = capsys.readouterr().err
+    assert rc == 0, err[-2000:]
+    m = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert len(m) == 2 and all(math.isfinite(x["loss"]) for x in m)
+    if loss in ("simpo", "orpo"):
+        assert "reference log-probs" not in err
+        assert json.loads((out / "directpo_config.json").read_text())["reference_mode"] == "none"
+    if loss == "dpo,sft":  # each part logged, the total their weighted sum
+        assert m[0]["loss"] == pytest.approx(m[0]["loss/dpo"] + 0.5 * m[0]["loss/sft"], rel=1e-6)

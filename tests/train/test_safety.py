@@ -138,3 +138,36 @@ def test_a_missing_local_model_is_named_at_once(tmp_path, monkeypatch, capsys, m
     err = capsys.readouterr().err
     # our own line, before any hub lookup (which would take 30-50 s of retries offline)
     assert rc == 2 and f"{model}: no such model directory" in err and "Traceback" not in err and "hub" not in err
+
+
+def test_log_says_how_many_examples_a_step_really_has(tiny_model, tmp_path, capsys):
+    rows, _ = review_task(n_train=8, n_eval=1, seed=4)
+    data = write_jsonl(rows, tmp_path / "d.jsonl")
+    assert main(["train", "--model", str(tiny_model), "--data", str(data), "--output-dir", str(tmp_path / "o"),
+                 "--max-steps", "1", "--micro-batch-size", "8", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "1 steps × 8 examples (all the data: --batch-size 64 is larger)" in err and "× 64 examples" not in err
+
+
+def test_help_shows_each_default_once():
+    from directpo.cli import make_parser
+
+    text = make_parser("train")._subparsers._group_actions[0].choices["train"].format_help()
+    assert text.count("(default: train)") == 1 and "(default: None) (default" not in text
+    assert "--config CONFIG" in text and "underscores) (default: None)" not in text
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes(tiny_model, data, tmp_path, capsys):
+    """Settings added since a checkpoint was made count as their defaults: it still resumes (and a
+    really changed setting is still refused)."""
+    out = tmp_path / "o"
+    assert main(_argv(tiny_model, data, out, "--max-steps", "2", "--save-every", "1")) == 0
+    state_file = out / "checkpoints" / "step-00000002" / "state.json"
+    state = json.loads(state_file.read_text())
+    for k in ("simpo_gamma", "orpo_lambda", "loss_weights", "divergence_factor"):
+        state["config"].pop(k)
+    state_file.write_text(json.dumps(state))
+    assert main(_argv(tiny_model, data, out, "--max-steps", "3", "--save-every", "1", "--resume")) == 0
+    assert "resumed from" in capsys.readouterr().err
+    assert main(_argv(tiny_model, data, out, "--max-steps", "4", "--resume", "--simpo-gamma", "2")) == 2
+    assert "simpo_gamma: 1.0 -> 2.0" in capsys.readouterr().err

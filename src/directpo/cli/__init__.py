@@ -15,6 +15,7 @@ import re
 import sys
 
 from .. import __version__
+from .args import HelpFormatter
 
 # command: (module in this package, one-line help). The order is the order of `directpo --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -53,7 +54,7 @@ def make_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error (also: DIRECTPO_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
-        c = sub.add_parser(name, help=help_, description=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        c = sub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
         c._negative_number_matcher = _NEGATIVE_NUMBER
         if name == command:
             importlib.import_module(f"{__name__}.{module}").register(name, c)

@@ -5,65 +5,7 @@ import argparse
 import json
 import os
 
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in the help, once: not when the help already says it, nor for None or on/off switches."""
-
-    def _get_help_string(self, action):
-        help_ = action.help or ""
-        if "(default:" in help_ or action.default is None or isinstance(action.default, bool):
-            return help_
-        return super()._get_help_string(action)
-
-
-# ----------------------------------------------------------------------------------------------
-# Values checked as the flags are read: a bad one is a one-line usage error naming the flag and
-# the allowed range (argparse adds "argument --flag:"), before anything is loaded.
-
-
-def _number(s: str, kind):
-    try:
-        return kind(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {s!r}") \
-            from None
-
-
-def _int_at_least(lo: int):
-    def parse(s: str) -> int:
-        v = _number(s, int)
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be an integer ≥ {lo}, got {s}")
-        return v
-    parse.__name__ = "int"
-    return parse
-
-
-def _optional_int(s: str):
-    """An integer ≥ 1, or none (no limit)."""
-    if s.lower() in ("none", "null"):
-        return None
-    v = _number(s, int)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer ≥ 1 or none, got {s}")
-    return v
-
-
-def _float_in(lo: float, hi: float | None = None, lo_open: bool = True):
-    """A number in (lo, hi] (or [lo, hi] with lo_open=False); hi None: no upper bound."""
-    def parse(s: str) -> float:
-        v = _number(s, float)
-        ok = (v > lo if lo_open else v >= lo) and (v <= hi if hi is not None else v < float("inf"))
-        if not ok:  # NaN too
-            low = f"> {lo:g}" if lo_open else f"≥ {lo:g}"
-            want = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]" if hi is not None else low
-            raise argparse.ArgumentTypeError(f"must be a number {want}, got {s}")
-        return v
-    parse.__name__ = "float"
-    return parse
-
-
-_positive = _int_at_least(1)
+from .args import (HelpFormatter, check_outputs, float_in, optional_int, overwrite_flag, positive)
 
 
 def _temperatures(s: str) -> list[float]:
@@ -78,60 +20,21 @@ def _temperatures(s: str) -> list[float]:
 
 def _generation_flags(p: argparse.ArgumentParser, n_default: int | None = 1, temperature: bool = True) -> None:
     if n_default is not None:
-        p.add_argument("--n", type=_positive, default=n_default, help="samples per prompt (≥ 1)")
-    p.add_argument("--max-new-tokens", type=_positive, default=128, help="max tokens per completion (≥ 1)")
+        p.add_argument("--n", type=positive, default=n_default, help="samples per prompt (≥ 1)")
+    p.add_argument("--max-new-tokens", type=positive, default=128, help="max tokens per completion (≥ 1)")
     if temperature:
-        p.add_argument("--temperature", type=_float_in(0, lo_open=False), default=1.0,
+        p.add_argument("--temperature", type=float_in(0, lo_open=False), default=1.0,
                        help="sampling temperature (≥ 0; 0: greedy)")
-    p.add_argument("--top-p", type=_float_in(0, 1), default=1.0, help="nucleus sampling threshold, in (0, 1] (1: off)")
+    p.add_argument("--top-p", type=float_in(0, 1), default=1.0, help="nucleus sampling threshold, in (0, 1] (1: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same settings, same samples)")
-    p.add_argument("--batch-size", type=_positive, default=16, help="sequences generated / scored at once (≥ 1)")
-    p.add_argument("--max-prompt-length", type=_optional_int, default=None,
+    p.add_argument("--batch-size", type=positive, default=16, help="sequences generated / scored at once (≥ 1)")
+    p.add_argument("--max-prompt-length", type=optional_int, default=None,
                    help="max prompt tokens (≥ 1); longer prompts are cut from the left (default: no limit)")
     p.add_argument("--on-invalid", choices=["error", "skip"], default="error", help="bad prompt rows")
     p.add_argument("--data-split", default=None, help="split name for `datasets` sources (default: train)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    _overwrite_flag(p)
-
-
-def _overwrite_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace output files that exist (never an input file); without it they are refused")
-
-
-# ----------------------------------------------------------------------------------------------
-# Outputs: refused when they exist (unless --overwrite) or are an input, before any model is loaded.
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        if os.path.exists(a) and os.path.exists(b):
-            return os.path.samefile(a, b)
-    except OSError:
-        pass
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-def check_outputs(outputs: dict[str, str | None], inputs: dict[str, str | None], overwrite: bool) -> None:
-    """Each output ({flag: path}, None: not asked for) is neither an input ({flag: path}), nor
-    another output, nor a directory, nor an existing file unless `overwrite`."""
-    seen: list[tuple[str, str]] = []
-    for flag, path in outputs.items():
-        if not path:
-            continue
-        for other_flag, other in inputs.items():
-            if other and _same_file(path, other):
-                raise ValueError(f"{flag} {path} is the {other_flag} input file: write the output elsewhere "
-                                 "(--overwrite never replaces an input)")
-        for other_flag, other in seen:
-            if _same_file(path, other):
-                raise ValueError(f"{flag} {path} is also the {other_flag} output: give each output its own file")
-        seen.append((flag, path))
-        if os.path.isdir(path):
-            raise IsADirectoryError(f"{flag} {path} is a directory: give a file name")
-        if os.path.lexists(path) and not overwrite:
-            raise FileExistsError(f"{flag} {path} exists: pass --overwrite to replace it")
+    overwrite_flag(p)
 
 
 def _reward_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -148,18 +51,18 @@ def _score_flags(s) -> None:
     s.add_argument("--data", required=True, help="preference data (same formats as train)")
     s.add_argument("--out", required=True, help="output JSONL: one line per pair, in input order")
     s.add_argument("--ref", help="reference model: adds implicit rewards β·(log π − log πref)")
-    s.add_argument("--beta", type=_float_in(0), default=0.1, help="β of the implicit reward (> 0)")
-    s.add_argument("--max-length", type=_optional_int, default=512, help="max tokens of prompt + response (≥ 1)")
-    s.add_argument("--max-prompt-length", type=_optional_int, default=None,
+    s.add_argument("--beta", type=float_in(0), default=0.1, help="β of the implicit reward (> 0)")
+    s.add_argument("--max-length", type=optional_int, default=512, help="max tokens of prompt + response (≥ 1)")
+    s.add_argument("--max-prompt-length", type=optional_int, default=None,
                    help="max prompt tokens (≥ 1) (default: no limit)")
-    s.add_argument("--batch-size", type=_positive, default=8, help="pairs scored at once (≥ 1)")
+    s.add_argument("--batch-size", type=positive, default=8, help="pairs scored at once (≥ 1)")
     s.add_argument("--on-invalid", choices=["error", "skip"], default="error", help="bad rows")
     s.add_argument("--data-split", default=None, help="split name for `datasets` sources (default: train)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     s.add_argument("--layout", choices=["packed", "padded"], default="packed",
                    help="packed: each prompt computed once (exact); padded: one row per prompt+response")
-    _overwrite_flag(s)
+    overwrite_flag(s)
 
 
 def run_score(args) -> int:
@@ -244,7 +147,7 @@ def _bon_flags(b) -> None:
     b.add_argument("--model", required=True, help="model to sample from")
     b.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field, or a preference file")
     b.add_argument("--out", required=True, help="output JSONL: one line per prompt, best completion and all rewards")
-    b.add_argument("--n", type=_positive, required=True, help="samples per prompt (N ≥ 1)")
+    b.add_argument("--n", type=positive, required=True, help="samples per prompt (N ≥ 1)")
     _reward_flags(b)
     _generation_flags(b, n_default=None)
 
@@ -261,8 +164,8 @@ def _eval_flags(e) -> None:
     e.add_argument("--judge-prompt", default="dialogue",
                    help="judge prompt: dialogue, summary (the paper's GPT-4 prompts), or a template file with "
                         "{query}, {a}, {b}")
-    e.add_argument("--judge-workers", type=_positive, default=4, help="parallel judge requests (≥ 1)")
-    e.add_argument("--judge-timeout", type=_float_in(0), default=60.0, help="seconds per judge request (> 0)")
+    e.add_argument("--judge-workers", type=positive, default=4, help="parallel judge requests (≥ 1)")
+    e.add_argument("--judge-timeout", type=float_in(0), default=60.0, help="seconds per judge request (> 0)")
     e.add_argument("--temperatures", type=_temperatures, default=None,
                    help="comma-separated sweep, e.g. 0.25,0.5,0.75,1.0 (default: --temperature)")
     e.add_argument("--plot", help="PNG of reward / win rate / length against temperature")
@@ -277,6 +180,6 @@ _COMMANDS = {"score": (_score_flags, run_score), "sample": (_sample_flags, run_s
 
 def register(command: str, parser) -> None:
     add, run = _COMMANDS[command]
-    parser.formatter_class = _HelpFormatter
+    parser.formatter_class = HelpFormatter
     add(parser)
     parser.set_defaults(func=run)

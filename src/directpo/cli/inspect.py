@@ -1,65 +1,24 @@
 """`directpo inspect`: a report on preference data, read exactly as `train` reads it."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
-
-def _max_length(s: str):
-    """An integer ≥ 2, or none (no limit); the same range as train's --max-length."""
-    if s.lower() in ("none", "null"):
-        return None
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or none, got {s!r}") from None
-    if v < 2:
-        raise argparse.ArgumentTypeError(f"must be an integer ≥ 2 or none, got {s}")
-    return v
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in the help, once: not when the help already says it, nor for None or on/off switches."""
-
-    def _get_help_string(self, action):
-        help_ = action.help or ""
-        if "(default:" in help_ or action.default is None or isinstance(action.default, bool):
-            return help_
-        return super()._get_help_string(action)
-
-
-def _optional_positive(s: str):
-    """An integer ≥ 1, or none."""
-    return None if s.lower() in ("none", "null") else _positive(s)
-
-
-def _non_negative(s: str) -> int:
-    return 0 if s.strip() == "0" else _positive(s)
-
-
-def _positive(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer ≥ 1, got {s}")
-    return v
+from .args import HelpFormatter, max_length, non_negative, optional_int, positive
 
 
 def register(command: str, parser) -> None:
     p = parser
-    p.formatter_class = _HelpFormatter
+    p.formatter_class = HelpFormatter
     p.add_argument("--data", required=True, help="preference data: .jsonl/.json/.parquet file, or a `datasets` "
                                                  "name/dir (the formats train reads)")
     p.add_argument("--model", help="the reference model: its tokenizer, and its log-probs of every pair (how often "
                                    "it already prefers the chosen response)")
     p.add_argument("--tokenizer", help="tokenize with this model's tokenizer instead (default: --model's); with it "
                                        "and no --model, no log-probs are computed")
-    p.add_argument("--max-length", type=_max_length, default=512,
+    p.add_argument("--max-length", type=max_length, default=512,
                    help="max tokens of prompt + response, as train's (none: no limit)")
-    p.add_argument("--max-prompt-length", type=_optional_positive, default=None,
+    p.add_argument("--max-prompt-length", type=optional_int, default=None,
                    help="max prompt tokens, as train's (default: none; prompts of pairs that do not fit are cut)")
     p.add_argument("--on-invalid", choices=["error", "skip"], default="error",
                    help="bad rows, as train's: 'error' reports where train would stop, 'skip' what it would leave "
@@ -67,9 +26,9 @@ def register(command: str, parser) -> None:
     p.add_argument("--data-split", default=None, help="split name for `datasets` sources (default: train)")
     p.add_argument("--out", help="write report.md, report.json, pairs.jsonl and PNG figures in this directory")
     p.add_argument("--overwrite", action="store_true", help="replace a report that exists in --out")
-    p.add_argument("--batch-size", type=_positive, default=8, help="pairs scored at once with --model")
+    p.add_argument("--batch-size", type=positive, default=8, help="pairs scored at once with --model")
     p.add_argument("--device", default=None, help="cpu or cuda for --model (default: cuda when available)")
-    p.add_argument("--threads", type=_non_negative, default=0,
+    p.add_argument("--threads", type=non_negative, default=0,
                    help="CPU threads for the reference's log-probs (default 0: one for a tiny model, hidden size "
                         "≤ 256, else torch's default)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="reference log-prob precision")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .eval import _HelpFormatter, check_outputs
+from .args import HelpFormatter, check_outputs
 
 
 def _flags(p) -> None:
@@ -30,6 +30,6 @@ def run(args) -> int:
 
 
 def register(command: str, parser) -> None:
-    parser.formatter_class = _HelpFormatter
+    parser.formatter_class = HelpFormatter
     _flags(parser)
     parser.set_defaults(func=run)

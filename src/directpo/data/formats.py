@@ -371,23 +371,16 @@ def parse_row(rec: dict, source: str, row: int) -> Example:
     if "responses" in rec:
         ex = _parse_ranked(rec, source, row)
     elif "completion" in rec and "chosen" not in rec:  # a plain SFT row
-        completion = _text(rec, "completion", source, row)
-        if not completion.strip():
-            raise DataError(source, row, "completion", "empty response", kind="empty")
-        return Example(_text(rec, "prompt", source, row), [completion], source, row)
+        # An empty completion is kept: it trains the end of turn alone (EOS), as an empty response does.
+        return Example(_text(rec, "prompt", source, row), [_text(rec, "completion", source, row)], source, row)
     elif "chosen" in rec or "rejected" in rec:
         ex = _parse_pair(rec, source, row)
     else:
         raise DataError(source, row, "chosen", "missing: a row needs 'chosen' and 'rejected' (or 'responses')",
                         kind="missing")
-    if "responses" in rec:  # name the response by its index in the row, not its rank
-        raw = rec["responses"]
-        names = [f"responses[{k}]" for k in range(len(raw))]
-    else:
-        raw, names = ex.responses, ["chosen", "rejected"]
-    for name, r in zip(names, raw):
-        if not message_text(r).strip():
-            raise DataError(source, row, name, "empty response", kind="empty")
+    # An empty response is a response: the end of turn alone (EOS appended, or the chat template's
+    # end-of-turn). HH-RLHF has such rows, where saying nothing was preferred (e.g. to a request for a
+    # private address); the anchors train on them too. Two empty responses are identical (below).
     texts = [json.dumps(r) if not isinstance(r, str) else r for r in ex.responses]
     if len(set(texts)) < len(texts):
         name = "rejected" if "responses" not in rec else "responses"

@@ -56,7 +56,9 @@ __all__ = ["ALARMS", "CHANCE_LOSS", "Alert", "HealthMonitor"]
 ALARMS = ("both_rewards_falling", "overfitting", "no_learning", "grad_spike", "loss_jump", "length_drift")
 
 # The loss of a policy equal to its reference (every implicit reward 0), by loss name.
-CHANCE_LOSS = {"dpo": math.log(2), "cdpo": math.log(2), "plackett_luce": math.log(2), "hinge": 1.0}
+CHANCE_LOSS = {"dpo": math.log(2), "cdpo": math.log(2), "dpo_norm": math.log(2), "robust": math.log(2),
+               "plackett_luce": math.log(2), "hinge": 1.0, "nca_pair": 2 * math.log(2), "apo_zero": 1.0,
+               "apo_down": 1.0}
 NO_IMPLICIT_REWARDS = frozenset({"rm", "ppo"})  # their "rewards/..." are a reward model's, not β·log-ratios
 ACCURACY_KEYS = ("rewards/accuracies", "accuracy")  # DPO family; reward model
 

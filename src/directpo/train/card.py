@@ -118,10 +118,17 @@ def method_rows(settings: dict) -> list[tuple[str, object]]:
         if command == "train":
             rows += [("β", s.get("beta")), ("reference πref", s.get("reference") or "none (reference-free)"),
                      ("reference log-probs", s.get("reference_mode"))]
-            if s.get("loss") in ("dpo", "cdpo") and s.get("label_smoothing"):
-                rows.append(("label smoothing ε", s["label_smoothing"]))
-            if s.get("loss") == "unlikelihood":
+            parts = str(s.get("loss") or "dpo").split(",")
+            if s.get("loss_weights"):
+                rows.append(("loss weights", s["loss_weights"]))
+            if set(parts) & {"dpo", "cdpo", "dpo_norm", "robust", "exo_pair"} and s.get("label_smoothing"):
+                rows.append(("label smoothing / flip rate ε", s["label_smoothing"]))
+            if "unlikelihood" in parts:
                 rows.append(("unlikelihood weight α", s.get("unlikelihood_weight")))
+            if "simpo" in parts:
+                rows.append(("SimPO margin γ", s.get("simpo_gamma")))
+            if "orpo" in parts:
+                rows.append(("ORPO weight λ", s.get("orpo_lambda")))
         if s.get("sft_weight"):
             rows.append(("SFT (NLL) weight", s["sft_weight"]))
     elif command == "ppo":

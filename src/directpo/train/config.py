@@ -114,10 +114,18 @@ class TrainConfig(PreferenceRunConfig):
 
     ref: str | None = setting(None, "reference model πref (default: a frozen copy of the starting policy)")
     loss: str = setting("dpo", "loss: dpo, cdpo, ipo (summed log-probs), ipo_avg (per-token averages, as TRL's), "
-                               "hinge, reference_free, plackett_luce (rankings), sft, unlikelihood (see "
-                               "directpo.losses.LOSSES)")
+                               "dpo_norm, robust, hinge, apo_zero, apo_down, exo_pair, nca_pair, reference_free, "
+                               "simpo, orpo, plackett_luce (rankings), sft, unlikelihood; or a comma list summed "
+                               "with --loss-weights, e.g. dpo,sft (see directpo.losses.LOSSES)")
+    loss_weights: str = setting("", "weights of a comma-list --loss, e.g. --loss dpo,sft --loss-weights 1,0.5 "
+                                    "(empty: 1 each)")
     beta: float = setting(0.1, "β: strength of the implicit KL penalty (paper default 0.1)", gt=0)
-    label_smoothing: float = setting(0.0, "ε of conservative DPO: probability that a preference label is flipped", ge=0, lt=0.5)
+    label_smoothing: float = setting(0.0, "ε: probability that a preference label is flipped (conservative DPO with "
+                                          "dpo/cdpo/dpo_norm; the known flip rate of robust; exo_pair's smoothing, "
+                                          "1e-3 when 0)", ge=0, lt=0.5)
+    simpo_gamma: float = setting(1.0, "γ of simpo: target reward margin; use with SimPO's β ≈ 2 (its authors start at "
+                                      "γ/β = 0.5)", ge=0)
+    orpo_lambda: float = setting(0.1, "λ of orpo: weight of the odds-ratio term (the paper's 0.1)", ge=0)
     sft_weight: float = setting(0.0, "add this × the NLL per token of the best response to the loss (RPO-style)", ge=0)
     unlikelihood_weight: float = setting(1.0, "α of the unlikelihood loss: weight of the rejected-token term", ge=0)
     ranking_to_pairs: bool = setting(False, "expand ranked rows (K > 2) into pairs for pairwise losses")
@@ -147,5 +155,5 @@ class TrainConfig(PreferenceRunConfig):
         super().validate()
         from ..losses import get_loss
 
-        get_loss(self.loss)
+        get_loss(self.loss, self.loss_weights)
         return self

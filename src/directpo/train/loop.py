@@ -46,7 +46,7 @@ __all__ = ["COMPLETE_MARKER", "NonFiniteError", "TrainConfig", "batch_order", "m
 def prepare_data(data_path: str, tokenizer, cfg: TrainConfig, what: str):
     """Load, validate and tokenize a data file into the shape the loss takes; report what was
     skipped or truncated."""
-    loss = get_loss(cfg.loss)
+    loss = get_loss(cfg.loss, cfg.loss_weights)
     report, stats = SkipReport(), TokenizeStats()
     examples = load_examples(data_path, on_invalid=cfg.on_invalid, split=cfg.data_split, report=report)
     if cfg.loss == "sft":  # Preferred-FT: only the best response is a target
@@ -116,6 +116,11 @@ def micro_batches(idx: list[int], examples, cfg: TrainConfig) -> list[list[int]]
 # The loss of a micro-batch, and evaluation
 
 
+def loss_params(cfg: TrainConfig) -> LossParams:
+    return LossParams(beta=cfg.beta, label_smoothing=cfg.label_smoothing, unlikelihood_weight=cfg.unlikelihood_weight,
+                      simpo_gamma=cfg.simpo_gamma, orpo_lambda=cfg.orpo_lambda)
+
+
 def micro_batch_loss(policy, batch, ref: torch.Tensor | None, cfg: TrainConfig, loss_spec: LossSpec,
                      params: LossParams):
     """Per-example losses of one micro-batch and its metric sums (sums, so micro-batches add up)."""
@@ -131,6 +136,8 @@ def micro_batch_loss(policy, batch, ref: torch.Tensor | None, cfg: TrainConfig, 
              "nll/token": (-p[:, 0] / lengths[:, 0].clamp(min=1)).sum().item()}
     if p.shape[1] > 1:
         stats["logps/rejected"] = last_valid(p).sum().item()
+    for name, part in (res.components or {}).items():  # a comma-list --loss: each part, unweighted
+        stats[f"loss/{name}"] = part.detach().sum().item()
     if res.rewards is not None:
         stats.update(reward_stats(res.rewards))
     return losses, stats
@@ -317,7 +324,10 @@ def setup(cfg: TrainConfig) -> Trainer:
         run.data_summary = check_data(train_set, tokenizer, stats, report)
     eval_set = prepare_data(cfg.eval_data, tokenizer, cfg, "eval")[0] if cfg.eval_data else None
 
-    loss_spec = get_loss(cfg.loss)
+    loss_spec = get_loss(cfg.loss, cfg.loss_weights)
+    if "simpo" in cfg.loss.split(",") and cfg.beta < 1:
+        log(f"warning: simpo with β {cfg.beta:g}: its reward β·log π/|y| then rarely clears the margin γ "
+            f"{cfg.simpo_gamma:g}; SimPO's authors use β ≈ 2 (--beta 2.0)")
     sharded = cfg.fsdp and d.enabled
     if sharded:
         check_sharding(cfg, loss_spec)
@@ -331,7 +341,7 @@ def setup(cfg: TrainConfig) -> Trainer:
     if sharded:  # after the reference tables: rank 0 computed them from the whole starting model
         policy = d.shard_model(policy)
     trainer = Trainer(cfg, d, run, device, policy, ref_model, train_set, eval_set, train_ref, eval_ref, collate,
-                      loss_spec, LossParams(cfg.beta, cfg.label_smoothing, cfg.unlikelihood_weight), sharded,
+                      loss_spec, loss_params(cfg), sharded,
                       tokenizer, dict(report.counts))
     return trainer
 
@@ -347,8 +357,11 @@ def train(cfg: TrainConfig) -> dict:
                       reference_mode=("none" if not t.loss_spec.needs_reference
                                       else "precomputed" if cfg.precompute_ref else "live"),
                       train_examples=len(t.train_set), skipped_rows=t.skipped_rows)
-    log(f"training {cfg.loss}: {total_steps} steps × {cfg.batch_size} examples (micro-batch "
-        f"{cfg.micro_batch_size}) on {t.device}, {cfg.optimizer} lr {cfg.lr}, β {cfg.beta}, {cfg.precision}")
+    per_step = min(cfg.batch_size, len(t.train_set))  # a data set smaller than a batch is the whole batch
+    log(f"training {cfg.loss}: {total_steps} steps × {per_step} examples"
+        f"{f' (all the data: --batch-size {cfg.batch_size} is larger)' if per_step < cfg.batch_size else ''} "
+        f"(micro-batch {cfg.micro_batch_size}) on {t.device}, {cfg.optimizer} lr {cfg.lr}, β {cfg.beta}, "
+        f"{cfg.precision}")
     # Resume: weights, optimizer, scheduler and RNG from the checkpoint (the reference above was
     # set up from the *initial* model, as it must be); the data order is a function of the step.
     start_step, _ = resume(run, cfg, t.policy, optimizer, scheduler, shards=d if t.sharded else None)

@@ -24,7 +24,8 @@ from .run import COMPLETE_MARKER, CONFIG_FILE, is_complete
 # run of other length, another evaluation set (the result holds its final evaluation).
 RESULT_SETTINGS = frozenset({"max_steps", "epochs", "eval_data"})
 # Settings the SFT stage does not read (its loss has no reference and no β).
-SFT_UNUSED = frozenset({"beta", "label_smoothing", "unlikelihood_weight", "precompute_ref"})
+SFT_UNUSED = frozenset({"beta", "label_smoothing", "unlikelihood_weight", "precompute_ref", "simpo_gamma",
+                        "orpo_lambda", "loss_weights"})
 
 
 def run_pipeline(cfg: TrainConfig, **sft_overrides) -> dict:

@@ -19,7 +19,7 @@ import os
 import shutil
 import signal
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable
 
@@ -98,7 +98,18 @@ def setup_torch(threads: int, seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class MetricsLog:
+class _Closing:
+    """`with x:` closes x at the end, however the block ends."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class MetricsLog(_Closing):
     """metrics.jsonl, one JSON object a line, flushed as written (rank 0 writes; others no-op)."""
 
     def __init__(self, path: Path | None, start_step: int = 0, logger=None):
@@ -124,13 +135,6 @@ class MetricsLog:
             self.file.close()
         if self.logger is not None:
             self.logger.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
 
 class RunDir:
@@ -188,8 +192,10 @@ class RunDir:
             raise FileNotFoundError(f"--resume {path}: not a checkpoint directory (no state.json)")
         saved = json.loads((path / "state.json").read_text())["config"]
         now = asdict(cfg)
-        diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now
-                if k not in cfg.RESUMABLE_CHANGES and saved.get(k) != now[k]]
+        # A setting the checkpoint does not record (made by an earlier directpo) had its default then.
+        defaults = {f.name: f.default for f in fields(cfg)}
+        diff = [f"{k}: {saved.get(k, defaults[k])!r} -> {now[k]!r}" for k in now
+                if k not in cfg.RESUMABLE_CHANGES and saved.get(k, defaults[k]) != now[k]]
         if diff:
             raise ValueError(f"--resume {path}: the checkpoint was made with other settings ({'; '.join(diff)}); "
                              "resume with the same settings, or start a new run")
@@ -312,7 +318,7 @@ class StepDriver:
         log(f"non-finite {what} {where}: step skipped ({self.skipped} so far)")
 
 
-class Progress:
+class Progress(_Closing):
     """A tqdm bar (rank 0, when asked), else a log line every `log_every` steps and at the end."""
 
     def __init__(self, enabled: bool, total: int, initial: int, desc: str, log_every: int = 1):
@@ -333,10 +339,3 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
