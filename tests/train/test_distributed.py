@@ -26,12 +26,16 @@ def test_shards_cover_each_example_once():
     assert all(len(set(a) & set(b)) == 0 for i, a in enumerate(shards) for b in shards[i + 1:])
 
 
-def _two_runs(tiny_model, tmp_path, mode: str, fault: list[str] = ()):
+@pytest.fixture(scope="module")
+def ddp_data(tmp_path_factory):
+    rows, _ = review_task(n_train=40, n_eval=8, seed=21)
+    return write_jsonl(rows, tmp_path_factory.mktemp("ddp") / "d.jsonl")
+
+
+def _two_runs(tiny_model, tmp_path, data, mode: str, fault: list[str] = ()):
     """The same 5 SGD steps in one process and in two (torchrun on tests/faults.py, which reports
     what each rank held around FSDP sharding and can inject a fault): (single, multi) metrics,
     weights, and the multi-process stderr."""
-    rows, _ = review_task(n_train=40, n_eval=8, seed=21)
-    data = write_jsonl(rows, tmp_path / "d.jsonl")
     # Plain SGD: the update is lr × the summed gradient, so a wrong reduction shows in the weights
     # (Adam and RMSprop divide it out), and float re-association noise stays ~1e-7 relative
     # whatever the CPU (Adam turns it into lr-sized steps on near-zero gradients).
@@ -42,18 +46,32 @@ def _two_runs(tiny_model, tmp_path, mode: str, fault: list[str] = ()):
         common.append("--no-precompute-ref")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    single = subprocess.run([sys.executable, "-m", "directpo", "train", *common, "--output-dir", str(tmp_path / "one")],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert single.returncode == 0, single.stderr
+    one = _single_process_run(tuple(common), env)
     multi = subprocess.run([*TORCHRUN, str(FAULTS), "--report-fsdp-init", *fault, "train", *common, "--output-dir",
                             str(tmp_path / "two"), *(["--fsdp", "--eval-data", str(data), "--eval-every", "2"]
                                                      if mode == "fsdp" else [])],
                            capture_output=True, text=True, env=env, timeout=300)
     assert multi.returncode == 0, multi.stderr[-3000:]
-    a = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
     b = [m for m in map(json.loads, open(tmp_path / "two" / "metrics.jsonl")) if m["split"] == "train"]
-    wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
-    return (a, wa), (b, wb), multi.stderr
+    return one, (b, load_file(str(tmp_path / "two" / "model.safetensors"))), multi.stderr
+
+
+_SINGLE_RUNS: dict = {}
+
+
+def _single_process_run(common: tuple, env: dict):
+    """(metrics, weights) of `directpo train *common` in one process, run once per settings: the
+    equality test and the broken-all-reduce tests compare against the same run."""
+    if common not in _SINGLE_RUNS:
+        import tempfile
+
+        out = Path(tempfile.mkdtemp(prefix="directpo-single-")) / "one"
+        single = subprocess.run([sys.executable, "-m", "directpo", "train", *common, "--output-dir", str(out)],
+                                capture_output=True, text=True, env=env, timeout=300)
+        assert single.returncode == 0, single.stderr
+        _SINGLE_RUNS[common] = ([json.loads(x) for x in open(out / "metrics.jsonl")],
+                                load_file(str(out / "model.safetensors")))
+    return _SINGLE_RUNS[common]
 
 
 def _equal_runs(one, two, start: dict) -> list[str]:
@@ -75,8 +93,8 @@ def _equal_runs(one, two, start: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("mode", ["ddp", "ddp-live-ref", "fsdp"])
-def test_two_process_run_matches_single_process(tiny_model, tmp_path, mode):
-    one, two, err = _two_runs(tiny_model, tmp_path, mode)
+def test_two_process_run_matches_single_process(tiny_model, tmp_path, ddp_data, mode):
+    one, two, err = _two_runs(tiny_model, tmp_path, ddp_data, mode)
     start = load_file(str(tiny_model / "model.safetensors"))
     assert _equal_runs(one, two, start) == []
     assert all(m["tokens_per_s"] > 0 for m in one[0] + two[0])
@@ -91,10 +109,10 @@ def test_two_process_run_matches_single_process(tiny_model, tmp_path, mode):
 
 
 @pytest.mark.parametrize("fault", ["skip", "mean"])
-def test_the_equality_check_catches_a_broken_all_reduce(tiny_model, tmp_path, fault):
+def test_the_equality_check_catches_a_broken_all_reduce(tiny_model, tmp_path, ddp_data, fault):
     """The same comparison fails when the gradients are not summed over ranks (each rank steps on
     its half of the batch) or are averaged instead of summed (half the update)."""
-    one, two, _ = _two_runs(tiny_model, tmp_path, "ddp", ["--break-all-reduce", fault])
+    one, two, _ = _two_runs(tiny_model, tmp_path, ddp_data, "ddp", ["--break-all-reduce", fault])
     bad = _equal_runs(one, two, load_file(str(tiny_model / "model.safetensors")))
     assert any("grad_norm" in b for b in bad) and any("weights differ" in b for b in bad), bad
 
@@ -126,7 +144,8 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+# The LoRA variant (~95 s on 2 cores) runs with `make test-slow`; the full-weight one in every run.
+@pytest.mark.parametrize("lora", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["full", "lora"])
 def test_fsdp_checkpoints_resume_exactly_and_are_ordinary(tiny_model, tmp_path, lora):
     """An FSDP run killed (SIGKILL) mid-write of a checkpoint and resumed ends bit-identical to an
     uninterrupted one; FSDP checkpoints hold whole weights (or adapters) and resume in a single
