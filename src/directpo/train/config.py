@@ -150,10 +150,21 @@ class TrainConfig(PreferenceRunConfig):
     lora_dropout: float = setting(0.0, "dropout on the LoRA path", ge=0, lt=1)
     lora_target_modules: str = setting("all-linear", "modules to adapt: all-linear, or a comma list (q_proj,v_proj)")
     merge: bool = setting(False, "with LoRA: save the merged full model instead of the adapters")
+    ref_sync_every: int = setting(0, "TR-DPO (Gorbatovski et al. 2024): every N steps move the reference towards the "
+                                     "policy, πref ← α·πθ + (1−α)·πref; the reference then runs live (0: never, "
+                                     "the paper's fixed πref)", ge=0)
+    ref_sync_mix: float = setting(0.5, "TR-DPO's α: 1 replaces πref by the policy (hard update), below 1 mixes the "
+                                       "weights (soft update)", gt=0, le=1)
 
     def validate(self) -> "TrainConfig":
         super().validate()
         from ..losses import get_loss
 
-        get_loss(self.loss, self.loss_weights)
+        spec = get_loss(self.loss, self.loss_weights)
+        if self.ref_sync_every:
+            why = ("the loss uses no reference" if not spec.needs_reference else
+                   "with LoRA the reference is the base model itself" if self.lora_r else
+                   "a sharded model's reference must be precomputed" if self.fsdp else None)
+            if why:
+                raise ConfigError(f"--ref-sync-every: {why}; TR-DPO needs a reference model of its own")
         return self

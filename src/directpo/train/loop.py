@@ -212,10 +212,32 @@ def load_policy_and_reference(cfg: TrainConfig, tokenizer, device, loss_spec: Lo
     if cfg.ref and cfg.ref != cfg.model:
         ref_model = freeze(load_model(cfg.ref, device, trust_remote_code=cfg.trust_remote_code, empty=empty))
         check_vocab(tokenizer, policy, cfg.model, ref=ref_model, ref_name=cfg.ref)
+        if cfg.ref_sync_every:
+            check_same_shapes(policy, ref_model, cfg.model, cfg.ref)
         return policy, ref_model
-    if cfg.precompute_ref or cfg.lora_r:
+    if (cfg.precompute_ref or cfg.lora_r) and not cfg.ref_sync_every:
         return policy, policy
     return policy, freeze(copy.deepcopy(policy))
+
+
+def check_same_shapes(policy, ref_model, policy_name: str, ref_name: str) -> None:
+    """TR-DPO mixes the weights of policy and reference: they must be the same architecture."""
+    a = {k: v.shape for k, v in policy.state_dict().items()}
+    b = {k: v.shape for k, v in ref_model.state_dict().items()}
+    if a != b:
+        raise ValueError(f"--ref-sync-every: {ref_name} and {policy_name} are not the same architecture (their "
+                         "weights cannot be mixed); leave --ref out (πref = the starting policy)")
+
+
+@torch.no_grad()
+def sync_reference(ref_model, policy, mix: float) -> None:
+    """TR-DPO's update, πref ← α·πθ + (1−α)·πref, parameter by parameter (buffers copied)."""
+    pol = dict(policy.named_parameters())
+    for name, p in ref_model.named_parameters():
+        if mix < 1:
+            p.mul_(1 - mix).add_(pol[name].detach(), alpha=mix)
+        else:  # a hard update: exactly the policy's weights
+            p.copy_(pol[name].detach())
 
 
 def check_sharding(cfg: TrainConfig, loss_spec: LossSpec) -> None:
@@ -247,7 +269,7 @@ def reference_tables(cfg: TrainConfig, d: Dist, ref_model, train_set, eval_set, 
     if cfg.fsdp and d.enabled and eval_set:  # sharded evaluation runs on every rank
         eval_ref = d.broadcast(eval_ref, shape=(len(eval_set), 0))
     train_ref = None
-    if cfg.precompute_ref:
+    if cfg.precompute_ref and not cfg.ref_sync_every:  # TR-DPO's reference moves: no fixed table
         train_ref = d.broadcast(table(train_set, "train") if d.main else None, shape=(len(train_set), 0))
     return train_ref, eval_ref
 
@@ -336,7 +358,7 @@ def setup(cfg: TrainConfig) -> Trainer:
     policy, ref_model = load_policy_and_reference(cfg, tokenizer, device, loss_spec, empty=sharded and not d.main)
     collate = make_collate(cfg.layout, tokenizer.pad_token_id, packed_row_tokens(cfg.row_tokens, policy, ref_model))
     train_ref, eval_ref = reference_tables(cfg, d, ref_model, train_set, eval_set, collate, device)
-    if cfg.precompute_ref:
+    if train_ref is not None:
         ref_model = None  # the table replaces the model: its memory is free for training
     if sharded:  # after the reference tables: rank 0 computed them from the whole starting model
         policy = d.shard_model(policy)
@@ -354,8 +376,9 @@ def train(cfg: TrainConfig) -> dict:
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(t.train_set) / cfg.batch_size)))
     run.record_config("sft" if cfg.loss == "sft" else "train", cfg, total_steps=total_steps,
                       reference=(cfg.ref or cfg.model) if t.loss_spec.needs_reference else None,
-                      reference_mode=("none" if not t.loss_spec.needs_reference
-                                      else "precomputed" if cfg.precompute_ref else "live"),
+                      reference_mode=("none" if not t.loss_spec.needs_reference else
+                                      f"live, TR-DPO: synced every {cfg.ref_sync_every} steps, α {cfg.ref_sync_mix:g}"
+                                      if cfg.ref_sync_every else "precomputed" if cfg.precompute_ref else "live"),
                       train_examples=len(t.train_set), skipped_rows=t.skipped_rows)
     per_step = min(cfg.batch_size, len(t.train_set))  # a data set smaller than a batch is the whole batch
     log(f"training {cfg.loss}: {total_steps} steps × {per_step} examples"
@@ -364,7 +387,9 @@ def train(cfg: TrainConfig) -> dict:
         f"{cfg.precision}")
     # Resume: weights, optimizer, scheduler and RNG from the checkpoint (the reference above was
     # set up from the *initial* model, as it must be); the data order is a function of the step.
-    start_step, _ = resume(run, cfg, t.policy, optimizer, scheduler, shards=d if t.sharded else None)
+    start_step, state = resume(run, cfg, t.policy, optimizer, scheduler, shards=d if t.sharded else None)
+    if cfg.ref_sync_every and start_step:  # TR-DPO: the reference as it was at the checkpoint
+        t.ref_model.load_state_dict(state["extra"]["reference"])
     batches = batch_order(len(t.train_set), cfg.batch_size, cfg.seed)
     for _ in range(start_step):
         next(batches)
@@ -388,6 +413,8 @@ def train(cfg: TrainConfig) -> dict:
                                                             f"{' ...' if len(rows) > 16 else ''} of {cfg.data})")
             if grad_norm is None:
                 continue
+            if cfg.ref_sync_every and step % cfg.ref_sync_every == 0:
+                sync_reference(t.ref_model, t.policy, cfg.ref_sync_mix)
             dt, tokens = time.perf_counter() - t0, sums.pop("_tokens")
             last = {"split": "train", "step": step, "epoch": epoch, **{k: v / len(idx) for k, v in sums.items()},
                     "lr": lr, "grad_norm": grad_norm, "pairs_per_s": len(idx) / dt, "tokens_per_s": tokens / dt,
@@ -412,7 +439,9 @@ def train(cfg: TrainConfig) -> dict:
 
 def save_checkpoint(t: Trainer, step: int, epoch: int, optimizer, scheduler) -> None:
     state = t.d.gather_state(t.policy, optimizer) if t.sharded else None  # every rank takes part
-    t.run.save_checkpoint(step, epoch, t.policy, optimizer, scheduler, t.cfg, state=state)
+    extra = {"reference": {k: v.detach().cpu().clone() for k, v in t.ref_model.state_dict().items()}} \
+        if t.cfg.ref_sync_every else None  # TR-DPO: the moved reference is part of the state
+    t.run.save_checkpoint(step, epoch, t.policy, optimizer, scheduler, t.cfg, state=state, extra=extra)
     t.d.barrier()
 
 
