@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("plot", "training curves of runs from their metrics.jsonl (loss, accuracy, margins, lr, ...), overlaid"),
     "rm": ("rlhf", "train a Bradley–Terry reward model (LM + scalar head) on preference pairs"),
     "ppo": ("rlhf", "PPO against a reward model or callable with a KL penalty to πref (eq. 3)"),
+    "online": ("online", "online (iterative) DPO: sample from the policy, score, pair, train, repeat"),
     "demo": ("demo", "no-network demo: tiny model, built-in task, DPO, held-out reward accuracy"),
     "experiment": ("experiment", "the paper's experiments, end to end, with a report"),
     "bench": ("bench", "benchmark directpo against TRL's DPOTrainer on the same model and data"),
