@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..config import ConfigError, check_ranges, flag_name, setting
-from .sentiment.resume import resumable
+from .resume import resumable
 
 CONFIG_FILE = "online_config.json"
 ROUNDS_FILE = "rounds.jsonl"

@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 
 from .config import SentimentConfig, parse_numbers
-from .resume import resumable
+from ..resume import resumable
 from .runs import Run, checkpoints_of, export_checkpoint
 
 

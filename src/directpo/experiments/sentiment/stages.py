@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .config import SentimentConfig
 from .corpus import default_corpus, read_corpus
-from .resume import stage
+from ..resume import stage
 
 NO_LOG_LINES = 10 ** 9  # the study logs its own progress; trainers' per-step lines are off
 
