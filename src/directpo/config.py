@@ -26,6 +26,13 @@ def setting(default, help: str, **meta):
     return field(default=default, metadata={"help": help, **meta})
 
 
+def check_required(cfg) -> None:
+    """Every field declared `required=True` is set, else one ConfigError naming the flags."""
+    missing = [f.name for f in fields(cfg) if f.metadata.get("required") and getattr(cfg, f.name) is None]
+    if missing:
+        raise ConfigError("missing required setting(s): " + ", ".join(flag_name(m) for m in missing))
+
+
 _BOUNDS = {"ge": ("≥", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b), "le": ("≤", lambda v, b: v <= b),
            "lt": ("<", lambda v, b: v < b)}
 

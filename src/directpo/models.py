@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 
 import torch
+
+from .data.formats import HUB_ID
 
 
 def quiet_transformers() -> None:
@@ -45,9 +46,6 @@ def autocast_ctx(device: torch.device | str, precision: str):
     return contextlib.nullcontext()
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-
-
 def check_model_source(name_or_dir: str) -> None:
     """A local directory that exists, or a name shaped like a hub id (`name`, `owner/name`). A
     local-looking path that does not exist is refused at once, instead of after a minute of hub
@@ -59,7 +57,7 @@ def check_model_source(name_or_dir: str) -> None:
         raise ValueError(f"{name_or_dir}: is a file; give the model's directory (with config.json) or a hub id")
     first = name_or_dir.split("/")[0]
     local_looking = name_or_dir.startswith(("/", "./", "../", "~", "\\")) or name_or_dir.count("/") > 1 \
-        or not _HUB_ID.match(name_or_dir) or ("/" in name_or_dir and os.path.isdir(first))
+        or not HUB_ID.fullmatch(name_or_dir) or ("/" in name_or_dir and os.path.isdir(first))
     if local_looking:
         raise FileNotFoundError(f"{name_or_dir}: no such model directory")
 

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..config import ConfigError, check_ranges, flag_name, setting
+from ..config import ConfigError, check_ranges, check_required, flag_name, setting
+from ..console import log as console_log
 from .resume import resumable
 
 CONFIG_FILE = "online_config.json"
@@ -80,9 +80,7 @@ class OnlineConfig:
     progress: bool = setting(True, "show progress bars")
 
     def validate(self) -> "OnlineConfig":
-        missing = [f.name for f in fields(self) if f.metadata.get("required") and getattr(self, f.name) is None]
-        if missing:
-            raise ConfigError("missing required setting(s): " + ", ".join(flag_name(m) for m in missing))
+        check_required(self)
         if (self.reward_fn is None) == (self.reward_model is None):
             raise ConfigError("give exactly one of --reward-fn module:function and --reward-model DIR")
         check_ranges(self)
@@ -93,7 +91,7 @@ class OnlineConfig:
 
 
 def log(msg: str) -> None:
-    print(f"[directpo online] {msg}", file=sys.stderr, flush=True)
+    console_log(msg, prefix="directpo online")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,8 +168,7 @@ def train_round(cfg: OnlineConfig, start: str, r: int, round_dir: Path) -> dict:
                           epochs=cfg.epochs_per_round, warmup_steps=cfg.warmup_steps, max_length=cfg.max_length,
                           seed=cfg.seed + r, device=cfg.device, threads=cfg.threads, progress=cfg.progress,
                           log_every=NO_LOG_LINES, resume="latest"))
-    done = json.loads((out / COMPLETE_MARKER).read_text())
-    train_metrics = (done.get("train") or {}) if isinstance(done, dict) else {}
+    train_metrics = json.loads((out / COMPLETE_MARKER).read_text()).get("train") or {}
     return {"seconds": time.perf_counter() - t0,
             "train": {k: v for k, v in train_metrics.items() if isinstance(v, (int, float))}}
 
@@ -262,7 +259,6 @@ def run_online(cfg: OnlineConfig) -> dict:
         write_jsonl(lines, out / ROUNDS_FILE)
         log(f"round {r}: reward {lines[-1]['reward']:.4g} ± {lines[-1]['reward_se']:.2g}, KL(π‖πSFT) "
             f"{lines[-1]['kl']:.3g}, length {lines[-1]['length']:.3g}")
-    write_jsonl(lines, out / ROUNDS_FILE)
     plot_rounds(lines, out / PLOT_FILE)
     return {"output_dir": str(out), "rounds": lines, "final_policy": str(out / f"round-{cfg.rounds}" / "policy"),
             "plot": str(out / PLOT_FILE), "seconds": time.perf_counter() - t0}

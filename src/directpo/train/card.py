@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import sys
 from numbers import Real
 from pathlib import Path
 
+from ..data.formats import is_hub_id as formats_is_hub_id
 from ..losses import LOSSES
 
 CARD_FILE = "README.md"
@@ -34,8 +34,6 @@ SETTINGS_FILE = "directpo_config.json"  # = train.run.CONFIG_FILE (run imports t
 # Never uploaded: checkpoints (optimizer state, many copies of the weights), PPO's intermediate
 # snapshots, W&B's local run files, and what a crashed write leaves behind.
 IGNORE_PATTERNS = ["checkpoints/*", "snapshots/*", "wandb/*", ".tmp-*", "*.tmp", ".write-test-*"]
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
-_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".gz", ".csv", ".tsv", ".txt", ".arrow", ".yaml", ".yml")
 _METHOD = {
     "sft": "Supervised fine-tuning: the negative log-likelihood of the target responses (Preferred-FT: the "
            "preferred response of each pair)",
@@ -49,8 +47,7 @@ _METHOD = {
 
 def is_hub_id(name: str | None) -> bool:
     """`name` or `owner/name` of [A-Za-z0-9._-], not a local path nor a file name."""
-    return bool(name) and _HUB_ID.fullmatch(name) is not None and not os.path.exists(os.path.expanduser(name)) \
-        and not name.lower().endswith(_FILE_SUFFIXES)
+    return bool(name) and formats_is_hub_id(name) and not os.path.exists(os.path.expanduser(name))
 
 
 def base_model_id(model: str | None, _depth: int = 0) -> str | None:

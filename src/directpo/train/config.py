@@ -11,9 +11,9 @@ Defaults are the paper's (appendix B): β = 0.1, batch 64, RMSprop at lr 1e-6, 1
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-from ..config import ConfigError, check_ranges, flag_name, setting
+from ..config import ConfigError, check_ranges, check_required, setting
 
 
 @dataclass
@@ -62,9 +62,7 @@ class RunConfig:
         "report_to", "push_to_hub", "hub_private"})
 
     def validate(self):
-        missing = [f.name for f in fields(self) if f.metadata.get("required") and getattr(self, f.name) is None]
-        if missing:
-            raise ConfigError("missing required setting(s): " + ", ".join(flag_name(m) for m in missing))
+        check_required(self)
         check_ranges(self)
         from .card import check_repo_id
         from .loggers import check_report_to
