@@ -120,3 +120,12 @@ def test_online_refuses_other_settings(sft_model, prompts, tmp_path, capsys):
     assert not (out / "round-0").exists()
     assert main(["online", "--model", str(sft_model), "--prompts", str(prompts), "--output-dir", str(out)]) == 2
     assert "exactly one of --reward-fn" in capsys.readouterr().err
+
+
+def test_a_round_without_pairs_stops_with_a_hint(tiny_model, prompts, tmp_path, capsys):
+    """The random tiny model's samples all score 0 under the review reward: no pairs, one line saying
+    what to raise, exit 2 (not a DPO run on an empty file)."""
+    rc = online(tiny_model, prompts, tmp_path / "o", "--rounds", "1")
+    err = capsys.readouterr().err
+    assert rc == 2 and "round 1: no pairs" in err and "--samples-per-prompt" in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "round-1" / "policy").exists()
