@@ -137,3 +137,33 @@ def test_default_corpus_is_found_next_to_the_checkout_or_is_an_error(tmp_path, m
     sst2.parent.mkdir(parents=True)
     review_corpus(sst2, n=5)
     assert default_corpus() == str(sst2)
+
+
+def test_online_dpo_method_against_offline_dpo(tmp_path):
+    """`--methods dpo,online_dpo`: online DPO rounds are points of the frontier, measured like every
+    other method's, compared with offline DPO at matched KL, with both costs; no reward model is
+    trained when no method uses it."""
+    from directpo.cli import main
+
+    corpus = review_corpus(tmp_path / "reviews.txt")
+    out = tmp_path / "study"
+    argv = ["experiment", "sentiment", "--preset", "smoke", "--output-dir", str(out), "--corpus", str(corpus),
+            "--no-progress", "--threads", "1", "--methods", "dpo,online_dpo", "--dpo-betas", "0.1"]
+    assert main(argv) == 0
+    points = json.loads((out / "points.json").read_text())
+    assert {p["method"] for p in points} == {"sft", "dpo", "online_dpo"}
+    online = sorted(p["step"] for p in points if p["method"] == "online_dpo")
+    assert online == [1, 2]  # the smoke preset's two rounds, a point each
+    assert (out / "runs" / "online_dpo_0.1" / "round-2" / "policy" / "model.safetensors").exists()
+    assert not (out / "rm").exists()
+    md = (out / "summary.md").read_text()
+    assert "## Offline DPO vs online DPO" in md and "| online DPO | " in md and "reward model: not trained" in md
+    stamp = (out / "runs" / "online_dpo_0.1" / "round-1" / "policy" / "model.safetensors").stat().st_mtime_ns
+    assert main(argv) == 0  # a finished study redoes nothing
+    assert (out / "runs" / "online_dpo_0.1" / "round-1" / "policy" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_methods_setting_is_checked(tmp_path):
+    cfg = SentimentConfig(output_dir=str(tmp_path), methods="dpo,ppo_typo", **preset_defaults("smoke"))
+    with pytest.raises(ValueError, match="--methods: unknown ppo_typo"):
+        cfg.validate()

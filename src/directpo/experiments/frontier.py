@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 
 POINT_FIELDS = ("method", "knob", "step", "kl", "kl_se", "reward", "reward_se", "length")
-METHODS = ("dpo", "ppo", "ppo_gt", "unlikelihood", "preferred_ft", "best_of_n", "sft")
-LABELS = {"dpo": "DPO", "ppo": "PPO (learned RM)", "ppo_gt": "PPO-GT", "unlikelihood": "Unlikelihood",
-          "preferred_ft": "Preferred-FT", "best_of_n": "Best-of-N (learned RM)", "sft": "πSFT"}
-COLORS = {"dpo": "tab:red", "ppo": "tab:blue", "ppo_gt": "tab:purple", "unlikelihood": "tab:green",
-          "preferred_ft": "tab:orange", "best_of_n": "tab:gray", "sft": "black"}
+METHODS = ("dpo", "online_dpo", "ppo", "ppo_gt", "unlikelihood", "preferred_ft", "best_of_n", "sft")
+LABELS = {"dpo": "DPO", "online_dpo": "online DPO", "ppo": "PPO (learned RM)", "ppo_gt": "PPO-GT",
+          "unlikelihood": "Unlikelihood", "preferred_ft": "Preferred-FT", "best_of_n": "Best-of-N (learned RM)",
+          "sft": "πSFT"}
+COLORS = {"dpo": "tab:red", "online_dpo": "tab:brown", "ppo": "tab:blue", "ppo_gt": "tab:purple",
+          "unlikelihood": "tab:green", "preferred_ft": "tab:orange", "best_of_n": "tab:gray", "sft": "black"}
 
 
 def frontier_mean(kls: np.ndarray, rewards: np.ndarray, start: float, K: float) -> float:

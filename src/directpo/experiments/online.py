@@ -79,9 +79,9 @@ class OnlineConfig:
     overwrite: bool = setting(False, "start over in an output directory that holds another online run")
     progress: bool = setting(True, "show progress bars")
 
-    def validate(self) -> "OnlineConfig":
+    def validate(self, need_reward: bool = True) -> "OnlineConfig":
         check_required(self)
-        if (self.reward_fn is None) == (self.reward_model is None):
+        if need_reward and (self.reward_fn is None) == (self.reward_model is None):
             raise ConfigError("give exactly one of --reward-fn module:function and --reward-model DIR")
         check_ranges(self)
         if self.batch_size % self.micro_batch_size:
@@ -237,18 +237,20 @@ def run_round(cfg: OnlineConfig, scorer, r: int, out: Path) -> dict:
             "pairs": pairs["pairs"], "seconds": seconds}
 
 
-def run_online(cfg: OnlineConfig) -> dict:
+def run_online(cfg: OnlineConfig, scorer=None) -> dict:
+    """The rounds; `scorer` (a batch scorer, e.g. a study's ground truth) replaces --reward-fn/--reward-model."""
     from ..data.formats import write_jsonl
     from ..eval.scorers import load_reward_fn
 
-    cfg.validate()
+    cfg.validate(need_reward=scorer is None)
     out = Path(cfg.output_dir)
     check_output_dir(cfg, out)
     if cfg.threads:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    scorer = load_reward_fn(cfg.reward_model, cfg.reward_fn, device=cfg.device)
+    if scorer is None:
+        scorer = load_reward_fn(cfg.reward_model, cfg.reward_fn, device=cfg.device)
     t0 = time.perf_counter()
     ev0 = resumable(out / "round-0" / "eval.done.json", lambda: evaluate_round(cfg, cfg.model, scorer, out / "round-0"))
     lines = [{"round": 0, **{k: ev0[k] for k in ("reward", "reward_se", "kl", "kl_se", "length")}, "pairs": 0,

@@ -13,7 +13,8 @@ library's own commands/APIs and each resumable (a killed study continues where i
   6 baselines   πSFT itself, and Best-of-N of πSFT picked by the RM (KL = log N − (N−1)/N)
   7 runs        DPO over β; Unlikelihood; Preferred-FT (`train`); PPO with the RM and PPO-GT with the
                 scorer over KL coefficients (`ppo`); each saves several checkpoints, each evaluated on
-                the eval prompts (`directpo eval`: ground-truth reward, KL from samples of π, length)
+                the eval prompts (`directpo eval`: ground-truth reward, KL from samples of π, length);
+                opt-in (`--methods ...,online_dpo`): online DPO rounds (`directpo online`), a point each
   8 report      points.json / points.csv, frontier.png, summary.md (frontier areas with error bars)
 
 Modules: `config` (settings, presets), `corpus` (reading and cleaning reviews), `resume` (the
@@ -26,37 +27,20 @@ overridden by its flag.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 from ...console import log
+from ..common import StudyClock
 from .config import PRESETS, SentimentConfig, preset_defaults, sentiment_config
 from .evaluation import eval_best_of_n, eval_point, eval_run
+from .online_runs import offline_cost, run_online_dpo
 from .runs import Run, plan_runs, run_method
 from .stages import ground_truth, stage_corpus, stage_pairs, stage_prompts, stage_rm, stage_sft
 
 __all__ = ["PRESETS", "Run", "SentimentConfig", "preset_defaults", "run_sentiment", "sentiment_config"]
 
 N_STAGES = 8
-
-
-class StudyClock:
-    """Logs each step of the study as it starts, and adds up the seconds spent per step name."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.timings: dict[str, float] = {}
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def step(self, number: int, name: str, fn, *args):
-        log(f"sentiment: stage {number}/{N_STAGES}: {name}  ({self.elapsed():.0f} s so far)")
-        began = time.perf_counter()
-        result = fn(*args)
-        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - began
-        return result
 
 
 def run_sentiment(cfg: SentimentConfig) -> dict:
@@ -71,7 +55,7 @@ def run_sentiment(cfg: SentimentConfig) -> dict:
 
         torch.set_num_threads(cfg.threads)
     (out / "study_config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    clock = StudyClock()
+    clock = StudyClock("sentiment", N_STAGES)
     scorer = ground_truth(cfg)
     runs = plan_runs(cfg)
 
@@ -81,15 +65,23 @@ def run_sentiment(cfg: SentimentConfig) -> dict:
     sft = info["sft"]["sft"]
     info["prompts"] = clock.step(3, "prompts", stage_prompts, cfg, out, sft)
     info["pairs"] = clock.step(4, "preference pairs", stage_pairs, cfg, out, sft, scorer)
-    info["rm"] = clock.step(5, "reward model", stage_rm, cfg, out, sft)
+    # Only Best-of-N and PPO use the learned reward model.
+    info["rm"] = (clock.step(5, "reward model", stage_rm, cfg, out, sft)
+                  if cfg.runs_method("best_of_n") or cfg.runs_method("ppo") else {"rm": None, "heldout_accuracy": None})
 
     (out / "evals").mkdir(exist_ok=True)
     points = [clock.step(6, "evaluate πSFT", eval_point, cfg, out, sft, scorer, "sft", None, 0, sft)]
-    points += clock.step(6, "Best-of-N", eval_best_of_n, cfg, out, sft, scorer)
+    if cfg.runs_method("best_of_n"):
+        points += clock.step(6, "Best-of-N", eval_best_of_n, cfg, out, sft, scorer)
     # Each run is evaluated as soon as it is trained: its points are on disk before the next starts.
     for k, run in enumerate(runs, 1):
         clock.step(7, f"run {k}/{len(runs)} {run.name}: train", run_method, cfg, out, sft, run, scorer)
         points += clock.step(7, f"run {k}/{len(runs)} {run.name}: evaluate", eval_run, cfg, out, sft, run, scorer)
+    if cfg.runs_method("online_dpo"):
+        online_points, info["online_cost"] = clock.step(7, "online DPO", run_online_dpo, cfg, out, sft, scorer)
+        points += online_points
+        info["offline_cost"] = offline_cost(cfg, out)
+        info["offline_cost"]["minutes"] = offline_minutes(clock.timings, cfg.online_beta)
 
     log(f"sentiment: stage 8/{N_STAGES}: report")
     comparisons = write_report(cfg, out, points, info, clock.elapsed())

@@ -7,6 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...config import build_config, load_yaml, setting
+from ..common import parse_numbers  # noqa: F401 (re-exported: runs, evaluation)
+
+# What `--methods` accepts; online DPO (iterative: sample from the policy, label, DPO, repeat) is opt-in.
+ALL_METHODS = ("dpo", "unlikelihood", "preferred_ft", "ppo", "ppo_gt", "best_of_n", "online_dpo")
+DEFAULT_METHODS = ALL_METHODS[:-1]
 
 PRESETS: dict[str, dict] = {
     # Every stage, tiny everything: for CI (< 3 min on 2 cores).
@@ -14,7 +19,8 @@ PRESETS: dict[str, dict] = {
                   n_eval_prompts=16, pretrain_epochs=2.0, pretrain_batch=32, max_new_tokens=12, batch_size=16,
                   dpo_betas="0.1,1.0", dpo_steps=4, ul_weights="1.0", ul_steps=4, pft_steps=4, rm_steps=4,
                   ppo_kl_coefs="0.1", ppo_gt_kl_coefs="0.1", ppo_steps=2, ppo_batch=16, ppo_mini_batch=8,
-                  ppo_epochs=1, bon_ns="2,4", eval_points=2, eval_samples=2, eval_batch=32),
+                  ppo_epochs=1, bon_ns="2,4", eval_points=2, eval_samples=2, eval_batch=32,
+                  online_rounds=2),
     # The issue's budget: ≤ 60 min on 2 CPU cores, fp32 (this CPU has no fast bf16).
     "cpu-small": dict(),
     # The paper's scale: needs the network (IMDb, gpt2-large, the siebert classifier) and a GPU.
@@ -85,6 +91,14 @@ class SentimentConfig:
     ppo_mini_batch: int = setting(16, "PPO: rollouts per gradient step")
     ppo_epochs: int = setting(4, "PPO: passes over each rollout batch")
     bon_ns: str = setting("2,4,8,16", "Best-of-N: N values (samples of πSFT, picked by the learned RM)")
+    methods: str = setting(",".join(DEFAULT_METHODS), "methods to run, comma-separated (πSFT is always evaluated): "
+                                                      + ", ".join(ALL_METHODS))
+    online_rounds: int = setting(3, "online DPO: rounds of sample → score → pair → DPO (each a point)")
+    online_beta: float = setting(0.1, "online DPO: β")
+    online_samples: int = setting(4, "online DPO: completions per train prompt and round, scored by the ground "
+                                     "truth; best vs worst make the round's pair")
+    online_ref: str = setting("round", "online DPO: πref of a round, its starting policy or πSFT",
+                              choices=["round", "initial"])
     eval_points: int = setting(4, "checkpoints evaluated per run (evenly spaced, the last included)")
     eval_samples: int = setting(4, "samples per eval prompt")
     eval_batch: int = setting(256, "sequences generated/scored at once")
@@ -102,9 +116,21 @@ class SentimentConfig:
             raise ValueError("need 1 ≤ prompt_min_tokens ≤ prompt_max_tokens")
         if self.eval_points < 1 or self.samples_per_prompt < 2:
             raise ValueError("eval_points must be ≥ 1 and samples_per_prompt ≥ 2")
+        unknown = set(self.method_list()) - set(ALL_METHODS)
+        if unknown or not self.method_list():
+            raise ValueError(f"--methods: unknown {', '.join(sorted(unknown)) or '(none given)'}; choose from "
+                             f"{', '.join(ALL_METHODS)}")
+        if self.online_rounds < 1 or self.online_samples < 2 or self.online_beta <= 0:
+            raise ValueError("need online_rounds ≥ 1, online_samples ≥ 2 and online_beta > 0")
         for name in ("dpo_betas", "ul_weights", "ppo_kl_coefs", "ppo_gt_kl_coefs", "bon_ns"):
             parse_numbers(getattr(self, name), name)
         return self
+
+    def method_list(self) -> list[str]:
+        return [m.strip() for m in str(self.methods).split(",") if m.strip()]
+
+    def runs_method(self, method: str) -> bool:
+        return method in self.method_list()
 
 
 def preset_defaults(name: str) -> dict:
@@ -112,14 +138,6 @@ def preset_defaults(name: str) -> dict:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
     return dict(PRESETS[name], preset=name)
-
-
-def parse_numbers(text: str, name: str) -> list[float]:
-    """The comma-separated numbers of setting `name` (e.g. --dpo-betas 0.1,1.0)."""
-    try:
-        return [float(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--{name.replace('_', '-')}: expected comma-separated numbers, got {text!r}") from None
 
 
 def sentiment_config(args) -> SentimentConfig:

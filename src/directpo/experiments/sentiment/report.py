@@ -13,8 +13,37 @@ def write_report(cfg: SentimentConfig, out: Path, points: list[dict], info: dict
     comparisons = summarize(points)
     write_points(points, out)
     plot_frontier(points, out / "frontier.png", title=f"controlled sentiment ({cfg.preset}): reward vs KL")
-    (out / "summary.md").write_text(markdown(points, comparisons, summary_header(cfg, info, seconds)))
+    text = markdown(points, comparisons, summary_header(cfg, info, seconds))
+    if "online_cost" in info:
+        text += online_section(cfg, points, comparisons, info)
+    (out / "summary.md").write_text(text)
     return comparisons
+
+
+def online_section(cfg: SentimentConfig, points: list[dict], comparisons: dict, info: dict) -> str:
+    """Offline DPO vs online DPO at matched KL, and what each cost."""
+    c = comparisons.get("online_dpo") or {}
+    offline = [p for p in points if p["method"] == "dpo" and p["knob"] == cfg.online_beta]
+    online = sorted((p for p in points if p["method"] == "online_dpo"), key=lambda p: p["step"])
+    lines = ["", f"## Offline DPO vs online DPO (β {cfg.online_beta:g}, {cfg.online_rounds} rounds, πref: "
+             f"{'each round' + chr(39) + 's start' if cfg.online_ref == 'round' else 'πSFT'})", ""]
+    if c:
+        lines += [f"Over KL 0–{c['kl_range']:.2f}, offline DPO's frontier (every β) averages {c['mean_a']:.3f}, "
+                  f"online DPO's {c['mean_b']:.3f}: difference {c['diff']:+.3f} ± {c['diff_se']:.3f} "
+                  f"(DPO {c['verdict']} online DPO).", ""]
+    lines += ["| run | point | KL | reward | length |", "|---|---|---|---|---|"]
+    lines += [f"| offline DPO β {p['knob']:g} | step {p['step']} | {p['kl']:.2f} | {p['reward']:.3f} ± "
+              f"{p['reward_se']:.3f} | {p['length']:.1f} |" for p in offline]
+    lines += [f"| online DPO β {p['knob']:g} | round {p['step']} | {p['kl']:.2f} | {p['reward']:.3f} ± "
+              f"{p['reward_se']:.3f} | {p['length']:.1f} |" for p in online]
+    lines += ["", "Cost (labelled samples: completions scored by the ground truth; minutes: wall clock on this "
+              "machine of sampling, labelling and training, evaluation left out; n/a: done by an earlier "
+              "invocation):", "",
+              "| run | labelled samples | pairs | optimizer steps | minutes |", "|---|---|---|---|---|"]
+    for name, cost in (("offline DPO (one β)", info["offline_cost"]), ("online DPO", info["online_cost"])):
+        lines.append(f"| {name} | {cost['labelled_samples']} | {cost['pairs']} | {cost['steps']} | "
+                     f"{format_optional(cost['minutes'], '.1f')} |")
+    return "\n".join(lines) + "\n"
 
 
 def summary_header(cfg: SentimentConfig, info: dict, seconds: float) -> str:
@@ -34,7 +63,8 @@ def summary_header(cfg: SentimentConfig, info: dict, seconds: float) -> str:
              f"- pairs: {pairs['pairs']} ({cfg.pairs}, margin {cfg.pair_margin}) from "
              f"{cfg.samples_per_prompt} samples per prompt; median within-prompt reward spread "
              f"{pairs['median_spread']:.2f}",
-             f"- reward model: held-out pair accuracy {format_optional(info['rm']['heldout_accuracy'])}",
+             f"- reward model: held-out pair accuracy {format_optional(info['rm']['heldout_accuracy'])}"
+             if info["rm"]["rm"] else "- reward model: not trained (no method here uses it)",
              f"- evaluation: {cfg.eval_samples} samples × {prompts['eval']} eval prompts per point, "
              f"≤ {cfg.max_new_tokens} new tokens, temperature 1; KL(π‖πSFT) from samples of π; Best-of-N KL is "
              "the analytic log N − (N−1)/N",
@@ -42,8 +72,8 @@ def summary_header(cfg: SentimentConfig, info: dict, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def format_optional(x) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
+def format_optional(x, spec: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
 
 
 def relative_to(path: str, root: str) -> str:

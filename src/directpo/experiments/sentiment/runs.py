@@ -28,7 +28,7 @@ def plan_runs(cfg: SentimentConfig) -> list[Run]:
     runs += [Run("preferred_ft", None, cfg.pft_steps)]
     runs += [Run("ppo", kl, cfg.ppo_steps) for kl in parse_numbers(cfg.ppo_kl_coefs, "ppo_kl_coefs")]
     runs += [Run("ppo_gt", kl, cfg.ppo_steps) for kl in parse_numbers(cfg.ppo_gt_kl_coefs, "ppo_gt_kl_coefs")]
-    return runs
+    return [run for run in runs if cfg.runs_method(run.method)]
 
 
 def save_interval(steps: int, points: int) -> int:
