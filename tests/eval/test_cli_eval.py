@@ -141,6 +141,11 @@ _BASE = {"score": ["score", "--model", "m", "--data", "d", "--out", "o"],
     ("eval", "--judge-workers", "0", "an integer ≥ 1"),
     ("eval", "--judge-timeout", "0", "a number > 0"),
     ("eval", "--judge-timeout", "-5", "a number > 0"),
+    ("eval", "--judge-retries", "-1", "an integer ≥ 0"),
+    ("eval", "--judge-backoff", "-0.5", "a number ≥ 0"),
+    ("eval", "--judge-max-failure-rate", "1", "a number in [0, 1)"),
+    ("eval", "--judge-max-failure-rate", "-0.1", "a number in [0, 1)"),
+    ("eval", "--judge-max-failure-rate", "nan", "a number in [0, 1)"),
     ("score", "--max-length", "0", "an integer ≥ 1 or none"),
     ("sample", "--max-prompt-length", "0", "an integer ≥ 1 or none"),
     ("score", "--beta", "0", "a number > 0"),
@@ -162,3 +167,26 @@ def test_help_says_each_default_once(command, capsys):
     assert "(default: None)" not in text
     assert "--data-split DATA_SPLIT split name for `datasets` sources (default: train) --" in text
     assert "--overwrite replace output files that exist (never an input file)" in text
+
+
+def test_eval_judge_flags_checked_before_loading(pairs, capsys):
+    """One judge at most; --judge-model only with --judge-url; a local judge alone is enough to run
+    (and an existing output is still refused before it is loaded)."""
+    base = ["eval", "--model", MISSING_MODEL, "--ref", MISSING_MODEL, "--prompts", str(pairs / "pairs.jsonl"),
+            "--out", str(pairs / "r.json")]
+    with pytest.raises(SystemExit) as e:
+        main(base + ["--judge-url", "http://127.0.0.1:9/v1", "--judge-classifier", "c"])
+    assert e.value.code == 2
+    assert "argument --judge-classifier: not allowed with argument --judge-url" in capsys.readouterr().err
+    assert main(base + ["--judge-reward-model", "rm", "--judge-model", "gpt"]) == 2
+    assert "--judge-model names the model of --judge-url" in capsys.readouterr().err
+    (pairs / "r.json").write_text("{}")
+    assert main(base + ["--judge-reward-model", "rm"]) == 2
+    assert "r.json exists: pass --overwrite" in capsys.readouterr().err
+    # with --overwrite it goes on to load the judge's reward model: a one-line error for a missing one
+    assert main(base + ["--judge-reward-model", str(pairs / "no-such-rm"), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("directpo eval: error: ") and "\n" not in err and "no-such-rm" in err
+    with pytest.raises(SystemExit):
+        main(base + ["--reward-fn", "a:b", "--judge-order", "both"])
+    assert "argument --judge-order: invalid choice: 'both'" in capsys.readouterr().err

@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 
-from .args import (HelpFormatter, check_outputs, float_in, optional_int, overwrite_flag, positive)
+from .args import (HelpFormatter, check_outputs, float_in, int_at_least, optional_int, overwrite_flag, positive)
 
 
 def _temperatures(s: str) -> list[float]:
@@ -16,6 +16,17 @@ def _temperatures(s: str) -> list[float]:
     if not values or any(not 0 <= v < float("inf") for v in values):
         raise argparse.ArgumentTypeError(f"expected temperatures ≥ 0, got {s!r}")
     return values
+
+
+def _rate_below_one(s: str) -> float:
+    """A fraction in [0, 1): 1 would accept a judge that failed every call."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not 0 <= v < 1:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {s}")
+    return v
 
 
 def _generation_flags(p: argparse.ArgumentParser, n_default: int | None = 1, temperature: bool = True) -> None:
@@ -108,29 +119,37 @@ def run_bon(args) -> int:
     return 0
 
 
+_SUMMARY_KEYS = ("reward_mean", "reward_se", "kl_mean", "kl_se", "length_mean", "win_rate", "win_rate_ci",
+                 "win_rate_lc", "win_rate_lc_ci", "judge_kind", "judge_consistency", "judge_failures",
+                 "judge_parse_failures")
+
+
 def run_eval(args) -> int:
     from ..eval.evaluate import evaluate_policy
-    from ..eval.judge import ChatJudge
+    from ..eval.judge import build_judge
 
     template = args.judge_prompt if os.path.isfile(args.judge_prompt) else None  # a template file
     check_outputs({"--out": args.out, "--samples-out": args.samples_out, "--plot": args.plot},
                   {"--prompts": args.prompts, "--judge-prompt": template}, args.overwrite)
-    if args.reward_model is None and args.reward_fn is None and args.judge_url is None:
-        raise ValueError("give --reward-model, --reward-fn or --judge-url (with --judge-model)")
-    judge = None
-    if args.judge_url:
-        if not args.judge_model:
-            raise ValueError("--judge-url needs --judge-model NAME (the model the endpoint serves)")
-        judge = ChatJudge(args.judge_url, args.judge_model, prompt=args.judge_prompt, timeout=args.judge_timeout,
-                          workers=args.judge_workers, seed=args.seed)
+    local_judge = args.judge_reward_model or args.judge_classifier
+    if args.reward_model is None and args.reward_fn is None and args.judge_url is None and not local_judge:
+        raise ValueError("give --reward-model, --reward-fn or --judge-url (with --judge-model), or a local judge: "
+                         "--judge-reward-model or --judge-classifier")
+    if args.judge_model and not args.judge_url:
+        raise ValueError("--judge-model names the model of --judge-url; give --judge-url too")
+    judge = build_judge(url=args.judge_url, model=args.judge_model, prompt=args.judge_prompt,
+                        reward_model=args.judge_reward_model, classifier=args.judge_classifier,
+                        classifier_label=args.judge_classifier_label, device=args.device, seed=args.seed,
+                        order=args.judge_order, retries=args.judge_retries, backoff=args.judge_backoff,
+                        max_failure_rate=args.judge_max_failure_rate, timeout=args.judge_timeout,
+                        workers=args.judge_workers)
     temps = args.temperatures if args.temperatures is not None else [args.temperature]
     res = evaluate_policy(args.model, args.prompts, args.out, ref=args.ref, reward=_scorer(args), judge=judge, n=args.n,
                    temperatures=temps, max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed,
                    batch_size=args.batch_size, max_prompt_length=args.max_prompt_length, device=args.device,
                    precision=args.precision, plot=args.plot, samples_out=args.samples_out,
                    on_invalid=args.on_invalid, split=args.data_split, progress=args.progress)
-    summary = {k: res.get(k) for k in ("reward_mean", "reward_se", "kl_mean", "kl_se", "length_mean", "win_rate",
-                                       "judge_parse_failures") if k in res}
+    summary = {k: res.get(k) for k in _SUMMARY_KEYS if k in res}
     summary.update({k: getattr(args, k) for k in ("out", "samples_out", "plot") if getattr(args, k)})  # final paths
     print(json.dumps(summary))
     return 0
@@ -152,6 +171,35 @@ def _bon_flags(b) -> None:
     _generation_flags(b, n_default=None)
 
 
+def _judge_flags(e) -> None:
+    g = e.add_mutually_exclusive_group()
+    g.add_argument("--judge-url", help="OpenAI-compatible endpoint base URL (POST {url}/chat/completions); API key "
+                                       "from DIRECTPO_JUDGE_API_KEY or OPENAI_API_KEY")
+    g.add_argument("--judge-reward-model", metavar="DIR",
+                   help="judge locally with a reward model (`directpo rm` output): higher wins; not an LLM judge")
+    g.add_argument("--judge-classifier", metavar="NAME_OR_DIR",
+                   help="judge locally with a Hugging Face sequence classifier: higher P(--judge-classifier-label) "
+                        "wins (a one-output model: higher logit); not an LLM judge")
+    e.add_argument("--judge-classifier-label", default=None,
+                   help="the classifier's 'good' class, by name or index (default: the class named 'positive')")
+    e.add_argument("--judge-model", help="model name sent to the judge endpoint")
+    e.add_argument("--judge-prompt", default="dialogue",
+                   help="judge prompt: dialogue, summary (the paper's GPT-4 prompts), or a template file with "
+                        "{query}, {a}, {b}")
+    e.add_argument("--judge-order", choices=["swap", "random"], default="swap",
+                   help="swap: ask each comparison in both orders (disagreeing verdicts are a tie); random: once, "
+                        "the policy's side a seeded coin flip")
+    e.add_argument("--judge-workers", type=positive, default=4, help="parallel judge requests (≥ 1)")
+    e.add_argument("--judge-timeout", type=float_in(0), default=60.0, help="seconds per judge request (> 0)")
+    e.add_argument("--judge-retries", type=int_at_least(0), default=3,
+                   help="retries of a judge call after a connection error, timeout or HTTP 408/429/5xx (≥ 0)")
+    e.add_argument("--judge-backoff", type=float_in(0, lo_open=False), default=1.0,
+                   help="seconds before the first retry, doubling (jittered, at most 30; a Retry-After is honoured)")
+    e.add_argument("--judge-max-failure-rate", type=_rate_below_one, default=0.1,
+                   help="stop with an error when more than this fraction of the comparisons fail after retries, "
+                        "in [0, 1)")
+
+
 def _eval_flags(e) -> None:
     e.add_argument("--model", required=True, help="the policy π")
     e.add_argument("--ref", required=True, help="the reference πref of the KL (same tokenizer)")
@@ -159,13 +207,7 @@ def _eval_flags(e) -> None:
                                                     "'reference' field) are the references for win rates")
     e.add_argument("--out", required=True, help="results JSON")
     _reward_flags(e, required=False)
-    e.add_argument("--judge-url", help="OpenAI-compatible endpoint base URL (POST {url}/chat/completions)")
-    e.add_argument("--judge-model", help="model name sent to the judge endpoint")
-    e.add_argument("--judge-prompt", default="dialogue",
-                   help="judge prompt: dialogue, summary (the paper's GPT-4 prompts), or a template file with "
-                        "{query}, {a}, {b}")
-    e.add_argument("--judge-workers", type=positive, default=4, help="parallel judge requests (≥ 1)")
-    e.add_argument("--judge-timeout", type=float_in(0), default=60.0, help="seconds per judge request (> 0)")
+    _judge_flags(e)
     e.add_argument("--temperatures", type=_temperatures, default=None,
                    help="comma-separated sweep, e.g. 0.25,0.5,0.75,1.0 (default: --temperature)")
     e.add_argument("--plot", help="PNG of reward / win rate / length against temperature")

@@ -3,7 +3,9 @@
 For each sampling temperature: n completions per held-out prompt from π, then
 * reward: mean ± standard error of a reward model or callable over the samples;
 * win rate against the prompts' reference completions (a preference file's `chosen`, or a
-  `reference` field), judged by a chat endpoint (`--judge-url`), else by the reward (higher wins);
+  `reference` field), judged by a chat endpoint (`--judge-url`), a local reward model or classifier
+  (`directpo.eval.judge.build_judge`), else by the reward (higher wins); with its bootstrap interval
+  over prompts and the length-controlled win rate (`directpo.eval.winrate`);
 * length: generated tokens per completion (EOS not counted).
 
 KL(π‖πref) at the sequence level is estimated from samples of π itself (temperature 1, top-p 1):
@@ -30,6 +32,12 @@ from ..logprobs import dataset_logps
 from ..models import check_vocab, load_model, load_tokenizer, pick_device
 from .sampling import Samples, draw_samples
 from .scorers import as_scorer
+
+
+# Copied from the headline temperature's entry to the top level of the results.
+HEADLINE_KEYS = ("reward_mean", "reward_se", "length_mean", "win_rate", "win_rate_se", "win_rate_ci", "win_rate_lc",
+                 "win_rate_lc_ci", "judged", "judge_kind", "judge_consistency", "judge_failures",
+                 "judge_parse_failures")
 
 
 def mean_se(values) -> tuple[float, float]:
@@ -75,8 +83,27 @@ def check_same_tokenizer(tok, ref_tok, model: str, ref: str) -> None:
                          "score the same token ids")
 
 
+def _error_bars(entries: list, key: str, ys: list):
+    """The error bars of a panel: the bootstrap interval of the win rate when the entries carry one
+    (asymmetric, [below, above]), else ± the standard error; 0 where unknown."""
+    def known(v):
+        return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+    if key == "win_rate" and any(known((e.get("win_rate_ci") or [None])[0]) for e in entries):
+        below, above = [], []
+        for e, y in zip(entries, ys):
+            lo, hi = e.get("win_rate_ci") or [None, None]
+            ok = known(lo) and known(hi) and known(y)
+            below.append(max(y - lo, 0.0) if ok else 0.0)
+            above.append(max(hi - y, 0.0) if ok else 0.0)
+        return [below, above]
+    err = [e.get(key.replace("_mean", "_se") if key.endswith("_mean") else key + "_se") for e in entries]
+    return [v if known(v) else 0.0 for v in err]
+
+
 def plot_sweep(results: dict, path: str) -> None:
-    """Reward, win rate and length against the sampling temperature (the paper's Fig. 2 right / Fig. 3)."""
+    """Reward, win rate and length against the sampling temperature (the paper's Fig. 2 right / Fig. 3);
+    the win rate's error bars are its bootstrap interval when the results carry one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,9 +117,7 @@ def plot_sweep(results: dict, path: str) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         ys = [float("nan") if e.get(key) is None else e[key] for e in entries]
-        err = [e.get(key.replace("_mean", "_se") if key.endswith("_mean") else key + "_se") for e in entries]
-        err = [0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in err]
-        ax.errorbar(temps, ys, yerr=err, marker="o", capsize=3)
+        ax.errorbar(temps, ys, yerr=_error_bars(entries, key, ys), marker="o", capsize=3)
         ax.set_xlabel("sampling temperature")
         ax.set_ylabel(label)
         if key == "win_rate":
@@ -115,7 +140,10 @@ def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, 
                     precision: str = "fp32", plot: str | None = None, samples_out: str | None = None,
                     on_invalid: str = "error", split: str | None = None, progress: bool = True) -> dict:
     """`reward`: a scorer `(prompts, completions) -> list[float]` (or None); `judge`: a ChatJudge or
-    RewardJudge for win rates (None: the reward judges, when references exist)."""
+    RewardJudge for win rates, e.g. from `directpo.eval.judge.build_judge` (None: the reward judges,
+    when references exist). Each temperature's entry carries the judge's summary (win_rate,
+    win_rate_ci, win_rate_lc, win_rate_lc_ci, judge_kind, ...); the n samples of a prompt are one
+    cluster of the win rate's bootstrap."""
     from .judge import RewardJudge
 
     reward = as_scorer(reward) if reward is not None else None
@@ -134,7 +162,7 @@ def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, 
     references = [it.reference for it in items]
     has_refs = all(r is not None for r in references)
     if judge is None and reward is not None and has_refs:
-        judge = RewardJudge(reward)
+        judge = RewardJudge(reward, seed=seed)
     results: dict = {"model": model, "ref": ref, "prompts": prompts, "num_prompts": len(items),
                      "skipped_rows": report.total, "n": n, "max_new_tokens": max_new_tokens, "top_p": top_p,
                      "seed": seed, "precision": precision, "temperatures": []}
@@ -152,7 +180,8 @@ def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, 
             entry["reward_mean"], entry["reward_se"] = mean_se(rewards)
         if judge is not None and has_refs:
             refs = [references[k // n] for k in range(len(s.texts))]
-            entry.update(judge.judge(s.prompts, s.texts, refs).summary())
+            clusters = [k // n for k in range(len(s.texts))]  # the prompt: its n samples are not independent
+            entry.update(judge.judge(s.prompts, s.texts, refs, clusters=clusters).summary())
         results["temperatures"].append(entry)
         if t == 1.0 and top_p == 1.0:
             kl_samples = s
@@ -173,13 +202,13 @@ def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, 
         results["kl_temperature"] = 1.0
     # Headline numbers: the temperature-1 entry if swept, else the first.
     main = next((e for e in results["temperatures"] if e["temperature"] == 1.0), results["temperatures"][0])
-    for key in ("reward_mean", "reward_se", "length_mean", "win_rate", "win_rate_se", "judge_parse_failures"):
+    for key in HEADLINE_KEYS:
         if key in main:
             results[key] = main[key]
     results["headline_temperature"] = main["temperature"]
     results = _finite_or_none(results)
     written = write_outputs(results, sample_rows, out, samples_out, plot)
-    parts = [f"{k} {results[k]:.4g}" for k in ("reward_mean", "kl_mean", "win_rate", "length_mean")
+    parts = [f"{k} {results[k]:.4g}" for k in ("reward_mean", "kl_mean", "win_rate", "win_rate_lc", "length_mean")
              if results.get(k) is not None]
     print(f"[directpo] eval of {model} on {len(items)} prompts × {n}: {', '.join(parts)} -> {', '.join(written)}",
           file=sys.stderr)

@@ -1,32 +1,53 @@
 """Judges for win rates: does the policy's completion beat the reference completion?
 
-* `RewardJudge`: a reward model or callable scores both; the higher wins (a tie counts ½).
+* `RewardJudge`: a reward model, a classifier or a callable scores both sides; the higher wins (a tie
+  counts ½). A local model is no LLM or human judge, and its `judge_kind` says so.
 * `ChatJudge`: an OpenAI-compatible chat endpoint (`POST {url}/chat/completions`) asked the paper's
-  GPT-4 question (appendix C.2: "which response is more helpful?" for dialogue, "which summary ...?"
-  for summarization), with a one-sentence comparison first and the verdict ("A" or "B") on its own
-  line. Which completion is shown as A is a fair coin per comparison (seeded), so a judge's
-  position bias cancels out on average. A reply without a readable verdict, malformed JSON, an HTTP
-  error, a redirect or a timeout is a *parse failure*: counted (by kind) and left out of the win
-  rate while they are few; when more than half of the calls fail (a wrong key, URL or model name
-  fails them all), `ChatJudge.judge` raises `JudgeError`, naming how many failed and why.
-  The API key is sent to `url` only: the client follows no redirect (it is a failure of kind
-  `redirect_<code>`), so the key never reaches another address.
+  GPT-4 question ("which response is more helpful?" for dialogue, "which summary ...?" for
+  summarization), with a one-sentence comparison first and the verdict ("A" or "B") on its own line.
+  - `order="swap"` (the default): every comparison is asked twice, the policy shown as A, then as B.
+    Two verdicts for the same completion give 1 or 0; two that disagree (the judge followed the
+    position, not the content) give a tie, ½. `judge_consistency` is the fraction of judged
+    comparisons whose two verdicts agree. `order="random"`: one call, the policy's side a seeded
+    coin flip per comparison: position bias cancels on average only, and goes unseen.
+  - Connection errors, timeouts and HTTP 408/429/5xx are retried (`retries` times, exponential
+    backoff from `backoff` seconds, doubling, jittered, at most 30 s; a Retry-After header in seconds
+    is honoured, at most 30 s too). Other HTTP errors (401, 403, 404, ...), redirects, malformed
+    JSON and replies without a readable verdict are not retried: they would fail again.
+  - A comparison whose call (either call, when swapped) still failed after its retries is a failure:
+    None, left out of the win rate, counted by kind. When more than `max_failure_rate` of the
+    comparisons fail, `judge` raises `JudgeError` naming how many failed and why; it stops calling
+    as soon as that is certain (a wrong key, URL or model name fails every call).
+  - The API key is sent to `url` only: the client follows no redirect (a failure of kind
+    `redirect_<code>`), so the key never reaches another address, and it is never printed.
+* `build_judge`: the judge of `directpo eval` and of the experiment recipes, from their settings.
+
+`Verdicts.summary()` computes the win rate, its bootstrap interval and the length-controlled win
+rate (`directpo.eval.winrate`) from the outcomes, the word lengths of both sides and the prompt of
+each comparison (its cluster).
 """
 from __future__ import annotations
 
 import http
+import http.client
 import json
 import math
 import os
 import random
 import re
+import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-# The paper's GPT-4 prompts (Rafailov et al., 2023, appendix C.2), with {query}, {a}, {b}.
+from .winrate import win_rate_stats, word_count
+
+# The paper's GPT-4 judge prompts (Rafailov et al., 2023, appendix C.2), with {query}, {a}, {b}. Our notes
+# on the paper (shared/seed/dpo-paper-notes.md) stop at appendix B, so these are not checked against
+# the paper's text: read them as written in our own words after the paper's description of its prompts.
 PROMPTS = {
     "dialogue": (
         "For the following query to a chatbot, which response is more helpful?\n\n"
@@ -81,56 +102,85 @@ def _query_text(prompt) -> str:
 
 @dataclass
 class Verdicts:
-    """Per comparison: 1 (policy wins), 0 (reference wins), 0.5 (tie), None (no verdict)."""
+    """Per comparison: 1 (policy wins), 0 (reference wins), 0.5 (tie), None (failed: no verdict), with
+    what the statistics need: the word lengths of both sides and a cluster id (the prompt index)."""
 
     outcomes: list
-    failures: Counter = field(default_factory=Counter)
-    first_failure: dict = field(default_factory=dict)
+    failures: Counter = field(default_factory=Counter)  # failed comparisons, by the kind of failure
+    first_failure: dict = field(default_factory=dict)  # kind -> the start of the first such reply
     policy_shown_first: int = 0
     a_verdicts: int = 0
+    policy_lengths: list | None = None
+    reference_lengths: list | None = None
+    clusters: list | None = None
+    kind: str | None = None  # what judged, in words (`judge_kind`)
+    order: str | None = None  # chat judges: "swap" or "random"
+    verdicts: int = 0  # verdicts read in the judged comparisons (the denominator of judge_a_rate)
+    consistent: int | None = None  # swapped order: judged comparisons whose two verdicts agree
+    calls: int | None = None  # chat judges: calls made (retries not counted) ...
+    retries: int | None = None  # ... and retries made
+    n_boot: int = 2000
+    seed: int = 0
 
     def summary(self) -> dict:
-        judged = [o for o in self.outcomes if o is not None]
-        n = len(judged)
-        p = sum(judged) / n if n else float("nan")
-        out = {"win_rate": p, "win_rate_se": math.sqrt(p * (1 - p) / n) if n else float("nan"), "judged": n,
-               "judge_parse_failures": sum(self.failures.values())}
+        out = win_rate_stats(self.outcomes, self.policy_lengths, self.reference_lengths, self.clusters,
+                             n_boot=self.n_boot, seed=self.seed)
+        failed = sum(self.failures.values())
+        # judge_parse_failures: the same number under its older name, which results files already carry
+        out.update(judge_failures=failed, judge_parse_failures=failed, judge_failure_kinds=dict(self.failures))
         if self.failures:
-            out["judge_failure_kinds"] = dict(self.failures)
             out["judge_failure_examples"] = dict(self.first_failure)
-        if self.policy_shown_first or self.a_verdicts:
+        if self.kind:
+            out["judge_kind"] = self.kind
+        if self.calls is not None:
+            out["judge_calls"], out["judge_retries"] = self.calls, self.retries
+        if self.order == "random":
             out["judge_policy_first_rate"] = self.policy_shown_first / max(len(self.outcomes), 1)
-            out["judge_a_rate"] = self.a_verdicts / n if n else float("nan")
+        if self.verdicts:
+            out["judge_a_rate"] = self.a_verdicts / self.verdicts
+        if self.consistent is not None:
+            out["judge_consistency"] = self.consistent / out["judged"] if out["judged"] else float("nan")
         return out
 
 
 class RewardJudge:
-    """Win = higher score under a reward model or callable (scores both sides in one batch each)."""
+    """Win = higher score under a reward model, classifier or callable (each side scored in one batch)."""
 
-    def __init__(self, scorer):
-        self.scorer = scorer
+    def __init__(self, scorer, kind: str = "reward (higher wins)", n_boot: int = 2000, seed: int = 0):
+        self.scorer, self.kind, self.n_boot, self.seed = scorer, kind, n_boot, seed
 
-    def judge(self, prompts, completions, references) -> Verdicts:
+    def judge(self, prompts, completions, references, clusters=None) -> Verdicts:
         pol = self.scorer(prompts, completions)
         ref = self.scorer(prompts, references)
-        return Verdicts([1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(pol, ref)])
+        # The same text is a tie whatever the scores: scored in different batches (other padding), one
+        # answer can get two scores a rounding error apart, and would beat itself.
+        outcomes = [0.5 if c == r else 1.0 if a > b else 0.0 if a < b else 0.5
+                    for a, b, c, r in zip(pol, ref, completions, references)]
+        return Verdicts(outcomes,
+                        policy_lengths=[word_count(c) for c in completions],
+                        reference_lengths=[word_count(r) for r in references],
+                        clusters=None if clusters is None else list(clusters), kind=self.kind, n_boot=self.n_boot,
+                        seed=self.seed)
 
 
 class JudgeError(ValueError):
-    """More than half of the judge's calls failed: the win rate would mean nothing (one line, exit 2)."""
+    """Too many of the judge's comparisons failed: the win rate would mean little (one line, exit 2)."""
 
 
 _KEY_HINT = "check DIRECTPO_JUDGE_API_KEY / OPENAI_API_KEY"
 _HINTS = {401: _KEY_HINT, 403: _KEY_HINT, 404: "check --judge-url (POST {url}/chat/completions) and --judge-model"}
 _KINDS = {"malformed_json": "malformed JSON replies", "no_content": "replies without a message",
           "unparsable": 'replies without a readable verdict ("A" or "B")'}
+BACKOFF_CAP = 30.0  # seconds: the longest wait before a retry, whatever the server asks
+ORDERS = ("swap", "random")
 
 
 def describe_failure(kind: str) -> str:
     """A failure kind ('http_401', 'redirect_302', 'connection (...)', ...) in words, with a hint."""
     prefix, _, code = kind.partition("_")
     if kind.startswith("connection"):
-        return f"{kind}: check that --judge-url is reachable"
+        slow = " (or raise --judge-timeout)" if "Timeout" in kind else ""
+        return f"{kind}: check that --judge-url is reachable{slow}"
     if prefix not in ("http", "redirect") or not code.isdigit():
         return _KINDS.get(kind, kind)
     code = int(code)
@@ -143,6 +193,38 @@ def describe_failure(kind: str) -> str:
     return f"{text}: {_HINTS[code]}" if code in _HINTS else text
 
 
+def retry_after_seconds(headers) -> float | None:
+    """A Retry-After header given in seconds; None when absent or an HTTP date (then the backoff applies)."""
+    value = headers.get("Retry-After") if headers is not None else None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def backoff_delay(retry: int, base: float, retry_after: float | None = None, rand=random.random) -> float:
+    """Seconds to wait before retry number `retry` (0 first): the server's Retry-After when it gave one,
+    else base·2^retry scaled by a random factor in [½, 1) (so that parallel calls do not retry in
+    step); at most BACKOFF_CAP either way."""
+    if retry_after is not None:
+        return min(retry_after, BACKOFF_CAP)
+    return min(base * 2 ** retry, BACKOFF_CAP) * (0.5 + 0.5 * rand())
+
+
+def _reply_text(raw: bytes) -> tuple[str | None, str | None]:
+    """The message content of a chat-completions reply, or (None, 'malformed_json' / 'no_content')."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, "malformed_json"
+    try:
+        text = data["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        return None, "no_content"
+    return (text, None) if isinstance(text, str) else (None, "no_content")
+
+
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
     """Follow no redirect: the request carries the API key, which must reach no other address."""
 
@@ -150,11 +232,28 @@ class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
         raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl} not followed", headers, fp)
 
 
+def _check_settings(url, order, retries, backoff, max_failure_rate, timeout, workers) -> None:
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise ValueError(f"--judge-url {url}: expected an http:// or https:// URL")
+    if order not in ORDERS:
+        raise ValueError(f"judge order {order!r}: expected one of {', '.join(ORDERS)}")
+    checks = [("--judge-retries", retries, isinstance(retries, int) and retries >= 0, "an integer ≥ 0"),
+              ("--judge-backoff", backoff, 0 <= backoff < math.inf, "a number ≥ 0"),
+              ("--judge-max-failure-rate", max_failure_rate, 0 <= max_failure_rate < 1, "a number in [0, 1)"),
+              ("--judge-timeout", timeout, 0 < timeout < math.inf, "a number > 0"),
+              ("--judge-workers", workers, isinstance(workers, int) and workers >= 1, "an integer ≥ 1")]
+    for name, value, ok, want in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {want}, got {value}")
+
+
 class ChatJudge:
-    """An OpenAI-compatible chat-completions endpoint as a pairwise judge."""
+    """An OpenAI-compatible chat-completions endpoint as a pairwise judge (see the module's doc)."""
 
     def __init__(self, url: str, model: str, prompt: str = "dialogue", api_key: str | None = None,
-                 timeout: float = 60.0, max_tokens: int = 256, workers: int = 4, seed: int = 0):
+                 timeout: float = 60.0, max_tokens: int = 256, workers: int = 4, seed: int = 0, order: str = "swap",
+                 retries: int = 3, backoff: float = 1.0, max_failure_rate: float = 0.1, n_boot: int = 2000):
+        _check_settings(url, order, retries, backoff, max_failure_rate, timeout, workers)
         self.url = url.rstrip("/")
         if not self.url.endswith("/chat/completions"):
             self.url += "/chat/completions"
@@ -173,16 +272,19 @@ class ChatJudge:
         self.api_key = api_key if api_key is not None else (os.environ.get("DIRECTPO_JUDGE_API_KEY")
                                                             or os.environ.get("OPENAI_API_KEY"))
         self.timeout, self.max_tokens, self.workers, self.seed = timeout, max_tokens, workers, seed
+        self.order, self.retries, self.backoff, self.max_failure_rate = order, retries, backoff, max_failure_rate
+        self.n_boot = n_boot
+        how = "position-swapped" if order == "swap" else "random order"
+        self.kind = f"chat endpoint {self.url} model {model} ({how})"
         self._opener = urllib.request.build_opener(_RefuseRedirects)
+        self._abort = threading.Event()  # set when the run has failed: waiting retries give up at once
 
     def render(self, prompt, a: str, b: str) -> str:
         return (self.template.replace("{query}", _query_text(prompt)).replace("{a}", a).replace("{b}", b))
 
-    def ask(self, content: str) -> tuple[str | None, str | None]:
-        """(reply text, None) or (None, failure kind: 'http_<code>', 'redirect_<code>', 'connection (...)',
-        'malformed_json', 'no_content')."""
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": content}],
-                           "temperature": 0, "max_tokens": self.max_tokens}).encode()
+    def _attempt(self, body: bytes) -> tuple[str | None, str | None, bool, float | None]:
+        """One request: (reply text, None, ...) or (None, failure kind, worth retrying?, Retry-After seconds).
+        Kinds: 'http_<code>', 'redirect_<code>', 'connection (<error>)', 'malformed_json', 'no_content'."""
         req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"},
                                      method="POST")
         if self.api_key:  # unredirected as well: urllib would not copy it to a redirect's request
@@ -191,54 +293,205 @@ class ChatJudge:
             with self._opener.open(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
+            retry_after = retry_after_seconds(e.headers)
             e.close()
-            return None, f"{'redirect' if 300 <= e.code < 400 else 'http'}_{e.code}"
-        except (urllib.error.URLError, OSError, ValueError) as e:  # refused, timeout, bad URL
-            return None, f"connection ({type(e).__name__})"
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None, "malformed_json"
-        try:
-            text = data["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            return None, "no_content"
-        if not isinstance(text, str):
-            return None, "no_content"
-        return text, None
+            if 300 <= e.code < 400:
+                return None, f"redirect_{e.code}", False, None
+            return None, f"http_{e.code}", e.code in (408, 429) or e.code >= 500, retry_after
+        except urllib.error.URLError as e:  # refused or timed out while connecting; or no usable URL (not retried)
+            transient = isinstance(e.reason, OSError)
+            return None, f"connection ({type(e.reason).__name__ if transient else 'URLError'})", transient, None
+        except (OSError, http.client.HTTPException) as e:  # timed out or cut off while reading the reply
+            return None, f"connection ({type(e).__name__})", True, None
+        except ValueError as e:  # a URL urllib cannot use
+            return None, f"connection ({type(e).__name__})", False, None
+        text, failure = _reply_text(raw)
+        return text, failure, False, None
 
-    def _one(self, args):
-        prompt, completion, reference, policy_first = args
+    def _ask(self, content: str) -> tuple[str | None, str | None, int]:
+        """(reply text, None, retries) or (None, failure kind of the last attempt, retries)."""
+        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": content}],
+                           "temperature": 0, "max_tokens": self.max_tokens}).encode()
+        retries = 0
+        while True:
+            text, failure, transient, retry_after = self._attempt(body)
+            if failure is None or not transient or retries >= self.retries or self._abort.is_set():
+                return text, failure, retries
+            if self._abort.wait(backoff_delay(retries, self.backoff, retry_after)):  # the run failed meanwhile
+                return text, failure, retries
+            retries += 1
+
+    def ask(self, content: str) -> tuple[str | None, str | None]:
+        """(reply text, None) or (None, failure kind), after the retries a transient failure gets."""
+        text, failure, _ = self._ask(content)
+        return text, failure
+
+    def _redact(self, text: str) -> str:
+        """A reply as kept for the summary, the API key blanked should the server echo it."""
+        return text.replace(self.api_key, "[API key]") if self.api_key else text
+
+    def _one(self, prompt, completion, reference, policy_first):
+        """One call: (verdict, None, None, retries) or (None, failure kind, reply text or None, retries)."""
         a, b = (completion, reference) if policy_first else (reference, completion)
-        text, failure = self.ask(self.render(prompt, a, b))
-        if failure is None:
-            verdict = parse_verdict(text)
-            if verdict is None:
-                return None, "unparsable", text
-            return verdict, None, None
-        return None, failure, None
+        text, failure, retries = self._ask(self.render(prompt, a, b))
+        if failure is not None:
+            return None, failure, None, retries
+        verdict = parse_verdict(text)
+        if verdict is None:
+            return None, "unparsable", self._redact(text), retries
+        return verdict, None, None, retries
 
-    def judge(self, prompts, completions, references) -> Verdicts:
-        rng = random.Random(self.seed)
-        firsts = [rng.random() < 0.5 for _ in prompts]  # which side the policy is shown on
-        jobs = list(zip(prompts, completions, references, firsts))
-        with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
-            results = list(pool.map(self._one, jobs))
-        v = Verdicts([], policy_shown_first=sum(firsts))
-        for (verdict, failure, text), first in zip(results, firsts):
-            if verdict is None:
-                v.outcomes.append(None)
-                v.failures[failure] += 1
-                v.first_failure.setdefault(failure, (text or "")[:200])
-                continue
-            v.a_verdicts += verdict == "A"
-            v.outcomes.append(1.0 if (verdict == "A") == first else 0.0)
-        self.check_failures(v)
+    def judge(self, prompts, completions, references, clusters=None) -> Verdicts:
+        """Judge each (prompt, completion, reference); `clusters`: one id per comparison (the prompt
+        index; the n samples of one prompt are not independent), for the win rate's interval.
+
+        With order "swap" each comparison takes two calls; a comparison where either call ultimately
+        failed (after its retries) counts as failed: its outcome is None, it is left out of the win
+        rate and counted in `judge_failures` by kind. More than `max_failure_rate` of the comparisons
+        failing raises `JudgeError` (and ends the calls as soon as it is certain)."""
+        n = len(prompts)
+        if not n == len(completions) == len(references):
+            raise ValueError(f"{n} prompts, {len(completions)} completions, {len(references)} references")
+        if self.order == "swap":
+            sides = [(True, False)] * n  # the policy as A, then as B
+        else:
+            rng = random.Random(self.seed)
+            sides = [(rng.random() < 0.5,) for _ in range(n)]  # a coin flip: is the policy shown as A?
+        results = self._run(prompts, completions, references, sides)
+        v, unfinished = self._tally(results, sides, completions, references, clusters)
+        self.check_failures(v, unfinished)
         return v
 
-    def check_failures(self, v: Verdicts) -> None:
-        """JudgeError when more than half of the calls failed (all of them: a wrong key, URL or model)."""
+    def _run(self, prompts, completions, references, sides) -> dict:
+        """{(comparison, policy shown first): _one's result} of the calls made. Once more than
+        max_failure_rate of the comparisons have failed, the run has failed whatever the rest say:
+        no further call starts (it would be paid for), and waiting retries give up."""
+        limit = self.max_failure_rate * len(prompts)
+        failed, lock = set(), threading.Lock()
+
+        def call(key):
+            if self._abort.is_set():
+                return None
+            i, first = key
+            result = self._one(prompts[i], completions[i], references[i], first)
+            if result[1] is not None:
+                with lock:  # decided here, in the worker, so that its next call already sees it
+                    failed.add(i)
+                    if len(failed) > limit:
+                        self._abort.set()
+            return result
+
+        keys = [(i, first) for i, firsts in enumerate(sides) for first in firsts]
+        pool = ThreadPoolExecutor(max_workers=self.workers)
+        try:
+            return {key: r for key, r in zip(keys, pool.map(call, keys)) if r is not None}
+        except BaseException:
+            self._abort.set()  # an interrupt: calls waiting to retry give up, none starts
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._abort.clear()  # for the next run, or a call of `ask`
+
+    def _tally(self, results, sides, completions, references, clusters) -> tuple[Verdicts, int]:
+        """The Verdicts of the calls made, and how many comparisons were left unjudged by an early stop."""
+        v = Verdicts([], policy_lengths=[word_count(c) for c in completions],
+                     reference_lengths=[word_count(r) for r in references],
+                     clusters=None if clusters is None else list(clusters), kind=self.kind, order=self.order,
+                     consistent=0 if self.order == "swap" else None, calls=len(results),
+                     retries=sum(r[3] for r in results.values()), n_boot=self.n_boot, seed=self.seed,
+                     policy_shown_first=sum(firsts[0] for firsts in sides) if self.order == "random" else 0)
+        unfinished = 0
+        for i, firsts in enumerate(sides):
+            calls = [results.get((i, first)) for first in firsts]
+            failed = next((c for c in calls if c is not None and c[1] is not None), None)
+            if failed is not None or None in calls:
+                v.outcomes.append(None)
+                if failed is None:
+                    unfinished += 1
+                    continue
+                v.failures[failed[1]] += 1
+                v.first_failure.setdefault(failed[1], (failed[2] or "")[:200])
+                continue
+            wins = [(c[0] == "A") == first for c, first in zip(calls, firsts)]
+            v.outcomes.append(sum(wins) / len(wins))  # swapped: both for the policy 1, neither 0, split ½
+            v.a_verdicts += sum(c[0] == "A" for c in calls)
+            v.verdicts += len(calls)
+            if v.consistent is not None:
+                v.consistent += len(set(wins)) == 1
+        return v, unfinished
+
+    def check_failures(self, v: Verdicts, unfinished: int = 0) -> None:
+        """JudgeError when more than max_failure_rate of the comparisons failed, naming the kinds."""
         failed, total = sum(v.failures.values()), len(v.outcomes)
-        if total and 2 * failed > total:
+        if total and failed > self.max_failure_rate * total:
             kinds = "; ".join(f"{count} × {describe_failure(kind)}" for kind, count in v.failures.most_common())
-            raise JudgeError(f"judge {self.url}: {failed} of {total} calls failed: {kinds}")
+            stopped = f"; stopped there, {unfinished} not judged" if unfinished else ""
+            raise JudgeError(f"judge {self.url}: {failed} of {total} comparisons failed (over "
+                             f"--judge-max-failure-rate {self.max_failure_rate:g}{stopped}): {kinds}")
+
+
+class _OneLogitScorer:
+    """A classifier with a single output (a reward model on the hub) as a scorer: its logit. (A
+    softmax over one class, what ClassifierReward reads, is always 1: every comparison a tie.)"""
+
+    batched = True
+
+    def __init__(self, clf):
+        self.clf = clf
+
+    def __call__(self, prompts, completions) -> list[float]:
+        import torch
+
+        from ..data.formats import message_text
+
+        clf, out = self.clf, []
+        texts = [message_text(p) + c for p, c in zip(prompts, completions)]
+        with torch.no_grad():
+            for s in range(0, len(texts), clf.batch_size):
+                enc = clf.tokenizer(texts[s:s + clf.batch_size], padding=True, truncation=True,
+                                    max_length=clf.max_length, return_tensors="pt").to(clf.device)
+                out += clf.model(**enc).logits.float()[:, 0].tolist()
+        return out
+
+
+def classifier_scorer(name_or_dir: str, device: str | None = None, label: str | int | None = None):
+    """Any Hugging Face sequence classifier as a scorer: P(`label`) (default: the class named
+    'positive'; a number is a class index), or the logit of a single-output model."""
+    from transformers import AutoConfig
+
+    from .scorers import ClassifierReward
+
+    if isinstance(label, str) and label.isdigit():
+        label = int(label)
+    if AutoConfig.from_pretrained(name_or_dir).num_labels == 1:
+        return _OneLogitScorer(ClassifierReward(name_or_dir, device=device, positive_label=0))
+    return ClassifierReward(name_or_dir, device=device, positive_label=label)
+
+
+def build_judge(url: str | None = None, model: str | None = None, prompt: str = "dialogue",
+                reward_model: str | None = None, classifier: str | None = None, device: str | None = None,
+                seed: int = 0, order: str = "swap", retries: int = 3, backoff: float = 1.0,
+                max_failure_rate: float = 0.1, timeout: float = 60.0, workers: int = 4,
+                classifier_label: str | int | None = None, n_boot: int = 2000):
+    """The win-rate judge from at most one of: `url` (with `model`: a ChatJudge), `reward_model` (a
+    `directpo rm` output directory) or `classifier` (a Hugging Face sequence classifier, see
+    `classifier_scorer`); None when none is given (the caller's reward then judges, if any).
+    Local models are labelled as such in `judge_kind`: they are not an LLM or human judge."""
+    given = [flag for flag, value in (("--judge-url", url), ("--judge-reward-model", reward_model),
+                                      ("--judge-classifier", classifier)) if value]
+    if len(given) > 1:
+        raise ValueError(f"give one judge, not {' and '.join(given)}")
+    if url:
+        if not model:
+            raise ValueError("--judge-url needs --judge-model NAME (the model the endpoint serves)")
+        return ChatJudge(url, model, prompt=prompt, timeout=timeout, workers=workers, seed=seed, order=order,
+                         retries=retries, backoff=backoff, max_failure_rate=max_failure_rate, n_boot=n_boot)
+    if reward_model:
+        from .reward_model import RewardModel
+
+        return RewardJudge(RewardModel(reward_model, device=device), n_boot=n_boot, seed=seed,
+                           kind=f"local reward model {reward_model} (not an LLM/human judge)")
+    if classifier:
+        return RewardJudge(classifier_scorer(classifier, device, classifier_label), n_boot=n_boot, seed=seed,
+                           kind=f"local classifier {classifier} (not an LLM/human judge)")
+    return None
