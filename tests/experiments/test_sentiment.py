@@ -70,8 +70,10 @@ def test_smoke_study_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert {p["method"] for p in points} == {"dpo", "ppo", "ppo_gt", "unlikelihood", "preferred_ft", "best_of_n",
                                              "sft"}
     for p in points:
-        assert set(p) == {"method", "knob", "step", "kl", "kl_se", "reward", "reward_se", "length"}
-        assert -1.0 <= p["reward"] <= 1.0 and p["length"] > 0
+        assert set(p) == {"method", "knob", "step", "kl", "kl_se", "reward", "reward_se", "length", "seed",
+                          "reward_lc", "reward_lc_se"}
+        assert -1.0 <= p["reward"] <= 1.0 and p["length"] > 0 and p["seed"] == 0
+        assert p["reward_lc"] is not None and p["reward_lc_se"] >= 0
     sft_pt = next(p for p in points if p["method"] == "sft")
     assert sft_pt["kl"] == 0.0  # πSFT against itself: every log-ratio is exactly 0
     assert {p["knob"]: p["kl"] for p in points if p["method"] == "best_of_n"} == {2: bon_kl(2), 4: bon_kl(4)}
@@ -96,6 +98,9 @@ def test_smoke_study_end_to_end_and_resumes(tmp_path, monkeypatch):
     for name in ("PPO (learned RM)", "PPO-GT", "Unlikelihood", "Preferred-FT", "Best-of-N"):
         assert name in md
     assert "perplexity" in md
+    assert "## Best reward within each KL budget" in md and "## Length-controlled" in md
+    sft_pt = next(p for p in points if p["method"] == "sft")
+    assert sft_pt["reward_lc"] == pytest.approx(sft_pt["reward"], abs=1e-9)  # at its own mean length: its mean
 
 
 def test_too_small_corpus_names_the_file(tmp_path):
@@ -167,3 +172,28 @@ def test_methods_setting_is_checked(tmp_path):
     cfg = SentimentConfig(output_dir=str(tmp_path), methods="dpo,ppo_typo", **preset_defaults("smoke"))
     with pytest.raises(ValueError, match="--methods: unknown ppo_typo"):
         cfg.validate()
+
+
+def test_seeds_run_whole_studies_and_report_what_holds_across_them(tmp_path):
+    from directpo.cli import main
+
+    corpus = review_corpus(tmp_path / "reviews.txt")
+    out = tmp_path / "study"
+    assert main(["experiment", "sentiment", "--preset", "smoke", "--output-dir", str(out), "--corpus", str(corpus),
+                 "--no-progress", "--threads", "1", "--methods", "dpo,best_of_n", "--dpo-betas", "0.1",
+                 "--seeds", "0,1"]) == 0
+    points = json.loads((out / "points.json").read_text())
+    assert {p["seed"] for p in points} == {0, 1}
+    for s in (0, 1):  # each seed a whole study with its own prompts
+        assert (out / f"seed-{s}" / "summary.md").exists()
+        assert json.loads((out / f"seed-{s}" / "study_config.json").read_text())["seed"] == s
+    assert (out / "seed-0" / "prompts" / "eval.jsonl").read_text() != (out / "seed-1" / "prompts" /
+                                                                         "eval.jsonl").read_text()
+    md = (out / "summary.md").read_text()
+    assert "| Best-of-N (learned RM) |" in md and "holds across seeds" in md and "Per KL budget" in md
+    summary = json.loads((out / "summary.json").read_text())
+    c = summary["comparisons"]["best_of_n"]
+    assert set(c["diff_by_seed"]) == {"0", "1"} or set(c["diff_by_seed"]) == {0, 1}
+    assert c["verdict"] in ("dominates", "ties with", "is dominated by", "mixed")
+    with pytest.raises(ValueError, match="--seeds"):
+        SentimentConfig(output_dir=str(out), seeds="0,0", **preset_defaults("smoke")).validate()

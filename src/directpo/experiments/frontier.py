@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-POINT_FIELDS = ("method", "knob", "step", "kl", "kl_se", "reward", "reward_se", "length")
+POINT_FIELDS = ("method", "knob", "step", "kl", "kl_se", "reward", "reward_se", "length", "seed", "reward_lc",
+                "reward_lc_se")
+BUDGETS = (1.0, 2.0, 4.0, 8.0)  # KL budgets (nats) of the per-budget table; the maximum is added
 METHODS = ("dpo", "online_dpo", "ppo", "ppo_gt", "unlikelihood", "preferred_ft", "best_of_n", "sft")
 LABELS = {"dpo": "DPO", "online_dpo": "online DPO", "ppo": "PPO (learned RM)", "ppo_gt": "PPO-GT",
           "unlikelihood": "Unlikelihood", "preferred_ft": "Preferred-FT", "best_of_n": "Best-of-N (learned RM)",
@@ -146,3 +148,106 @@ def markdown(points: list[dict], comparisons: dict, header: str = "", reference:
         lines.append(f"| {p['method']} | {p['knob']} | {p['step']} | {kl} | {p['reward']:.3f} ± "
                      f"{_se(p['reward_se']):.3f} | {p['length']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# What a reader checks first: the best reward each method reaches within a KL budget.
+
+
+def best_within(points: list[dict], budget: float, start: dict) -> dict:
+    """The point of highest reward among `points` with KL ≤ budget (πSFT's when none is)."""
+    inside = [p for p in points if max(p["kl"], 0.0) <= budget]
+    return max(inside, key=lambda p: p["reward"]) if inside else start
+
+
+def budget_table(points: list[dict], budgets=BUDGETS, top: float | None = None) -> dict:
+    """{method: [(budget, best point within it), ...]} for every method but πSFT; the last budget is
+    `top`, by default the largest KL any point reaches ("any KL")."""
+    start = next(p for p in points if p["method"] == "sft")
+    top = max(max(p["kl"], 0.0) for p in points) if top is None else top
+    budgets = [b for b in budgets if b < top] + [top]
+    return {m: [(b, best_within([p for p in points if p["method"] == m], b, start)) for b in budgets]
+            for m in METHODS if m != "sft" and any(p["method"] == m for p in points)}
+
+
+def budget_verdict(a: dict, b: dict) -> str:
+    """a's best reward against b's within one budget: 'above', 'below' or 'tie' at 2 s.e. (the two
+    points' errors combined; the best of several noisy points is biased upwards alike for both)."""
+    se = math.hypot(_se(a["reward_se"]), _se(b["reward_se"]))
+    diff = a["reward"] - b["reward"]
+    return "above" if diff > 2 * se else ("below" if diff < -2 * se else "tie")
+
+
+def budget_markdown(points: list[dict], reference: str = "dpo") -> str:
+    """The per-budget table, a verdict line per baseline, and which KL each method covers."""
+    table = budget_table(points)
+    if reference not in table:
+        return ""
+    budgets = [b for b, _ in table[reference]]
+    heads = [f"KL ≤ {b:g}" for b in budgets[:-1]] + [f"any KL (≤ {budgets[-1]:.2f})"]
+    lines = ["", "## Best reward within each KL budget", "",
+             "The highest mean reward a method reaches at KL(π‖πSFT) ≤ the budget (± its s.e., @ its KL); a "
+             "method with no point inside a budget is at πSFT. Verdicts against "
+             f"{LABELS[reference]}: above / below / tie at 2 s.e.", "",
+             "| method | " + " | ".join(heads) + " | largest KL reached |", "|---|" + "---|" * (len(heads) + 1)]
+    for m, row in table.items():
+        cells = [f"{p['reward']:.3f} ± {_se(p['reward_se']):.3f} @ {max(p['kl'], 0.0):.2f}" for _, p in row]
+        reach = max(max(p["kl"], 0.0) for p in points if p["method"] == m)
+        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + f" | {reach:.2f} |")
+    lines += ["", f"| {LABELS[reference]} vs | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    for m, row in table.items():
+        if m != reference:
+            verdicts = [budget_verdict(a, b) for (_, a), (_, b) in zip(table[reference], row)]
+            lines.append(f"| {LABELS[m]} | " + " | ".join(verdicts) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Length: a reward that grows with length favours whatever lengthens its answers.
+
+
+def length_controlled(points: list[dict]) -> list[dict]:
+    """The points with reward := the reward predicted at πSFT's mean length (`reward_lc`, from each
+    point's own per-sample regression of reward on length); points without it are left out."""
+    return [dict(p, reward=p["reward_lc"], reward_se=p.get("reward_lc_se")) for p in points
+            if p.get("reward_lc") is not None]
+
+
+def length_markdown(points: list[dict], reference: str = "dpo") -> str:
+    """The frontier comparison again, on length-controlled rewards."""
+    lc = length_controlled(points)
+    if not any(p["method"] == "sft" for p in lc) or not any(p["method"] == reference for p in lc):
+        return ""
+    comparisons = summarize(lc, reference)
+    lines = ["", "## Length-controlled", "",
+             "Each point's reward predicted at πSFT's mean length, from a least-squares fit of reward on "
+             "completion length over that point's samples (± the fit's s.e.). A method that buys reward by "
+             "lengthening its answers loses that part here.", "",
+             f"| baseline | KL range (nats) | {LABELS[reference]} | baseline | difference | verdict |",
+             "|---|---|---|---|---|---|"]
+    for m, c in comparisons.items():
+        lines.append(f"| {LABELS[m]} | 0–{c['kl_range']:.2f} | {c['mean_a']:.3f} | {c['mean_b']:.3f} | "
+                     f"{c['diff']:+.3f} ± {c['diff_se']:.3f} | {LABELS[reference]} {c['verdict']} {LABELS[m]} |")
+    return "\n".join(lines) + "\n"
+
+
+def length_fit(rewards, lengths) -> dict:
+    """Least squares reward = a + b·length over one point's samples: a, b and their covariance, so
+    the reward at any length L is a + b·L with variance [1 L] Σ [1 L]ᵀ."""
+    y = np.asarray(rewards, dtype=np.float64)
+    x = np.asarray(lengths, dtype=np.float64)
+    X = np.stack([np.ones_like(x), x], axis=1)
+    if len(y) < 3 or np.ptp(x) == 0:  # no spread of lengths: nothing to control for
+        return {"intercept": float(y.mean()) if len(y) else float("nan"), "slope": 0.0,
+                "cov": [[float(y.var(ddof=1) / len(y)) if len(y) > 1 else 0.0, 0.0], [0.0, 0.0]]}
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    resid = y - X @ coef
+    cov = (resid @ resid / (len(y) - 2)) * np.linalg.inv(X.T @ X)
+    return {"intercept": float(coef[0]), "slope": float(coef[1]), "cov": cov.tolist()}
+
+
+def predict_at(fit: dict, length: float) -> tuple[float, float]:
+    """(reward, s.e.) of a `length_fit` at `length`."""
+    v = np.array([1.0, length])
+    var = float(v @ np.asarray(fit["cov"]) @ v)
+    return fit["intercept"] + fit["slope"] * length, math.sqrt(max(var, 0.0))

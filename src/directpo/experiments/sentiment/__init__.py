@@ -44,10 +44,19 @@ N_STAGES = 8
 
 
 def run_sentiment(cfg: SentimentConfig) -> dict:
-    """Run (or continue) the whole study in cfg.output_dir; returns what summary.json holds."""
+    """Run (or continue) the whole study in cfg.output_dir, once per seed with `seeds`; returns what
+    summary.json holds."""
+    cfg.validate()
+    if cfg.seeds:
+        from .seeds import run_seeds
+
+        return run_seeds(cfg, run_one_seed)
+    return run_one_seed(cfg)
+
+
+def run_one_seed(cfg: SentimentConfig) -> dict:
     from .report import write_report
 
-    cfg.validate()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -81,7 +90,6 @@ def run_sentiment(cfg: SentimentConfig) -> dict:
         online_points, info["online_cost"] = clock.step(7, "online DPO", run_online_dpo, cfg, out, sft, scorer)
         points += online_points
         info["offline_cost"] = offline_cost(cfg, out)
-        info["offline_cost"]["minutes"] = offline_minutes(clock.timings, cfg.online_beta)
 
     log(f"sentiment: stage 8/{N_STAGES}: report")
     comparisons = write_report(cfg, out, points, info, clock.elapsed())

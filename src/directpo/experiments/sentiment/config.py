@@ -73,7 +73,8 @@ class SentimentConfig:
     batch_size: int = setting(32, "pairs per step of DPO, Unlikelihood, Preferred-FT and the reward model")
     optimizer: str = setting("adamw", "optimizer of the preference runs", choices=["adamw", "rmsprop"])
     warmup_steps: int = setting(20, "warm-up steps of every training run")
-    dpo_betas: str = setting("0.05,0.1,0.5,1.0", "DPO: β values (one run each)")
+    dpo_betas: str = setting("0.01,0.05,0.1,0.5,1.0", "DPO: β values (one run each; the smallest reaches the "
+                                                      "largest KL, so DPO's frontier covers PPO's range)")
     dpo_steps: int = setting(160, "DPO: steps per run")
     dpo_lr: float = setting(1e-4, "DPO: learning rate")
     ul_weights: str = setting("1.0", "Unlikelihood: α values (weight of the rejected-token term)")
@@ -103,6 +104,8 @@ class SentimentConfig:
     eval_samples: int = setting(4, "samples per eval prompt")
     eval_batch: int = setting(256, "sequences generated/scored at once")
     seed: int = setting(0, "seed of every stage")
+    seeds: str = setting("", "run the whole study once per seed (e.g. 0,1,2: prompts, samples, pairs, RM, runs), "
+                             "each in OUTPUT_DIR/seed-S, and report them together in OUTPUT_DIR (overrides --seed)")
     precision: str = setting("fp32", "bf16: autocast matmuls (fast on GPUs and AMX CPUs only)",
                              choices=["fp32", "bf16"])
     device: str | None = setting(None, "cpu or cuda (default: cuda when available)")
@@ -122,6 +125,10 @@ class SentimentConfig:
                              f"{', '.join(ALL_METHODS)}")
         if self.online_rounds < 1 or self.online_samples < 2 or self.online_beta <= 0:
             raise ValueError("need online_rounds ≥ 1, online_samples ≥ 2 and online_beta > 0")
+        if self.seeds:
+            seeds = parse_numbers(self.seeds, "seeds")
+            if not seeds or any(x != int(x) or x < 0 for x in seeds) or len(set(seeds)) != len(seeds):
+                raise ValueError(f"--seeds: expected distinct whole numbers ≥ 0, e.g. 0,1,2; got {self.seeds!r}")
         for name in ("dpo_betas", "ul_weights", "ppo_kl_coefs", "ppo_gt_kl_coefs", "bon_ns"):
             parse_numbers(getattr(self, name), name)
         return self

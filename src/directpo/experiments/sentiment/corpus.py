@@ -32,12 +32,12 @@ def default_corpus() -> str:
     a `ConfigError` naming `--corpus` and where it looked (never a silent download from the hub;
     the `paper` preset names its corpus, `stanfordnlp/imdb`, explicitly)."""
     from ...config import ConfigError
+    from ..common import find_shared
 
     here = Path(__file__).resolve()
-    for base in dict.fromkeys((Path.cwd(), *Path.cwd().parents, *here.parents)):
-        candidate = base / SST_RELATIVE_PATH
-        if candidate.exists():
-            return str(candidate)
+    found = find_shared(SST_RELATIVE_PATH, here)
+    if found is not None:
+        return str(found)
     raise ConfigError(f"no corpus: --corpus is not given and SST's sentences ({SST_RELATIVE_PATH}) are not in the "
                       f"working directory {Path.cwd()} or any directory above it, nor above {here.parent}; pass "
                       "--corpus: a text file (SST's datasetSentences.txt), .jsonl/.parquet, or a `datasets` name "

@@ -26,16 +26,24 @@ def eval_point(cfg: SentimentConfig, out: Path, sft: str, scorer, method: str, k
 def measure_point(cfg: SentimentConfig, out: Path, sft: str, scorer, method: str, knob, step: int,
                   model_dir: str) -> dict:
     from ...eval.evaluate import evaluate_policy
+    from ..frontier import length_fit
+    from .stages import read_jsonl
 
     record = point_record(out, method, knob, step)
-    report = record.with_name(record.name + ".tmp")  # evaluate's own report: not kept
+    report = record.with_name(record.name + ".tmp")  # evaluate's own report and samples: not kept
+    samples = record.with_name(record.name + ".samples.tmp")
     result = evaluate_policy(model_dir, str(out / "prompts" / "eval.jsonl"), str(report), ref=sft, reward=scorer,
                              n=cfg.eval_samples, temperatures=[1.0], max_new_tokens=cfg.max_new_tokens,
                              seed=cfg.seed + 4, batch_size=cfg.eval_batch, device=cfg.device, precision=cfg.precision,
-                             progress=False)
+                             samples_out=str(samples), progress=False)
+    rows = read_jsonl(samples)
     report.unlink()
+    samples.unlink()
+    # The per-sample fit of reward on length: the report predicts each point's reward at πSFT's length.
+    fit = length_fit([r["reward"] for r in rows], [r["completion_tokens"] for r in rows])
     return {"method": method, "knob": knob, "step": step, "kl": result["kl_mean"], "kl_se": result["kl_se"],
-            "reward": result["reward_mean"], "reward_se": result["reward_se"], "length": result["length_mean"]}
+            "reward": result["reward_mean"], "reward_se": result["reward_se"], "length": result["length_mean"],
+            "length_fit": fit}
 
 
 def eval_run(cfg: SentimentConfig, out: Path, sft: str, run: Run, scorer) -> list[dict]:
@@ -69,6 +77,7 @@ def measure_best_of_n(cfg: SentimentConfig, out: Path, sft: str, scorer) -> list
     from ...eval.reward_model import RewardModel
     from ...eval.sampling import draw_samples
     from ...models import load_model, load_tokenizer, pick_device
+    from ..frontier import length_fit
 
     ns = [int(x) for x in parse_numbers(cfg.bon_ns, "bon_ns")]
     samples_per_prompt = max(ns)
@@ -86,5 +95,6 @@ def measure_best_of_n(cfg: SentimentConfig, out: Path, sft: str, scorer) -> list
                  for i in range(len(items))]
         reward, reward_se = mean_se([true_rewards[k] for k in picks])
         points.append({"method": "best_of_n", "knob": n, "step": 0, "kl": bon_kl(n), "kl_se": 0.0, "reward": reward,
-                       "reward_se": reward_se, "length": statistics.fmean(lengths[k] for k in picks)})
+                       "reward_se": reward_se, "length": statistics.fmean(lengths[k] for k in picks),
+                       "length_fit": length_fit([true_rewards[k] for k in picks], [lengths[k] for k in picks])})
     return points

@@ -45,20 +45,30 @@ def run_online_dpo(cfg: SentimentConfig, out: Path, sft: str, scorer) -> tuple[l
 
 
 def online_cost(cfg: SentimentConfig, out: Path, run_dir: Path, rounds: list[dict]) -> dict:
-    """What the rounds spent: labelled samples, pairs, optimizer steps, and minutes of sampling,
-    labelling and training (evaluation left out), as each round's stages recorded them."""
+    """What the rounds spent: labelled samples, pairs, optimizer steps, and minutes of sampling +
+    labelling and of training (evaluation left out), as each round's stages recorded them."""
     trained = [line for line in rounds if line["round"] > 0]
-    seconds = sum(json.loads((run_dir / f"round-{line['round']}" / name).read_text())["seconds"]
-                  for line in trained for name in ("pairs.done.json", "train.done.json"))
+
+    def minutes(name: str) -> float:
+        return sum(json.loads((run_dir / f"round-{line['round']}" / name).read_text())["seconds"]
+                   for line in trained) / 60
+
     return {"labelled_samples": len(trained) * count_lines(out / "prompts" / "train.jsonl") * cfg.online_samples,
             "pairs": sum(line["pairs"] for line in trained),
-            "steps": sum(math.ceil(line["pairs"] / cfg.batch_size) for line in trained), "minutes": seconds / 60}
+            "steps": sum(math.ceil(line["pairs"] / cfg.batch_size) for line in trained),
+            "sampling_minutes": minutes("pairs.done.json"), "training_minutes": minutes("train.done.json")}
 
 
 def offline_cost(cfg: SentimentConfig, out: Path) -> dict:
-    """The same for one offline DPO run: πSFT's labelled samples and the run's pairs and steps."""
+    """The same for the offline DPO run at the online β: πSFT's labelled samples (shared by every
+    offline run), the run's pairs, steps and training time (its trainer's record)."""
+    sampling = json.loads((out / "pairs" / "done.json").read_text()).get("seconds")
+    done = out / "runs" / f"dpo_{cfg.online_beta:g}" / "run_complete.json"
+    train = (json.loads(done.read_text()).get("train") or {}).get("elapsed_s") if done.exists() else None
     return {"labelled_samples": count_lines(out / "prompts" / "train.jsonl") * cfg.samples_per_prompt,
-            "pairs": count_lines(out / "pairs" / "train.jsonl"), "steps": cfg.dpo_steps, "minutes": None}
+            "pairs": count_lines(out / "pairs" / "train.jsonl"), "steps": cfg.dpo_steps,
+            "sampling_minutes": None if sampling is None else sampling / 60,
+            "training_minutes": None if train is None else train / 60}
 
 
 def count_lines(path: Path) -> int:

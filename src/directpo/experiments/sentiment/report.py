@@ -4,20 +4,50 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..frontier import markdown, plot_frontier, summarize, write_points
+from ..frontier import (LABELS, budget_markdown, length_markdown, markdown, plot_frontier, predict_at, summarize,
+                        write_points)
+from ..common import relative_to
 from .config import SentimentConfig
 
 
 def write_report(cfg: SentimentConfig, out: Path, points: list[dict], info: dict, seconds: float) -> dict:
     """Write the report files; returns DPO's comparison with each baseline."""
+    points = with_length_control(points, cfg.seed)
     comparisons = summarize(points)
     write_points(points, out)
     plot_frontier(points, out / "frontier.png", title=f"controlled sentiment ({cfg.preset}): reward vs KL")
-    text = markdown(points, comparisons, summary_header(cfg, info, seconds))
+    text = markdown(points, comparisons, summary_header(cfg, info, seconds)) + coverage_note(points)
+    text += budget_markdown(points) + length_markdown(points)
     if "online_cost" in info:
         text += online_section(cfg, points, comparisons, info)
     (out / "summary.md").write_text(text)
     return comparisons
+
+
+def with_length_control(points: list[dict], seed: int) -> list[dict]:
+    """The points with their seed and their reward predicted at πSFT's mean length (reward_lc ± s.e.)."""
+    sft_length = next(p["length"] for p in points if p["method"] == "sft")
+    out = []
+    for p in points:
+        p = dict(p, seed=seed)
+        if p.get("length_fit"):
+            p["reward_lc"], p["reward_lc_se"] = predict_at(p["length_fit"], sft_length)
+        out.append(p)
+    return out
+
+
+def coverage_note(points: list[dict], reference: str = "dpo") -> str:
+    """Say where the mean-frontier comparison stops: past DPO's largest KL only the baseline has points."""
+    reach = {m: max(max(p["kl"], 0.0) for p in points if p["method"] == m) for m in {p["method"] for p in points}}
+    if reference not in reach:
+        return ""
+    beyond = [f"{LABELS.get(m, m)} (to {k:.2f})" for m, k in sorted(reach.items()) if m not in (reference, "sft")
+              and k > reach[reference]]
+    if not beyond:
+        return f"\n{LABELS[reference]}'s points reach KL {reach[reference]:.2f}, as far as every baseline's.\n"
+    return (f"\n{LABELS[reference]}'s points stop at KL {reach[reference]:.2f}; past it only these have points: "
+            f"{', '.join(beyond)}. The comparison above covers the shared range only; the budget table below "
+            "shows the rest.\n")
 
 
 def online_section(cfg: SentimentConfig, points: list[dict], comparisons: dict, info: dict) -> str:
@@ -37,12 +67,13 @@ def online_section(cfg: SentimentConfig, points: list[dict], comparisons: dict, 
     lines += [f"| online DPO β {p['knob']:g} | round {p['step']} | {p['kl']:.2f} | {p['reward']:.3f} ± "
               f"{p['reward_se']:.3f} | {p['length']:.1f} |" for p in online]
     lines += ["", "Cost (labelled samples: completions scored by the ground truth; minutes: wall clock on this "
-              "machine of sampling, labelling and training, evaluation left out; n/a: done by an earlier "
-              "invocation):", "",
-              "| run | labelled samples | pairs | optimizer steps | minutes |", "|---|---|---|---|---|"]
+              "machine; evaluation left out; offline sampling is shared by every offline run; n/a: not recorded):",
+              "", "| run | labelled samples | pairs | optimizer steps | sampling + labelling (min) | training (min) |",
+              "|---|---|---|---|---|---|"]
     for name, cost in (("offline DPO (one β)", info["offline_cost"]), ("online DPO", info["online_cost"])):
         lines.append(f"| {name} | {cost['labelled_samples']} | {cost['pairs']} | {cost['steps']} | "
-                     f"{format_optional(cost['minutes'], '.1f')} |")
+                     f"{format_optional(cost['sampling_minutes'], '.1f')} | "
+                     f"{format_optional(cost['training_minutes'], '.1f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -74,11 +105,3 @@ def summary_header(cfg: SentimentConfig, info: dict, seconds: float) -> str:
 
 def format_optional(x, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
-
-
-def relative_to(path: str, root: str) -> str:
-    """`sft` for OUTPUT/sft: the report does not depend on where the study ran."""
-    try:
-        return str(Path(path).resolve().relative_to(Path(root).resolve()))
-    except ValueError:
-        return path

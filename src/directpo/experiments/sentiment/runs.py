@@ -43,7 +43,7 @@ def run_method(cfg: SentimentConfig, out: Path, sft: str, run: Run, scorer) -> N
     if run.method in PREFERENCE_LOSSES:
         train_preference_run(cfg, out, sft, run)
     elif not is_complete(out / "runs" / run.name):
-        # PPO has no mid-run resume: a killed PPO run starts again (its snapshots are rewritten).
+        # A killed PPO run continues from its last checkpoint (saved at every snapshot).
         train_ppo_run(cfg, out, sft, run, scorer)
 
 
@@ -70,8 +70,9 @@ def train_ppo_run(cfg: SentimentConfig, out: Path, sft: str, run: Run, scorer) -
                          reward_model=reward_model, kl_coef=run.knob, lr=cfg.ppo_lr, batch_size=cfg.ppo_batch,
                          mini_batch_size=cfg.ppo_mini_batch, ppo_epochs=cfg.ppo_epochs, max_steps=run.steps,
                          max_new_tokens=cfg.max_new_tokens, snapshot_every=save_interval(run.steps, cfg.eval_points),
+                         save_every=save_interval(run.steps, cfg.eval_points), keep_last=1, resume="latest",
                          seed=cfg.seed, precision=cfg.precision, device=cfg.device, threads=cfg.threads,
-                         overwrite=True, progress=cfg.progress, log_every=NO_LOG_LINES,
+                         progress=cfg.progress, log_every=NO_LOG_LINES,
                          generation_batch_size=cfg.eval_batch), reward=reward)
 
 

@@ -11,38 +11,13 @@ import math
 import random
 import re
 import statistics
+import time
 from pathlib import Path
 
 from .config import SentimentConfig
 from .corpus import default_corpus, read_corpus
+from ..common import NO_LOG_LINES, read_jsonl, shared_run_settings, train_resumable  # noqa: F401 (re-exported)
 from ..resume import stage
-
-NO_LOG_LINES = 10 ** 9  # the study logs its own progress; trainers' per-step lines are off
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
-def shared_run_settings(cfg: SentimentConfig) -> dict:
-    """The trainer settings every training run of the study shares."""
-    return dict(precision=cfg.precision, device=cfg.device, threads=cfg.threads, seed=cfg.seed,
-                progress=cfg.progress, log_every=NO_LOG_LINES, max_length=cfg.max_length)
-
-
-def train_resumable(**settings) -> dict:
-    """`train` that continues a killed run from its last checkpoint, and skips a finished one (its
-    completion record returned)."""
-    from ...train.config import TrainConfig
-    from ...train.loop import train
-    from ...train.run import COMPLETE_MARKER, is_complete
-
-    out = Path(settings["output_dir"])
-    if is_complete(out):
-        return json.loads((out / COMPLETE_MARKER).read_text())
-    return train(TrainConfig(resume="latest", **settings))
-
 
 # ----------------------------------------------------------------------------------------------
 # 1. Corpus
@@ -180,6 +155,7 @@ def make_pairs(cfg: SentimentConfig, prompts: Path, pairs_dir: Path, sft: str, s
     from ...eval.sampling import draw_samples
     from ...models import load_model, load_tokenizer, pick_device
 
+    began = time.perf_counter()
     items = load_prompts(str(prompts))
     n = cfg.samples_per_prompt
     samples = draw_samples(load_model(sft, pick_device(cfg.device)), load_tokenizer(sft), items, n,
@@ -200,7 +176,8 @@ def make_pairs(cfg: SentimentConfig, prompts: Path, pairs_dir: Path, sft: str, s
     write_jsonl(rows[:n_heldout], pairs_dir / "heldout.jsonl")
     return {"pairs": len(rows) - n_heldout, "heldout_pairs": n_heldout, "samples": len(samples.texts),
             "median_spread": statistics.median(spreads), "sft_sample_reward": statistics.fmean(rewards),
-            "empty_samples": sum(not t.strip() for t in samples.texts)}
+            "empty_samples": sum(not t.strip() for t in samples.texts),
+            "seconds": time.perf_counter() - began}  # sampling + labelling: the offline cost
 
 
 def labelled_pairs(cfg: SentimentConfig, prompt: str, texts: list[str], rewards: list[float]) -> list[dict]:

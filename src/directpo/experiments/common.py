@@ -1,0 +1,83 @@
+"""What the paper's studies share: the trainer settings of their runs, a resumable `train`, a
+step clock, reading JSONL, comma-separated numbers, and finding the data shipped next to the
+checkout. Torch and the trainers are imported where they are used (`--help` loads neither)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..console import log
+
+NO_LOG_LINES = 10 ** 9  # a study logs its own progress; trainers' per-step lines are off
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def parse_numbers(text: str, name: str) -> list[float]:
+    """The comma-separated numbers of setting `name` (e.g. --dpo-betas 0.1,1.0)."""
+    try:
+        return [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{name.replace('_', '-')}: expected comma-separated numbers, got {text!r}") from None
+
+
+def shared_run_settings(cfg) -> dict:
+    """The trainer settings every training run of a study shares (from its precision, device,
+    threads, seed, progress and max_length settings)."""
+    return dict(precision=cfg.precision, device=cfg.device, threads=cfg.threads, seed=cfg.seed,
+                progress=cfg.progress, log_every=NO_LOG_LINES, max_length=cfg.max_length)
+
+
+def train_resumable(**settings) -> dict:
+    """`train` that continues a killed run from its last checkpoint, and skips a finished one (its
+    completion record returned)."""
+    from ..train.config import TrainConfig
+    from ..train.loop import train
+    from ..train.run import COMPLETE_MARKER, is_complete
+
+    out = Path(settings["output_dir"])
+    if is_complete(out):
+        return json.loads((out / COMPLETE_MARKER).read_text())
+    return train(TrainConfig(resume="latest", **settings))
+
+
+class StudyClock:
+    """Logs each step of a study as it starts, and adds up the seconds spent per step name."""
+
+    def __init__(self, study: str, n_stages: int):
+        self.study, self.n_stages = study, n_stages
+        self.start = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def step(self, number: int, name: str, fn, *args):
+        log(f"{self.study}: stage {number}/{self.n_stages}: {name}  ({self.elapsed():.0f} s so far)")
+        began = time.perf_counter()
+        result = fn(*args)
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - began
+        return result
+
+
+def find_shared(relative: Path, here: Path) -> Path | None:
+    """`relative` (e.g. shared/data/sst/...) in the working directory or a directory above it, else
+    above `here` (the calling module): data shipped next to the checkout, found wherever the study is
+    started from. None when absent (the caller's error names its flag)."""
+    for base in dict.fromkeys((Path.cwd(), *Path.cwd().parents, *here.parents)):
+        candidate = base / relative
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def relative_to(path: str, root: str) -> str:
+    """`sft` for OUTPUT/sft: a report does not depend on where the study ran."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return path
