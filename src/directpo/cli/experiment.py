@@ -1,4 +1,4 @@
-"""`directpo experiment sentiment`: the paper's experiments, end to end, with a report."""
+"""`directpo experiment sentiment|dialogue|summarize`: the paper's experiments, end to end, with a report."""
 from __future__ import annotations
 
 import argparse
@@ -6,9 +6,19 @@ import json
 
 from ..config import add_flags
 
+WINRATE_HELP = {
+    "dialogue": "single-turn dialogue (Fig. 3 left, Anthropic HH): DPO vs Preferred-FT, Best-of-N, PPO by win rate "
+                "against the chosen response over sampling temperatures; resumable; writes points.json, "
+                "winrate.png, summary.md",
+    "summarize": "summarization (Fig. 2 right, Reddit TL;DR): DPO vs Preferred-FT, Best-of-N, PPO by win rate "
+                 "against the chosen summary over sampling temperatures; resumable; writes points.json, "
+                 "winrate.png, summary.md",
+}
+
 
 def register(command: str, parser) -> None:
     from ..experiments.sentiment import SentimentConfig
+    from ..experiments.winrate.config import DialogueConfig, SummarizeConfig
 
     experiments = parser.add_subparsers(dest="experiment", required=True)
     sentiment = experiments.add_parser(
@@ -17,6 +27,11 @@ def register(command: str, parser) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_flags(sentiment, SentimentConfig)
     sentiment.set_defaults(func=run_sentiment)
+    for name, cls in (("dialogue", DialogueConfig), ("summarize", SummarizeConfig)):
+        study = experiments.add_parser(name, help=WINRATE_HELP[name], description=WINRATE_HELP[name],
+                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_flags(study, cls)
+        study.set_defaults(func=run_winrate, study_config=cls)
 
 
 def run_sentiment(args) -> int:
@@ -25,4 +40,13 @@ def run_sentiment(args) -> int:
 
     result = run(sentiment_config(args))
     print(json.dumps({k: result[k] for k in ("output_dir", "points", "comparisons", "seconds")}))
+    return 0
+
+
+def run_winrate(args) -> int:
+    """Run the dialogue or summarization study; print its output directory, win rates and time as JSON."""
+    from ..experiments.winrate import run_winrate as run, winrate_config
+
+    result = run(winrate_config(args, args.study_config))
+    print(json.dumps({k: result[k] for k in ("output_dir", "task", "preset", "win_rates", "seconds")}))
     return 0

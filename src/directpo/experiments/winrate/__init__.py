@@ -1,0 +1,141 @@
+"""`directpo experiment dialogue` and `directpo experiment summarize`: the paper's win-rate studies
+(§6.2: single-turn dialogue on Anthropic HH, Fig. 3 left; summarization on Reddit TL;DR, Fig. 2
+right), one recipe for both tasks.
+
+Every method is measured by its win rate against the held-out prompts' reference (the dataset's
+chosen response; for TL;DR the chosen, human-preferred summary) at each sampling temperature. The
+stages, each through the library's own APIs and each resumable (a killed study continues where it
+stopped, and redoes nothing that finished):
+
+  1 data        preference pairs for training; held-out prompts (with their reference) disjoint from
+                every training prompt; dialogue: `--single-turn` keeps prompts with one Human turn
+  2 base        --base-model, or a small Llama pretrained here on the training text (`train`, loss sft)
+  3 sft         Preferred-FT = πSFT: SFT on the chosen responses (`train`, loss sft)
+  4 rm          a Bradley–Terry reward model on the training pairs (`directpo rm`): Best-of-N's picker,
+                PPO's reward, and the default judge
+  5 dpo         DPO from πSFT against πSFT (`train`)
+  6 ppo         PPO from πSFT with the reward model (`directpo ppo`), where the preset budgets it
+  7 evaluate    each policy at each temperature (`directpo eval`: one sample per prompt, judged against
+                the reference; KL to πSFT), and Best-of-N of πSFT picked by the reward model
+  8 report      points.json, winrate.png (win rate vs temperature, 95 % bootstrap intervals; length),
+                summary.md (tables, judge, side-by-side samples), summary.json
+
+The judge: `--judge-url URL --judge-model NAME` (an OpenAI-compatible endpoint, key from
+DIRECTPO_JUDGE_API_KEY; the paper used GPT-4), `--judge-classifier NAME`, or by default the reward
+model of stage 4. The report names the judge; a local reward model is not GPT-4, and Best-of-N and
+PPO, which optimise that same model, are flattered by it.
+
+Presets (any value can be overridden by its flag):
+  dialogue  smoke      every stage on a tiny model, on the HH pairs shipped in ../shared (CI)
+            cpu-small  ≤ 60 min on 2 CPU cores (≈ 25–40 min estimated), offline: the HH harmless-base test
+                       pairs' single-turn subset (533 training pairs, 128 held-out prompts), a 4-layer
+                       Llama pretrained here on the file's other transcripts; no PPO
+            paper      Pythia-2.8B on Anthropic/hh-rlhf (single-turn), β 0.1, RMSprop lr 1e-6, batch 64,
+                       150 warm-up steps, Best-of-128, PPO; needs the network and a GPU
+  summarize smoke      every stage on a tiny model, on SYNTHETIC comparisons in the TL;DR format
+            paper      GPT-J-6B on openai/summarize_from_feedback (comparisons), β 0.5; network + GPU
+
+On a GPU machine (the costs are estimates from the model sizes, not measurements; README, "Dialogue
+and summarization"):
+
+  directpo experiment dialogue --preset paper --output-dir runs/hh \
+      --judge-url https://api.openai.com/v1 --judge-model gpt-4      # ≈ 8–14 h on one 80 GB H100
+  directpo experiment summarize --preset paper --output-dir runs/tldr \
+      --judge-url https://api.openai.com/v1 --judge-model gpt-4      # ≈ 10–18 h on one H200
+
+Modules: `config` (settings, presets), `data` (stage 1), `synthetic` (the smoke preset's TL;DR-format
+rows), `stages` (2–6), `evaluation` (7), `report` (8).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from ...console import log
+from ..common import StudyClock
+from .config import DialogueConfig, SummarizeConfig, WinrateConfig, preset_defaults, winrate_config
+from .data import stage_data
+from .evaluation import (eval_best_of_n, eval_policy, judge_label, make_judge, reference_length,
+                         side_by_side)
+from .stages import stage_base, stage_dpo, stage_ppo, stage_rm, stage_sft
+
+__all__ = ["DialogueConfig", "SummarizeConfig", "WinrateConfig", "preset_defaults", "run_winrate",
+           "winrate_config"]
+
+N_STAGES = 8
+
+
+class LazyJudge:
+    """The judge, built on its first comparison: a resumed study whose evaluations are all recorded
+    loads no judge model."""
+
+    def __init__(self, build):
+        self._build, self._judge = build, None
+
+    def judge(self, *args, **kwargs):
+        if self._judge is None:
+            self._judge = self._build()
+        return self._judge.judge(*args, **kwargs)
+
+
+def train_models(cfg: WinrateConfig, out: Path, clock: StudyClock) -> dict:
+    """Stages 1–6: the data and every trained model."""
+    info: dict = {"data": clock.step(1, "data", stage_data, cfg, out)}
+    n_train = info["data"]["train_pairs"]
+    info["base"] = clock.step(2, "base model", stage_base, cfg, out)
+    info["sft"] = clock.step(3, "Preferred-FT (πSFT)", stage_sft, cfg, out, info["base"]["base"], n_train)
+    sft = info["sft"]["sft"]
+    info["rm"] = clock.step(4, "reward model", stage_rm, cfg, out, sft, n_train)
+    info["dpo"] = clock.step(5, "DPO", stage_dpo, cfg, out, sft, n_train)
+    if cfg.ppo_steps:
+        info["ppo"] = clock.step(6, "PPO", stage_ppo, cfg, out, sft, info["rm"]["rm"])
+    return info
+
+
+def evaluate(cfg: WinrateConfig, out: Path, info: dict, clock: StudyClock) -> tuple[list[dict], dict]:
+    """Stage 7: every method's entries (one per temperature, and N for Best-of-N), and what the
+    report needs besides (KLs, the judge, reference length, samples)."""
+    (out / "evals").mkdir(exist_ok=True)
+    sft, rm = info["sft"]["sft"], info["rm"]["rm"]
+    judge = LazyJudge(lambda: make_judge(cfg, rm))
+    policies = {"preferred_ft": sft, "dpo": info["dpo"]["dpo"]}
+    if "ppo" in info:
+        policies["ppo"] = info["ppo"]["ppo"]
+    points, kls = [], {}
+    for method, model_dir in policies.items():
+        result = clock.step(7, f"evaluate {method}", eval_policy, cfg, out, method, model_dir, sft, judge)
+        points += result["entries"]
+        kls[method] = result["kl"]
+    points += clock.step(7, "evaluate Best-of-N", eval_best_of_n, cfg, out, sft, rm, judge)
+    methods = list(policies) + (["best_of_n"] if cfg.bon_list() else [])
+    kinds = sorted({p["judge_kind"] for p in points if p.get("judge_kind")})
+    evaluation = {"judge": judge_label(cfg), "judge_kind": kinds, "kl": kls,
+                  "reference_length": reference_length(out, sft), "samples": side_by_side(cfg, out, methods)}
+    return points, evaluation
+
+
+def run_winrate(cfg: WinrateConfig) -> dict:
+    """Run (or continue) the study in cfg.output_dir; returns what summary.json holds."""
+    from .report import write_report
+
+    cfg.validate()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    (out / "study_config.json").write_text(json.dumps({"task": cfg.TASK, **asdict(cfg)}, indent=1))
+    clock = StudyClock(cfg.TASK, N_STAGES)
+    info = train_models(cfg, out, clock)
+    points, info["evaluation"] = evaluate(cfg, out, info, clock)
+    log(f"{cfg.TASK}: stage 8/{N_STAGES}: report")
+    write_report(cfg, out, points, info, clock.elapsed())
+    headline = {f"{p['method']}{'' if p['knob'] is None else '_' + str(p['knob'])}@{p['temperature']:g}":
+                p.get("win_rate") for p in points}
+    result = {"output_dir": str(out), "task": cfg.TASK, "preset": cfg.preset, "win_rates": headline,
+              "points": len(points), "info": info, "timings_s": clock.timings, "seconds": clock.elapsed()}
+    (out / "summary.json").write_text(json.dumps(result, indent=1))
+    log(f"{cfg.TASK}: done in {clock.elapsed():.0f} s -> {out / 'summary.md'}")
+    return result
