@@ -13,6 +13,11 @@ if "DIRECTPO_CACHE" not in os.environ:  # keep the tests' reference-log-prob cac
 
     os.environ["DIRECTPO_CACHE"] = tempfile.mkdtemp(prefix="directpo-test-cache-")
 
+# `--precision auto` (the default) resolves to fp32 in the tests, whatever the CPU: the exactness
+# tests compare fp32 numbers, and a machine with fast bf16 would otherwise train in bf16. The tests
+# of the decision itself (tests/test_precision.py) unset it.
+os.environ["DIRECTPO_AUTO_PRECISION"] = "fp32"
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DIRECTPO_SHARED", REPO.parent / "shared"))
 HH_FILE = SHARED / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"

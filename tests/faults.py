@@ -3,8 +3,8 @@ carries no test hooks).
 
     python tests/faults.py [--kill-during-save N] [--report-fsdp-init] ARGS...
 
---kill-during-save N   SIGKILL this process right after it wrote the weights of checkpoint N,
-                       before the rest of it (mid-write)
+--kill-during-save N   SIGKILL this process right after it wrote the weights of checkpoint N (or
+                       its shards, --checkpoint-format sharded), before the rest of it (mid-write)
 --break-all-reduce M   data parallelism done wrong, to show the equality tests catch it: M = skip
                        (no gradient all-reduce) or mean (gradients averaged over ranks, not summed)
 --report-fsdp-init     print, per rank, how many parameter elements it held before and after
@@ -32,6 +32,17 @@ def kill_during_save(step: int) -> None:
 
     checkpoint.save_file = save_file
 
+    # --checkpoint-format sharded: every rank dies right after its shards are written, before
+    # rank 0 adds the rest and renames the directory into place
+    real_shards = checkpoint.save_shards
+
+    def save_shards(model, optimizer, path):
+        real_shards(model, optimizer, path)
+        if f"step-{step:08d}" in str(path):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint.save_shards = save_shards
+
 
 def break_all_reduce(mode: str) -> None:
     from directpo.train.distributed import Dist
@@ -54,9 +65,9 @@ def report_fsdp_init() -> None:
 
     real = Dist.shard_model
 
-    def shard_model(self, model):
+    def shard_model(self, model, **knobs):
         loaded = sum(p.numel() for p in model.parameters() if not p.is_meta)
-        model = real(self, model)
+        model = real(self, model, **knobs)
         held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux: KiB
         print(f"[faults] rank {self.rank}: {loaded} parameter elements loaded before sharding, {held} held after; "

@@ -143,11 +143,14 @@ def test_registry_runs_every_loss_on_the_same_inputs():
     ref = _rand((4, 3), 9)
     ref[0, 2] = NAN
     x = LossInputs(pol, ref, torch.full((4, 3), 5.0), unlikelihood=torch.rand(4, 3, dtype=torch.float64))
+    labels = torch.tensor([True, False, True, False])
     for name, spec in LOSSES.items():
-        xi = x if not spec.pairwise else LossInputs(pol[:, :2], ref[:, :2], x.lengths[:, :2], x.unlikelihood[:, :2])
+        two = spec.pairwise or spec.unpaired  # unpaired (kto): [own, mismatched] completions and a label each
+        xi = x if not two else LossInputs(pol[:, :2], ref[:, :2], x.lengths[:, :2], x.unlikelihood[:, :2],
+                                          labels if spec.unpaired else None)
         out = spec.fn(xi, LossParams())
         assert out.losses.shape == (4,) and torch.isfinite(out.losses).all(), name
-        assert (out.rewards is None) == (name in ("sft", "unlikelihood")), name
+        assert (out.rewards is None) == (name in ("sft", "unlikelihood", "kto")), name
 
 
 def test_ranking_metrics():

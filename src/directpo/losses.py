@@ -21,6 +21,11 @@ Exactly what some of the registry's losses compute (h = the log-ratio difference
     robust, apo_zero, apo_down, exo_pair, nca_pair
                     functions of the summed log-ratios, each as its paper (cited in its docstring)
                     states it; rewards β·[log πθ(y|x) − log πref(y|x)].
+    kto             unpaired rows (a completion and a desirable/undesirable label), against a
+                    reference point z0 estimated on mismatched prompt/completion pairs, which the
+                    trainer computes over the whole batch and passes in (`LossParams.kto_kl`).
+    bco_pair        DPO-style pairs, each response classified against a reward shift δ that the
+                    trainer keeps as a running mean and passes in (`LossParams.bco_delta`).
     "a,b"           (get_loss) a weighted sum Σ w_i·L_i per example (`combine_losses`), each component's
                     loss reported in `RankedLossOutput.components`.
 """
@@ -345,6 +350,57 @@ def nca_pair_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, 
     return _with_rewards(losses, cr, rr, beta)
 
 
+def kto_reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point (Ethayarajh et al. 2024), a 0-dim tensor:
+
+        z0 = max(0, mean_i [log πθ(y'_i|x_i) − log πref(y'_i|x_i)])
+
+    over *mismatched* pairs: prompt x_i with the completion y'_i of another example, so the mean
+    estimates KL(πθ ‖ πref) on text unrelated to the labels. Detached: as in the paper (and TRL), no
+    gradient flows through z0, which only sets the point rewards are judged against.
+    """
+    return (policy_kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+
+
+def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
+             reference_point: torch.Tensor | float, beta: float = 0.1, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization",
+    eq. 7), per unpaired example (x, y) with r = log πθ(y|x) − log πref(y|x) and z0 the reference
+    point (`kto_reference_point`):
+
+        desirable y:    λ_D · (1 − σ(β·(r − z0)))
+        undesirable y:  λ_U · (1 − σ(β·(z0 − r)))
+
+    i.e. the paper's λ_y − v(x, y). λ_D = `desirable_weight`, λ_U = `undesirable_weight`; the paper
+    keeps λ_D·n_D / (λ_U·n_U) in [1, 4/3] for n_D desirable and n_U undesirable examples.
+    `desirable`: (B,) booleans. Returns (losses (B,), implicit rewards β·r (B,), detached).
+    """
+    z0 = torch.as_tensor(reference_point, dtype=policy_logps.dtype, device=policy_logps.device).detach()
+    r = policy_logps - ref_logps
+    desirable = desirable.to(torch.bool)
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
+    return losses, (beta * r).detach()
+
+
+def bco_pair_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                  beta: float = 0.1, delta: float = 0.0, **_) -> LossOutput:
+    """BCO on preference pairs (Jung et al. 2024, "Binary Classifier Optimization for Large Language
+    Model Alignment"; the pairwise form, TRL's `bco_pair`), with r(y) = β·log πθ(y|x)/πref(y|x):
+
+        −log σ(r(yw) − δ) − log σ(−(r(yl) − δ))
+
+    a binary classifier whose logit is the implicit reward: the chosen response is class 1, the
+    rejected one class 0. δ, the reward shift, is the running mean of the batches' mean implicit
+    rewards (over chosen and rejected), detached; it is an argument here, and the trainer keeps it
+    (see `directpo.train.loop.RunningMean`). δ = 0 at the start, where every reward is 0.
+    """
+    cr, rr = _ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    losses = -F.logsigmoid(beta * cr - delta) - F.logsigmoid(-(beta * rr - delta))
+    return _with_rewards(losses, cr, rr, beta)
+
+
 # ----------------------------------------------------------------------------------------------
 # The registry: name -> LossSpec. The trainer looks losses up here and calls `spec.fn(inputs,
 # params)`; a new loss is one function and one entry, never a branch inside the training loop.
@@ -358,6 +414,7 @@ class LossInputs:
     ref: torch.Tensor | None  # (B, K) under πref, or None for reference-free losses
     lengths: torch.Tensor  # (B, K) response token counts
     unlikelihood: torch.Tensor | None = None  # (B, K) Σ_t −log(1 − p_t), when the loss asks for it
+    labels: torch.Tensor | None = None  # (B,) unpaired losses (kto): True where response 0 is desirable
 
 
 @dataclass
@@ -367,6 +424,11 @@ class LossParams:
     unlikelihood_weight: float = 1.0
     simpo_gamma: float = 1.0  # SimPO's target reward margin γ (γ/β = 0.5 at the paper's β = 2.0)
     orpo_lambda: float = 0.1  # ORPO's λ, the weight of the odds-ratio term (the paper's 0.1)
+    kto_desirable_weight: float = 1.0  # KTO's λ_D
+    kto_undesirable_weight: float = 1.0  # KTO's λ_U
+    # Set by the trainer at each step, not by the user:
+    kto_kl: float | None = None  # KTO's z0 over the whole batch; None: from this call's mismatched column
+    bco_delta: float = 0.0  # BCO's δ, the running mean of the batch-mean implicit rewards
 
 
 @dataclass
@@ -375,6 +437,10 @@ class RankedLossOutput:
     rewards: torch.Tensor | None  # (B, K) implicit rewards (None for losses without a reference)
     # combined losses (`combine_losses`): each component's per-example loss, unweighted, detached
     components: dict[str, torch.Tensor] | None = None
+    # metric sums over the examples (so micro-batches add up) that only this loss knows, detached.
+    # A key "_n/<name>" is the count of examples "<name>" is summed over: the trainer reports
+    # "<name>" as the mean over those examples (KTO's rewards of desirable / undesirable examples).
+    stats: dict[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -383,6 +449,12 @@ class LossSpec:
     needs_reference: bool = True
     pairwise: bool = True  # takes exactly two responses per example
     needs_unlikelihood: bool = False
+    # takes unpaired rows (kto): [own completion, mismatched completion] and a label per example; the
+    # trainer computes the reference point z0 over the whole batch before the loss (`LossParams.kto_kl`)
+    unpaired: bool = False
+    # the trainer keeps a running mean of the batch-mean implicit rewards (`LossParams.bco_delta`),
+    # from the loss's "bco/batch_reward" stat
+    running_mean: bool = False
     help: str = ""
 
 
@@ -439,6 +511,32 @@ def _unlikelihood(x: LossInputs, p: LossParams) -> RankedLossOutput:
                                               x.lengths[:, 1], p.unlikelihood_weight), None)
 
 
+def _kto(x: LossInputs, p: LossParams) -> RankedLossOutput:
+    if x.labels is None:
+        raise ValueError("the kto loss takes unpaired examples: a desirable/undesirable label each")
+    # z0: the trainer's, over the whole batch; else (evaluation, direct calls) this call's own estimate
+    z0 = kto_reference_point(x.policy[:, 1], x.ref[:, 1]) if p.kto_kl is None else \
+        torch.as_tensor(max(p.kto_kl, 0.0), dtype=x.policy.dtype, device=x.policy.device)
+    losses, rewards = kto_loss(x.policy[:, 0], x.ref[:, 0], x.labels, z0, p.beta, p.kto_desirable_weight,
+                               p.kto_undesirable_weight)
+    good = x.labels.to(torch.bool)
+    bad = ~good
+    stats = {"kl": z0 * len(losses), "rewards/desirable": rewards[good].sum(), "_n/rewards/desirable": good.sum(),
+             "rewards/undesirable": rewards[bad].sum(), "_n/rewards/undesirable": bad.sum()}
+    # No (B, K) rewards: the pair metrics (accuracy, margin) mean nothing for unpaired rows.
+    return RankedLossOutput(losses, None, stats=stats)
+
+
+def _bco_pair(x: LossInputs, p: LossParams) -> RankedLossOutput:
+    out = bco_pair_loss(x.policy[:, 0], x.policy[:, 1], x.ref[:, 0], x.ref[:, 1], beta=p.beta, delta=p.bco_delta)
+    n = len(out.losses)
+    # "bco/batch_reward" summed per pair as (r(yw) + r(yl))/2: divided by the batch size it is the
+    # batch mean over chosen and rejected that the trainer folds into δ (TRL's torch.cat(...).mean()).
+    stats = {"bco/delta": torch.tensor(p.bco_delta * n, dtype=torch.float64),
+             "bco/batch_reward": ((out.chosen_rewards + out.rejected_rewards) / 2).sum()}
+    return RankedLossOutput(out.losses, torch.stack([out.chosen_rewards, out.rejected_rewards], 1), stats=stats)
+
+
 LOSSES: dict[str, LossSpec] = {
     "dpo": LossSpec(_pairwise(dpo_loss), help="DPO, eq. 7 (label_smoothing > 0: conservative DPO)"),
     "cdpo": LossSpec(_pairwise(cdpo_loss), help="conservative DPO, ε = label_smoothing (default 0.1)"),
@@ -478,12 +576,20 @@ LOSSES: dict[str, LossSpec] = {
     "nca_pair": LossSpec(_pairwise(nca_pair_loss),
                          help="NCA on pairs (Chen et al. 2024): −log σ(r(yw)) − ½log σ(−r(yw)) − ½log σ(−r(yl)); "
                               "keeps the chosen likelihood from falling"),
+    "kto": LossSpec(_kto, pairwise=False, unpaired=True,
+                    help="KTO (Ethayarajh et al. 2024) on unpaired rows (prompt, completion, label): "
+                         "λ_D·(1 − σ(β(r − z0))) for desirable, λ_U·(1 − σ(β(z0 − r))) for undesirable, z0 = "
+                         "max(0, batch mean of log πθ/πref on mismatched prompt/completion pairs), detached"),
+    "bco_pair": LossSpec(_bco_pair, running_mean=True,
+                         help="BCO on pairs (Jung et al. 2024): −log σ(r(yw) − δ) − log σ(−(r(yl) − δ)), δ the "
+                              "running mean of the batch-mean implicit rewards (kept by the trainer)"),
 }
 
 # The plain pairwise functions, for users who call them directly.
 PAIRWISE_LOSSES: dict[str, Callable[..., LossOutput]] = {
     "dpo": dpo_loss, "cdpo": cdpo_loss, "ipo": ipo_loss, "hinge": hinge_loss, "robust": robust_dpo_loss,
-    "apo_zero": apo_zero_loss, "apo_down": apo_down_loss, "exo_pair": exo_pair_loss, "nca_pair": nca_pair_loss}
+    "apo_zero": apo_zero_loss, "apo_down": apo_down_loss, "exo_pair": exo_pair_loss, "nca_pair": nca_pair_loss,
+    "bco_pair": bco_pair_loss}
 
 
 def _registered(name: str) -> LossSpec:
@@ -501,7 +607,9 @@ def combine_losses(names: Sequence[str], weights: Sequence[float] | None = None)
     logging). It needs the reference if any component does (the others ignore it), takes pairs if
     any component does, and needs the unlikelihood terms if any does. Every component sees the same
     LossParams (one β, one label_smoothing). A component of weight 0 is computed and reported but
-    not added (so its inf or NaN cannot reach the sum).
+    not added (so its inf or NaN cannot reach the sum). The components' `stats` are merged; it keeps
+    a running mean if any component does. An unpaired loss (kto) cannot be combined: it has no pairs
+    for the others.
     """
     names = [n.strip() for n in names]
     weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
@@ -515,21 +623,26 @@ def combine_losses(names: Sequence[str], weights: Sequence[float] | None = None)
     if any(not math.isfinite(w) or w < 0 for w in weights) or not any(weights):
         raise ValueError(f"loss weights must be finite, ≥ 0 and not all 0, got {weights}")
     specs = [_registered(n) for n in names]
+    unpaired = next((n for n, s in zip(names, specs) if s.unpaired), None)
+    if unpaired is not None and len(names) > 1:  # its rows are single completions: the others have no pairs
+        raise ValueError(f"loss {unpaired!r} takes unpaired rows and cannot be summed with other losses")
 
     def run(x: LossInputs, p: LossParams) -> RankedLossOutput:
-        total, rewards, components = None, None, {}
+        total, rewards, components, stats = None, None, {}, {}
         for name, w, spec in zip(names, weights, specs):
             out = spec.fn(x, p)
             components[name] = out.losses.detach()
+            stats.update(out.stats or {})
             if w:
                 total = w * out.losses if total is None else total + w * out.losses
             if rewards is None and out.rewards is not None:
                 rewards = out.rewards
-        return RankedLossOutput(total, rewards, components)
+        return RankedLossOutput(total, rewards, components, stats or None)
 
     return LossSpec(run, needs_reference=any(s.needs_reference for s in specs),
                     pairwise=any(s.pairwise for s in specs),
                     needs_unlikelihood=any(s.needs_unlikelihood for s in specs),
+                    unpaired=unpaired is not None, running_mean=any(s.running_mean for s in specs),
                     help="weighted sum " + " + ".join(f"{w:g}·{n}" for n, w in zip(names, weights)))
 
 

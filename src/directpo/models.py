@@ -7,6 +7,7 @@ import os
 import torch
 
 from .data.formats import HUB_ID
+from .precision import limit_onednn_cache, resolve_precision
 
 
 def quiet_transformers() -> None:
@@ -40,10 +41,16 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 def autocast_ctx(device: torch.device | str, precision: str):
-    """bf16 autocast on `device` for precision 'bf16'; a no-op context otherwise (fp32)."""
-    if precision == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 autocast on `device` for precision 'bf16'; a no-op context for 'fp32'. 'auto' is
+    resolved here for callers that did not settle it first (`directpo.precision`)."""
+    device = torch.device(device)
+    if precision == "auto":
+        precision = resolve_precision(precision, device)[0]
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    if device.type == "cpu":
+        limit_onednn_cache()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def check_model_source(name_or_dir: str) -> None:
@@ -151,17 +158,25 @@ def safetensors_only_error(name_or_dir: str, e: OSError) -> OSError | None:
     return None
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each transformer block's activations in the backward instead of storing them
+    (`--activation-checkpointing`): Hugging Face's per-layer checkpointing, non-reentrant, which
+    replays the block's forward under the saved RNG state, so gradients equal the stored path's.
+    It checkpoints the layer's `forward`, not its `__call__`, so FSDP2's hooks stay outside the
+    recomputation (no second all-gather for it)."""
+    inner = unwrap_peft(model)  # the adapters sit inside the blocks: they are recomputed with them
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise ValueError(f"--activation-checkpointing: {type(inner).__name__} does not support activation "
+                         "checkpointing; drop the flag")
+    kwargs = {"use_reentrant": False}
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def freeze(model):
     """A model used only for inference (the reference): no grads, eval mode."""
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-def autocast_ctx(device: torch.device | str, precision: str):
-    """bf16 autocast of matmuls (fp32 master weights) for precision 'bf16', else nothing."""
-    import contextlib
-
-    if precision == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()

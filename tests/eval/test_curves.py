@@ -46,10 +46,10 @@ def test_panels_follow_the_keys_the_runs_have(tmp_path):
     titles = lambda runs: [t for t, _ in present_panels(runs)]  # noqa: E731
     assert titles([dpo]) == ["loss", "reward accuracy", "reward margin (chosen − rejected)", "rewards",
                              "learning rate", "gradient norm"]
-    assert titles([ppo]) == ["reward (PPO)", "KL(π‖πref) (PPO)", "learning rate", "gradient norm"]
+    assert titles([ppo]) == ["reward (PPO)", "KL(π‖πref) (PPO; KTO: its reference point z0)", "learning rate", "gradient norm"]
     assert "reward accuracy" in titles([rm]) and "rewards" not in titles([rm])  # rm's "accuracy" key
     assert titles([dpo, ppo]) == ["loss", "reward accuracy", "reward margin (chosen − rejected)", "rewards",
-                                  "reward (PPO)", "KL(π‖πref) (PPO)", "learning rate", "gradient norm"]
+                                  "reward (PPO)", "KL(π‖πref) (PPO; KTO: its reference point z0)", "learning rate", "gradient norm"]
     # PPO lines have no split: they are train lines
     assert series(ppo, ("kl",), "train") == ([1, 2, 3], [0.5, 1.0, 1.5])
     assert series(ppo, ("kl",), "eval") == ([], [])
@@ -84,7 +84,7 @@ def test_plot_runs_writes_an_image(tmp_path):
     res = plot_runs([tmp_path / "x" / "run", tmp_path / "y" / "run"], out)
     assert out.read_bytes()[:8] == PNG_MAGIC
     assert res["runs"] == ["x/run", "y/run"]  # same directory names: told apart by their parents
-    assert "loss" in res["panels"] and "KL(π‖πref) (PPO)" in res["panels"]
+    assert "loss" in res["panels"] and "KL(π‖πref) (PPO; KTO: its reference point z0)" in res["panels"]
     assert not list(out.parent.glob(".*tmp*"))
     svg = plot_runs([tmp_path / "x" / "run"], tmp_path / "c.svg")
     assert (tmp_path / "c.svg").read_text().lstrip().startswith("<?xml") and svg["runs"] == ["run"]

@@ -189,3 +189,44 @@ def test_fsdp_checkpoints_resume_exactly_and_are_ordinary(tiny_model, tmp_path, 
         rc, err = run(out, *extra, "--resume", str(ck))
         assert rc == 0, err
         assert _max_diff(weights(same_as), weights(out)) < 1e-5
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # ~45 s on 2 cores
+def test_two_nodes_on_the_loopback_match_a_single_process(tiny_model, tmp_path, ddp_data):
+    """Two torchrun launchers, one process each, meeting through a c10d rendezvous on 127.0.0.1 as
+    two nodes would (`--nnodes 2`): the run equals the single-process one, as the 2-process run on
+    one node does; rank 0 of the two writes the run directory, and every rank its shards of the
+    (sharded) checkpoint, into the directory both share."""
+    common = ["--model", str(tiny_model), "--data", str(ddp_data), "--lr", "0.5", "--optimizer", "sgd",
+              "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "5", "--warmup-steps", "0",
+              "--max-grad-norm", "0", "--max-length", "64", "--no-progress", "--threads", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    one = _single_process_run(tuple(common), env)
+    out = tmp_path / "nodes"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "loopback",
+                "-m", "directpo", "train", *common, "--output-dir", str(out), "--save-every", "5",
+                "--checkpoint-format", "sharded"]
+    nodes = [subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              start_new_session=True) for _ in range(2)]
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in nodes]
+    except subprocess.TimeoutExpired:
+        for p in nodes:
+            os.killpg(p.pid, signal.SIGKILL)
+        raise
+    assert [p.returncode for p in nodes] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    metrics = [m for m in map(json.loads, open(out / "metrics.jsonl")) if m["split"] == "train"]
+    assert _equal_runs(one, (metrics, load_file(str(out / "model.safetensors"))),
+                       load_file(str(tiny_model / "model.safetensors"))) == []
+    shards = out / "checkpoints" / "step-00000005" / "shards"
+    assert (shards / ".metadata").exists() and len(list(shards.glob("*.distcp"))) >= 1

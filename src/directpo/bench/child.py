@@ -16,7 +16,7 @@ def directpo_train_config(spec: dict):
     """The `TrainConfig` of a directpo run: the same as `directpo train` with these flags:
     --batch-size B --micro-batch-size MB --max-steps steps+1 --warmup-steps 0 --lr 1e-6 --precompute-ref
     --no-progress --max-length L --on-invalid skip --precision P --seed 0 --ref-cache off --overwrite
-    [--threads N] [--device D]."""
+    [--threads N] [--device D] [--memory-budget SIZE: then the micro-batch is the planner's]."""
     from ..train.config import TrainConfig
 
     return TrainConfig(model=spec["model"], data=spec["data"], output_dir=spec["output_dir"],
@@ -24,7 +24,8 @@ def directpo_train_config(spec: dict):
                        max_steps=spec["steps"] + 1, warmup_steps=0, lr=1e-6, precompute_ref=True, progress=False,
                        max_length=spec["max_length"], max_prompt_length=keep_prompt(spec["max_length"]),
                        on_invalid="skip", precision=spec["precision"], seed=0,
-                       ref_cache="off", overwrite=True, threads=spec.get("threads") or 0, device=spec.get("device"))
+                       ref_cache="off", overwrite=True, threads=spec.get("threads") or 0, device=spec.get("device"),
+                       memory_budget=spec.get("memory_budget"))
 
 
 def keep_prompt(max_length: int | None) -> int | None:
@@ -49,7 +50,8 @@ def _child_directpo(spec: dict) -> dict:
         steps.append({"step": m["step"], "pairs": spec["batch"], "dt": dt,
                       "tokens_processed": m["tokens_per_s"] * dt, "elapsed_s": m.get("elapsed_s")})
     cfg = json.loads((out / "directpo_config.json").read_text())
-    return {"steps": steps, "train_pairs": cfg.get("train_pairs", cfg.get("train_examples"))}
+    return {"steps": steps, "train_pairs": cfg.get("train_pairs", cfg.get("train_examples")),
+            "memory_plan": cfg.get("memory_plan")}
 
 
 def child_main(spec_path: str) -> int:

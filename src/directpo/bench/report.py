@@ -204,11 +204,24 @@ def _sweep_lines(sweep: list[dict]) -> list[str]:
     return lines
 
 
+def _plan_lines(runs: list[dict]) -> list[str]:
+    """--memory-budget: the plan each directpo configuration ran with (its first round's)."""
+    from ..train.plan import format_memory_plan
+
+    lines, seen = [], set()
+    for x in runs:
+        if x.get("memory_plan") and x["config"] not in seen:
+            seen.add(x["config"])
+            lines.append(f"  directpo {x['config']}: {format_memory_plan(x['memory_plan'])}")
+    return ["", "memory plan:"] + lines if lines else []
+
+
 def format_report(r: dict) -> str:
     """The table `directpo bench` prints, from its result dict."""
     lines = _header_lines(r)
     if r["results"]:
-        lines += _results_table(r["results"]) + _comparison_lines(r["comparison"]) + _notes(r["runs"])
+        lines += _results_table(r["results"]) + _plan_lines(r["runs"]) + _comparison_lines(r["comparison"]) + \
+            _notes(r["runs"])
     if r["vocab_sweep"]:
         lines += _sweep_lines(r["vocab_sweep"])
     return "\n".join(lines)

@@ -179,7 +179,8 @@ def run_child(spec: dict, work: Path, tag: str) -> dict:
 def _base_spec(args, data_path: Path) -> dict:
     return {"model": args.model, "data": str(data_path), "batch": args.batch, "micro_batch": args.micro_batch,
             "steps": args.steps,
-            "max_length": args.max_length, "threads": args.threads, "device": args.device}
+            "max_length": args.max_length, "threads": args.threads, "device": args.device,
+            "memory_budget": getattr(args, "memory_budget", None)}
 
 
 def _figures(cfg: RunConfig, raw: dict, args, tokenized, dims: ModelDims) -> dict:
@@ -192,6 +193,8 @@ def _figures(cfg: RunConfig, raw: dict, args, tokenized, dims: ModelDims) -> dic
     if "cuda_peak_mib" in raw:
         figs["cuda_peak_mib"] = raw["cuda_peak_mib"]
     figs["train_pairs"] = raw.get("train_pairs")
+    if raw.get("memory_plan"):  # --memory-budget: the micro-batch directpo's planner chose
+        figs["memory_plan"] = raw["memory_plan"]
     return figs
 
 
@@ -390,7 +393,7 @@ def _measure_all(args, systems: list[str], sweep: list[int], have_trl: bool, dev
 
 def _settings(args, systems: list[str], sweep: list[int]) -> dict:
     return {"model": args.model, "data": args.data, "batch": args.batch, "micro_batch": args.micro_batch,
-            "max_length": args.max_length,
+            "memory_budget": getattr(args, "memory_budget", None), "max_length": args.max_length,
             "steps_timed": args.steps, "warmup_steps": 1, "rounds": args.rounds,
             "pairs": args.batch * (args.steps + 1), "systems": systems, "vocab_sweep": sweep}
 

@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bon": ("eval", "Best-of-N: N samples per prompt, scored, the best kept"),
     "eval": ("eval", "reward, KL(π‖πref), length and win rate of a policy on held-out prompts, over a "
                      "temperature sweep"),
+    "plan": ("plan", "the memory a run needs per device (weights, gradients, optimizer, activations), from the "
+                     "model's config alone, and what makes it fit"),
     "plot": ("plot", "training curves of runs from their metrics.jsonl (loss, accuracy, margins, lr, ...), overlaid"),
     "rm": ("rlhf", "train a Bradley–Terry reward model (LM + scalar head) on preference pairs"),
     "ppo": ("rlhf", "PPO against a reward model or callable with a KL penalty to πref (eq. 3)"),

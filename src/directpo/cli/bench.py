@@ -22,6 +22,8 @@ def register(command: str, parser) -> None:
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     b.add_argument("--vocab-sweep", default=None,
                    help="comma-separated vocabulary sizes: directpo fp32 peak RSS of a random-init copy at each")
+    b.add_argument("--memory-budget", default=None,
+                   help="directpo runs pick their micro-batch for this memory, e.g. 8GiB; the plan is printed")
     b.add_argument("--data-split", default=None, help="split name for `datasets` sources")
     b.add_argument("--keep-work", action="store_true", help="keep the temporary work dir (specs, logs)")
     parser.set_defaults(func=run)

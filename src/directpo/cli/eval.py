@@ -70,7 +70,8 @@ def _score_flags(s) -> None:
     s.add_argument("--on-invalid", choices=["error", "skip"], default="error", help="bad rows")
     s.add_argument("--data-split", default=None, help="split name for `datasets` sources (default: train)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 where this device runs it fast, else fp32 (see `directpo train --help`)")
     s.add_argument("--layout", choices=["packed", "padded"], default="packed",
                    help="packed: each prompt computed once (exact); padded: one row per prompt+response")
     overwrite_flag(s)
@@ -212,7 +213,8 @@ def _eval_flags(e) -> None:
                    help="comma-separated sweep, e.g. 0.25,0.5,0.75,1.0 (default: --temperature)")
     e.add_argument("--plot", help="PNG of reward / win rate / length against temperature")
     e.add_argument("--samples-out", help="also write every sample (and its reward) to this JSONL")
-    e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="log-prob precision (KL)")
+    e.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="log-prob precision (KL); auto: bf16 where this device runs it fast, else fp32")
     _generation_flags(e)
 
 

@@ -31,7 +31,8 @@ def register(command: str, parser) -> None:
     p.add_argument("--threads", type=non_negative, default=0,
                    help="CPU threads for the reference's log-probs (default 0: one for a tiny model, hidden size "
                         "≤ 256, else torch's default)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="reference log-prob precision")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                   help="reference log-prob precision (auto: bf16 where this machine runs it faster)")
     p.add_argument("--json", action="store_true", help="print report.json's content instead of the summary")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.set_defaults(func=run)

@@ -40,6 +40,7 @@ class Batch:
     token_count: int | None = None  # real tokens, where the mask alone cannot tell
     # packed layout: (row, start, prompt_len, response_lens) per example, in row order
     segments: list[tuple[int, int, int, tuple[int, ...]]] | None = None
+    labels: torch.Tensor | None = None  # (B,) unpaired (KTO) examples: True where response 0 is desirable
 
     @property
     def num_seqs(self) -> int:
@@ -97,7 +98,16 @@ def collate_padded(examples: list[TokenizedExample], pad_id: int) -> Batch:
         lab.extend(ids[p:])
         seq.extend([r] * (len(ids) - p))
     return Batch(input_ids, attention_mask, None, torch.tensor(pos), torch.tensor(lab), torch.tensor(seq),
-                 seq_index, [ex.row for ex in examples])
+                 seq_index, [ex.row for ex in examples], labels=_labels(examples))
+
+
+def _labels(examples: list[TokenizedExample]) -> torch.Tensor | None:
+    """(B,) desirable flags of unpaired examples; None for preference data (no labels)."""
+    if all(ex.label is None for ex in examples):
+        return None
+    if any(ex.label is None for ex in examples):
+        raise ValueError("a batch mixes unpaired (labelled) examples with preference pairs")
+    return torch.tensor([bool(ex.label) for ex in examples])
 
 
 def _assign_sequences(examples: list[TokenizedExample]) -> torch.Tensor:
@@ -167,7 +177,8 @@ def collate_packed(examples: list[TokenizedExample], pad_id: int, row_tokens: in
                 start += L
             o = start
     return Batch(input_ids, None, position_ids, torch.tensor(pos), torch.tensor(lab), torch.tensor(seq),
-                 seq_index, [ex.row for ex in examples], token_count=sum(lengths), segments=segments)
+                 seq_index, [ex.row for ex in examples], token_count=sum(lengths), segments=segments,
+                 labels=_labels(examples))
 
 
 def dense_packed_mask(segments: list[tuple[int, int, int, tuple[int, ...]]], rows: int, length: int) -> torch.Tensor:

@@ -12,6 +12,11 @@ Accepted row shapes (detected per row):
 * ranked responses           {"prompt", "responses": [...], "ranking": [best, ..., worst]} or
                              {"prompt", "responses", "scores": [...]} (higher is better)
 * completions (for SFT)      {"prompt": str, "completion": str}
+* unpaired completions       {"prompt", "completion", "label": true | false}: one completion and
+  (KTO)                      whether it is desirable, a JSON boolean (anything else is an error of
+                             the field). Text, or conversational: "completion" a list of messages,
+                             "prompt" a list of messages or a string (then one user message).
+                             Empty prompts and completions follow the pairs' rules.
 
 Every problem is a `DataError` that names the source, the row and the field: "line N" (1-based,
 as editors count) in line-based files (JSONL), "row N" (1-based) in JSON arrays, Parquet and
@@ -72,12 +77,14 @@ class DataError(ValueError):
 
 @dataclass
 class Example:
-    """One prompt and K ≥ 2 responses, best first (for a pair: [chosen, rejected])."""
+    """One prompt and K ≥ 2 responses, best first (for a pair: [chosen, rejected]); or one response
+    (an SFT completion; with `label`, an unpaired completion: True desirable, False undesirable)."""
 
     prompt: Text
     responses: list[Text]
     source: str = ""
     row: int = 0
+    label: bool | None = None
 
     @property
     def chosen(self) -> Text:
@@ -370,6 +377,8 @@ def parse_row(rec: dict, source: str, row: int) -> Example:
     check_unicode(rec, ("prompt", "chosen", "rejected", "responses", "completion"), source, row)
     if "responses" in rec:
         ex = _parse_ranked(rec, source, row)
+    elif "label" in rec and "chosen" not in rec and "rejected" not in rec:
+        return _parse_unpaired(rec, source, row)
     elif "completion" in rec and "chosen" not in rec:  # a plain SFT row
         # An empty completion is kept: it trains the end of turn alone (EOS), as an empty response does.
         return Example(_text(rec, "prompt", source, row), [_text(rec, "completion", source, row)], source, row)
@@ -422,6 +431,27 @@ def _parse_pair(rec: dict, source: str, row: int) -> Example:
     else:
         prompt = _text(rec, "prompt", source, row)
     return Example(prompt, [chosen, rejected], source, row)
+
+
+def _parse_unpaired(rec: dict, source: str, row: int) -> Example:
+    """{"prompt", "completion", "label"}: a completion and whether it is desirable (KTO's data)."""
+    label = rec["label"]
+    if not isinstance(label, bool):  # not 1/0 or "yes": a label that is not a boolean is a mistake to report
+        raise DataError(source, row, "label", f"expected true (desirable) or false (undesirable), got {_short(label)}",
+                        kind="type")
+    completion = rec.get("completion")
+    if completion is None:
+        raise DataError(source, row, "completion", "missing: an unpaired row needs 'prompt', 'completion' and 'label'",
+                        kind="missing")
+    if isinstance(completion, list):  # conversational
+        completion = _messages(completion, source, row, "completion")
+        prompt = rec.get("prompt")
+        if prompt is None:
+            raise DataError(source, row, "prompt", "missing", kind="missing")
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, source, row,
+                                                                                                  "prompt")
+        return Example(prompt, [completion], source, row, label)
+    return Example(_text(rec, "prompt", source, row), [_text(rec, "completion", source, row)], source, row, label)
 
 
 def _parse_ranked(rec: dict, source: str, row: int) -> Example:
@@ -546,6 +576,29 @@ def ranking_to_pairs(examples: list[Example], mode: str = "all") -> list[Example
         else:
             out += [Example(ex.prompt, [ex.responses[i], ex.responses[j]], ex.source, ex.row)
                     for i in range(K) for j in range(i + 1, K)]
+    return out
+
+
+def pairs_to_unpaired(examples: list[Example]) -> list[Example]:
+    """Preference pairs as unpaired rows (for KTO): each pair becomes a desirable row (its chosen
+    response) and an undesirable one (its rejected response), both keeping the pair's source row.
+    Rows that are unpaired already pass through. A row that is neither (a completion without a
+    label, or a ranking of K > 2) is a DataError: which of its responses is desirable is not said."""
+    out = []
+    for ex in examples:
+        if ex.label is not None:
+            out.append(ex)
+        elif len(ex.responses) == 2:
+            out += [Example(ex.prompt, [ex.chosen], ex.source, ex.row, True),
+                    Example(ex.prompt, [ex.rejected], ex.source, ex.row, False)]
+        elif len(ex.responses) == 1:
+            raise DataError(ex.source, ex.row, "label", "missing: a prompt/completion row needs 'label' (true: "
+                                                        "desirable, false: undesirable) to be an unpaired row",
+                            kind="missing")
+        else:
+            raise DataError(ex.source, ex.row, "responses",
+                            f"a ranking of {len(ex.responses)} responses has no single desirable and undesirable "
+                            "response: add --ranking-to-pairs --ranking-pairs best_worst to use its best and worst")
     return out
 
 

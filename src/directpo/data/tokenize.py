@@ -20,7 +20,8 @@ generation prompt), `prompt_ids` (an empty prompt starts from BOS, or EOS) and `
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, replace
 
 from .formats import DataError, Example, SkipReport, Text
 
@@ -33,11 +34,16 @@ class TokenizedExample:
     row: int = 0
     prompt_truncated: bool = False
     responses_truncated: int = 0
+    label: bool | None = None  # unpaired (KTO) rows: whether response 0 is desirable
 
     @property
     def num_tokens(self) -> int:
         """Tokens of the padded layout: the prompt once per response."""
         return sum(len(self.prompt_ids) + len(r) for r in self.response_ids)
+
+    def only(self, k: int) -> "TokenizedExample":
+        """This example with response k alone (KTO: its own completion, or the mismatched one)."""
+        return replace(self, response_ids=self.response_ids[k:k + 1])
 
 
 @dataclass
@@ -178,7 +184,8 @@ def tokenize_example(example: Example, tokenizer, max_length: int | None = None,
     if prompt_truncated:  # counted for the examples kept, not for those refused above
         stats.prompts_truncated += 1
         stats.prompts_cut_to_fit += to_fit
-    return TokenizedExample(p_ids, response_ids, example.source, example.row, prompt_truncated, n_trunc)
+    return TokenizedExample(p_ids, response_ids, example.source, example.row, prompt_truncated, n_trunc,
+                            example.label)
 
 
 def tokenize_examples(examples: list[Example], tokenizer, max_length: int | None = None,
@@ -197,4 +204,41 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int | None
     if not out:
         raise DataError(examples[0].source if examples else "data", None, None,
                         f"no usable rows after tokenization ({report.summary()})")
+    return out
+
+
+def pair_mismatched(examples: list[TokenizedExample], seed: int = 0,
+                    max_length: int | None = None) -> list[TokenizedExample]:
+    """Unpaired (KTO) examples, each given a second response: the completion of another example,
+    as [own completion, mismatched completion].
+
+    KTO's reference point z0 (Ethayarajh et al. 2024) is estimated from log πθ(y'|x) −
+    log πref(y'|x) over *mismatched* pairs, a prompt x with the completion y' of another example.
+    Fixing y' here, at data preparation, makes it part of the tokenized example: its reference
+    log-prob is then precomputed and cached with the rest (a two-column table: own, mismatched), as
+    it could not be if y' changed from batch to batch. (TRL too builds its KL completions at data
+    time, by shifting completions within a batch.) Which completion: the examples are visited in a
+    seeded permutation, and each takes the completion of the next one in it (cyclically) whose
+    prompt differs from its own; only when every prompt is the same does it take the next one's
+    anyway (and with a single example, its own). So the choice depends on the seed and the data
+    alone. The mismatched completion is cut to fit `max_length` after this example's prompt.
+    """
+    if any(len(ex.response_ids) != 1 for ex in examples):
+        raise ValueError("pair_mismatched takes unpaired examples (one completion each)")
+    n = len(examples)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    prompts = [tuple(examples[i].prompt_ids) for i in order]
+    # Position p's partner is the first later position (over two laps of the cycle) whose prompt
+    # differs from p's. A run of equal prompts shares it, so one backward sweep finds them all.
+    after: list[int | None] = [None] * (2 * n)
+    for p in range(2 * n - 2, -1, -1):
+        after[p] = p + 1 if prompts[(p + 1) % n] != prompts[p % n] else after[p + 1]
+    out: list[TokenizedExample] = [None] * n  # type: ignore[list-item]
+    for p, i in enumerate(order):
+        q = after[p] if after[p] is not None and after[p] - p < n else p + 1 if n > 1 else p
+        ex, other = examples[i], examples[order[q % n]].response_ids[0]
+        if max_length is not None:
+            other = other[:max(max_length - len(ex.prompt_ids), 0)]
+        out[i] = replace(ex, response_ids=[ex.response_ids[0], list(other)])
     return out

@@ -26,9 +26,10 @@ PANELS: list[tuple[str, list[tuple[str, tuple[str, ...]]]]] = [
     ("loss", [("loss", ("loss",))]),
     ("reward accuracy", [("accuracy", ("rewards/accuracies", "accuracy"))]),
     ("reward margin (chosen − rejected)", [("margin", ("rewards/margins",))]),
-    ("rewards", [("chosen", ("rewards/chosen",)), ("rejected", ("rewards/rejected",))]),
+    ("rewards", [("chosen", ("rewards/chosen", "rewards/desirable")),
+                 ("rejected", ("rewards/rejected", "rewards/undesirable"))]),  # KTO: desirable/undesirable rows
     ("reward (PPO)", [("reward", ("reward",))]),
-    ("KL(π‖πref) (PPO)", [("kl", ("kl",))]),
+    ("KL(π‖πref) (PPO; KTO: its reference point z0)", [("kl", ("kl",))]),
     ("learning rate", [("lr", ("lr",))]),
     ("gradient norm", [("grad_norm", ("grad_norm",))]),
 ]

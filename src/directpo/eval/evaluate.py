@@ -30,6 +30,7 @@ from ..data.formats import write_jsonl
 from ..data.prompts import load_prompts
 from ..logprobs import dataset_logps
 from ..models import check_vocab, load_model, load_tokenizer, pick_device
+from ..precision import resolve_precision
 from .sampling import Samples, draw_samples
 from .scorers import as_scorer
 
@@ -53,7 +54,7 @@ def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[li
     """(N,) log π(y|x) of given completions (token ids) after given prompts, via directpo.logprobs."""
     device = device or next(model.parameters()).device
     examples = [TokenizedExample(list(p), [list(c)]) for p, c in zip(prompt_ids, completion_ids)]
-    dtype = torch.bfloat16 if precision == "bf16" else None
+    dtype = torch.bfloat16 if resolve_precision(precision, device)[0] == "bf16" else None
     return dataset_logps(model, examples, make_collate("padded", pad_id), batch_size, device, dtype)[:, 0]
 
 
@@ -151,6 +152,7 @@ def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, 
     if not temperatures:
         raise ValueError("give at least one temperature")
     dev = pick_device(device)
+    precision = resolve_precision(precision, dev)[0]
     report = SkipReport()
     items = load_prompts(prompts, on_invalid, split, report)
     tokenizer = load_tokenizer(model)

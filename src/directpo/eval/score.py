@@ -14,6 +14,7 @@ from ..data.formats import write_jsonl
 from ..logprobs import dataset_logps, packed_row_tokens
 from ..losses import implicit_reward
 from ..models import check_vocab, load_model, load_tokenizer, pick_device
+from ..precision import resolve_precision
 
 
 def score(model: str, data: str, out: str, ref: str | None = None, beta: float = 0.1, max_length: int | None = 512,
@@ -21,6 +22,7 @@ def score(model: str, data: str, out: str, ref: str | None = None, beta: float =
           device: str | None = None, precision: str = "fp32", split: str | None = None,
           layout: str = "packed") -> dict:
     dev = pick_device(device)
+    precision = resolve_precision(precision, dev)[0]
     tokenizer = load_tokenizer(model)
     report, stats = SkipReport(), TokenizeStats()
     examples = load_examples(data, on_invalid=on_invalid, split=split, report=report)

@@ -25,8 +25,9 @@ The alarms (`ALARMS`) and their settings (constructor arguments):
     no_learning           from step `no_learning_steps` on, every loss of the last
                           min(`window`, `no_learning_steps`) steps is within `no_learning_tol` of
                           the loss of an untrained policy: ln 2 for dpo/cdpo/plackett_luce on pairs,
-                          1 for hinge (`CHANCE_LOSS`), or `chance_loss` when given. Other losses
-                          (ipo, sft, rm, ...) have no such fixed value: the alarm stays off.
+                          1 for hinge, 2 ln 2 for bco_pair (`CHANCE_LOSS`), or `chance_loss` when
+                          given. Other losses (ipo, sft, rm; kto, whose value depends on the mix of
+                          desirable rows, ...) have no such fixed value: the alarm stays off.
     grad_spike            a step's gradient norm (before clipping) above `grad_spike` × the median
                           of the previous `window` steps' (after at least `min_history` of them).
     loss_jump             a step's loss above `loss_jump` × the median of the previous `window`
@@ -58,7 +59,7 @@ ALARMS = ("both_rewards_falling", "overfitting", "no_learning", "grad_spike", "l
 # The loss of a policy equal to its reference (every implicit reward 0), by loss name.
 CHANCE_LOSS = {"dpo": math.log(2), "cdpo": math.log(2), "dpo_norm": math.log(2), "robust": math.log(2),
                "plackett_luce": math.log(2), "hinge": 1.0, "nca_pair": 2 * math.log(2), "apo_zero": 1.0,
-               "apo_down": 1.0}
+               "apo_down": 1.0, "bco_pair": 2 * math.log(2)}
 NO_IMPLICIT_REWARDS = frozenset({"rm", "ppo"})  # their "rewards/..." are a reward model's, not β·log-ratios
 ACCURACY_KEYS = ("rewards/accuracies", "accuracy")  # DPO family; reward model
 

@@ -149,7 +149,7 @@ def _optimisation_rows(s: dict) -> list[tuple[str, object]]:
             ("warm-up steps", s.get("warmup_steps")), ("weight decay", s.get("weight_decay") or None),
             ("batch size", s.get("batch_size")), ("micro-batch size", s.get("micro_batch_size")),
             ("steps", s.get("total_steps") or s.get("max_steps")), ("max gradient norm", s.get("max_grad_norm")),
-            ("max length (tokens)", s.get("max_length")), ("precision", s.get("precision")), ("seed", s.get("seed"))]
+            ("max length (tokens)", s.get("max_length")), ("precision", s.get("precision_resolved") or s.get("precision")), ("seed", s.get("seed"))]
     if s.get("lora_r"):
         rows.append(("LoRA", f"r {s['lora_r']}, α {s.get('lora_alpha')}, modules {s.get('lora_target_modules')}"
                              f"{', merged' if s.get('merge') else ' (adapters)'}"))

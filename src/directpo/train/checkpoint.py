@@ -9,6 +9,10 @@ A checkpoint is a directory `OUTPUT/checkpoints/step-NNNNNNNN/` holding
     extra.pt            what else a trainer needs to continue exactly (PPO: value head, KL
                         coefficient, mini-batch generator), when it has any
 
+or, with `--checkpoint-format sharded`, `shards/` (torch.distributed.checkpoint: every rank's
+shards of the trainable weights and optimizer state, written by the ranks themselves, nothing
+gathered; it loads on any number of processes) and `scheduler.pt` in place of the first two.
+
 It is written into a temporary sibling directory and renamed into place only when complete: a
 rename is atomic, so a checkpoint directory either exists whole or not at all, and a crash during a
 write leaves the previous checkpoints untouched. The data position needs no saving: the batch of
@@ -24,7 +28,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .distributed import load_shards, save_shards
+
 PREFIX = "step-"
+SHARDS = "shards"  # a sharded checkpoint's DCP directory
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -72,49 +79,114 @@ def save_checkpoint(output_dir: str | Path, step: int, epoch: int, model, optimi
     back on resume (read with weights_only=True: no pickled code)."""
     weights, optim_state = state or (trainable_state(model), optimizer.state_dict())
     root = checkpoint_root(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    final, tmp = root / f"{PREFIX}{step:08d}", root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
+    _fresh_dir(tmp)
     try:
         save_file(weights, str(tmp / "model.safetensors"))
         torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
-        if extra is not None:
-            torch.save(extra, tmp / "extra.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "epoch": epoch, "config": config}, indent=1))
-        for f in tmp.iterdir():
+        _finish(tmp, final, step, epoch, config, extra)
+    except BaseException as e:
+        _failed(e, tmp, final)
+        raise
+    _prune(output_dir, keep_last)
+    return final
+
+
+def save_sharded_checkpoint(output_dir: str | Path, step: int, epoch: int, model, optimizer, scheduler,
+                            config: dict, d, keep_last: int = 0, extra: dict | None = None) -> Path:
+    """The sharded format: every process calls (`d`: its `Dist`). All ranks write their shards into
+    one temporary directory (the same name on every rank), then rank 0 adds the small files and
+    renames it into place, as `save_checkpoint` does: a crash on any rank at any point leaves no
+    checkpoint directory for this step, and the earlier ones whole."""
+    root = checkpoint_root(output_dir)
+    final, tmp = root / f"{PREFIX}{step:08d}", root / f".tmp-{PREFIX}{step:08d}-sharded"
+    if d.main:
+        _fresh_dir(tmp)
+    d.barrier()  # the directory exists (and holds nothing stale) before any rank writes into it
+    try:
+        save_shards(model, optimizer, tmp / SHARDS)  # returns on rank 0 when every rank's files are written
+        if d.main:
+            torch.save({"scheduler": scheduler.state_dict()}, tmp / "scheduler.pt")
+            _finish(tmp, final, step, epoch, config, extra)
+    except BaseException as e:
+        if d.main:
+            _failed(e, tmp, final)
+        raise
+    if d.main:
+        _prune(output_dir, keep_last)
+    return final
+
+
+def _fresh_dir(tmp: Path) -> None:
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():  # left by a process killed mid-write
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+
+
+def _finish(tmp: Path, final: Path, step: int, epoch: int, config: dict, extra: dict | None) -> None:
+    """RNG, extra state and state.json into `tmp`, everything fsynced, then `tmp` renamed to `final`."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    if extra is not None:
+        torch.save(extra, tmp / "extra.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "epoch": epoch, "config": config}, indent=1))
+    for f in tmp.iterdir():  # (DCP fsyncs the shards it writes; its directory entry is synced here)
+        if f.is_dir():
+            _fsync_dir(f)
+        else:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():  # a re-run of the same step: replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-    except OSError as e:  # disk full, quota, permissions: say so; earlier checkpoints are untouched
-        shutil.rmtree(tmp, ignore_errors=True)
+    if final.exists():  # a re-run of the same step: replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _failed(e: BaseException, tmp: Path, final: Path) -> None:
+    """Remove the partial checkpoint; disk full, quota, permissions: say so in one line."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, OSError):  # earlier checkpoints are untouched
         raise OSError(e.errno, f"could not write checkpoint {final} ({e.strerror or e}); earlier checkpoints "
-                               f"in {root} are intact") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                               f"in {final.parent} are intact") from e
+
+
+def _prune(output_dir, keep_last: int) -> None:
     if keep_last > 0:
         for old in list_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler, shards=None) -> dict:
     """Restore weights, optimizer, scheduler and RNG from a checkpoint; return its state.json (with
     the trainer's `extra` state under "extra", when the checkpoint has one).
     `shards`: the `Dist` of a sharded (FSDP) model; then every rank calls this, rank 0 alone reads
-    the weights and optimizer state, and `Dist.load_state` hands each rank its shard."""
+    the weights and optimizer state, and `Dist.load_state` hands each rank its shard.
+    A sharded checkpoint (a `shards/` directory) is read by every rank, each its own part, whatever
+    the number of processes that wrote it; under torchrun every rank must call this."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
+    if (path / SHARDS).is_dir():
+        load_shards(model, optimizer, path / SHARDS)
+        scheduler_file = path / "scheduler.pt"
+    else:
+        _load_whole(path, model, optimizer, shards)
+        scheduler_file = path / "optimizer.pt"
+    # mmap: the other ranks read just the (small) scheduler state, not the optimizer's tensors
+    scheduler.load_state_dict(torch.load(scheduler_file, weights_only=True, mmap=True)["scheduler"])
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if (path / "extra.pt").exists():
+        state["extra"] = torch.load(path / "extra.pt", weights_only=True)
+    return state
+
+
+def _load_whole(path: Path, model, optimizer, shards) -> None:
+    """Weights and optimizer state of a full checkpoint (see `load_checkpoint`)."""
     weights = opt = None
     if shards is None or shards.main:
         weights = load_file(str(path / "model.safetensors"))
@@ -128,12 +200,3 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, shards=None) 
         optimizer.load_state_dict(opt)
     else:
         shards.load_state(model, optimizer, weights, opt)
-    # mmap: the other ranks read just the (small) scheduler state, not the optimizer's tensors
-    scheduler.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, mmap=True)["scheduler"])
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    if (path / "extra.pt").exists():
-        state["extra"] = torch.load(path / "extra.pt", weights_only=True)
-    return state

@@ -29,8 +29,10 @@ class RunConfig:
     warmup_steps: int = setting(150, "linear learning-rate warm-up from 0 (paper: 150)", ge=0)
     max_grad_norm: float = setting(10.0, "clip the gradient norm to this (0: no clipping)", ge=0)
     seed: int = setting(0, "seed for initialisation-independent randomness: data order")
-    precision: str = setting("fp32", "bf16: autocast matmuls to bfloat16 (fp32 master weights and loss)",
-                             choices=["fp32", "bf16"])
+    precision: str = setting("auto", "bf16: autocast matmuls to bfloat16 (fp32 master weights and loss); auto: bf16 "
+                                     "where the device runs it fast (a GPU with native bf16, a CPU whose measured "
+                                     "bf16 matmul beats fp32), fp32 elsewhere; DIRECTPO_AUTO_PRECISION=fp32|bf16 "
+                                     "pins what auto picks", choices=["auto", "fp32", "bf16"])
     device: str | None = setting(None, "cpu or cuda (default: cuda when available)")
     threads: int = setting(0, "CPU threads for torch (0: torch's default)", ge=0)
     log_every: int = setting(1, "print a metrics line every N steps (metrics.jsonl always gets every step)", ge=1)
@@ -97,7 +99,8 @@ class PreferenceRunConfig(RunConfig):
 
     def validate(self):
         super().validate()
-        if self.batch_size % self.micro_batch_size:
+        # (--memory-budget chooses a micro-batch size that divides the batch: the given one is not used)
+        if self.batch_size % self.micro_batch_size and getattr(self, "memory_budget", None) is None:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                               f"({self.micro_batch_size})")
         if self.max_length is not None and self.max_prompt_length is not None and \
@@ -113,7 +116,8 @@ class TrainConfig(PreferenceRunConfig):
     ref: str | None = setting(None, "reference model πref (default: a frozen copy of the starting policy)")
     loss: str = setting("dpo", "loss: dpo, cdpo, ipo (summed log-probs), ipo_avg (per-token averages, as TRL's), "
                                "dpo_norm, robust, hinge, apo_zero, apo_down, exo_pair, nca_pair, reference_free, "
-                               "simpo, orpo, plackett_luce (rankings), sft, unlikelihood; or a comma list summed "
+                               "simpo, orpo, plackett_luce (rankings), sft, unlikelihood, bco_pair, kto (unpaired "
+                               "rows: prompt, completion, label); or a comma list summed "
                                "with --loss-weights, e.g. dpo,sft (see directpo.losses.LOSSES)")
     loss_weights: str = setting("", "weights of a comma-list --loss, e.g. --loss dpo,sft --loss-weights 1,0.5 "
                                     "(empty: 1 each)")
@@ -124,11 +128,21 @@ class TrainConfig(PreferenceRunConfig):
     simpo_gamma: float = setting(1.0, "γ of simpo: target reward margin; use with SimPO's β ≈ 2 (its authors start at "
                                       "γ/β = 0.5)", ge=0)
     orpo_lambda: float = setting(0.1, "λ of orpo: weight of the odds-ratio term (the paper's 0.1)", ge=0)
+    # KTO (issue #16): unpaired rows, or pairs converted on request
+    kto_desirable_weight: float = setting(1.0, "λ_D of kto: weight of the desirable examples' loss (the paper keeps "
+                                               "λ_D·n_D / (λ_U·n_U) in [1, 4/3])", gt=0)
+    kto_undesirable_weight: float = setting(1.0, "λ_U of kto: weight of the undesirable examples' loss", gt=0)
+    pairs_to_unpaired: bool = setting(False, "for --loss kto: use each preference pair as two unpaired rows, the "
+                                             "chosen response desirable and the rejected one undesirable")
     sft_weight: float = setting(0.0, "add this × the NLL per token of the best response to the loss (RPO-style)", ge=0)
     unlikelihood_weight: float = setting(1.0, "α of the unlikelihood loss: weight of the rejected-token term", ge=0)
     ranking_to_pairs: bool = setting(False, "expand ranked rows (K > 2) into pairs for pairwise losses")
     micro_batch_tokens: int = setting(0, "instead: fill each forward/backward with examples up to this many tokens "
                                          "(bounds activation memory whatever the lengths; 0: off)", ge=0)
+    memory_budget: str | None = setting(None, "pick the micro-batch size for this much memory per process, e.g. 8GiB "
+                                              "or 512MiB: the largest divisor of --batch-size whose longest possible "
+                                              "micro-batch fits, from a measured activation cost per token (replaces "
+                                              "--micro-batch-size; default: off)")
     precompute_ref: bool = setting(True, "compute reference log-probs once before training (cached on disk) and "
                                          "free the reference model; --no-precompute-ref runs the reference live at "
                                          "every step")
@@ -142,7 +156,26 @@ class TrainConfig(PreferenceRunConfig):
     nproc: int = setting(0, "launch N data-parallel processes with torchrun (same global batch; gloo on CPU, NCCL "
                             "on GPU)", ge=0)
     fsdp: bool = setting(False, "with several processes: shard the model with FSDP2 (fully_shard) instead of "
-                                "replicating it")
+                                "replicating it; with --precision bf16 the blocks gather their weights and compute "
+                                "in bf16 (FSDP2 MixedPrecisionPolicy: fp32 master weights, gradients reduced in fp32)")
+    # Sharding and memory knobs for big models (issue #17). None of them changes the trajectory, so a
+    # run may resume with others (`RESUMABLE_CHANGES` below); `check_fsdp_settings` refuses what cannot work.
+    checkpoint_format: str = setting("full", "checkpoints: full (whole weights as safetensors, gathered on rank 0) or "
+                                             "sharded (torch.distributed.checkpoint: every rank writes its own shards, "
+                                             "nothing gathered; resumes on any number of processes; needs a "
+                                             "filesystem all nodes share)", choices=["full", "sharded"])
+    fsdp_reshard_after_forward: bool = setting(True, "with --fsdp: free each block's gathered weights after its "
+                                                     "forward and gather them again for the backward (less memory); "
+                                                     "--no-fsdp-reshard-after-forward keeps them (less communication)")
+    fsdp_cpu_offload: bool = setting(False, "with --fsdp: keep the weight shards, their gradients and the optimizer "
+                                            "state in host memory and step the optimizer on the CPU (FSDP2 "
+                                            "CPUOffloadPolicy); weights are copied to the device block by block")
+    activation_checkpointing: bool = setting(False, "recompute each transformer block's activations in the backward "
+                                                    "instead of keeping them (less memory, ~1/3 more compute; the "
+                                                    "same gradients)")
+    RESUMABLE_CHANGES = RunConfig.RESUMABLE_CHANGES | {"checkpoint_format", "fsdp_reshard_after_forward",
+                                                       "fsdp_cpu_offload", "activation_checkpointing",
+                                                       "memory_budget"}  # (a resumed run keeps its micro-batch)
     lora_r: int = setting(0, "LoRA rank (0: full fine-tuning); the reference is the model with adapters disabled", ge=0)
     lora_alpha: float = setting(16.0, "LoRA scaling α", gt=0)
     lora_dropout: float = setting(0.0, "dropout on the LoRA path", ge=0, lt=1)
@@ -156,6 +189,17 @@ class TrainConfig(PreferenceRunConfig):
 
     def validate(self) -> "TrainConfig":
         super().validate()
+        self.check_fsdp_settings()
+        if self.memory_budget is not None:
+            from .plan import parse_size
+
+            parse_size(self.memory_budget, "--memory-budget")
+            if self.micro_batch_tokens:
+                raise ConfigError("--memory-budget picks the micro-batch size; it does not combine with "
+                                  "--micro-batch-tokens (drop one)")
+            if self.fsdp:  # its probe would run outside FSDP's collectives; `directpo plan` covers sharding
+                raise ConfigError("--memory-budget does not plan sharded runs yet; size an --fsdp run with "
+                                  "`directpo plan` and give --micro-batch-size")
         from ..losses import get_loss
 
         spec = get_loss(self.loss, self.loss_weights)
@@ -165,4 +209,22 @@ class TrainConfig(PreferenceRunConfig):
                    "a sharded model's reference must be precomputed" if self.fsdp else None)
             if why:
                 raise ConfigError(f"--ref-sync-every: {why}; TR-DPO needs a reference model of its own")
+        self.check_unpaired_settings(spec)
         return self
+
+    def check_unpaired_settings(self, spec) -> None:
+        """KTO's settings that cannot work with the loss given, refused before anything loads."""
+        if self.pairs_to_unpaired and not spec.unpaired:
+            raise ConfigError(f"--pairs-to-unpaired makes unpaired rows, for --loss kto; the '{self.loss}' loss "
+                              "takes pairs as they are")
+        if spec.unpaired and self.sft_weight:  # it would train on the undesirable completions too
+            raise ConfigError("--sft-weight adds the NLL of each row's first response: with kto's unpaired rows "
+                              "that includes the undesirable completions; leave it at 0")
+
+    def check_fsdp_settings(self) -> None:
+        """The sharding knobs that cannot work together, refused before anything loads."""
+        # (--fsdp with --merge is refused where sharding starts, `loop.check_sharding`.)
+        off = [flag for flag, on in (("--fsdp-cpu-offload", self.fsdp_cpu_offload),
+                                     ("--no-fsdp-reshard-after-forward", not self.fsdp_reshard_after_forward)) if on]
+        if off and not self.fsdp:
+            raise ConfigError(f"{off[0]} shapes FSDP sharding: it needs --fsdp (and several processes)")

@@ -9,7 +9,15 @@ ranks; only rank 0 writes files. gloo on CPU, NCCL on GPU. With `--fsdp`, FSDP2 
 shards the transformer blocks over the ranks for models that do not fit one device (only rank 0
 reads the weights; it broadcasts them into the other ranks' shards); checkpoints
 gather the whole weights and optimizer state onto rank 0 (an ordinary checkpoint) and resuming
-broadcasts them back from rank 0, each rank keeping its shard.
+broadcasts them back from rank 0, each rank keeping its shard. `--checkpoint-format sharded`
+instead has every rank write and read its own shards with torch.distributed.checkpoint (DCP),
+nothing gathered; DCP reshards on load, so such a checkpoint resumes on any number of processes.
+
+Several nodes: `torchrun --nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT ...` on every
+node needs nothing more. Devices follow LOCAL_RANK (the rank on this node); the data split, the metric sums and
+"rank 0 writes" follow RANK and WORLD_SIZE (over all nodes). The run directory and checkpoints are
+written by global rank 0 (a sharded checkpoint's shards by every rank) and read back by every rank
+on --resume: the output directory must be on a filesystem all nodes share.
 
 We all-reduce gradients ourselves rather than wrapping the model in DistributedDataParallel:
 directpo's log-prob path calls the backbone and LM head directly (to skip full-vocabulary logits),
@@ -17,10 +25,13 @@ which DDP's forward hooks would not see.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -78,7 +89,8 @@ class Dist:
         dist.broadcast(buf, 0)
         return buf.cpu()
 
-    def shard_model(self, model):
+    def shard_model(self, model, reshard_after_forward: bool = True, cpu_offload: bool = False,
+                    bf16: bool = False):
         """FSDP2: shard every transformer block and the backbone (embeddings, final norm) over the
         ranks. The LM head stays whole on every rank, because directpo's log-prob path multiplies by
         its weight directly; its gradient is summed like DDP's (`all_reduce_grads` skips sharded
@@ -87,9 +99,20 @@ class Dist:
 
         Only rank 0 holds the weights; ranks > 0 pass the model built on the meta device
         (`load_model(empty=True)`). After sharding, each rank gets storage for its shard alone and
-        rank 0 broadcasts its weights into every rank's shard, so no rank > 0 holds a whole copy."""
+        rank 0 broadcasts its weights into every rank's shard, so no rank > 0 holds a whole copy.
+
+        The knobs (`fsdp_kwargs`): `reshard_after_forward` frees a block's gathered weights after
+        its forward; `cpu_offload` keeps shards, gradients and optimizer state in host memory;
+        `bf16` gathers and computes the blocks in bf16, keeping fp32 master weights and reducing
+        gradients in fp32."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
+        knobs = {"reshard_after_forward": reshard_after_forward}
+        if cpu_offload:  # pinned host memory only where there is a device to copy to
+            knobs["offload_policy"] = CPUOffloadPolicy(pin_memory=self._device().type == "cuda")
+        if bf16:
+            knobs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
         if getattr(model.config, "tie_word_embeddings", False):
             raise ValueError("FSDP with tied input/output embeddings is not supported: the LM head would be "
@@ -101,8 +124,8 @@ class Dist:
         blocks = set(getattr(inner, "_no_split_modules", None) or [])
         for m in inner.modules():
             if type(m).__name__ in blocks:
-                fully_shard(m)  # with LoRA, a block's adapters are sharded with its frozen weights
-        fully_shard(inner.base_model)
+                fully_shard(m, **knobs)  # with LoRA, a block's adapters are sharded with its frozen weights
+        fully_shard(inner.base_model, **knobs)
         for m in model.modules():
             if isinstance(m, FSDPModule):
                 m.set_gradient_divide_factor(1.0)
@@ -195,6 +218,62 @@ def _param_names(model, optimizer) -> list[str]:
     """The optimizer's parameters by name, in the order `optimizer.state_dict()` numbers them."""
     name = {id(p): n for n, p in model.named_parameters()}
     return [name[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def save_shards(model, optimizer, path) -> None:
+    """A sharded checkpoint's tensors (`--checkpoint-format sharded`): every process writes its own
+    shards of the trainable weights and of the optimizer state into directory `path` with
+    torch.distributed.checkpoint (tensors every rank holds whole, like the LM head, are written
+    once). Nothing is gathered. Under torchrun every rank must call (DCP coordinates them); it
+    returns once every rank's files are written and fsynced and rank 0 wrote the index."""
+    import torch.distributed.checkpoint as dcp
+
+    with _dcp_quiet():
+        dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(path))
+
+
+def load_shards(model, optimizer, path) -> None:
+    """Inverse of `save_shards`, on any number of processes, FSDP or not: each rank reads its part
+    of every tensor, whatever world size wrote them (DCP reshards on load). Every rank must call."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = _dcp_state(model, optimizer)
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    missing = sorted(k for k in state["model"] if f"model.{k}" not in saved)
+    if missing:
+        raise ValueError(f"{Path(path).parent}: checkpoint lacks {len(missing)} trainable tensors (e.g. "
+                         f"{missing[0]}): it was made for another model")
+    with _dcp_quiet():
+        dcp.load(state, checkpoint_id=str(path))
+    # strict=False: the frozen weights (LoRA's base) are not in a checkpoint; the trainable ones were
+    # checked above
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
+def _dcp_state(model, optimizer) -> dict:
+    """{"model": trainable weights, "optimizer": its state}, keyed by parameter name. Under FSDP the
+    tensors are this rank's shards (DTensors), which DCP saves, and loads in place."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": weights, "optimizer": optim}
+
+
+@contextlib.contextmanager
+def _dcp_quiet():
+    """DCP warns that it runs in one process when no process group exists: that is what we want."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def fsdp_kwargs(cfg) -> dict:
+    """`shard_model`'s knobs from a config (settings it lacks at their defaults)."""
+    return {"reshard_after_forward": getattr(cfg, "fsdp_reshard_after_forward", True),
+            "cpu_offload": getattr(cfg, "fsdp_cpu_offload", False),
+            "bf16": getattr(cfg, "precision", "fp32") == "bf16"}
 
 
 def init_from_env() -> Dist:

@@ -15,26 +15,29 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..console import log
 from ..data import SkipReport, TokenizeStats, load_examples, make_collate, tokenize_examples
 from ..data.checks import red_flags, summarize, summary_paragraph
-from ..data.formats import ranking_to_pairs
+from ..data.formats import DataError, pairs_to_unpaired, ranking_to_pairs
+from ..data.tokenize import pair_mismatched
 from ..logprobs import dataset_logps, example_logps, packed_row_tokens
 from ..losses import LossInputs, LossParams, LossSpec, get_loss, sft_loss
 from ..metrics import last_valid, ranking_metrics
-from ..models import autocast_ctx, check_vocab, freeze, load_model, load_tokenizer, pick_device
+from ..models import (autocast_ctx, check_vocab, enable_activation_checkpointing, freeze, load_model, load_tokenizer,
+                      pick_device)
 from ..reference import default_cache_dir, model_fingerprint, reference_logps
 from .alarms import HealthMonitor
 from .config import TrainConfig
-from .distributed import Dist, device_for, init_from_env
+from .distributed import Dist, device_for, fsdp_kwargs, init_from_env
 from .lora import adapters_disabled, apply_lora, save_policy
 from .optim import build_optimizer, warmup_schedule
+from .plan import format_memory_plan, plan_for_budget
 from .run import (COMPLETE_MARKER, Interrupted, NonFiniteError, Progress, RunDir, StepDriver, StopRequest,
-                  resume, setup_torch)
+                  resume, settle_precision, setup_torch)
 
 __all__ = ["COMPLETE_MARKER", "NonFiniteError", "TrainConfig", "batch_order", "micro_batches", "train"]
 
@@ -49,6 +52,30 @@ def prepare_data(data_path: str, tokenizer, cfg: TrainConfig, what: str):
     loss = get_loss(cfg.loss, cfg.loss_weights)
     report, stats = SkipReport(), TokenizeStats()
     examples = load_examples(data_path, on_invalid=cfg.on_invalid, split=cfg.data_split, report=report)
+    examples = unpaired_rows(examples, cfg) if loss.unpaired else preference_rows(examples, cfg, loss)
+    tokenized = tokenize_examples(examples, tokenizer, cfg.max_length, cfg.max_prompt_length,
+                                  on_invalid=cfg.on_invalid, report=report, stats=stats)
+    if loss.unpaired:  # KTO: each example gets its mismatched completion, for the reference point z0
+        tokenized = pair_mismatched(tokenized, cfg.seed, cfg.max_length)
+    log(f"{what}: {len(tokenized)} examples from {data_path}; {report.summary()}; {stats.summary()}")
+    return tokenized, report, stats
+
+
+def preference_rows(examples, cfg: TrainConfig, loss: LossSpec) -> list:
+    """The rows as a preference (or SFT) loss takes them, or an error naming the first that does not fit."""
+    labelled = next((ex for ex in examples if ex.label is not None), None)
+    if labelled is not None and cfg.loss == "sft":  # Preferred-FT on unpaired rows: imitate the desirable ones
+        kept = [ex for ex in examples if ex.label is not False]
+        log(f"sft: {len(examples) - len(kept)} undesirable rows (label false) are not imitated; {len(kept)} kept")
+        if not kept:
+            raise DataError(labelled.source, labelled.row, "label", "every row is undesirable (label false): "
+                            "nothing to imitate")
+        examples, labelled = kept, None
+    if labelled is not None:
+        raise DataError(labelled.source, labelled.row, "label",
+                        f"an unpaired row (prompt, completion, label), but the '{cfg.loss}' loss takes "
+                        f"{'preference pairs' if cfg.loss != 'sft' else 'completions to imitate'}: "
+                        "train unpaired rows with --loss kto")
     if cfg.loss == "sft":  # Preferred-FT: only the best response is a target
         examples = [type(ex)(ex.prompt, ex.responses[:1], ex.source, ex.row) for ex in examples]
     else:
@@ -64,10 +91,40 @@ def prepare_data(data_path: str, tokenizer, cfg: TrainConfig, what: str):
             raise ValueError(f"{ranked.source}, row {ranked.row}: the '{cfg.loss}' loss takes pairs, this row has "
                              f"{len(ranked.responses)} ranked responses: use --loss plackett_luce, or "
                              "--ranking-to-pairs to expand rankings into pairs")
-    tokenized = tokenize_examples(examples, tokenizer, cfg.max_length, cfg.max_prompt_length,
-                                  on_invalid=cfg.on_invalid, report=report, stats=stats)
-    log(f"{what}: {len(tokenized)} examples from {data_path}; {report.summary()}; {stats.summary()}")
-    return tokenized, report, stats
+    return examples
+
+
+def unpaired_rows(examples, cfg: TrainConfig) -> list:
+    """The rows as KTO takes them: unpaired (prompt, completion, label) rows, and with
+    --pairs-to-unpaired each pair as a desirable and an undesirable row; a pair without that flag is
+    an error saying how to convert."""
+    if cfg.ranking_to_pairs:
+        examples = ranking_to_pairs(examples, cfg.ranking_pairs)
+    if cfg.pairs_to_unpaired:
+        return pairs_to_unpaired(examples)
+    paired = next((ex for ex in examples if ex.label is None), None)
+    if paired is not None:
+        what = "a preference pair" if len(paired.responses) == 2 else \
+            f"a ranking of {len(paired.responses)} responses" if len(paired.responses) > 2 else "a completion"
+        raise DataError(paired.source, paired.row, "label",
+                        f"missing: the '{cfg.loss}' loss takes unpaired rows (prompt, completion, label: true for "
+                        f"desirable, false for undesirable), this row is {what}; pass --pairs-to-unpaired to use "
+                        "each pair's chosen response as desirable and its rejected one as undesirable")
+    return examples
+
+
+def kto_balance(examples, cfg: TrainConfig) -> None:
+    """A warning when λ_D·n_D / (λ_U·n_U) is outside [1, 4/3], the range the KTO paper recommends
+    (weigh the desirable examples so that they match or slightly outweigh the undesirable ones)."""
+    n_d = sum(bool(ex.label) for ex in examples)
+    n_u = len(examples) - n_d
+    if not n_d or not n_u:
+        log(f"warning: kto: the training data has only {'desirable' if n_d else 'undesirable'} examples")
+        return
+    ratio = cfg.kto_desirable_weight * n_d / (cfg.kto_undesirable_weight * n_u)
+    if not 1 <= ratio <= 4 / 3:
+        log(f"warning: kto: λ_D·n_D / (λ_U·n_U) = {ratio:.3g} ({n_d} desirable, {n_u} undesirable examples); the "
+            "paper recommends 1 to 4/3: set --kto-desirable-weight / --kto-undesirable-weight to bring it there")
 
 
 def check_data(examples, tokenizer, stats, report) -> str:
@@ -118,7 +175,8 @@ def micro_batches(idx: list[int], examples, cfg: TrainConfig) -> list[list[int]]
 
 def loss_params(cfg: TrainConfig) -> LossParams:
     return LossParams(beta=cfg.beta, label_smoothing=cfg.label_smoothing, unlikelihood_weight=cfg.unlikelihood_weight,
-                      simpo_gamma=cfg.simpo_gamma, orpo_lambda=cfg.orpo_lambda)
+                      simpo_gamma=cfg.simpo_gamma, orpo_lambda=cfg.orpo_lambda,
+                      kto_desirable_weight=cfg.kto_desirable_weight, kto_undesirable_weight=cfg.kto_undesirable_weight)
 
 
 def micro_batch_loss(policy, batch, ref: torch.Tensor | None, cfg: TrainConfig, loss_spec: LossSpec,
@@ -127,17 +185,18 @@ def micro_batch_loss(policy, batch, ref: torch.Tensor | None, cfg: TrainConfig, 
     out = example_logps(policy, batch, unlikelihood=loss_spec.needs_unlikelihood)
     pol, ul = out if loss_spec.needs_unlikelihood else (out, None)
     lengths = batch.response_lengths().to(pol.dtype)
-    res = loss_spec.fn(LossInputs(pol, ref, lengths, ul), params)
+    res = loss_spec.fn(LossInputs(pol, ref, lengths, ul, batch.labels), params)
     losses = res.losses
     if cfg.sft_weight:  # RPO-style NLL term on the best response, for any loss
         losses = losses + cfg.sft_weight * sft_loss(pol[:, 0], lengths[:, 0])
     p = pol.detach()
     stats = {"loss": losses.detach().sum().item(), "logps/chosen": p[:, 0].sum().item(),
              "nll/token": (-p[:, 0] / lengths[:, 0].clamp(min=1)).sum().item()}
-    if p.shape[1] > 1:
+    if p.shape[1] > 1 and batch.labels is None:  # (an unpaired example's second response is a mismatched one)
         stats["logps/rejected"] = last_valid(p).sum().item()
     for name, part in (res.components or {}).items():  # a comma-list --loss: each part, unweighted
         stats[f"loss/{name}"] = part.detach().sum().item()
+    stats.update({k: float(v) for k, v in (res.stats or {}).items()})  # the loss's own (KTO's kl, BCO's δ)
     if res.rewards is not None:
         stats.update(reward_stats(res.rewards))
     return losses, stats
@@ -162,6 +221,22 @@ def add_stats(total: dict, stats: dict) -> None:
         total[k] = total.get(k, 0.0) + v
 
 
+def mean_metrics(sums: dict, n: int) -> dict:
+    """Metric sums -> means per example (÷ n). A sum that comes with a count of its own ("_n/<key>")
+    is the mean over the examples it counts instead (KTO's rewards of the desirable examples), and is
+    left out when there were none."""
+    counts = {k[len("_n/"):]: v for k, v in sums.items() if k.startswith("_n/")}
+    out = {}
+    for k, v in sums.items():
+        if k.startswith("_n/"):
+            continue
+        if k not in counts:
+            out[k] = v / n
+        elif counts[k]:
+            out[k] = v / counts[k]
+    return out
+
+
 @torch.no_grad()
 def evaluate_pairs(policy, examples, ref_table, cfg: TrainConfig, collate, device, loss_spec, params) -> dict:
     """Mean loss and reward metrics of the policy over held-out examples."""
@@ -176,7 +251,7 @@ def evaluate_pairs(policy, examples, ref_table, cfg: TrainConfig, collate, devic
         with autocast_ctx(device, cfg.precision):
             add_stats(totals, micro_batch_loss(policy, batch, ref, cfg, loss_spec, params)[1])
     policy.train(was_training)
-    return {k: v / len(examples) for k, v in totals.items()}
+    return mean_metrics(totals, len(examples))
 
 
 def summary_line(m: dict, short: bool = False) -> str:
@@ -187,6 +262,8 @@ def summary_line(m: dict, short: bool = False) -> str:
             parts.append(f"margin {m['rewards/margins']:.4f}")
     if "rewards/kendall_tau" in m:
         parts.append(f"tau {m['rewards/kendall_tau']:.2f}")
+    if "kl" in m:  # KTO's reference point z0
+        parts.append(f"kl {m['kl']:.4f}")
     if "rewards/accuracies" not in m:
         parts.append(f"nll/tok {m['nll/token']:.3f}")
     if short and "pairs_per_s" in m:
@@ -279,6 +356,24 @@ def reference_tables(cfg: TrainConfig, d: Dist, ref_model, train_set, eval_set, 
 
 
 @dataclass
+class RunningMean:
+    """BCO's reward shift δ: the running mean of the batch-mean implicit rewards of every step so
+    far (each step's mean over chosen and rejected of its whole batch, all processes), as TRL's
+    `RunningMoments` keeps it: a plain mean over all batches seen, not an exponential moving average.
+    One difference, for exactness: TRL folds a batch in before using δ on it; here step t uses the
+    mean of steps 1..t−1 (0 at step 1, where every reward is 0 anyway). Folding the batch in first
+    would need its rewards before its loss, i.e. a second forward pass, or a δ that depends on how
+    the batch is split into micro-batches and processes."""
+
+    mean: float = 0.0
+    count: int = 0
+
+    def update(self, value: float) -> None:
+        self.count += 1
+        self.mean += (value - self.mean) / self.count
+
+
+@dataclass
 class Trainer:
     """What one DPO/SFT run holds while it trains."""
 
@@ -298,26 +393,80 @@ class Trainer:
     sharded: bool
     tokenizer: object
     skipped_rows: dict
+    delta: RunningMean | None = None  # BCO's δ (losses that keep a running mean)
+    memory_plan: dict | None = None  # --memory-budget: the micro-batch chosen and why (`train.plan`)
+
+    def ref_logps(self, mb: list[int], batch, cols: slice) -> torch.Tensor | None:
+        """Reference log-probs of micro-batch `mb`'s responses `cols` (`batch` holds just those)."""
+        if not self.loss_spec.needs_reference:
+            return None
+        if self.train_ref is not None:
+            return self.train_ref[mb][:, cols].to(self.device)
+        with torch.no_grad(), adapters_disabled(self.ref_model):
+            return example_logps(self.ref_model, batch)
 
     def batch_loss(self, mb: list[int]):
         """Per-example losses and metric sums of micro-batch `mb` (indices into the train set)."""
-        batch = self.collate([self.train_set[i] for i in mb]).to(self.device)
+        examples, cols = [self.train_set[i] for i in mb], slice(None)
+        if self.loss_spec.unpaired:  # KTO: z0 is known (`begin_step`), so only the own completions run here
+            examples, cols = [ex.only(0) for ex in examples], slice(0, 1)
+        batch = self.collate(examples).to(self.device)
         with autocast_ctx(self.device, self.cfg.precision):
-            if not self.loss_spec.needs_reference:
-                ref = None
-            elif self.train_ref is not None:
-                ref = self.train_ref[mb].to(self.device)
-            else:
-                with torch.no_grad(), adapters_disabled(self.ref_model):
-                    ref = example_logps(self.ref_model, batch)
+            ref = self.ref_logps(mb, batch, cols)
             losses, stats = micro_batch_loss(self.policy, batch, ref, self.cfg, self.loss_spec, self.loss_params)
         stats["_tokens"] = batch.num_tokens
         return losses, stats
 
+    def begin_step(self, mbs: list[list[int]]) -> None:
+        """KTO: this step's reference point z0, over the whole batch (every micro-batch of every
+        process), before any of its losses needs it; so the update does not depend on the split."""
+        if self.loss_spec.unpaired:
+            self.loss_params = replace(self.loss_params, kto_kl=self.reference_point(mbs))
+
+    @torch.no_grad()
+    def reference_point(self, mbs: list[list[int]]) -> float:
+        """z0 = max(0, mean over the batch of log πθ(y'|x) − log πref(y'|x)), y' the mismatched
+        completions (response 1); one forward without gradients, as z0 is detached anyway."""
+        total, n = 0.0, 0
+        for mb in mbs:
+            batch = self.collate([self.train_set[i].only(1) for i in mb]).to(self.device)
+            with autocast_ctx(self.device, self.cfg.precision):
+                pol = example_logps(self.policy, batch)
+                ref = self.ref_logps(mb, batch, slice(1, 2))
+            total += (pol.float() - ref.float()).sum().item()
+            n += len(mb)
+        s = self.d.sum_stats({"kl": total, "n": float(n)})
+        return max(0.0, s["kl"] / s["n"])
+
+    def end_step(self, metrics: dict) -> None:
+        """BCO: fold this step's batch-mean implicit reward into δ, for the steps after it."""
+        if self.delta is not None:
+            self.delta.update(metrics["bco/batch_reward"])
+            self.loss_params = replace(self.loss_params, bco_delta=self.delta.mean)
+
+    def extra_state(self) -> dict | None:
+        """What a checkpoint needs beyond weights, optimizer and RNG to continue exactly."""
+        extra = {}
+        if self.cfg.ref_sync_every:  # TR-DPO: the moved reference
+            extra["reference"] = {k: v.detach().cpu().clone() for k, v in self.ref_model.state_dict().items()}
+        if self.delta is not None:  # BCO: the running mean δ
+            extra["bco_delta"] = {"mean": self.delta.mean, "count": self.delta.count}
+        return extra or None
+
+    def restore(self, state: dict) -> None:
+        """The inverse of `extra_state`, from a checkpoint's state."""
+        extra = state.get("extra") or {}
+        if self.cfg.ref_sync_every:  # the reference as it was at the checkpoint
+            self.ref_model.load_state_dict(extra["reference"])
+        if self.delta is not None:
+            self.delta = RunningMean(**extra["bco_delta"])
+            self.loss_params = replace(self.loss_params, bco_delta=self.delta.mean)
+
     def evaluate(self, step: int, metrics, alarms: HealthMonitor) -> dict:
+        # KTO's z0 on held-out data: each micro-batch's own (the training step's belongs to its batch)
+        params = replace(self.loss_params, kto_kl=None)
         res = {"split": "eval", "step": step, **evaluate_pairs(self.policy, self.eval_set, self.eval_ref, self.cfg,
-                                                                self.collate, self.device, self.loss_spec,
-                                                                self.loss_params)}
+                                                                self.collate, self.device, self.loss_spec, params)}
         alerts = alarms.annotate(res)  # health alarms ride on the metrics line and get a console line each
         metrics.write(res)
         log(f"eval @ step {step}: " + summary_line(res))
@@ -340,13 +489,17 @@ def setup(cfg: TrainConfig) -> Trainer:
     d.barrier()
     setup_torch(cfg.threads, cfg.seed)
     device = device_for(d, cfg.device) or pick_device(cfg.device)
+    settle_precision(run, cfg, device, d)  # --precision auto -> fp32 or bf16, before anything computes
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    loss_spec = get_loss(cfg.loss, cfg.loss_weights)
     train_set, report, stats = prepare_data(cfg.data, tokenizer, cfg, "train")
-    if d.main:
-        run.data_summary = check_data(train_set, tokenizer, stats, report)
+    if d.main:  # (KTO: the checks see each row's own completion, not the mismatched one added for z0)
+        run.data_summary = check_data([ex.only(0) for ex in train_set] if loss_spec.unpaired else train_set,
+                                      tokenizer, stats, report)
+        if loss_spec.unpaired:
+            kto_balance(train_set, cfg)
     eval_set = prepare_data(cfg.eval_data, tokenizer, cfg, "eval")[0] if cfg.eval_data else None
 
-    loss_spec = get_loss(cfg.loss, cfg.loss_weights)
     if "simpo" in cfg.loss.split(",") and cfg.beta < 1:
         log(f"warning: simpo with β {cfg.beta:g}: its reward β·log π/|y| then rarely clears the margin γ "
             f"{cfg.simpo_gamma:g}; SimPO's authors use β ≈ 2 (--beta 2.0)")
@@ -356,16 +509,49 @@ def setup(cfg: TrainConfig) -> Trainer:
     # FSDP: rank 0 alone reads the weights; the others build the model on the meta device and
     # receive their shards from rank 0 (`shard_model`), so no rank > 0 ever holds a whole copy.
     policy, ref_model = load_policy_and_reference(cfg, tokenizer, device, loss_spec, empty=sharded and not d.main)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(policy)
     collate = make_collate(cfg.layout, tokenizer.pad_token_id, packed_row_tokens(cfg.row_tokens, policy, ref_model))
     train_ref, eval_ref = reference_tables(cfg, d, ref_model, train_set, eval_set, collate, device)
     if train_ref is not None:
         ref_model = None  # the table replaces the model: its memory is free for training
     if sharded:  # after the reference tables: rank 0 computed them from the whole starting model
-        policy = d.shard_model(policy)
+        policy = d.shard_model(policy, **fsdp_kwargs(cfg))
     trainer = Trainer(cfg, d, run, device, policy, ref_model, train_set, eval_set, train_ref, eval_ref, collate,
                       loss_spec, loss_params(cfg), sharded,
-                      tokenizer, dict(report.counts))
+                      tokenizer, dict(report.counts), RunningMean() if loss_spec.running_mean else None)
+    if cfg.memory_budget is not None:
+        apply_memory_budget(trainer)
     return trainer
+
+
+def apply_memory_budget(t: Trainer) -> None:
+    """--memory-budget: the micro-batch size measured to fit (`train.plan`), logged and recorded."""
+    keep = t.run.checkpoint_setting(t.cfg, "micro_batch_size")  # a resumed run keeps its own
+    t.memory_plan = plan_for_budget(t.cfg, t.policy, t.train_set, t.collate, t.device, t.d.world, keep,
+                                    t.d.sum_stats if t.d.enabled else None)
+    t.cfg.micro_batch_size = t.memory_plan["micro_batch_size"]
+    log(format_memory_plan(t.memory_plan))
+    if not t.memory_plan["fits"]:
+        log(f"warning: the resumed run keeps micro-batch {keep} from its checkpoint, over the budget")
+
+
+def announce(t: Trainer, total_steps: int) -> None:
+    """Record the run's settings (directpo_config.json) and say what it is about to do."""
+    cfg = t.cfg
+    t.run.record_config("sft" if cfg.loss == "sft" else "train", cfg, total_steps=total_steps,
+                        reference=(cfg.ref or cfg.model) if t.loss_spec.needs_reference else None,
+                        reference_mode=("none" if not t.loss_spec.needs_reference else
+                                        f"live, TR-DPO: synced every {cfg.ref_sync_every} steps, α "
+                                        f"{cfg.ref_sync_mix:g}" if cfg.ref_sync_every else
+                                        "precomputed" if cfg.precompute_ref else "live"),
+                        train_examples=len(t.train_set), skipped_rows=t.skipped_rows,
+                        **({"memory_plan": t.memory_plan} if t.memory_plan else {}))
+    per_step = min(cfg.batch_size, len(t.train_set))  # a data set smaller than a batch is the whole batch
+    log(f"training {cfg.loss}: {total_steps} steps × {per_step} examples"
+        f"{f' (all the data: --batch-size {cfg.batch_size} is larger)' if per_step < cfg.batch_size else ''} "
+        f"(micro-batch {cfg.micro_batch_size}) on {t.device}, {cfg.optimizer} lr {cfg.lr}, β {cfg.beta}, "
+        f"{cfg.precision}")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -374,22 +560,12 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = build_optimizer(t.policy.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = warmup_schedule(optimizer, cfg.warmup_steps)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(t.train_set) / cfg.batch_size)))
-    run.record_config("sft" if cfg.loss == "sft" else "train", cfg, total_steps=total_steps,
-                      reference=(cfg.ref or cfg.model) if t.loss_spec.needs_reference else None,
-                      reference_mode=("none" if not t.loss_spec.needs_reference else
-                                      f"live, TR-DPO: synced every {cfg.ref_sync_every} steps, α {cfg.ref_sync_mix:g}"
-                                      if cfg.ref_sync_every else "precomputed" if cfg.precompute_ref else "live"),
-                      train_examples=len(t.train_set), skipped_rows=t.skipped_rows)
-    per_step = min(cfg.batch_size, len(t.train_set))  # a data set smaller than a batch is the whole batch
-    log(f"training {cfg.loss}: {total_steps} steps × {per_step} examples"
-        f"{f' (all the data: --batch-size {cfg.batch_size} is larger)' if per_step < cfg.batch_size else ''} "
-        f"(micro-batch {cfg.micro_batch_size}) on {t.device}, {cfg.optimizer} lr {cfg.lr}, β {cfg.beta}, "
-        f"{cfg.precision}")
+    announce(t, total_steps)
     # Resume: weights, optimizer, scheduler and RNG from the checkpoint (the reference above was
     # set up from the *initial* model, as it must be); the data order is a function of the step.
     start_step, state = resume(run, cfg, t.policy, optimizer, scheduler, shards=d if t.sharded else None)
-    if cfg.ref_sync_every and start_step:  # TR-DPO: the reference as it was at the checkpoint
-        t.ref_model.load_state_dict(state["extra"]["reference"])
+    if start_step:  # the trainer's own state as it was at the checkpoint (TR-DPO's reference, BCO's δ)
+        t.restore(state)
     batches = batch_order(len(t.train_set), cfg.batch_size, cfg.seed)
     for _ in range(start_step):
         next(batches)
@@ -407,7 +583,9 @@ def train(cfg: TrainConfig) -> dict:
             epoch, idx = next(batches)
             # Group similar lengths into the same micro-batch: less padding, same summed gradient.
             idx = sorted(idx, key=lambda i: t.train_set[i].num_tokens)
-            sums = driver.accumulate(micro_batches(d.shard(idx), t.train_set, cfg), t.batch_loss, len(idx))
+            mbs = micro_batches(d.shard(idx), t.train_set, cfg)
+            t.begin_step(mbs)
+            sums = driver.accumulate(mbs, t.batch_loss, len(idx))
             rows = sorted(t.train_set[i].row for i in idx)
             sums, grad_norm, lr = driver.step(sums, lambda: f"at step {step} (batch rows {rows[:16]}"
                                                             f"{' ...' if len(rows) > 16 else ''} of {cfg.data})")
@@ -416,9 +594,10 @@ def train(cfg: TrainConfig) -> dict:
             if cfg.ref_sync_every and step % cfg.ref_sync_every == 0:
                 sync_reference(t.ref_model, t.policy, cfg.ref_sync_mix)
             dt, tokens = time.perf_counter() - t0, sums.pop("_tokens")
-            last = {"split": "train", "step": step, "epoch": epoch, **{k: v / len(idx) for k, v in sums.items()},
+            last = {"split": "train", "step": step, "epoch": epoch, **mean_metrics(sums, len(idx)),
                     "lr": lr, "grad_norm": grad_norm, "pairs_per_s": len(idx) / dt, "tokens_per_s": tokens / dt,
                     "elapsed_s": time.perf_counter() - t_start}
+            t.end_step(last)
             alerts = alarms.annotate(last)
             metrics.write(last)
             progress.update(step, summary_line(last, short=True),
@@ -438,10 +617,8 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def save_checkpoint(t: Trainer, step: int, epoch: int, optimizer, scheduler) -> None:
-    state = t.d.gather_state(t.policy, optimizer) if t.sharded else None  # every rank takes part
-    extra = {"reference": {k: v.detach().cpu().clone() for k, v in t.ref_model.state_dict().items()}} \
-        if t.cfg.ref_sync_every else None  # TR-DPO: the moved reference is part of the state
-    t.run.save_checkpoint(step, epoch, t.policy, optimizer, scheduler, t.cfg, state=state, extra=extra)
+    t.run.save_checkpoint(step, epoch, t.policy, optimizer, scheduler, t.cfg, dist=t.d, sharded=t.sharded,
+                          extra=t.extra_state())  # every rank takes part
     t.d.barrier()
 
 

@@ -25,14 +25,16 @@ from .run import COMPLETE_MARKER, CONFIG_FILE, is_complete
 RESULT_SETTINGS = frozenset({"max_steps", "epochs", "eval_data"})
 # Settings the SFT stage does not read (its loss has no reference and no β).
 SFT_UNUSED = frozenset({"beta", "label_smoothing", "unlikelihood_weight", "precompute_ref", "simpo_gamma",
-                        "orpo_lambda", "loss_weights", "ref_sync_every", "ref_sync_mix"})
+                        "orpo_lambda", "loss_weights", "ref_sync_every", "ref_sync_mix", "kto_desirable_weight",
+                        "kto_undesirable_weight", "pairs_to_unpaired"})
 
 
 def run_pipeline(cfg: TrainConfig, **sft_overrides) -> dict:
     root = Path(cfg.output_dir)
     sft_dir, dpo_dir = root / "sft", root / "dpo"
+    # Preferred-FT imitates the chosen responses (of pairs) or the desirable ones (of unpaired rows).
     sft_cfg = replace(cfg, loss="sft", output_dir=str(sft_dir), ref=None, overwrite=True, loss_weights="",
-                      ref_sync_every=0, **{k.removeprefix("sft_"): v for k, v in sft_overrides.items()})
+                      ref_sync_every=0, pairs_to_unpaired=False, **{k.removeprefix("sft_"): v for k, v in sft_overrides.items()})
     if sft_overrides.get("sft_epochs") is not None and "sft_max_steps" not in sft_overrides:
         sft_cfg = replace(sft_cfg, max_steps=None)
     dpo_cfg = replace(cfg, model=str(sft_dir), ref=str(sft_dir), output_dir=str(dpo_dir), overwrite=True)

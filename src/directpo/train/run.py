@@ -28,7 +28,8 @@ import torch
 from .. import __version__
 from ..console import log
 from .card import invoked_command_line, push_to_hub, recorded_alerts, write_model_card
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
+from .distributed import Dist
 from .loggers import make_logger
 
 COMPLETE_MARKER = "run_complete.json"
@@ -144,6 +145,7 @@ class RunDir:
         self.path, self.main = Path(path), main
         self.settings: dict = {}
         self.data_summary: str | None = None  # a paragraph on the training data, for the model card
+        self.precision: dict | None = None  # --precision as asked, resolved, and why (`settle_precision`)
 
     def prepare(self, overwrite: bool, resume: str | None) -> None:
         """Refuse to clobber another run; make sure the directory can be written."""
@@ -167,12 +169,31 @@ class RunDir:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def record_config(self, command: str, cfg, **extra) -> dict:
-        """directpo_config.json: the version, the command, every setting, and what the run derived."""
+        """directpo_config.json: the version, the command, every setting, and what the run derived.
+        --precision is recorded as asked (`auto` too, so a rerun with the same flags matches it),
+        beside what it resolved to and why (`settle_precision`, which runs here if the trainer did
+        not call it first)."""
+        if hasattr(cfg, "precision") and self.precision is None:
+            settle_precision(self, cfg, getattr(cfg, "device", None))
         settings = {"directpo_version": __version__, "command": command, **asdict(cfg), **extra}
+        if self.precision is not None:
+            settings.update(precision=self.precision["requested"], precision_resolved=self.precision["resolved"],
+                            precision_reason=self.precision["reason"])
         if self.main:
             (self.path / CONFIG_FILE).write_text(json.dumps(settings, indent=2))
         self.settings = settings
         return settings
+
+    def checkpoint_setting(self, cfg, name: str, default=None):
+        """The value of setting `name` in the checkpoint that --resume will continue from (None:
+        nothing to resume; `default` when the checkpoint predates the setting)."""
+        if not cfg.resume:
+            return None
+        path = latest_checkpoint(self.path) if cfg.resume == "latest" else Path(cfg.resume)
+        try:
+            return json.loads((path / "state.json").read_text())["config"].get(name, default)
+        except (OSError, TypeError, ValueError, KeyError):  # no checkpoint: `resume_point` says what is wrong
+            return None
 
     def resume_point(self, cfg) -> Path | None:
         """The checkpoint to resume from (None: start fresh), after checking it belongs to this run:
@@ -206,7 +227,18 @@ class RunDir:
             if self.main else None
         return MetricsLog(self.path / METRICS_FILE if self.main else None, start_step, logger)
 
-    def save_checkpoint(self, step: int, epoch: int, model, optimizer, scheduler, cfg, **kw) -> Path | None:
+    def save_checkpoint(self, step: int, epoch: int, model, optimizer, scheduler, cfg, dist=None,
+                        sharded: bool = False, **kw) -> Path | None:
+        """A checkpoint of this step (`checkpoint.py`); the path on rank 0, None elsewhere.
+        `dist`: the run's `Dist`, under torchrun, where every rank must call: with
+        --checkpoint-format sharded each rank writes its own shards; else, with `sharded` (an FSDP
+        model), the whole state is gathered onto rank 0, which writes an ordinary checkpoint."""
+        if getattr(cfg, "checkpoint_format", "full") == "sharded":
+            path = save_sharded_checkpoint(self.path, step, epoch, model, optimizer, scheduler, asdict(cfg),
+                                           dist or Dist(), cfg.keep_last, **kw)
+            return path if self.main else None
+        if sharded:
+            kw["state"] = dist.gather_state(model, optimizer)  # every rank takes part; None but on rank 0
         if self.main:
             return save_checkpoint(self.path, step, epoch, model, optimizer, scheduler, asdict(cfg), cfg.keep_last,
                                    **kw)
@@ -225,6 +257,32 @@ class RunDir:
         if settings.get("push_to_hub"):
             url = push_to_hub(self.path, settings["push_to_hub"], private=settings.get("hub_private", False))
             log(f"uploaded {self.path} to {url}")
+
+
+def settle_precision(run: RunDir, cfg, device, dist=None) -> str:
+    """Set `cfg.precision` to what the run computes in, before anything computes: --precision
+    auto resolved for `device` (`directpo.precision`); a resumed run keeps the precision its
+    checkpoint was made with (resuming must not switch precision because this machine, or a
+    re-probe, would now choose otherwise). Under torchrun the processes agree: bf16 only when every
+    one of them chose it. Remembered on `run` for `record_config`."""
+    from ..models import pick_device
+    from ..precision import resolve_precision
+
+    requested = cfg.precision
+    started = run.checkpoint_setting(cfg, "precision", "fp32") if requested == "auto" else None
+    if started in ("fp32", "bf16"):
+        precision, reason = started, "kept from the checkpoint this run resumes"
+        log(f"--precision auto: {precision} ({reason})")
+    else:
+        precision, reason = resolve_precision(requested, device if device is not None else pick_device(None))
+    if requested == "auto" and dist is not None and dist.enabled:
+        votes = dist.sum_stats({"bf16": float(precision == "bf16"), "ranks": 1.0})
+        if precision == "bf16" and votes["bf16"] < votes["ranks"]:
+            precision, reason = "fp32", "not every process computes bf16 fast"
+            log(f"--precision auto: {precision} ({reason})")
+    cfg.precision = precision
+    run.precision = {"requested": requested, "resolved": precision, "reason": reason}
+    return precision
 
 
 def resume(run: RunDir, cfg, model, optimizer, scheduler, **kw) -> tuple[int, dict]:

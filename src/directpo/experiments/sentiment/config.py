@@ -106,8 +106,9 @@ class SentimentConfig:
     seed: int = setting(0, "seed of every stage")
     seeds: str = setting("", "run the whole study once per seed (e.g. 0,1,2: prompts, samples, pairs, RM, runs), "
                              "each in OUTPUT_DIR/seed-S, and report them together in OUTPUT_DIR (overrides --seed)")
-    precision: str = setting("fp32", "bf16: autocast matmuls (fast on GPUs and AMX CPUs only)",
-                             choices=["fp32", "bf16"])
+    precision: str = setting("fp32", "bf16: autocast matmuls (fast on GPUs and AMX CPUs only); "
+                             "auto: bf16 where this machine runs it faster",
+                             choices=["fp32", "bf16", "auto"])
     device: str | None = setting(None, "cpu or cuda (default: cuda when available)")
     threads: int = setting(0, "CPU threads for torch (0: torch's default)")
     progress: bool = setting(True, "progress bars")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..frontier import (LABELS, budget_markdown, length_markdown, markdown, plot_frontier, predict_at, summarize,
-                        write_points)
+from ..frontier import (LABELS, best_within, budget_markdown, budget_verdict, length_markdown, markdown,
+                        plot_frontier, predict_at, summarize, write_points)
 from ..common import relative_to
 from .config import SentimentConfig
 
@@ -66,6 +66,20 @@ def online_section(cfg: SentimentConfig, points: list[dict], comparisons: dict, 
               f"{p['reward_se']:.3f} | {p['length']:.1f} |" for p in offline]
     lines += [f"| online DPO β {p['knob']:g} | round {p['step']} | {p['kl']:.2f} | {p['reward']:.3f} ± "
               f"{p['reward_se']:.3f} | {p['length']:.1f} |" for p in online]
+    lines += ["", "At matched KL: each round against the best offline DPO point (any β) whose KL is no larger "
+              "(above / below / tie at 2 s.e.; a frontier with more points has more chances, which favours "
+              "offline DPO's 4 × β):", "",
+              "| online round | KL | online reward | best offline DPO within that KL | verdict |", "|---|---|---|---|---|"]
+    start = next(p for p in points if p["method"] == "sft")
+    all_offline = [p for p in points if p["method"] == "dpo"]
+    for p in online:
+        best = best_within(all_offline, max(p["kl"], 0.0), start)
+        reached = all_offline and max(q["kl"] for q in all_offline) >= p["kl"]
+        verdict = f"online {budget_verdict(p, best)}" if reached else \
+            f"no verdict: offline DPO never reaches KL {p['kl']:.2f}"
+        lines.append(f"| {p['step']} | {p['kl']:.2f} | {p['reward']:.3f} ± {p['reward_se']:.3f} | "
+                     f"{best['reward']:.3f} ± {best['reward_se']:.3f} @ {best['kl']:.2f} (β {best['knob']}) | "
+                     f"{verdict} |")
     lines += ["", "Cost (labelled samples: completions scored by the ground truth; minutes: wall clock on this "
               "machine; evaluation left out; offline sampling is shared by every offline run; n/a: not recorded):",
               "", "| run | labelled samples | pairs | optimizer steps | sampling + labelling (min) | training (min) |",

@@ -121,8 +121,9 @@ class WinrateConfig:
                                                  "default judge: the reward model trained here on the training pairs")
     samples_shown: int = setting(3, "side-by-side samples in summary.md", ge=0)
     seed: int = setting(0, "seed of every stage")
-    precision: str = setting("fp32", "bf16: autocast matmuls (fast on GPUs and AMX CPUs only)",
-                             choices=["fp32", "bf16"])
+    precision: str = setting("fp32", "bf16: autocast matmuls (fast on GPUs and AMX CPUs only); "
+                             "auto: bf16 where this machine runs it faster",
+                             choices=["fp32", "bf16", "auto"])
     device: str | None = setting(None, "cpu or cuda (default: cuda when available)")
     threads: int = setting(0, "CPU threads for torch (0: torch's default)", ge=0)
     progress: bool = setting(True, "progress bars")

@@ -1,0 +1,456 @@
+"""`directpo plan`: the memory a training run needs per device, on paper, from the model's config alone.
+
+The model is built on the meta device from its config.json (no weights read, nothing allocated),
+so parameter counts are exact for any architecture; the rest is arithmetic on the settings. Per
+device, in bytes (W = processes × nodes; P = all parameters, T = trainable ones: all, or the LoRA
+adapters; H = the LM head, which directpo keeps whole on every rank under FSDP):
+
+    weights      4·P (fp32 master weights; bf16 only autocasts the matmuls)
+                 FSDP: 4·(P − H)/W + 4·H, plus two gathered blocks (the one computing, the one
+                 prefetched) at 4 bytes per parameter (2 with --precision bf16)
+    gradients    4·T (FSDP: the sharded part / W)
+    optimizer    4·T × states: adamw 2, rmsprop 1, sgd 0 (FSDP: / W as the gradients)
+    reference    precomputed (default): a table of 4 bytes per response, nothing during training;
+                 --no-precompute-ref: a second frozen copy, 4·P (none with LoRA: the reference is
+                 the same network with its adapters off)
+    activations  per micro-batch of m pairs at max length L: tokens t = 2·m·L (chosen and rejected
+                 rows, the padded layout's bound; the packed one shares the prompt), and per token
+                 and layer (h hidden, q = heads·head_dim, k = 2·kv_heads·head_dim, i intermediate)
+                     kept: 4·h at 4 bytes (residual stream, norm inputs) + (2q + k + 2i) at 4
+                     bytes, 2 with bf16 (q, attention output, k and v, the MLP's gate and up: the
+                     lean SwiGLU of `directpo.fused` keeps those two only)
+                 summed over the layers, plus 4·t·h (embeddings and final hidden state) and the
+                 LM head's 32 MiB chunk of logits. With activation checkpointing each layer keeps its
+                 input only, 4·t·h, and one layer at a time is recomputed (with the full MLP, 4i).
+                 Attention keeps no (length × length) scores (SDPA / flash attention).
+
+A run fits when the sum is at most 90 % of the device's memory: the rest goes to the CUDA context,
+the allocator's fragmentation and temporaries. `--fsdp-cpu-offload` moves the sharded weights,
+gradients and optimizer state to host memory (listed, not counted against the device).
+
+Setup is planned too: under FSDP rank 0 reads the whole model onto its device, computes the
+reference log-probs and only then shards it (`Dist.shard_model`), so it needs 4·P there once.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..config import ConfigError, check_ranges, setting
+
+GiB = 1024 ** 3
+HEAD_CHUNK_BYTES = 4 * (1 << 23)  # directpo.fused: _CHUNK_ELEMENTS fp32 logits per LM-head chunk
+USABLE = 0.9  # of the device's memory; the rest: CUDA context, fragmentation, temporaries
+OPTIMIZER_STATES = {"adamw": 2, "rmsprop": 1, "sgd": 0}
+
+
+@dataclass
+class PlanConfig:
+    """The run to plan"""
+
+    model: str = setting(None, "model: a Hugging Face model id or local directory (its config.json only is read)",
+                         required=True)
+    nproc: int = setting(1, "processes (devices) per node", ge=1)
+    nnodes: int = setting(1, "nodes", ge=1)
+    batch_size: int = setting(64, "examples (preference pairs) per optimizer step, over all devices", ge=1)
+    micro_batch_size: int = setting(8, "pairs per forward/backward on one device", ge=1)
+    max_length: int = setting(512, "max tokens of prompt + response", ge=2)
+    precision: str = setting("fp32", "fp32, or bf16 (autocast; fp32 master weights)", choices=["fp32", "bf16"])
+    optimizer: str = setting("rmsprop", "optimizer (its state per trainable parameter: adamw 2, rmsprop 1, sgd 0)",
+                             choices=list(OPTIMIZER_STATES))
+    fsdp: bool = setting(False, "shard weights, gradients and optimizer state over the devices (FSDP2)")
+    fsdp_cpu_offload: bool = setting(False, "with --fsdp: the shards, gradients and optimizer state in host memory")
+    activation_checkpointing: bool = setting(False, "recompute each block's activations in the backward")
+    lora_r: int = setting(0, "LoRA rank, adapters on every linear layer of the blocks (0: full fine-tuning)", ge=0)
+    precompute_ref: bool = setting(True, "reference log-probs precomputed (no reference model during training)")
+    memory_per_device: float = setting(80.0, "memory of one device, GiB", gt=0)
+    trust_remote_code: bool = setting(False, "allow the model repo's own Python code (to read its config)")
+    json: bool = setting(False, "print the plan as JSON")
+
+    @property
+    def world(self) -> int:
+        return self.nproc * self.nnodes
+
+    def validate(self) -> "PlanConfig":
+        from ..config import check_required
+
+        check_required(self)
+        check_ranges(self)
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
+                              f"({self.micro_batch_size})")
+        if self.fsdp_cpu_offload and not self.fsdp:
+            raise ConfigError("--fsdp-cpu-offload shapes FSDP sharding: it needs --fsdp")
+        return self
+
+
+@dataclass
+class Shape:
+    """What the plan needs of a model, counted on its meta-device build."""
+
+    params: int  # all parameters (tied ones once)
+    head: int  # the LM head's (0 when tied to the input embedding)
+    block: int  # the largest transformer block's
+    layers: int
+    hidden: int
+    q_dim: int  # heads × head_dim
+    kv_dim: int  # 2 × kv_heads × head_dim (k and v)
+    intermediate: int
+    lora_per_rank: int  # LoRA parameters per unit of rank, adapters on every linear of the blocks
+    tied: bool
+
+
+def model_shape(name_or_dir: str, trust_remote_code: bool = False) -> Shape:
+    """`Shape` of a model from its config.json: built on the meta device, nothing allocated."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models import check_model_source, quiet_transformers, unwrap_peft
+
+    check_model_source(name_or_dir)
+    quiet_transformers()
+    config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return shape_of(unwrap_peft(model))
+
+
+def shape_of(model) -> Shape:
+    """`Shape` of a (meta or real) causal LM."""
+    import torch
+
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    blocks_named = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in blocks_named]
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    lora = sum(m.in_features + m.out_features for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear))
+    return Shape(params=sum(p.numel() for p in model.parameters()),
+                 head=0 if tied or head is None else head.weight.numel(),
+                 block=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
+                 layers=len(blocks) or text.num_hidden_layers, hidden=hidden, q_dim=heads * head_dim,
+                 kv_dim=2 * kv_heads * head_dim, intermediate=getattr(text, "intermediate_size", 4 * hidden),
+                 lora_per_rank=lora, tied=tied)
+
+
+def activation_bytes(s: Shape, cfg: PlanConfig, micro_batch: int) -> int:
+    """Activations kept for the backward of one micro-batch (see the module docstring)."""
+    t = 2 * micro_batch * cfg.max_length
+    low = 2 if cfg.precision == "bf16" else 4
+    residual = 4 * t * s.hidden
+    if cfg.activation_checkpointing:
+        full_layer = 4 * residual + low * t * (2 * s.q_dim + s.kv_dim + 4 * s.intermediate)
+        layers = s.layers * residual + full_layer
+    else:
+        layers = s.layers * (4 * residual + low * t * (2 * s.q_dim + s.kv_dim + 2 * s.intermediate))
+    return layers + 2 * residual + HEAD_CHUNK_BYTES
+
+
+def memory_plan(s: Shape, cfg: PlanConfig) -> dict:
+    """Bytes per device of each part, the total, and whether it fits `cfg.memory_per_device`."""
+    if cfg.fsdp and s.tied:
+        raise ValueError("--fsdp with tied input/output embeddings is not supported by directpo (the LM head would "
+                         "be sharded with the embedding): plan without --fsdp")
+    w = cfg.world if cfg.fsdp else 1
+    trainable = cfg.lora_r * s.lora_per_rank if cfg.lora_r else s.params
+    # the part of the trainable parameters FSDP shards: all of them, or all but the (whole) LM head
+    trainable_sharded = trainable if cfg.lora_r else trainable - s.head
+    per_trainable = (trainable_sharded / w + (trainable - trainable_sharded)) if cfg.fsdp else trainable
+    weights = 4 * ((s.params - s.head) / w + s.head) if cfg.fsdp else 4 * s.params
+    if cfg.lora_r:
+        weights += 4 * per_trainable
+    parts = {
+        "weights": weights,
+        "gradients": 4 * per_trainable,
+        "optimizer": 4 * per_trainable * OPTIMIZER_STATES[cfg.optimizer],
+        "fsdp_gathered_blocks": 2 * s.block * (2 if cfg.precision == "bf16" else 4) if cfg.fsdp else 0,
+        "reference_model": 0 if cfg.precompute_ref or cfg.lora_r else 4 * s.params,
+        "activations": activation_bytes(s, cfg, cfg.micro_batch_size),
+    }
+    host = {}
+    if cfg.fsdp_cpu_offload:  # the shards leave the device; the whole LM head stays
+        head_part = {"weights": 4 * s.head, "gradients": 0 if cfg.lora_r else 4 * s.head}
+        head_part["optimizer"] = head_part["gradients"] * OPTIMIZER_STATES[cfg.optimizer]
+        for k in ("weights", "gradients", "optimizer"):
+            host[k] = parts[k] - head_part[k]
+            parts[k] = head_part[k]
+    total = sum(parts.values())
+    budget = cfg.memory_per_device * GiB * USABLE
+    setup = 4 * s.params if cfg.fsdp else total  # FSDP: rank 0 holds the whole model before sharding
+    return {"parts": {k: int(v) for k, v in parts.items()}, "host": {k: int(v) for k, v in host.items()},
+            "total": int(total), "budget": int(budget), "setup_rank0": int(setup),
+            "fits": total <= budget and setup <= budget, "largest_micro_batch": largest_micro_batch(s, cfg, parts,
+                                                                                                  budget)}
+
+
+def largest_micro_batch(s: Shape, cfg: PlanConfig, parts: dict, budget: float) -> int:
+    """The largest micro-batch (a divisor of the batch, at most one device's share of it) whose
+    activations fit beside everything else; 0 when not even one pair does."""
+    fixed = sum(v for k, v in parts.items() if k != "activations")
+    share = max(1, cfg.batch_size // cfg.world)
+    fitting = [m for m in range(1, share + 1)
+               if cfg.batch_size % m == 0 and fixed + activation_bytes(s, cfg, m) <= budget]
+    return max(fitting, default=0)
+
+
+def suggest(s: Shape, cfg: PlanConfig) -> tuple[PlanConfig, dict] | None:
+    """The least intrusive change that makes the run fit, tried in order and accumulated: a smaller
+    micro-batch, activation checkpointing, FSDP (several devices), LoRA (r = 16). None: nothing
+    of that fits (more devices are needed)."""
+    from dataclasses import replace
+
+    steps = [{}, {"activation_checkpointing": True}]
+    if cfg.world > 1 and not s.tied:
+        steps.append({"fsdp": True})
+    steps.append({"lora_r": cfg.lora_r or 16})
+    changes: dict = {}
+    for step in steps:
+        changes.update(step)
+        trial = replace(cfg, **changes)
+        plan = memory_plan(s, trial)
+        if plan["fits"]:
+            return trial, plan
+        if plan["largest_micro_batch"]:
+            trial = replace(trial, micro_batch_size=plan["largest_micro_batch"])
+            plan = memory_plan(s, trial)
+            if plan["fits"]:
+                return trial, plan
+    return None
+
+
+def plan(cfg: PlanConfig, shape: Shape | None = None) -> dict:
+    """The whole answer of `directpo plan`: the model's counts, the plan, and a fix when it does not fit."""
+    cfg.validate()
+    s = shape or model_shape(cfg.model, cfg.trust_remote_code)
+    result = {"model": cfg.model, "shape": asdict(s), "settings": asdict(cfg), "plan": memory_plan(s, cfg)}
+    if not result["plan"]["fits"]:
+        fix = suggest(s, cfg)
+        if fix is not None:
+            changed = {k: v for k, v in asdict(fix[0]).items() if asdict(cfg)[k] != v}
+            result["suggestion"] = {"change": changed, "plan": fix[1]}
+        else:
+            result["suggestion"] = None
+    return result
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:8.2f} GiB" if n >= GiB / 10 or n == 0 else f"{n / 2 ** 20:8.2f} MiB"
+
+
+def _count(n: int) -> str:
+    return next(f"{n / d:.3g} {u}" for d, u in ((1e9, "B"), (1e6, "M"), (1e3, "k"), (1, "")) if n >= d or d == 1)
+
+
+def format_plan(result: dict) -> str:
+    """The plan as a table a person reads."""
+    cfg, p, s = result["settings"], result["plan"], result["shape"]
+    world = cfg["nproc"] * cfg["nnodes"]
+    mode = "FSDP" if cfg["fsdp"] else "data parallel (each device holds the whole model)" if world > 1 else \
+        "one device"
+    lines = [f"{result['model']}: {_count(s['params'])} parameters ({s['layers']} blocks, hidden {s['hidden']}), "
+             f"{world} device(s) of {cfg['memory_per_device']:g} GiB, {mode}",
+             f"micro-batch {cfg['micro_batch_size']} pairs × 2 × {cfg['max_length']} tokens, {cfg['precision']}, "
+             f"{cfg['optimizer']}" + (f", LoRA r={cfg['lora_r']}" if cfg["lora_r"] else "")
+             + (", activation checkpointing" if cfg["activation_checkpointing"] else ""), ""]
+    for k, v in p["parts"].items():
+        lines.append(f"  {k.replace('_', ' '):<22}{_gib(v)}")
+    for k, v in p["host"].items():
+        lines.append(f"  {k + ' (host memory)':<22}{_gib(v)}")
+    lines += [f"  {'total per device':<22}{_gib(p['total'])}",
+              f"  {'usable (90 %)':<22}{_gib(p['budget'])}"]
+    if cfg["fsdp"]:
+        lines.append(f"  {'setup, rank 0':<22}{_gib(p['setup_rank0'])}  (the whole model, before sharding)")
+    lines += ["", f"fits: {'yes' if p['fits'] else 'no'}; largest micro-batch that fits: "
+                  f"{p['largest_micro_batch'] or 'none'}"]
+    if "suggestion" in result:
+        fix = result["suggestion"]
+        if fix is None and cfg["fsdp"] and p["setup_rank0"] > p["budget"]:
+            lines.append("does not fit: under FSDP rank 0 holds the whole model on its device at setup (to compute "
+                         "the reference log-probs before sharding); it must fit there")
+        elif fix is None:
+            lines.append("no change of micro-batch, checkpointing, FSDP or LoRA makes it fit: use more devices")
+        else:
+            change = ", ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else f"--{k.replace('_', '-')}"
+                               for k, v in fix["change"].items())
+            lines.append(f"to fit: {change} ({_gib(fix['plan']['total']).strip()} per device)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# --memory-budget: the micro-batch size a training run picks for the memory it is given
+#
+# need(m) = now + gradients + optimizer state + a + b·tokens(m) [+ the LM head's chunk, on the CPU]
+#
+#   now        memory the process holds when training is about to start (weights, a live
+#              reference, the data): CUDA memory allocated on the device, or the process's RSS
+#   gradients, optimizer state   not allocated yet: 4·T and 4·T × states, as in the docstring (T
+#              counted on the loaded model, adapters only under LoRA)
+#   a + b·t    activations of a micro-batch of t tokens, measured on the real model, layout and
+#              precision at two points (the longest example alone, the two longest together):
+#              the peak of allocated memory over a forward and backward on CUDA; on the CPU the
+#              bytes autograd keeps for the backward (distinct storages, parameters excluded),
+#              counted through saved-tensor hooks. Not RSS: the allocator keeps and reuses the pages
+#              the reference pass freed, and a process's peak RSS cannot be reset, so an RSS
+#              difference would not isolate one forward. The CPU count leaves out the backward's
+#              short-lived temporaries, of which the largest is the LM head's chunk of logits
+#              (`HEAD_CHUNK_BYTES`, added). With activation checkpointing the layers' insides
+#              are recomputed out of autograd's sight, so there the per-token cost is the
+#              docstring's formula instead.
+#   tokens(m)  tokens of the longest micro-batch the loader could form: the m longest examples of
+#              the data set together, collated in the run's layout
+#
+# The micro-batch is the largest divisor of --batch-size (at most a process's share) with
+# need(m) ≤ budget, so the accumulated gradient is the same as for any other split.
+
+
+class MemoryBudgetError(ConfigError):
+    """--memory-budget too small for even one example per micro-batch."""
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024 ** 2, "mib": 1024 ** 2, "mb": 1000 ** 2,
+               "g": GiB, "gib": GiB, "gb": 1000 ** 3, "t": 1024 ** 4, "tib": 1024 ** 4, "tb": 1000 ** 4}
+
+
+def parse_size(text: str, what: str = "--memory-budget") -> int:
+    """Bytes of '8GiB', '512MiB', '1.5GB', '8g' (K/M/G/T alone: binary, as `free` and Docker read them)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m and _SIZE_UNITS.get(m.group(2).lower())
+    if not m or unit is None or float(m.group(1)) <= 0:
+        raise ConfigError(f"{what} {text!r}: not a size; write it like 8GiB, 512MiB or 2GB")
+    return int(float(m.group(1)) * unit)
+
+
+def size_str(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2 ** 20:.0f} MiB"
+
+
+def choose_micro_batch(budget: int, batch_size: int, world: int, fixed: int, intercept: float, per_token: float,
+                       tokens_of, keep: int | None = None, agree=None) -> dict:
+    """The plan: the largest divisor m of `batch_size` (≤ a process's share) whose need(m) =
+    fixed + intercept + per_token · tokens_of(m) fits `budget`; `MemoryBudgetError` naming the
+    minimum when not even m = 1 does. `keep`: that micro-batch size, fitting or not (a resumed run).
+    `agree`: several processes' sum (`Dist.sum_stats`): a size is taken only where it fits on all."""
+    def need(m: int) -> int:
+        return int(fixed + intercept + per_token * tokens_of(m))
+
+    share = max(1, batch_size // world)
+    votes = {str(m): float(need(m) <= budget) for m in range(1, share + 1) if batch_size % m == 0}
+    votes = agree({**votes, "ranks": 1.0}) if agree is not None else {**votes, "ranks": 1.0}
+    fitting = [int(m) for m, v in votes.items() if m != "ranks" and v == votes["ranks"]]
+    if not fitting and keep is None:
+        raise MemoryBudgetError(
+            f"--memory-budget {size_str(budget)}: too small for this run, which needs at least {size_str(need(1))} "
+            f"(one example per micro-batch: {size_str(fixed)} of weights, gradients, optimizer state and the "
+            f"process, {size_str(need(1) - fixed)} of activations for the longest example, {tokens_of(1)} tokens)")
+    m = keep or max(fitting)
+    return {"micro_batch_size": m, "budget": budget, "need": need(m), "fits": need(m) <= budget,
+            "fixed": int(fixed), "activations": need(m) - int(fixed), "tokens": tokens_of(m),
+            "bytes_per_token": per_token, "bytes_per_micro_batch": intercept,
+            "need_by_micro_batch": {m: need(int(m)) for m in votes if m != "ranks"}}
+
+
+def format_memory_plan(p: dict) -> str:
+    return (f"--memory-budget {size_str(p['budget'])}: micro-batch {p['micro_batch_size']} (its longest possible "
+            f"micro-batch, {p['tokens']} tokens, needs {size_str(p['need'])}: {size_str(p['fixed'])} fixed + "
+            f"{size_str(p['activations'])} activations at {p['bytes_per_token'] / 1024:.1f} KiB per token)")
+
+
+def activation_bytes_measured(policy, batch, device, precision: str) -> int:
+    """Activation memory of one forward/backward of `batch` (see the section's comment): CUDA's
+    peak allocation over it, or on the CPU the bytes autograd keeps for its backward. The global
+    RNG is restored afterwards and no gradient is left behind, so the run that follows is the one
+    it would have been without the probe."""
+    import torch
+
+    from ..logprobs import example_logps
+    from ..models import autocast_ctx
+
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    params = {p.untyped_storage().data_ptr() for p in policy.parameters()}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            with autocast_ctx(device, precision):
+                lp = example_logps(policy, batch)
+            # only the first trainable tensor's gradient: the whole backward chain runs, no weight
+            # gradients are materialised (they are `fixed`, counted by formula)
+            torch.autograd.backward(lp.nansum(), inputs=trainable[:1])
+            trainable[0].grad = None
+            torch.cuda.synchronize(device)
+            return torch.cuda.max_memory_allocated(device) - base
+        kept: dict[int, int] = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                kept[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_ctx(device, precision):
+            lp = example_logps(policy, batch)
+        del lp  # the graph goes, nothing ran backward
+        return sum(kept.values()) + HEAD_CHUNK_BYTES
+
+
+def current_memory(device) -> int:
+    """Bytes the run holds now: allocated on a CUDA device, else the process's resident set."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        import os
+
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux: the peak so far, an upper bound
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def plan_for_budget(cfg, policy, train_set, collate, device, world: int = 1, keep: int | None = None,
+                    agree=None) -> dict:
+    """The --memory-budget plan of a training run whose models are loaded (see the section's
+    comment); `cfg` is a `TrainConfig`. `keep`: the micro-batch size of the checkpoint a resumed
+    run continues from (another one would change the trajectory's rounding), kept even when over
+    budget."""
+    budget = parse_size(cfg.memory_budget, "--memory-budget")
+    longest = sorted(range(len(train_set)), key=lambda i: train_set[i].num_tokens, reverse=True)
+
+    def batch_of(m: int):
+        return collate([train_set[i] for i in longest[:m]])
+
+    def tokens_of(m: int) -> int:
+        return int(batch_of(m).input_ids.numel())
+
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    fixed = current_memory(device) + 4 * trainable * (1 + OPTIMIZER_STATES[cfg.optimizer])  # + grads, states
+    b1, t1 = activation_bytes_measured(policy, batch_of(1).to(device), device, cfg.precision), tokens_of(1)
+    intercept, per_token = 0.0, b1 / t1
+    if len(longest) > 1 and cfg.batch_size // world > 1:
+        b2, t2 = activation_bytes_measured(policy, batch_of(2).to(device), device, cfg.precision), tokens_of(2)
+        if t2 > t1 and b2 > b1:  # the line through both points: a part per micro-batch, and one per token
+            per_token = (b2 - b1) / (t2 - t1)
+            intercept = max(0.0, b1 - per_token * t1)
+    if cfg.activation_checkpointing and device.type != "cuda":  # autograd does not see inside the layers
+        pcfg = PlanConfig(model=cfg.model, max_length=max(2, train_set[longest[0]].num_tokens),
+                          precision=cfg.precision, activation_checkpointing=True)
+        per_token = (activation_bytes(shape_of(unwrap(policy)), pcfg, 1) - HEAD_CHUNK_BYTES) / (2 * pcfg.max_length)
+        intercept = HEAD_CHUNK_BYTES
+    return choose_micro_batch(budget, cfg.batch_size, world, fixed, intercept, per_token, tokens_of, keep, agree)
+
+
+def unwrap(model):
+    from ..models import unwrap_peft
+
+    return unwrap_peft(model)

@@ -1,0 +1,108 @@
+"""`directpo plan`: counts from the config alone equal the real model's, and the arithmetic is the
+module docstring's, checked against a hand-computed example."""
+import json
+
+import pytest
+
+from directpo.config import ConfigError
+from directpo.train.plan import HEAD_CHUNK_BYTES, PlanConfig, Shape, memory_plan, model_shape, plan
+
+
+def test_counts_from_the_config_equal_the_real_model(tiny_model):
+    from directpo.models import load_model
+    from directpo.train.lora import apply_lora
+
+    s = model_shape(str(tiny_model))  # meta device: no weights read
+    model = load_model(str(tiny_model))
+    assert s.params == sum(p.numel() for p in model.parameters())
+    assert s.head == model.lm_head.weight.numel() and not s.tied
+    assert s.block == sum(p.numel() for p in model.model.layers[0].parameters())
+    assert (s.layers, s.hidden) == (model.config.num_hidden_layers, model.config.hidden_size)
+    lora = apply_lora(model, 4, 16.0, "all-linear", 0.0)
+    assert 4 * s.lora_per_rank == sum(p.numel() for p in lora.parameters() if p.requires_grad)
+
+
+HAND = Shape(params=1000, head=100, block=200, layers=4, hidden=8, q_dim=8, kv_dim=8, intermediate=16,
+             lora_per_rank=10, tied=False)
+
+
+def _cfg(**kw):
+    base = dict(model="m", nproc=4, fsdp=True, optimizer="adamw", micro_batch_size=2, batch_size=8, max_length=10,
+                memory_per_device=1.0)
+    return PlanConfig(**{**base, **kw})
+
+
+def test_a_hand_computed_fsdp_plan():
+    p = memory_plan(HAND, _cfg())["parts"]
+    # weights: the 900 sharded parameters over 4 devices and the whole 100-parameter head, 4 bytes each
+    assert p["weights"] == 4 * (900 / 4 + 100) == 1300
+    assert p["gradients"] == 1300
+    assert p["optimizer"] == 2 * 1300  # adamw: two states
+    assert p["fsdp_gathered_blocks"] == 2 * 200 * 4
+    assert p["reference_model"] == 0  # precomputed
+    # t = 2 pairs × 2 rows × 10 tokens = 40; per layer 4·h at 4 bytes + (2q + kv + 2i) at 4 bytes
+    per_layer = 4 * 40 * (4 * 8) + 4 * 40 * (2 * 8 + 8 + 2 * 16)
+    assert per_layer == 14080
+    assert p["activations"] == 4 * per_layer + 2 * (4 * 40 * 8) + HEAD_CHUNK_BYTES
+
+
+def test_hand_computed_variants():
+    one = memory_plan(HAND, _cfg(fsdp=False, nproc=1, optimizer="rmsprop", precompute_ref=False))["parts"]
+    assert (one["weights"], one["gradients"], one["optimizer"]) == (4000, 4000, 4000)
+    assert one["fsdp_gathered_blocks"] == 0 and one["reference_model"] == 4000
+    lora = memory_plan(HAND, _cfg(fsdp=False, nproc=1, lora_r=2, precompute_ref=False))["parts"]
+    assert lora["weights"] == 4000 + 4 * 20 and lora["gradients"] == 80 and lora["optimizer"] == 160
+    assert lora["reference_model"] == 0  # the reference is the network with its adapters off
+    ac = memory_plan(HAND, _cfg(activation_checkpointing=True))["parts"]
+    # each layer keeps its input (4·t·h bytes); one layer recomputed with the full MLP (4i)
+    assert ac["activations"] == 4 * (4 * 40 * 8) + (4 * 40 * 32 + 4 * 40 * (16 + 8 + 64)) + 2 * 1280 + \
+        HEAD_CHUNK_BYTES
+    bf16 = memory_plan(HAND, _cfg(precision="bf16"))["parts"]
+    assert bf16["fsdp_gathered_blocks"] == 2 * 200 * 2
+    assert bf16["activations"] == 4 * (4 * 40 * 32 + 2 * 40 * 56) + 2 * 1280 + HEAD_CHUNK_BYTES
+    off = memory_plan(HAND, _cfg(fsdp_cpu_offload=True))
+    assert off["parts"]["weights"] == 400 and off["host"]["weights"] == 900
+    assert off["parts"]["optimizer"] == 800 and off["host"]["optimizer"] == 2 * 900
+
+
+def test_fit_the_largest_micro_batch_and_a_suggestion():
+    """A budget that holds the fixed parts and the head's chunk plus the activations of 2 pairs but
+    not of 4: the largest micro-batch is 2, and the suggestion is to use it."""
+    cfg = _cfg(micro_batch_size=4, batch_size=16)
+    fixed = 1300 + 1300 + 2600 + 1600 + HEAD_CHUNK_BYTES
+    per_pair = (4 * 14080 + 2 * 1280) // 2  # activations of one pair, the chunk aside
+    cfg.memory_per_device = (fixed + 3 * per_pair) / 0.9 / 1024 ** 3
+    r = plan(cfg, shape=HAND)
+    assert not r["plan"]["fits"] and r["plan"]["largest_micro_batch"] == 2
+    assert r["suggestion"]["change"] == {"micro_batch_size": 2}
+
+
+def test_rank_0_must_hold_the_whole_model_at_fsdp_setup():
+    """8 devices, SGD: training needs about a quarter of the whole model per device, but rank 0
+    first holds all of it (4·P bytes), and that is what does not fit."""
+    big = Shape(**{**HAND.__dict__, "params": 10 ** 8, "head": 1000, "block": 10 ** 7})
+    r = plan(_cfg(nproc=8, optimizer="sgd", memory_per_device=3e8 / 0.9 / 1024 ** 3), shape=big)
+    assert r["plan"]["total"] < 3e8 < r["plan"]["setup_rank0"] == 4 * 10 ** 8
+    assert not r["plan"]["fits"]
+
+
+def test_settings_that_cannot_work_are_refused():
+    with pytest.raises(ConfigError, match="multiple of micro_batch_size"):
+        _cfg(micro_batch_size=3).validate()
+    with pytest.raises(ValueError, match="tied"):
+        memory_plan(Shape(**{**HAND.__dict__, "tied": True, "head": 0}), _cfg())
+
+
+def test_the_command_prints_a_table_and_json(tiny_model, capsys):
+    from directpo.cli import main
+
+    argv = ["plan", "--model", str(tiny_model), "--memory-per-device", "1"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "total per device" in table and "fits: yes" in table
+    assert main([*argv, "--json", "--nproc", "2", "--fsdp"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["plan"]["fits"] and result["shape"]["params"] > 0
+    assert result["plan"]["parts"]["fsdp_gathered_blocks"] > 0
+    assert main(["plan", "--model", str(tiny_model), "--fsdp-cpu-offload"]) == 2  # a one-line error
+    assert "needs --fsdp" in capsys.readouterr().err
