@@ -8,7 +8,8 @@ carries no test hooks).
 --break-all-reduce M   data parallelism done wrong, to show the equality tests catch it: M = skip
                        (no gradient all-reduce) or mean (gradients averaged over ranks, not summed)
 --report-fsdp-init     print, per rank, how many parameter elements it held before and after
-                       FSDP sharding (and its peak RSS)
+                       FSDP sharding, how many whole models it had read with from_pretrained by
+                       then, and its peak RSS
 
 Works as a torchrun script too: `python -m torch.distributed.run ... tests/faults.py ARGS...`.
 """
@@ -61,9 +62,19 @@ def break_all_reduce(mode: str) -> None:
 
 
 def report_fsdp_init() -> None:
+    import transformers
+
     from directpo.train.distributed import Dist
 
     real = Dist.shard_model
+    whole_loads = []  # from_pretrained reads a whole model into one process
+    real_from_pretrained = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def from_pretrained(cls, *a, **kw):
+        whole_loads.append(1)
+        return real_from_pretrained(cls, *a, **kw)
+
+    transformers.AutoModelForCausalLM.from_pretrained = classmethod(from_pretrained)
 
     def shard_model(self, model, **knobs):
         loaded = sum(p.numel() for p in model.parameters() if not p.is_meta)
@@ -71,7 +82,7 @@ def report_fsdp_init() -> None:
         held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux: KiB
         print(f"[faults] rank {self.rank}: {loaded} parameter elements loaded before sharding, {held} held after; "
-              f"peak RSS {rss} MiB", file=sys.stderr, flush=True)
+              f"{len(whole_loads)} whole-model loads; peak RSS {rss} MiB", file=sys.stderr, flush=True)
         return model
 
     Dist.shard_model = shard_model

@@ -123,6 +123,62 @@ def load_model(name_or_dir: str, device: torch.device | str = "cpu", trust_remot
     return model.to(device)
 
 
+def empty_model(name_or_dir: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+    """The architecture of `name_or_dir` with its parameters on the meta device (no storage, weights
+    not read) but its buffers real, on the CPU: FSDP's meta loading (`Dist.shard_model(weights=...)`).
+
+    Buffers a checkpoint does not hold (rotary `inv_freq`, ...) are made by each module's own
+    constructor, on the CPU, exactly as `from_pretrained` makes them: a global parameter-registration
+    hook sends every parameter to meta as it is registered, so the constructors run unchanged and
+    no per-architecture re-initialisation is needed (a whole-model CPU copy for the buffers would
+    defeat the point). Each parameter exists on the CPU only between its allocation (untouched
+    pages) and its registration. Initialisers then run on meta tensors: no random numbers drawn."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_model_source(name_or_dir)
+    config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+
+    def to_meta(module, name, param):
+        if param is None or param.is_meta:
+            return None
+        return torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    hook = torch.nn.modules.module.register_module_parameter_registration_hook(to_meta)
+    try:
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    finally:
+        hook.remove()
+
+
+def safetensors_index(name_or_dir: str) -> dict[str, str]:
+    """{tensor name: the safetensors file holding it} of a checkpoint: sharded
+    (`model.safetensors.index.json`) or a single `model.safetensors`; a hub id is downloaded (or
+    taken from the cache) first, safetensors and their index only."""
+    import json
+
+    path = os.path.expanduser(name_or_dir)
+    if not os.path.isdir(path):
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = snapshot_download(name_or_dir, allow_patterns=["*.safetensors", "*.safetensors.index.json"])
+        except OSError as e:
+            raise _hub_error(name_or_dir, e) from e
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"{name_or_dir}: no model.safetensors or model.safetensors.index.json; directpo "
+                                "loads only safetensors (pickled .bin checkpoints can run code). Convert it with "
+                                "`save_pretrained` first")
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return {k: single for k in f.keys()}
+
+
 def check_vocab(tokenizer, model, name: str, ref=None, ref_name: str | None = None) -> None:
     """Refuse a tokenizer with ids past the model's embedding (an IndexError deep in a forward
     otherwise); with `ref`, the same for the reference, and policy and reference must have the

@@ -6,8 +6,9 @@ batch is sorted by length first, so ranks get similar work). Gradients are summe
 before the optimizer step, and every rank scales its loss by 1/global batch, so the update is
 exactly the single-process one at the same global batch (DDP semantics). Metrics are summed over
 ranks; only rank 0 writes files. gloo on CPU, NCCL on GPU. With `--fsdp`, FSDP2 (`fully_shard`)
-shards the transformer blocks over the ranks for models that do not fit one device (only rank 0
-reads the weights; it broadcasts them into the other ranks' shards); checkpoints
+shards the transformer blocks over the ranks for models that do not fit one device (every rank
+builds the model on the meta device and reads only its own shards from the safetensors files);
+checkpoints
 gather the whole weights and optimizer state onto rank 0 (an ordinary checkpoint) and resuming
 broadcasts them back from rank 0, each rank keeping its shard. `--checkpoint-format sharded`
 instead has every rank write and read its own shards with torch.distributed.checkpoint (DCP),
@@ -90,16 +91,22 @@ class Dist:
         return buf.cpu()
 
     def shard_model(self, model, reshard_after_forward: bool = True, cpu_offload: bool = False,
-                    bf16: bool = False):
+                    bf16: bool = False, weights: str | None = None, initial: dict | None = None):
         """FSDP2: shard every transformer block and the backbone (embeddings, final norm) over the
         ranks. The LM head stays whole on every rank, because directpo's log-prob path multiplies by
         its weight directly; its gradient is summed like DDP's (`all_reduce_grads` skips sharded
         parameters). Gradients are summed, not averaged (divide factor 1): every rank already
         scales its loss by 1/global batch.
 
-        Only rank 0 holds the weights; ranks > 0 pass the model built on the meta device
-        (`load_model(empty=True)`). After sharding, each rank gets storage for its shard alone and
-        rank 0 broadcasts its weights into every rank's shard, so no rank > 0 holds a whole copy.
+        Meta loading (`weights` = the model's directory or hub id): every rank passes the model built
+        with `empty_model` (parameters on meta; LoRA from `apply_lora_to_empty`, whose adapter values
+        are `initial`), gets storage for its own shards after sharding, and fills them from the
+        safetensors files one tensor at a time (`_fill_shards`): no rank ever holds the whole model,
+        each holds its shards, the whole LM head and one parameter being read.
+
+        Without `weights`, only rank 0 holds the weights; ranks > 0 pass the model built on the meta
+        device (`load_model(empty=True)`). After sharding, each rank gets storage for its shard alone
+        and rank 0 broadcasts its weights into every rank's shard, so no rank > 0 holds a whole copy.
 
         The knobs (`fsdp_kwargs`): `reshard_after_forward` frees a block's gathered weights after
         its forward; `cpu_offload` keeps shards, gradients and optimizer state in host memory;
@@ -119,7 +126,10 @@ class Dist:
                              "sharded with the embedding; use data parallelism (drop --fsdp)")
         # Rank 0's whole weights, taken before sharding (the same storage as its parameters, no copy;
         # freed when this returns). Ranks > 0 pass {}: with broadcast_from_rank0 they still take part.
-        full = model.state_dict() if self.main else {}
+        full = model.state_dict() if self.main and weights is None else {}
+        # meta loading: `to_empty` below would leave the buffers `empty_model` made (each module's own
+        # values) as garbage; they are small and not sharded, so keep them aside
+        buffers = {n: b.clone() for n, b in unwrap_peft(model).named_buffers()} if weights is not None else {}
         inner = unwrap_peft(model)
         blocks = set(getattr(inner, "_no_split_modules", None) or [])
         for m in inner.modules():
@@ -130,6 +140,10 @@ class Dist:
             if isinstance(m, FSDPModule):
                 m.set_gradient_divide_factor(1.0)
                 m.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+        if weights is not None:
+            model.to_empty(device=self._device())  # storage for this rank's shards only, uninitialised
+            _fill_shards(model, weights, initial or {}, buffers)
+            return model
         if not self.main:
             model.to_empty(device=self._device())  # storage for this rank's shards only, uninitialised
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -214,10 +228,75 @@ class Dist:
             dist.destroy_process_group()
 
 
+class GatheredState:
+    """A sharded model as `reference.model_fingerprint` reads it (its config and `state_dict()`),
+    each tensor gathered whole in turn, so at most one whole tensor is held at a time. Every rank
+    must read it, in the same order (each gather is collective)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.config = getattr(model, "config", None)
+
+    def state_dict(self):
+        return self
+
+    def items(self):
+        from torch.distributed.tensor import DTensor
+
+        for name, t in self.model.state_dict().items():
+            yield name, (t.full_tensor() if isinstance(t, DTensor) else t)
+
+
 def _param_names(model, optimizer) -> list[str]:
     """The optimizer's parameters by name, in the order `optimizer.state_dict()` numbers them."""
     name = {id(p): n for n, p in model.named_parameters()}
     return [name[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+@torch.no_grad()
+def _fill_shards(model, weights: str, initial: dict, buffers: dict) -> None:
+    """Each parameter of a sharded model, materialised but uninitialised, filled with its values:
+    from the checkpoint `weights` (safetensors, read one tensor at a time from the mmap'd file), or
+    from `initial` (LoRA adapters, by name in the inner model). A sharded (DTensor) parameter keeps
+    only this rank's chunk of the tensor read (`distribute_tensor` without communication, the
+    chunking FSDP itself uses); a whole one (the LM head) takes it all. Buffers are put back from
+    `buffers`, unless the checkpoint holds them (persistent ones)."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from ..models import safetensors_index
+
+    inner = unwrap_peft(model)
+    tie = getattr(inner, "tie_weights", None)
+    if tie is not None and getattr(inner.config, "tie_word_embeddings", False):
+        tie()  # `to_empty` gave each user of a tied parameter its own storage: one again, loaded once
+    where = safetensors_index(weights)
+    with contextlib.ExitStack() as files:
+        opened: dict[str, object] = {}
+
+        def read(key: str) -> torch.Tensor:
+            if where[key] not in opened:
+                opened[where[key]] = files.enter_context(safe_open(where[key], framework="pt"))
+            return opened[where[key]].get_tensor(key)
+
+        for name, p in [*inner.named_parameters(), *inner.named_buffers()]:
+            key = name.replace(".base_layer.", ".")  # PEFT's wrapped layer keeps the original weight there
+            if name in initial:
+                full = initial[name]
+            elif key in where:
+                full = read(key)
+            elif name in buffers:
+                full = buffers[name]
+            else:
+                raise ValueError(f"{weights}: its safetensors files lack {key} (the model's configuration "
+                                 "names it): the weights do not match the config")
+            if isinstance(p, DTensor):
+                local = distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements,
+                                          src_data_rank=None)
+                p.to_local().copy_(local.to_local())
+            else:
+                p.copy_(full)
+            del full  # one whole tensor at a time
 
 
 def save_shards(model, optimizer, path) -> None:

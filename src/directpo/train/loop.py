@@ -27,13 +27,14 @@ from ..data.tokenize import pair_mismatched
 from ..logprobs import dataset_logps, example_logps, packed_row_tokens
 from ..losses import LossInputs, LossParams, LossSpec, get_loss, sft_loss
 from ..metrics import last_valid, ranking_metrics
-from ..models import (autocast_ctx, check_vocab, enable_activation_checkpointing, freeze, load_model, load_tokenizer,
+from ..models import (autocast_ctx, check_vocab, empty_model, enable_activation_checkpointing, freeze, load_model,
+                      load_tokenizer,
                       pick_device)
 from ..reference import default_cache_dir, model_fingerprint, reference_logps
 from .alarms import HealthMonitor
 from .config import TrainConfig
-from .distributed import Dist, device_for, fsdp_kwargs, init_from_env
-from .lora import adapters_disabled, apply_lora, save_policy
+from .distributed import Dist, GatheredState, device_for, fsdp_kwargs, init_from_env
+from .lora import adapters_disabled, apply_lora, apply_lora_to_empty, save_policy
 from .optim import build_optimizer, warmup_schedule
 from .plan import format_memory_plan, plan_for_budget
 from .run import (COMPLETE_MARKER, Interrupted, NonFiniteError, Progress, RunDir, StepDriver, StopRequest,
@@ -297,6 +298,30 @@ def load_policy_and_reference(cfg: TrainConfig, tokenizer, device, loss_spec: Lo
     return policy, freeze(copy.deepcopy(policy))
 
 
+def load_sharded(cfg: TrainConfig, d: Dist, tokenizer, loss_spec: LossSpec):
+    """`load_policy_and_reference` under FSDP, with no rank holding a whole model: every rank builds
+    the policy on the meta device, adds LoRA (adapters drawn as `apply_lora` would draw them),
+    shards it and fills its own shards from the safetensors files (`Dist.shard_model(weights=...)`).
+    πref is the sharded starting policy itself (--fsdp precomputes its log-probs), or --ref loaded
+    the same way, freed once its tables are computed."""
+    policy, initial = empty_model(cfg.model, trust_remote_code=cfg.trust_remote_code), {}
+    check_vocab(tokenizer, policy, cfg.model)
+    if cfg.lora_r:
+        policy, initial = apply_lora_to_empty(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules,
+                                              cfg.lora_dropout)
+    policy.train()
+    if cfg.activation_checkpointing:  # on the blocks before they are sharded, as without meta loading
+        enable_activation_checkpointing(policy)
+    ref_model = None
+    if loss_spec.needs_reference and cfg.ref and cfg.ref != cfg.model:
+        ref_model = freeze(empty_model(cfg.ref, trust_remote_code=cfg.trust_remote_code))
+        check_vocab(tokenizer, policy, cfg.model, ref=ref_model, ref_name=cfg.ref)
+    policy = d.shard_model(policy, **fsdp_kwargs(cfg), weights=cfg.model, initial=initial)
+    if ref_model is not None:
+        return policy, d.shard_model(ref_model, **fsdp_kwargs(cfg), weights=cfg.ref)
+    return policy, (policy if loss_spec.needs_reference else None)
+
+
 def check_same_shapes(policy, ref_model, policy_name: str, ref_name: str) -> None:
     """TR-DPO mixes the weights of policy and reference: they must be the same architecture."""
     a = {k: v.shape for k, v in policy.state_dict().items()}
@@ -327,28 +352,62 @@ def check_sharding(cfg: TrainConfig, loss_spec: LossSpec) -> None:
 
 def reference_tables(cfg: TrainConfig, d: Dist, ref_model, train_set, eval_set, collate, device):
     """(train table or None, eval table or None): reference log-probs that never change, computed
-    once (cached on disk across runs) by rank 0 and sent round. The eval table always exists when
-    there is an eval set and a reference; the train table only with precompute_ref."""
+    once (cached on disk across runs) by rank 0 and sent round, or under FSDP by every rank from the
+    sharded model (`_sharded_table`). The eval table always exists when there is an eval set and a
+    reference; the train table only with precompute_ref."""
     if ref_model is None:
         return None, None
+    sharded = cfg.fsdp and d.enabled
     cache_dir = {"off": None, "auto": default_cache_dir()}.get(cfg.ref_cache, cfg.ref_cache)
-    model_fp = model_fingerprint(ref_model) if d.main and cache_dir is not None else None
+    # a sharded model's fingerprint gathers each tensor in turn: every rank takes part (the same
+    # hash as the whole model's, so the cache is shared with unsharded runs)
+    model_fp = (model_fingerprint(GatheredState(ref_model) if sharded else ref_model)
+                if (d.main or sharded) and cache_dir is not None else None)
     ac_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
 
-    def table(examples, what):
-        def compute(model, exs):
+    def table(examples, what, compute=None, cache=True):
+        def compute_here(model, exs):
             with adapters_disabled(model):
                 return dataset_logps(model, exs, collate, cfg.micro_batch_size, device, ac_dtype,
                                      progress=f"reference log-probs ({what})" if cfg.progress else None)
-        return reference_logps(ref_model, examples, compute, cfg.precision, cache_dir, model_fp, log=log)[0]
+        return reference_logps(ref_model, examples, compute or compute_here, cfg.precision,
+                               cache_dir if cache else None, model_fp, log=log)[0]
 
+    if sharded:
+        eval_ref = _sharded_table(d, eval_set, "eval", table, cache_dir) if eval_set else None
+        train_ref = _sharded_table(d, train_set, "train", table, cache_dir) if cfg.precompute_ref else None
+        return train_ref, eval_ref
     eval_ref = table(eval_set, "eval") if d.main and eval_set else None
-    if cfg.fsdp and d.enabled and eval_set:  # sharded evaluation runs on every rank
-        eval_ref = d.broadcast(eval_ref, shape=(len(eval_set), 0))
     train_ref = None
     if cfg.precompute_ref and not cfg.ref_sync_every:  # TR-DPO's reference moves: no fixed table
         train_ref = d.broadcast(table(train_set, "train") if d.main else None, shape=(len(train_set), 0))
     return train_ref, eval_ref
+
+
+class _NotCached(Exception):
+    pass
+
+
+def _sharded_table(d: Dist, examples, what: str, table, cache_dir):
+    """A reference table from a sharded model. Rank 0 looks in the cache and says whether it hit
+    (then it sends the table round): every rank must either skip the computation or take part in
+    its forwards. On a miss every rank computes the whole table (the same forwards, the same
+    numbers) and rank 0 caches it."""
+    def not_cached(*_):
+        raise _NotCached
+
+    hit = None
+    if d.main and cache_dir is not None:
+        try:
+            hit = table(examples, what, not_cached)
+        except _NotCached:
+            pass
+    if d.sum_stats({"hit": float(hit is not None)})["hit"]:
+        return d.broadcast(hit, shape=(len(examples), 0))
+    computed = table(examples, what, cache=False)
+    if d.main and cache_dir is not None:
+        table(examples, what, lambda *_: computed)  # writes the cache
+    return computed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,19 +563,17 @@ def setup(cfg: TrainConfig) -> Trainer:
         log(f"warning: simpo with β {cfg.beta:g}: its reward β·log π/|y| then rarely clears the margin γ "
             f"{cfg.simpo_gamma:g}; SimPO's authors use β ≈ 2 (--beta 2.0)")
     sharded = cfg.fsdp and d.enabled
-    if sharded:
+    if sharded:  # FSDP: every rank reads its own shards of the weights, none the whole model
         check_sharding(cfg, loss_spec)
-    # FSDP: rank 0 alone reads the weights; the others build the model on the meta device and
-    # receive their shards from rank 0 (`shard_model`), so no rank > 0 ever holds a whole copy.
-    policy, ref_model = load_policy_and_reference(cfg, tokenizer, device, loss_spec, empty=sharded and not d.main)
-    if cfg.activation_checkpointing:
-        enable_activation_checkpointing(policy)
+        policy, ref_model = load_sharded(cfg, d, tokenizer, loss_spec)
+    else:
+        policy, ref_model = load_policy_and_reference(cfg, tokenizer, device, loss_spec, empty=False)
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(policy)
     collate = make_collate(cfg.layout, tokenizer.pad_token_id, packed_row_tokens(cfg.row_tokens, policy, ref_model))
     train_ref, eval_ref = reference_tables(cfg, d, ref_model, train_set, eval_set, collate, device)
     if train_ref is not None:
         ref_model = None  # the table replaces the model: its memory is free for training
-    if sharded:  # after the reference tables: rank 0 computed them from the whole starting model
-        policy = d.shard_model(policy, **fsdp_kwargs(cfg))
     trainer = Trainer(cfg, d, run, device, policy, ref_model, train_set, eval_set, train_ref, eval_ref, collate,
                       loss_spec, loss_params(cfg), sharded,
                       tokenizer, dict(report.counts), RunningMean() if loss_spec.running_mean else None)

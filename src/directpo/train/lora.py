@@ -16,6 +16,40 @@ def apply_lora(model, r: int, alpha: float, target_modules: str, dropout: float 
     return get_peft_model(model, config)
 
 
+def apply_lora_to_empty(model, r: int, alpha: float, target_modules: str, dropout: float = 0.0):
+    """LoRA on a model whose parameters are on the meta device (FSDP's meta loading): (the adapted
+    model, all on meta; {name in the inner model: the adapters' initial values, on the CPU}).
+
+    PEFT creates and initialises adapters on the CPU, then moves them to their base layer's device,
+    so on meta the random values would be lost (though drawn). Here each meta parameter is stood in
+    for by a CPU tensor of its shape with one element of storage (a broadcast view), so PEFT keeps the
+    adapters on the CPU: the same random draws, in the same order, as `apply_lora` on the loaded
+    model, i.e. the same values under the same seed on every rank. The adapters are small (r × width
+    per target); the stand-ins go back to meta afterwards."""
+    import torch
+
+    standin: dict[int, torch.nn.Parameter] = {}  # by identity: tied parameters stay tied
+    for m in model.modules():
+        for name, p in m._parameters.items():
+            if p is not None and p.is_meta:
+                if id(p) not in standin:
+                    standin[id(p)] = torch.nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape),
+                                                        requires_grad=p.requires_grad)
+                m._parameters[name] = standin[id(p)]
+    model = apply_lora(model, r, alpha, target_modules, dropout)
+    inner = model.get_base_model()
+    initial = {n: p.detach().clone() for n, p in inner.named_parameters() if p.requires_grad}
+    # parameters only: `model.to("meta")` would also lose the buffers `empty_model` made real
+    meta: dict[int, torch.nn.Parameter] = {}
+    for m in model.modules():
+        for name, p in m._parameters.items():
+            if p is not None and not p.is_meta:
+                if id(p) not in meta:
+                    meta[id(p)] = torch.nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+                m._parameters[name] = meta[id(p)]
+    return model, initial
+
+
 def is_lora(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
 

@@ -28,8 +28,10 @@ A run fits when the sum is at most 90 % of the device's memory: the rest goes to
 the allocator's fragmentation and temporaries. `--fsdp-cpu-offload` moves the sharded weights,
 gradients and optimizer state to host memory (listed, not counted against the device).
 
-Setup is planned too: under FSDP rank 0 reads the whole model onto its device, computes the
-reference log-probs and only then shards it (`Dist.shard_model`), so it needs 4·P there once.
+Setup is planned too: under FSDP every rank builds the model on the meta device, shards it, and
+reads only its own shards from the safetensors files, one whole tensor at a time (`Dist.shard_model`
+with `weights=`), so at setup a rank holds its weights (shards + the whole LM head) and one whole
+tensor, at most the size of the LM head: weights + 4·V·H.
 """
 from __future__ import annotations
 
@@ -179,7 +181,8 @@ def memory_plan(s: Shape, cfg: PlanConfig) -> dict:
             parts[k] = head_part[k]
     total = sum(parts.values())
     budget = cfg.memory_per_device * GiB * USABLE
-    setup = 4 * s.params if cfg.fsdp else total  # FSDP: rank 0 holds the whole model before sharding
+    # FSDP: a rank's shards and whole LM head, plus the one whole tensor it is reading (≤ the LM head)
+    setup = parts["weights"] + 4 * max(s.head, s.hidden * s.intermediate) if cfg.fsdp else total
     return {"parts": {k: int(v) for k, v in parts.items()}, "host": {k: int(v) for k, v in host.items()},
             "total": int(total), "budget": int(budget), "setup_rank0": int(setup),
             "fits": total <= budget and setup <= budget, "largest_micro_batch": largest_micro_batch(s, cfg, parts,
@@ -262,14 +265,15 @@ def format_plan(result: dict) -> str:
     lines += [f"  {'total per device':<22}{_gib(p['total'])}",
               f"  {'usable (90 %)':<22}{_gib(p['budget'])}"]
     if cfg["fsdp"]:
-        lines.append(f"  {'setup, rank 0':<22}{_gib(p['setup_rank0'])}  (the whole model, before sharding)")
+        lines.append(f"  {'setup, each rank':<22}{_gib(p['setup_rank0'])}  (its shards + one whole tensor while "
+                     "loading)")
     lines += ["", f"fits: {'yes' if p['fits'] else 'no'}; largest micro-batch that fits: "
                   f"{p['largest_micro_batch'] or 'none'}"]
     if "suggestion" in result:
         fix = result["suggestion"]
         if fix is None and cfg["fsdp"] and p["setup_rank0"] > p["budget"]:
-            lines.append("does not fit: under FSDP rank 0 holds the whole model on its device at setup (to compute "
-                         "the reference log-probs before sharding); it must fit there")
+            lines.append("does not fit: at setup a rank holds its shards plus the largest whole tensor while it "
+                         "loads them")
         elif fix is None:
             lines.append("no change of micro-batch, checkpointing, FSDP or LoRA makes it fit: use more devices")
         else:
