@@ -430,41 +430,13 @@ class ChatJudge:
                              f"--judge-max-failure-rate {self.max_failure_rate:g}{stopped}): {kinds}")
 
 
-class _OneLogitScorer:
-    """A classifier with a single output (a reward model on the hub) as a scorer: its logit. (A
-    softmax over one class, what ClassifierReward reads, is always 1: every comparison a tie.)"""
-
-    batched = True
-
-    def __init__(self, clf):
-        self.clf = clf
-
-    def __call__(self, prompts, completions) -> list[float]:
-        import torch
-
-        from ..data.formats import message_text
-
-        clf, out = self.clf, []
-        texts = [message_text(p) + c for p, c in zip(prompts, completions)]
-        with torch.no_grad():
-            for s in range(0, len(texts), clf.batch_size):
-                enc = clf.tokenizer(texts[s:s + clf.batch_size], padding=True, truncation=True,
-                                    max_length=clf.max_length, return_tensors="pt").to(clf.device)
-                out += clf.model(**enc).logits.float()[:, 0].tolist()
-        return out
-
-
 def classifier_scorer(name_or_dir: str, device: str | None = None, label: str | int | None = None):
     """Any Hugging Face sequence classifier as a scorer: P(`label`) (default: the class named
     'positive'; a number is a class index), or the logit of a single-output model."""
-    from transformers import AutoConfig
-
     from .scorers import ClassifierReward
 
     if isinstance(label, str) and label.isdigit():
         label = int(label)
-    if AutoConfig.from_pretrained(name_or_dir).num_labels == 1:
-        return _OneLogitScorer(ClassifierReward(name_or_dir, device=device, positive_label=0))
     return ClassifierReward(name_or_dir, device=device, positive_label=label)
 
 

@@ -152,7 +152,9 @@ def _vader():
 class ClassifierReward:
     """P(positive | prompt + completion) from any Hugging Face sequence classifier (the paper used
     `siebert/sentiment-roberta-large-english`). The positive class is the label named like
-    'positive' (case-insensitive) in the model's `id2label`, or `positive_label` if given."""
+    'positive' (case-insensitive) in the model's `id2label`, or `positive_label` if given. A
+    single-output model (a reward model on the hub) scores by its logit: a softmax over one class
+    would be 1 for every text."""
 
     batched = True
 
@@ -172,7 +174,9 @@ class ClassifierReward:
             self.tokenizer.pad_token = self.tokenizer.eos_token
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         labels = {int(k): str(v) for k, v in self.model.config.id2label.items()}
-        if isinstance(positive_label, int):
+        if self.model.config.num_labels == 1:
+            self.positive = None  # the logit itself
+        elif isinstance(positive_label, int):
             self.positive = positive_label
         else:
             want = (positive_label or "positive").lower()
@@ -193,6 +197,6 @@ class ClassifierReward:
             for s in range(0, len(texts), self.batch_size):
                 enc = self.tokenizer(texts[s:s + self.batch_size], padding=True, truncation=True,
                                      max_length=self.max_length, return_tensors="pt").to(self.device)
-                probs = self.model(**enc).logits.float().softmax(-1)[:, self.positive]
-                out += probs.tolist()
+                logits = self.model(**enc).logits.float()
+                out += (logits[:, 0] if self.positive is None else logits.softmax(-1)[:, self.positive]).tolist()
         return out
