@@ -8,11 +8,11 @@ Plackett–Luce, SFT, Unlikelihood, ...): the loss is looked up by name in `dire
     -> save the policy (safetensors) and tokenizer in Hugging Face format.
 
 The run directory, checkpoints, resume and the optimizer step are the shared run machinery
-(`directpo.train.run`), the same for the reward model and PPO.
+(`directpo.train.run`), the same for the reward model and PPO; what a run prepares before its
+first step (data, models, reference tables) is `directpo.train.prepare`.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, replace
@@ -20,124 +20,23 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..console import log
-from ..data import SkipReport, TokenizeStats, load_examples, make_collate, tokenize_examples
-from ..data.checks import red_flags, summarize, summary_paragraph
-from ..data.formats import DataError, pairs_to_unpaired, ranking_to_pairs
-from ..data.tokenize import pair_mismatched
-from ..logprobs import dataset_logps, example_logps, packed_row_tokens
+from ..data import make_collate
+from ..logprobs import example_logps, packed_row_tokens
 from ..losses import LossInputs, LossParams, LossSpec, get_loss, sft_loss
 from ..metrics import last_valid, ranking_metrics
-from ..models import (autocast_ctx, check_vocab, empty_model, enable_activation_checkpointing, freeze, load_model,
-                      load_tokenizer,
-                      pick_device)
-from ..reference import default_cache_dir, model_fingerprint, reference_logps
+from ..models import autocast_ctx, enable_activation_checkpointing, load_tokenizer, pick_device
 from .alarms import HealthMonitor
 from .config import TrainConfig
-from .distributed import Dist, GatheredState, device_for, fsdp_kwargs, init_from_env
-from .lora import adapters_disabled, apply_lora, apply_lora_to_empty, save_policy
+from .distributed import Dist, device_for, init_from_env
+from .lora import adapters_disabled, save_policy
 from .optim import build_optimizer, warmup_schedule
 from .plan import format_memory_plan, plan_for_budget
+from .prepare import (check_data, check_sharding, kto_balance, load_policy_and_reference, load_sharded,
+                      prepare_data, reference_tables)
 from .run import (COMPLETE_MARKER, Interrupted, NonFiniteError, Progress, RunDir, StepDriver, StopRequest,
                   resume, settle_precision, setup_torch)
 
 __all__ = ["COMPLETE_MARKER", "NonFiniteError", "TrainConfig", "batch_order", "micro_batches", "train"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-
-
-def prepare_data(data_path: str, tokenizer, cfg: TrainConfig, what: str):
-    """Load, validate and tokenize a data file into the shape the loss takes; report what was
-    skipped or truncated."""
-    loss = get_loss(cfg.loss, cfg.loss_weights)
-    report, stats = SkipReport(), TokenizeStats()
-    examples = load_examples(data_path, on_invalid=cfg.on_invalid, split=cfg.data_split, report=report)
-    examples = unpaired_rows(examples, cfg) if loss.unpaired else preference_rows(examples, cfg, loss)
-    tokenized = tokenize_examples(examples, tokenizer, cfg.max_length, cfg.max_prompt_length,
-                                  on_invalid=cfg.on_invalid, report=report, stats=stats)
-    if loss.unpaired:  # KTO: each example gets its mismatched completion, for the reference point z0
-        tokenized = pair_mismatched(tokenized, cfg.seed, cfg.max_length)
-    log(f"{what}: {len(tokenized)} examples from {data_path}; {report.summary()}; {stats.summary()}")
-    return tokenized, report, stats
-
-
-def preference_rows(examples, cfg: TrainConfig, loss: LossSpec) -> list:
-    """The rows as a preference (or SFT) loss takes them, or an error naming the first that does not fit."""
-    labelled = next((ex for ex in examples if ex.label is not None), None)
-    if labelled is not None and cfg.loss == "sft":  # Preferred-FT on unpaired rows: imitate the desirable ones
-        kept = [ex for ex in examples if ex.label is not False]
-        log(f"sft: {len(examples) - len(kept)} undesirable rows (label false) are not imitated; {len(kept)} kept")
-        if not kept:
-            raise DataError(labelled.source, labelled.row, "label", "every row is undesirable (label false): "
-                            "nothing to imitate")
-        examples, labelled = kept, None
-    if labelled is not None:
-        raise DataError(labelled.source, labelled.row, "label",
-                        f"an unpaired row (prompt, completion, label), but the '{cfg.loss}' loss takes "
-                        f"{'preference pairs' if cfg.loss != 'sft' else 'completions to imitate'}: "
-                        "train unpaired rows with --loss kto")
-    if cfg.loss == "sft":  # Preferred-FT: only the best response is a target
-        examples = [type(ex)(ex.prompt, ex.responses[:1], ex.source, ex.row) for ex in examples]
-    else:
-        single = next((ex for ex in examples if len(ex.responses) < 2), None)
-        if single is not None:
-            raise ValueError(f"{single.source}, row {single.row}: the '{cfg.loss}' loss needs ≥ 2 responses per "
-                             "row; this row has one (a prompt/completion row is for `directpo sft`)")
-    if cfg.ranking_to_pairs:
-        examples = ranking_to_pairs(examples, cfg.ranking_pairs)
-    if loss.pairwise:
-        ranked = next((ex for ex in examples if len(ex.responses) != 2), None)
-        if ranked is not None:
-            raise ValueError(f"{ranked.source}, row {ranked.row}: the '{cfg.loss}' loss takes pairs, this row has "
-                             f"{len(ranked.responses)} ranked responses: use --loss plackett_luce, or "
-                             "--ranking-to-pairs to expand rankings into pairs")
-    return examples
-
-
-def unpaired_rows(examples, cfg: TrainConfig) -> list:
-    """The rows as KTO takes them: unpaired (prompt, completion, label) rows, and with
-    --pairs-to-unpaired each pair as a desirable and an undesirable row; a pair without that flag is
-    an error saying how to convert."""
-    if cfg.ranking_to_pairs:
-        examples = ranking_to_pairs(examples, cfg.ranking_pairs)
-    if cfg.pairs_to_unpaired:
-        return pairs_to_unpaired(examples)
-    paired = next((ex for ex in examples if ex.label is None), None)
-    if paired is not None:
-        what = "a preference pair" if len(paired.responses) == 2 else \
-            f"a ranking of {len(paired.responses)} responses" if len(paired.responses) > 2 else "a completion"
-        raise DataError(paired.source, paired.row, "label",
-                        f"missing: the '{cfg.loss}' loss takes unpaired rows (prompt, completion, label: true for "
-                        f"desirable, false for undesirable), this row is {what}; pass --pairs-to-unpaired to use "
-                        "each pair's chosen response as desirable and its rejected one as undesirable")
-    return examples
-
-
-def kto_balance(examples, cfg: TrainConfig) -> None:
-    """A warning when λ_D·n_D / (λ_U·n_U) is outside [1, 4/3], the range the KTO paper recommends
-    (weigh the desirable examples so that they match or slightly outweigh the undesirable ones)."""
-    n_d = sum(bool(ex.label) for ex in examples)
-    n_u = len(examples) - n_d
-    if not n_d or not n_u:
-        log(f"warning: kto: the training data has only {'desirable' if n_d else 'undesirable'} examples")
-        return
-    ratio = cfg.kto_desirable_weight * n_d / (cfg.kto_undesirable_weight * n_u)
-    if not 1 <= ratio <= 4 / 3:
-        log(f"warning: kto: λ_D·n_D / (λ_U·n_U) = {ratio:.3g} ({n_d} desirable, {n_u} undesirable examples); the "
-            "paper recommends 1 to 4/3: set --kto-desirable-weight / --kto-undesirable-weight to bring it there")
-
-
-def check_data(examples, tokenizer, stats, report) -> str:
-    """The cheap checks of `directpo inspect` before step 1: one paragraph in the log (and the model
-    card), a warning line for each red flag (length bias, duplicates, pairs truncated away, ...)."""
-    summary = summarize(examples, tokenizer, stats, report)
-    flags = red_flags(summary)
-    paragraph = summary_paragraph(summary, flags)
-    log(f"data: {paragraph}")
-    for flag in flags:
-        log(f"warning: {flag} (directpo inspect --data ... writes the full report)")
-    return paragraph
 
 
 def batch_order(n: int, batch_size: int, seed: int):
@@ -273,62 +172,7 @@ def summary_line(m: dict, short: bool = False) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Models: the policy, πref, and the reference log-prob tables
-
-
-def load_policy_and_reference(cfg: TrainConfig, tokenizer, device, loss_spec: LossSpec, empty: bool):
-    """(policy, πref model or None). πref: the starting policy, frozen (paper §4), unless another
-    model is given. When its log-probs are precomputed, the untouched policy itself serves (no
-    second copy); with LoRA, the same network with adapters disabled."""
-    policy = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code, empty=empty)
-    check_vocab(tokenizer, policy, cfg.model)
-    if cfg.lora_r:
-        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_dropout)
-    policy.train()
-    if not loss_spec.needs_reference:
-        return policy, None
-    if cfg.ref and cfg.ref != cfg.model:
-        ref_model = freeze(load_model(cfg.ref, device, trust_remote_code=cfg.trust_remote_code, empty=empty))
-        check_vocab(tokenizer, policy, cfg.model, ref=ref_model, ref_name=cfg.ref)
-        if cfg.ref_sync_every:
-            check_same_shapes(policy, ref_model, cfg.model, cfg.ref)
-        return policy, ref_model
-    if (cfg.precompute_ref or cfg.lora_r) and not cfg.ref_sync_every:
-        return policy, policy
-    return policy, freeze(copy.deepcopy(policy))
-
-
-def load_sharded(cfg: TrainConfig, d: Dist, tokenizer, loss_spec: LossSpec):
-    """`load_policy_and_reference` under FSDP, with no rank holding a whole model: every rank builds
-    the policy on the meta device, adds LoRA (adapters drawn as `apply_lora` would draw them),
-    shards it and fills its own shards from the safetensors files (`Dist.shard_model(weights=...)`).
-    πref is the sharded starting policy itself (--fsdp precomputes its log-probs), or --ref loaded
-    the same way, freed once its tables are computed."""
-    policy, initial = empty_model(cfg.model, trust_remote_code=cfg.trust_remote_code), {}
-    check_vocab(tokenizer, policy, cfg.model)
-    if cfg.lora_r:
-        policy, initial = apply_lora_to_empty(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules,
-                                              cfg.lora_dropout)
-    policy.train()
-    if cfg.activation_checkpointing:  # on the blocks before they are sharded, as without meta loading
-        enable_activation_checkpointing(policy)
-    ref_model = None
-    if loss_spec.needs_reference and cfg.ref and cfg.ref != cfg.model:
-        ref_model = freeze(empty_model(cfg.ref, trust_remote_code=cfg.trust_remote_code))
-        check_vocab(tokenizer, policy, cfg.model, ref=ref_model, ref_name=cfg.ref)
-    policy = d.shard_model(policy, **fsdp_kwargs(cfg), weights=cfg.model, initial=initial)
-    if ref_model is not None:
-        return policy, d.shard_model(ref_model, **fsdp_kwargs(cfg), weights=cfg.ref)
-    return policy, (policy if loss_spec.needs_reference else None)
-
-
-def check_same_shapes(policy, ref_model, policy_name: str, ref_name: str) -> None:
-    """TR-DPO mixes the weights of policy and reference: they must be the same architecture."""
-    a = {k: v.shape for k, v in policy.state_dict().items()}
-    b = {k: v.shape for k, v in ref_model.state_dict().items()}
-    if a != b:
-        raise ValueError(f"--ref-sync-every: {ref_name} and {policy_name} are not the same architecture (their "
-                         "weights cannot be mixed); leave --ref out (πref = the starting policy)")
+# TR-DPO's moving reference
 
 
 @torch.no_grad()
@@ -340,74 +184,6 @@ def sync_reference(ref_model, policy, mix: float) -> None:
             p.mul_(1 - mix).add_(pol[name].detach(), alpha=mix)
         else:  # a hard update: exactly the policy's weights
             p.copy_(pol[name].detach())
-
-
-def check_sharding(cfg: TrainConfig, loss_spec: LossSpec) -> None:
-    """What FSDP cannot do, refused before anything is loaded."""
-    if cfg.merge:  # merging adapters into sharded weights would need the whole model on one rank
-        raise ValueError("--fsdp does not combine with --merge: save the adapters, merge them afterwards")
-    if loss_spec.needs_reference and not cfg.precompute_ref:
-        raise ValueError("--fsdp needs precomputed reference log-probs (drop --no-precompute-ref)")
-
-
-def reference_tables(cfg: TrainConfig, d: Dist, ref_model, train_set, eval_set, collate, device):
-    """(train table or None, eval table or None): reference log-probs that never change, computed
-    once (cached on disk across runs) by rank 0 and sent round, or under FSDP by every rank from the
-    sharded model (`_sharded_table`). The eval table always exists when there is an eval set and a
-    reference; the train table only with precompute_ref."""
-    if ref_model is None:
-        return None, None
-    sharded = cfg.fsdp and d.enabled
-    cache_dir = {"off": None, "auto": default_cache_dir()}.get(cfg.ref_cache, cfg.ref_cache)
-    # a sharded model's fingerprint gathers each tensor in turn: every rank takes part (the same
-    # hash as the whole model's, so the cache is shared with unsharded runs)
-    model_fp = (model_fingerprint(GatheredState(ref_model) if sharded else ref_model)
-                if (d.main or sharded) and cache_dir is not None else None)
-    ac_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
-
-    def table(examples, what, compute=None, cache=True):
-        def compute_here(model, exs):
-            with adapters_disabled(model):
-                return dataset_logps(model, exs, collate, cfg.micro_batch_size, device, ac_dtype,
-                                     progress=f"reference log-probs ({what})" if cfg.progress else None)
-        return reference_logps(ref_model, examples, compute or compute_here, cfg.precision,
-                               cache_dir if cache else None, model_fp, log=log)[0]
-
-    if sharded:
-        eval_ref = _sharded_table(d, eval_set, "eval", table, cache_dir) if eval_set else None
-        train_ref = _sharded_table(d, train_set, "train", table, cache_dir) if cfg.precompute_ref else None
-        return train_ref, eval_ref
-    eval_ref = table(eval_set, "eval") if d.main and eval_set else None
-    train_ref = None
-    if cfg.precompute_ref and not cfg.ref_sync_every:  # TR-DPO's reference moves: no fixed table
-        train_ref = d.broadcast(table(train_set, "train") if d.main else None, shape=(len(train_set), 0))
-    return train_ref, eval_ref
-
-
-class _NotCached(Exception):
-    pass
-
-
-def _sharded_table(d: Dist, examples, what: str, table, cache_dir):
-    """A reference table from a sharded model. Rank 0 looks in the cache and says whether it hit
-    (then it sends the table round): every rank must either skip the computation or take part in
-    its forwards. On a miss every rank computes the whole table (the same forwards, the same
-    numbers) and rank 0 caches it."""
-    def not_cached(*_):
-        raise _NotCached
-
-    hit = None
-    if d.main and cache_dir is not None:
-        try:
-            hit = table(examples, what, not_cached)
-        except _NotCached:
-            pass
-    if d.sum_stats({"hit": float(hit is not None)})["hit"]:
-        return d.broadcast(hit, shape=(len(examples), 0))
-    computed = table(examples, what, cache=False)
-    if d.main and cache_dir is not None:
-        table(examples, what, lambda *_: computed)  # writes the cache
-    return computed
 
 
 # ----------------------------------------------------------------------------------------------
