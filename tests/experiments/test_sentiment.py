@@ -197,3 +197,57 @@ def test_seeds_run_whole_studies_and_report_what_holds_across_them(tmp_path):
     assert c["verdict"] in ("dominates", "ties with", "is dominated by", "mixed")
     with pytest.raises(ValueError, match="--seeds"):
         SentimentConfig(output_dir=str(out), seeds="0,0", **preset_defaults("smoke")).validate()
+
+
+def test_dpo_trains_on_until_it_covers_the_baselines_kl_range(tmp_path):
+    """Where a baseline reaches further in KL than every DPO run, the furthest DPO run trains on one
+    checkpoint interval at a time (to the cap here, as the target is out of reach), each new final
+    model a point; the extended run is exactly a longer run; a second call redoes nothing. (The smoke
+    preset's PPO barely moves, so the baseline's reach is given here.)"""
+    from safetensors.torch import load_file
+
+    from directpo.cli import main
+    from directpo.experiments.sentiment.coverage import cover_kl_range
+    from directpo.experiments.sentiment.runs import Run, plan_runs, train_preference_run
+    from directpo.experiments.sentiment.stages import ground_truth
+
+    corpus = review_corpus(tmp_path / "reviews.txt")
+    out = tmp_path / "study"
+    assert main(["experiment", "sentiment", "--preset", "smoke", "--output-dir", str(out), "--corpus", str(corpus),
+                 "--no-progress", "--threads", "1", "--methods", "dpo", "--dpo-betas", "0.1,1.0"]) == 0
+    points = json.loads((out / "points.json").read_text())
+    cfg = SentimentConfig(output_dir=str(out), corpus=str(corpus), **{
+        **preset_defaults("smoke"), "threads": 1, "progress": False, "methods": "dpo", "dpo_betas": "0.1,1.0",
+        "dpo_cover": 1.0, "dpo_max_steps": 8})
+    runs, scorer, sft = plan_runs(cfg), ground_truth(cfg), str(out / "sft")
+    reach = max(p["kl"] for p in points if p["method"] == "dpo")
+    near = {"method": "ppo", "knob": 0.1, "step": 2, "kl": reach / 2, "reward": 0.0}
+    assert cover_kl_range(cfg, out, sft, scorer, runs, points + [near]) == []  # covered: nothing trains
+    assert not (out / "evals" / "dpo_0.1_6.json").exists() and not (out / "evals" / "dpo_1.0_6.json").exists()
+
+    far_baseline = {**near, "kl": reach + 1000.0}
+    new = cover_kl_range(cfg, out, sft, scorer, runs, points + [far_baseline])
+    far = max((0.1, 1.0), key=lambda b: next(p["kl"] for p in points if p["method"] == "dpo" and p["knob"] == b
+                                             and p["step"] == 4))  # the run whose final point went furthest
+    assert [(p["method"], p["knob"], p["step"]) for p in new] == [("dpo", far, 6), ("dpo", far, 8)]  # to the cap
+    assert all(p["kl"] > 0 and -1 <= p["reward"] <= 1 for p in new)
+
+    # the extended run (4 steps, then 2 more, then 2 more) is the 8-step run
+    fresh = tmp_path / "fresh"
+    (fresh / "pairs").mkdir(parents=True)
+    (fresh / "pairs" / "train.jsonl").write_text((out / "pairs" / "train.jsonl").read_text())
+    train_preference_run(cfg, fresh, sft, Run("dpo", far, 8), save_every=2)
+    a = load_file(str(out / "runs" / f"dpo_{far:g}" / "model.safetensors"))
+    b = load_file(str(fresh / "runs" / f"dpo_{far:g}" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a)
+
+    # called again (a resumed study): read back, nothing trains
+    stamp = (out / "runs" / f"dpo_{far:g}" / "model.safetensors").stat().st_mtime_ns
+    assert cover_kl_range(cfg, out, sft, scorer, runs, points + [far_baseline]) == new
+    assert (out / "runs" / f"dpo_{far:g}" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return torch.equal(x, y)

@@ -4,6 +4,7 @@ checkout. Torch and the trainers are imported where they are used (`--help` load
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -46,21 +47,31 @@ def train_resumable(**settings) -> dict:
 
 
 class StudyClock:
-    """Logs each step of a study as it starts, and adds up the seconds spent per step name."""
+    """Logs each step of a study as it starts, and adds up the seconds spent per step name.
 
-    def __init__(self, study: str, n_stages: int):
-        self.study, self.n_stages = study, n_stages
+    With `record` (OUT/study_time.json) the study's time survives resuming: the seconds of earlier
+    sessions are read back and the running total is written after every step, so a study killed and
+    continued reports the time it took in all, not the few seconds its last session spent reading
+    finished stages back."""
+
+    def __init__(self, study: str, n_stages: int, record: Path | None = None):
+        self.study, self.n_stages, self.record = study, n_stages, record
+        self.before = json.loads(record.read_text())["seconds"] if record is not None and record.exists() else 0.0
         self.start = time.perf_counter()
         self.timings: dict[str, float] = {}
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.start
+        return self.before + time.perf_counter() - self.start
 
     def step(self, number: int, name: str, fn, *args):
         log(f"{self.study}: stage {number}/{self.n_stages}: {name}  ({self.elapsed():.0f} s so far)")
         began = time.perf_counter()
         result = fn(*args)
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - began
+        if self.record is not None:
+            tmp = self.record.with_name(self.record.name + ".tmp")
+            tmp.write_text(json.dumps({"seconds": self.elapsed()}))
+            os.replace(tmp, self.record)
         return result
 
 

@@ -14,11 +14,13 @@ library's own commands/APIs and each resumable (a killed study continues where i
   7 runs        DPO over β; Unlikelihood; Preferred-FT (`train`); PPO with the RM and PPO-GT with the
                 scorer over KL coefficients (`ppo`); each saves several checkpoints, each evaluated on
                 the eval prompts (`directpo eval`: ground-truth reward, KL from samples of π, length);
-                opt-in (`--methods ...,online_dpo`): online DPO rounds (`directpo online`), a point each
+                opt-in (`--methods ...,online_dpo`): online DPO rounds (`directpo online`), a point each;
+                then, where PPO reached further in KL than every DPO run, the furthest DPO run trains
+                on until it covers that range (`coverage`)
   8 report      points.json / points.csv, frontier.png, summary.md (frontier areas with error bars)
 
 Modules: `config` (settings, presets), `corpus` (reading and cleaning reviews), `resume` (the
-resumable-step helper), `stages` (1–5), `runs` and `evaluation` (6–7), `report` (8).
+resumable-step helper), `stages` (1–5), `runs`, `evaluation` and `coverage` (6–7), `report` (8).
 
 Presets: `smoke` (every stage on a tiny model, CI), `cpu-small` (≤ 60 min on 2 CPU cores),
 `paper` (gpt2-large fine-tuned on IMDb, the siebert classifier, on a GPU). Any preset value can be
@@ -33,6 +35,7 @@ from pathlib import Path
 from ...console import log
 from ..common import StudyClock
 from .config import PRESETS, SentimentConfig, preset_defaults, sentiment_config
+from .coverage import cover_kl_range
 from .evaluation import eval_best_of_n, eval_point, eval_run
 from .online_runs import offline_cost, run_online_dpo
 from .runs import Run, plan_runs, run_method
@@ -64,7 +67,7 @@ def run_one_seed(cfg: SentimentConfig) -> dict:
 
         torch.set_num_threads(cfg.threads)
     (out / "study_config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    clock = StudyClock("sentiment", N_STAGES)
+    clock = StudyClock("sentiment", N_STAGES, out / "study_time.json")
     scorer = ground_truth(cfg)
     runs = plan_runs(cfg)
 
@@ -86,6 +89,8 @@ def run_one_seed(cfg: SentimentConfig) -> dict:
     for k, run in enumerate(runs, 1):
         clock.step(7, f"run {k}/{len(runs)} {run.name}: train", run_method, cfg, out, sft, run, scorer)
         points += clock.step(7, f"run {k}/{len(runs)} {run.name}: evaluate", eval_run, cfg, out, sft, run, scorer)
+    if cfg.runs_method("dpo"):  # only where a baseline reaches further than every DPO run did
+        points += clock.step(7, "DPO over the baselines' KL range", cover_kl_range, cfg, out, sft, scorer, runs, points)
     if cfg.runs_method("online_dpo"):
         online_points, info["online_cost"] = clock.step(7, "online DPO", run_online_dpo, cfg, out, sft, scorer)
         points += online_points

@@ -20,7 +20,7 @@ PRESETS: dict[str, dict] = {
                   dpo_betas="0.1,1.0", dpo_steps=4, ul_weights="1.0", ul_steps=4, pft_steps=4, rm_steps=4,
                   ppo_kl_coefs="0.1", ppo_gt_kl_coefs="0.1", ppo_steps=2, ppo_batch=16, ppo_mini_batch=8,
                   ppo_epochs=1, bon_ns="2,4", eval_points=2, eval_samples=2, eval_batch=32,
-                  online_rounds=2),
+                  online_rounds=2, dpo_cover=0.0),  # coverage has its own test
     # The issue's budget: ≤ 60 min on 2 CPU cores, fp32 (this CPU has no fast bf16).
     "cpu-small": dict(),
     # The paper's scale: needs the network (IMDb, gpt2-large, the siebert classifier) and a GPU.
@@ -77,6 +77,11 @@ class SentimentConfig:
                                                       "largest KL, so DPO's frontier covers PPO's range)")
     dpo_steps: int = setting(160, "DPO: steps per run")
     dpo_lr: float = setting(1e-4, "DPO: learning rate")
+    dpo_cover: float = setting(1.0, "after every run: while DPO's largest KL is below this × the largest KL of PPO "
+                                    "and PPO-GT, train the DPO run that went furthest one more checkpoint interval "
+                                    "and evaluate it (0: off), so DPO's frontier covers the baselines' KL range",
+                               ge=0)
+    dpo_max_steps: int = setting(0, "the cap on that extended run's steps (0: 3 × dpo_steps)", ge=0)
     ul_weights: str = setting("1.0", "Unlikelihood: α values (weight of the rejected-token term)")
     ul_steps: int = setting(160, "Unlikelihood: steps per run")
     ul_lr: float = setting(1e-4, "Unlikelihood: learning rate")
@@ -126,6 +131,8 @@ class SentimentConfig:
                              f"{', '.join(ALL_METHODS)}")
         if self.online_rounds < 1 or self.online_samples < 2 or self.online_beta <= 0:
             raise ValueError("need online_rounds ≥ 1, online_samples ≥ 2 and online_beta > 0")
+        if self.dpo_cover < 0 or self.dpo_max_steps < 0:
+            raise ValueError("need dpo_cover ≥ 0 and dpo_max_steps ≥ 0")
         if self.seeds:
             seeds = parse_numbers(self.seeds, "seeds")
             if not seeds or any(x != int(x) or x < 0 for x in seeds) or len(set(seeds)) != len(seeds):

@@ -47,14 +47,16 @@ def run_method(cfg: SentimentConfig, out: Path, sft: str, run: Run, scorer) -> N
         train_ppo_run(cfg, out, sft, run, scorer)
 
 
-def train_preference_run(cfg: SentimentConfig, out: Path, sft: str, run: Run) -> dict:
+def train_preference_run(cfg: SentimentConfig, out: Path, sft: str, run: Run, save_every: int | None = None) -> dict:
+    """`save_every`: the interval between checkpoints (default: `eval_points` over the run's steps)."""
     lr = {"dpo": cfg.dpo_lr, "unlikelihood": cfg.ul_lr, "preferred_ft": cfg.pft_lr}[run.method]
     knob = {"dpo": {"beta": run.knob, "ref": sft}, "unlikelihood": {"unlikelihood_weight": run.knob},
             "preferred_ft": {}}[run.method]
     return train_resumable(model=sft, data=str(out / "pairs" / "train.jsonl"), output_dir=str(out / "runs" / run.name),
                            loss=PREFERENCE_LOSSES[run.method], optimizer=cfg.optimizer, lr=lr,
                            batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, max_steps=run.steps,
-                           warmup_steps=cfg.warmup_steps, save_every=save_interval(run.steps, cfg.eval_points),
+                           warmup_steps=cfg.warmup_steps,
+                           save_every=save_every or save_interval(run.steps, cfg.eval_points),
                            **knob, **shared_run_settings(cfg))
 
 

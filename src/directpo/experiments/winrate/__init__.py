@@ -127,7 +127,7 @@ def run_winrate(cfg: WinrateConfig) -> dict:
 
         torch.set_num_threads(cfg.threads)
     (out / "study_config.json").write_text(json.dumps({"task": cfg.TASK, **asdict(cfg)}, indent=1))
-    clock = StudyClock(cfg.TASK, N_STAGES)
+    clock = StudyClock(cfg.TASK, N_STAGES, out / "study_time.json")
     info = train_models(cfg, out, clock)
     points, info["evaluation"] = evaluate(cfg, out, info, clock)
     log(f"{cfg.TASK}: stage 8/{N_STAGES}: report")
