@@ -28,7 +28,8 @@ from ..models import autocast_ctx, enable_activation_checkpointing, load_tokeniz
 from .alarms import HealthMonitor
 from .config import TrainConfig
 from .distributed import Dist, device_for, init_from_env
-from .lora import adapters_disabled, save_policy
+from .export import export_model, gather_trainable
+from .lora import adapters_disabled, is_lora, save_policy
 from .optim import build_optimizer, warmup_schedule
 from .plan import format_memory_plan, plan_for_budget
 from .prepare import (check_data, check_sharding, kto_balance, load_policy_and_reference, load_sharded,
@@ -457,9 +458,17 @@ def save_checkpoint(t: Trainer, step: int, epoch: int, optimizer, scheduler) -> 
 
 def finish(t: Trainer, result: dict) -> dict:
     """Save the policy (adapters, or the whole model) and tokenizer; mark the run complete."""
-    full = t.d.full_state_dict(t.policy) if t.sharded else None
+    if t.sharded and not is_lora(t.policy):
+        # whole weights under FSDP: streamed shard file by shard file (every rank gathers, rank 0
+        # writes), so no process ever holds the whole model (`export`)
+        export_model(t.policy, t.run.path, t.d)
+    else:
+        # LoRA under FSDP: only the adapters (small) are gathered whole onto rank 0, one at a time;
+        # --merge was refused with --fsdp (`prepare.check_sharding`)
+        adapters = gather_trainable(t.policy, t.d) if t.sharded else None
+        if t.d.main:
+            save_policy(t.policy, t.run.path, merge=t.cfg.merge, state_dict=adapters)
     if t.d.main:
-        save_policy(t.policy, t.run.path, merge=t.cfg.merge, state_dict=full)
         t.tokenizer.save_pretrained(t.run.path)
         t.run.complete(result)  # written last: the run finished
         log(f"saved model and tokenizer to {t.run.path}")
