@@ -201,25 +201,28 @@ def _free_port() -> int:
 
 @pytest.mark.slow  # ~45 s on 2 cores
 def test_two_nodes_on_the_loopback_match_a_single_process(tiny_model, tmp_path, ddp_data):
-    """Two torchrun launchers, one process each, meeting through a c10d rendezvous on 127.0.0.1 as
-    two nodes would (`--nnodes 2`): the run equals the single-process one, as the 2-process run on
-    one node does; rank 0 of the two writes the run directory, and every rank its shards of the
-    (sharded) checkpoint, into the directory both share."""
+    """Two `directpo train --nnodes 2 --node-rank 0|1 --master-addr 127.0.0.1 ...` commands, one process
+    each, meeting on the loopback as two nodes would (each relaunches itself under torchrun, static
+    rendezvous on node 0's port): the run equals the single-process one, as the 2-process run on one
+    node does; rank 0 of the two writes the run directory, and every rank its shards of the (sharded)
+    checkpoint, into the directory both share."""
     common = ["--model", str(tiny_model), "--data", str(ddp_data), "--lr", "0.5", "--optimizer", "sgd",
               "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "5", "--warmup-steps", "0",
               "--max-grad-norm", "0", "--max-length", "64", "--no-progress", "--threads", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     one = _single_process_run(tuple(common), env)
-    out = tmp_path / "nodes"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "loopback",
-                "-m", "directpo", "train", *common, "--output-dir", str(out), "--save-every", "5",
-                "--checkpoint-format", "sharded"]
-    nodes = [subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                              start_new_session=True) for _ in range(2)]
-    try:
-        errs = [p.communicate(timeout=300)[1] for p in nodes]
+    out, port = tmp_path / "nodes", _free_port()
+
+    def node(rank: int) -> list[str]:
+        return [sys.executable, "-m", "directpo", "train", "--nnodes", "2", "--node-rank", str(rank),
+                "--master-addr", "127.0.0.1", "--master-port", str(port), "--nproc", "1", *common,
+                "--output-dir", str(out), "--save-every", "5", "--checkpoint-format", "sharded"]
+
+    nodes = [subprocess.Popen(node(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              start_new_session=True) for r in range(2)]
+    try:  # (600 s: each node starts Python three times, launcher, torchrun, worker; a loaded machine needs it)
+        errs = [p.communicate(timeout=600)[1] for p in nodes]
     except subprocess.TimeoutExpired:
         for p in nodes:
             os.killpg(p.pid, signal.SIGKILL)
@@ -230,3 +233,6 @@ def test_two_nodes_on_the_loopback_match_a_single_process(tiny_model, tmp_path, 
                        load_file(str(tiny_model / "model.safetensors"))) == []
     shards = out / "checkpoints" / "step-00000005" / "shards"
     assert (shards / ".metadata").exists() and len(list(shards.glob("*.distcp"))) >= 1
+    # The workers ran without the launcher flags: one node's view, recorded as before.
+    recorded = json.loads((out / "directpo_config.json").read_text())
+    assert (recorded["nnodes"], recorded["node_rank"], recorded["nproc"]) == (1, 0, 0)

@@ -1,11 +1,15 @@
-"""`directpo train`, `sft`, `pipeline`: flags from `TrainConfig` (plus the pipeline's SFT-stage flags)."""
+"""`directpo train`, `sft`, `pipeline`: flags from `TrainConfig` (plus the pipeline's SFT-stage flags).
+
+`train` and `sft` with several processes (--nproc K > 1) or nodes (--nnodes N > 1) re-run themselves
+under torchrun (`directpo.train.launch`); `pipeline` runs in one process.
+"""
 from __future__ import annotations
 
 import json
-import os
 
-from ..config import add_flags, build_config
+from ..config import ConfigError, add_flags, build_config
 from ..train.config import TrainConfig
+from ..train.launch import needs_launch
 
 
 def register(command: str, parser) -> None:
@@ -24,41 +28,43 @@ def _print_summary(summary: dict) -> None:
 
 
 def run_train(args) -> int:
-    from ..train.loop import train
-
-    cfg = build_config(args, TrainConfig)
-    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from ..train.distributed import launch
-
-        return launch(cfg.nproc, without_flag(args.argv, "--nproc"))
-    _print_summary(train(cfg))
-    return 0
+    return _train_or_launch(args, build_config(args, TrainConfig))
 
 
 def run_sft(args) -> int:
+    return _train_or_launch(args, build_config(args, TrainConfig, loss="sft"))
+
+
+def _train_or_launch(args, cfg: TrainConfig) -> int:
+    """Train in this process, or (several processes or nodes asked for) become their launcher."""
+    if needs_launch(cfg):
+        return _launch(cfg, args.argv)
+    # Imported here, not above: a launcher that loaded the model code (transformers) would only
+    # delay its workers.
     from ..train.loop import train
 
-    _print_summary(train(build_config(args, TrainConfig, loss="sft")))
+    _print_summary(train(cfg))
     return 0
 
 
 def run_pipeline(args) -> int:
     from ..train.pipeline import run_pipeline as pipeline
 
+    cfg = build_config(args, TrainConfig)
+    if cfg.nnodes > 1:  # each node would run the whole pipeline on its own, into the same directory
+        raise ConfigError("directpo pipeline runs in one process, on one node: for several nodes run its stages "
+                          "as `directpo sft --output-dir OUT/sft ...`, then `directpo train --model OUT/sft --ref "
+                          "OUT/sft ...`, each with --nnodes")
     overrides = {k: getattr(args, k) for k in ("sft_lr", "sft_max_steps", "sft_epochs", "sft_optimizer")
                  if getattr(args, k, None) is not None}
-    print(json.dumps(pipeline(build_config(args, TrainConfig), **overrides)))
+    print(json.dumps(pipeline(cfg, **overrides)))
     return 0
 
 
-def without_flag(argv: list[str], flag: str) -> list[str]:
-    """`argv` less `flag` and its value (`--flag V` or `--flag=V`)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == flag:
-            skip = True
-        elif not a.startswith(flag + "="):
-            out.append(a)
-    return out
+def _launch(cfg: TrainConfig, argv: list[str]) -> int:
+    from ..train.launch import launch
+
+    # Checked here, once, before any worker starts: a bad setting would otherwise be reported by
+    # every worker, and on one node of several only after the others waited for it at the rendezvous.
+    cfg.validate()
+    return launch(cfg, argv)

@@ -3,7 +3,7 @@
     RunConfig              what every trainer takes: the run directory, optimisation, checkpoints,
     │                      the machine (DPO/SFT, the reward model and PPO alike)
     ├── PreferenceRunConfig  + a preference data set: model, data, lengths, evaluation, micro-batches
-    │   ├── TrainConfig      + the loss, β, the reference, layouts, LoRA, several processes (`train`, `sft`)
+    │   ├── TrainConfig      + the loss, β, the reference, layouts, LoRA, several processes or nodes (`train`, `sft`)
     │   └── (rlhf) RewardModelConfig
     └── (rlhf) PPOConfig
 
@@ -111,7 +111,7 @@ class PreferenceRunConfig(RunConfig):
 
 @dataclass
 class TrainConfig(PreferenceRunConfig):
-    """The loss, the reference, layouts, LoRA, several processes"""
+    """The loss, the reference, layouts, LoRA, several processes or nodes"""
 
     ref: str | None = setting(None, "reference model πref (default: a frozen copy of the starting policy)")
     loss: str = setting("dpo", "loss: dpo, cdpo, ipo (summed log-probs), ipo_avg (per-token averages, as TRL's), "
@@ -155,6 +155,17 @@ class TrainConfig(PreferenceRunConfig):
                                  "the model attends segment by segment, else rows as long as its longest example)", ge=0)
     nproc: int = setting(0, "launch N data-parallel processes with torchrun (same global batch; gloo on CPU, NCCL "
                             "on GPU)", ge=0)
+    # Several nodes (issue #17): the same command on every node, each launching --nproc processes;
+    # `train.launch` turns these into torchrun's static rendezvous. Workers never see them.
+    nnodes: int = setting(1, "nodes in the job; with N > 1, run the same command on every node, each with its "
+                             "own --node-rank: each node launches --nproc processes (at least 1) with torchrun, "
+                             "and --output-dir must be on a filesystem all nodes share", ge=1)
+    node_rank: int = setting(0, "this node's number among the --nnodes nodes, 0 to N-1; node 0 holds global rank 0, "
+                                "which writes the run directory", ge=0)
+    master_addr: str = setting("127.0.0.1", "with --nnodes > 1: address or hostname of node 0, where the nodes "
+                                            "meet; every node must reach it")
+    master_port: int = setting(29500, "with --nnodes > 1: TCP port on node 0 where the nodes meet (free there)",
+                               ge=1, le=65535)
     fsdp: bool = setting(False, "with several processes: shard the model with FSDP2 (fully_shard) instead of "
                                 "replicating it; with --precision bf16 the blocks gather their weights and compute "
                                 "in bf16 (FSDP2 MixedPrecisionPolicy: fp32 master weights, gradients reduced in fp32)")
@@ -175,7 +186,8 @@ class TrainConfig(PreferenceRunConfig):
                                                     "same gradients)")
     RESUMABLE_CHANGES = RunConfig.RESUMABLE_CHANGES | {"checkpoint_format", "fsdp_reshard_after_forward",
                                                        "fsdp_cpu_offload", "activation_checkpointing",
-                                                       "memory_budget"}  # (a resumed run keeps its micro-batch)
+                                                       "memory_budget",  # (a resumed run keeps its micro-batch)
+                                                       "nnodes", "node_rank", "master_addr", "master_port"}
     lora_r: int = setting(0, "LoRA rank (0: full fine-tuning); the reference is the model with adapters disabled", ge=0)
     lora_alpha: float = setting(16.0, "LoRA scaling α", gt=0)
     lora_dropout: float = setting(0.0, "dropout on the LoRA path", ge=0, lt=1)
@@ -190,6 +202,7 @@ class TrainConfig(PreferenceRunConfig):
     def validate(self) -> "TrainConfig":
         super().validate()
         self.check_fsdp_settings()
+        self.check_launch_settings()
         if self.memory_budget is not None:
             from .plan import parse_size
 
@@ -220,6 +233,15 @@ class TrainConfig(PreferenceRunConfig):
         if spec.unpaired and self.sft_weight:  # it would train on the undesirable completions too
             raise ConfigError("--sft-weight adds the NLL of each row's first response: with kto's unpaired rows "
                               "that includes the undesirable completions; leave it at 0")
+
+    def check_launch_settings(self) -> None:
+        """The node settings that cannot name a node of the job (their ranges: `check_ranges`)."""
+        if self.node_rank >= self.nnodes:
+            raise ConfigError(f"--node-rank must be < --nnodes (the nodes are numbered 0 to {self.nnodes - 1}); "
+                              f"got --node-rank {self.node_rank} with --nnodes {self.nnodes}")
+        if self.nnodes > 1 and not self.master_addr.strip():
+            raise ConfigError("--master-addr is empty: with --nnodes > 1 it must name node 0 (an address or a "
+                              "hostname every node reaches)")
 
     def check_fsdp_settings(self) -> None:
         """The sharding knobs that cannot work together, refused before anything loads."""
