@@ -129,3 +129,25 @@ def test_token_budget_micro_batches():
     assert micro_batches([0, 1, 2, 3, 4], exs, cfg) == [[0, 1, 2, 3], [4]]
     cfg.micro_batch_tokens, cfg.micro_batch_size = 0, 2  # off: split by count
     assert micro_batches([0, 1, 2, 3, 4], exs, cfg) == [[0, 1], [2, 3], [4]]
+
+
+def test_precomputed_reference_on_rankings_of_mixed_lengths(tiny_model, tmp_path):
+    """Rankings of 3 and of 2 responses in one micro-batch: the precomputed table (as wide as the
+    longest ranking) gives the live reference's trajectory, in training and in evaluation."""
+    from directpo.toy import ranked_review_task
+
+    tr, ev, _ = ranked_review_task(n_train=16, n_eval=8, k=3, seed=2)
+    for rows in (tr, ev):
+        for r in rows[::2]:  # every other ranking loses its last response
+            r["responses"], r["scores"] = r["responses"][:2], r["scores"][:2]
+    data = (write_jsonl(tr, tmp_path / "train.jsonl"), write_jsonl(ev, tmp_path / "eval.jsonl"))
+    runs = {}
+    for name, pre in (("live", False), ("pre", True)):
+        train(_cfg(tiny_model, data, tmp_path / name, loss="plackett_luce", optimizer="rmsprop", lr=1e-4,
+                   precompute_ref=pre, eval_data=str(data[1]), eval_every=2))
+        runs[name] = _metrics(tmp_path / name)
+    assert len(runs["pre"]) == len(runs["live"]) == 4 + 3  # 4 train steps, evals at 0, 2, 4
+    for a, b in zip(runs["live"], runs["pre"]):
+        assert (a["split"], a["step"]) == (b["split"], b["step"])
+        assert math.isfinite(b["loss"]) and b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["rewards/kendall_tau"] == pytest.approx(a["rewards/kendall_tau"], abs=1e-5)

@@ -1,24 +1,28 @@
 """Multi-process data parallelism: the only module that touches `torch.distributed`.
 
-`torchrun --nproc_per_node N -m directpo train ...` (or `directpo train --nproc N ...`) starts N
-processes; each holds the whole model and takes every N-th example of each global batch (the
+`directpo train --nproc N ...` (train/launch.py re-runs the command under torchrun; `--nnodes`,
+`--node-rank`, `--master-addr`, `--master-port` for several nodes) or a plain `torchrun ... -m
+directpo train ...` starts the processes; each takes every N-th example of each global batch (the
 batch is sorted by length first, so ranks get similar work). Gradients are summed over ranks
 before the optimizer step, and every rank scales its loss by 1/global batch, so the update is
 exactly the single-process one at the same global batch (DDP semantics). Metrics are summed over
-ranks; only rank 0 writes files. gloo on CPU, NCCL on GPU. With `--fsdp`, FSDP2 (`fully_shard`)
-shards the transformer blocks over the ranks for models that do not fit one device (every rank
-builds the model on the meta device and reads only its own shards from the safetensors files);
-checkpoints
-gather the whole weights and optimizer state onto rank 0 (an ordinary checkpoint) and resuming
-broadcasts them back from rank 0, each rank keeping its shard. `--checkpoint-format sharded`
-instead has every rank write and read its own shards with torch.distributed.checkpoint (DCP),
-nothing gathered; DCP reshards on load, so such a checkpoint resumes on any number of processes.
+ranks; only rank 0 writes files. gloo on CPU, NCCL on GPU.
 
-Several nodes: `torchrun --nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT ...` on every
-node needs nothing more. Devices follow LOCAL_RANK (the rank on this node); the data split, the metric sums and
-"rank 0 writes" follow RANK and WORLD_SIZE (over all nodes). The run directory and checkpoints are
-written by global rank 0 (a sharded checkpoint's shards by every rank) and read back by every rank
-on --resume: the output directory must be on a filesystem all nodes share.
+With `--fsdp`, FSDP2 (`fully_shard`) shards the transformer blocks over the ranks for models that
+do not fit one device: every rank builds the model on the meta device and reads only its own
+shards from the safetensors files (`shard_model`). Checkpoints: the default `full` format gathers
+the trainable weights and optimizer state onto rank 0 (`gather_state`, an ordinary checkpoint) and
+resuming broadcasts them back from rank 0 (`load_state`), each rank keeping its shard;
+`--checkpoint-format sharded` has every rank write and read its own shards with
+torch.distributed.checkpoint (DCP), nothing gathered, and DCP reshards on load, so such a
+checkpoint resumes on any number of processes. The final model is streamed by train/export.py,
+one tensor gathered at a time. The reference tables are computed by all ranks, each its share of
+the examples, gathered with `all_gather_rows` (train/prepare.py).
+
+Several nodes: devices follow LOCAL_RANK (the rank on this node); the data split, the metric sums
+and "rank 0 writes" follow RANK and WORLD_SIZE (over all nodes). The run directory and checkpoints
+are written by global rank 0 (a sharded checkpoint's shards by every rank) and read back by every
+rank on --resume: the output directory must be on a filesystem all nodes share.
 
 We all-reduce gradients ourselves rather than wrapping the model in DistributedDataParallel:
 directpo's log-prob path calls the backbone and LM head directly (to skip full-vocabulary logits),
@@ -28,8 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +91,16 @@ class Dist:
                                                                         device=self._device())
         dist.broadcast(buf, 0)
         return buf.cpu()
+
+    def all_gather_rows(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `rows`, in rank order, on every rank (on the CPU). Every rank must call,
+        with a tensor of the same shape and dtype: all_gather moves fixed-size buffers."""
+        if not self.enabled:
+            return [rows]
+        local = rows.contiguous().to(self._device())
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(parts, local)
+        return [p.cpu() for p in parts]
 
     def shard_model(self, model, reshard_after_forward: bool = True, cpu_offload: bool = False,
                     bf16: bool = False, weights: str | None = None, initial: dict | None = None):
@@ -174,13 +186,6 @@ class Dist:
             for g in grads:
                 g.mul_(max_norm / (total.item() + 1e-6))
         return total
-
-    def full_state_dict(self, model) -> dict | None:
-        """The whole model's weights on rank 0 (gathered from shards), None elsewhere."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return sd if self.main else None
 
     def gather_state(self, model, optimizer) -> tuple[dict, dict] | None:
         """A sharded model's trainable weights and optimizer state, whole, on rank 0 (None elsewhere;
@@ -374,10 +379,3 @@ def device_for(d: Dist, requested: str | None) -> torch.device | None:
     if d.enabled and torch.cuda.is_available() and not requested:
         return torch.device("cuda", d.local_rank)
     return None
-
-
-def launch(nproc: int, argv: list[str]) -> int:
-    """`directpo train --nproc N ...`: re-run the same command under torchrun with N processes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "directpo", *argv]
-    return subprocess.call(cmd)

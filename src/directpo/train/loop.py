@@ -85,6 +85,10 @@ def micro_batch_loss(policy, batch, ref: torch.Tensor | None, cfg: TrainConfig, 
     """Per-example losses of one micro-batch and its metric sums (sums, so micro-batches add up)."""
     out = example_logps(policy, batch, unlikelihood=loss_spec.needs_unlikelihood)
     pol, ul = out if loss_spec.needs_unlikelihood else (out, None)
+    if ref is not None and ref.shape[1] > pol.shape[1]:
+        # A precomputed table is as wide as the dataset's longest ranking; a micro-batch of shorter
+        # rankings has fewer columns, and the table's extra ones are NaN (no response) for its rows.
+        ref = ref[:, :pol.shape[1]]
     lengths = batch.response_lengths().to(pol.dtype)
     res = loss_spec.fn(LossInputs(pol, ref, lengths, ul, batch.labels), params)
     losses = res.losses

@@ -188,9 +188,10 @@ def check_sharding(cfg: TrainConfig, loss_spec: LossSpec) -> None:
 
 def reference_tables(cfg: TrainConfig, d: Dist, ref_model, train_set, eval_set, collate, device):
     """(train table or None, eval table or None): reference log-probs that never change, computed
-    once (cached on disk across runs) by rank 0 and sent round, or under FSDP by every rank from the
-    sharded model (`_sharded_table`). The eval table always exists when there is an eval set and a
-    reference; the train table only with precompute_ref."""
+    once (cached on disk across runs), each process computing its share of the examples from its
+    whole or sharded model and the shares gathered onto every process (`_split_table`). The eval
+    table always exists when there is an eval set and a reference; the train table only with
+    precompute_ref."""
     if ref_model is None:
         return None, None
     sharded = cfg.fsdp and d.enabled
@@ -203,20 +204,17 @@ def reference_tables(cfg: TrainConfig, d: Dist, ref_model, train_set, eval_set, 
 
     def table(examples, what, compute=None, cache=True):
         def compute_here(model, exs):
+            shown = cfg.progress and d.main  # one progress bar: the ranks' shares are alike
             with adapters_disabled(model):
                 return dataset_logps(model, exs, collate, cfg.micro_batch_size, device, ac_dtype,
-                                     progress=f"reference log-probs ({what})" if cfg.progress else None)
+                                     progress=f"reference log-probs ({what})" if shown else None)
         return reference_logps(ref_model, examples, compute or compute_here, cfg.precision,
                                cache_dir if cache else None, model_fp, log=log)[0]
 
-    if sharded:
-        eval_ref = _sharded_table(d, eval_set, "eval", table, cache_dir) if eval_set else None
-        train_ref = _sharded_table(d, train_set, "train", table, cache_dir) if cfg.precompute_ref else None
-        return train_ref, eval_ref
-    eval_ref = table(eval_set, "eval") if d.main and eval_set else None
+    eval_ref = _split_table(d, eval_set, "eval", table, cache_dir) if eval_set else None
     train_ref = None
     if cfg.precompute_ref and not cfg.ref_sync_every:  # TR-DPO's reference moves: no fixed table
-        train_ref = d.broadcast(table(train_set, "train") if d.main else None, shape=(len(train_set), 0))
+        train_ref = _split_table(d, train_set, "train", table, cache_dir)
     return train_ref, eval_ref
 
 
@@ -224,23 +222,54 @@ class _NotCached(Exception):
     pass
 
 
-def _sharded_table(d: Dist, examples, what: str, table, cache_dir):
-    """A reference table from a sharded model. Rank 0 looks in the cache and says whether it hit
-    (then it sends the table round): every rank must either skip the computation or take part in
-    its forwards. On a miss every rank computes the whole table (the same forwards, the same
-    numbers) and rank 0 caches it."""
-    def not_cached(*_):
-        raise _NotCached
+def _not_cached(*_):
+    raise _NotCached
 
+
+def _split_table(d: Dist, examples, what: str, table, cache_dir):
+    """A reference table computed by all processes, each its share (`_shares`), gathered whole onto
+    every process; rank 0 caches it. Rank 0 first looks in the cache and says whether it hit (then
+    it sends the table round): under FSDP every rank must either skip the computation or take part
+    in every forward. Every rank holds the same examples in the same order (the data preparation
+    is deterministic), so each knows every rank's share without asking.
+
+    A row's log-probs can differ in the last bits from those of the whole table computed in one
+    process: its micro-batch companions differ, and with them the padding and the matmul shapes
+    (float re-association, ~1e-7 relative)."""
+    if not d.enabled:
+        return table(examples, what)
     hit = None
     if d.main and cache_dir is not None:
         try:
-            hit = table(examples, what, not_cached)
+            hit = table(examples, what, _not_cached)
         except _NotCached:
             pass
     if d.sum_stats({"hit": float(hit is not None)})["hit"]:
         return d.broadcast(hit, shape=(len(examples), 0))
-    computed = table(examples, what, cache=False)
+    own, padded = _shares(examples, d.world)
+    mine = table([examples[i] for i in padded[d.rank]], what, cache=False)
+    # rankings: a share's table is as wide as its own longest ranking; all_gather needs one width
+    width = max(len(ex.response_ids) for ex in examples)
+    mine = torch.nn.functional.pad(mine, (0, width - mine.shape[1]), value=float("nan"))  # NaN: no response
+    full = torch.full((len(examples), width), float("nan"))
+    for idx, rows in zip(own, d.all_gather_rows(mine)):
+        full[idx] = rows[:len(idx)]  # the padding's rows come last: dropped
+    log(f"reference log-probs ({what}): {d.world} processes computed {len(padded[0])} examples each "
+        f"({len(examples)} in all)")
     if d.main and cache_dir is not None:
-        table(examples, what, lambda *_: computed)  # writes the cache
-    return computed
+        table(examples, what, lambda *_: full)  # writes the cache
+    return full
+
+
+def _shares(examples, world: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(each rank's examples, the same padded to one count), as indices. Round robin over the
+    examples sorted by length: the ranks get similar numbers of tokens, and since `dataset_logps`
+    sorts a share and cuts it into micro-batches by count, the ranks' j-th micro-batches are of
+    similar lengths too (under FSDP they run in lockstep: each forward gathers the weights
+    collectively). The padding, the shortest example, gives every rank the same number of
+    forwards (FSDP needs it; it also spares an empty share when there are fewer examples than
+    ranks); it costs at most one short example per rank."""
+    order = sorted(range(len(examples)), key=lambda i: examples[i].num_tokens)
+    own = [order[r::world] for r in range(world)]
+    n = len(own[0])
+    return own, [s + order[:1] * (n - len(s)) for s in own]
