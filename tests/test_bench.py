@@ -177,3 +177,150 @@ def test_bench_against_trl(tiny_model, tmp_path):
     per_pair = [x["tokens"] / x["pairs"] for x in r["runs"]]
     assert max(per_pair) / min(per_pair) < 1.2
     assert r["comparison"]["pairs_per_s"]["ratio"] > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory checks: --plan-check and --fsdp-memory (directpo.bench.memory)
+
+STATUS = """Name:\tpython
+Umask:\t0022
+State:\tR (running)
+VmPeak:\t 2250376 kB
+VmSize:\t 2250372 kB
+VmHWM:\t  812345 kB
+VmRSS:\t  700000 kB
+RssAnon:\t  600000 kB
+RssFile:\t   99000 kB
+RssShmem:\t    1000 kB
+Threads:\t3
+"""
+
+
+def test_status_and_environ_parsers():
+    from directpo.bench import memory
+
+    st = memory.parse_status(STATUS)
+    assert st == {"VmHWM": 812345 * 1024, "VmRSS": 700000 * 1024, "RssAnon": 600000 * 1024,
+                  "RssFile": 99000 * 1024, "RssShmem": 1000 * 1024}
+    assert memory.parse_status("Name:\tpython\nState:\tZ (zombie)\n") == {}  # an exited process
+    assert memory.parse_environ(b"RANK=1\0WORLD_SIZE=2\0EMPTY=\0junk\0") == {"RANK": "1", "WORLD_SIZE": "2",
+                                                                            "EMPTY": ""}
+    run = {"processes": [{"role": "rank 0", "peak": 5}, {"role": "rank 0", "peak": 7}, {"role": "rank 1", "peak": 6},
+                         {"role": "torchrun", "peak": 1}]}
+    assert memory.peaks_by_role(run) == {"rank 0": 7, "rank 1": 6, "torchrun": 1}
+    assert memory.ratio(3.0, 2.0) == 1.5 and memory.ratio(None, 2.0) is None and memory.ratio(1.0, 0) is None
+
+
+def test_watch_keeps_each_process_peak(tmp_path):
+    """The poller reads a live process's VmHWM and names a torchrun worker by RANK= in its environment."""
+    import os
+    import sys
+
+    from directpo.bench import memory
+
+    code = "import time; x = bytearray(96 << 20); x[::4096] = b'x' * len(x[::4096]); del x; time.sleep(0.6)"
+    env = {**os.environ, "RANK": "0"}
+    run = memory.watch([sys.executable, "-c", code, "directpo"], env, tmp_path / "log", interval=0.02)
+    assert run["rc"] == 0
+    peaks = memory.peaks_by_role(run)
+    assert peaks["rank 0"] >= 96 << 20  # freed before the poll, still the peak
+    (proc,) = run["processes"]
+    assert max(proc["series"].values()) == proc["peak"]
+
+
+def test_phase_peaks_split_at_the_step_lines():
+    from directpo.bench import memory
+
+    run = {"log": [(1.0, "[directpo] loading"), (3.0, "[directpo] training dpo: 2 steps × 2 examples"),
+                   (5.2, "[directpo] step 1/2 loss 0.69"), (9.0, "[directpo] step 2/2"), (12.0, "[directpo] saved model")],
+           "processes": [{"role": "rank 0", "series": {"0.0": 10, "2.5": 15, "4.5": 30, "5.5": 20, "8.5": 25, "9.0": 40}},
+                         {"role": "rank 1", "series": {"0.0": 99}}]}
+    assert memory.phase_peaks(run, "rank 0") == {"setup": 15, "training": 30, "last checkpoint + export": 40}
+
+
+def _mark(name, rss, peak, **extra):
+    return {"mark": name, "rss": rss << 20, "peak": peak << 20, "rss_anon": 0, "rss_file": 0, **extra}
+
+
+def test_plan_check_arithmetic():
+    """Measured figures from the phase marks, the plan's figures at the tokens that ran, and the ratios."""
+    from directpo.bench import memory
+    from directpo.train.plan import PlanConfig, Shape, activation_bytes, head_bytes
+
+    marks = [_mark("start", 100, 100), _mark("load_begin", 300, 310),
+             _mark("load_end", 340, 350, param_bytes=40 << 20), _mark("step_begin", 345, 400, step=1),
+             _mark("optimizer_begin", 390, 600, step=1, grad_bytes=40 << 20),
+             _mark("optimizer_end", 470, 480, step=1, state_bytes=80 << 20),
+             _mark("step_begin", 470, 470, step=2), _mark("optimizer_begin", 520, 700, step=2, grad_bytes=40 << 20),
+             _mark("optimizer_end", 520, 530, step=2, state_bytes=80 << 20), _mark("end", 520, 560)]
+    meas = memory.phases(marks)
+    M = 1 << 20
+    assert meas["baseline_rss"] == 300 * M and meas["weights"] == 40 * M and meas["load_peak"] == 50 * M
+    assert meas["gradients"] == 45 * M and meas["optimizer"] == 80 * M  # RSS over the 1st backward / step
+    assert [s["fwd_bwd_peak"] for s in meas["steps"]] == [255 * M, 230 * M]
+    assert meas["training_peak"] == 400 * M and meas["final_save_peak"] == 260 * M
+    assert meas["reference_pass_peak"] == 100 * M
+
+    s = Shape(params=10 << 20, head=1 << 20, block=1 << 20, layers=2, hidden=64, q_dim=64, kv_dim=128,
+              intermediate=176, lora_per_rank=0, tied=False)
+    pcfg = PlanConfig(model="m", batch_size=4, micro_batch_size=4, max_length=128, optimizer="adamw")
+    pred = memory.predicted(s, pcfg, [[300, 100], [500]], pairs=8)
+    head = head_bytes(s, pcfg)
+    per_token = (activation_bytes(s, pcfg, 1) - head) / 256
+    assert pred["activations_per_token"] == pytest.approx(per_token)
+    assert pred["activations_by_step"] == pytest.approx([per_token * 300 + head, per_token * 500 + head])
+    assert pred["weights"] == pred["gradients"] == 40 * M and pred["optimizer"] == 80 * M
+    # the peak step: step 2, with the optimizer state made by step 1
+    assert pred["total"] == pytest.approx(40 * M + 40 * M + 80 * M + 64 + pred["activations_by_step"][1])
+    rows = memory.compare(meas, pred)
+    total = next(r for r in rows if r["component"].startswith("total (training peak)"))
+    assert total["ratio"] == pytest.approx(400 * M / pred["total"])
+    act = next(r for r in rows if r["component"].startswith("activations"))
+    assert "step 2, 500 tokens" in act["component"]
+    assert act["predicted"] == pytest.approx(pred["activations_by_step"][1] + 40 * M)
+    assert act["ratio"] == pytest.approx(230 * M / act["predicted"])
+
+
+def test_plan_check_counts_the_head_at_the_label_rows_that_ran():
+    """The plan's LM-head term is a bound (four whole 32 MiB chunks of logits); evaluated at the rows
+    a micro-batch really had: three chunks of its own rows when it fits one chunk, else four."""
+    from directpo.bench import memory
+    from directpo.train.plan import HEAD_CHUNK_BYTES, PlanConfig, Shape, head_bytes
+
+    s = Shape(params=10 << 20, head=1 << 20, block=1 << 20, layers=2, hidden=64, q_dim=64, kv_dim=128,
+              intermediate=176, lora_per_rank=0, tied=False, vocab=1024)  # a chunk: 8192 rows
+    pcfg = PlanConfig(model="m", batch_size=4, micro_batch_size=4, max_length=128)
+    grads_of_head = 2 * 4 * 1024 * 64
+    assert head_bytes(s, pcfg) == 4 * HEAD_CHUNK_BYTES + grads_of_head
+    assert memory.head_as_run(s, pcfg, 10) == 3 * 4 * 10 * 1024 + grads_of_head
+    assert memory.head_as_run(s, pcfg, 9000) == 4 * HEAD_CHUNK_BYTES + grads_of_head
+    pred = memory.predicted(s, pcfg, [[300, 100], [500]], pairs=8, label_rows=[[10, 5], [9000]])
+    per_token = pred["activations_per_token"]
+    assert pred["max_label_rows_by_step"] == [10, 9000]
+    assert pred["activations_by_step"] == pytest.approx([per_token * 300 + memory.head_as_run(s, pcfg, 10),
+                                                         per_token * 500 + head_bytes(s, pcfg)])
+
+
+def test_plan_check_end_to_end(tiny_model, tmp_path, capsys):
+    """One real --plan-check on the tiny model: the JSON has the figures and finite ratios (how close
+    they are is a benchmark, docs/results/bench/plan-vs-measured.md, not a test)."""
+    import math
+
+    train, _ = review_task(n_train=8, n_eval=1)
+    data = write_jsonl(train, tmp_path / "pairs.jsonl")
+    out = tmp_path / "plan-check.json"
+    rc = main(["bench", "--plan-check", "--model", str(tiny_model), "--data", str(data), "--batch", "2",
+               "--steps", "1", "--max-length", "64", "--threads", "1", "--optimizer", "adamw", "--allocator", "mmap",
+               "--out", str(out)])
+    assert rc == 0
+    assert "total (training peak)" in capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert r["settings"]["optimizer"] == "adamw" and r["settings"]["steps"] == 2
+    assert list(r["runs"]) == ["mmap"] and r["runs"]["mmap"]["env"] == {"MALLOC_MMAP_THRESHOLD_": "65536"}
+    m, p = r["runs"]["mmap"]["measured"], r["predicted"]
+    assert m["baseline_rss"] > 0 and m["training_peak"] > 0 and len(m["steps"]) == 2
+    assert m["steps"][0]["grad_bytes"] == m["param_bytes"] == p["weights"]  # fp32, every parameter trained
+    assert m["steps"][0]["state_bytes"] >= 2 * m["param_bytes"]  # AdamW: two states (+ its step counters)
+    assert all(t > 0 for t in p["max_tokens_by_step"])
+    ratios = [row["ratio"] for row in r["rows"]]
+    assert ratios and all(x is not None and math.isfinite(x) and x > 0 for x in ratios)

@@ -26,19 +26,47 @@ def register(command: str, parser) -> None:
                    help="directpo runs pick their micro-batch for this memory, e.g. 8GiB; the plan is printed")
     b.add_argument("--data-split", default=None, help="split name for `datasets` sources")
     b.add_argument("--keep-work", action="store_true", help="keep the temporary work dir (specs, logs)")
+    m = parser.add_argument_group("memory checks (instead of the speed comparison)")
+    m.add_argument("--plan-check", action="store_true",
+                   help="`directpo plan`'s memory per component against the measured peak RSS of one CPU training run "
+                        "of --steps + 1 steps (fp32, one process), and the ratio measured/plan")
+    m.add_argument("--optimizer", default="rmsprop", choices=["rmsprop", "adamw", "sgd"],
+                   help="--plan-check: the run's optimizer")
+    m.add_argument("--lora-r", type=int, default=0, help="--plan-check: LoRA rank of the run (0: full fine-tuning)")
+    m.add_argument("--allocator", default="both", choices=["both", "mmap", "glibc"],
+                   help="--plan-check: measure with glibc's defaults (freed memory stays in its heap), with "
+                        "MALLOC_MMAP_THRESHOLD_=65536 (RSS follows the live tensors), or both (two runs)")
+    m.add_argument("--fsdp-memory", action="store_true",
+                   help="peak host memory (VmHWM) of each rank of `directpo train --nproc N --fsdp --max-steps 2 "
+                        "--save-every 1`, and of the same run in one process, polled from outside")
+    m.add_argument("--nproc", type=int, default=2, help="--fsdp-memory: processes of the sharded run")
+    m.add_argument("--checkpoint-format", default="sharded", choices=["full", "sharded"],
+                   help="--fsdp-memory: the sharded run's checkpoints (code without the flag: full only)")
+    m.add_argument("--pythonpath", default=None,
+                   help="--fsdp-memory: put this directory first on the measured commands' PYTHONPATH (e.g. an old "
+                        "commit's src/, to measure that code); the harness itself runs this code")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     """Print the table, write --out, exit 0 if anything was measured."""
-    from ..bench import run_bench
+    if args.plan_check and args.fsdp_memory:
+        raise ValueError("--plan-check and --fsdp-memory are two separate measurements: give one")
+    if args.plan_check or args.fsdp_memory:
+        from ..bench.memory import fsdp_memory, plan_check
 
-    result = run_bench(args)
+        result = plan_check(args) if args.plan_check else fsdp_memory(args)
+    else:
+        from ..bench import run_bench
+
+        result = run_bench(args)
     print(result["table"])
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"\nwrote {args.out}")
+    if args.plan_check or args.fsdp_memory:
+        return 0
     ok = any(x["pairs_per_s"] is not None for x in result["results"]) or \
         any("peak_rss_mib" in x for x in result["vocab_sweep"])
     return 0 if ok else 1

@@ -8,6 +8,10 @@ adapters; H = the LM head, which directpo keeps whole on every rank under FSDP):
     weights      4·P (fp32 master weights; bf16 only autocasts the matmuls)
                  FSDP: 4·(P − H)/W + 4·H, plus two gathered blocks (the one computing, the one
                  prefetched) at 4 bytes per parameter (2 with --precision bf16)
+    bf16 weight copies   --precision bf16 without FSDP: autocast's bf16 copy of each block's
+                 weights, which the matmuls keep for the backward, 2 bytes per parameter (the
+                 lean MLP's down projection casts its weight again in the backward and keeps none;
+                 under LoRA every block weight is kept). FSDP gathers bf16 weights: none.
     gradients    4·T (FSDP: the sharded part / W)
     optimizer    4·T × states: adamw 2, rmsprop 1, sgd 0 (FSDP: / W as the gradients)
     reference    precomputed (default): a table of 4 bytes per response, nothing during training;
@@ -16,13 +20,24 @@ adapters; H = the LM head, which directpo keeps whole on every rank under FSDP):
     activations  per micro-batch of m pairs at max length L: tokens t = 2·m·L (chosen and rejected
                  rows, the padded layout's bound; the packed one shares the prompt), and per token
                  and layer (h hidden, q = heads·head_dim, k = 2·kv_heads·head_dim, i intermediate)
-                     kept: 4·h at 4 bytes (residual stream, norm inputs) + (2q + k + 2i) at 4
-                     bytes, 2 with bf16 (q, attention output, k and v, the MLP's gate and up: the
-                     lean SwiGLU of `directpo.fused` keeps those two only)
-                 summed over the layers, plus 4·t·h (embeddings and final hidden state) and the
-                 LM head's 32 MiB chunk of logits. With activation checkpointing each layer keeps its
-                 input only, 4·t·h, and one layer at a time is recomputed (with the full MLP, 4i).
-                 Attention keeps no (length × length) scores (SDPA / flash attention).
+                     kept at 4 bytes: 4·h (the block's input and middle residual stream, each
+                     RMSNorm's normalised input)
+                     kept at 4 bytes, 2 with bf16: n·h + 3q + k + 2i, where n·h are the RMSNorms'
+                     outputs (fp32: n = 2, one per norm, shared by the projections reading it;
+                     bf16: n = 5, autocast casts it anew for each of q, k, v, gate and up, and each
+                     matmul keeps its cast), 3q the rotated queries, the attention output as
+                     attention keeps it and the contiguous copy o_proj keeps, k the keys and values
+                     (bf16: + k/2, the two attention calls of a packed segment each cast the keys),
+                     2i the MLP's gate and up (the lean SwiGLU of `directpo.fused` keeps those two)
+                 summed over the layers, plus 4·t·h (embeddings and final hidden state) and the LM
+                 head's backward: up to four 32 MiB chunks of fp32 logits at once (a chunk's logits
+                 and shifted logits beside the previous chunk's probabilities and their gradient)
+                 and, when the head trains (not under LoRA), its gradient of this micro-batch and
+                 one chunk's product, 4·V·h each, beside the accumulated one. With activation
+                 checkpointing each layer keeps its input only, 4·t·h, and one layer at a time is
+                 recomputed (with the full MLP, 4i). Attention keeps no (length × length) scores
+                 (SDPA / flash attention). Measured against saved tensors and peak RSS on the CPU:
+                 docs/results/bench/plan-vs-measured.md.
 
 A run fits when the sum is at most 90 % of the device's memory: the rest goes to the CUDA context,
 the allocator's fragmentation and temporaries. `--fsdp-cpu-offload` moves the sharded weights,
@@ -99,6 +114,7 @@ class Shape:
     intermediate: int
     lora_per_rank: int  # LoRA parameters per unit of rank, adapters on every linear of the blocks
     tied: bool
+    vocab: int = 0  # rows of the LM head (tied or not)
 
 
 def model_shape(name_or_dir: str, trust_remote_code: bool = False) -> Shape:
@@ -135,20 +151,36 @@ def shape_of(model) -> Shape:
                  block=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
                  layers=len(blocks) or text.num_hidden_layers, hidden=hidden, q_dim=heads * head_dim,
                  kv_dim=2 * kv_heads * head_dim, intermediate=getattr(text, "intermediate_size", 4 * hidden),
-                 lora_per_rank=lora, tied=tied)
+                 lora_per_rank=lora, tied=tied, vocab=head.weight.shape[0] if head is not None else 0)
+
+
+def head_bytes(s: Shape, cfg: PlanConfig) -> int:
+    """The LM head's part of a micro-batch's activations: its backward's chunks of logits, and its
+    gradient's two temporaries when it trains (see the module docstring)."""
+    return 4 * HEAD_CHUNK_BYTES + (0 if cfg.lora_r else 2 * 4 * s.vocab * s.hidden)
 
 
 def activation_bytes(s: Shape, cfg: PlanConfig, micro_batch: int) -> int:
     """Activations kept for the backward of one micro-batch (see the module docstring)."""
     t = 2 * micro_batch * cfg.max_length
-    low = 2 if cfg.precision == "bf16" else 4
+    bf16 = cfg.precision == "bf16"
+    low = 2 if bf16 else 4
     residual = 4 * t * s.hidden
-    if cfg.activation_checkpointing:
-        full_layer = 4 * residual + low * t * (2 * s.q_dim + s.kv_dim + 4 * s.intermediate)
+    norms = (5 if bf16 else 2) * s.hidden  # the RMSNorms' outputs as the projections keep them
+    if cfg.activation_checkpointing:  # (the recomputed layer attends through one dense-mask call)
+        full_layer = 4 * residual + low * t * (norms + 3 * s.q_dim + s.kv_dim + 4 * s.intermediate)
         layers = s.layers * residual + full_layer
     else:
-        layers = s.layers * (4 * residual + low * t * (2 * s.q_dim + s.kv_dim + 2 * s.intermediate))
-    return layers + 2 * residual + HEAD_CHUNK_BYTES
+        keys = s.kv_dim + (s.kv_dim // 2 if bf16 else 0)  # bf16: the keys (half of kv) cast once more
+        layers = s.layers * (4 * residual + low * t * (norms + 3 * s.q_dim + keys + 2 * s.intermediate))
+    return layers + 2 * residual + head_bytes(s, cfg)
+
+
+def bf16_weight_copies(s: Shape, cfg: PlanConfig) -> int:
+    """Autocast's bf16 copies of the blocks' weights kept for the backward (module docstring)."""
+    if cfg.precision != "bf16" or cfg.fsdp:
+        return 0
+    return 2 * s.layers * (s.block if cfg.lora_r else s.block - s.hidden * s.intermediate)
 
 
 def memory_plan(s: Shape, cfg: PlanConfig) -> dict:
@@ -166,6 +198,7 @@ def memory_plan(s: Shape, cfg: PlanConfig) -> dict:
         weights += 4 * per_trainable
     parts = {
         "weights": weights,
+        "bf16_weight_copies": bf16_weight_copies(s, cfg),
         "gradients": 4 * per_trainable,
         "optimizer": 4 * per_trainable * OPTIMIZER_STATES[cfg.optimizer],
         "fsdp_gathered_blocks": 2 * s.block * (2 if cfg.precision == "bf16" else 4) if cfg.fsdp else 0,
@@ -448,9 +481,10 @@ def plan_for_budget(cfg, policy, train_set, collate, device, world: int = 1, kee
             intercept = max(0.0, b1 - per_token * t1)
     if cfg.activation_checkpointing and device.type != "cuda":  # autograd does not see inside the layers
         pcfg = PlanConfig(model=cfg.model, max_length=max(2, train_set[longest[0]].num_tokens),
-                          precision=cfg.precision, activation_checkpointing=True)
-        per_token = (activation_bytes(shape_of(unwrap(policy)), pcfg, 1) - HEAD_CHUNK_BYTES) / (2 * pcfg.max_length)
-        intercept = HEAD_CHUNK_BYTES
+                          precision=cfg.precision, activation_checkpointing=True, lora_r=cfg.lora_r)
+        shape = shape_of(unwrap(policy))
+        intercept = head_bytes(shape, pcfg)
+        per_token = (activation_bytes(shape, pcfg, 1) - intercept) / (2 * pcfg.max_length)
     return choose_micro_batch(budget, cfg.batch_size, world, fixed, intercept, per_token, tokens_of, keep, agree)
 
 
