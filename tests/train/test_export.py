@@ -1,9 +1,9 @@
 """The final model of an FSDP run, streamed (#17): `export_model` writes what `save_pretrained`
-writes, one shard file at a time, gathering one tensor at a time.
+writes, byte for byte, gathering one tensor at a time and appending it to the file being written.
 
 In one process: the shard plan is huggingface_hub's; the files (names, tensor names and values,
 index, safetensors metadata, configs) are those `save_pretrained` writes for the same model; no
-more than one shard's worth of gathered tensors is ever alive. Under torchrun (gloo, 2 CPU
+more than one gathered tensor is ever alive. Under torchrun (gloo, 2 CPU
 processes, the export's shard size made tiny): the run's model, split over several files, loads
 with `from_pretrained` and equals bit for bit the weights its last checkpoint gathered whole."""
 import json
@@ -75,6 +75,7 @@ def test_the_export_is_what_save_pretrained_writes(model, tmp_path):
             (meta, ts), (their_meta, their_ts) = _tensors(ours / name), _tensors(theirs / name)
             assert meta == their_meta == {"format": "pt"}
             assert ts.keys() == their_ts.keys() and all(torch.equal(ts[k], their_ts[k]) for k in ts)
+            assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name  # byte for byte
         else:
             assert json.loads((ours / name).read_text()) == json.loads((theirs / name).read_text()), name
     loaded, info = AutoModelForCausalLM.from_pretrained(ours, output_loading_info=True)
@@ -87,10 +88,10 @@ def test_the_export_is_what_save_pretrained_writes(model, tmp_path):
     assert load_file(str(ours / "model.safetensors")).keys() == state.keys()
 
 
-def test_at_most_one_shard_of_gathered_tensors_is_alive(model, tmp_path, monkeypatch):
+def test_one_gathered_tensor_at_a_time(model, tmp_path, monkeypatch):
     """Each gather is stood in for by a copy (a real all-gather makes new memory too), tracked until
-    it is freed: the bytes alive at once never pass one shard file's (or one oversized tensor's).
-    Gathering the whole model before writing would hold all 281 kB."""
+    it is freed: the bytes alive at once never pass the largest tensor's, though the default export
+    puts the whole model (281 kB) in one file."""
     alive: dict[int, int] = {}
     peak, gathered = [0], []
     real = export.whole_tensor
@@ -104,11 +105,51 @@ def test_at_most_one_shard_of_gathered_tensors_is_alive(model, tmp_path, monkeyp
         return whole
 
     monkeypatch.setattr(export, "whole_tensor", tracked)
-    export_model(model, tmp_path / "out", Dist(), max_shard_bytes=SHARD)
+    export_model(model, tmp_path / "out", Dist())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir())[-1] == "model.safetensors"  # one file
     sizes = [t.numel() * t.element_size() for t in model.state_dict().values()]
     assert len(gathered) == len(sizes)  # every tensor went through the stand-in
-    assert peak[0] <= max(SHARD, max(sizes)) < sum(sizes) / 3
+    assert peak[0] == max(sizes) < sum(sizes) / 3
     assert not alive  # and nothing is kept afterwards
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int16,
+          torch.int8, torch.uint8, torch.bool]
+
+
+def test_a_streamed_safetensors_file_is_save_files_byte_for_byte(tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}.{dt}".replace("torch.", ""): (torch.randn(2, 3, generator=g) * 50).to(dt)
+               for i, dt in enumerate(DTYPES)}
+    tensors["empty"] = torch.zeros(0, 4)
+    tensors["a.scalar"] = torch.tensor(3.5)
+    save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata={"format": "pt"})
+    entries = sorted(tensors.items(), key=lambda e: export._data_order(e[0], e[1].dtype))
+    writer = export.SafetensorsStream([(n, t.dtype, tuple(t.shape)) for n, t in entries])
+    with export._replaced(tmp_path / "ours.safetensors", writer.open):
+        for _, t in entries:
+            writer.append(t)
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
+
+
+def test_a_stream_cut_short_or_fed_the_wrong_tensor_leaves_no_file(tmp_path):
+    entries = [("a", torch.float32, (2,)), ("b", torch.float32, (3,))]
+    target = tmp_path / "m.safetensors"
+    writer = export.SafetensorsStream(entries)
+    with pytest.raises(RuntimeError, match="1 tensors of the file were never written"):
+        with export._replaced(target, writer.open):
+            writer.append(torch.zeros(2))
+    writer = export.SafetensorsStream(entries)
+    with pytest.raises(ValueError, match=r"b: expected torch.float32 \(3,\), got torch.float32 \(4,\)"):
+        with export._replaced(target, writer.open):
+            writer.append(torch.zeros(2))
+            writer.append(torch.zeros(4))
+    assert writer.file.closed
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary one
+    with pytest.raises(ValueError, match="complex64"):
+        export.SafetensorsStream([("c", torch.complex64, (1,))])
 
 
 LAUNCH = """import sys

@@ -1,25 +1,29 @@
 """The final model of a sharded (FSDP) run as an ordinary Hugging Face directory, streamed: no
-process ever holds the whole model.
+process ever holds more than one whole tensor of it.
 
-`Dist.full_state_dict` + `save_pretrained` would gather every weight onto rank 0's host memory
-first. Here the shard files are planned up front from the parameters' shapes and dtypes alone
-(`plan_shards`, huggingface_hub's grouping rule), so every rank knows the order; then each
-parameter is gathered whole in turn (a collective: every rank calls, in the plan's order), rank 0
-keeps it until its shard file is complete, writes that file and drops it. Rank 0 therefore holds
-at most one shard's worth of weights (`max_shard_bytes`, or one larger tensor alone in its file).
+`get_model_state_dict(full_state_dict=True)` + `save_pretrained` would gather every weight onto
+rank 0's host memory first. Here the shard files are planned up front from the parameters' shapes
+and dtypes alone (`plan_shards`, huggingface_hub's grouping rule), so every rank knows the order.
+For each file rank 0 writes the safetensors header first (it needs only names, dtypes and shapes:
+`SafetensorsStream`), then each parameter is gathered whole in turn (a collective: every rank
+calls, in the file's data order), rank 0 appends its bytes and drops it. Rank 0 therefore holds one
+gathered tensor at a time, whatever the model's size.
 
-What lands on disk is what `save_pretrained` writes for the same model: the same tensor names
-(after transformers' reverse key conversion), the same grouping into `model.safetensors` or
-`model-0000i-of-0000N.safetensors` with `model.safetensors.index.json`, safetensors metadata
-{"format": "pt"}, `config.json` and `generation_config.json`; the dtype is the parameters' own
-(fp32 master weights under mixed precision). Non-persistent buffers are not saved, as in HF.
+What lands on disk is what `save_pretrained` writes for the same model, byte for byte in each
+safetensors file (tested): the same tensor names (after transformers' reverse key conversion), the
+same grouping into `model.safetensors` or `model-0000i-of-0000N.safetensors` with
+`model.safetensors.index.json`, safetensors metadata {"format": "pt"}, `config.json` and
+`generation_config.json`; the dtype is the parameters' own (fp32 master weights under mixed
+precision). Non-persistent buffers are not saved, as in HF.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-from functools import partial
+import contextlib
+import struct
 from pathlib import Path
 
 import torch
@@ -88,15 +92,16 @@ def export_model(model, out, d: Dist, max_shard_bytes: int | None = None) -> Non
         _remove_stale(out, files)
         _save_configs(model, state, out)
     for file, names in zip(files, shards):
-        tensors: dict[str, torch.Tensor] = {}
-        for name in names:
-            whole = whole_tensor(state[key[name]])  # every rank: it gathers
-            if d.main:
-                tensors[name] = whole.cpu().contiguous()
-            del whole  # ranks > 0 drop it at once; rank 0 holds only this file's tensors
-        if d.main:
-            _replace(out / file, partial(_save_file, tensors))
-        del tensors
+        entries = sorted(((name, state[key[name]]) for name in names), key=lambda e: _data_order(e[0], e[1].dtype))
+        writer = SafetensorsStream([(n, t.dtype, tuple(t.shape)) for n, t in entries]) if d.main else None
+        with contextlib.ExitStack() as stack:
+            if writer is not None:
+                stack.enter_context(_replaced(out / file, writer.open))
+            for _, t in entries:
+                whole = whole_tensor(t)  # every rank: it gathers
+                if writer is not None:
+                    writer.append(whole)
+                del whole  # one gathered tensor alive at a time, on every rank
     if d.main and len(files) > 1:
         _write_index(out, model, {name: file for file, names in zip(files, shards) for name in names},
                      sum(_nbytes(state[k]) for _, k in order))
@@ -113,8 +118,8 @@ def _write_index(out: Path, model, weight_map: dict[str, str], total_size: int) 
 
 def gather_trainable(model, d: Dist) -> dict | None:
     """The trainable parameters of a sharded model (LoRA's adapters: small) whole on rank 0, gathered
-    one at a time; None on the other ranks. Every rank must call. Unlike `Dist.full_state_dict`, the
-    frozen base weights are never gathered: an adapter save only keeps the adapters anyway."""
+    one at a time; None on the other ranks. Every rank must call. The frozen base weights are never
+    gathered: an adapter save only keeps the adapters anyway."""
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     kept = {}
     for name, t in model.state_dict().items():
@@ -174,22 +179,90 @@ def _remove_stale(out: Path, files: list[str]) -> None:
 def _replace(path: Path, write) -> None:
     """`write(temporary path)`, fsynced, then renamed onto `path`: a crash mid-write never leaves a
     half-written file under the final name."""
+    with _replaced(path, lambda tmp: write(str(tmp))):
+        pass
+
+
+@contextlib.contextmanager
+def _replaced(path: Path, start):
+    """`start(temporary path)` on entry, the caller writes, then the file is fsynced and renamed onto
+    `path` on a clean exit (`start` may return a closer called first); any error removes it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    close = None
     try:
-        write(str(tmp))
+        close = start(tmp)
+        yield
+        if callable(close):
+            close, closing = None, close
+            closing()
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
+        if callable(close):  # the body failed: release the file (its own complaint would hide the cause)
+            with contextlib.suppress(Exception):
+                close()
         tmp.unlink(missing_ok=True)
         raise
 
 
-def _save_file(tensors: dict, path: str) -> None:
-    """With the metadata `save_pretrained` writes (transformers 4 checks its "format" on load)."""
-    from safetensors.torch import save_file
+# safetensors' dtype names, in the order its serializer sorts a file's data (largest first, then by
+# name): the Rust crate's `Dtype` enum order, descending.
+_DTYPES = [(torch.uint64, "U64"), (torch.int64, "I64"), (torch.float64, "F64"), (torch.float32, "F32"),
+           (torch.uint32, "U32"), (torch.int32, "I32"), (torch.bfloat16, "BF16"), (torch.float16, "F16"),
+           (torch.uint16, "U16"), (torch.int16, "I16"), (torch.float8_e4m3fn, "F8_E4M3"),
+           (torch.float8_e5m2, "F8_E5M2"), (torch.int8, "I8"), (torch.uint8, "U8"), (torch.bool, "BOOL")]
+_DTYPE_NAME = {dt: name for dt, name in _DTYPES}
+_DTYPE_RANK = {dt: i for i, (dt, _) in enumerate(_DTYPES)}
 
-    save_file(tensors, path, metadata={"format": "pt"})
+
+def _data_order(name: str, dtype: torch.dtype) -> tuple[int, str]:
+    if dtype not in _DTYPE_RANK:
+        raise ValueError(f"{name}: dtype {dtype} has no safetensors name here")
+    return _DTYPE_RANK[dtype], name
+
+
+class SafetensorsStream:
+    """A safetensors file written one tensor at a time: the header (names, dtypes, shapes, offsets,
+    {"format": "pt"}) first, then each tensor's bytes as it comes, in the order given, which must be
+    safetensors' own (`_data_order`) for the file to equal `safetensors.torch.save_file`'s. The
+    format: an 8-byte little-endian header length, the JSON header padded with spaces to a multiple
+    of 8, the data."""
+
+    def __init__(self, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]):
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, dtype, shape in entries:
+            _data_order(name, dtype)  # a dtype safetensors cannot name is refused here
+            size = torch.empty((), dtype=dtype).element_size() * math.prod(shape)
+            header[name] = {"dtype": _DTYPE_NAME[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        self.header = text + b" " * (-len(text) % 8)
+        self.expected = [(name, dtype, tuple(shape)) for name, dtype, shape in entries]
+        self.done = 0
+        self.file = None
+
+    def open(self, path):
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(self.header)) + self.header)
+        return self.close
+
+    def append(self, t: torch.Tensor) -> None:
+        name, dtype, shape = self.expected[self.done]
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        if flat.numel():
+            self.file.write(memoryview(flat.view(torch.uint8).numpy()))
+        self.done += 1
+
+    def close(self) -> None:
+        try:
+            if self.done != len(self.expected):
+                raise RuntimeError(f"{len(self.expected) - self.done} tensors of the file were never written")
+        finally:
+            self.file.close()
 
 
 def _nbytes(t: torch.Tensor) -> int:
