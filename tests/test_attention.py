@@ -118,3 +118,50 @@ def test_activation_checkpointing_keeps_the_dense_path(tiny_model, tiny_tokenize
     assert not supports_segment_attention(m)
     for a, b in zip(plain, grads(m)):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # flex_attention warns that eager mode is for debugging
+@pytest.mark.parametrize("row_tokens", [ONE_ROW, 24])
+def test_flex_block_mask_equals_the_per_segment_kernel(tiny_tokenizer, monkeypatch, row_tokens):
+    """FlexAttention (the CUDA kernel) with the layout's block mask gives the per-segment SDPA
+    kernel's log-probs: several segments per row, padding, rankings, grouped keys/values. (Forward
+    only: FlexAttention has no backward on the CPU; on CUDA its gradients are torch's.)"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from directpo import attention
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64)
+    m = LlamaForCausalLM(cfg).eval()
+    exs = [Example("Q", [" a b", " c"], "t", 2), Example("Review of Kalo:", [" It was great.", " dull"], "t", 3)]
+    tok = _tok(tiny_tokenizer) + [tokenize_example(e, tiny_tokenizer) for e in exs]
+    batch = collate_packed(tok, tiny_tokenizer.pad_token_id, row_tokens)
+    if row_tokens != ONE_ROW:
+        assert batch.input_ids.shape[0] > 1 and (batch.input_ids == tiny_tokenizer.pad_token_id).any()
+    with torch.no_grad():
+        monkeypatch.setenv("DIRECTPO_SEGMENT_KERNEL", "sdpa")
+        want = example_logps(m, batch)
+        calls = []
+        real = attention._flex
+
+        def counted():
+            calls.append(1)
+            return real()
+        monkeypatch.setattr(attention, "_flex", counted)
+        monkeypatch.setenv("DIRECTPO_SEGMENT_KERNEL", "flex")
+        got = example_logps(m, batch)
+    assert len(calls) == cfg.num_hidden_layers  # the flex kernel ran, once per layer
+    assert torch.equal(want.isnan(), got.isnan())
+    assert torch.allclose(want.nan_to_num(), got.nan_to_num(), atol=1e-5)
+    monkeypatch.setenv("DIRECTPO_SEGMENT_KERNEL", "fast")
+    with pytest.raises(ValueError, match="DIRECTPO_SEGMENT_KERNEL must be auto, flex or sdpa"):
+        example_logps(m, batch)
+
+
+def test_the_kernel_choice():
+    from directpo.attention import _use_flex
+
+    q = torch.zeros(1)
+    assert not _use_flex(q, 0.0)  # CPU: per-segment SDPA
+    assert not _use_flex(q, 0.1)

@@ -21,11 +21,19 @@ segments)` registers ours, points the model's configs at it for the duration of 
 hands the layout to it through a context variable (autograd does not call it again in backward).
 Models that don't use the interface, or whose attention is more than softmax(QKᵀ)V over a mask
 (sliding windows, logit soft-capping, attention sinks), keep the dense-mask path.
+
+Two kernels compute the same thing. On the CPU, per-segment SDPA calls (two per example, above).
+On CUDA, one FlexAttention call per layer over the whole micro-batch with a block mask built from
+the layout (same segment, causal, a key of the prompt or of the query's own response): the GPU
+runs one varlen-style kernel that skips the masked blocks, instead of a launch per segment.
+`DIRECTPO_SEGMENT_KERNEL=sdpa|flex` overrides the choice (FlexAttention runs forward-only on the
+CPU, slowly: the tests compare the two kernels there).
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +86,36 @@ class _Plan:
                 self._rows.append((q_sizes, kv_sizes, items))
         return self._rows
 
+    def token_layout(self, rows: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(segment, part), each (rows, length) int32: a token's segment index (−1: padding) and its
+        part of the segment (0 the prompt, i the i-th response; −1 padding)."""
+        seg = torch.full((rows, length), -1, dtype=torch.int32)
+        part = torch.full((rows, length), -1, dtype=torch.int32)
+        for n, (r, start, P, lens) in enumerate(self.segments):
+            seg[r, start:start + P + sum(lens)] = n
+            part[r, start:start + P] = 0
+            s = start + P
+            for i, L in enumerate(lens, 1):
+                part[r, s:s + L] = i
+                s += L
+        return seg.to(device), part.to(device)
+
+    def block_mask(self, rows: int, length: int, device):
+        """FlexAttention's block mask of the layout (cached: every layer uses the same one)."""
+        key = ("flex", rows, length, str(device))
+        if key not in self._masks:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            seg, part = self.token_layout(rows, length, device)
+
+            def visible(b, h, q, k):
+                # same segment (padding sees padding only: no empty rows), causal, and a key of the
+                # prompt or of the query's own response
+                return (seg[b, q] == seg[b, k]) & (k <= q) & ((part[b, k] == 0) | (part[b, k] == part[b, q]))
+
+            self._masks[key] = create_block_mask(visible, rows, None, length, length, device=device)
+        return self._masks[key]
+
     def response_mask(self, P: int, lens: tuple[int, ...], device) -> torch.Tensor:
         """(ΣL × (P + ΣL)) boolean mask: every response token sees the whole prompt, and the tokens of
         its own response up to itself; never another response."""
@@ -105,6 +143,10 @@ def _segment_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         if kwargs.get(k) is not None:
             raise ValueError(f"{type(module).__name__} passes {k!r} to its attention, which the segment attention "
                              "does not implement; use the padded layout (--layout padded)")
+    if _use_flex(query, dropout):
+        out = _flex()(query, key, value, block_mask=plan.block_mask(query.shape[0], query.shape[2], query.device),
+                      scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+        return out.transpose(1, 2).contiguous(), None
     kw = dict(dropout_p=dropout, scale=scaling)
     if key.shape[1] != query.shape[1]:
         kw["enable_gqa"] = True
@@ -130,6 +172,33 @@ def _segment_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         outs.append(torch.cat(parts, dim=2))
     out = torch.cat(outs)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _use_flex(query: torch.Tensor, dropout: float) -> bool:
+    """FlexAttention on CUDA (no dropout: it has none), per-segment SDPA elsewhere; overridable."""
+    choice = os.environ.get("DIRECTPO_SEGMENT_KERNEL", "auto")
+    if choice not in ("auto", "flex", "sdpa"):
+        raise ValueError(f"DIRECTPO_SEGMENT_KERNEL must be auto, flex or sdpa; got {choice!r}")
+    if choice == "sdpa" or dropout:
+        return False
+    return choice == "flex" or (query.is_cuda and _flex() is not None)
+
+
+_FLEX: list = []
+
+
+def _flex():
+    """flex_attention, compiled on CUDA (its fused kernel; eager it materialises the scores), or None
+    where this torch has none."""
+    if not _FLEX:
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+        except ImportError:
+            flex_attention = None
+        if flex_attention is not None and torch.cuda.is_available():
+            flex_attention = torch.compile(flex_attention, dynamic=True)
+        _FLEX.append(flex_attention)
+    return _FLEX[0]
 
 
 def _no_mask(*args, **kwargs):
