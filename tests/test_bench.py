@@ -231,11 +231,82 @@ def test_watch_keeps_each_process_peak(tmp_path):
 def test_phase_peaks_split_at_the_step_lines():
     from directpo.bench import memory
 
-    run = {"log": [(1.0, "[directpo] loading"), (3.0, "[directpo] training dpo: 2 steps × 2 examples"),
-                   (5.2, "[directpo] step 1/2 loss 0.69"), (9.0, "[directpo] step 2/2"), (12.0, "[directpo] saved model")],
-           "processes": [{"role": "rank 0", "series": {"0.0": 10, "2.5": 15, "4.5": 30, "5.5": 20, "8.5": 25, "9.0": 40}},
-                         {"role": "rank 1", "series": {"0.0": 99}}]}
-    assert memory.phase_peaks(run, "rank 0") == {"setup": 15, "training": 30, "last checkpoint + export": 40}
+    log = [(1.0, "[directpo] data: 16 examples"), (3.0, "[directpo] training dpo: 2 steps × 2 examples"),
+           (5.2, "[directpo] step 1/2 loss 0.69"), (9.0, "[directpo] step 2/2"), (12.0, "[directpo] saved model")]
+    processes = [{"role": "rank 0", "series": {"0.0": 10, "1.5": 12, "2.5": 15, "4.5": 30, "5.5": 20, "8.5": 25,
+                                               "9.0": 40}},
+                 {"role": "rank 1", "series": {"0.0": 99}}]
+    marks = [{"mark": "load_begin", "role": "rank 0", "t": 0.9, "rss": 8}, {"mark": "load_begin", "role": "rank 1",
+                                                                            "t": 0.95, "rss": 7},
+             {"mark": "reference_begin", "role": "rank 0", "t": 2.0, "rss": 13},
+             {"mark": "reference_end", "role": "rank 0", "t": 2.9, "rss": 13}]
+    run = {"log": log, "processes": processes, "marks": marks}
+    assert memory.phase_bounds(run) == {"load": 0.0, "reference": 2.0, "training": 3.0,
+                                        "last checkpoint + export": 9.0}
+    assert memory.phase_peaks(run, "rank 0") == {"load": 12, "reference": 15, "training": 30,
+                                                 "last checkpoint + export": 40}
+    assert memory.baselines(run) == {"rank 0": 8, "rank 1": 7}
+    # raw readings, each at the time it was made, and a mark's own peak (up to the mark) in the phase it ends
+    # (time, peak, RSS, anon, file)
+    readings = [(1.95, 12, 11, 8, 3), (2.0, 14, 12, 9, 3), (2.05, 16, 15, 9, 6), (3.0, 17, 17, 14, 3),
+                (3.05, 30, 20, 17, 3), (9.0, 31, 25, 22, 3), (9.05, 40, 26, 23, 3)]
+    run["processes"] = [{"role": "rank 0", "series": {}, "readings": readings}]
+    run["marks"] = marks[:2] + [{**marks[2], "hwm": 13}] + marks[3:]
+    assert memory.phase_peaks(run, "rank 0") == {"load": 13, "reference": 16, "training": 30,
+                                                 "last checkpoint + export": 40}
+    # RSS at each phase's start: the baseline, the role's own reference mark, else the first reading in it
+    assert memory.phase_parts(run, "rank 0") == {
+        "load": {"rss_at_start": 8, "anon_max": 8, "file_max": 3},
+        "reference": {"rss_at_start": 13, "anon_max": 9, "file_max": 6},
+        "training": {"rss_at_start": 17, "anon_max": 17, "file_max": 3},
+        "last checkpoint + export": {"rss_at_start": 25, "anon_max": 23, "file_max": 3}}
+    assert memory.phase_parts(run, "rank 1") == {}
+    # without the hook's marks: the reference pass ends at its log line (the load phase runs up to it) ...
+    ref_line = [(2.6, "[directpo] reference log-probs (train): 2 processes computed 8 examples each (16 in all)")]
+    run = {"log": sorted(log + ref_line), "processes": processes}
+    assert memory.phase_peaks(run, "rank 0") == {"load": 15, "reference": 0, "training": 30,
+                                                 "last checkpoint + export": 40}
+    # ... and without that line (code that logs none) it is empty: all of setup counts as the load
+    run = {"log": log, "processes": processes}
+    assert memory.phase_peaks(run, "rank 0")["load"] == 15 and memory.baselines(run) == {}
+    # the saved series are merged into coarser buckets (their maximum), the peaks unchanged
+    run = {"processes": [{"role": "rank 0", "series": {"0.00": 1, "0.10": 3, "0.40": 2, "0.50": 5, "1.10": 4},
+                          "anon": {"0.00": 1}, "file": {}, "readings": [(0.0, 1)]}]}
+    memory.coarsen(run, 0.5)
+    assert run["processes"][0]["series"] == {"0.0": 3, "0.5": 5, "1.0": 4} and run["series_bucket_s"] == 0.5
+    assert "readings" not in run["processes"][0]
+    run["wall_s"] = 150.0  # a long run: buckets long enough for ~200 of them (a multiple of 0.5 s)
+    memory.coarsen(run, 0.5, max_points=200)
+    assert run["processes"][0]["series"] == {"0.0": 5, "1.0": 4} and run["series_bucket_s"] == 1.0
+
+
+def test_mark_hook_marks_the_load_and_the_reference_pass(tmp_path):
+    """The measured commands' sitecustomize wraps load_model/empty_model and dataset_logps before any
+    module binds them, and prints a mark line (rank, time, RSS) at the first call of each."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import directpo
+    from directpo.bench import memory
+
+    hook = memory.write_mark_hook(tmp_path / "hook")
+    src = str(Path(directpo.__file__).parent.parent)
+    missing = str(tmp_path / "none")
+    code = ("from directpo.logprobs import dataset_logps\n"
+            "from directpo import models\n"
+            "assert dataset_logps.__wrapped__ is not None and models.load_model.__wrapped__ is not None\n"
+            f"for call in (lambda: models.load_model({missing!r}), lambda: models.load_model({missing!r}),\n"
+            "             lambda: dataset_logps(None, []), lambda: dataset_logps(None, [])):\n"
+            "    try:\n        call()\n    except Exception:\n        pass\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), src]), "RANK": "1"}
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    marks = memory.parse_marks([(0.0, x) for x in out.stderr.splitlines()], t0)
+    assert [m["mark"] for m in marks] == ["load_begin", "reference_begin", "reference_end"]  # first calls only
+    assert all(m["role"] == "rank 1" and m["rss"] > 0 and m["hwm"] > 0 and 0 <= m["t"] < 60 for m in marks)
 
 
 def _mark(name, rss, peak, **extra):
@@ -282,18 +353,18 @@ def test_plan_check_arithmetic():
 
 
 def test_plan_check_counts_the_head_at_the_label_rows_that_ran():
-    """The plan's LM-head term is a bound (four whole 32 MiB chunks of logits); evaluated at the rows
-    a micro-batch really had: three chunks of its own rows when it fits one chunk, else four."""
+    """The plan's LM-head term is a bound (one whole 32 MiB chunk of logits); evaluated at the rows
+    a micro-batch really had: a chunk of its own rows when they fit one chunk, else a whole one."""
     from directpo.bench import memory
     from directpo.train.plan import HEAD_CHUNK_BYTES, PlanConfig, Shape, head_bytes
 
     s = Shape(params=10 << 20, head=1 << 20, block=1 << 20, layers=2, hidden=64, q_dim=64, kv_dim=128,
               intermediate=176, lora_per_rank=0, tied=False, vocab=1024)  # a chunk: 8192 rows
     pcfg = PlanConfig(model="m", batch_size=4, micro_batch_size=4, max_length=128)
-    grads_of_head = 2 * 4 * 1024 * 64
-    assert head_bytes(s, pcfg) == 4 * HEAD_CHUNK_BYTES + grads_of_head
-    assert memory.head_as_run(s, pcfg, 10) == 3 * 4 * 10 * 1024 + grads_of_head
-    assert memory.head_as_run(s, pcfg, 9000) == 4 * HEAD_CHUNK_BYTES + grads_of_head
+    grads_of_head = 4 * 1024 * 64  # the head's gradient of this micro-batch
+    assert head_bytes(s, pcfg) == HEAD_CHUNK_BYTES + grads_of_head
+    assert memory.head_as_run(s, pcfg, 10) == 4 * 10 * 1024 + grads_of_head
+    assert memory.head_as_run(s, pcfg, 9000) == HEAD_CHUNK_BYTES + grads_of_head
     pred = memory.predicted(s, pcfg, [[300, 100], [500]], pairs=8, label_rows=[[10, 5], [9000]])
     per_token = pred["activations_per_token"]
     assert pred["max_label_rows_by_step"] == [10, 9000]

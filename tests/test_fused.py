@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from directpo.fused import _qualifies, lean_mlp
+from directpo.fused import _qualifies, lean_mlp, lean_norms
 
 
 @pytest.fixture()
@@ -73,4 +73,62 @@ def test_only_plain_swiglu_mlps_qualify(llama):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     assert not any(_qualifies(m) for m in gpt2.modules())
     with torch.no_grad(), lean_mlp(llama) as n:  # nothing to save without autograd
+        assert n == 0
+
+
+def _run_norms(model, ids, lean, dtype=None):
+    model.zero_grad()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            if lean:
+                with lean_norms(model) as n:
+                    assert n == 2 * model.config.num_hidden_layers + 1  # two per layer and the final one
+                    out = model(input_ids=ids).logits
+            else:
+                out = model(input_ids=ids).logits
+    (out.float().square().mean()).backward()
+    return out.detach().float(), {k: p.grad.clone() for k, p in model.named_parameters()}, sum(saved)
+
+
+def test_lean_norms_same_outputs_and_gradients_fewer_saved(llama):
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():  # weights other than ones, so the weight's gradient path is exercised
+        for m in llama.modules():
+            if type(m).__name__ == "LlamaRMSNorm":
+                m.weight.normal_(1.0, 0.2)
+    a, ga, na = _run_norms(llama, ids, lean=False)
+    b, gb, nb = _run_norms(llama, ids, lean=True)
+    assert torch.equal(a, b)  # the forward runs the same ops in the same order
+    for k in ga:
+        assert torch.allclose(ga[k], gb[k], atol=1e-6, rtol=1e-5), k
+    assert nb <= na - 5 * 2 * 11 * 32 + 5 * 2 * 11  # per norm: the normalised input gone, an rsqrt per token kept
+    assert all("forward" not in m.__dict__ for m in llama.modules())  # restored
+    a, ga, _ = _run_norms(llama, ids, lean=False, dtype=torch.bfloat16)
+    b, gb, _ = _run_norms(llama, ids, lean=True, dtype=torch.bfloat16)
+    assert torch.equal(a, b)
+    for k in ga:
+        assert torch.allclose(ga[k], gb[k], atol=2e-2, rtol=2e-2), k
+
+
+def test_lean_norm_gradcheck_and_which_norms_qualify(llama):
+    from directpo.fused import _norm_qualifies, _RMSNorm
+
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(6, eps=1e-6)  # (its forward casts to fp32, so no fp64 gradcheck: autograd's gradients)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = (torch.randn(3, 5, 6) * 4).requires_grad_()
+    g = torch.randn(3, 5, 6)
+    want = torch.autograd.grad(norm(x), (x, norm.weight), g)
+    got = torch.autograd.grad(_RMSNorm.apply(x, norm.weight, 1e-6), (x, norm.weight), g)
+    for a, b in zip(want, got):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert _norm_qualifies(llama.model.norm) and not _norm_qualifies(llama.model.layers[0].mlp)
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    assert not _norm_qualifies(GemmaRMSNorm(8))  # (1 + weight): another formula
+    with torch.no_grad(), lean_norms(llama) as n:  # nothing to save without autograd
         assert n == 0

@@ -13,6 +13,13 @@ same order, so outputs are bit-identical; gradients use the same formulas as aut
 exactly that expression (checked on its source, so any architecture written that way qualifies:
 Llama, Mistral, Qwen2/3, OLMo 2, ...) with plain `nn.Linear` projections (a LoRA-wrapped
 projection keeps the module's own forward) and a SiLU activation.
+
+`lean_norms(model)` does the same for RMSNorm (`weight * (x · rsqrt(mean(x²) + ε))`): run op by op,
+autograd keeps the input and the normalised input, two (tokens × hidden) tensors per norm;
+`_RMSNorm` keeps the input and the per-token rsqrt only and recomputes the normalised input in
+backward (one multiply). Two norms per layer: 2·hidden of the ~35·hidden floats a `base` layer
+keeps per token. Same forward (bit-identical), gradients by the closed form
+dx = r · (g − x̂ · mean(g · x̂)), g = dy · w, x̂ = x · r.
 """
 from __future__ import annotations
 
@@ -26,7 +33,13 @@ from torch import nn
 from .attention import activation_checkpointing
 
 _SWIGLU_SOURCE = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
+# Llama's RMSNorm forward (Mistral, Qwen2/3, OLMo 2 ... copy it); Gemma's (1 + weight) does not match
+_RMSNORM_SOURCE = ("input_dtype = hidden_states.dtype", "hidden_states = hidden_states.to(torch.float32)",
+                   "variance = hidden_states.pow(2).mean(-1, keepdim=True)",
+                   "hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)",
+                   "return self.weight * hidden_states.to(input_dtype)")
 _checked: dict[type, bool] = {}
+_checked_norms: dict[type, bool] = {}
 
 
 class _SwiGLUDown(torch.autograd.Function):
@@ -89,6 +102,64 @@ def lean_mlp(model: nn.Module):
         for m in model.modules():
             if "forward" not in m.__dict__ and _qualifies(m):
                 m.forward = _lean_forward.__get__(m)
+                swapped.append(m)
+    try:
+        yield len(swapped)
+    finally:
+        for m in swapped:
+            del m.forward
+
+
+class _RMSNorm(torch.autograd.Function):
+    """weight · (x · rsqrt(mean(x²) + ε)) with only x and the rsqrt saved."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.to(torch.float32)  # the same ops as the module's forward, in the same order
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        out = weight * (xf * rstd).to(x.dtype)
+        ctx.save_for_backward(x, rstd, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, rstd, weight = ctx.saved_tensors
+        xhat = x.to(torch.float32) * rstd
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_out * xhat.to(x.dtype)).reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            g = (grad_out * weight).to(torch.float32)
+            grad_x = (rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        return grad_x, grad_w, None
+
+
+def _lean_norm_forward(self, hidden_states):
+    return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _norm_qualifies(module: nn.Module) -> bool:
+    cls = type(module)
+    if cls not in _checked_norms:
+        try:
+            src = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            src = ""
+        _checked_norms[cls] = all(line in src for line in _RMSNORM_SOURCE) and src.count("\n") <= len(_RMSNORM_SOURCE) + 2
+    weight = getattr(module, "weight", None)
+    return _checked_norms[cls] and isinstance(weight, nn.Parameter) and weight.dim() == 1 and \
+        isinstance(getattr(module, "variance_epsilon", None), float)
+
+
+@contextlib.contextmanager
+def lean_norms(model: nn.Module):
+    """Within the block, qualifying RMSNorms of `model` run `_RMSNorm` (see module doc)."""
+    swapped = []
+    if torch.is_grad_enabled() and not activation_checkpointing(model):  # (as `lean_mlp`)
+        for m in model.modules():
+            if "forward" not in m.__dict__ and _norm_qualifies(m):
+                m.forward = _lean_norm_forward.__get__(m)
                 swapped.append(m)
     try:
         yield len(swapped)

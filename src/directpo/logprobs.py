@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .attention import segment_attention, sliding_window, supports_segment_attention
-from .fused import lean_mlp
+from .fused import lean_mlp, lean_norms
 from .models import unwrap_peft
 
 # Config attributes that make an LM head more than `hidden @ W.T (+ b)`: models carrying any of them
@@ -72,18 +72,24 @@ class _LabelLogProbs(torch.autograd.Function):
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
-            # d logp[label] / d logits = onehot(label) − softmax(logits)
-            probs = torch.exp(_logits(h, w, b) - lse[s:s + chunk, None])
             g = grad_out[s:s + chunk, None].to(acc)
-            dlogits = -probs * g
+            # d logp[label] / d logits = onehot(label) − softmax(logits), built in place in the
+            # chunk's logits: one (chunk × vocab) buffer instead of four (logits, shifted, probs,
+            # their product), and the same numbers (exp(l − lse) · (−g) = −exp(l − lse) · g exactly)
+            dlogits = _logits(h, w, b)
+            dlogits.sub_(lse[s:s + chunk, None]).exp_().mul_(-g)
             dlogits.scatter_add_(1, labels[s:s + chunk, None], g)
             dl = dlogits.to(hidden.dtype)
             if need_h:
                 grad_h[s:s + chunk] = dl @ w
             if need_w:
-                grad_w += (dl.t() @ h).to(acc)
+                if dl.dtype == acc:  # accumulate inside the matmul: no (vocab × hidden) temporary
+                    grad_w.addmm_(dl.t(), h)
+                else:
+                    grad_w += (dl.t() @ h).to(acc)
             if need_b:
                 grad_b += dlogits.sum(0)
+            del dlogits, dl  # before the next chunk's logits exist
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None)
 
@@ -175,7 +181,7 @@ def token_logps(model: nn.Module, batch, fused: bool = True, segmented: bool = T
                              f"is {longest} tokens long: the packed layout cannot express the window; use "
                              "--layout padded")
         kwargs["attention_mask"] = _attention_mask(model, batch.dense_mask())
-    with attend, lean_mlp(model):
+    with attend, lean_mlp(model), lean_norms(model):
         if parts is not None:
             backbone, head = parts
             hidden = backbone(**kwargs).last_hidden_state

@@ -20,8 +20,9 @@ adapters; H = the LM head, which directpo keeps whole on every rank under FSDP):
     activations  per micro-batch of m pairs at max length L: tokens t = 2·m·L (chosen and rejected
                  rows, the padded layout's bound; the packed one shares the prompt), and per token
                  and layer (h hidden, q = heads·head_dim, k = 2·kv_heads·head_dim, i intermediate)
-                     kept at 4 bytes: 4·h (the block's input and middle residual stream, each
-                     RMSNorm's normalised input)
+                     kept at 4 bytes: 2·h (the block's input and middle residual stream, which
+                     the RMSNorms keep with one rsqrt per token: `directpo.fused.lean_norms`;
+                     autograd op by op would also keep each norm's normalised input, 2·h more)
                      kept at 4 bytes, 2 with bf16: n·h + 3q + k + 2i, where n·h are the RMSNorms'
                      outputs (fp32: n = 2, one per norm, shared by the projections reading it;
                      bf16: n = 5, autocast casts it anew for each of q, k, v, gate and up, and each
@@ -30,10 +31,10 @@ adapters; H = the LM head, which directpo keeps whole on every rank under FSDP):
                      (bf16: + k/2, the two attention calls of a packed segment each cast the keys),
                      2i the MLP's gate and up (the lean SwiGLU of `directpo.fused` keeps those two)
                  summed over the layers, plus 4·t·h (embeddings and final hidden state) and the LM
-                 head's backward: up to four 32 MiB chunks of fp32 logits at once (a chunk's logits
-                 and shifted logits beside the previous chunk's probabilities and their gradient)
-                 and, when the head trains (not under LoRA), its gradient of this micro-batch and
-                 one chunk's product, 4·V·h each, beside the accumulated one. With activation
+                 head's backward: one 32 MiB chunk of fp32 logits at a time (turned into their
+                 gradient in place) and, when the head trains (not under LoRA), its gradient of
+                 this micro-batch, 4·V·h, beside the accumulated one (the chunks' products are
+                 accumulated inside the matmul, `addmm_`). With activation
                  checkpointing each layer keeps its input only, 4·t·h, and one layer at a time is
                  recomputed (with the full MLP, 4i). Attention keeps no (length × length) scores
                  (SDPA / flash attention). Measured against saved tensors and peak RSS on the CPU:
@@ -55,7 +56,8 @@ from dataclasses import asdict, dataclass
 from ..config import ConfigError, check_ranges, setting
 
 GiB = 1024 ** 3
-HEAD_CHUNK_BYTES = 4 * (1 << 23)  # directpo.fused: _CHUNK_ELEMENTS fp32 logits per LM-head chunk
+HEAD_CHUNK_BYTES = 4 * (1 << 23)  # directpo.logprobs: _CHUNK_ELEMENTS fp32 logits per LM-head chunk
+HEAD_BACKWARD_CHUNKS = 1  # chunks of logits alive at once in the head's backward (built in place)
 USABLE = 0.9  # of the device's memory; the rest: CUDA context, fragmentation, temporaries
 OPTIMIZER_STATES = {"adamw": 2, "rmsprop": 1, "sgd": 0}
 
@@ -155,9 +157,9 @@ def shape_of(model) -> Shape:
 
 
 def head_bytes(s: Shape, cfg: PlanConfig) -> int:
-    """The LM head's part of a micro-batch's activations: its backward's chunks of logits, and its
-    gradient's two temporaries when it trains (see the module docstring)."""
-    return 4 * HEAD_CHUNK_BYTES + (0 if cfg.lora_r else 2 * 4 * s.vocab * s.hidden)
+    """The LM head's part of a micro-batch's activations: its backward's chunk of logits, and its
+    gradient of this micro-batch when it trains (see the module docstring)."""
+    return HEAD_BACKWARD_CHUNKS * HEAD_CHUNK_BYTES + (0 if cfg.lora_r else 4 * s.vocab * s.hidden)
 
 
 def activation_bytes(s: Shape, cfg: PlanConfig, micro_batch: int) -> int:
@@ -172,7 +174,7 @@ def activation_bytes(s: Shape, cfg: PlanConfig, micro_batch: int) -> int:
         layers = s.layers * residual + full_layer
     else:
         keys = s.kv_dim + (s.kv_dim // 2 if bf16 else 0)  # bf16: the keys (half of kv) cast once more
-        layers = s.layers * (4 * residual + low * t * (norms + 3 * s.q_dim + keys + 2 * s.intermediate))
+        layers = s.layers * (2 * residual + low * t * (norms + 3 * s.q_dim + keys + 2 * s.intermediate))
     return layers + 2 * residual + head_bytes(s, cfg)
 
 
