@@ -261,10 +261,11 @@ def _param_names(model, optimizer) -> list[str]:
 @torch.no_grad()
 def _fill_shards(model, weights: str, initial: dict, buffers: dict) -> None:
     """Each parameter of a sharded model, materialised but uninitialised, filled with its values:
-    from the checkpoint `weights` (safetensors, read one tensor at a time from the mmap'd file), or
-    from `initial` (LoRA adapters, by name in the inner model). A sharded (DTensor) parameter keeps
-    only this rank's chunk of the tensor read (`distribute_tensor` without communication, the
-    chunking FSDP itself uses); a whole one (the LM head) takes it all. Buffers are put back from
+    from the checkpoint `weights` (safetensors, mmap'd), or from `initial` (LoRA adapters, by name
+    in the inner model). A parameter sharded on dim 0 (FSDP2's layout) reads only this rank's rows
+    of its tensor (`_own_rows`, a safetensors slice); any other sharded one is read whole, one at a
+    time, and keeps its chunk (`distribute_tensor` without communication, the chunking FSDP itself
+    uses); a whole one (the LM head) takes it all. Buffers are put back from
     `buffers`, unless the checkpoint holds them (persistent ones)."""
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -279,17 +280,25 @@ def _fill_shards(model, weights: str, initial: dict, buffers: dict) -> None:
     with contextlib.ExitStack() as files:
         opened: dict[str, object] = {}
 
-        def read(key: str) -> torch.Tensor:
+        def file(key: str):
             if where[key] not in opened:
                 opened[where[key]] = files.enter_context(safe_open(where[key], framework="pt"))
-            return opened[where[key]].get_tensor(key)
+            return opened[where[key]]
 
         for name, p in [*inner.named_parameters(), *inner.named_buffers()]:
             key = name.replace(".base_layer.", ".")  # PEFT's wrapped layer keeps the original weight there
+            rows = _own_rows(p) if name not in initial and key in where else None
+            if rows is not None:
+                # read this rank's rows only: the other rows' bytes are never touched, so the mapped
+                # file's pages of other ranks' shards never enter this process's memory
+                part = file(key).get_slice(key)[rows[0]:rows[1]]
+                p.to_local().copy_(part.to(p.device, p.dtype))
+                del part
+                continue
             if name in initial:
                 full = initial[name]
             elif key in where:
-                full = read(key)
+                full = file(key).get_tensor(key)
             elif name in buffers:
                 full = buffers[name]
             else:
@@ -302,6 +311,23 @@ def _fill_shards(model, weights: str, initial: dict, buffers: dict) -> None:
             else:
                 p.copy_(full)
             del full  # one whole tensor at a time
+
+
+def _own_rows(p) -> tuple[int, int] | None:
+    """(start, stop) of the rows of dim 0 this rank holds of a DTensor sharded on dim 0 over a 1-D
+    mesh (FSDP2's layout: torch.chunk's, ceil(n / world) rows per rank, the last ranks' fewer or
+    none); None for any other tensor (read whole, then chunked)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(p, DTensor) or p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),) or p.dim() == 0:
+        return None
+    n, world, rank = p.shape[0], p.device_mesh.size(), p.device_mesh.get_local_rank()
+    size = -(-n // world)
+    start = min(rank * size, n)
+    stop = min(start + size, n)
+    if tuple(p.to_local().shape) != (stop - start, *p.shape[1:]):  # not the layout assumed: read whole
+        return None
+    return start, stop
 
 
 def save_shards(model, optimizer, path) -> None:
