@@ -14,15 +14,17 @@ def llama():
     return LlamaForCausalLM(cfg)
 
 
-def _run(model, ids, lean, dtype=None):
-    layers = model.config.num_hidden_layers
+def _run(model, ids, lean, dtype=None, swap=lean_mlp, swapped=None):
+    """Outputs, gradients and the elements autograd saved, with `swap` (lean_mlp: one MLP per layer
+    swapped) or without."""
+    swapped = model.config.num_hidden_layers if swapped is None else swapped
     model.zero_grad()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
             if lean:
-                with lean_mlp(model) as n:
-                    assert n == layers  # one MLP per layer
+                with swap(model) as n:
+                    assert n == swapped
                     out = model(input_ids=ids).logits
             else:
                 out = model(input_ids=ids).logits
@@ -77,18 +79,7 @@ def test_only_plain_swiglu_mlps_qualify(llama):
 
 
 def _run_norms(model, ids, lean, dtype=None):
-    model.zero_grad()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            if lean:
-                with lean_norms(model) as n:
-                    assert n == 2 * model.config.num_hidden_layers + 1  # two per layer and the final one
-                    out = model(input_ids=ids).logits
-            else:
-                out = model(input_ids=ids).logits
-    (out.float().square().mean()).backward()
-    return out.detach().float(), {k: p.grad.clone() for k, p in model.named_parameters()}, sum(saved)
+    return _run(model, ids, lean, dtype, lean_norms, 2 * model.config.num_hidden_layers + 1)  # 2 a layer + final
 
 
 def test_lean_norms_same_outputs_and_gradients_fewer_saved(llama):

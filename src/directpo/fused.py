@@ -38,8 +38,7 @@ _RMSNORM_SOURCE = ("input_dtype = hidden_states.dtype", "hidden_states = hidden_
                    "variance = hidden_states.pow(2).mean(-1, keepdim=True)",
                    "hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)",
                    "return self.weight * hidden_states.to(input_dtype)")
-_checked: dict[type, bool] = {}
-_checked_norms: dict[type, bool] = {}
+_sources: dict[type, str] = {}
 
 
 class _SwiGLUDown(torch.autograd.Function):
@@ -77,15 +76,18 @@ def _lean_forward(self, x):
     return _SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight, self.down_proj.bias)
 
 
-def _qualifies(module: nn.Module) -> bool:
-    cls = type(module)
-    if cls not in _checked:
+def _forward_source(cls: type) -> str:
+    """The source of a module class's forward ("" where it cannot be read), read once per class."""
+    if cls not in _sources:
         try:
-            src = inspect.getsource(cls.forward)
+            _sources[cls] = inspect.getsource(cls.forward)
         except (OSError, TypeError):
-            src = ""
-        _checked[cls] = _SWIGLU_SOURCE in src
-    if not _checked[cls]:
+            _sources[cls] = ""
+    return _sources[cls]
+
+
+def _qualifies(module: nn.Module) -> bool:
+    if _SWIGLU_SOURCE not in _forward_source(type(module)):
         return False
     plain = all(type(getattr(module, n, None)) is nn.Linear for n in ("gate_proj", "up_proj", "down_proj"))
     act = getattr(module, "act_fn", None)
@@ -93,21 +95,26 @@ def _qualifies(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def lean_mlp(model: nn.Module):
-    """Within the block, qualifying MLPs of `model` run `_SwiGLUDown` (see module doc)."""
+def _swap_forwards(model: nn.Module, qualifies, forward):
+    """Within the block, every module of `model` that `qualifies` runs `forward`; yields how many.
+    Without autograd nothing is kept anyway; with activation checkpointing the layers run again in
+    backward, after this block has put the original forward back: nothing is swapped then."""
     swapped = []
-    # Without autograd nothing is kept anyway; with activation checkpointing the layers run again in
-    # backward, after this block has put the original forward back.
     if torch.is_grad_enabled() and not activation_checkpointing(model):
         for m in model.modules():
-            if "forward" not in m.__dict__ and _qualifies(m):
-                m.forward = _lean_forward.__get__(m)
+            if "forward" not in m.__dict__ and qualifies(m):
+                m.forward = forward.__get__(m)
                 swapped.append(m)
     try:
         yield len(swapped)
     finally:
         for m in swapped:
             del m.forward
+
+
+def lean_mlp(model: nn.Module):
+    """Within the block, qualifying MLPs of `model` run `_SwiGLUDown` (see module doc)."""
+    return _swap_forwards(model, _qualifies, _lean_forward)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -140,29 +147,14 @@ def _lean_norm_forward(self, hidden_states):
 
 
 def _norm_qualifies(module: nn.Module) -> bool:
-    cls = type(module)
-    if cls not in _checked_norms:
-        try:
-            src = inspect.getsource(cls.forward)
-        except (OSError, TypeError):
-            src = ""
-        _checked_norms[cls] = all(line in src for line in _RMSNORM_SOURCE) and src.count("\n") <= len(_RMSNORM_SOURCE) + 2
+    src = _forward_source(type(module))  # exactly Llama's lines (and nothing more than a signature)
+    if not all(line in src for line in _RMSNORM_SOURCE) or src.count("\n") > len(_RMSNORM_SOURCE) + 2:
+        return False
     weight = getattr(module, "weight", None)
-    return _checked_norms[cls] and isinstance(weight, nn.Parameter) and weight.dim() == 1 and \
+    return isinstance(weight, nn.Parameter) and weight.dim() == 1 and \
         isinstance(getattr(module, "variance_epsilon", None), float)
 
 
-@contextlib.contextmanager
 def lean_norms(model: nn.Module):
     """Within the block, qualifying RMSNorms of `model` run `_RMSNorm` (see module doc)."""
-    swapped = []
-    if torch.is_grad_enabled() and not activation_checkpointing(model):  # (as `lean_mlp`)
-        for m in model.modules():
-            if "forward" not in m.__dict__ and _norm_qualifies(m):
-                m.forward = _lean_norm_forward.__get__(m)
-                swapped.append(m)
-    try:
-        yield len(swapped)
-    finally:
-        for m in swapped:
-            del m.forward
+    return _swap_forwards(model, _norm_qualifies, _lean_norm_forward)
