@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from directpo.toy import review_task, write_jsonl
@@ -103,3 +104,32 @@ def test_a_checkpoint_split_over_several_files_loads_the_same(tiny_model, tmp_pa
     # the same values loaded, the same arithmetic: bit-identical
     assert [m["loss"] for m in parts[0]] == [m["loss"] for m in whole[0]]
     assert all((parts[1][k] == whole[1][k]).all() for k in whole[1])
+
+
+def test_a_ranks_rows_are_read_from_the_file_without_mapping_it(tmp_path):
+    """`_read_rows` puts rows [start, stop) of a safetensors tensor straight into a shard's buffer
+    with file reads (fp32, bf16, an empty share); it declines (reads nothing) what it cannot place
+    as is (another dtype, another shape), and names a truncated file."""
+    from safetensors.torch import save_file
+
+    from directpo.train.distributed import _read_rows
+
+    path = tmp_path / "m.safetensors"
+    t = {"a": torch.randn(7, 3), "b": torch.randn(5, 2, 2).bfloat16(), "ids": torch.arange(6)}
+    save_file(t, str(path))
+    out = torch.full((3, 3), float("nan"))
+    assert _read_rows(str(path), "a", (2, 5), out) and torch.equal(out, t["a"][2:5])
+    out = torch.empty(2, 2, 2, dtype=torch.bfloat16)
+    assert _read_rows(str(path), "b", (3, 5), out) and torch.equal(out, t["b"][3:5])
+    assert _read_rows(str(path), "a", (7, 7), torch.empty(0, 3))  # the last rank's empty share
+    untouched = torch.zeros(3, 3, dtype=torch.float64)
+    assert not _read_rows(str(path), "a", (0, 3), untouched) and not untouched.any()
+    assert not _read_rows(str(path), "a", (0, 2), torch.empty(2, 4))
+    assert not _read_rows(str(path), "ids", (0, 2), torch.empty(2, dtype=torch.int64))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-100])
+    from directpo.train import distributed
+
+    distributed._headers.pop(str(cut), None)
+    with pytest.raises(ValueError, match="truncated"):
+        _read_rows(str(cut), "b", (3, 5), torch.empty(2, 2, 2, dtype=torch.bfloat16))

@@ -289,11 +289,13 @@ def _fill_shards(model, weights: str, initial: dict, buffers: dict) -> None:
             key = name.replace(".base_layer.", ".")  # PEFT's wrapped layer keeps the original weight there
             rows = _own_rows(p) if name not in initial and key in where else None
             if rows is not None:
-                # read this rank's rows only: the other rows' bytes are never touched, so the mapped
-                # file's pages of other ranks' shards never enter this process's memory
-                part = file(key).get_slice(key)[rows[0]:rows[1]]
-                p.to_local().copy_(part.to(p.device, p.dtype))
-                del part
+                # read this rank's rows only, straight into its shard when the file holds them in
+                # the shard's dtype (no mapping: the file's pages never count in this process's
+                # memory); else from a safetensors slice of those rows
+                if not _read_rows(where[key], key, rows, p.to_local()):
+                    part = file(key).get_slice(key)[rows[0]:rows[1]]
+                    p.to_local().copy_(part.to(p.device, p.dtype))
+                    del part
                 continue
             if name in initial:
                 full = initial[name]
@@ -328,6 +330,40 @@ def _own_rows(p) -> tuple[int, int] | None:
     if tuple(p.to_local().shape) != (stop - start, *p.shape[1:]):  # not the layout assumed: read whole
         return None
     return start, stop
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+_headers: dict[str, tuple[int, dict]] = {}
+
+
+def _read_rows(path: str, key: str, rows: tuple[int, int], out: torch.Tensor) -> bool:
+    """Rows [start, stop) of tensor `key` of safetensors file `path` read with plain file reads
+    into `out` (a contiguous CPU tensor of those rows in the file's dtype); False (nothing read)
+    when that does not hold. The format: an 8-byte little-endian header length, a JSON header
+    {name: {dtype, shape, data_offsets}}, the data (row-major, offsets from the data's start)."""
+    import json
+    import struct
+
+    if out.device.type != "cpu" or not out.is_contiguous() or out.dtype not in _ST_DTYPES:
+        return False
+    if path not in _headers:
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            _headers[path] = (8 + n, json.loads(f.read(n)))
+    data_start, header = _headers[path]
+    entry = header.get(key)
+    if entry is None or entry["dtype"] != _ST_DTYPES[out.dtype] or not entry["shape"] or \
+            tuple(out.shape) != (rows[1] - rows[0], *entry["shape"][1:]):
+        return False
+    row_bytes = out[0].numel() * out.element_size() if len(out) else 0
+    begin = data_start + entry["data_offsets"][0] + rows[0] * row_bytes
+    flat = out.reshape(-1).view(torch.uint8)  # the shard's own bytes (contiguous: no copy)
+    with open(path, "rb") as f:
+        f.seek(begin)
+        got = f.readinto(flat.numpy()) if flat.numel() else 0
+    if got != flat.numel():
+        raise ValueError(f"{path}: {key} ends before its rows {rows[0]}-{rows[1]} (a truncated file)")
+    return True
 
 
 def save_shards(model, optimizer, path) -> None:
