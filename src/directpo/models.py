@@ -150,6 +150,25 @@ def empty_model(name_or_dir: str, trust_remote_code: bool = False, dtype: torch.
         hook.remove()
 
 
+# safetensors' dtype names, in the order its serializer sorts a file's data (largest first, then by
+# name): the Rust crate's `Dtype` enum order, descending.
+SAFETENSORS_DTYPES = {torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.float32: "F32",
+                      torch.uint32: "U32", torch.int32: "I32", torch.bfloat16: "BF16", torch.float16: "F16",
+                      torch.uint16: "U16", torch.int16: "I16", torch.float8_e4m3fn: "F8_E4M3",
+                      torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def safetensors_header(path: str) -> tuple[int, dict]:
+    """(where the data starts, the JSON header {name: {dtype, shape, data_offsets}, ...}) of a
+    safetensors file: an 8-byte little-endian header length, then the header."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return 8 + n, json.loads(f.read(n))
+
+
 def safetensors_index(name_or_dir: str) -> dict[str, str]:
     """{tensor name: the safetensors file holding it} of a checkpoint: sharded
     (`model.safetensors.index.json`) or a single `model.safetensors`; a hub id is downloaded (or

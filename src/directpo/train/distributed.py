@@ -277,6 +277,7 @@ def _fill_shards(model, weights: str, initial: dict, buffers: dict) -> None:
     if tie is not None and getattr(inner.config, "tie_word_embeddings", False):
         tie()  # `to_empty` gave each user of a tied parameter its own storage: one again, loaded once
     where = safetensors_index(weights)
+    headers: dict[str, tuple[int, dict]] = {}  # per call: a file rewritten between loads is read anew
     with contextlib.ExitStack() as files:
         opened: dict[str, object] = {}
 
@@ -292,7 +293,7 @@ def _fill_shards(model, weights: str, initial: dict, buffers: dict) -> None:
                 # read this rank's rows only, straight into its shard when the file holds them in
                 # the shard's dtype (no mapping: the file's pages never count in this process's
                 # memory); else from a safetensors slice of those rows
-                if not _read_rows(where[key], key, rows, p.to_local()):
+                if not _read_rows(where[key], key, rows, p.to_local(), headers):
                     part = file(key).get_slice(key)[rows[0]:rows[1]]
                     p.to_local().copy_(part.to(p.device, p.dtype))
                     del part
@@ -332,27 +333,25 @@ def _own_rows(p) -> tuple[int, int] | None:
     return start, stop
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
-_headers: dict[str, tuple[int, dict]] = {}
+_ROW_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # weights read as rows
 
 
-def _read_rows(path: str, key: str, rows: tuple[int, int], out: torch.Tensor) -> bool:
+def _read_rows(path: str, key: str, rows: tuple[int, int], out: torch.Tensor, headers: dict | None = None) -> bool:
     """Rows [start, stop) of tensor `key` of safetensors file `path` read with plain file reads
     into `out` (a contiguous CPU tensor of those rows in the file's dtype); False (nothing read)
     when that does not hold. The format: an 8-byte little-endian header length, a JSON header
-    {name: {dtype, shape, data_offsets}}, the data (row-major, offsets from the data's start)."""
-    import json
-    import struct
+    {name: {dtype, shape, data_offsets}}, the data (row-major, offsets from the data's start).
+    `headers` caches the files' headers for one load."""
+    from ..models import SAFETENSORS_DTYPES, safetensors_header
 
-    if out.device.type != "cpu" or not out.is_contiguous() or out.dtype not in _ST_DTYPES:
+    if out.device.type != "cpu" or not out.is_contiguous() or out.dtype not in _ROW_DTYPES:
         return False
-    if path not in _headers:
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            _headers[path] = (8 + n, json.loads(f.read(n)))
-    data_start, header = _headers[path]
+    headers = {} if headers is None else headers
+    if path not in headers:
+        headers[path] = safetensors_header(path)
+    data_start, header = headers[path]
     entry = header.get(key)
-    if entry is None or entry["dtype"] != _ST_DTYPES[out.dtype] or not entry["shape"] or \
+    if entry is None or entry["dtype"] != SAFETENSORS_DTYPES[out.dtype] or not entry["shape"] or \
             tuple(out.shape) != (rows[1] - rows[0], *entry["shape"][1:]):
         return False
     row_bytes = out[0].numel() * out.element_size() if len(out) else 0

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..models import SAFETENSORS_DTYPES
 from .distributed import Dist
 
 # transformers 5's `save_pretrained(max_shard_size="50GB")`, in huggingface_hub's decimal units
@@ -206,14 +207,7 @@ def _replaced(path: Path, start):
         raise
 
 
-# safetensors' dtype names, in the order its serializer sorts a file's data (largest first, then by
-# name): the Rust crate's `Dtype` enum order, descending.
-_DTYPES = [(torch.uint64, "U64"), (torch.int64, "I64"), (torch.float64, "F64"), (torch.float32, "F32"),
-           (torch.uint32, "U32"), (torch.int32, "I32"), (torch.bfloat16, "BF16"), (torch.float16, "F16"),
-           (torch.uint16, "U16"), (torch.int16, "I16"), (torch.float8_e4m3fn, "F8_E4M3"),
-           (torch.float8_e5m2, "F8_E5M2"), (torch.int8, "I8"), (torch.uint8, "U8"), (torch.bool, "BOOL")]
-_DTYPE_NAME = {dt: name for dt, name in _DTYPES}
-_DTYPE_RANK = {dt: i for i, (dt, _) in enumerate(_DTYPES)}
+_DTYPE_RANK = {dt: i for i, dt in enumerate(SAFETENSORS_DTYPES)}  # safetensors' data order
 
 
 def _data_order(name: str, dtype: torch.dtype) -> tuple[int, str]:
@@ -235,7 +229,7 @@ class SafetensorsStream:
         for name, dtype, shape in entries:
             _data_order(name, dtype)  # a dtype safetensors cannot name is refused here
             size = torch.empty((), dtype=dtype).element_size() * math.prod(shape)
-            header[name] = {"dtype": _DTYPE_NAME[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
         text = json.dumps(header, separators=(",", ":")).encode()
         self.header = text + b" " * (-len(text) % 8)
