@@ -180,7 +180,7 @@ def test_bench_against_trl(tiny_model, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Memory checks: --plan-check and --fsdp-memory (directpo.bench.memory)
+# Memory checks: --plan-check and --fsdp-memory (directpo.bench.plan_check, fsdp_memory, procfs)
 
 STATUS = """Name:\tpython
 Umask:\t0022
@@ -197,18 +197,18 @@ Threads:\t3
 
 
 def test_status_and_environ_parsers():
-    from directpo.bench import memory
+    from directpo.bench import fsdp_memory, plan_check, procfs
 
-    st = memory.parse_status(STATUS)
+    st = procfs.parse_status(STATUS)
     assert st == {"VmHWM": 812345 * 1024, "VmRSS": 700000 * 1024, "RssAnon": 600000 * 1024,
                   "RssFile": 99000 * 1024, "RssShmem": 1000 * 1024}
-    assert memory.parse_status("Name:\tpython\nState:\tZ (zombie)\n") == {}  # an exited process
-    assert memory.parse_environ(b"RANK=1\0WORLD_SIZE=2\0EMPTY=\0junk\0") == {"RANK": "1", "WORLD_SIZE": "2",
+    assert procfs.parse_status("Name:\tpython\nState:\tZ (zombie)\n") == {}  # an exited process
+    assert procfs.parse_environ(b"RANK=1\0WORLD_SIZE=2\0EMPTY=\0junk\0") == {"RANK": "1", "WORLD_SIZE": "2",
                                                                             "EMPTY": ""}
     run = {"processes": [{"role": "rank 0", "peak": 5}, {"role": "rank 0", "peak": 7}, {"role": "rank 1", "peak": 6},
                          {"role": "torchrun", "peak": 1}]}
-    assert memory.peaks_by_role(run) == {"rank 0": 7, "rank 1": 6, "torchrun": 1}
-    assert memory.ratio(3.0, 2.0) == 1.5 and memory.ratio(None, 2.0) is None and memory.ratio(1.0, 0) is None
+    assert fsdp_memory.peaks_by_role(run) == {"rank 0": 7, "rank 1": 6, "torchrun": 1}
+    assert plan_check.ratio(3.0, 2.0) == 1.5 and plan_check.ratio(None, 2.0) is None and plan_check.ratio(1.0, 0) is None
 
 
 def test_watch_keeps_each_process_peak(tmp_path):
@@ -216,20 +216,20 @@ def test_watch_keeps_each_process_peak(tmp_path):
     import os
     import sys
 
-    from directpo.bench import memory
+    from directpo.bench import fsdp_memory
 
     code = "import time; x = bytearray(96 << 20); x[::4096] = b'x' * len(x[::4096]); del x; time.sleep(0.6)"
     env = {**os.environ, "RANK": "0"}
-    run = memory.watch([sys.executable, "-c", code, "directpo"], env, tmp_path / "log", interval=0.02)
+    run = fsdp_memory.watch([sys.executable, "-c", code, "directpo"], env, tmp_path / "log", interval=0.02)
     assert run["rc"] == 0
-    peaks = memory.peaks_by_role(run)
+    peaks = fsdp_memory.peaks_by_role(run)
     assert peaks["rank 0"] >= 96 << 20  # freed before the poll, still the peak
     (proc,) = run["processes"]
     assert max(proc["series"].values()) == proc["peak"]
 
 
 def test_phase_peaks_split_at_the_step_lines():
-    from directpo.bench import memory
+    from directpo.bench import fsdp_memory
 
     log = [(1.0, "[directpo] data: 16 examples"), (3.0, "[directpo] training dpo: 2 steps × 2 examples"),
            (5.2, "[directpo] step 1/2 loss 0.69"), (9.0, "[directpo] step 2/2"), (12.0, "[directpo] saved model")]
@@ -241,42 +241,42 @@ def test_phase_peaks_split_at_the_step_lines():
              {"mark": "reference_begin", "role": "rank 0", "t": 2.0, "rss": 13},
              {"mark": "reference_end", "role": "rank 0", "t": 2.9, "rss": 13}]
     run = {"log": log, "processes": processes, "marks": marks}
-    assert memory.phase_bounds(run) == {"load": 0.0, "reference": 2.0, "training": 3.0,
+    assert fsdp_memory.phase_bounds(run) == {"load": 0.0, "reference": 2.0, "training": 3.0,
                                         "last checkpoint + export": 9.0}
-    assert memory.phase_peaks(run, "rank 0") == {"load": 12, "reference": 15, "training": 30,
+    assert fsdp_memory.phase_peaks(run, "rank 0") == {"load": 12, "reference": 15, "training": 30,
                                                  "last checkpoint + export": 40}
-    assert memory.baselines(run) == {"rank 0": 8, "rank 1": 7}
+    assert fsdp_memory.baselines(run) == {"rank 0": 8, "rank 1": 7}
     # raw readings, each at the time it was made, and a mark's own peak (up to the mark) in the phase it ends
     # (time, peak, RSS, anon, file)
     readings = [(1.95, 12, 11, 8, 3), (2.0, 14, 12, 9, 3), (2.05, 16, 15, 9, 6), (3.0, 17, 17, 14, 3),
                 (3.05, 30, 20, 17, 3), (9.0, 31, 25, 22, 3), (9.05, 40, 26, 23, 3)]
     run["processes"] = [{"role": "rank 0", "series": {}, "readings": readings}]
     run["marks"] = marks[:2] + [{**marks[2], "hwm": 13}] + marks[3:]
-    assert memory.phase_peaks(run, "rank 0") == {"load": 13, "reference": 16, "training": 30,
+    assert fsdp_memory.phase_peaks(run, "rank 0") == {"load": 13, "reference": 16, "training": 30,
                                                  "last checkpoint + export": 40}
     # RSS at each phase's start: the baseline, the role's own reference mark, else the first reading in it
-    assert memory.phase_parts(run, "rank 0") == {
+    assert fsdp_memory.phase_parts(run, "rank 0") == {
         "load": {"rss_at_start": 8, "anon_max": 8, "file_max": 3},
         "reference": {"rss_at_start": 13, "anon_max": 9, "file_max": 6},
         "training": {"rss_at_start": 17, "anon_max": 17, "file_max": 3},
         "last checkpoint + export": {"rss_at_start": 25, "anon_max": 23, "file_max": 3}}
-    assert memory.phase_parts(run, "rank 1") == {}
+    assert fsdp_memory.phase_parts(run, "rank 1") == {}
     # without the hook's marks: the reference pass ends at its log line (the load phase runs up to it) ...
     ref_line = [(2.6, "[directpo] reference log-probs (train): 2 processes computed 8 examples each (16 in all)")]
     run = {"log": sorted(log + ref_line), "processes": processes}
-    assert memory.phase_peaks(run, "rank 0") == {"load": 15, "reference": 0, "training": 30,
+    assert fsdp_memory.phase_peaks(run, "rank 0") == {"load": 15, "reference": 0, "training": 30,
                                                  "last checkpoint + export": 40}
     # ... and without that line (code that logs none) it is empty: all of setup counts as the load
     run = {"log": log, "processes": processes}
-    assert memory.phase_peaks(run, "rank 0")["load"] == 15 and memory.baselines(run) == {}
+    assert fsdp_memory.phase_peaks(run, "rank 0")["load"] == 15 and fsdp_memory.baselines(run) == {}
     # the saved series are merged into coarser buckets (their maximum), the peaks unchanged
     run = {"processes": [{"role": "rank 0", "series": {"0.00": 1, "0.10": 3, "0.40": 2, "0.50": 5, "1.10": 4},
                           "anon": {"0.00": 1}, "file": {}, "readings": [(0.0, 1)]}]}
-    memory.coarsen(run, 0.5)
+    fsdp_memory.coarsen(run, 0.5)
     assert run["processes"][0]["series"] == {"0.0": 3, "0.5": 5, "1.0": 4} and run["series_bucket_s"] == 0.5
     assert "readings" not in run["processes"][0]
     run["wall_s"] = 150.0  # a long run: buckets long enough for ~200 of them (a multiple of 0.5 s)
-    memory.coarsen(run, 0.5, max_points=200)
+    fsdp_memory.coarsen(run, 0.5, max_points=200)
     assert run["processes"][0]["series"] == {"0.0": 5, "1.0": 4} and run["series_bucket_s"] == 1.0
 
 
@@ -290,9 +290,9 @@ def test_mark_hook_marks_the_load_and_the_reference_pass(tmp_path):
     from pathlib import Path
 
     import directpo
-    from directpo.bench import memory
+    from directpo.bench import fsdp_memory
 
-    hook = memory.write_mark_hook(tmp_path / "hook")
+    hook = fsdp_memory.write_mark_hook(tmp_path / "hook")
     src = str(Path(directpo.__file__).parent.parent)
     missing = str(tmp_path / "none")
     code = ("from directpo.logprobs import dataset_logps\n"
@@ -304,7 +304,7 @@ def test_mark_hook_marks_the_load_and_the_reference_pass(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), src]), "RANK": "1"}
     t0 = time.time()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    marks = memory.parse_marks([(0.0, x) for x in out.stderr.splitlines()], t0)
+    marks = fsdp_memory.parse_marks([(0.0, x) for x in out.stderr.splitlines()], t0)
     assert [m["mark"] for m in marks] == ["load_begin", "reference_begin", "reference_end"]  # first calls only
     assert all(m["role"] == "rank 1" and m["rss"] > 0 and m["hwm"] > 0 and 0 <= m["t"] < 60 for m in marks)
 
@@ -315,7 +315,7 @@ def _mark(name, rss, peak, **extra):
 
 def test_plan_check_arithmetic():
     """Measured figures from the phase marks, the plan's figures at the tokens that ran, and the ratios."""
-    from directpo.bench import memory
+    from directpo.bench import plan_check
     from directpo.train.plan import PlanConfig, Shape, activation_bytes, head_bytes
 
     marks = [_mark("start", 100, 100), _mark("load_begin", 300, 310),
@@ -324,7 +324,7 @@ def test_plan_check_arithmetic():
              _mark("optimizer_end", 470, 480, step=1, state_bytes=80 << 20),
              _mark("step_begin", 470, 470, step=2), _mark("optimizer_begin", 520, 700, step=2, grad_bytes=40 << 20),
              _mark("optimizer_end", 520, 530, step=2, state_bytes=80 << 20), _mark("end", 520, 560)]
-    meas = memory.phases(marks)
+    meas = plan_check.phases(marks)
     M = 1 << 20
     assert meas["baseline_rss"] == 300 * M and meas["weights"] == 40 * M and meas["load_peak"] == 50 * M
     assert meas["gradients"] == 45 * M and meas["optimizer"] == 80 * M  # RSS over the 1st backward / step
@@ -335,7 +335,7 @@ def test_plan_check_arithmetic():
     s = Shape(params=10 << 20, head=1 << 20, block=1 << 20, layers=2, hidden=64, q_dim=64, kv_dim=128,
               intermediate=176, lora_per_rank=0, tied=False)
     pcfg = PlanConfig(model="m", batch_size=4, micro_batch_size=4, max_length=128, optimizer="adamw")
-    pred = memory.predicted(s, pcfg, [[300, 100], [500]], pairs=8)
+    pred = plan_check.predicted(s, pcfg, [[300, 100], [500]], pairs=8)
     head = head_bytes(s, pcfg)
     per_token = (activation_bytes(s, pcfg, 1) - head) / 256
     assert pred["activations_per_token"] == pytest.approx(per_token)
@@ -343,7 +343,7 @@ def test_plan_check_arithmetic():
     assert pred["weights"] == pred["gradients"] == 40 * M and pred["optimizer"] == 80 * M
     # the peak step: step 2, with the optimizer state made by step 1
     assert pred["total"] == pytest.approx(40 * M + 40 * M + 80 * M + 64 + pred["activations_by_step"][1])
-    rows = memory.compare(meas, pred)
+    rows = plan_check.compare(meas, pred)
     total = next(r for r in rows if r["component"].startswith("total (training peak)"))
     assert total["ratio"] == pytest.approx(400 * M / pred["total"])
     act = next(r for r in rows if r["component"].startswith("activations"))
@@ -355,7 +355,7 @@ def test_plan_check_arithmetic():
 def test_plan_check_counts_the_head_at_the_label_rows_that_ran():
     """The plan's LM-head term is a bound (one whole 32 MiB chunk of logits); evaluated at the rows
     a micro-batch really had: a chunk of its own rows when they fit one chunk, else a whole one."""
-    from directpo.bench import memory
+    from directpo.bench import plan_check
     from directpo.train.plan import HEAD_CHUNK_BYTES, PlanConfig, Shape, head_bytes
 
     s = Shape(params=10 << 20, head=1 << 20, block=1 << 20, layers=2, hidden=64, q_dim=64, kv_dim=128,
@@ -363,12 +363,12 @@ def test_plan_check_counts_the_head_at_the_label_rows_that_ran():
     pcfg = PlanConfig(model="m", batch_size=4, micro_batch_size=4, max_length=128)
     grads_of_head = 4 * 1024 * 64  # the head's gradient of this micro-batch
     assert head_bytes(s, pcfg) == HEAD_CHUNK_BYTES + grads_of_head
-    assert memory.head_as_run(s, pcfg, 10) == 4 * 10 * 1024 + grads_of_head
-    assert memory.head_as_run(s, pcfg, 9000) == HEAD_CHUNK_BYTES + grads_of_head
-    pred = memory.predicted(s, pcfg, [[300, 100], [500]], pairs=8, label_rows=[[10, 5], [9000]])
+    assert plan_check.head_as_run(s, pcfg, 10) == 4 * 10 * 1024 + grads_of_head
+    assert plan_check.head_as_run(s, pcfg, 9000) == HEAD_CHUNK_BYTES + grads_of_head
+    pred = plan_check.predicted(s, pcfg, [[300, 100], [500]], pairs=8, label_rows=[[10, 5], [9000]])
     per_token = pred["activations_per_token"]
     assert pred["max_label_rows_by_step"] == [10, 9000]
-    assert pred["activations_by_step"] == pytest.approx([per_token * 300 + memory.head_as_run(s, pcfg, 10),
+    assert pred["activations_by_step"] == pytest.approx([per_token * 300 + plan_check.head_as_run(s, pcfg, 10),
                                                          per_token * 500 + head_bytes(s, pcfg)])
 
 

@@ -53,9 +53,11 @@ def run(args) -> int:
     if args.plan_check and args.fsdp_memory:
         raise ValueError("--plan-check and --fsdp-memory are two separate measurements: give one")
     if args.plan_check or args.fsdp_memory:
-        from ..bench.memory import fsdp_memory, plan_check
-
-        result = plan_check(args) if args.plan_check else fsdp_memory(args)
+        if args.plan_check:
+            from ..bench.plan_check import plan_check as measure
+        else:
+            from ..bench.fsdp_memory import fsdp_memory as measure
+        result = measure(args)
     else:
         from ..bench import run_bench
 
