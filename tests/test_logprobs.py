@@ -79,6 +79,15 @@ def test_label_logprobs_chunking_and_gradcheck():
         assert torch.allclose(label_logprobs(h, head, labels, chunk=chunk).double(), ref, atol=1e-6)
     assert torch.autograd.gradcheck(
         lambda h_, w_, b_: _apply(h_, w_, b_, labels), (h, head.weight, head.bias), eps=1e-6, atol=1e-5)
+    # the forward's in-place logsumexp shifts by the row maximum: logits of ~1e4 neither overflow
+    # nor lose the label's log-prob (fp32, as training runs it)
+    big = nn.Linear(5, 11, bias=True)
+    with torch.no_grad():
+        big.weight.mul_(3000.0)
+    h32 = h.detach().float()
+    ref32 = torch.log_softmax(big(h32).double(), -1).gather(1, labels[:, None]).squeeze(1)
+    got = label_logprobs(h32, big, labels, chunk=3)
+    assert torch.isfinite(got).all() and torch.allclose(got.double(), ref32, rtol=1e-5, atol=1e-2)
 
 
 def _apply(h, w, b, labels):

@@ -53,8 +53,9 @@ class _LabelLogProbs(torch.autograd.Function):
         b = None if bias is None else bias.to(hidden.dtype)
         for s in range(0, n, chunk):
             logits = _logits(hidden[s:s + chunk], w, b)
-            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
-            out[s:s + chunk] = logits.gather(1, labels[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+            lse[s:s + chunk] = _logsumexp_(logits, out[s:s + chunk], labels[s:s + chunk])
+            out[s:s + chunk] -= lse[s:s + chunk]
+            del logits  # before the next chunk's logits exist
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.chunk = chunk
         return out
@@ -92,6 +93,17 @@ class _LabelLogProbs(torch.autograd.Function):
             del dlogits, dl  # before the next chunk's logits exist
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None)
+
+
+def _logsumexp_(logits: torch.Tensor, label_out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logsumexp of each row, consuming `logits` in place, after copying each row's label logit
+    into `label_out`: `torch.logsumexp` would allocate a second (chunk × vocab) buffer for
+    exp(logits − max), doubling the head's forward peak (32 → 64 MiB per chunk in fp32)."""
+    label_out.copy_(logits.gather(1, labels[:, None]).squeeze(1))
+    top = logits.amax(dim=-1, keepdim=True)
+    # a row of −inf (or +inf) logits would give inf − inf = NaN; torch.logsumexp shifts by 0 there
+    top.masked_fill_(~torch.isfinite(top), 0)
+    return logits.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(1))
 
 
 def _acc_dtype(hidden: torch.Tensor) -> torch.dtype:
