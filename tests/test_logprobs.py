@@ -112,3 +112,22 @@ def test_dpo_gradient_through_model_is_a4(batch_and_model):
     (-beta * weight * (pol[:, 0] - pol[:, 1])).sum().backward()
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, autograd[n], atol=1e-6, rtol=1e-5), n
+
+
+def test_head_logprobs_runs_the_heads_hooks():
+    """The head is called as a module (FSDP2 gathers a sharded head in its hooks): its forward hooks
+    run, the result is `label_logprobs`'s, and the module's own forward is back afterwards."""
+    from directpo.logprobs import head_logprobs
+
+    torch.manual_seed(0)
+    head = nn.Linear(5, 11, bias=False)
+    h, labels = torch.randn(7, 5, requires_grad=True), torch.randint(0, 11, (7,))
+    seen = []
+    head.register_forward_pre_hook(lambda m, args: seen.append(("pre", args[0].shape)))
+    head.register_forward_hook(lambda m, args, out: seen.append(("post", out.shape)))
+    got = head_logprobs(head, h, labels)
+    assert seen == [("pre", (7, 5)), ("post", (7,))]
+    assert torch.equal(got, label_logprobs(h, head, labels))
+    assert "forward" not in head.__dict__ and head(h).shape == (7, 11)
+    got.sum().backward()
+    assert head.weight.grad is not None and h.grad is not None

@@ -131,6 +131,20 @@ def label_logprobs(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tenso
         return _LabelLogProbs.apply(hidden, lm_head.weight, lm_head.bias, labels, chunk)
 
 
+def head_logprobs(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`label_logprobs` through the head module's own call, so that hooks on the head run as for
+    its ordinary forward: FSDP2 gathers a sharded head's weight for the call (and again for its
+    backward, then reduce-scatters its gradient), accelerate's offload hooks bring it to the device.
+    The module's forward is swapped for the call only (an instance attribute shadows the class's)."""
+    if "forward" in head.__dict__:  # someone else's swap: do not stack ours on it
+        return label_logprobs(hidden, head, labels)
+    head.forward = lambda h, lab: label_logprobs(h, head, lab)
+    try:
+        return head(hidden, labels)
+    finally:
+        del head.forward
+
+
 def _backbone_and_head(model: nn.Module):
     """The decoder stack and the LM head when the head is a plain linear map; else None."""
     model = unwrap_peft(model)
@@ -198,7 +212,7 @@ def token_logps(model: nn.Module, batch, fused: bool = True, segmented: bool = T
             backbone, head = parts
             hidden = backbone(**kwargs).last_hidden_state
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.label_pos)
-            return label_logprobs(hidden, head, batch.label_ids)
+            return head_logprobs(head, hidden, batch.label_ids)
         # Plain path: the model's own logits (exact for heads with softcapping or scaling).
         logits = model(**kwargs).logits
     logits = logits.reshape(-1, logits.shape[-1]).index_select(0, batch.label_pos).float()

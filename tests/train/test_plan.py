@@ -35,11 +35,13 @@ def _cfg(**kw):
 
 def test_a_hand_computed_fsdp_plan():
     p = memory_plan(HAND, _cfg())["parts"]
-    # weights: the 900 sharded parameters over 4 devices and the whole 100-parameter head, 4 bytes each
-    assert p["weights"] == 4 * (900 / 4 + 100) == 1300
-    assert p["gradients"] == 1300
-    assert p["optimizer"] == 2 * 1300  # adamw: two states
-    assert p["fsdp_gathered_blocks"] == 2 * 200 * 4
+    # weights: the 1000 parameters (the 100 of the LM head among them) over 4 devices, 4 bytes each
+    assert p["weights"] == 4 * 1000 / 4 == 1000
+    assert p["gradients"] == 1000
+    assert p["optimizer"] == 2 * 1000  # adamw: two states
+    assert p["fsdp_gathered_blocks"] == 2 * 200 * 4  # two blocks, more than the head (fp32) and one block
+    big_head = memory_plan(dataclasses.replace(HAND, head=500), _cfg())["parts"]
+    assert big_head["fsdp_gathered_blocks"] == 4 * 500 + 4 * 200
     assert p["reference_model"] == 0  # precomputed
     # t = 2 pairs × 2 rows × 10 tokens = 40; per layer 2·h at 4 bytes (the residual stream twice: the
     # lean norms keep no normalised input) + (2h + 3q + kv + 2i) at 4 bytes (fp32: the two norms'
@@ -77,16 +79,16 @@ def test_hand_computed_variants():
     assert trains - memory_plan(HAND, _cfg())["parts"]["activations"] == 4 * 100 * 8  # the head's gradient of this micro-batch
     assert memory_plan(headed, _cfg(lora_r=2))["parts"]["activations"] == \
         memory_plan(HAND, _cfg(lora_r=2))["parts"]["activations"]  # a frozen head has no gradient
-    off = memory_plan(HAND, _cfg(fsdp_cpu_offload=True))
-    assert off["parts"]["weights"] == 400 and off["host"]["weights"] == 900
-    assert off["parts"]["optimizer"] == 800 and off["host"]["optimizer"] == 2 * 900
+    off = memory_plan(HAND, _cfg(fsdp_cpu_offload=True))  # every shard leaves the device, the head's too
+    assert off["parts"]["weights"] == 0 and off["host"]["weights"] == 1000
+    assert off["parts"]["optimizer"] == 0 and off["host"]["optimizer"] == 2 * 1000
 
 
 def test_fit_the_largest_micro_batch_and_a_suggestion():
     """A budget that holds the fixed parts and the head's chunk plus the activations of 2 pairs but
     not of 4: the largest micro-batch is 2, and the suggestion is to use it."""
     cfg = _cfg(micro_batch_size=4, batch_size=16)
-    fixed = 1300 + 1300 + 2600 + 1600 + HEAD_CHUNK_BYTES
+    fixed = 1000 + 1000 + 2000 + 1600 + HEAD_CHUNK_BYTES
     per_pair = (4 * 15360 + 2 * 1280) // 2  # activations of one pair, the chunk aside
     cfg.memory_per_device = (fixed + 3 * per_pair) / 0.9 / 1024 ** 3
     r = plan(cfg, shape=HAND)
@@ -94,13 +96,13 @@ def test_fit_the_largest_micro_batch_and_a_suggestion():
     assert r["suggestion"]["change"] == {"micro_batch_size": 2}
 
 
-def test_fsdp_setup_needs_a_ranks_shards_and_one_whole_tensor_not_the_model():
+def test_fsdp_setup_needs_a_ranks_shards_not_the_model():
     """8 devices, SGD: no rank ever holds the whole model (4·P bytes): at setup a rank holds its
-    weights (shards + the whole LM head) and the one whole tensor it is reading."""
+    shards (it reads its own rows of each tensor straight into them)."""
     big = Shape(**{**HAND.__dict__, "params": 10 ** 8, "head": 1000, "block": 10 ** 7})
     r = plan(_cfg(nproc=8, optimizer="sgd", memory_per_device=3e8 / 0.9 / 1024 ** 3), shape=big)
     p = r["plan"]
-    assert p["setup_rank0"] == p["parts"]["weights"] + 4 * max(1000, 8 * 16) < 4 * 10 ** 8  # head vs an MLP matrix
+    assert p["setup_rank0"] == p["parts"]["weights"] == 4 * 10 ** 8 / 8
     assert p["setup_rank0"] <= p["total"] < 3e8 and p["fits"]
 
 

@@ -38,7 +38,7 @@ from ..data.collate import collate_padded
 from ..data.prompts import encode_prompt, load_prompts
 from ..eval.sampling import decode, generate_completions
 from ..eval.scorers import as_scorer, load_reward_fn
-from ..logprobs import _backbone_and_head, label_logprobs, token_logps
+from ..logprobs import _backbone_and_head, head_logprobs, token_logps
 from ..models import autocast_ctx, check_vocab, freeze, load_model, load_tokenizer, pick_device
 from ..train.loop import batch_order
 from ..train.alarms import HealthMonitor
@@ -118,7 +118,7 @@ def policy_forward(policy, value_head: nn.Linear, batch, entropy: bool = False):
         backbone, head = parts
         hidden = backbone(**kwargs).last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.label_pos)
-        logp = label_logprobs(h, head, batch.label_ids)
+        logp = head_logprobs(head, h, batch.label_ids)
         logits_of = lambda rows: head(rows)  # noqa: E731
     else:  # heads with softcapping / scaling: the model's own logits
         out = policy(**kwargs, output_hidden_states=True)

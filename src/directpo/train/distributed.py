@@ -104,17 +104,19 @@ class Dist:
 
     def shard_model(self, model, reshard_after_forward: bool = True, cpu_offload: bool = False,
                     bf16: bool = False, weights: str | None = None, initial: dict | None = None):
-        """FSDP2: shard every transformer block and the backbone (embeddings, final norm) over the
-        ranks. The LM head stays whole on every rank, because directpo's log-prob path multiplies by
-        its weight directly; its gradient is summed like DDP's (`all_reduce_grads` skips sharded
-        parameters). Gradients are summed, not averaged (divide factor 1): every rank already
-        scales its loss by 1/global batch.
+        """FSDP2: shard every transformer block, the backbone (embeddings, final norm) and the LM
+        head over the ranks. directpo's log-prob path calls the head module itself
+        (`logprobs.head_logprobs`), so FSDP gathers its weight for that call and again for its
+        backward and reduce-scatters its gradient, as for a block. The head is sharded in fp32 even
+        under `bf16` (the log-prob path keeps the head's matmul in fp32: see
+        `logprobs.label_logprobs`). Gradients are summed, not averaged (divide factor 1): every rank
+        already scales its loss by 1/global batch.
 
         Meta loading (`weights` = the model's directory or hub id): every rank passes the model built
         with `empty_model` (parameters on meta; LoRA from `apply_lora_to_empty`, whose adapter values
         are `initial`), gets storage for its own shards after sharding, and fills them from the
         safetensors files one tensor at a time (`_fill_shards`): no rank ever holds the whole model,
-        each holds its shards, the whole LM head and one parameter being read.
+        each holds its shards and, of a tensor not sharded on its rows, one being read.
 
         Without `weights`, only rank 0 holds the weights; ranks > 0 pass the model built on the meta
         device (`load_model(empty=True)`). After sharding, each rank gets storage for its shard alone
@@ -148,6 +150,9 @@ class Dist:
             if type(m).__name__ in blocks:
                 fully_shard(m, **knobs)  # with LoRA, a block's adapters are sharded with its frozen weights
         fully_shard(inner.base_model, **knobs)
+        head = inner.get_output_embeddings()
+        if isinstance(head, torch.nn.Linear):  # (else the log-prob path uses the model's own logits)
+            fully_shard(head, **{k: v for k, v in knobs.items() if k != "mp_policy"})
         for m in model.modules():
             if isinstance(m, FSDPModule):
                 m.set_gradient_divide_factor(1.0)
@@ -265,7 +270,7 @@ def _fill_shards(model, weights: str, initial: dict, buffers: dict) -> None:
     in the inner model). A parameter sharded on dim 0 (FSDP2's layout) reads only this rank's rows
     of its tensor (`_own_rows`, a safetensors slice); any other sharded one is read whole, one at a
     time, and keeps its chunk (`distribute_tensor` without communication, the chunking FSDP itself
-    uses); a whole one (the LM head) takes it all. Buffers are put back from
+    uses); a whole one takes it all. Buffers are put back from
     `buffers`, unless the checkpoint holds them (persistent ones)."""
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -368,8 +373,7 @@ def _read_rows(path: str, key: str, rows: tuple[int, int], out: torch.Tensor, he
 def save_shards(model, optimizer, path) -> None:
     """A sharded checkpoint's tensors (`--checkpoint-format sharded`): every process writes its own
     shards of the trainable weights and of the optimizer state into directory `path` with
-    torch.distributed.checkpoint (tensors every rank holds whole, like the LM head, are written
-    once). Nothing is gathered. Under torchrun every rank must call (DCP coordinates them); it
+    torch.distributed.checkpoint (a tensor every rank holds whole is written once). Nothing is gathered. Under torchrun every rank must call (DCP coordinates them); it
     returns once every rank's files are written and fsynced and rank 0 wrote the index."""
     import torch.distributed.checkpoint as dcp
 

@@ -3,11 +3,12 @@
 The model is built on the meta device from its config.json (no weights read, nothing allocated),
 so parameter counts are exact for any architecture; the rest is arithmetic on the settings. Per
 device, in bytes (W = processes × nodes; P = all parameters, T = trainable ones: all, or the LoRA
-adapters; H = the LM head, which directpo keeps whole on every rank under FSDP):
+adapters; H = the LM head's parameters, b = a block's):
 
     weights      4·P (fp32 master weights; bf16 only autocasts the matmuls)
-                 FSDP: 4·(P − H)/W + 4·H, plus two gathered blocks (the one computing, the one
-                 prefetched) at 4 bytes per parameter (2 with --precision bf16)
+                 FSDP: 4·P/W, plus what is gathered at once: two blocks (the one computing, the
+                 one prefetched) at 4 bytes per parameter (2 with --precision bf16), or the LM head
+                 (gathered in fp32 even under bf16: its matmul stays fp32) and one block
     bf16 weight copies   --precision bf16 without FSDP: autocast's bf16 copy of each block's
                  weights, which the matmuls keep for the backward, 2 bytes per parameter (the
                  lean MLP's down projection casts its weight again in the backward and keeps none;
@@ -45,9 +46,9 @@ the allocator's fragmentation and temporaries. `--fsdp-cpu-offload` moves the sh
 gradients and optimizer state to host memory (listed, not counted against the device).
 
 Setup is planned too: under FSDP every rank builds the model on the meta device, shards it, and
-reads only its own shards from the safetensors files, one whole tensor at a time (`Dist.shard_model`
-with `weights=`), so at setup a rank holds its weights (shards + the whole LM head) and one whole
-tensor, at most the size of the LM head: weights + 4·V·H.
+reads only its own rows of each tensor from the safetensors files, straight into its shards
+(`Dist.shard_model` with `weights=`), so at setup a rank holds its shards: 4·P/W (+ its LoRA
+adapters' share).
 """
 from __future__ import annotations
 
@@ -185,6 +186,15 @@ def bf16_weight_copies(s: Shape, cfg: PlanConfig) -> int:
     return 2 * s.layers * (s.block if cfg.lora_r else s.block - s.hidden * s.intermediate)
 
 
+def gathered_bytes(s: Shape, cfg: PlanConfig) -> int:
+    """FSDP: the most gathered (unsharded) weights alive at once: two blocks (the one computing and
+    the one prefetched), or the LM head (fp32) and one block (module docstring); 0 without FSDP."""
+    if not cfg.fsdp:
+        return 0
+    block = s.block * (2 if cfg.precision == "bf16" else 4)
+    return max(2 * block, 4 * s.head + block)
+
+
 def memory_plan(s: Shape, cfg: PlanConfig) -> dict:
     """Bytes per device of each part, the total, and whether it fits `cfg.memory_per_device`."""
     if cfg.fsdp and s.tied:
@@ -192,10 +202,8 @@ def memory_plan(s: Shape, cfg: PlanConfig) -> dict:
                          "be sharded with the embedding): plan without --fsdp")
     w = cfg.world if cfg.fsdp else 1
     trainable = cfg.lora_r * s.lora_per_rank if cfg.lora_r else s.params
-    # the part of the trainable parameters FSDP shards: all of them, or all but the (whole) LM head
-    trainable_sharded = trainable if cfg.lora_r else trainable - s.head
-    per_trainable = (trainable_sharded / w + (trainable - trainable_sharded)) if cfg.fsdp else trainable
-    weights = 4 * ((s.params - s.head) / w + s.head) if cfg.fsdp else 4 * s.params
+    per_trainable = trainable / w  # FSDP shards every parameter, the LM head's too
+    weights = 4 * s.params / w
     if cfg.lora_r:
         weights += 4 * per_trainable
     parts = {
@@ -203,21 +211,18 @@ def memory_plan(s: Shape, cfg: PlanConfig) -> dict:
         "bf16_weight_copies": bf16_weight_copies(s, cfg),
         "gradients": 4 * per_trainable,
         "optimizer": 4 * per_trainable * OPTIMIZER_STATES[cfg.optimizer],
-        "fsdp_gathered_blocks": 2 * s.block * (2 if cfg.precision == "bf16" else 4) if cfg.fsdp else 0,
+        "fsdp_gathered_blocks": gathered_bytes(s, cfg),
         "reference_model": 0 if cfg.precompute_ref or cfg.lora_r else 4 * s.params,
         "activations": activation_bytes(s, cfg, cfg.micro_batch_size),
     }
     host = {}
-    if cfg.fsdp_cpu_offload:  # the shards leave the device; the whole LM head stays
-        head_part = {"weights": 4 * s.head, "gradients": 0 if cfg.lora_r else 4 * s.head}
-        head_part["optimizer"] = head_part["gradients"] * OPTIMIZER_STATES[cfg.optimizer]
+    if cfg.fsdp_cpu_offload:  # the shards leave the device, all of them
         for k in ("weights", "gradients", "optimizer"):
-            host[k] = parts[k] - head_part[k]
-            parts[k] = head_part[k]
+            host[k], parts[k] = parts[k], 0
     total = sum(parts.values())
     budget = cfg.memory_per_device * GiB * USABLE
-    # FSDP: a rank's shards and whole LM head, plus the one whole tensor it is reading (≤ the LM head)
-    setup = parts["weights"] + 4 * max(s.head, s.hidden * s.intermediate) if cfg.fsdp else total
+    # FSDP: a rank reads its own rows of each tensor straight into its shards (`_fill_shards`)
+    setup = 4 * s.params / w + (4 * trainable / w if cfg.lora_r else 0) if cfg.fsdp else total
     return {"parts": {k: int(v) for k, v in parts.items()}, "host": {k: int(v) for k, v in host.items()},
             "total": int(total), "budget": int(budget), "setup_rank0": int(setup),
             "fits": total <= budget and setup <= budget, "largest_micro_batch": largest_micro_batch(s, cfg, parts,
@@ -300,15 +305,13 @@ def format_plan(result: dict) -> str:
     lines += [f"  {'total per device':<22}{_gib(p['total'])}",
               f"  {'usable (90 %)':<22}{_gib(p['budget'])}"]
     if cfg["fsdp"]:
-        lines.append(f"  {'setup, each rank':<22}{_gib(p['setup_rank0'])}  (its shards + one whole tensor while "
-                     "loading)")
+        lines.append(f"  {'setup, each rank':<22}{_gib(p['setup_rank0'])}  (its shards, read row by row)")
     lines += ["", f"fits: {'yes' if p['fits'] else 'no'}; largest micro-batch that fits: "
                   f"{p['largest_micro_batch'] or 'none'}"]
     if "suggestion" in result:
         fix = result["suggestion"]
         if fix is None and cfg["fsdp"] and p["setup_rank0"] > p["budget"]:
-            lines.append("does not fit: at setup a rank holds its shards plus the largest whole tensor while it "
-                         "loads them")
+            lines.append("does not fit: at setup a rank holds its shards of the weights")
         elif fix is None:
             lines.append("no change of micro-batch, checkpointing, FSDP or LoRA makes it fit: use more devices")
         else:
