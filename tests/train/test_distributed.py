@@ -107,6 +107,55 @@ def test_two_process_run_matches_single_process(tiny_model, tmp_path, ddp_data, 
         assert held[1][1] == pytest.approx(total / 2, rel=0.01)
 
 
+def test_fsdp_bf16_mixed_precision_keeps_fp32_master_weights(tiny_model, tmp_path, ddp_data):
+    """`--fsdp --precision bf16` on 2 processes: the run follows the one-process bf16 run within
+    bf16 rounding, saves fp32 weights, and is not the fp32 run (the equality tests hold FSDP fp32
+    to 1e-4 of the update; bf16 lands ~100x further). The policies themselves: the next test."""
+    common = ["--model", str(tiny_model), "--data", str(ddp_data), "--lr", "0.5", "--optimizer", "sgd",
+              "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "3", "--warmup-steps", "0",
+              "--max-grad-norm", "0", "--max-length", "64", "--no-progress", "--threads", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    one16 = _single_process_run((*common, "--precision", "bf16"), env)
+    one32 = _single_process_run((*common, "--precision", "fp32"), env)
+    two = subprocess.run([*TORCHRUN, "-m", "directpo", "train", *common, "--precision", "bf16", "--fsdp",
+                          "--output-dir", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    losses = [m["loss"] for m in map(json.loads, open(tmp_path / "two" / "metrics.jsonl")) if m["split"] == "train"]
+    weights = load_file(str(tmp_path / "two" / "model.safetensors"))
+    start = load_file(str(tiny_model / "model.safetensors"))
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    assert losses == pytest.approx([m["loss"] for m in one16[0]], abs=1e-3)
+    update = max((one16[1][k] - start[k]).abs().max().item() for k in start)
+    assert _max_diff(weights, one16[1]) < 0.03 * update
+    assert _max_diff(weights, one32[1]) > 1e-3 * update
+
+
+def test_shard_model_policies_blocks_bf16_and_the_head_fp32(tiny_model):
+    """`Dist.shard_model(bf16=True)` in a one-process group: every block and the backbone get
+    FSDP2's MixedPrecisionPolicy (bf16 params, fp32 reductions); the LM head is sharded too, with
+    no policy (gathered and multiplied in fp32, as `label_logprobs` wants); shards stay fp32."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from directpo.models import load_model
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        model = Dist(0, 1, 0).shard_model(load_model(str(tiny_model)), bf16=True)
+        groups = {name: mod._get_fsdp_state()._fsdp_param_group
+                  for name, mod in (("block", model.model.layers[0]), ("backbone", model.model),
+                                    ("head", model.lm_head))}
+        for name in ("block", "backbone"):
+            policy = groups[name].mp_policy
+            assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32), name
+        assert groups["head"].mp_policy.param_dtype is None
+        assert isinstance(model.lm_head.weight, DTensor)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("fault", ["skip", "mean"])
 def test_the_equality_check_catches_a_broken_all_reduce(tiny_model, tmp_path, ddp_data, fault):
     """The same comparison fails when the gradients are not summed over ranks (each rank steps on
