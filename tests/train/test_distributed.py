@@ -32,6 +32,10 @@ def ddp_data(tmp_path_factory):
     return write_jsonl(rows, tmp_path_factory.mktemp("ddp") / "d.jsonl")
 
 
+_COMMON = ("--lr", "0.5", "--optimizer", "sgd", "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "5",
+           "--warmup-steps", "0", "--max-grad-norm", "0", "--max-length", "64", "--no-progress", "--threads", "1")
+
+
 def _two_runs(tiny_model, tmp_path, data, mode: str, fault: list[str] = ()):
     """The same 5 SGD steps in one process and in two (torchrun on tests/faults.py, which reports
     what each rank held around FSDP sharding and can inject a fault): (single, multi) metrics,
@@ -39,9 +43,7 @@ def _two_runs(tiny_model, tmp_path, data, mode: str, fault: list[str] = ()):
     # Plain SGD: the update is lr × the summed gradient, so a wrong reduction shows in the weights
     # (Adam and RMSprop divide it out), and float re-association noise stays ~1e-7 relative
     # whatever the CPU (Adam turns it into lr-sized steps on near-zero gradients).
-    common = ["--model", str(tiny_model), "--data", str(data), "--lr", "0.5", "--optimizer", "sgd",
-              "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "5", "--warmup-steps", "0",
-              "--max-grad-norm", "0", "--max-length", "64", "--no-progress", "--threads", "1"]
+    common = ["--model", str(tiny_model), "--data", str(data), *_COMMON]
     if mode == "ddp-live-ref":
         common.append("--no-precompute-ref")
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -101,23 +103,22 @@ def test_two_process_run_matches_single_process(tiny_model, tmp_path, ddp_data, 
     if mode == "fsdp":  # no rank read the whole weights (meta loading); each holds its shards, the LM head's too
         wa = one[1]
         total = sum(t.numel() for t in wa.values())
-        held = {int(r): (int(a), int(b)) for r, a, b in re.findall(
-            r"rank (\d): (\d+) parameter elements loaded before sharding, (\d+) held after", err)}
-        assert held[0][0] == 0 and held[1][0] == 0
-        assert held[1][1] == pytest.approx(total / 2, rel=0.01)
+        held = {int(r): (int(a), int(b), int(c)) for r, a, b, c in re.findall(
+            r"rank (\d): (\d+) parameter elements loaded before sharding, (\d+) held after; (\d+) whole-model loads",
+            err)}
+        assert sorted(held) == [0, 1] and all(h[0] == 0 and h[2] == 0 for h in held.values())
+        assert all(h[1] == pytest.approx(total / 2, rel=0.01) for h in held.values())
 
 
 def test_fsdp_bf16_mixed_precision_keeps_fp32_master_weights(tiny_model, tmp_path, ddp_data):
     """`--fsdp --precision bf16` on 2 processes: the run follows the one-process bf16 run within
     bf16 rounding, saves fp32 weights, and is not the fp32 run (the equality tests hold FSDP fp32
     to 1e-4 of the update; bf16 lands ~100x further). The policies themselves: the next test."""
-    common = ["--model", str(tiny_model), "--data", str(ddp_data), "--lr", "0.5", "--optimizer", "sgd",
-              "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "3", "--warmup-steps", "0",
-              "--max-grad-norm", "0", "--max-length", "64", "--no-progress", "--threads", "1"]
+    common = ("--model", str(tiny_model), "--data", str(ddp_data), *_COMMON)  # the equality tests' order: one cache
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     one16 = _single_process_run((*common, "--precision", "bf16"), env)
-    one32 = _single_process_run((*common, "--precision", "fp32"), env)
+    one32 = _single_process_run(common, env)  # fp32 (auto is fp32 in the tests): the equality tests' run
     two = subprocess.run([*TORCHRUN, "-m", "directpo", "train", *common, "--precision", "bf16", "--fsdp",
                           "--output-dir", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -192,39 +193,58 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-# The LoRA variant (~95 s on 2 cores) runs with `make test-slow`; the full-weight one in every run.
-@pytest.mark.parametrize("lora", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["full", "lora"])
-def test_fsdp_checkpoints_resume_exactly_and_are_ordinary(tiny_model, tmp_path, lora):
-    """An FSDP run killed (SIGKILL) mid-write of a checkpoint and resumed ends bit-identical to an
-    uninterrupted one; FSDP checkpoints hold whole weights (or adapters) and resume in a single
-    process, and a single process's checkpoints resume under FSDP."""
-    rows, _ = review_task(n_train=40, n_eval=8, seed=21)
-    data = write_jsonl(rows, tmp_path / "d.jsonl")
-    common = ["--model", str(tiny_model), "--data", str(data), "--lr", "1e-3", "--optimizer", "adamw",
-              "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "6", "--warmup-steps", "2",
-              "--max-length", "64", "--save-every", "2", "--no-progress", "--threads", "1",
-              *(["--lora-r", "4", "--lr", "1e-2"] if lora else [])]
-    fsdp = ["--nproc", "2", "--fsdp"]
+class _FullCheckpointRuns:
+    """Runs of one setting (full weights or LoRA), each made once and shared by the tests below:
+    `run(out, *flags)` trains 6 AdamW steps with a full-format checkpoint every 2 into `root/out`."""
 
-    def run(out, *extra, kill_during_save=None):
-        return _train([*common, "--output-dir", str(tmp_path / out), *extra], kill_during_save)
+    def __init__(self, root: Path, tiny_model: Path, lora: bool):
+        rows, _ = review_task(n_train=40, n_eval=8, seed=21)
+        data = write_jsonl(rows, root / "d.jsonl")
+        self.root, self.lora, self.made = root, lora, {}
+        self.common = ["--model", str(tiny_model), "--data", str(data), "--lr", "1e-3", "--optimizer", "adamw",
+                       "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "6", "--warmup-steps", "2",
+                       "--max-length", "64", "--save-every", "2", "--no-progress", "--threads", "1",
+                       *(["--lora-r", "4", "--lr", "1e-2"] if lora else [])]
 
-    def weights(out):
-        return load_file(str(tmp_path / out / ("adapter_model.safetensors" if lora else "model.safetensors")))
+    def run(self, out, *extra, kill_during_save=None):
+        return _train([*self.common, "--output-dir", str(self.root / out), *extra], kill_during_save)
 
-    for out, extra in [("fsdp", fsdp), ("one", [])]:
-        rc, err = run(out, *extra)
-        assert rc == 0, err
-    rc, _ = run("killed", *fsdp, kill_during_save=4)  # rank 0 dies writing step 4
+    def uninterrupted(self, out: str) -> Path:
+        """The run "fsdp" (2 processes) or "one" (1 process), made once."""
+        if out not in self.made:
+            rc, err = self.run(out, *(FSDP if out == "fsdp" else []))
+            assert rc == 0, err
+            self.made[out] = self.root / out
+        return self.made[out]
+
+    def weights(self, out):
+        return load_file(str(self.root / out / ("adapter_model.safetensors" if self.lora else "model.safetensors")))
+
+
+FSDP = ["--nproc", "2", "--fsdp"]
+
+
+@pytest.fixture(scope="module", params=[False, pytest.param(True, marks=pytest.mark.slow)], ids=["full", "lora"])
+def full_ck_runs(request, tiny_model, tmp_path_factory):
+    return _FullCheckpointRuns(tmp_path_factory.mktemp("fullck"), tiny_model, request.param)
+
+
+def test_fsdp_checkpoints_resume_exactly_and_are_ordinary(full_ck_runs):
+    """An FSDP run killed (SIGKILL) mid-write of a (full-format) checkpoint and resumed ends
+    bit-identical to an uninterrupted one; its checkpoints hold whole weights (or adapters) and
+    optimizer state, the same tensors as a single process's. (LoRA: `make test-slow`.)"""
+    runs = full_ck_runs
+    fsdp, one = runs.uninterrupted("fsdp"), runs.uninterrupted("one")
+    rc, _ = runs.run("killed", *FSDP, kill_during_save=4)  # rank 0 dies writing step 4
     assert rc != 0
-    assert [p.name for p in list_checkpoints(tmp_path / "killed")] == ["step-00000002"]
-    rc, err = run("killed", *fsdp, "--resume")
+    assert [p.name for p in list_checkpoints(runs.root / "killed")] == ["step-00000002"]
+    rc, err = runs.run("killed", *FSDP, "--resume")
     assert rc == 0, err
     assert "resumed from" in err and "step 2" in err
-    assert _max_diff(weights("fsdp"), weights("killed")) == 0.0
+    assert _max_diff(runs.weights("fsdp"), runs.weights("killed")) == 0.0
 
     # An FSDP checkpoint is an ordinary one: the same tensors as a single-process checkpoint.
-    ck_fsdp, ck_one = (tmp_path / r / "checkpoints" / "step-00000002" for r in ("fsdp", "one"))
+    ck_fsdp, ck_one = (r / "checkpoints" / "step-00000002" for r in (fsdp, one))
     wf, wo = load_file(str(ck_fsdp / "model.safetensors")), load_file(str(ck_one / "model.safetensors"))
     assert _max_diff(wf, wo) < 1e-5
     of, oo = (torch.load(c / "optimizer.pt", weights_only=True)["optimizer"] for c in (ck_fsdp, ck_one))
@@ -232,11 +252,19 @@ def test_fsdp_checkpoints_resume_exactly_and_are_ordinary(tiny_model, tmp_path, 
     assert of["state"].keys() == oo["state"].keys()
     for i in oo["state"]:
         assert _max_diff(of["state"][i], oo["state"][i]) < 1e-5, i
-    # ... so each resumes in the other mode, ending where that mode's uninterrupted run ended.
-    for out, extra, ck, same_as in [("fsdp-to-one", [], ck_fsdp, "one"), ("one-to-fsdp", fsdp, ck_one, "fsdp")]:
-        rc, err = run(out, *extra, "--resume", str(ck))
+
+
+@pytest.mark.slow  # two more runs, ~25 s on 2 cores: the tensors are already shown equal above
+def test_full_checkpoints_resume_across_fsdp_and_one_process(full_ck_runs):
+    """An FSDP run's checkpoint resumes in one process, and a single process's under FSDP, each
+    ending where that mode's uninterrupted run ended."""
+    runs = full_ck_runs
+    for out, extra, source, same_as in [("fsdp-to-one", [], "fsdp", "one"), ("one-to-fsdp", FSDP, "one", "fsdp")]:
+        ck = runs.uninterrupted(source) / "checkpoints" / "step-00000002"
+        runs.uninterrupted(same_as)
+        rc, err = runs.run(out, *extra, "--resume", str(ck))
         assert rc == 0, err
-        assert _max_diff(weights(same_as), weights(out)) < 1e-5
+        assert _max_diff(runs.weights(same_as), runs.weights(out)) < 1e-5
 
 
 def _free_port() -> int:

@@ -75,7 +75,9 @@ def _held(err: str) -> dict[int, tuple[int, int, int]]:
         err)}
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
+# The plain case is test_distributed's fsdp run again (the same 5 steps, equality and what each rank
+# held), so it runs with `make test-slow` only.
+@pytest.mark.parametrize("lora", [pytest.param(False, marks=pytest.mark.slow), True], ids=["plain", "lora"])
 def test_meta_loaded_fsdp_run_matches_single_process(tiny_model, tmp_path, data, lora):
     one = _cached(("one", lora), tiny_model, data, tmp_path / "one", 1, lora)
     two = _cached(("two", lora), tiny_model, data, tmp_path / "two", 2, lora)
