@@ -74,8 +74,21 @@ def test_only_plain_swiglu_mlps_qualify(llama):
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     assert not any(_qualifies(m) for m in gpt2.modules())
-    with torch.no_grad(), lean_mlp(llama) as n:  # nothing to save without autograd
-        assert n == 0
+
+
+def test_without_autograd_the_same_outputs_in_place(llama):
+    """No autograd (a reference pass, scoring): the MLPs run silu and the product in place, with
+    outputs bit-identical to the model's own forward, fp32 and under bf16 autocast."""
+    ids = torch.randint(0, 97, (2, 11))
+    for dtype in (None, torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            plain = llama(input_ids=ids).logits
+            with lean_mlp(llama) as n:
+                assert n == llama.config.num_hidden_layers
+                assert llama.model.layers[0].mlp.forward.__func__.__name__ == "_nograd_forward"
+                lean = llama(input_ids=ids).logits
+        assert torch.equal(plain, lean)
+    assert "forward" not in llama.model.layers[0].mlp.__dict__  # restored
 
 
 def _run_norms(model, ids, lean, dtype=None):
