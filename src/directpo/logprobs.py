@@ -36,7 +36,8 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplie
 _CHUNK_ELEMENTS = 1 << 23  # ≈ 32 MiB of fp32 logits per chunk
 
 
-def _chunk_rows(vocab: int) -> int:
+def chunk_rows(vocab: int) -> int:
+    """Rows of hidden states per LM-head chunk: ~32 MiB of fp32 logits, at least 16 rows."""
     return max(16, _CHUNK_ELEMENTS // max(vocab, 1))
 
 
@@ -121,7 +122,7 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.T
 def label_logprobs(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor,
                    chunk: int | None = None) -> torch.Tensor:
     """Per-row log-prob of `labels` under the LM head, fp32, without (rows × vocab) kept for backward."""
-    chunk = chunk or _chunk_rows(lm_head.weight.shape[0])
+    chunk = chunk or chunk_rows(lm_head.weight.shape[0])
     # Under autocast, matmuls inside a custom Function would be recast behind our back; we pick the
     # dtype ourselves (the hidden states' dtype for the matmul, fp32 for logsumexp and the result).
     # Under bf16 autocast the hidden states arrive in fp32 (the residual stream stays fp32), so the

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 import tempfile
 import time
@@ -192,11 +191,11 @@ def head_as_run(shape, pcfg, rows: int) -> int:
     """`plan.head_bytes` at the label rows a micro-batch really sent through the LM head: the plan
     counts one whole 32 MiB chunk of logits (its bound; the backward builds each chunk's gradient in
     place); a micro-batch of fewer rows than a chunk holds a chunk of its own rows only."""
+    from ..logprobs import chunk_rows
     from ..train.plan import HEAD_BACKWARD_CHUNKS, HEAD_CHUNK_BYTES, head_bytes
 
-    chunk_rows = max(16, HEAD_CHUNK_BYTES // 4 // max(shape.vocab, 1))
     chunks = HEAD_BACKWARD_CHUNKS * HEAD_CHUNK_BYTES
-    logits = HEAD_BACKWARD_CHUNKS * 4 * min(rows, chunk_rows) * shape.vocab
+    logits = HEAD_BACKWARD_CHUNKS * 4 * min(rows, chunk_rows(shape.vocab)) * shape.vocab
     return head_bytes(shape, pcfg) - chunks + logits
 
 
@@ -295,18 +294,14 @@ def format_plan_check(result: dict) -> str:
 
 
 def _run_child(spec: dict, work: Path, tag: str, env_extra: dict | None = None) -> dict:
-    """Run `python -m directpo.bench.plan_check --child SPEC` (see `runner.run_child`)."""
-    from .runner import _child_env
+    """Run `python -m directpo.bench.plan_check --child SPEC` (`runner.run_child`); a failed run is
+    a `MeasureError` with its log's tail."""
+    from .runner import run_child
 
-    spec_path, result_path, log_path = work / f"{tag}.spec.json", work / f"{tag}.result.json", work / f"{tag}.log"
-    spec_path.write_text(json.dumps({**spec, "result": str(result_path)}))
-    with open(log_path, "w") as logf:
-        rc = subprocess.run([sys.executable, "-m", "directpo.bench.plan_check", "--child", str(spec_path)], check=False,
-                            stdout=logf, stderr=subprocess.STDOUT, env={**_child_env(), **(env_extra or {})}).returncode
-    if rc != 0 or not result_path.exists():
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
-        raise MeasureError(f"the measured run failed (exit status {rc}):\n  " + "\n  ".join(tail))
-    return json.loads(result_path.read_text())
+    res = run_child(spec, work, tag, module="directpo.bench.plan_check", env_extra=env_extra)
+    if "error" in res:
+        raise MeasureError(f"the measured run failed ({res['error']}):\n  " + "\n  ".join(res["log_tail"]))
+    return res
 
 
 def plan_check(args) -> dict:

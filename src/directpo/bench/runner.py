@@ -158,15 +158,16 @@ def _child_env() -> dict:
     return env
 
 
-def run_child(spec: dict, work: Path, tag: str) -> dict:
-    """Run one measurement in a fresh interpreter; its result JSON, or {"error": ...}."""
+def run_child(spec: dict, work: Path, tag: str, module: str = "directpo.bench", env_extra: dict | None = None) -> dict:
+    """Run one measurement in a fresh interpreter (`python -m MODULE --child SPEC`, with `env_extra`
+    added to the environment); its result JSON, or {"error": ..., "log_tail": ...}."""
     spec_path, result_path, log_path = work / f"{tag}.spec.json", work / f"{tag}.result.json", work / f"{tag}.log"
     spec = {**spec, "result": str(result_path)}
     spec_path.write_text(json.dumps(spec))
     t = time.perf_counter()
     with open(log_path, "w") as logf:
-        rc = subprocess.run([sys.executable, "-m", "directpo.bench", "--child", str(spec_path)], stdout=logf,
-                            stderr=subprocess.STDOUT, env=_child_env()).returncode
+        rc = subprocess.run([sys.executable, "-m", module, "--child", str(spec_path)], stdout=logf,
+                            stderr=subprocess.STDOUT, env={**_child_env(), **(env_extra or {})}).returncode
     wall = time.perf_counter() - t
     if rc != 0 or not result_path.exists():
         tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]

@@ -266,12 +266,12 @@ def _param_names(model, optimizer) -> list[str]:
 @torch.no_grad()
 def _fill_shards(model, weights: str, initial: dict, buffers: dict) -> None:
     """Each parameter of a sharded model, materialised but uninitialised, filled with its values:
-    from the checkpoint `weights` (safetensors, mmap'd), or from `initial` (LoRA adapters, by name
-    in the inner model). A parameter sharded on dim 0 (FSDP2's layout) reads only this rank's rows
-    of its tensor (`_own_rows`, a safetensors slice); any other sharded one is read whole, one at a
-    time, and keeps its chunk (`distribute_tensor` without communication, the chunking FSDP itself
-    uses); a whole one takes it all. Buffers are put back from
-    `buffers`, unless the checkpoint holds them (persistent ones)."""
+    from the checkpoint `weights` (safetensors), or from `initial` (LoRA adapters, by name in the
+    inner model). A parameter sharded on dim 0 (FSDP2's layout) reads only this rank's rows of its
+    tensor (`_own_rows`): with plain file reads into its shard (`_read_rows`), else from a
+    safetensors slice; any other sharded one is read whole, one at a time, and keeps its chunk
+    (`distribute_tensor` without communication, the chunking FSDP itself uses); a whole one takes
+    it all. Buffers are put back from `buffers`, unless the checkpoint holds them (persistent ones)."""
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -373,8 +373,8 @@ def _read_rows(path: str, key: str, rows: tuple[int, int], out: torch.Tensor, he
 def save_shards(model, optimizer, path) -> None:
     """A sharded checkpoint's tensors (`--checkpoint-format sharded`): every process writes its own
     shards of the trainable weights and of the optimizer state into directory `path` with
-    torch.distributed.checkpoint (a tensor every rank holds whole is written once). Nothing is gathered. Under torchrun every rank must call (DCP coordinates them); it
-    returns once every rank's files are written and fsynced and rank 0 wrote the index."""
+    torch.distributed.checkpoint (a tensor every rank holds whole is written once). Nothing is
+    gathered. Under torchrun every rank must call (DCP coordinates them); it returns once every rank's files are written and fsynced and rank 0 wrote the index."""
     import torch.distributed.checkpoint as dcp
 
     with _dcp_quiet():

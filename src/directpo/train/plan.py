@@ -222,7 +222,7 @@ def memory_plan(s: Shape, cfg: PlanConfig) -> dict:
     total = sum(parts.values())
     budget = cfg.memory_per_device * GiB * USABLE
     # FSDP: a rank reads its own rows of each tensor straight into its shards (`_fill_shards`)
-    setup = 4 * s.params / w + (4 * trainable / w if cfg.lora_r else 0) if cfg.fsdp else total
+    setup = weights if cfg.fsdp else total
     return {"parts": {k: int(v) for k, v in parts.items()}, "host": {k: int(v) for k, v in host.items()},
             "total": int(total), "budget": int(budget), "setup_rank0": int(setup),
             "fits": total <= budget and setup <= budget, "largest_micro_batch": largest_micro_batch(s, cfg, parts,
