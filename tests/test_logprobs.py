@@ -90,6 +90,36 @@ def test_label_logprobs_chunking_and_gradcheck():
     assert torch.isfinite(got).all() and torch.allclose(got.double(), ref32, rtol=1e-5, atol=1e-2)
 
 
+def test_label_logprobs_kept_chunk_gives_the_recomputed_gradients():
+    """With gradients on, the forward keeps its last chunk's exp(l − max) for the backward instead of
+    recomputing the logits: the same gradients (fp64, every chunking, bias or not), and a second
+    backward through the same graph (retain_graph) recomputes and agrees too."""
+    from directpo.logprobs import _LabelLogProbs
+
+    torch.manual_seed(1)
+    for bias in (True, False):
+        head = nn.Linear(6, 13, bias=bias).double()
+        h = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+        labels = torch.randint(0, 13, (9,))
+        g = torch.randn(9, dtype=torch.float64)
+        params = [h, head.weight] + ([head.bias] if bias else [])
+        for chunk in (1, 4, 9, 50):
+            grads = {}
+            for keep in (False, True):
+                out = _LabelLogProbs.apply(h, head.weight, head.bias, labels, chunk, keep)
+                grads[keep] = torch.autograd.grad(out, params, g, retain_graph=True)
+                again = torch.autograd.grad(out, params, g)
+                for a, b in zip(grads[keep], again):
+                    assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+            for a, b in zip(grads[False], grads[True]):
+                assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), (bias, chunk)
+    # label_logprobs keeps the buffer when a gradient is wanted, and the backward lets it go
+    out = label_logprobs(h, head, labels, chunk=4)
+    assert out.grad_fn.kept is not None and out.grad_fn.kept[0].shape == (1, 13)  # the last chunk: row 9
+    out.sum().backward()
+    assert out.grad_fn.kept is None
+
+
 def _apply(h, w, b, labels):
     from directpo.logprobs import _LabelLogProbs
     return _LabelLogProbs.apply(h, w, b, labels, 3)

@@ -9,7 +9,8 @@ log_softmax) alive until backward. DPO only needs the log-prob of each *label* t
 2. gather only the positions whose next token is a response label (prompt and padding never reach
    the LM head — for HH-RLHF that skips ~70 % of the head's work);
 3. push those through the LM head in chunks, keeping per chunk only the label logit and the
-   logsumexp; the backward pass recomputes each chunk's logits instead of storing them.
+   logsumexp; the backward pass recomputes each chunk's logits instead of storing them (all but the
+   last chunk's: its buffer stays for the backward, which needs one such buffer anyway).
 
 Peak memory of the head is then O(chunk × vocab), independent of batch size and length.
 
@@ -45,17 +46,25 @@ class _LabelLogProbs(torch.autograd.Function):
     """log softmax(h @ W.T + b)[label] for each row of h, computed and differentiated in chunks."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk):
+    def forward(ctx, hidden, weight, bias, labels, chunk, keep=False):
         n = hidden.shape[0]
         acc = _acc_dtype(hidden)
         out = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         w = weight.to(hidden.dtype)
         b = None if bias is None else bias.to(hidden.dtype)
+        ctx.kept = None
         for s in range(0, n, chunk):
             logits = _logits(hidden[s:s + chunk], w, b)
-            lse[s:s + chunk] = _logsumexp_(logits, out[s:s + chunk], labels[s:s + chunk])
+            sums = _exp_shifted_(logits, out[s:s + chunk], labels[s:s + chunk], lse[s:s + chunk])
             out[s:s + chunk] -= lse[s:s + chunk]
+            if keep and s + chunk >= n:
+                # The last chunk's buffer now holds exp(l − max) per row: its softmax is that over the
+                # row's sum, so the backward starts from it instead of recomputing the chunk's logits
+                # (one (chunk × hidden × vocab) matmul and two passes over the chunk fewer). It adds
+                # nothing to the peak: the backward needs one such buffer anyway, and the backbone's
+                # activations are already at their largest here.
+                ctx.kept = (logits, sums)
             del logits  # before the next chunk's logits exist
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.chunk = chunk
@@ -65,6 +74,7 @@ class _LabelLogProbs(torch.autograd.Function):
     def backward(ctx, grad_out):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         chunk = ctx.chunk
+        kept, ctx.kept = ctx.kept, None  # consumed in place: a second backward (retain_graph) recomputes
         w = weight.to(hidden.dtype)
         b = None if bias is None else bias.to(hidden.dtype)
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
@@ -72,14 +82,22 @@ class _LabelLogProbs(torch.autograd.Function):
         acc = _acc_dtype(hidden)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
-        for s in range(0, hidden.shape[0], chunk):
+        starts = list(range(0, hidden.shape[0], chunk))
+        if kept is not None:  # the kept (last) chunk first, so that it is freed before another exists
+            starts = starts[-1:] + starts[:-1]
+        for s in starts:
             h = hidden[s:s + chunk]
             g = grad_out[s:s + chunk, None].to(acc)
             # d logp[label] / d logits = onehot(label) − softmax(logits), built in place in the
             # chunk's logits: one (chunk × vocab) buffer instead of four (logits, shifted, probs,
-            # their product), and the same numbers (exp(l − lse) · (−g) = −exp(l − lse) · g exactly)
-            dlogits = _logits(h, w, b)
-            dlogits.sub_(lse[s:s + chunk, None]).exp_().mul_(-g)
+            # their product)
+            if kept is not None and s == starts[0]:
+                dlogits, sums = kept
+                kept = None
+                dlogits.mul_(g.neg().div_(sums[:, None]))  # exp(l − max) · (−g / Σ exp(l − max))
+            else:
+                dlogits = _logits(h, w, b)
+                dlogits.sub_(lse[s:s + chunk, None]).exp_().mul_(-g)  # exp(l − lse) · (−g)
             dlogits.scatter_add_(1, labels[s:s + chunk, None], g)
             dl = dlogits.to(hidden.dtype)
             if need_h:
@@ -93,18 +111,22 @@ class _LabelLogProbs(torch.autograd.Function):
                 grad_b += dlogits.sum(0)
             del dlogits, dl  # before the next chunk's logits exist
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
 
 
-def _logsumexp_(logits: torch.Tensor, label_out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """logsumexp of each row, consuming `logits` in place, after copying each row's label logit
-    into `label_out`: `torch.logsumexp` would allocate a second (chunk × vocab) buffer for
-    exp(logits − max), doubling the head's forward peak (32 → 64 MiB per chunk in fp32)."""
+def _exp_shifted_(logits: torch.Tensor, label_out: torch.Tensor, labels: torch.Tensor,
+                  lse_out: torch.Tensor) -> torch.Tensor:
+    """Each row's logsumexp into `lse_out`, consuming `logits` in place, after copying each row's
+    label logit into `label_out`; returns Σ exp(l − max) per row, and leaves exp(l − max) in
+    `logits`. `torch.logsumexp` would allocate a second (chunk × vocab) buffer for exp(logits − max),
+    doubling the head's forward peak (32 → 64 MiB per chunk in fp32)."""
     label_out.copy_(logits.gather(1, labels[:, None]).squeeze(1))
     top = logits.amax(dim=-1, keepdim=True)
     # a row of −inf (or +inf) logits would give inf − inf = NaN; torch.logsumexp shifts by 0 there
     top.masked_fill_(~torch.isfinite(top), 0)
-    return logits.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(1))
+    sums = logits.sub_(top).exp_().sum(dim=-1)
+    torch.log(sums, out=lse_out).add_(top.squeeze(1))
+    return sums
 
 
 def _acc_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -128,8 +150,9 @@ def label_logprobs(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tenso
     # Under bf16 autocast the hidden states arrive in fp32 (the residual stream stays fp32), so the
     # head stays fp32 too: a bf16 head put the tiny test model's per-sequence log-probs ~5× further
     # from fp32's (7e-3 against 1.5e-3), for 5-17 % of a step's matmul FLOPs (bench `base`, `small`).
+    keep = torch.is_grad_enabled() and (hidden.requires_grad or lm_head.weight.requires_grad)
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        return _LabelLogProbs.apply(hidden, lm_head.weight, lm_head.bias, labels, chunk)
+        return _LabelLogProbs.apply(hidden, lm_head.weight, lm_head.bias, labels, chunk, keep)
 
 
 def head_logprobs(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

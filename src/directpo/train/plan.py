@@ -33,7 +33,8 @@ adapters; H = the LM head's parameters, b = a block's):
                      2i the MLP's gate and up (the lean SwiGLU of `directpo.fused` keeps those two)
                  summed over the layers, plus 4·t·h (embeddings and final hidden state) and the LM
                  head's backward: one 32 MiB chunk of fp32 logits at a time (turned into their
-                 gradient in place) and, when the head trains (not under LoRA), its gradient of
+                 gradient in place; the forward's last chunk stays alive until then, the
+                 backward's first) and, when the head trains (not under LoRA), its gradient of
                  this micro-batch, 4·V·h, beside the accumulated one (the chunks' products are
                  accumulated inside the matmul, `addmm_`). With activation
                  checkpointing each layer keeps its input only, 4·t·h, and one layer at a time is
