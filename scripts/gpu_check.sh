@@ -13,7 +13,10 @@
 #   with gradients; bf16 log-probs within 1e-2 of fp32; a CUDA run follows the CPU run and `auto`
 #   picks bf16), (2) builds a Qwen2-0.5B-shaped model with random weights on the GPU machine and
 #   (3) runs `directpo bench --device cuda` against TRL on it (bf16 and fp32, same run). Results
-#   come back in $OUT: gpu.txt, tests.txt, bench.log, gpu-qwen2-0.5b.json.
+#   come back in $OUT: gpu.txt, tests.txt, bench.log, gpu-qwen2-0.5b.json. Budgets inside the
+#   540 s: tests 150 s (FlexAttention compiles), the model ~30 s, the bench 330 s (five runs:
+#   directpo fp32 and bf16, TRL fp32 live reference, precomputed fp32 and bf16); a bench cut short
+#   still leaves each finished run's line in bench.log.
 # `bash scripts/gpu_check.sh dry-run` does (2) and (3) here on the CPU with a 2-layer stand-in, to
 # check the script itself.
 set -uo pipefail
@@ -53,13 +56,13 @@ run|dry-run)
   $PY -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__,
 'trl', trl.__version__)" >> "$OUT/gpu.txt" 2>&1
   if [ "$MODE" = run ]; then  # (1) the CUDA paths against the CPU ones
-    timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$OUT/tests.txt" 2>&1
+    timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$OUT/tests.txt" 2>&1
     echo "tests exit $?" >> "$OUT/tests.txt"
   fi
   # (2) the model: built here, random weights (seeded), the tokenizer prepared beside the data
   $PY scripts/gpu_model.py model /tmp/gpu-model .gpu/tokenizer "$MODEL_SIZE" > "$OUT/bench.log" 2>&1 || exit 1
   # (3) directpo vs TRL on it, same run (the bench itself picks bf16 where the device runs it fast)
-  timeout 420 $PY -m directpo bench --device "$DEVICE" --model /tmp/gpu-model \
+  timeout 330 $PY -m directpo bench --device "$DEVICE" --model /tmp/gpu-model \
     --data .gpu/shared/data/hh-rlhf/harmless-base-test.jsonl.gz --batch 8 --max-length 512 --steps 10 --rounds 1 \
     --out "$OUT/gpu-$MODEL_SIZE.json" >> "$OUT/bench.log" 2>&1
   echo "bench exit $?" >> "$OUT/bench.log"
