@@ -137,6 +137,12 @@ def test_bench_directpo_end_to_end(tiny_model, tmp_path, capsys):
     assert res["pct_of_peak"] == pytest.approx(100 * res["gflops"] / r["matmul_peak_gflops"]["fp32"])
     assert r["comparison"] is None  # no TRL run
     assert r["vocab_sweep"] == []
+    # the kind of CPU is recorded and printed: its bf16-relevant flags and torch's vector ISA
+    from directpo.precision import cpu_identity
+
+    ident = cpu_identity()
+    assert r["machine"]["cpu_flags"] == ident["flags"] and r["machine"]["cpu_isa"] == ident["isa"]
+    assert f"torch ISA {ident['isa']}" in printed
 
 
 @pytest.mark.slow

@@ -130,6 +130,13 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _cpu_kind(machine: dict) -> str:
+    """"; flags avx2, torch ISA AVX2" for a CPU (what decides its bf16 speed); "" elsewhere."""
+    if "cpu_flags" not in machine:
+        return ""
+    return f"; flags {' '.join(machine['cpu_flags']) or 'none of ' + 'avx2/avx512/amx'}, torch ISA {machine['cpu_isa']}"
+
+
 def _header_lines(r: dict) -> list[str]:
     s, m, p = r["settings"], r["model"], r["matmul_peak_gflops"]
     lines = [f"directpo bench: {s['model']} ({m['params'] / 1e6:.1f}M params, {m['nonemb_params'] / 1e6:.2f}M "
@@ -137,7 +144,8 @@ def _header_lines(r: dict) -> list[str]:
              f"  {s['pairs']} pairs from {s['data']}, batch {s['batch']}, max_length {s['max_length']}, "
              f"{s['steps_timed']} timed steps + 1 warm-up" +
              (f", {s['rounds']} round(s), median over rounds" if r["results"] else ""),
-             f"  {r['machine']['device']} ({r['machine']['device_name']}), {r['machine']['threads']} threads; "
+             f"  {r['machine']['device']} ({r['machine']['device_name']}{_cpu_kind(r['machine'])}), "
+             f"{r['machine']['threads']} threads; "
              f"matmul peak fp32 {p['fp32']:.3g} GFLOP/s, bf16 {p['bf16']:.3g} GFLOP/s (best of a probe before and "
              "after the runs)",
              f"  {r['bf16']['reason']}"]

@@ -426,6 +426,11 @@ def run_bench(args) -> dict:
             shutil.rmtree(work, ignore_errors=True)
     machine = {"device": str(device), "device_name": _device_name(device), "threads": torch.get_num_threads(),
                "platform": platform.platform()}
+    if device.type == "cpu":  # which kind of CPU: its bf16-relevant flags decide bf16's speed
+        from ..precision import cpu_identity
+
+        ident = cpu_identity()
+        machine.update(cpu_flags=ident["flags"], cpu_isa=ident["isa"])
     out = {"directpo_version": __version__, "versions": _versions(), "machine": machine,
            "settings": _settings(args, systems, sweep), "model": asdict(dims),
            "matmul_peak_gflops": measured["matmul_peak_gflops"], "bf16": measured["bf16"],
