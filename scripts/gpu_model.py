@@ -22,23 +22,16 @@ SIZES = {  # hidden, layers, heads, kv heads, intermediate, vocab
 
 
 def tokenizer(out: str, hh: str) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from directpo.toy import train_tokenizer
 
     texts = []
     with gzip.open(hh, "rt") as f:
         for line in f:
             row = json.loads(line)
             texts += [row["chosen"], row["rejected"]]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=8192, special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>",
-                            eos_token="<|eos|>").save_pretrained(out)
-    print(f"tokenizer: {tok.get_vocab_size()} entries, saved to {out}")
+    tok = train_tokenizer(texts, vocab_size=8192)
+    tok.save_pretrained(out)
+    print(f"tokenizer: {len(tok)} entries, saved to {out}")
 
 
 def model(out: str, tokenizer_dir: str, size: str) -> None:

@@ -91,7 +91,7 @@ class _LabelLogProbs(torch.autograd.Function):
             # d logp[label] / d logits = onehot(label) − softmax(logits), built in place in the
             # chunk's logits: one (chunk × vocab) buffer instead of four (logits, shifted, probs,
             # their product)
-            if kept is not None and s == starts[0]:
+            if kept is not None:  # (the first chunk of the loop: the one kept)
                 dlogits, sums = kept
                 kept = None
                 dlogits.mul_(g.neg().div_(sums[:, None]))  # exp(l − max) · (−g / Σ exp(l − max))

@@ -12,6 +12,7 @@ on them measures whether DPO learned the preference rather than memorising pairs
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from pathlib import Path
 
 from .data.formats import write_jsonl  # noqa: F401  (re-exported: `directpo.toy.write_jsonl` writes task files)
@@ -87,19 +88,16 @@ def template_fill(template: str, a: str, b: str, c: str) -> str:
     return template.format(a=a, b=b, c=c, A=a.capitalize())
 
 
-def build_tiny_model(out_dir: str | Path, texts: list[str], hidden: int = 64, layers: int = 2, heads: int = 4,
-                     intermediate: int | None = None, vocab_size: int = 512, seed: int = 0,
-                     chat_template: str | None = None, add_bos: bool = False) -> Path:
-    """Train a byte-level BPE tokenizer on `texts` and save it with a random Llama of the given size.
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, chat_template: str | None = None,
+                    add_bos: bool = False):
+    """A byte-level BPE tokenizer trained on `texts` (specials <|pad|>, <|bos|>, <|eos|>), as a
+    `PreTrainedTokenizerFast`.
 
     `add_bos`: the tokenizer starts every text with <|bos|> (as Llama's does), so a model trained on
     whole texts sees the same first token when it is later given a prompt."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -115,6 +113,20 @@ def build_tiny_model(out_dir: str | Path, texts: list[str], hidden: int = 64, la
                                    eos_token="<|eos|>")
     if chat_template is not None:
         fast.chat_template = chat_template
+    return fast
+
+
+def build_tiny_model(out_dir: str | Path, texts: list[str], hidden: int = 64, layers: int = 2, heads: int = 4,
+                     intermediate: int | None = None, vocab_size: int = 512, seed: int = 0,
+                     chat_template: str | None = None, add_bos: bool = False) -> Path:
+    """Train a byte-level BPE tokenizer on `texts` (`train_tokenizer`) and save it with a random
+    Llama of the given size."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fast = train_tokenizer(texts, vocab_size, chat_template, add_bos)
     fast.save_pretrained(out)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, num_hidden_layers=layers,

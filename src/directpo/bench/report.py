@@ -134,7 +134,7 @@ def _cpu_kind(machine: dict) -> str:
     """"; flags avx2, torch ISA AVX2" for a CPU (what decides its bf16 speed); "" elsewhere."""
     if "cpu_flags" not in machine:
         return ""
-    return f"; flags {' '.join(machine['cpu_flags']) or 'none of ' + 'avx2/avx512/amx'}, torch ISA {machine['cpu_isa']}"
+    return f"; flags {' '.join(machine['cpu_flags']) or 'none of avx2/avx512/amx'}, torch ISA {machine['cpu_isa']}"
 
 
 def _header_lines(r: dict) -> list[str]:

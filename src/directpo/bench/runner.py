@@ -333,18 +333,19 @@ def _versions() -> dict:
     return v
 
 
-def _device_name(device) -> str:
+def _machine(device) -> dict:
+    """The device, its name and torch's threads; on a CPU also what decides its bf16 speed: its
+    bf16-relevant flags and torch's vector ISA (`precision.cpu_identity`)."""
     import torch
 
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from ..precision import cpu_identity
+
+    cpu = None if device.type == "cuda" else cpu_identity()
+    machine = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if cpu is None else cpu["cpu"],
+               "threads": torch.get_num_threads(), "platform": platform.platform()}
+    if cpu is not None:
+        machine.update(cpu_flags=cpu["flags"], cpu_isa=cpu["isa"])
+    return machine
 
 
 def _check_args(args) -> tuple[list[str], list[int]]:
@@ -424,14 +425,7 @@ def run_bench(args) -> dict:
     finally:
         if not args.keep_work:
             shutil.rmtree(work, ignore_errors=True)
-    machine = {"device": str(device), "device_name": _device_name(device), "threads": torch.get_num_threads(),
-               "platform": platform.platform()}
-    if device.type == "cpu":  # which kind of CPU: its bf16-relevant flags decide bf16's speed
-        from ..precision import cpu_identity
-
-        ident = cpu_identity()
-        machine.update(cpu_flags=ident["flags"], cpu_isa=ident["isa"])
-    out = {"directpo_version": __version__, "versions": _versions(), "machine": machine,
+    out = {"directpo_version": __version__, "versions": _versions(), "machine": _machine(device),
            "settings": _settings(args, systems, sweep), "model": asdict(dims),
            "matmul_peak_gflops": measured["matmul_peak_gflops"], "bf16": measured["bf16"],
            "definitions": dict(DEFINITIONS), "results": measured["results"], "comparison": measured["comparison"],

@@ -374,7 +374,8 @@ def save_shards(model, optimizer, path) -> None:
     """A sharded checkpoint's tensors (`--checkpoint-format sharded`): every process writes its own
     shards of the trainable weights and of the optimizer state into directory `path` with
     torch.distributed.checkpoint (a tensor every rank holds whole is written once). Nothing is
-    gathered. Under torchrun every rank must call (DCP coordinates them); it returns once every rank's files are written and fsynced and rank 0 wrote the index."""
+    gathered. Under torchrun every rank must call (DCP coordinates them); it returns once every
+    rank's files are written and fsynced and rank 0 wrote the index."""
     import torch.distributed.checkpoint as dcp
 
     with _dcp_quiet():
