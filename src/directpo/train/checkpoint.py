@@ -72,6 +72,18 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if n in names}
 
 
+# How an optimizer computes its step (torch's fused kernel, its foreach loop) belongs to the process
+# that runs it, not to the state: a one-process run uses fused AdamW, an FSDP run (DTensor
+# parameters) does not, and each must resume the other's checkpoint with its own kernel. The
+# kernel is the same update, so checkpoints leave it out and loading keeps the optimizer's own.
+KERNEL_CHOICE = ("fused", "foreach")
+
+
+def _without_kernel_choice(optim_state: dict) -> dict:
+    groups = [{k: v for k, v in g.items() if k not in KERNEL_CHOICE} for g in optim_state.get("param_groups", [])]
+    return {**optim_state, "param_groups": groups}
+
+
 def save_checkpoint(output_dir: str | Path, step: int, epoch: int, model, optimizer, scheduler, config: dict,
                     keep_last: int = 0, state: tuple[dict, dict] | None = None, extra: dict | None = None) -> Path:
     """`state`: (weights, optimizer state) already gathered from a sharded model (`Dist.gather_state`);
@@ -83,7 +95,8 @@ def save_checkpoint(output_dir: str | Path, step: int, epoch: int, model, optimi
     _fresh_dir(tmp)
     try:
         save_file(weights, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        torch.save({"optimizer": _without_kernel_choice(optim_state), "scheduler": scheduler.state_dict()},
+                   tmp / "optimizer.pt")
         _finish(tmp, final, step, epoch, config, extra)
     except BaseException as e:
         _failed(e, tmp, final)
@@ -168,12 +181,15 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, shards=None) 
     the number of processes that wrote it; under torchrun every rank must call this."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
+    kernels = [{k: g[k] for k in KERNEL_CHOICE if k in g} for g in optimizer.param_groups]
     if (path / SHARDS).is_dir():
         load_shards(model, optimizer, path / SHARDS)
         scheduler_file = path / "scheduler.pt"
     else:
         _load_whole(path, model, optimizer, shards)
         scheduler_file = path / "optimizer.pt"
+    for group, kernel in zip(optimizer.param_groups, kernels):
+        group.update(kernel)  # this process's choice, not the writer's (see KERNEL_CHOICE)
     # mmap: the other ranks read just the (small) scheduler state, not the optimizer's tensors
     scheduler.load_state_dict(torch.load(scheduler_file, weights_only=True, mmap=True)["scheduler"])
     rng = torch.load(path / "rng.pt", weights_only=True)

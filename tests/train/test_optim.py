@@ -1,0 +1,82 @@
+"""The optimizers `build_optimizer` makes: the paper's RMSprop, AdamW through torch's fused kernel."""
+import pytest
+import torch
+
+from directpo.train.optim import build_optimizer, warmup_schedule
+
+
+def _params(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in ((17, 5), (5,), (3, 4, 2))]
+
+
+def _run(params, opt, steps: int = 4) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def test_adamw_is_fused_and_matches_torchs_reference_loop():
+    fused = _params()
+    opt = build_optimizer(fused, "adamw", 1e-2, weight_decay=0.1)
+    assert opt.param_groups[0]["fused"] is True
+    loop = _params()
+    ref = torch.optim.AdamW(loop, lr=1e-2, weight_decay=0.1, foreach=False)
+    after, expected = _run(fused, opt), _run(loop, ref)
+    for a, b, start in zip(after, expected, _params()):
+        assert (a - start).abs().max() > 1e-3  # the steps moved every tensor
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_frozen_parameters_are_left_out_and_subclasses_unfused():
+    frozen = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    opt = build_optimizer([*_params(), frozen], "adamw", 1e-2)
+    assert all(p is not frozen for p in opt.param_groups[0]["params"])
+    # a subclass the fused kernel does not know (as FSDP's DTensor) keeps torch's default
+    class Odd(torch.Tensor):
+        pass
+    odd = torch.ones(3).as_subclass(Odd).requires_grad_()
+    assert not build_optimizer([odd], "adamw", 1e-2).param_groups[0]["fused"]
+
+
+def test_rmsprop_is_the_papers_and_warmup_is_linear():
+    params = _params()
+    opt = build_optimizer(params, "rmsprop", 1e-6)
+    assert isinstance(opt, torch.optim.RMSprop)
+    sched = warmup_schedule(opt, 4)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1e-6 * f for f in (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)])
+
+
+def test_a_checkpoint_keeps_the_state_and_leaves_the_kernel_choice_to_the_loader(tmp_path):
+    """A fused run's checkpoint resumes under an unfused optimizer (as FSDP's) and back, each with
+    its own kernel, and continues as the uninterrupted run does."""
+    from directpo.train.checkpoint import load_checkpoint, save_checkpoint
+
+    model = torch.nn.Linear(5, 3)
+    opt = build_optimizer(model.parameters(), "adamw", 1e-2)
+    sched = warmup_schedule(opt, 2)
+    _run(list(model.parameters()), opt, steps=2)
+    path = save_checkpoint(tmp_path, 2, 0, model, opt, sched, config={})
+    saved = torch.load(path / "optimizer.pt", weights_only=True)["optimizer"]
+    assert "fused" not in saved["param_groups"][0] and saved["state"]
+
+    other = torch.nn.Linear(5, 3)
+    loop = torch.optim.AdamW(other.parameters(), lr=5.0, foreach=False)
+    load_checkpoint(path, other, loop, warmup_schedule(loop, 2))
+    assert loop.param_groups[0]["fused"] is None and loop.param_groups[0]["foreach"] is False
+    assert loop.param_groups[0]["lr"] == opt.param_groups[0]["lr"]  # the state itself came back
+    fresh = torch.nn.Linear(5, 3)
+    again = build_optimizer(fresh.parameters(), "adamw", 1e-2)
+    load_checkpoint(path, fresh, again, warmup_schedule(again, 2))
+    assert again.param_groups[0]["fused"] is True
+    a, b = _run(list(model.parameters()), opt, 2), _run(list(fresh.parameters()), again, 2)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
