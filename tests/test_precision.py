@@ -3,6 +3,8 @@ cache, and what a run records and keeps on resume. The probe and the device are 
 tests must give the same answers on every kind of machine."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -128,21 +130,61 @@ def test_the_test_suite_pins_fp32():
 
 
 def test_the_probe_runs_and_leaves_the_global_rng_alone(monkeypatch):
-    monkeypatch.delenv(P.ONEDNN_CACHE_ENV, raising=False)
+    for name in P.ONEDNN_CACHES:
+        monkeypatch.delenv(name, raising=False)
     state = torch.get_rng_state()
     fp32, bf16 = P.probe_matmul_gflops(shape=(64, 64, 64), reps=1)
     assert fp32 > 0 and bf16 > 0
     assert torch.equal(torch.get_rng_state(), state)
-    assert os.environ[P.ONEDNN_CACHE_ENV] == P.ONEDNN_CACHE_CAPACITY  # bounded before the first bf16 matmul
+    # both caches bounded before the first bf16 matmul
+    assert {n: os.environ[n] for n in P.ONEDNN_CACHES} == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128",
+                                                          "LRU_CACHE_CAPACITY": "128"}
 
 
-def test_the_onednn_cache_bound_respects_the_users_own(monkeypatch):
-    monkeypatch.setenv(P.ONEDNN_CACHE_ENV, "7")
+def test_the_onednn_cache_bounds_respect_the_users_own(monkeypatch):
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "7")
+    monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
     P.resolve_precision("bf16", "cpu")
-    assert os.environ[P.ONEDNN_CACHE_ENV] == "7"
-    monkeypatch.delenv(P.ONEDNN_CACHE_ENV)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "7" and os.environ["LRU_CACHE_CAPACITY"] == "128"
+    for name in P.ONEDNN_CACHES:
+        monkeypatch.delenv(name)
     P.resolve_precision("fp32", "cpu")  # fp32 never reaches oneDNN's matmuls: nothing set
-    assert P.ONEDNN_CACHE_ENV not in os.environ
+    assert not set(P.ONEDNN_CACHES) & set(os.environ)
+
+
+ONEDNN_PROBE = """
+import sys, torch
+from directpo.precision import limit_onednn_cache
+if sys.argv[1] == "bounded":
+    limit_onednn_cache()
+def rss():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
+w = torch.randn(688, 256).to_mkldnn()
+def new_shapes(rows):
+    for m in rows:
+        torch._C._nn.mkldnn_linear(torch.randn(m, 256).to_mkldnn(), w, None)
+new_shapes(range(200, 400))  # more shapes than a bounded cache holds
+r0 = rss()
+new_shapes(range(400, 700))
+print(rss() - r0)
+"""
+
+
+@pytest.mark.skipif(not (sys.platform == "linux" and torch.backends.mkldnn.is_available()),
+                    reason="needs oneDNN and /proc")
+def test_bounded_onednn_caches_stop_the_growth_of_new_matmul_shapes():
+    """What the bounds are for: primitives compiled for shapes used once pile up in both caches.
+    (fp32 through ideep's inner product here: bf16's matmul takes the same caches on CPUs with
+    native bf16, which this machine may lack.) Once 200 shapes have filled the bounded caches, 300
+    more grow the default process by hundreds of MiB and the bounded one by next to nothing."""
+    grown = {}
+    for mode in ("default", "bounded"):
+        env = {k: v for k, v in os.environ.items() if k not in P.ONEDNN_CACHES}
+        out = subprocess.run([sys.executable, "-c", ONEDNN_PROBE, mode], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        grown[mode] = int(out.stdout.split()[-1])
+    assert grown["default"] > 3 * grown["bounded"] + 50, grown
 
 
 # ----------------------------------------------------------------------------------------------

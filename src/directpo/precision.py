@@ -33,11 +33,15 @@ PROBE_SHAPE = (512, 512, 512)  # (tokens, in, out) of one probe matmul: a small 
 CACHE_FILE = "precision.json"
 # CPU flags that decide how fast a bf16 matmul can be (/proc/cpuinfo names)
 BF16_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "avx_vnni")
-# oneDNN (the library behind torch's bf16 matmuls and attention on CPU) caches one compiled
-# primitive per matmul shape, 1024 by default. Micro-batches of varying length give nearly every
-# step new shapes, so the cache fills with primitives used once; this bounds it (an LRU: the shapes
-# that recur, such as the LM head's chunks, stay cached). Set only when the user has not.
-ONEDNN_CACHE_ENV, ONEDNN_CACHE_CAPACITY = "ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128"
+# oneDNN (the library behind torch's bf16 matmuls on CPU) compiles one primitive per matmul shape
+# and two caches keep them, 1024 each by default: oneDNN's own and that of ideep, the C++ layer
+# torch calls oneDNN through (its matmul and inner-product operators). Micro-batches of varying
+# length give nearly every step new shapes, so both fill with primitives used once, a few hundred
+# KiB each: 800 distinct shapes of one projection grew a process by 990 MiB with the defaults, 353
+# MiB with oneDNN's cache alone bounded, 40 MiB with both (docs/results/bench/onednn-caches.md).
+# These bound both (LRU caches: the shapes that recur, such as the LM head's chunks, stay cached).
+# Set only when the user has not.
+ONEDNN_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "128"}
 
 _decided: dict[str, tuple[str, str]] = {}  # per device kind: the decision of this process, logged once
 
@@ -198,6 +202,7 @@ def probe_matmul_gflops(shape: tuple[int, int, int] = PROBE_SHAPE, reps: int = 3
 
 
 def limit_onednn_cache() -> None:
-    """Bound oneDNN's primitive cache before the first bf16 matmul on the CPU (see
-    ONEDNN_CACHE_CAPACITY); oneDNN reads the variable once, when it creates the cache."""
-    os.environ.setdefault(ONEDNN_CACHE_ENV, ONEDNN_CACHE_CAPACITY)
+    """Bound oneDNN's and ideep's primitive caches before the first bf16 matmul on the CPU (see
+    ONEDNN_CACHES); each library reads its variable once, when it creates its cache."""
+    for name, capacity in ONEDNN_CACHES.items():
+        os.environ.setdefault(name, capacity)
