@@ -3,7 +3,6 @@ cache, and what a run records and keeps on resume. The probe and the device are 
 tests must give the same answers on every kind of machine."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -152,24 +151,6 @@ def test_the_onednn_cache_bounds_respect_the_users_own(monkeypatch):
     assert not set(P.ONEDNN_CACHES) & set(os.environ)
 
 
-ONEDNN_PROBE = """
-import sys, torch
-from directpo.precision import limit_onednn_cache
-if sys.argv[1] == "bounded":
-    limit_onednn_cache()
-def rss():
-    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
-w = torch.randn(688, 256).to_mkldnn()
-def new_shapes(rows):
-    for m in rows:
-        torch._C._nn.mkldnn_linear(torch.randn(m, 256).to_mkldnn(), w, None)
-new_shapes(range(200, 400))  # more shapes than a bounded cache holds
-r0 = rss()
-new_shapes(range(400, 700))
-print(rss() - r0)
-"""
-
-
 @pytest.mark.skipif(not (sys.platform == "linux" and torch.backends.mkldnn.is_available()),
                     reason="needs oneDNN and /proc")
 def test_bounded_onednn_caches_stop_the_growth_of_new_matmul_shapes():
@@ -177,14 +158,11 @@ def test_bounded_onednn_caches_stop_the_growth_of_new_matmul_shapes():
     (fp32 through ideep's inner product here: bf16's matmul takes the same caches on CPUs with
     native bf16, which this machine may lack.) Once 200 shapes have filled the bounded caches, 300
     more grow the default process by hundreds of MiB and the bounded one by next to nothing."""
-    grown = {}
-    for mode in ("default", "bounded"):
-        env = {k: v for k, v in os.environ.items() if k not in P.ONEDNN_CACHES}
-        out = subprocess.run([sys.executable, "-c", ONEDNN_PROBE, mode], env=env, capture_output=True,
-                             text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-        grown[mode] = int(out.stdout.split()[-1])
-    assert grown["default"] > 3 * grown["bounded"] + 50, grown
+    from directpo.bench.onednn import growth_mib
+
+    grown = {mode: growth_mib(range(400, 700), warm=range(200, 400), setting=mode)
+             for mode in ("library defaults", "directpo (both caches 128)")}
+    assert grown["library defaults"] > 3 * grown["directpo (both caches 128)"] + 50, grown
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,11 +36,11 @@ BF16_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "amx_
 # oneDNN (the library behind torch's bf16 matmuls on CPU) compiles one primitive per matmul shape
 # and two caches keep them, 1024 each by default: oneDNN's own and that of ideep, the C++ layer
 # torch calls oneDNN through (its matmul and inner-product operators). Micro-batches of varying
-# length give nearly every step new shapes, so both fill with primitives used once, a few hundred
-# KiB each: 800 distinct shapes of one projection grew a process by 990 MiB with the defaults, 353
-# MiB with oneDNN's cache alone bounded, 40 MiB with both (docs/results/bench/onednn-caches.md).
-# These bound both (LRU caches: the shapes that recur, such as the LM head's chunks, stay cached).
-# Set only when the user has not.
+# length give nearly every step new shapes, so both fill with primitives used once, about half a
+# MiB each: 800 new shapes of one projection grew a process by 860-1064 MiB with the defaults,
+# 320-329 with oneDNN's cache alone bounded, 86-131 with both (`python -m directpo.bench.onednn`,
+# docs/results/bench/onednn-caches.md). These bound both (LRU caches: the shapes that recur, such
+# as the LM head's chunks, stay cached). Set only when the user has not.
 ONEDNN_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "128"}
 
 _decided: dict[str, tuple[str, str]] = {}  # per device kind: the decision of this process, logged once

@@ -6,6 +6,7 @@ pairs and hardware, each run in its own subprocess.
     trl      the TRL side (TRL is imported only there, lazily)
     flops    model shapes, the model-FLOP count, the matmul peak probe, the bf16 decision
     report   per-run summaries, medians, the directpo vs TRL comparison, the printed table
+    onednn   how much oneDNN's primitive caches keep as matmul shapes change (`python -m directpo.bench.onednn`)
 """
 from .runner import run_bench
 
