@@ -29,7 +29,8 @@ def _run(model, ids, lean, dtype=None, swap=lean_mlp, swapped=None):
             else:
                 out = model(input_ids=ids).logits
     (out.float().square().mean()).backward()
-    return out.detach().float(), {k: p.grad.clone() for k, p in model.named_parameters()}, sum(saved)
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return out.detach().float(), grads, sum(saved)
 
 
 def test_same_outputs_and_gradients_fewer_saved(llama):
@@ -69,7 +70,7 @@ def test_only_plain_swiglu_mlps_qualify(llama):
     from peft import LoraConfig, get_peft_model
 
     lora = get_peft_model(llama, LoraConfig(r=2, target_modules=["down_proj"]))
-    assert not _qualifies(lora.base_model.model.model.layers[0].mlp)  # a LoRA-wrapped projection
+    assert _qualifies(lora.base_model.model.model.layers[0].mlp)  # a LoRA-wrapped down projection
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
@@ -136,3 +137,81 @@ def test_lean_norm_gradcheck_and_which_norms_qualify(llama):
     assert not _norm_qualifies(GemmaRMSNorm(8))  # (1 + weight): another formula
     with torch.no_grad(), lean_norms(llama) as n:  # nothing to save without autograd
         assert n == 0
+
+
+def _lora(llama, seed=2, **kw):
+    """All-linear LoRA (PEFT) with B made non-zero, so the adapter's branch counts."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(llama, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **kw))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    return model
+
+
+def test_lora_same_outputs_and_adapter_gradients_fewer_saved(llama):
+    """LoRA on every linear (the default): the lean MLP takes the adapted down projection too, with
+    the same outputs and the same gradients for every adapter (those of A and B on down_proj come
+    from the recomputed product), and keeps two (tokens × intermediate) tensors per layer fewer."""
+    model = _lora(llama)
+    ids = torch.randint(0, 97, (2, 11))
+    a, ga, na = _run(model, ids, lean=False)
+    b, gb, nb = _run(model, ids, lean=True)
+    assert torch.equal(a, b)
+    trained = [k for k, p in model.named_parameters() if p.requires_grad]
+    assert any("down_proj.lora_A" in k for k in trained) and any("down_proj.lora_B" in k for k in trained)
+    for k in trained:
+        assert gb[k].abs().max() > 0, k
+        assert torch.allclose(ga[k], gb[k], atol=1e-6, rtol=1e-5), k
+    assert nb < na - 2 * 2 * 2 * 11 * 88 + 1
+    # bf16 autocast: the same forward; the adapters' gradients within bf16's rounding
+    a, ga, _ = _run(model, ids, lean=False, dtype=torch.bfloat16)
+    b, gb, _ = _run(model, ids, lean=True, dtype=torch.bfloat16)
+    assert torch.equal(a, b)
+    for k in trained:
+        assert gb[k].dtype == torch.float32
+        assert torch.allclose(ga[k], gb[k], atol=2e-2, rtol=2e-2), k
+
+
+def test_lora_gradcheck_of_the_adapted_down_projection():
+    """fp64 gradcheck of `_SwiGLUDown` with LoRA factors: gate, up, base weight and bias, A, B."""
+    from directpo.fused import _SwiGLUDown
+
+    g = torch.Generator().manual_seed(0)
+    t = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    gate, up, w, b, la, lb = t(2, 3, 6), t(2, 3, 6), t(5, 6), t(5), t(2, 6), t(5, 2)
+    assert torch.autograd.gradcheck(lambda *x: _SwiGLUDown.apply(*x, 0.75), (gate, up, w, b, la, lb))
+
+
+def test_lora_switched_off_merged_or_unsupported_runs_peft_exactly(llama):
+    """Adapters disabled (the reference under LoRA), merged, or a down projection the lean path does
+    not know (dropout, DoRA): the same outputs and gradients as PEFT's own forward."""
+    ids = torch.randint(0, 97, (2, 9))
+    model = _lora(llama)
+    emb = model.get_input_embeddings().weight
+    with model.disable_adapter():
+        emb.requires_grad_(True)  # something to differentiate: the base network is frozen under LoRA
+        a, ga, _ = _run(model, ids, lean=False)
+        b, gb, _ = _run(model, ids, lean=True)
+        emb.requires_grad_(False)
+    assert torch.equal(a, b) and len(ga) == 1
+    assert all(torch.allclose(ga[k], gb[k], atol=1e-6, rtol=1e-5) for k in ga)
+    plain, _, _ = _run(model, ids, lean=False)
+    assert not torch.equal(a, plain)  # the adapters do change the output when on
+    for kw in ({"lora_dropout": 0.1}, {"use_dora": True}):
+        other = _lora(LlamaForCausalLM(llama.config), **kw)
+        other.eval()  # dropout off, so that both runs draw nothing
+        a, ga, _ = _run(other, ids, lean=False)
+        b, gb, _ = _run(other, ids, lean=True)
+        assert torch.equal(a, b), kw
+        assert all(torch.allclose(ga[k], gb[k], atol=1e-6, rtol=1e-5) for k in ga), kw
+    merged = _lora(LlamaForCausalLM(llama.config))
+    merged.merge_adapter()  # nothing trains through a merged adapter: a forward with autograd on
+    a = merged(input_ids=ids).logits
+    with lean_mlp(merged) as n:
+        assert n == 2
+        b = merged(input_ids=ids).logits
+    assert torch.equal(a, b)

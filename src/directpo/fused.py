@@ -16,8 +16,13 @@ the same values (measured: a `base` no-grad forward of 1536 tokens peaks 8 MiB l
 
 `lean_mlp(model)` swaps this in, for the duration of a forward, on every MLP module whose forward is
 exactly that expression (checked on its source, so any architecture written that way qualifies:
-Llama, Mistral, Qwen2/3, OLMo 2, ...) with plain `nn.Linear` projections (a LoRA-wrapped
-projection keeps the module's own forward) and a SiLU activation.
+Llama, Mistral, Qwen2/3, OLMo 2, ...) with a SiLU activation and a down projection that is a plain
+`nn.Linear` or PEFT's LoRA-wrapped one (gate and up are called as they are, LoRA or not). Under
+LoRA the down projection is base(h) + B(A(h))·s: `_SwiGLUDown` computes the adapter's branch too,
+in PEFT's order, and its backward gives A and B their gradients from the recomputed product, so a
+LoRA run keeps two (tokens × intermediate) tensors per layer fewer as well. Anything else on the
+down projection (dropout, DoRA and other variants, several active adapters, an adapter bias) runs
+the module's own forward.
 
 `lean_norms(model)` does the same for RMSNorm (`weight * (x · rsqrt(mean(x²) + ε))`): run op by op,
 autograd keeps the input and the normalised input, two (tokens × hidden) tensors per norm;
@@ -47,39 +52,87 @@ _sources: dict[type, str] = {}
 
 
 class _SwiGLUDown(torch.autograd.Function):
-    """down(silu(gate) * up) with only gate and up saved."""
+    """down(silu(gate) * up) with only gate and up saved; with LoRA factors (lora_a: r × i, lora_b:
+    o × r) the down projection is base(h) + B(A(h))·scaling, PEFT's vanilla adapter."""
 
     @staticmethod
-    def forward(ctx, gate, up, weight, bias):
-        out = F.linear(F.silu(gate) * up, weight, bias)
-        ctx.save_for_backward(gate, up, weight)
-        ctx.has_bias = bias is not None
+    def forward(ctx, gate, up, weight, bias, lora_a=None, lora_b=None, scaling=1.0):
+        h = F.silu(gate) * up
+        out = F.linear(h, weight, bias)
+        if lora_a is not None:  # PEFT's expression and order: result + lora_B(lora_A(x)) * scaling
+            out = out + F.linear(F.linear(h, lora_a), lora_b) * scaling
+        ctx.save_for_backward(gate, up, weight, lora_a, lora_b)
+        ctx.has_bias, ctx.scaling = bias is not None, scaling
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        gate, up, weight = ctx.saved_tensors
+        gate, up, weight, lora_a, lora_b = ctx.saved_tensors
         sig = torch.sigmoid(gate)
         silu = gate * sig
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
         # Under autocast the forward ran in a lower precision than the fp32 weights; backward runs
         # outside autocast, so cast as autograd's own cast nodes would.
-        grad_h = (grad_out @ weight.to(grad_out.dtype)).to(gate.dtype)  # d out / d (silu · up)
+        grad_h = grad_out @ weight.to(grad_out.dtype)  # d out / d (silu · up)
+        if lora_a is not None:
+            grad_a = (grad_out * ctx.scaling) @ lora_b.to(grad_out.dtype)  # d out / d A(h)
+            grad_h = grad_h + grad_a @ lora_a.to(grad_out.dtype)
+        grad_h = grad_h.to(gate.dtype)
         grad_up = grad_h * silu
         # silu'(g) = σ(g) · (1 + g · (1 − σ(g))), autograd's formula, built in one buffer (in place:
         # one (tokens × intermediate) allocation where op by op there are six)
         grad_gate = torch.sub(1, sig).mul_(gate).add_(1).mul_(sig).mul_(up).mul_(grad_h)
         del sig
-        grad_w = grad_b = None
-        if ctx.needs_input_grad[2]:
+        grad_w = grad_b = grad_la = grad_lb = None
+        need_w, need_la, need_lb = (ctx.needs_input_grad[i] for i in (2, 4, 5))
+        if need_w or need_la or need_lb:
             h = silu.mul_(up).to(grad_out.dtype)  # the forward's product, in silu's buffer
-            grad_w = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ h.reshape(-1, h.shape[-1])).to(weight.dtype)
+            h2 = h.reshape(-1, h.shape[-1])
+            if need_w:
+                grad_w = (g2.t() @ h2).to(weight.dtype)
+            if need_la:
+                grad_la = (grad_a.reshape(-1, grad_a.shape[-1]).t() @ h2).to(lora_a.dtype)
+            if need_lb:
+                grad_lb = ((g2 * ctx.scaling).t() @ (h2 @ lora_a.to(h2.dtype).t())).to(lora_b.dtype)
         if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(weight.dtype)
-        return grad_gate, grad_up, grad_w, grad_b
+            grad_b = g2.sum(0).to(weight.dtype)
+        return grad_gate, grad_up, grad_w, grad_b, grad_la, grad_lb, None
+
+
+_LORA_PARTS = ("base_layer", "lora_A", "lora_B", "lora_dropout", "scaling", "active_adapters")
+
+
+def _is_lora_linear(module: nn.Module) -> bool:
+    """PEFT's LoRA-wrapped nn.Linear, recognised by its parts (no import of peft here)."""
+    return all(hasattr(module, n) for n in _LORA_PARTS) and type(module.base_layer) is nn.Linear
+
+
+def _down_parts(down: nn.Module) -> tuple | None:
+    """What `_SwiGLUDown` needs of a down projection at this forward: (weight, bias, lora_a, lora_b,
+    scaling), or None where it must run its own forward."""
+    if type(down) is nn.Linear:
+        return down.weight, down.bias, None, None, 1.0
+    base = down.base_layer
+    if down.disable_adapters or down.merged:  # PEFT runs the base layer alone (merged: it holds B·A·s)
+        return base.weight, base.bias, None, None, 1.0
+    active = [a for a in down.active_adapters if a in down.lora_A]
+    if not active:
+        return base.weight, base.bias, None, None, 1.0
+    if len(active) > 1 or active[0] in getattr(down, "lora_variant", {}):
+        return None
+    a = active[0]
+    la, lb = down.lora_A[a], down.lora_B[a]
+    if not (type(down.lora_dropout[a]) is nn.Identity and type(la) is nn.Linear and type(lb) is nn.Linear
+            and la.bias is None and lb.bias is None):
+        return None
+    return base.weight, base.bias, la.weight, lb.weight, down.scaling[a]
 
 
 def _lean_forward(self, x):
-    return _SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight, self.down_proj.bias)
+    parts = _down_parts(self.down_proj)
+    if parts is None:
+        return type(self).forward(self, x)
+    return _SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), *parts)
 
 
 def _forward_source(cls: type) -> str:
@@ -95,9 +148,11 @@ def _forward_source(cls: type) -> str:
 def _qualifies(module: nn.Module) -> bool:
     if _SWIGLU_SOURCE not in _forward_source(type(module)):
         return False
-    plain = all(type(getattr(module, n, None)) is nn.Linear for n in ("gate_proj", "up_proj", "down_proj"))
+    projections = all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj"))
+    down = getattr(module, "down_proj", None)
+    down_ok = type(down) is nn.Linear or (isinstance(down, nn.Module) and _is_lora_linear(down))
     act = getattr(module, "act_fn", None)
-    return plain and (type(act) is nn.SiLU or type(act).__name__ == "SiLUActivation")
+    return projections and down_ok and (type(act) is nn.SiLU or type(act).__name__ == "SiLUActivation")
 
 
 def _nograd_forward(self, x):

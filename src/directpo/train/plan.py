@@ -11,8 +11,8 @@ adapters; H = the LM head's parameters, b = a block's):
                  (gathered in fp32 even under bf16: its matmul stays fp32) and one block
     bf16 weight copies   --precision bf16 without FSDP: autocast's bf16 copy of each block's
                  weights, which the matmuls keep for the backward, 2 bytes per parameter (the
-                 lean MLP's down projection casts its weight again in the backward and keeps none;
-                 under LoRA every block weight is kept). FSDP gathers bf16 weights: none.
+                 lean MLP's down projection casts its weight again in the backward and keeps none,
+                 with or without LoRA). FSDP gathers bf16 weights: none.
     gradients    4·T (FSDP: the sharded part / W)
     optimizer    4·T × states: adamw 2, rmsprop 1, sgd 0 (FSDP: / W as the gradients)
     reference    precomputed (default): a table of 4 bytes per response, nothing during training;
@@ -184,7 +184,7 @@ def bf16_weight_copies(s: Shape, cfg: PlanConfig) -> int:
     """Autocast's bf16 copies of the blocks' weights kept for the backward (module docstring)."""
     if cfg.precision != "bf16" or cfg.fsdp:
         return 0
-    return 2 * s.layers * (s.block if cfg.lora_r else s.block - s.hidden * s.intermediate)
+    return 2 * s.layers * (s.block - s.hidden * s.intermediate)
 
 
 def gathered_bytes(s: Shape, cfg: PlanConfig) -> int:
