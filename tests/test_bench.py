@@ -22,6 +22,10 @@ def test_flop_formula_by_hand():
     assert flops.directpo_example_flops(d, 3, [2, 1]) == 6 * 1000 * 6 + 6 * 4 * 10 * 3 + 12 * 2 * 4 * 16.0
     assert flops.padded_example_flops(d, 3, [2, 1]) == 6 * 1000 * 9 + 6 * 4 * 10 * 3 + 12 * 2 * 4 * 20.5
     assert flops.directpo_example_flops(d, 3, [2, 1]) < flops.padded_example_flops(d, 3, [2, 1])
+    # LoRA: frozen weights take no gradient, 4·N·T + 4·h·V·Lab; a live reference adds 2 of 4 passes
+    lora = ModelDims(params=0, nonemb_params=1000, hidden=4, vocab=10, layers=2, attn_dim=4, frozen=True)
+    assert flops.directpo_example_flops(lora, 3, [2, 1]) == 4 * 1000 * 6 + 4 * 4 * 10 * 3 + 12 * 2 * 4 * 16.0
+    assert (flops.live_reference_factor(d), flops.live_reference_factor(lora)) == (4 / 3, 1.5)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -122,7 +126,7 @@ def test_bench_directpo_end_to_end(tiny_model, tmp_path, capsys):
     # counts over the same measured time.
     dims = flops.model_dims(str(tiny_model))
     assert r["model"] == {"params": dims.params, "nonemb_params": dims.nonemb_params, "hidden": dims.hidden,
-                          "vocab": dims.vocab, "layers": dims.layers, "attn_dim": dims.attn_dim}
+                          "vocab": dims.vocab, "layers": dims.layers, "attn_dim": dims.attn_dim, "frozen": False}
     tokenized, _ = runner.prepare_pairs(str(data), str(tiny_model), 12, 128, tmp_path / "again.jsonl")
     timed = [i for mb in report.step_members(12, 4, 0, 3)[1:] for i in mb]
     assert len(timed) == 8
@@ -183,6 +187,26 @@ def test_bench_against_trl(tiny_model, tmp_path):
     per_pair = [x["tokens"] / x["pairs"] for x in r["runs"]]
     assert max(per_pair) / min(per_pair) < 1.2
     assert r["comparison"]["pairs_per_s"]["ratio"] > 0
+    assert all(x["trainable_params"] == r["model"]["params"] for x in r["runs"])  # full fine-tuning
+
+
+def test_bench_lora_against_trl(tiny_model, tmp_path, capsys):
+    """--lora-r: both systems train the same adapters (every linear layer, directpo's α), FLOPs
+    counted without weight gradients, and the header says so."""
+    if importlib.util.find_spec("trl") is None:
+        pytest.skip("TRL not installed")
+    train, _ = review_task(n_train=16, n_eval=1)
+    data = write_jsonl(train, tmp_path / "pairs.jsonl")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(tiny_model), "--data", str(data), "--batch", "4", "--steps", "1",
+                 "--rounds", "1", "--threads", "1", "--max-length", "128", "--lora-r", "4", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["settings"]["lora_r"] == 4 and r["model"]["frozen"] is True
+    assert "LoRA r 4 on every linear layer, both systems" in capsys.readouterr().out
+    runs = [x for x in r["runs"] if x.get("pairs_per_s")]
+    assert {x["system"] for x in runs} == {"directpo", "trl"}
+    counts = {x["trainable_params"] for x in runs}
+    assert len(counts) == 1 and 0 < counts.pop() < r["model"]["params"] / 4  # the same adapters, only them
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ def directpo_train_config(spec: dict):
     """The `TrainConfig` of a directpo run: the same as `directpo train` with these flags:
     --batch-size B --micro-batch-size MB --max-steps steps+1 --warmup-steps 0 --lr 1e-6 --precompute-ref
     --no-progress --max-length L --on-invalid skip --precision P --seed 0 --ref-cache off --overwrite
-    [--threads N] [--device D] [--memory-budget SIZE: then the micro-batch is the planner's]."""
+    [--threads N] [--device D] [--memory-budget SIZE: then the micro-batch is the planner's]
+    [--lora-r R: adapters on every linear layer, α and dropout directpo's defaults]."""
     from ..train.config import TrainConfig
 
     return TrainConfig(model=spec["model"], data=spec["data"], output_dir=spec["output_dir"],
@@ -25,7 +26,7 @@ def directpo_train_config(spec: dict):
                        max_length=spec["max_length"], max_prompt_length=keep_prompt(spec["max_length"]),
                        on_invalid="skip", precision=spec["precision"], seed=0,
                        ref_cache="off", overwrite=True, threads=spec.get("threads") or 0, device=spec.get("device"),
-                       memory_budget=spec.get("memory_budget"))
+                       memory_budget=spec.get("memory_budget"), lora_r=spec.get("lora_r") or 0)
 
 
 def keep_prompt(max_length: int | None) -> int | None:
@@ -51,7 +52,7 @@ def _child_directpo(spec: dict) -> dict:
                       "tokens_processed": m["tokens_per_s"] * dt, "elapsed_s": m.get("elapsed_s")})
     cfg = json.loads((out / "directpo_config.json").read_text())
     return {"steps": steps, "train_pairs": cfg.get("train_pairs", cfg.get("train_examples")),
-            "memory_plan": cfg.get("memory_plan")}
+            "memory_plan": cfg.get("memory_plan"), "trainable_params": cfg.get("trainable_params")}
 
 
 def child_main(spec_path: str) -> int:

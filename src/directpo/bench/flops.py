@@ -10,6 +10,9 @@ Model FLOPs (forward + backward, useful work only: no padding, no recomputation)
     T = Σ_k (P + L_k), A = Σ_k (P + L_k)²/2, counted from the tensors TRL actually received.
     A live reference model adds its forward pass, F/3. Precomputed reference log-probs are computed
     before the timed steps and not counted.
+    LoRA (`frozen`: the backbone's and head's weights take no gradient, both systems alike): the
+    backward computes input gradients only, so 4·N·T + 4·h·V·Lab (the adapters' r-wide matmuls are
+    left out: r ≪ h), and a live reference (the adapters off) adds half of that.
     GFLOP/s is F over the timed steps / their time; "% of peak" divides by the matmul peak
     measured here (large square matmuls, same thread count) in the run's precision.
 """
@@ -27,6 +30,12 @@ class ModelDims:
     vocab: int
     layers: int
     attn_dim: int  # heads × head_dim
+    frozen: bool = False  # LoRA: the weights counted in N and the head take no gradient
+
+    @property
+    def weight_passes(self) -> int:
+        """Matmul passes per weight and token: forward, input gradient, weight gradient (not frozen)."""
+        return 4 if self.frozen else 6
 
 
 def model_dims(model_name: str) -> ModelDims:
@@ -61,9 +70,15 @@ def dims_of(model) -> ModelDims:
 
 
 def train_flops(d: ModelDims, tokens: float, labels: float, attn_pairs: float) -> float:
-    """Forward + backward FLOPs: 6·N·T + 6·h·V·Lab + 12·layers·d_attn·A."""
-    return (6.0 * d.nonemb_params * tokens + 6.0 * d.hidden * d.vocab * labels
+    """Forward + backward FLOPs: 6·N·T + 6·h·V·Lab + 12·layers·d_attn·A (LoRA: 4·N·T + 4·h·V·Lab + ...)."""
+    k = float(d.weight_passes)
+    return (k * d.nonemb_params * tokens + k * d.hidden * d.vocab * labels
             + 12.0 * d.layers * d.attn_dim * attn_pairs)
+
+
+def live_reference_factor(d: ModelDims) -> float:
+    """F with a live reference's forward pass (2 of the weight passes) over F without it."""
+    return (d.weight_passes + 2) / d.weight_passes
 
 
 def prefix_shared_counts(prompt_len: int, response_lens: list[int]) -> tuple[int, int, float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from .flops import ModelDims, prefix_shared_counts, train_flops
+from .flops import ModelDims, live_reference_factor, prefix_shared_counts, train_flops
 
 TOKENS_DEFINITION = ("tokens = real prompt + response tokens of the padded-equivalent layout (prompt counted once per "
                      "response, no padding), the same for both systems")
@@ -79,7 +79,7 @@ def summarize_trl(raw: dict, dims: ModelDims, live_ref: bool) -> dict:
     tokens = sum(s["tokens"] for s in timed)
     flops = sum(train_flops(dims, s["tokens"], s["labels"], s["sq_len"] / 2) for s in timed)
     if live_ref:
-        flops *= 4 / 3  # + the reference model's forward pass
+        flops *= live_reference_factor(dims)  # + the reference model's forward pass
     return _rates(pairs, seconds, tokens, tokens, flops, True)
 
 
@@ -143,7 +143,8 @@ def _header_lines(r: dict) -> list[str]:
              f"non-embedding, hidden {m['hidden']}, {m['layers']} layers, vocab {m['vocab']})",
              f"  {s['pairs']} pairs from {s['data']}, batch {s['batch']}, max_length {s['max_length']}, "
              f"{s['steps_timed']} timed steps + 1 warm-up" +
-             (f", {s['rounds']} round(s), median over rounds" if r["results"] else ""),
+             (f", {s['rounds']} round(s), median over rounds" if r["results"] else "") +
+             (f"; LoRA r {s['lora_r']} on every linear layer, both systems" if s.get("lora_r") else ""),
              f"  {r['machine']['device']} ({r['machine']['device_name']}{_cpu_kind(r['machine'])}), "
              f"{r['machine']['threads']} threads; "
              f"matmul peak fp32 {p['fp32']:.3g} GFLOP/s, bf16 {p['bf16']:.3g} GFLOP/s (best of a probe before and "

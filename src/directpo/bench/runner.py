@@ -181,7 +181,7 @@ def _base_spec(args, data_path: Path) -> dict:
     return {"model": args.model, "data": str(data_path), "batch": args.batch, "micro_batch": args.micro_batch,
             "steps": args.steps,
             "max_length": args.max_length, "threads": args.threads, "device": args.device,
-            "memory_budget": getattr(args, "memory_budget", None)}
+            "memory_budget": getattr(args, "memory_budget", None), "lora_r": getattr(args, "lora_r", 0) or 0}
 
 
 def _figures(cfg: RunConfig, raw: dict, args, tokenized, dims: ModelDims) -> dict:
@@ -194,6 +194,7 @@ def _figures(cfg: RunConfig, raw: dict, args, tokenized, dims: ModelDims) -> dic
     if "cuda_peak_mib" in raw:
         figs["cuda_peak_mib"] = raw["cuda_peak_mib"]
     figs["train_pairs"] = raw.get("train_pairs")
+    figs["trainable_params"] = raw.get("trainable_params")
     if raw.get("memory_plan"):  # --memory-budget: the micro-batch directpo's planner chose
         figs["memory_plan"] = raw["memory_plan"]
     return figs
@@ -397,7 +398,8 @@ def _settings(args, systems: list[str], sweep: list[int]) -> dict:
     return {"model": args.model, "data": args.data, "batch": args.batch, "micro_batch": args.micro_batch,
             "memory_budget": getattr(args, "memory_budget", None), "max_length": args.max_length,
             "steps_timed": args.steps, "warmup_steps": 1, "rounds": args.rounds,
-            "pairs": args.batch * (args.steps + 1), "systems": systems, "vocab_sweep": sweep}
+            "pairs": args.batch * (args.steps + 1), "systems": systems, "vocab_sweep": sweep,
+            "lora_r": getattr(args, "lora_r", 0) or 0}
 
 
 def run_bench(args) -> dict:
@@ -417,6 +419,7 @@ def run_bench(args) -> dict:
         log(f"TRL configurations skipped: {why_not}", prefix="bench")
         skipped.append({"system": "trl", "reason": why_not})
     dims = model_dims(args.model)
+    dims.frozen = bool(getattr(args, "lora_r", 0))  # LoRA: no weight gradients, in both systems
     work = Path(tempfile.mkdtemp(prefix="directpo-bench-"))
     if args.keep_work:
         log(f"work dir (kept): {work}", prefix="bench")

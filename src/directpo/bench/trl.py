@@ -15,6 +15,22 @@ import tempfile
 import time
 
 
+def _lora_config(r: int):
+    """The adapters of directpo's `--lora-r r` (every linear layer of the blocks, its α, no dropout),
+    for TRL's `peft_config`; None: full fine-tuning."""
+    if not r:
+        return None
+    from dataclasses import fields
+
+    from peft import LoraConfig
+
+    from ..train.config import TrainConfig
+
+    d = {f.name: f.default for f in fields(TrainConfig)}
+    return LoraConfig(r=r, lora_alpha=d["lora_alpha"], lora_dropout=d["lora_dropout"],
+                      target_modules=d["lora_target_modules"], task_type="CAUSAL_LM")
+
+
 def run_trl(spec: dict) -> dict:
     import torch
     from datasets import Dataset
@@ -75,10 +91,11 @@ def run_trl(spec: dict) -> dict:
                     dataloader_num_workers=0, seed=0, bf16=bf16, fp16=False, disable_tqdm=True)
     clock = Clock()
     trainer = CountingDPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                                 callbacks=[clock])
+                                 callbacks=[clock], peft_config=_lora_config(spec.get("lora_r") or 0))
     trainer.step_inputs = []
     t0 = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - t0
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return {"step_end_times": clock.t, "step_inputs": trainer.step_inputs, "train_pairs": len(trainer.train_dataset),
-            "trl_version": trl.__version__, "train_wall_s": total}
+            "trl_version": trl.__version__, "train_wall_s": total, "trainable_params": trainable}

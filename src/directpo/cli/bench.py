@@ -32,7 +32,9 @@ def register(command: str, parser) -> None:
                         "of --steps + 1 steps (fp32, one process), and the ratio measured/plan")
     m.add_argument("--optimizer", default="rmsprop", choices=["rmsprop", "adamw", "sgd"],
                    help="--plan-check: the run's optimizer")
-    m.add_argument("--lora-r", type=int, default=0, help="--plan-check: LoRA rank of the run (0: full fine-tuning)")
+    m.add_argument("--lora-r", type=int, default=0,
+                   help="LoRA rank of every run, both systems (adapters on every linear layer of the blocks, "
+                        "directpo's α and dropout; 0: full fine-tuning); with --plan-check, of that run")
     m.add_argument("--allocator", default="both", choices=["both", "mmap", "glibc"],
                    help="--plan-check: measure with glibc's defaults (freed memory stays in its heap), with "
                         "MALLOC_MMAP_THRESHOLD_=65536 (RSS follows the live tensors), or both (two runs)")

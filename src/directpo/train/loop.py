@@ -384,6 +384,7 @@ def announce(t: Trainer, total_steps: int) -> None:
                                         f"{cfg.ref_sync_mix:g}" if cfg.ref_sync_every else
                                         "precomputed" if cfg.precompute_ref else "live"),
                         train_examples=len(t.train_set), skipped_rows=t.skipped_rows,
+                        trainable_params=sum(p.numel() for p in t.policy.parameters() if p.requires_grad),
                         **({"memory_plan": t.memory_plan} if t.memory_plan else {}))
     per_step = min(cfg.batch_size, len(t.train_set))  # a data set smaller than a batch is the whole batch
     log(f"training {cfg.loss}: {total_steps} steps × {per_step} examples"
