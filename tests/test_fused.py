@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from directpo.fused import _qualifies, lean_mlp, lean_norms
+from directpo.fused import _qualifies, lean_lora, lean_mlp, lean_norms
 
 
 @pytest.fixture()
@@ -214,3 +214,36 @@ def test_lora_switched_off_merged_or_unsupported_runs_peft_exactly(llama):
         assert n == 2
         b = merged(input_ids=ids).logits
     assert torch.equal(a, b)
+
+
+def test_lean_lora_linears_same_outputs_and_gradients(llama):
+    """`lean_lora`: every PEFT LoRA linear adds B(A(x))·s into its base output in place; the same
+    function (to fp32 rounding: one fused addmm instead of PEFT's product, scale and sum), the same
+    gradients, no more saved; with adapters off the base layer alone, exactly."""
+    model = _lora(llama)
+    ids = torch.randint(0, 97, (2, 11))
+    a, ga, na = _run(model, ids, lean=False)
+    b, gb, nb = _run(model, ids, lean=True, swap=lean_lora, swapped=2 * 7)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert ga.keys() == gb.keys() and len(ga) == 2 * 7 * 2
+    for k in ga:
+        assert gb[k].abs().max() > 0, k
+        torch.testing.assert_close(ga[k], gb[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert nb <= na
+    a, ga, _ = _run(model, ids, lean=False, dtype=torch.bfloat16)
+    b, gb, _ = _run(model, ids, lean=True, dtype=torch.bfloat16, swap=lean_lora, swapped=14)
+    torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+    for k in ga:
+        assert gb[k].dtype == torch.float32
+        assert torch.allclose(ga[k], gb[k], atol=2e-2, rtol=2e-2), k
+    with torch.no_grad(), model.disable_adapter():  # the LoRA reference: the base network, exactly
+        plain = model(input_ids=ids).logits
+        with lean_lora(model) as n:
+            assert n == 14
+            assert torch.equal(model(input_ids=ids).logits, plain)
+    for kw in ({"lora_dropout": 0.1}, {"use_dora": True}):  # PEFT's own forward, exactly
+        other = _lora(LlamaForCausalLM(llama.config), **kw)
+        other.eval()
+        a, _, _ = _run(other, ids, lean=False)
+        b, _, _ = _run(other, ids, lean=True, swap=lean_lora, swapped=14)
+        assert torch.equal(a, b), kw

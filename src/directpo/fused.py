@@ -24,6 +24,14 @@ LoRA run keeps two (tokens × intermediate) tensors per layer fewer as well. Any
 down projection (dropout, DoRA and other variants, several active adapters, an adapter bias) runs
 the module's own forward.
 
+`lean_lora(model)` swaps a leaner forward into every PEFT LoRA-wrapped linear layer (vanilla
+adapter, as above): base(x) + B(A(x))·s with the adapter's product added into the base output in
+place (one addmm_), where PEFT's forward makes three (tokens × out) temporaries per layer (B's
+output, its scaled copy, the sum). The saved tensors are the same; what changes is the churn of
+short-lived buffers, which glibc's heap keeps: `small` with LoRA r 16, micro-batch 8, peaked 815 →
+676 MiB, `base` 1881–1929 → 1411–1432 MiB (docs/results/bench/cpu-headroom.md). Not bit-identical
+to PEFT (one fused product and sum): equal within fp32 rounding.
+
 `lean_norms(model)` does the same for RMSNorm (`weight * (x · rsqrt(mean(x²) + ε))`): run op by op,
 autograd keeps the input and the normalised input, two (tokens × hidden) tensors per norm;
 `_RMSNorm` keeps the input and the per-token rsqrt only and recomputes the normalised input in
@@ -107,29 +115,31 @@ def _is_lora_linear(module: nn.Module) -> bool:
     return all(hasattr(module, n) for n in _LORA_PARTS) and type(module.base_layer) is nn.Linear
 
 
-def _down_parts(down: nn.Module) -> tuple | None:
-    """What `_SwiGLUDown` needs of a down projection at this forward: (weight, bias, lora_a, lora_b,
-    scaling), or None where it must run its own forward."""
-    if type(down) is nn.Linear:
-        return down.weight, down.bias, None, None, 1.0
-    base = down.base_layer
-    if down.disable_adapters or down.merged:  # PEFT runs the base layer alone (merged: it holds B·A·s)
+def _lora_parts(layer: nn.Module) -> tuple | None:
+    """What a lean computation needs of a plain or PEFT LoRA-wrapped linear layer at this forward:
+    (weight, bias, lora_a, lora_b, scaling), lora_a None where the adapter does not run (plain,
+    disabled, merged: PEFT runs the base layer alone then), or None where it must run its own
+    forward (dropout, DoRA and other variants, several active adapters, adapter biases)."""
+    if type(layer) is nn.Linear:
+        return layer.weight, layer.bias, None, None, 1.0
+    base = layer.base_layer
+    if layer.disable_adapters or layer.merged:  # merged: the base weight holds B·A·s
         return base.weight, base.bias, None, None, 1.0
-    active = [a for a in down.active_adapters if a in down.lora_A]
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
     if not active:
         return base.weight, base.bias, None, None, 1.0
-    if len(active) > 1 or active[0] in getattr(down, "lora_variant", {}):
+    if len(active) > 1 or active[0] in getattr(layer, "lora_variant", {}):
         return None
     a = active[0]
-    la, lb = down.lora_A[a], down.lora_B[a]
-    if not (type(down.lora_dropout[a]) is nn.Identity and type(la) is nn.Linear and type(lb) is nn.Linear
+    la, lb = layer.lora_A[a], layer.lora_B[a]
+    if not (type(layer.lora_dropout[a]) is nn.Identity and type(la) is nn.Linear and type(lb) is nn.Linear
             and la.bias is None and lb.bias is None):
         return None
-    return base.weight, base.bias, la.weight, lb.weight, down.scaling[a]
+    return base.weight, base.bias, la.weight, lb.weight, layer.scaling[a]
 
 
 def _lean_forward(self, x):
-    parts = _down_parts(self.down_proj)
+    parts = _lora_parts(self.down_proj)
     if parts is None:
         return type(self).forward(self, x)
     return _SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), *parts)
@@ -183,6 +193,32 @@ def _swap_forwards(model: nn.Module, qualifies, forward, nograd_forward=None):
     finally:
         for m in swapped:
             del m.forward
+
+
+def _lean_lora_forward(self, x, *args, **kwargs):
+    """PEFT's vanilla LoRA linear, base(x) + B(A(x))·s, with the adapter's product added into the
+    base output in place (one addmm_) instead of three (tokens × out) temporaries: the lora_B
+    output, its scaled copy and the sum. Same autograd graph otherwise (A(x) kept for B's gradient,
+    x for A's, the frozen base weight for x's)."""
+    parts = None if args or kwargs else _lora_parts(self)
+    if parts is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    weight, bias, la, lb, scaling = parts
+    out = F.linear(x, weight, bias)
+    if la is not None:
+        # PEFT casts x to the adapter's dtype (under autocast the matmul casts it anyway)
+        low = F.linear(x if torch.is_autocast_enabled(x.device.type) else x.to(la.dtype), la)
+        flat = out.view(-1, out.shape[-1])
+        # addmm_ is outside autocast's lists: cast its operands to the output's precision, as
+        # autocast would have cast the out-of-place product
+        flat.addmm_(low.reshape(-1, low.shape[-1]).to(out.dtype), lb.to(out.dtype).t(), alpha=scaling)
+    return out
+
+
+def lean_lora(model: nn.Module):
+    """Within the block, PEFT LoRA-wrapped linear layers of `model` add their adapter's product in
+    place (`_lean_lora_forward`), with or without autograd."""
+    return _swap_forwards(model, _is_lora_linear, _lean_lora_forward, _lean_lora_forward)
 
 
 def lean_mlp(model: nn.Module):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .attention import segment_attention, sliding_window, supports_segment_attention
-from .fused import lean_mlp, lean_norms
+from .fused import lean_lora, lean_mlp, lean_norms
 from .models import unwrap_peft
 
 # Config attributes that make an LM head more than `hidden @ W.T (+ b)`: models carrying any of them
@@ -231,7 +231,7 @@ def token_logps(model: nn.Module, batch, fused: bool = True, segmented: bool = T
                              f"is {longest} tokens long: the packed layout cannot express the window; use "
                              "--layout padded")
         kwargs["attention_mask"] = _attention_mask(model, batch.dense_mask())
-    with attend, lean_mlp(model), lean_norms(model):
+    with attend, lean_mlp(model), lean_norms(model), lean_lora(model):
         if parts is not None:
             backbone, head = parts
             hidden = backbone(**kwargs).last_hidden_state
