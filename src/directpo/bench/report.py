@@ -11,7 +11,8 @@ TOKENS_DEFINITION = ("tokens = real prompt + response tokens of the padded-equiv
 FLOPS_DEFINITION = ("model FLOPs = 6·N·T + 6·h·V·Lab + 12·layers·d_attn·A (fwd+bwd); N = non-embedding params, "
                     "T = tokens through the backbone, Lab = label tokens through the LM head, A = attended "
                     "query-key pairs (len²/2 causal). directpo: T = P + ΣL, A = P²/2 + Σ(P·L + L²/2); "
-                    "TRL: T = Σ(P + L), A = Σ(P + L)²/2; a live reference adds F/3")
+                    "TRL: T = Σ(P + L), A = Σ(P + L)²/2; a live reference adds F/3. With --lora-r (frozen "
+                    "weights, no weight gradients): 4·N·T + 4·h·V·Lab + ..., a live reference adds half")
 PAIRS_DEFINITION = ("pairs/s = pairs of the timed steps / time from the end of warm-up step 1 to the end of the "
                     "last step")
 DEFINITIONS = {"pairs_per_s": PAIRS_DEFINITION, "tokens": TOKENS_DEFINITION, "flops": FLOPS_DEFINITION,
