@@ -169,15 +169,20 @@ def test_vocab_sweep(tiny_model, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.trl
-def test_bench_against_trl(tiny_model, tmp_path):
+def _bench_against_trl(tiny_model, tmp_path, *flags: str) -> dict:
+    """`directpo bench` of both systems on 16 review pairs, batch 4, one round; its JSON."""
     if importlib.util.find_spec("trl") is None:
         pytest.skip("TRL not installed")
     train, _ = review_task(n_train=16, n_eval=1)
     data = write_jsonl(train, tmp_path / "pairs.jsonl")
     out = tmp_path / "bench.json"
-    assert main(["bench", "--model", str(tiny_model), "--data", str(data), "--batch", "4", "--steps", "2",
-                 "--rounds", "1", "--threads", "1", "--max-length", "128", "--out", str(out)]) == 0
-    r = json.loads(out.read_text())
+    assert main(["bench", "--model", str(tiny_model), "--data", str(data), "--batch", "4", "--rounds", "1",
+                 "--threads", "1", "--max-length", "128", "--out", str(out), *flags]) == 0
+    return json.loads(out.read_text())
+
+
+def test_bench_against_trl(tiny_model, tmp_path):
+    r = _bench_against_trl(tiny_model, tmp_path, "--steps", "2")
     configs = {(x["system"], x["config"]) for x in r["results"] if x["pairs_per_s"]}
     assert {("directpo", "fp32"), ("trl", "fp32 (live ref)"), ("trl", "precompute_ref fp32")} <= configs
     trl = [x for x in r["runs"] if x["system"] == "trl"]
@@ -190,17 +195,12 @@ def test_bench_against_trl(tiny_model, tmp_path):
     assert all(x["trainable_params"] == r["model"]["params"] for x in r["runs"])  # full fine-tuning
 
 
+@pytest.mark.slow
+@pytest.mark.trl
 def test_bench_lora_against_trl(tiny_model, tmp_path, capsys):
     """--lora-r: both systems train the same adapters (every linear layer, directpo's α), FLOPs
     counted without weight gradients, and the header says so."""
-    if importlib.util.find_spec("trl") is None:
-        pytest.skip("TRL not installed")
-    train, _ = review_task(n_train=16, n_eval=1)
-    data = write_jsonl(train, tmp_path / "pairs.jsonl")
-    out = tmp_path / "bench.json"
-    assert main(["bench", "--model", str(tiny_model), "--data", str(data), "--batch", "4", "--steps", "1",
-                 "--rounds", "1", "--threads", "1", "--max-length", "128", "--lora-r", "4", "--out", str(out)]) == 0
-    r = json.loads(out.read_text())
+    r = _bench_against_trl(tiny_model, tmp_path, "--steps", "1", "--lora-r", "4")
     assert r["settings"]["lora_r"] == 4 and r["model"]["frozen"] is True
     assert "LoRA r 4 on every linear layer, both systems" in capsys.readouterr().out
     runs = [x for x in r["runs"] if x.get("pairs_per_s")]
