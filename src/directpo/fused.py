@@ -83,8 +83,9 @@ class _SwiGLUDown(torch.autograd.Function):
         # outside autocast, so cast as autograd's own cast nodes would.
         grad_h = grad_out @ weight.to(grad_out.dtype)  # d out / d (silu · up)
         if lora_a is not None:
-            grad_a = (grad_out * ctx.scaling) @ lora_b.to(grad_out.dtype)  # d out / d A(h)
-            grad_h = grad_h + grad_a @ lora_a.to(grad_out.dtype)
+            g_lora = g2 * ctx.scaling  # d out / d B(A(h)), for both factors' gradients
+            grad_a = g_lora @ lora_b.to(grad_out.dtype)  # d out / d A(h), (tokens × r)
+            grad_h.add_((grad_a @ lora_a.to(grad_out.dtype)).view_as(grad_h))
         grad_h = grad_h.to(gate.dtype)
         grad_up = grad_h * silu
         # silu'(g) = σ(g) · (1 + g · (1 − σ(g))), autograd's formula, built in one buffer (in place:
@@ -99,9 +100,9 @@ class _SwiGLUDown(torch.autograd.Function):
             if need_w:
                 grad_w = (g2.t() @ h2).to(weight.dtype)
             if need_la:
-                grad_la = (grad_a.reshape(-1, grad_a.shape[-1]).t() @ h2).to(lora_a.dtype)
+                grad_la = (grad_a.t() @ h2).to(lora_a.dtype)
             if need_lb:
-                grad_lb = ((g2 * ctx.scaling).t() @ (h2 @ lora_a.to(h2.dtype).t())).to(lora_b.dtype)
+                grad_lb = (g_lora.t() @ (h2 @ lora_a.to(h2.dtype).t())).to(lora_b.dtype)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_b = g2.sum(0).to(weight.dtype)
         return grad_gate, grad_up, grad_w, grad_b, grad_la, grad_lb, None

@@ -17,6 +17,8 @@ import os
 import subprocess
 import sys
 
+from .procfs import read_status
+
 CACHE_VARS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 # setting name -> environment it adds ("directpo": limit_onednn_cache() inside the child instead)
 SETTINGS = {"library defaults": {}, "oneDNN's cache bounded (128)": {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128"},
@@ -43,8 +45,7 @@ def _child(warm: range, measured: range, bound: bool) -> None:
 
 
 def _rss_mib() -> int:
-    with open("/proc/self/status") as f:
-        return int(f.read().split("VmRSS:")[1].split()[0]) // 1024
+    return read_status()["VmRSS"] // (1 << 20)
 
 
 def growth_mib(measured: range, warm: range = range(999, 1000), setting: str = "library defaults") -> int:
