@@ -100,6 +100,9 @@ def test_too_few_pairs_is_a_clear_error(tiny_model, tmp_path, capsys):
                "--steps", "2", "--threads", "1"])
     assert rc == 2
     assert "batch × (steps + 1) = 12" in capsys.readouterr().err
+    rc = main(["bench", "--model", str(tiny_model), "--data", str(data), "--lora-r", "-4"])
+    assert rc == 2
+    assert "--lora-r -4: the LoRA rank must be ≥ 0" in capsys.readouterr().err
 
 
 def test_bench_directpo_end_to_end(tiny_model, tmp_path, capsys):

@@ -353,6 +353,8 @@ def _check_args(args) -> tuple[list[str], list[int]]:
     """(systems, vocabulary sizes) of the flags, or a ValueError."""
     if args.batch < 1 or args.steps < 1 or args.rounds < 1:
         raise ValueError("--batch, --steps and --rounds must be ≥ 1 (the first of steps + 1 steps is a warm-up)")
+    if getattr(args, "lora_r", 0) < 0:
+        raise ValueError(f"--lora-r {args.lora_r}: the LoRA rank must be ≥ 0 (0: full fine-tuning)")
     systems = parse_systems(args.systems)
     sweep = parse_vocab_sweep(args.vocab_sweep)
     if not systems and not sweep:
