@@ -12,6 +12,7 @@ This module is the bottom of the configuration story: trainers declare their dat
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import MISSING, field, fields
 from typing import Any
 
@@ -22,8 +23,15 @@ class ConfigError(ValueError):
 
 def setting(default, help: str, **meta):
     """A config field: its default, its help text, and optional `choices`, `required`, `nargs`/`const`,
-    and bounds `ge`, `gt`, `le`, `lt` (checked by `check_ranges`: every numeric setting in one place)."""
+    bounds `ge`, `gt`, `le`, `lt` (checked by `check_ranges`: every numeric setting in one place), and
+    `input=True` for a path the command reads (`input_paths`: never written over)."""
     return field(default=default, metadata={"help": help, **meta})
+
+
+def input_paths(cfg) -> dict[str, str | None]:
+    """{flag: value} of the settings declared `input=True`: what the command reads (a model, a
+    reference, data), which its outputs must never overwrite."""
+    return {flag_name(f.name): getattr(cfg, f.name) for f in fields(cfg) if f.metadata.get("input")}
 
 
 def check_required(cfg) -> None:
@@ -49,9 +57,12 @@ def check_ranges(cfg) -> None:
         value, meta = getattr(cfg, f.name), f.metadata
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        bad = [sym for k, (sym, ok) in _BOUNDS.items() if k in meta and not ok(value, meta[k])]
-        if bad or value != value:  # NaN fails every bound
-            what = meta.get("help", "").split(";")[0].split(" (")[0]
+        what = meta.get("help", "").split(";")[0].split(" (")[0]
+        if not math.isfinite(value):  # NaN fails every bound; no setting means anything at infinity
+            bounds = allowed_range(meta)
+            raise ConfigError(f"{flag_name(f.name)} must be a finite number{' ' + bounds if bounds else ''} ({what}); "
+                              f"got {value:g}")
+        if any(k in meta and not ok(value, meta[k]) for k, (_, ok) in _BOUNDS.items()):
             raise ConfigError(f"{flag_name(f.name)} must be {allowed_range(meta)} ({what}); got {value:g}")
 
 

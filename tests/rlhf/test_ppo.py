@@ -141,7 +141,7 @@ def test_ppo_killed_mid_checkpoint_resumes_bit_identical(tiny_model, tmp_path):
     (tmp_path / "rewards_here.py").write_text("def count_e(prompt, completion):\n    return float(completion.count('e'))\n")
     rows, _ = review_task(n_train=12, n_eval=1, seed=6)
     write_jsonl([{"prompt": r["prompt"]} for r in rows], tmp_path / "prompts.jsonl")
-    faults = Path(__file__).resolve().parents[1] / "faults.py"
+    faults = Path(__file__).resolve().parents[1] / "faults" / "inject.py"
 
     def run(out, *extra, kill=None):
         argv = ["ppo", "--model", str(tiny_model), "--prompts", "prompts.jsonl", "--output-dir", out,

@@ -206,7 +206,7 @@ def test_alert_and_monitor_api():
     assert json.loads(json.dumps(a.to_dict())) == a.to_dict()
     assert str(a) == "health alarm no_learning at step 50: loss 0.6931 ..."
     assert set(ALARMS) == {"both_rewards_falling", "overfitting", "no_learning", "grad_spike", "loss_jump",
-                           "length_drift"}
+                           "length_drift", "dead_gradients"}
     m = HealthMonitor()
     assert m.observe_train({"step": 1}) == [] and m.observe_eval({"split": "eval", "step": 0}) == []
     # annotate: the alerts go onto the record (as the metrics.jsonl line will carry them), quiet ones untouched

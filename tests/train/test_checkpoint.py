@@ -30,12 +30,12 @@ def _argv(model, data, out, steps=6, *extra):
             "--warmup-steps", "2", "--max-length", "64", "--save-every", "1", "--no-progress", *extra]
 
 
-FAULTS = Path(__file__).resolve().parents[1] / "faults.py"
+FAULTS = Path(__file__).resolve().parents[1] / "faults" / "inject.py"
 
 
 def _run(argv, kill_during_save=None, wait=True):
     """`directpo ARGV` in a fresh process; with `kill_during_save=N` it SIGKILLs itself mid-write of
-    checkpoint N (tests/faults.py)."""
+    checkpoint N (tests/faults/inject.py)."""
     cmd = [sys.executable, "-m", "directpo"] if kill_during_save is None else \
         [sys.executable, str(FAULTS), "--kill-during-save", str(kill_during_save)]
     p = subprocess.Popen([*cmd, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -15,7 +15,7 @@ from directpo.toy import review_task, write_jsonl
 from directpo.train.checkpoint import list_checkpoints
 from directpo.train.distributed import Dist
 
-FAULTS = Path(__file__).resolve().parents[1] / "faults.py"
+FAULTS = Path(__file__).resolve().parents[1] / "faults" / "inject.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
@@ -37,7 +37,7 @@ _COMMON = ("--lr", "0.5", "--optimizer", "sgd", "--batch-size", "8", "--micro-ba
 
 
 def _two_runs(tiny_model, tmp_path, data, mode: str, fault: list[str] = ()):
-    """The same 5 SGD steps in one process and in two (torchrun on tests/faults.py, which reports
+    """The same 5 SGD steps in one process and in two (torchrun on tests/faults/inject.py, which reports
     what each rank held around FSDP sharding and can inject a fault): (single, multi) metrics,
     weights, and the multi-process stderr."""
     # Plain SGD: the update is lr × the summed gradient, so a wrong reduction shows in the weights
@@ -168,7 +168,7 @@ def test_the_equality_check_catches_a_broken_all_reduce(tiny_model, tmp_path, dd
 
 def _train(argv: list[str], kill_during_save: int | None = None) -> tuple[int, str]:
     """`directpo train ...` in a fresh process; returns (exit code, end of stderr). With
-    `kill_during_save=N` (2 processes), torchrun runs tests/faults.py, whose rank 0 dies mid-write of
+    `kill_during_save=N` (2 processes), torchrun runs tests/faults/inject.py, whose rank 0 dies mid-write of
     checkpoint N."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)

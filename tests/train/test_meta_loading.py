@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from directpo.toy import review_task, write_jsonl
 
-FAULTS = Path(__file__).resolve().parents[1] / "faults.py"
+FAULTS = Path(__file__).resolve().parents[1] / "faults" / "inject.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 _RUNS: dict = {}
 
@@ -29,7 +29,7 @@ def data(tmp_path_factory):
 def _run(model: Path, data: Path, out: Path, nproc: int, lora: bool) -> tuple[list, dict, str]:
     """(train metrics, final weights, stderr) of 5 plain-SGD steps (the update is lr × the summed
     gradient, so a wrongly loaded or reduced weight shows in the weights); 2 processes run FSDP
-    through tests/faults.py, which reports what each rank held around sharding."""
+    through tests/faults/inject.py, which reports what each rank held around sharding."""
     argv = ["train", "--model", str(model), "--data", str(data), "--lr", "0.5", "--optimizer", "sgd",
             "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "5", "--warmup-steps", "0",
             "--max-grad-norm", "0", "--max-length", "64", "--no-progress", "--threads", "1", "--ref-cache", "off",

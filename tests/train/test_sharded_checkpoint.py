@@ -26,7 +26,7 @@ from directpo.train.config import TrainConfig
 from directpo.train.distributed import Dist
 from directpo.train.optim import build_optimizer, warmup_schedule
 
-FAULTS = Path(__file__).resolve().parents[1] / "faults.py"
+FAULTS = Path(__file__).resolve().parents[1] / "faults" / "inject.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
@@ -182,7 +182,7 @@ def test_knobs_that_cannot_work_are_refused(flags, message):
 
 
 def _train(argv: list[str], nproc: int = 1, kill_during_save: int | None = None) -> tuple[int, str]:
-    """`directpo train ARGV` in 1 process, or under torchrun in 2 (through tests/faults.py when
+    """`directpo train ARGV` in 1 process, or under torchrun in 2 (through tests/faults/inject.py when
     `kill_during_save=N`: every rank dies right after writing its shards of checkpoint N)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)

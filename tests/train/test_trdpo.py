@@ -15,7 +15,7 @@ from directpo.cli import main
 from directpo.toy import review_task, write_jsonl
 from directpo.train.loop import sync_reference
 
-FAULTS = Path(__file__).resolve().parents[1] / "faults.py"
+FAULTS = Path(__file__).resolve().parents[1] / "faults" / "inject.py"
 
 
 @pytest.fixture(scope="module")

@@ -44,8 +44,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 # argparse takes "-1e-4" for an option (its negative-number pattern has no exponent), so
-# `--lr -1e-4` would fail with "expected one argument" instead of reaching the range check.
-_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+# `--lr -1e-4` (or `-inf`) would fail with "expected one argument" instead of reaching the range check.
+_NEGATIVE_NUMBER = re.compile(r"^-((\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|inf|infinity|nan)$", re.IGNORECASE)
 
 
 def make_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -38,18 +38,18 @@ def register(command: str, parser) -> None:
     parser.set_defaults(func=run)
 
 
-def check_out(out: str | None, data: str, overwrite: bool) -> None:
-    """--out is a directory (or not there yet) holding no report unless --overwrite, and no input."""
+def check_out(out: str | None, inputs: dict[str, str | None], overwrite: bool) -> None:
+    """--out is a folder that may be written into (`outputs.check_output_dir`: not a file, not an
+    input's folder, not someone else's files without --overwrite) holding no report unless
+    --overwrite."""
     if not out:
         return
     from ..inspect.report import REPORT_FILES
+    from ..outputs import check_output_dir
 
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise NotADirectoryError(f"--out {out} is a file: give a directory for the report")
+    check_output_dir(out, inputs, overwrite, flag="--out", markers=REPORT_FILES, what="directpo report")
     for name in REPORT_FILES:
         path = os.path.join(out, name)
-        if os.path.exists(data) and os.path.exists(path) and os.path.samefile(path, data):
-            raise ValueError(f"--out {out} would replace the --data input {data}: write the report elsewhere")
         if os.path.lexists(path) and not overwrite:
             raise FileExistsError(f"--out {out} holds a report ({name}): pass --overwrite to replace it")
 
@@ -59,7 +59,7 @@ def run(args) -> int:
         raise ValueError("give --model (the reference: its tokenizer and log-probs) or --tokenizer (tokens only)")
     if args.max_length is not None and args.max_prompt_length is not None and args.max_prompt_length >= args.max_length:
         raise ValueError("--max-prompt-length must be smaller than --max-length")
-    check_out(args.out, args.data, args.overwrite)
+    check_out(args.out, {"--data": args.data, "--model": args.model, "--tokenizer": args.tokenizer}, args.overwrite)
     from ..inspect import console_summary, inspect_data, write_report
     from ..models import load_tokenizer
 

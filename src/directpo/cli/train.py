@@ -67,4 +67,8 @@ def _launch(cfg: TrainConfig, argv: list[str]) -> int:
     # Checked here, once, before any worker starts: a bad setting would otherwise be reported by
     # every worker, and on one node of several only after the others waited for it at the rendezvous.
     cfg.validate()
+    from ..config import input_paths
+    from ..outputs import check_output_dir
+
+    check_output_dir(cfg.output_dir, input_paths(cfg), cfg.overwrite)  # (rank 0 checks again, under its lock)
     return launch(cfg, argv)

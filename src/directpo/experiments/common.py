@@ -1,13 +1,16 @@
-"""What the paper's studies share: the trainer settings of their runs, a resumable `train`, a
-step clock, reading JSONL, comma-separated numbers, and finding the data shipped next to the
+"""What the paper's studies share: their output folder (checked and locked), the trainer settings
+of their runs, a resumable `train`, a step clock, reading JSONL, comma-separated numbers, and finding the data shipped next to the
 checkout. Torch and the trainers are imported where they are used (`--help` loads neither)."""
 from __future__ import annotations
 
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+from .. import outputs
+from ..config import input_paths
 from ..console import log
 
 NO_LOG_LINES = 10 ** 9  # a study logs its own progress; trainers' per-step lines are off
@@ -24,6 +27,21 @@ def parse_numbers(text: str, name: str) -> list[float]:
         return [float(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--{name.replace('_', '-')}: expected comma-separated numbers, got {text!r}") from None
+
+
+STUDY_RECORD = "study_config.json"
+
+
+@contextmanager
+def study_dir(cfg, command: str):
+    """The study's output folder for the length of the `with` block: refused when it holds someone
+    else's files or is an input's folder (`outputs.check_output_dir`), made, and locked, so two
+    studies never share it. A study continues in its own folder (it has no --overwrite)."""
+    out = Path(cfg.output_dir)
+    outputs.check_output_dir(out, input_paths(cfg), None, markers=(STUDY_RECORD, outputs.LOCK_FILE),
+                             what="directpo study")
+    with outputs.RunLock(out, command):
+        yield out
 
 
 def shared_run_settings(cfg) -> dict:

@@ -13,13 +13,19 @@ import sys
 import time
 from pathlib import Path
 
+from ..outputs import check_output_dir
 from ..toy import build_tiny_model, review_task, write_jsonl
 from ..train import TrainConfig, train
+
+
+DEMO_MARKERS = ("dpo/directpo_config.json", "base/config.json")
 
 
 def run_demo(output_dir: str = "runs/demo", steps: int = 60, seed: int = 0, threshold: float = 0.8) -> dict:
     t0 = time.perf_counter()
     out = Path(output_dir)
+    # The demo rewrites its own folder on every run, never a folder of someone else's files.
+    check_output_dir(out, {}, None, markers=DEMO_MARKERS, what="directpo demo")
     train_rows, eval_rows = review_task(seed=seed)
     train_file = write_jsonl(train_rows, out / "data" / "train.jsonl")
     eval_file = write_jsonl(eval_rows, out / "data" / "eval.jsonl")

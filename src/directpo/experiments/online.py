@@ -26,7 +26,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..config import ConfigError, check_ranges, check_required, flag_name, setting
+from .. import outputs
+from ..config import ConfigError, check_ranges, check_required, flag_name, input_paths, setting
 from ..console import log as console_log
 from .resume import resumable
 
@@ -44,13 +45,13 @@ class OnlineConfig:
     """Online (iterative) DPO: sample from the policy, score, pair, train, repeat"""
 
     model: str = setting(None, "the SFT model to start from (round 0, and πref with --ref initial): hub id or "
-                               "local directory", required=True)
+                               "local directory", required=True, input=True)
     prompts: str = setting(None, "training prompts: JSONL with a 'prompt' field, or any preference file directpo "
-                                 "reads", required=True)
+                                 "reads", required=True, input=True)
     output_dir: str = setting(None, "where the rounds (round-R/pairs.jsonl, round-R/policy), rounds.jsonl and "
                                     "online.png go", required=True)
     reward_fn: str | None = setting(None, "reward callable 'module:function' (f(prompt, completion) -> float)")
-    reward_model: str | None = setting(None, "reward model directory (`directpo rm` output)")
+    reward_model: str | None = setting(None, "reward model directory (`directpo rm` output)", input=True)
     rounds: int = setting(3, "rounds of sample → score → pair → train → evaluate (raise it to continue a run)",
                           ge=1)
     samples_per_prompt: int = setting(4, "completions sampled per prompt and round (K)", ge=2)
@@ -70,7 +71,8 @@ class OnlineConfig:
     temperature: float = setting(1.0, "sampling temperature of the training samples (evaluation samples at 1: "
                                       "the KL estimate needs π's own samples)", gt=0)
     sample_batch_size: int = setting(32, "completions generated at once", ge=1)
-    eval_prompts: str | None = setting(None, "prompts to evaluate each round on (default: the training prompts)")
+    eval_prompts: str | None = setting(None, "prompts to evaluate each round on (default: the training prompts)",
+                                         input=True)
     eval_samples: int = setting(2, "completions per eval prompt", ge=1)
     max_length: int | None = setting(512, "max tokens of prompt + completion in training", ge=2)
     seed: int = setting(0, "seed of sampling, evaluation and data order")
@@ -193,7 +195,8 @@ def evaluate_round(cfg: OnlineConfig, policy: str, scorer, round_dir: Path) -> d
 
 def check_output_dir(cfg: OnlineConfig, out: Path) -> None:
     """Refuse a directory holding another online run (other settings) unless `overwrite`, which
-    removes that run's files; record the settings."""
+    removes that run's files; record the settings. (What no command may write into, a folder of
+    someone else's files among them: `outputs.check_output_dir`, checked before.)"""
     recorded_path = out / CONFIG_FILE
     if recorded_path.exists():
         recorded = json.loads(recorded_path.read_text())
@@ -210,10 +213,6 @@ def check_output_dir(cfg: OnlineConfig, out: Path) -> None:
                 shutil.rmtree(p)
             for name in (ROUNDS_FILE, PLOT_FILE, CONFIG_FILE):
                 (out / name).unlink(missing_ok=True)
-    elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise FileExistsError(f"{out} is not empty and holds no online run ({CONFIG_FILE} missing); use another "
-                              f"--output-dir, or --overwrite to write into it")
-    out.mkdir(parents=True, exist_ok=True)
     tmp = recorded_path.with_name(CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(asdict(cfg), indent=2))
     tmp.replace(recorded_path)
@@ -239,12 +238,19 @@ def run_round(cfg: OnlineConfig, scorer, r: int, out: Path) -> dict:
 
 def run_online(cfg: OnlineConfig, scorer=None) -> dict:
     """The rounds; `scorer` (a batch scorer, e.g. a study's ground truth) replaces --reward-fn/--reward-model."""
+    cfg.validate(need_reward=scorer is None)
+    out = Path(cfg.output_dir)
+    outputs.check_output_dir(out, input_paths(cfg), cfg.overwrite, markers=(CONFIG_FILE, outputs.LOCK_FILE),
+                             what="online run")
+    with outputs.RunLock(out, "online"):  # one run per folder (each round's training locks its own too)
+        check_output_dir(cfg, out)
+        return _run_online(cfg, scorer, out)
+
+
+def _run_online(cfg: OnlineConfig, scorer, out: Path) -> dict:
     from ..data.formats import write_jsonl
     from ..eval.scorers import load_reward_fn
 
-    cfg.validate(need_reward=scorer is None)
-    out = Path(cfg.output_dir)
-    check_output_dir(cfg, out)
     if cfg.threads:
         import torch
 

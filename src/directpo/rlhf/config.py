@@ -12,7 +12,7 @@ class RewardModelConfig(PreferenceRunConfig):
     """Bradley–Terry reward model: the LM with a scalar head, trained on preference pairs"""
 
     model: str = setting(None, "the model to put a reward head on (usually the SFT model): hub id or local directory",
-                        required=True)
+                        required=True, input=True)
     output_dir: str = setting(None, "where the reward model, tokenizer and metrics.jsonl go", required=True)
 
 
@@ -20,13 +20,15 @@ class RewardModelConfig(PreferenceRunConfig):
 class PPOConfig(RunConfig):
     """PPO: rollouts, rewards, the KL penalty"""
 
-    model: str = setting(None, "policy to start from (and πref, unless --ref): hub id or local directory", required=True)
+    model: str = setting(None, "policy to start from (and πref, unless --ref): hub id or local directory", required=True,
+                         input=True)
     prompts: str = setting(None, "prompts: JSONL with a 'prompt' field, or any preference file directpo reads",
-                      required=True)
+                      required=True, input=True)
     output_dir: str = setting(None, "where the policy, tokenizer, value head and metrics.jsonl go", required=True)
-    reward_model: str | None = setting(None, "reward model directory (`directpo rm` output)")
+    reward_model: str | None = setting(None, "reward model directory (`directpo rm` output)", input=True)
     reward_fn: str | None = setting(None, "reward callable 'module:function' (f(prompt, completion) -> float)")
-    ref: str | None = setting(None, "reference model πref of the KL penalty (default: the starting policy)")
+    ref: str | None = setting(None, "reference model πref of the KL penalty (default: the starting policy)",
+                              input=True)
     kl_coef: float = setting(0.1, "β of the KL penalty r − β·(log πθ − log πref) (initial value with --adaptive-kl)", ge=0)
     adaptive_kl: bool = setting(False, "adapt β so that the KL tracks --target-kl (Ziegler et al., 2019)")
     target_kl: float = setting(6.0, "target sequence-level KL (nats) of the adaptive controller", gt=0)

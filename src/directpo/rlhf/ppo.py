@@ -43,7 +43,7 @@ from ..models import autocast_ctx, check_vocab, freeze, load_model, load_tokeniz
 from ..train.loop import batch_order
 from ..train.alarms import HealthMonitor
 from ..train.optim import build_optimizer, warmup_schedule
-from ..train.run import Interrupted, Progress, RunDir, StepDriver, StopRequest, resume, setup_torch
+from ..train.run import Interrupted, Progress, RunDir, StepDriver, StopRequest, resume, setup_torch, stop_if_fatal
 from .config import PPOConfig
 
 
@@ -288,8 +288,12 @@ def ppo(cfg: PPOConfig, reward=None) -> dict:
     """Run PPO. `reward`: f(prompt, completion) -> float, or a `batched` scorer (see
     directpo.eval.scorers); default: from cfg.reward_model / cfg.reward_fn."""
     cfg.validate()
-    run = RunDir(cfg.output_dir)
-    run.prepare(cfg.overwrite, cfg.resume)
+    with RunDir(cfg.output_dir) as run:  # claimed (checked, locked) before anything is written
+        run.prepare(cfg, "ppo")
+        return _ppo(cfg, reward, run)
+
+
+def _ppo(cfg: PPOConfig, reward, run: RunDir) -> dict:
     setup_torch(cfg.threads, cfg.seed)
     device = pick_device(cfg.device)
     m = setup_models(cfg, reward, device)
@@ -329,16 +333,19 @@ def ppo(cfg: PPOConfig, reward=None) -> dict:
             metrics.write(last)
             for a in alerts:
                 log(str(a))
+            stop_if_fatal(alerts, cfg)
             short = f"reward {last['reward']:.3f} kl {last['kl']:.3f} β {beta:.3g} clip {last['clip_frac']:.2f}"
             progress.update(step, short, f"{short} vloss {last['value_loss']:.4f} ent {last['entropy']:.3f}")
             if cfg.snapshot_every and step % cfg.snapshot_every == 0 and step < cfg.max_steps:
                 save_snapshot(m.policy, m.tokenizer, run.path / "snapshots" / f"step-{step}")
             if cfg.save_every and step % cfg.save_every == 0 or stop.requested():
+                driver.check_weights(f"the checkpoint of step {step}")
                 run.save_checkpoint(step, epoch, m.policy, optimizer, scheduler, cfg,
                                     extra=extra_state(m.value_head, kl_ctl, gen))
             if stop.requested():
                 raise Interrupted(f"interrupted at step {step}/{cfg.max_steps}; checkpoint saved in "
                                   f"{run.path / 'checkpoints'}: resume with --resume")
+    driver.check_weights("the final policy")
     return save_ppo(m, run, {"output_dir": str(run.path), "train": last, "final_kl_coef": kl_ctl.value})
 
 

@@ -32,7 +32,8 @@ from ..models import autocast_ctx, load_tokenizer, pick_device
 from ..train.loop import batch_order
 from ..train.alarms import HealthMonitor
 from ..train.optim import build_optimizer, warmup_schedule
-from ..train.run import CONFIG_FILE, Interrupted, Progress, RunDir, StepDriver, StopRequest, resume, setup_torch
+from ..train.run import (CONFIG_FILE, Interrupted, Progress, RunDir, StepDriver, StopRequest, resume, setup_torch,
+                         stop_if_fatal)
 from .config import RewardModelConfig
 
 
@@ -70,8 +71,12 @@ def _summary(m: dict) -> str:
 def train_reward_model(cfg: RewardModelConfig) -> dict:
     """Fit r_φ by Bradley–Terry on cfg.data; save it (safetensors), normalised to E[r] = 0."""
     cfg.validate()
-    run = RunDir(cfg.output_dir)
-    run.prepare(cfg.overwrite, cfg.resume)
+    with RunDir(cfg.output_dir) as run:  # claimed (checked, locked) before anything is written
+        run.prepare(cfg, "rm")
+        return _train_reward_model(cfg, run)
+
+
+def _train_reward_model(cfg: RewardModelConfig, run: RunDir) -> dict:
     setup_torch(cfg.threads, cfg.seed)
     device = pick_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -111,6 +116,7 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
         metrics.write(line)
         for a in alerts:
             log(str(a))
+        stop_if_fatal(alerts, cfg)
 
     alarms = HealthMonitor("rm")
 
@@ -139,10 +145,12 @@ def train_reward_model(cfg: RewardModelConfig) -> dict:
             if eval_set is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
                 last_eval = evaluate(step)
             if cfg.save_every and step % cfg.save_every == 0 or stop.requested():
+                driver.check_weights(f"the checkpoint of step {step}")
                 run.save_checkpoint(step, epoch, model, optimizer, scheduler, cfg)
             if stop.requested():
                 raise Interrupted(f"interrupted at step {step}/{total_steps}; checkpoint saved in "
                                   f"{run.path / 'checkpoints'}: resume with --resume")
+    driver.check_weights("the final reward model")
     return save_reward_model(model, tokenizer, train_set, cfg, run, settings,
                              {"output_dir": str(run.path), "train": last, "eval": last_eval})
 

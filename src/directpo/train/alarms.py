@@ -36,6 +36,12 @@ The alarms (`ALARMS`) and their settings (constructor arguments):
     length_drift          runs that sample (PPO's "length_mean"): the median of the last `window`
                           mean lengths more than `length_drift` (a fraction) away from the first
                           step's mean length.
+    dead_gradients        the model died: the gradient norm exactly 0 on each of the last
+                          `dead_steps` steps, or (given `vocab_size` V) the chosen responses' NLL
+                          per token within `dead_tol`·ln V of ln V on each of them, which only a
+                          policy that went uniform gives (a random initialisation is off by far
+                          more). Nothing more can be learned: one of the `FATAL` alarms, which
+                          stop the run (unless --no-stop-on-alarm).
 
 Each alarm fires when its condition turns true, then stays silent while it holds; once it has
 been false at `rearm_after` consecutive checks (training steps; evaluations for overfitting) it
@@ -52,9 +58,11 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
-__all__ = ["ALARMS", "CHANCE_LOSS", "Alert", "HealthMonitor"]
+__all__ = ["ALARMS", "CHANCE_LOSS", "FATAL", "Alert", "HealthMonitor"]
 
-ALARMS = ("both_rewards_falling", "overfitting", "no_learning", "grad_spike", "loss_jump", "length_drift")
+ALARMS = ("both_rewards_falling", "overfitting", "no_learning", "grad_spike", "loss_jump", "length_drift",
+          "dead_gradients")
+FATAL = frozenset({"dead_gradients"})  # the run cannot recover: it stops (`Alert.fatal`)
 
 # The loss of a policy equal to its reference (every implicit reward 0), by loss name.
 CHANCE_LOSS = {"dpo": math.log(2), "cdpo": math.log(2), "dpo_norm": math.log(2), "robust": math.log(2),
@@ -74,6 +82,10 @@ class Alert:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def fatal(self) -> bool:
+        return self.name in FATAL
 
     def __str__(self) -> str:
         return f"health alarm {self.name} at step {self.step}: {self.message}"
@@ -122,7 +134,8 @@ class HealthMonitor:
                  chosen_drop_share: float = 0.1, overfit_accuracy: float = 0.98, overfit_evals: int = 2,
                  eval_accuracy_tol: float = 0.005, no_learning_steps: int = 50, no_learning_tol: float = 1e-3,
                  chance_loss: float | None = None, grad_spike: float = 10.0, loss_jump: float = 5.0,
-                 min_loss_jump: float = 0.1, length_drift: float = 0.5, rearm_after: int | None = 20):
+                 min_loss_jump: float = 0.1, length_drift: float = 0.5, rearm_after: int | None = 20,
+                 dead_steps: int = 5, vocab_size: int | None = None, dead_tol: float = 1e-5):
         if window < 4:
             raise ValueError(f"window must be ≥ 4 steps (two halves of ≥ 2 to compare), got {window}")
         if overfit_evals < 1 or no_learning_steps < 1 or min_history < 1:
@@ -135,6 +148,9 @@ class HealthMonitor:
         self.chance_loss = chance_loss if chance_loss is not None else CHANCE_LOSS.get(loss_name)
         self.grad_spike, self.loss_jump, self.min_loss_jump = grad_spike, loss_jump, min_loss_jump
         self.length_drift = length_drift
+        self.dead_steps, self.dead_tol = dead_steps, dead_tol
+        self.uniform_nll = math.log(vocab_size) if vocab_size else None
+        self._dead_run = 0  # consecutive steps that looked dead
         self._latches = {name: _Latch(rearm_after) for name in ALARMS}
         self._train: dict[str, deque] = {}  # key -> (step, value) of the last `window` steps that had it
         self._evals: list[dict] = []  # step, loss, accuracy of every evaluation
@@ -163,7 +179,7 @@ class HealthMonitor:
         step = int(metrics.get("step", 0))
         g, loss = metrics.get("grad_norm"), metrics.get("loss")
         verdicts = [("grad_spike", self._spike(g, "grad_norm")),  # against the steps before this one
-                    ("loss_jump", self._jump(loss))]
+                    ("loss_jump", self._jump(loss)), ("dead_gradients", self._dead(step, metrics))]
         self._push(step, metrics)
         verdicts += [("no_learning", self._no_learning(step)), ("both_rewards_falling", self._rewards_falling()),
                      ("length_drift", self._length_drift(step))]
@@ -288,6 +304,24 @@ class HealthMonitor:
             return (f"held-out accuracy has not improved over the last {n} evaluations "
                     f"({' → '.join(f'{a:.3f}' for a in accs[-n:])}; best {before:.3f} at step {s})")
         return ""
+
+    def _dead(self, step: int, metrics: dict) -> str | None:
+        g, nll = metrics.get("grad_norm"), metrics.get("nll/token")
+        zero = g == 0 and _finite(g)
+        uniform = self.uniform_nll is not None and _finite(nll) and \
+            abs(nll - self.uniform_nll) <= self.dead_tol * self.uniform_nll
+        if not (_finite(g) or _finite(nll)):
+            return None
+        self._dead_run = self._dead_run + 1 if zero or uniform else 0
+        if self._dead_run < self.dead_steps:
+            return ""
+        seen = ("the gradient norm was exactly 0" if zero else
+                f"the NLL per token of the chosen responses was {nll:.6g} = ln {round(math.exp(self.uniform_nll))} "
+                "(the vocabulary size): the policy is uniform")
+        return (f"the model died: {seen} on each of the last {self._dead_run} steps (to step {step}), so nothing "
+                "more can be learned; usually a learning rate far too high destroyed the weights in the first "
+                "steps: lower --lr (and check --optimizer, --warmup-steps), then start again from the model, not "
+                "from a checkpoint of this run")
 
     def _length_drift(self, step: int) -> str | None:
         lengths = self._values("length_mean")

@@ -46,6 +46,8 @@ class RunConfig:
     divergence_factor: float = setting(1000.0, "stop (without applying the update) when the loss or the gradient "
                                                "norm exceeds this many times its first step's value, each floored "
                                                "at 1: the run diverged (0: never)", ge=0)
+    stop_on_alarm: bool = setting(True, "stop the run when a health alarm says the model cannot recover "
+                                        "(dead_gradients: it died); --no-stop-on-alarm logs it and trains on")
     trust_remote_code: bool = setting(False, "allow model/tokenizer repos to run their own Python code (off: safer)")
     progress: bool = setting(True, "show a progress bar with ETA")
     report_to: str = setting("none", "also send the metrics to TensorBoard (OUTPUT/tensorboard/) or Weights & Biases "
@@ -60,7 +62,7 @@ class RunConfig:
     RESUMABLE_CHANGES = frozenset({
         "nproc", "fsdp", "resume", "overwrite", "progress", "log_every", "max_steps", "epochs", "save_every",
         "keep_last", "eval_every", "eval_data", "threads", "device", "ref_cache", "skip_nonfinite",
-        "divergence_factor", "output_dir", "snapshot_every",
+        "divergence_factor", "output_dir", "snapshot_every", "stop_on_alarm",
         "report_to", "push_to_hub", "hub_private"})
 
     def validate(self):
@@ -79,8 +81,10 @@ class RunConfig:
 class PreferenceRunConfig(RunConfig):
     """Model and preference data"""
 
-    model: str = setting(None, "model to train: a Hugging Face model id or local directory", required=True)
-    data: str = setting(None, "preference data: .jsonl/.json/.parquet file, or a `datasets` name/dir", required=True)
+    model: str = setting(None, "model to train: a Hugging Face model id or local directory", required=True,
+                         input=True)
+    data: str = setting(None, "preference data: .jsonl/.json/.parquet file, or a `datasets` name/dir", required=True,
+                        input=True)
     micro_batch_size: int = setting(8, "examples per forward/backward; batch_size/micro_batch_size are accumulated", ge=1)
     epochs: float = setting(1.0, "passes over the training data, when max_steps is not set", gt=0)
     max_length: int | None = setting(512, "max tokens of prompt + response; a pair that does not fit has its prompt "
@@ -89,7 +93,8 @@ class PreferenceRunConfig(RunConfig):
     max_prompt_length: int | None = setting(None, "max prompt tokens, longer prompts always cut from the left "
                                                   "(default: only the prompts of pairs that do not fit, to half of "
                                                   "max_length)", ge=1)
-    eval_data: str | None = setting(None, "held-out preference data for periodic evaluation")
+    eval_data: str | None = setting(None, "held-out preference data for periodic evaluation",
+                                        input=True)
     eval_every: int = setting(0, "evaluate every N optimizer steps (0: only at the end, when eval_data is set)", ge=0)
     ranking_pairs: str = setting("all", "ranked rows as pairs: every (better, worse) pair, or only best vs worst",
                                  choices=["all", "best_worst"])
@@ -113,7 +118,8 @@ class PreferenceRunConfig(RunConfig):
 class TrainConfig(PreferenceRunConfig):
     """The loss, the reference, layouts, LoRA, several processes or nodes"""
 
-    ref: str | None = setting(None, "reference model πref (default: a frozen copy of the starting policy)")
+    ref: str | None = setting(None, "reference model πref (default: a frozen copy of the starting policy)",
+                              input=True)
     loss: str = setting("dpo", "loss: dpo, cdpo, ipo (summed log-probs), ipo_avg (per-token averages, as TRL's), "
                                "dpo_norm, robust, hinge, apo_zero, apo_down, exo_pair, nca_pair, reference_free, "
                                "simpo, orpo, plackett_luce (rankings), sft, unlikelihood, bco_pair, kto (unpaired "

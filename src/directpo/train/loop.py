@@ -35,7 +35,7 @@ from .plan import format_memory_plan, plan_for_budget
 from .prepare import (check_data, check_sharding, kto_balance, load_policy_and_reference, load_sharded,
                       prepare_data, reference_tables)
 from .run import (COMPLETE_MARKER, Interrupted, NonFiniteError, Progress, RunDir, StepDriver, StopRequest,
-                  resume, settle_precision, setup_torch)
+                  resume, settle_precision, setup_torch, stop_if_fatal)
 
 __all__ = ["COMPLETE_MARKER", "NonFiniteError", "TrainConfig", "batch_order", "micro_batches", "train"]
 
@@ -320,13 +320,8 @@ class Trainer:
         return self.eval_set is not None and (self.d.main or self.sharded)
 
 
-def setup(cfg: TrainConfig) -> Trainer:
-    """Everything before the first step: processes, run directory, data, models, reference tables."""
-    cfg.validate()
-    d = init_from_env()
-    run = RunDir(cfg.output_dir, main=d.main)
-    run.prepare(cfg.overwrite, cfg.resume)
-    d.barrier()
+def setup(cfg: TrainConfig, d, run: RunDir) -> Trainer:
+    """Everything before the first step, in the claimed run directory: data, models, reference tables."""
     setup_torch(cfg.threads, cfg.seed)
     device = device_for(d, cfg.device) or pick_device(cfg.device)
     settle_precision(run, cfg, device, d)  # --precision auto -> fp32 or bf16, before anything computes
@@ -394,7 +389,19 @@ def announce(t: Trainer, total_steps: int) -> None:
 
 
 def train(cfg: TrainConfig) -> dict:
-    t = setup(cfg)
+    cfg.validate()
+    d = init_from_env()
+    # The run directory is claimed (checked, locked) before anything is written, and let go
+    # however the run ends.
+    with RunDir(cfg.output_dir, main=d.main) as run:
+        run.prepare(cfg, "sft" if cfg.loss == "sft" else "train")
+        d.barrier()
+        return run_training(setup(cfg, d, run))
+
+
+def run_training(t: Trainer) -> dict:
+    """The steps, top to bottom: optimizer, resume, then for each step accumulate, step, log,
+    maybe evaluate, maybe checkpoint; then save."""
     cfg, d, run = t.cfg, t.d, t.run
     optimizer = build_optimizer(t.policy.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = warmup_schedule(optimizer, cfg.warmup_steps)
@@ -412,7 +419,7 @@ def train(cfg: TrainConfig) -> dict:
                         cfg.skip_nonfinite, cfg.divergence_factor, hint=f"Lower --lr (now {cfg.lr:g})")
     progress = Progress(cfg.progress and d.main, total_steps, start_step, cfg.loss, cfg.log_every)
     metrics = run.metrics(start_step)
-    last, last_eval, alarms = {}, None, HealthMonitor(cfg.loss)
+    last, last_eval, alarms = {}, None, HealthMonitor(cfg.loss, vocab_size=t.policy.config.vocab_size)
     if t.evaluates and start_step == 0:  # the starting point (for DPO every implicit reward is 0)
         last_eval = t.evaluate(0, metrics, alarms)
     t_start = time.perf_counter()
@@ -443,14 +450,17 @@ def train(cfg: TrainConfig) -> dict:
                             f"{summary_line(last)} lr {lr:.2e} {last['pairs_per_s']:.1f} examples/s")
             for a in alerts:
                 log(str(a))
+            stop_if_fatal(alerts, cfg)
             if t.evaluates and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
                 last_eval = t.evaluate(step, metrics, alarms)
             stopping = stop.requested(d)
             if cfg.save_every and step % cfg.save_every == 0 or stopping:
+                driver.check_weights(f"the checkpoint of step {step}")
                 save_checkpoint(t, step, epoch, optimizer, scheduler)
             if stopping:
                 raise Interrupted(f"interrupted at step {step}/{total_steps}; checkpoint saved in "
                                   f"{run.path / 'checkpoints'}: resume with --resume")
+    driver.check_weights("the final model")
     return finish(t, {"output_dir": str(run.path), "train": last, "eval": last_eval,
                       "skipped_nonfinite_steps": driver.skipped, "alerts": [a.to_dict() for a in alarms.raised]})
 

@@ -15,11 +15,14 @@ import json
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
+from ..config import input_paths
 from ..console import log
+from ..outputs import RUN_MARKERS, check_output_dir
 from .config import TrainConfig
 from .loop import train
 from .run import COMPLETE_MARKER, CONFIG_FILE, is_complete
 
+PIPELINE_MARKERS = tuple(f"{stage}/{marker}" for stage in ("sft", "dpo") for marker in RUN_MARKERS)
 # Settings a resumed run may change (`RESUMABLE_CHANGES`) but that change a finished run's result: a
 # run of other length, another evaluation set (the result holds its final evaluation).
 RESULT_SETTINGS = frozenset({"max_steps", "epochs", "eval_data"})
@@ -31,6 +34,9 @@ SFT_UNUSED = frozenset({"beta", "label_smoothing", "unlikelihood_weight", "preco
 
 def run_pipeline(cfg: TrainConfig, **sft_overrides) -> dict:
     root = Path(cfg.output_dir)
+    # The root is the pipeline's own (its stages' folders, each claimed by its run), never a folder
+    # of someone else's files, nor an input's.
+    check_output_dir(root, input_paths(cfg), cfg.overwrite, markers=PIPELINE_MARKERS, what="directpo pipeline")
     sft_dir, dpo_dir = root / "sft", root / "dpo"
     # Preferred-FT imitates the chosen responses (of pairs) or the desirable ones (of unpaired rows).
     sft_cfg = replace(cfg, loss="sft", output_dir=str(sft_dir), ref=None, overwrite=True, loss_weights="",

@@ -26,7 +26,9 @@ from typing import Callable
 import torch
 
 from .. import __version__
+from ..config import input_paths
 from ..console import log
+from ..outputs import RunLock, RunLockedError, check_output_dir
 from .card import invoked_command_line, push_to_hub, recorded_alerts, write_model_card
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
 from .distributed import Dist
@@ -52,6 +54,32 @@ class DivergenceError(RuntimeError):
     """The loss or gradient norm exploded: the step was not applied."""
 
     user_error = True
+
+
+class ModelDiedError(RuntimeError):
+    """A fatal health alarm (`alarms.FATAL`): the model cannot recover, the run stopped."""
+
+    user_error = True
+
+
+def stop_if_fatal(alerts, cfg) -> None:
+    """Stop the run on a fatal health alarm (after its metrics line is written), unless
+    --no-stop-on-alarm: training on would only spend time and save a broken model as a success."""
+    fatal = [a for a in alerts if a.fatal]
+    if fatal and getattr(cfg, "stop_on_alarm", True):
+        raise ModelDiedError(f"{fatal[0]}. Stopped: no final model saved, earlier checkpoints as they were "
+                             "(--no-stop-on-alarm trains on)")
+
+
+class BrokenWeightsError(RuntimeError):
+    """NaN/inf or exploded weights found before a save: nothing was written."""
+
+    user_error = True
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's tensor on this process (the local shard of an FSDP DTensor)."""
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 class Interrupted(RuntimeError):
@@ -146,27 +174,43 @@ class RunDir:
         self.settings: dict = {}
         self.data_summary: str | None = None  # a paragraph on the training data, for the model card
         self.precision: dict | None = None  # --precision as asked, resolved, and why (`settle_precision`)
+        self.lock: RunLock | None = None  # held from `prepare` to the end of the `with` block
 
-    def prepare(self, overwrite: bool, resume: str | None) -> None:
-        """Refuse to clobber another run; make sure the directory can be written."""
-        if not self.main:
+    def prepare(self, cfg, command: str = "") -> None:
+        """Claim the directory for this run, before anything is written: refuse one that must not be
+        written into (`outputs.check_output_dir`: a file, an input's folder, a folder of someone
+        else's files without --overwrite), take the run lock (a second run into the same folder is
+        refused naming the first), refuse to clobber another run, make sure it can be written."""
+        if not self.main:  # under torchrun rank 0 holds the lock for every process
             return
-        if (self.path / METRICS_FILE).exists() and not (overwrite or resume):
-            raise FileExistsError(f"{self.path} already holds a run ({METRICS_FILE}); pass --resume to continue it "
-                                  "or --overwrite to replace it")
+        check_output_dir(self.path, input_paths(cfg), cfg.overwrite)
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / f".write-test-{os.getpid()}"
-            probe.write_text("ok")
-            probe.unlink()
+            self.lock = RunLock(self.path, command).acquire()
+        except RunLockedError:
+            raise
         except OSError as e:
             raise PermissionError(f"cannot write to output directory {self.path}: {e.strerror or e}") from None
-        if overwrite:  # the run starts again: until it finishes it is not complete
+        # Under the lock, so a run that started and finished meanwhile is seen.
+        if (self.path / METRICS_FILE).exists() and not (cfg.overwrite or cfg.resume):
+            raise FileExistsError(f"{self.path} already holds a run ({METRICS_FILE}); pass --resume to continue it "
+                                  "or --overwrite to replace it")
+        if cfg.overwrite:  # the run starts again: until it finishes it is not complete
             (self.path / COMPLETE_MARKER).unlink(missing_ok=True)
         # A process killed while writing a checkpoint leaves its temporary directory: never a
         # checkpoint (those are renamed into place whole), so it can go.
         for tmp in (self.path / "checkpoints").glob(".tmp-*"):
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        """The run is over, however it ended: let go of the lock (and of a folder it made and left
+        empty)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        return False
 
     def record_config(self, command: str, cfg, **extra) -> dict:
         """directpo_config.json: the version, the command, every setting, and what the run derived.
@@ -315,7 +359,11 @@ class StepDriver:
         self.dist, self.sharded, self.skip_nonfinite = dist, sharded, skip_nonfinite
         self.divergence_factor, self.hint = divergence_factor, hint
         self.first: tuple[float, float] | None = None  # (|loss|, gradient norm) of the first applied step
-        self.skipped = 0
+        self.skipped = self.applied = 0
+        # Each trainable tensor's largest |value| as the run (or its resumption) starts: what
+        # `check_weights` measures growth against.
+        with torch.no_grad():
+            self.start_absmax = [float(_local(p).abs().max()) if p.numel() else 0.0 for p in self.params]
 
     def accumulate(self, micro_batches, loss_of: Callable, batch_size: int) -> dict[str, float]:
         """Σ of the micro-batches' metric sums; `loss_of(mb) -> (per-example losses, metric sums)`."""
@@ -346,7 +394,40 @@ class StepDriver:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.applied += 1
         return sums, float(grad_norm), lr
+
+    def check_weights(self, what: str, growth: float = 1e3) -> None:
+        """Before `what` (a checkpoint, the final model) is saved: every trainable weight finite, and
+        none over `growth` times the largest |value| its tensor had when the run started (floored at
+        1, so weights that start at 0, LoRA's B, may grow). A broken model is never saved as a
+        result (`BrokenWeightsError`); the checkpoints already written stay as they were."""
+        nonfinite = exploded = 0
+        largest = 0.0
+        with torch.no_grad():
+            for p, start in zip(self.params, self.start_absmax):
+                w = _local(p)
+                if not w.numel():
+                    continue
+                if not bool(torch.isfinite(w).all()):
+                    nonfinite += 1
+                    continue
+                m = float(w.abs().max())
+                if m > growth * max(start, 1.0):
+                    exploded += 1
+                    largest = max(largest, m)
+        if self.dist is not None and self.dist.enabled:
+            agreed = self.dist.sum_stats({"nonfinite": float(nonfinite), "exploded": float(exploded)})
+            nonfinite, exploded = int(agreed["nonfinite"]), int(agreed["exploded"])
+        if not (nonfinite or exploded):
+            return
+        seen = (f"{nonfinite} of {len(self.params)} trainable weight tensors hold NaN/inf" if nonfinite else
+                f"{exploded} of {len(self.params)} trainable weight tensors grew over {growth:g}× their size at the "
+                f"start (largest |w| {largest:.3g})" if largest else
+                f"{exploded} trainable weight tensors grew over {growth:g}× their size at the start")
+        raise BrokenWeightsError(f"not saving {what}: {seen} after {self.applied} update(s); the model is broken, "
+                                 f"so nothing was written (earlier checkpoints are as they were). "
+                                 f"{self.hint or 'Lower the learning rate'}")
 
     def _check_divergence(self, loss: float, grad_norm: float, where: Callable[[], str]) -> None:
         """Stop before applying an update whose loss or gradient norm is `divergence_factor` times
@@ -369,8 +450,12 @@ class StepDriver:
         # Never let NaN/inf into the weights: stop (the last checkpoint stays as it was) or skip.
         self.optimizer.zero_grad(set_to_none=True)
         if not self.skip_nonfinite:
+            # Before any update the learning rate cannot be the cause: the starting model or the data is.
+            cause = (f"{self.hint or 'lower the learning rate'}" if self.applied else
+                     "no update was applied yet, so the learning rate is not the cause: check the weights of the "
+                     "starting model (and of the reference), the loss's settings (--beta, ...) and this batch")
             raise NonFiniteError(f"non-finite {what} {where}; stopped without updating the weights. Pass "
-                                 "--skip-nonfinite to skip such steps, or lower the learning rate")
+                                 f"--skip-nonfinite to skip such steps, or {cause[0].lower()}{cause[1:]}")
         self.skipped += 1
         self.scheduler.step()
         log(f"non-finite {what} {where}: step skipped ({self.skipped} so far)")

@@ -33,7 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ...console import log
-from ..common import StudyClock
+from ..common import STUDY_RECORD, StudyClock, study_dir
 from .config import PRESETS, SentimentConfig, preset_defaults, sentiment_config
 from .coverage import cover_kl_range
 from .evaluation import eval_best_of_n, eval_point, eval_run
@@ -58,15 +58,18 @@ def run_sentiment(cfg: SentimentConfig) -> dict:
 
 
 def run_one_seed(cfg: SentimentConfig) -> dict:
+    with study_dir(cfg, "experiment sentiment") as out:
+        return _run_one_seed(cfg, out)
+
+
+def _run_one_seed(cfg: SentimentConfig, out: Path) -> dict:
     from .report import write_report
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    (out / "study_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    (out / STUDY_RECORD).write_text(json.dumps(asdict(cfg), indent=1))
     clock = StudyClock("sentiment", N_STAGES, out / "study_time.json")
     scorer = ground_truth(cfg)
     runs = plan_runs(cfg)

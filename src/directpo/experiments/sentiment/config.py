@@ -45,12 +45,14 @@ class SentimentConfig:
                           choices=list(PRESETS))
     corpus: str | None = setting(None, "review text: a .txt file (one text per line; SST's datasetSentences.txt is "
                                        "recognised), .jsonl/.json/.parquet, or a `datasets` name (default: the SST "
-                                       "sentences shipped next to this checkout; not found: an error asking for --corpus)")
+                                       "sentences shipped next to this checkout; not found: an error asking for --corpus)",
+                                  input=True)
     corpus_field: str = setting("text", "field of a .jsonl/.parquet/`datasets` corpus holding the review text")
     max_corpus: int = setting(0, "use at most this many texts of the corpus (0: all)")
-    base_model: str | None = setting(None, "a ready πSFT (hub id or directory): skips pretraining")
+    base_model: str | None = setting(None, "a ready πSFT (hub id or directory): skips pretraining",
+                                           input=True)
     init_model: str | None = setting(None, "fine-tune this model on the corpus to get πSFT (the paper: gpt2-large); "
-                                           "default: a small Llama pretrained from scratch")
+                                           "default: a small Llama pretrained from scratch", input=True)
     hidden: int = setting(256, "from-scratch model: hidden size")
     layers: int = setting(4, "from-scratch model: layers")
     heads: int = setting(4, "from-scratch model: attention heads")
@@ -69,7 +71,7 @@ class SentimentConfig:
                          choices=["best_worst", "all"])
     pair_margin: float = setting(0.05, "minimum reward difference for a pair")
     reward_model: str | None = setting(None, "ground truth: an HF sentiment classifier (P(positive)); default: VADER "
-                                             "compound score (offline)")
+                                             "compound score (offline)", input=True)
     batch_size: int = setting(32, "pairs per step of DPO, Unlikelihood, Preferred-FT and the reward model")
     optimizer: str = setting("adamw", "optimizer of the preference runs", choices=["adamw", "rmsprop"])
     warmup_steps: int = setting(20, "warm-up steps of every training run")

@@ -53,7 +53,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ...console import log
-from ..common import StudyClock
+from ..common import STUDY_RECORD, StudyClock, study_dir
 from .config import DialogueConfig, SummarizeConfig, WinrateConfig, preset_defaults, winrate_config
 from .data import stage_data
 from .evaluation import (eval_best_of_n, eval_policy, judge_label, make_judge, reference_length,
@@ -117,16 +117,19 @@ def evaluate(cfg: WinrateConfig, out: Path, info: dict, clock: StudyClock) -> tu
 
 def run_winrate(cfg: WinrateConfig) -> dict:
     """Run (or continue) the study in cfg.output_dir; returns what summary.json holds."""
+    cfg.validate()
+    with study_dir(cfg, f"experiment {cfg.TASK}") as out:
+        return _run_winrate(cfg, out)
+
+
+def _run_winrate(cfg: WinrateConfig, out: Path) -> dict:
     from .report import write_report
 
-    cfg.validate()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    (out / "study_config.json").write_text(json.dumps({"task": cfg.TASK, **asdict(cfg)}, indent=1))
+    (out / STUDY_RECORD).write_text(json.dumps({"task": cfg.TASK, **asdict(cfg)}, indent=1))
     clock = StudyClock(cfg.TASK, N_STAGES, out / "study_time.json")
     info = train_models(cfg, out, clock)
     points, info["evaluation"] = evaluate(cfg, out, info, clock)

@@ -73,15 +73,17 @@ class WinrateConfig:
     PRESETS: ClassVar[dict[str, dict]] = {}
 
     output_dir: str = setting(None, "where every stage's outputs and the report go", required=True)
-    data: str | None = setting(None, "preference data: a file or a hub id (`name:split` picks a split)")
+    data: str | None = setting(None, "preference data: a file or a hub id (`name:split` picks a split)",
+                                     input=True)
     eval_data: str | None = setting(None, "held-out data whose prompts (and chosen responses, the references) are "
-                                          "evaluated; default: prompts of --data held out from training")
+                                          "evaluated; default: prompts of --data held out from training", input=True)
     max_rows: int = setting(0, "read at most this many rows of --data (0: all)", ge=0)
     on_invalid: str = setting("error", "bad rows: stop with an error naming file/row/field, or skip them (counted)",
                               choices=["error", "skip"])
     n_eval_prompts: int = setting(128, "held-out prompts evaluated (disjoint from every training prompt)", ge=1)
     base_model: str | None = setting(None, "the pretrained LM fine-tuned first on the chosen responses (hub id or "
-                                           "directory); default: a small Llama pretrained here on the data's text")
+                                           "directory); default: a small Llama pretrained here on the data's text",
+                                           input=True)
     hidden: int = setting(256, "from-scratch model: hidden size", ge=1)
     layers: int = setting(4, "from-scratch model: layers", ge=1)
     heads: int = setting(4, "from-scratch model: attention heads", ge=1)

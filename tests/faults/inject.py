@@ -1,7 +1,7 @@
 """Run `directpo ARGS...` with a fault injected, for the never-lose-work tests (the package itself
 carries no test hooks).
 
-    python tests/faults.py [--kill-during-save N] [--report-fsdp-init] ARGS...
+    python tests/faults/inject.py [--kill-during-save N] [--report-fsdp-init] ARGS...
 
 --kill-during-save N   SIGKILL this process right after it wrote the weights of checkpoint N (or
                        its shards, --checkpoint-format sharded), before the rest of it (mid-write)
@@ -11,7 +11,7 @@ carries no test hooks).
                        FSDP sharding, how many whole models it had read with from_pretrained by
                        then, and its peak RSS
 
-Works as a torchrun script too: `python -m torch.distributed.run ... tests/faults.py ARGS...`.
+Works as a torchrun script too: `python -m torch.distributed.run ... tests/faults/inject.py ARGS...`.
 """
 from __future__ import annotations
 
