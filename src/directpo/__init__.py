@@ -1,2 +1,38 @@
-"""directpo: Direct Preference Optimization (Rafailov et al., 2023) for any Hugging Face causal LM."""
+"""directpo: Direct Preference Optimization (Rafailov et al., 2023) for any Hugging Face causal LM.
+
+The Python API (`directpo.api`), one function per job, each taking its settings object or the
+same settings as keywords, as the commands do:
+
+    import directpo
+
+    result = directpo.train(model="my-sft-model", data="pairs.jsonl", output_dir="runs/dpo", max_steps=200)
+    result.train["rewards/accuracies"]          # the last step's metrics line
+    result.metrics                              # every metrics.jsonl record
+
+Names are loaded on first use, so `import directpo` loads neither torch nor transformers.
+"""
 __version__ = "0.1.0"
+
+# name -> module that defines it
+_EXPORTS = {
+    # jobs
+    "sft": "directpo.api", "pipeline": "directpo.api", "train_reward_model": "directpo.api", "ppo": "directpo.api",
+    "online": "directpo.api", "plan": "directpo.api", "result_of": "directpo.api",
+    # results and callbacks
+    "RunResult": "directpo.api", "Callback": "directpo.train.run",
+    # settings
+    "TrainConfig": "directpo.train.config", "RewardModelConfig": "directpo.rlhf.config",
+    "PPOConfig": "directpo.rlhf.config", "OnlineConfig": "directpo.experiments.online",
+    "PlanConfig": "directpo.train.plan",
+    # the loss, as a pure function, and the registry of every loss
+    "dpo_loss": "directpo.losses", "LOSSES": "directpo.losses",
+}
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'directpo' has no attribute {name!r}")

@@ -1,33 +1,29 @@
-"""Preference losses as pure functions of sequence log-probabilities.
+"""The loss registry: every loss the trainer knows, and all it knows about each, in one place.
 
-Every loss here takes summed response log-probs (one number per sequence) and returns per-example
-losses plus the implicit rewards ``β·(log πθ(y|x) − log πref(y|x))`` of the paper (§5). Nothing
-here knows about models, tokenizers or the trainer: that keeps each formula checkable by hand.
+`LOSSES` maps a name (`--loss`) to a `LossSpec` that declares
+    fn              the loss of a micro-batch: `fn(LossInputs, LossParams) -> RankedLossOutput`
+    params          the loss settings it reads (`LOSS_SETTINGS`: fields of both `LossParams` and
+                    `TrainConfig`). `TrainConfig.validate` refuses a setting moved from its default
+                    that the loss does not read (it would change nothing), the model card lists them.
+    chance_loss     its per-example value at initialisation, πθ = πref (every implicit reward 0), on
+                    pairs, whatever its parameters: the `no_learning` alarm compares the loss with it.
+                    None where that value depends on the parameters (ipo: 1/(4β²); exo_pair: on ε),
+                    on the data (kto: on the mix of desirable rows) or there is no πref to equal.
+    rows            what one example is: "pairs" (two responses, best first), "rankings" (K ≥ 2
+                    responses, best first), "completions" (the best response alone, to imitate),
+                    "unpaired" (a completion and a desirable/undesirable label)
+    needs_reference, needs_unlikelihood
+                    what the trainer computes for it besides the policy's log-probs
+    state           what the trainer keeps across batches and passes in `LossParams` (`LOSS_STATE`):
+                    "kto_kl" (KTO's reference point z0, over the whole batch), "bco_delta" (BCO's δ,
+                    a running mean of the batch-mean implicit rewards)
+    help            one line for the command line and the model card
 
-Notation (paper, eq. 7):
-    L_DPO = −log σ( β·[log πθ(yw|x) − log πref(yw|x)] − β·[log πθ(yl|x) − log πref(yl|x)] )
-
-Exactly what some of the registry's losses compute (h = the log-ratio difference above, without β):
-    ipo             (h − 1/(2β))², h from *summed* log-probs. TRL's IPO averages log-probs per token,
-                    which rescales h by ~1/length and so changes what a given β means; `ipo_avg` is
-                    that per-token form.
-    reference_free  DPO with log πref(y|x) = 0 for every response, i.e. a *constant* sequence-level
-                    reference (any constant cancels in h). It is not a per-token uniform reference
-                    (log πref(y|x) = −|y|·log V): that one cancels only when |yw| = |yl|.
-    unlikelihood    −log πθ(yw|x)/|yw| + α·(1/|yl|)·Σ_t −log(1 − πθ(yl_t|x, yl_<t)): both terms are
-                    per-token means (of the chosen response's NLL, of the rejected tokens' penalty).
-    simpo, orpo     reference-free, on per-token mean log-probs; their rewards are β·log πθ(y|x)/|y|.
-    dpo_norm        DPO on per-token mean log-ratios (rewards per token too).
-    robust, apo_zero, apo_down, exo_pair, nca_pair
-                    functions of the summed log-ratios, each as its paper (cited in its docstring)
-                    states it; rewards β·[log πθ(y|x) − log πref(y|x)].
-    kto             unpaired rows (a completion and a desirable/undesirable label), against a
-                    reference point z0 estimated on mismatched prompt/completion pairs, which the
-                    trainer computes over the whole batch and passes in (`LossParams.kto_kl`).
-    bco_pair        DPO-style pairs, each response classified against a reward shift δ that the
-                    trainer keeps as a running mean and passes in (`LossParams.bco_delta`).
-    "a,b"           (get_loss) a weighted sum Σ w_i·L_i per example (`combine_losses`), each component's
-                    loss reported in `RankedLossOutput.components`.
+A new loss is one pure function (`directpo.loss_functions`, all re-exported here) and one entry
+here, never a branch inside the trainer; `tests/losses/test_registry.py` checks every declaration
+against what the function does. "a,b" (`get_loss`) is a weighted sum Σ w_i·L_i per example
+(`combine_losses`), declared from its parts, each part's loss reported in
+`RankedLossOutput.components`.
 """
 from __future__ import annotations
 
@@ -36,374 +32,30 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-
-@dataclass
-class LossOutput:
-    """Per-example losses and the (detached) implicit rewards of chosen and rejected responses."""
-
-    losses: torch.Tensor  # (B,)
-    chosen_rewards: torch.Tensor  # (B,)
-    rejected_rewards: torch.Tensor  # (B,)
-
-
-def implicit_reward(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
-    """r̂(x, y) = β·log πθ(y|x)/πref(y|x): 'your language model is secretly a reward model'."""
-    return beta * (policy_logps - ref_logps)
-
-
-def dpo_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-) -> LossOutput:
-    """The DPO loss (eq. 7), per example.
-
-    ``label_smoothing`` ε > 0 gives the conservative DPO of the authors' repository: the preference
-    label is assumed flipped with probability ε, i.e. −(1−ε)·log σ(βh) − ε·log σ(−βh).
-    The gradient (appendix A.4) is −β·σ(r̂(yl) − r̂(yw))·[∇log π(yw) − ∇log π(yl)]: examples whose
-    implicit reward orders the pair wrongly are weighted more.
-    """
-    logits = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
-    losses = -F.logsigmoid(beta * logits)
-    if label_smoothing:
-        losses = (1 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-beta * logits)
-    return LossOutput(
-        losses=losses,
-        chosen_rewards=implicit_reward(policy_chosen_logps, ref_chosen_logps, beta).detach(),
-        rejected_rewards=implicit_reward(policy_rejected_logps, ref_rejected_logps, beta).detach(),
-    )
-
-
-def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float = 0.1,
-             **_) -> LossOutput:
-    """IPO (Azar et al., 2023): (h − 1/(2β))², h the log-ratio difference; β plays IPO's τ.
-
-    Regresses the margin to a finite target instead of pushing it to infinity, so it does not
-    overfit deterministic preferences. The log-probs are summed over the response, as everywhere
-    here; TRL's IPO averages them per token, which changes what β means (see `ipo_avg_loss`).
-    """
-    h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
-    return LossOutput((h - 1 / (2 * beta)) ** 2,
-                      implicit_reward(policy_chosen_logps, ref_chosen_logps, beta).detach(),
-                      implicit_reward(policy_rejected_logps, ref_rejected_logps, beta).detach())
-
-
-def ipo_avg_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                 chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, beta: float = 0.1,
-                 **_) -> LossOutput:
-    """IPO on per-token average log-probs (TRL's form): `ipo_loss` with every log πθ(y|x) and
-    log πref(y|x) divided by |y|, i.e. (h̄ − 1/(2β))² with
-        h̄ = [log πθ(yw|x) − log πref(yw|x)]/|yw| − [log πθ(yl|x) − log πref(yl|x)]/|yl|.
-    The implicit rewards are per-token too: β·[log πθ(y|x) − log πref(y|x)]/|y|.
-    For one-token responses it is exactly `ipo_loss`.
-    """
-    nc, nr = chosen_lengths.clamp(min=1), rejected_lengths.clamp(min=1)
-    return ipo_loss(policy_chosen_logps / nc, policy_rejected_logps / nr, ref_chosen_logps / nc,
-                    ref_rejected_logps / nr, beta=beta)
-
-
-def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float = 0.1,
-               **_) -> LossOutput:
-    """SLiC's calibration hinge on the implicit reward margin: max(0, 1 − β·h)."""
-    h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
-    return LossOutput(torch.relu(1 - beta * h),
-                      implicit_reward(policy_chosen_logps, ref_chosen_logps, beta).detach(),
-                      implicit_reward(policy_rejected_logps, ref_rejected_logps, beta).detach())
-
-
-def cdpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float = 0.1,
-              label_smoothing: float = 0.1, **_) -> LossOutput:
-    """Conservative DPO: DPO with labels flipped with probability ε (default 0.1)."""
-    return dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-                    label_smoothing or 0.1)
-
-
-def plackett_luce_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float = 0.1) -> tuple:
-    """Ranking DPO (appendix A.3, in the correct product form of A.5), per example.
-
-    Responses are best first; NaN marks absent responses (rows may have different K). With
-    r̂_k = β·(log πθ(y_k|x) − log πref(y_k|x)):
-        −log Π_{k=1..K} exp(r̂_k) / Σ_{j≥k} exp(r̂_j)
-    For K = 2 this is exactly the DPO loss. Returns (losses (B,), rewards (B, K) detached).
-    """
-    rewards = beta * (policy_logps - ref_logps)
-    valid = ~torch.isnan(rewards)
-    r = rewards.masked_fill(~valid, float("-inf"))
-    # Σ_{j≥k} exp(r̂_j) for every position k: a reversed cumulative logsumexp.
-    tail = torch.logcumsumexp(r.flip(-1), dim=-1).flip(-1)
-    terms = torch.where(valid, r - tail, torch.zeros_like(r))
-    return -terms.sum(-1), rewards.detach()
-
-
-def sft_loss(policy_logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Per-example negative log-likelihood of the (best) response, averaged over its tokens."""
-    return -policy_logps / lengths.clamp(min=1)
-
-
-def unlikelihood_loss(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor,
-                      rejected_unlikelihood: torch.Tensor, rejected_lengths: torch.Tensor,
-                      weight: float = 1.0) -> torch.Tensor:
-    """The paper's Unlikelihood baseline (Welleck et al., 2019), per example: the per-token mean
-    NLL of the chosen response plus α × the per-token mean unlikelihood penalty of the rejected one,
-
-        −log πθ(yw|x)/|yw|  +  α · (1/|yl|) · Σ_t −log(1 − πθ(yl_t | x, yl_<t))
-
-    `rejected_unlikelihood` is Σ_t −log(1 − p_t) over the rejected tokens (`unlikelihood_terms`).
-    """
-    return -chosen_logps / chosen_lengths.clamp(min=1) + weight * rejected_unlikelihood / rejected_lengths.clamp(min=1)
-
-
-def unlikelihood_terms(token_logps: torch.Tensor) -> torch.Tensor:
-    """−log(1 − p) per token from log p, stable near p → 1 (log1p(−exp(x)) = log(−expm1(x)))."""
-    return -torch.log(-torch.expm1(token_logps.clamp(max=-1e-6)))
-
-
-# ----------------------------------------------------------------------------------------------
-# The preference-optimization menu beyond the paper: each loss as its own paper states it.
-# h = [log πθ(yw|x) − log πref(yw|x)] − [log πθ(yl|x) − log πref(yl|x)] (summed log-probs) throughout.
-
-
-def _ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
-    """The log-ratios log πθ(y|x) − log πref(y|x) of the chosen and the rejected response."""
-    return policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
-
-
-def _with_rewards(losses: torch.Tensor, chosen_ratio: torch.Tensor, rejected_ratio: torch.Tensor,
-                  beta: float) -> LossOutput:
-    """`losses` with the implicit rewards β·(log πθ − log πref) of chosen and rejected (detached)."""
-    return LossOutput(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
-
-
-def simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths: torch.Tensor,
-               rejected_lengths: torch.Tensor, beta: float = 2.0, gamma: float = 1.0, **_) -> LossOutput:
-    """SimPO (Meng, Xia, Chen 2024, "SimPO: Simple Preference Optimization with a Reference-Free
-    Reward"), per example, without a reference model:
-
-        r(x, y) = β·log πθ(y|x)/|y|            (the length-normalised, reference-free reward)
-        L       = −log σ( r(x, yw) − r(x, yl) − γ )
-
-    γ is the target reward margin. The paper trains with β = 2.0–2.5 (much larger than DPO's), and
-    its authors' repository recommends γ/β = 0.5 as the starting point (grid 0–1): the defaults
-    here, β = 2.0 and γ = 1.0, are that. The rewards reported are r(x, y).
-    """
-    chosen = beta * policy_chosen_logps / chosen_lengths.clamp(min=1)
-    rejected = beta * policy_rejected_logps / rejected_lengths.clamp(min=1)
-    return LossOutput(-F.logsigmoid(chosen - rejected - gamma), chosen.detach(), rejected.detach())
-
-
-# Largest mean token log-prob ORPO's odds are computed at: P(y|x) ≤ 1 − 1e-6 keeps log odds finite.
-ORPO_MAX_LOGP = -1e-6
-
-
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 − exp(x)) for x < 0, accurate everywhere (Mächler 2012): log(−expm1(x)) near 0,
-    log1p(−exp(x)) below −log 2. Each branch is evaluated only on inputs it is exact for, so
-    neither puts an inf or NaN into the other's gradient."""
-    near = x > -math.log(2)
-    a = torch.log(-torch.expm1(torch.where(near, x, torch.full_like(x, -math.log(2)))))
-    b = torch.log1p(-torch.exp(torch.where(near, torch.full_like(x, -math.log(2)), x)))
-    return torch.where(near, a, b)
-
-
-def log_odds(mean_logps: torch.Tensor) -> torch.Tensor:
-    """ORPO's log odds log[P/(1 − P)] from log P (P = the per-token geometric-mean likelihood),
-    computed as log P − log(1 − P) with log(1 − P) = `log1mexp(log P)`. log P is capped at
-    `ORPO_MAX_LOGP` (P ≤ 1 − 10⁻⁶, log odds ≤ ≈13.8), where the true value diverges; above the cap
-    the value is the cap's and no gradient flows through it."""
-    logp = mean_logps.clamp(max=ORPO_MAX_LOGP)
-    return logp - log1mexp(logp)
-
-
-def orpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths: torch.Tensor,
-              rejected_lengths: torch.Tensor, beta: float = 0.1, orpo_lambda: float = 0.1, **_) -> LossOutput:
-    """ORPO (Hong, Lee, Thorne 2024, "ORPO: Monolithic Preference Optimization without Reference
-    Model"), per example, without a reference model:
-
-        log P(y|x) = log πθ(y|x)/|y|                      (mean token log-prob)
-        odds(y|x)  = P(y|x) / (1 − P(y|x))
-        L          = −log P(yw|x)  +  λ · −log σ( log odds(yw|x) − log odds(yl|x) )
-
-    The first term is the NLL of the chosen response per token (the SFT loss); λ = `orpo_lambda`
-    (the paper's 0.1). The log odds are computed stably (`log_odds`). β plays no part in the loss:
-    the rewards reported are β·log P(y|x), β times the mean token log-prob (as TRL's ORPO reports);
-    the log odds ratio is a monotone function of the same numbers, so the reward accuracy is the
-    one the odds ratio would give.
-    """
-    chosen = policy_chosen_logps / chosen_lengths.clamp(min=1)
-    rejected = policy_rejected_logps / rejected_lengths.clamp(min=1)
-    ratio_loss = -F.logsigmoid(log_odds(chosen) - log_odds(rejected))
-    return LossOutput(-chosen + orpo_lambda * ratio_loss, (beta * chosen).detach(), (beta * rejected).detach())
-
-
-def dpo_norm_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                  chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor, beta: float = 0.1,
-                  label_smoothing: float = 0.0, **_) -> LossOutput:
-    """Length-normalised DPO (LN-DPO: Ahrabian et al. 2024, "A Practical Analysis of Human Alignment
-    with *PO"; the per-token normalisation is SimPO's, Meng et al. 2024, applied to DPO's implicit
-    reward): DPO, eq. 7, on per-token mean log-ratios,
-
-        −log σ( β·[log πθ(yw|x) − log πref(yw|x)]/|yw| − β·[log πθ(yl|x) − log πref(yl|x)]/|yl| )
-
-    `label_smoothing` ε > 0 makes it conservative, as for `dpo_loss`. The implicit rewards are per
-    token too: β·[log πθ(y|x) − log πref(y|x)]/|y|. For one-token responses it is exactly DPO.
-    """
-    nc, nr = chosen_lengths.clamp(min=1), rejected_lengths.clamp(min=1)
-    return dpo_loss(policy_chosen_logps / nc, policy_rejected_logps / nr, ref_chosen_logps / nc,
-                    ref_rejected_logps / nr, beta=beta, label_smoothing=label_smoothing)
-
-
-def robust_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                    beta: float = 0.1, label_smoothing: float = 0.0, **_) -> LossOutput:
-    """Robust DPO (Chowdhury, Kini, Natarajan 2024, "Provably Robust DPO: Aligning Language Models
-    with Noisy Feedback"): with preference labels flipped at a known rate ε < 1/2
-    (`label_smoothing`), the unbiased estimate of the clean-label DPO loss,
-
-        [ (1 − ε)·(−log σ(βh)) − ε·(−log σ(−βh)) ] / (1 − 2ε)
-
-    Unlike conservative DPO (−(1−ε)·log σ(βh) − ε·log σ(−βh)) the flipped term enters with a minus
-    sign: the loss is unbiased but not bounded below (it falls without limit as βh → ∞ when ε > 0).
-    ε = 0 is DPO.
-    """
-    eps = label_smoothing
-    if not 0 <= eps < 0.5:
-        raise ValueError(f"robust DPO needs a flip rate 0 ≤ ε < 0.5 (label_smoothing), got {eps}")
-    cr, rr = _ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    z = beta * (cr - rr)
-    losses = ((1 - eps) * -F.logsigmoid(z) - eps * -F.logsigmoid(-z)) / (1 - 2 * eps)
-    return _with_rewards(losses, cr, rr, beta)
-
-
-def apo_zero_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                  beta: float = 0.1, **_) -> LossOutput:
-    """APO-zero (D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive
-    Revisions: Addressing Underspecification in Alignment", eq. 7), with r(y) = β·log πθ(y|x)/πref(y|x):
-
-        1 − σ(r(yw)) + σ(r(yl))
-
-    pushes the chosen likelihood up and the rejected one down, each anchored at the reference (the
-    paper's −σ(r(yw)) + σ(r(yl)) plus 1, TRL's form: same gradient, loss in [0, 2], 1 at πθ = πref).
-    For when the chosen responses are better than what the model produces now.
-    """
-    cr, rr = _ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    return _with_rewards(1 - torch.sigmoid(beta * cr) + torch.sigmoid(beta * rr), cr, rr, beta)
-
-
-def apo_down_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                  beta: float = 0.1, **_) -> LossOutput:
-    """APO-down (D'Oosterlinck et al. 2024, "Anchored Preference Optimization", eq. 8), with
-    r(y) = β·log πθ(y|x)/πref(y|x):
-
-        σ(r(yw)) + 1 − σ(r(yw) − r(yl))
-
-    pushes both likelihoods down, the rejected one more (the paper's σ(r(yw)) − σ(r(yw) − r(yl)) plus
-    1, TRL's form: same gradient, loss in [0, 2], 1 at πθ = πref). For when even the chosen responses
-    are worse than what the model produces now.
-    """
-    cr, rr = _ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    return _with_rewards(torch.sigmoid(beta * cr) + 1 - torch.sigmoid(beta * (cr - rr)), cr, rr, beta)
-
-
-EXO_DEFAULT_EPSILON = 1e-3  # TRL's, used when label_smoothing is 0 (ε = 0 would make the loss infinite)
-
-
-def exo_pair_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                  beta: float = 0.1, label_smoothing: float = 0.0, **_) -> LossOutput:
-    """EXO on preference pairs (Ji et al. 2024, "Towards Efficient Exact Optimization of Language
-    Model Alignment"; the pairwise form, TRL's `exo_pair`, which cites its eq. 16), per example: the
-    *reverse* KL from the model's distribution over the pair, pθ = (σ(βh), σ(−βh)), to the label
-    distribution with smoothing ε, (1 − ε, ε):
-
-        KL(pθ ‖ p_label) = σ(βh)·[log σ(βh) − log(1 − ε)] + σ(−βh)·[log σ(−βh) − log ε]
-
-    (DPO minimises the forward KL(p_label ‖ pθ) = cross-entropy up to a constant; reverse KL is
-    mode-seeking). ε = `label_smoothing`, or 1e-3 (TRL's default) when that is 0; 0 < ε < 1.
-    The minimum, 0, is at σ(βh) = 1 − ε.
-    """
-    eps = label_smoothing or EXO_DEFAULT_EPSILON
-    if not 0 < eps < 1:
-        raise ValueError(f"EXO needs a label smoothing 0 < ε < 1, got {eps}")
-    cr, rr = _ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    z = beta * (cr - rr)
-    losses = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log(1 - eps))
-              + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
-    return _with_rewards(losses, cr, rr, beta)
-
-
-def nca_pair_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                  beta: float = 0.1, **_) -> LossOutput:
-    """NCA on preference pairs (Chen et al. 2024, "Noise Contrastive Alignment of Language Models
-    with Explicit Rewards"; the form for preference pairs, TRL's `nca_pair`), with r(y) = β·log πθ(y|x)/πref(y|x):
-
-        −log σ(r(yw)) − ½·log σ(−r(yw)) − ½·log σ(−r(yl))
-
-    Each response's own reward is trained, not only the margin, so the chosen likelihood is not
-    pushed down with the rejected one (DPO's known failure).
-    """
-    cr, rr = _ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    rw, rl = beta * cr, beta * rr
-    losses = -F.logsigmoid(rw) - 0.5 * F.logsigmoid(-rw) - 0.5 * F.logsigmoid(-rl)
-    return _with_rewards(losses, cr, rr, beta)
-
-
-def kto_reference_point(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
-    """KTO's reference point (Ethayarajh et al. 2024), a 0-dim tensor:
-
-        z0 = max(0, mean_i [log πθ(y'_i|x_i) − log πref(y'_i|x_i)])
-
-    over *mismatched* pairs: prompt x_i with the completion y'_i of another example, so the mean
-    estimates KL(πθ ‖ πref) on text unrelated to the labels. Detached: as in the paper (and TRL), no
-    gradient flows through z0, which only sets the point rewards are judged against.
-    """
-    return (policy_kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
-
-
-def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
-             reference_point: torch.Tensor | float, beta: float = 0.1, desirable_weight: float = 1.0,
-             undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization",
-    eq. 7), per unpaired example (x, y) with r = log πθ(y|x) − log πref(y|x) and z0 the reference
-    point (`kto_reference_point`):
-
-        desirable y:    λ_D · (1 − σ(β·(r − z0)))
-        undesirable y:  λ_U · (1 − σ(β·(z0 − r)))
-
-    i.e. the paper's λ_y − v(x, y). λ_D = `desirable_weight`, λ_U = `undesirable_weight`; the paper
-    keeps λ_D·n_D / (λ_U·n_U) in [1, 4/3] for n_D desirable and n_U undesirable examples.
-    `desirable`: (B,) booleans. Returns (losses (B,), implicit rewards β·r (B,), detached).
-    """
-    z0 = torch.as_tensor(reference_point, dtype=policy_logps.dtype, device=policy_logps.device).detach()
-    r = policy_logps - ref_logps
-    desirable = desirable.to(torch.bool)
-    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
-                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
-    return losses, (beta * r).detach()
-
-
-def bco_pair_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                  beta: float = 0.1, delta: float = 0.0, **_) -> LossOutput:
-    """BCO on preference pairs (Jung et al. 2024, "Binary Classifier Optimization for Large Language
-    Model Alignment"; the pairwise form, TRL's `bco_pair`), with r(y) = β·log πθ(y|x)/πref(y|x):
-
-        −log σ(r(yw) − δ) − log σ(−(r(yl) − δ))
-
-    a binary classifier whose logit is the implicit reward: the chosen response is class 1, the
-    rejected one class 0. δ, the reward shift, is the running mean of the batches' mean implicit
-    rewards (over chosen and rejected), detached; it is an argument here, and the trainer keeps it
-    (see `directpo.train.loop.RunningMean`). δ = 0 at the start, where every reward is 0.
-    """
-    cr, rr = _ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    losses = -F.logsigmoid(beta * cr - delta) - F.logsigmoid(-(beta * rr - delta))
-    return _with_rewards(losses, cr, rr, beta)
-
-
-# ----------------------------------------------------------------------------------------------
-# The registry: name -> LossSpec. The trainer looks losses up here and calls `spec.fn(inputs,
-# params)`; a new loss is one function and one entry, never a branch inside the training loop.
+# Re-exported: `directpo.losses` is where users and the trainer import every loss from.
+from .loss_functions import (EXO_DEFAULT_EPSILON, ORPO_MAX_LOGP, LossOutput, apo_down_loss,  # noqa: F401
+                             apo_zero_loss, bco_pair_loss, bradley_terry_loss, cdpo_loss, dpo_loss, dpo_norm_loss,
+                             exo_pair_loss, hinge_loss, implicit_reward, ipo_avg_loss, ipo_loss, kto_loss,
+                             kto_reference_point, log1mexp, log_odds, nca_pair_loss, orpo_loss, plackett_luce_loss,
+                             robust_dpo_loss, sft_loss, simpo_loss, unlikelihood_loss, unlikelihood_terms)
+
+# The settings a loss may read, each a field of `LossParams` and a `TrainConfig` flag, with what it
+# is called in the model card's method table.
+LOSS_SETTINGS: dict[str, str] = {
+    "beta": "β",
+    "label_smoothing": "label smoothing / flip rate ε",
+    "unlikelihood_weight": "unlikelihood weight α",
+    "simpo_gamma": "SimPO margin γ",
+    "orpo_lambda": "ORPO weight λ",
+    "kto_desirable_weight": "KTO desirable weight λ_D",
+    "kto_undesirable_weight": "KTO undesirable weight λ_U",
+}
+# The `LossParams` fields the trainer sets at each step (never the user): a loss's running state.
+LOSS_STATE = ("kto_kl", "bco_delta")
+# The shapes of rows. A weighted sum takes the first of its parts' shapes in this order: a pair
+# loss needs exactly two responses, a ranking loss takes pairs too, an SFT loss reads response 0.
+ROWS = ("unpaired", "pairs", "rankings", "completions")
 
 
 @dataclass
@@ -419,8 +71,10 @@ class LossInputs:
 
 @dataclass
 class LossParams:
+    """The values of `LOSS_SETTINGS` (which loss reads which: `LossSpec.params`) and `LOSS_STATE`."""
+
     beta: float = 0.1
-    label_smoothing: float = 0.0  # ε: dpo, cdpo, dpo_norm, reference_free (conservative); robust, exo_pair
+    label_smoothing: float = 0.0  # ε: conservative (dpo, cdpo, dpo_norm, reference_free); robust's, exo_pair's
     unlikelihood_weight: float = 1.0
     simpo_gamma: float = 1.0  # SimPO's target reward margin γ (γ/β = 0.5 at the paper's β = 2.0)
     orpo_lambda: float = 0.1  # ORPO's λ, the weight of the odds-ratio term (the paper's 0.1)
@@ -445,42 +99,69 @@ class RankedLossOutput:
 
 @dataclass(frozen=True)
 class LossSpec:
+    """A loss and its declarations (see the module docstring for each field)."""
+
     fn: Callable[[LossInputs, LossParams], RankedLossOutput]
+    params: tuple[str, ...] = ()
+    chance_loss: float | None = None
+    rows: str = "pairs"
     needs_reference: bool = True
-    pairwise: bool = True  # takes exactly two responses per example
     needs_unlikelihood: bool = False
-    # takes unpaired rows (kto): [own completion, mismatched completion] and a label per example; the
-    # trainer computes the reference point z0 over the whole batch before the loss (`LossParams.kto_kl`)
-    unpaired: bool = False
-    # the trainer keeps a running mean of the batch-mean implicit rewards (`LossParams.bco_delta`),
-    # from the loss's "bco/batch_reward" stat
-    running_mean: bool = False
+    state: tuple[str, ...] = ()
     help: str = ""
 
+    def __post_init__(self):  # a misspelt declaration fails on import, not in the middle of a run
+        unknown = [n for n in self.params if n not in LOSS_SETTINGS] + [n for n in self.state if n not in LOSS_STATE]
+        if unknown or self.rows not in ROWS:
+            raise ValueError(f"bad LossSpec declaration: {unknown or self.rows!r}")
 
-def _pairwise(fn):
+    @property
+    def pairwise(self) -> bool:
+        """Takes exactly two responses per example."""
+        return self.rows == "pairs"
+
+    @property
+    def unpaired(self) -> bool:
+        """Takes unpaired rows (kto): [own completion, mismatched completion] and a label per
+        example; the trainer computes the reference point z0 over the whole batch first."""
+        return self.rows == "unpaired"
+
+    @property
+    def running_mean(self) -> bool:
+        """The trainer keeps a running mean of the batch-mean implicit rewards (`LossParams.bco_delta`),
+        from the loss's "bco/batch_reward" stat."""
+        return "bco_delta" in self.state
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapters: a pure function as a registry `fn`, given exactly the parameters its entry declares.
+
+
+def _pair(out: LossOutput) -> RankedLossOutput:
+    return RankedLossOutput(out.losses, torch.stack([out.chosen_rewards, out.rejected_rewards], 1))
+
+
+def pair_entry(fn: Callable[..., LossOutput], params: tuple[str, ...], **declared) -> LossSpec:
+    """The entry of a plain pairwise function `fn(pc, pr, rc, rr, **params)`. It is passed the
+    declared settings and nothing else, so declaring one it does not take fails at its first call
+    (no `**kwargs` swallows it) and one it takes but is not declared stays at its own default
+    (which the registry test catches: the signature must match the declaration)."""
     def run(x: LossInputs, p: LossParams) -> RankedLossOutput:
-        out = fn(x.policy[:, 0], x.policy[:, 1], x.ref[:, 0], x.ref[:, 1], beta=p.beta,
-                 label_smoothing=p.label_smoothing)
-        return RankedLossOutput(out.losses, torch.stack([out.chosen_rewards, out.rejected_rewards], 1))
-    return run
+        return _pair(fn(x.policy[:, 0], x.policy[:, 1], x.ref[:, 0], x.ref[:, 1],
+                        **{name: getattr(p, name) for name in params}))
+    return LossSpec(run, params=params, **declared)
 
 
 def _ipo_avg(x: LossInputs, p: LossParams) -> RankedLossOutput:
-    out = ipo_avg_loss(x.policy[:, 0], x.policy[:, 1], x.ref[:, 0], x.ref[:, 1], x.lengths[:, 0], x.lengths[:, 1],
-                       beta=p.beta)
-    return RankedLossOutput(out.losses, torch.stack([out.chosen_rewards, out.rejected_rewards], 1))
+    return _pair(ipo_avg_loss(x.policy[:, 0], x.policy[:, 1], x.ref[:, 0], x.ref[:, 1], x.lengths[:, 0],
+                              x.lengths[:, 1], beta=p.beta))
 
 
 def _reference_free(x: LossInputs, p: LossParams) -> RankedLossOutput:
     """DPO with log πref(y|x) = 0: a constant sequence-level reference (not a per-token uniform one)."""
     zeros = torch.zeros_like(x.policy[:, 0])
-    out = dpo_loss(x.policy[:, 0], x.policy[:, 1], zeros, zeros, beta=p.beta, label_smoothing=p.label_smoothing)
-    return RankedLossOutput(out.losses, torch.stack([out.chosen_rewards, out.rejected_rewards], 1))
-
-
-def _pair(out: LossOutput) -> RankedLossOutput:
-    return RankedLossOutput(out.losses, torch.stack([out.chosen_rewards, out.rejected_rewards], 1))
+    return _pair(dpo_loss(x.policy[:, 0], x.policy[:, 1], zeros, zeros, beta=p.beta,
+                          label_smoothing=p.label_smoothing))
 
 
 def _simpo(x: LossInputs, p: LossParams) -> RankedLossOutput:
@@ -537,50 +218,68 @@ def _bco_pair(x: LossInputs, p: LossParams) -> RankedLossOutput:
     return RankedLossOutput(out.losses, torch.stack([out.chosen_rewards, out.rejected_rewards], 1), stats=stats)
 
 
+# ----------------------------------------------------------------------------------------------
+# The registry. Values at initialisation (h = 0, every implicit reward 0): −log σ(0) = ln 2 for the
+# DPO family, whatever ε (its two label terms are equal there); 1 − 0 = 1 for the hinge; 1 − ½ + ½ = 1
+# and ½ + 1 − ½ = 1 for APO; −log σ(0) − ½·2·log σ(0) = 2 ln 2 for NCA; 2 ln 2 for BCO (δ = 0: the
+# running mean of rewards that are all 0); ln 2 for Plackett–Luce on pairs (on rankings of K: ln K!).
+
+LN2 = math.log(2)
+BETA, SMOOTHED = ("beta",), ("beta", "label_smoothing")
+
 LOSSES: dict[str, LossSpec] = {
-    "dpo": LossSpec(_pairwise(dpo_loss), help="DPO, eq. 7 (label_smoothing > 0: conservative DPO)"),
-    "cdpo": LossSpec(_pairwise(cdpo_loss), help="conservative DPO, ε = label_smoothing (default 0.1)"),
-    "ipo": LossSpec(_pairwise(ipo_loss), help="IPO (Azar et al.): squared margin regression to 1/(2β), "
-                                              "summed log-probs (TRL averages per token: see ipo_avg)"),
-    "ipo_avg": LossSpec(_ipo_avg, help="IPO on per-token average log-probs (TRL's form; β means what it means "
-                                       "there)"),
-    "hinge": LossSpec(_pairwise(hinge_loss), help="SLiC hinge on the implicit reward margin"),
-    "reference_free": LossSpec(_reference_free, needs_reference=False,
-                               help="DPO with a constant sequence-level reference (log πref(y|x) = 0)"),
-    "plackett_luce": LossSpec(_plackett_luce, pairwise=False, help="ranking DPO over K ≥ 2 responses (A.3/A.5)"),
-    "sft": LossSpec(_sft, needs_reference=False, pairwise=False, help="supervised NLL of the best response"),
-    "unlikelihood": LossSpec(_unlikelihood, needs_reference=False, needs_unlikelihood=True,
+    "dpo": pair_entry(dpo_loss, SMOOTHED, chance_loss=LN2,
+                    help="DPO, eq. 7 (label_smoothing > 0: conservative DPO)"),
+    "cdpo": pair_entry(cdpo_loss, SMOOTHED, chance_loss=LN2,
+                     help="conservative DPO, ε = label_smoothing (default 0.1)"),
+    "ipo": pair_entry(ipo_loss, BETA,  # 1/(4β²) at πθ = πref
+                    help="IPO (Azar et al.): squared margin regression to 1/(2β), summed log-probs (TRL averages "
+                         "per token: see ipo_avg)"),
+    "ipo_avg": LossSpec(_ipo_avg, params=BETA,
+                        help="IPO on per-token average log-probs (TRL's form; β means what it means there)"),
+    "hinge": pair_entry(hinge_loss, BETA, chance_loss=1.0, help="SLiC hinge on the implicit reward margin"),
+    "reference_free": LossSpec(_reference_free, params=SMOOTHED, needs_reference=False,
+                               help="DPO with a constant sequence-level reference (log πref(y|x) = 0; "
+                                    "label_smoothing > 0: conservative)"),
+    "plackett_luce": LossSpec(_plackett_luce, params=BETA, chance_loss=LN2, rows="rankings",
+                              help="ranking DPO over K ≥ 2 responses (A.3/A.5)"),
+    "sft": LossSpec(_sft, rows="completions", needs_reference=False, help="supervised NLL of the best response"),
+    "unlikelihood": LossSpec(_unlikelihood, params=("unlikelihood_weight",), needs_reference=False,
+                             needs_unlikelihood=True,
                              help="the paper's Unlikelihood baseline: per-token mean NLL(yw) + α·per-token mean "
                                   "−log(1 − p) over yl"),
-    "simpo": LossSpec(_simpo, needs_reference=False,
+    "simpo": LossSpec(_simpo, params=("beta", "simpo_gamma"), needs_reference=False,
                       help="SimPO (Meng et al. 2024): −log σ(β·log πθ(yw)/|yw| − β·log πθ(yl)/|yl| − γ), no "
                            "reference; γ = simpo_gamma; use β ≈ 2 (the paper's 2.0–2.5), not DPO's 0.1"),
-    "orpo": LossSpec(_orpo, needs_reference=False,
+    # (β is not in ORPO's loss: it scales the rewards ORPO reports, so it is read all the same)
+    "orpo": LossSpec(_orpo, params=("beta", "orpo_lambda"), needs_reference=False,
                      help="ORPO (Hong et al. 2024): per-token NLL(yw) + λ·−log σ(log odds(yw) − log odds(yl)), "
                           "odds from per-token mean log-probs, no reference; λ = orpo_lambda; rewards β·mean "
                           "log-prob"),
-    "dpo_norm": LossSpec(_dpo_norm, help="length-normalised DPO (LN-DPO, Ahrabian et al. 2024): DPO on per-token "
-                                         "mean log-ratios (label_smoothing > 0: conservative)"),
-    "robust": LossSpec(_pairwise(robust_dpo_loss),
+    "dpo_norm": LossSpec(_dpo_norm, params=SMOOTHED, chance_loss=LN2,
+                         help="length-normalised DPO (LN-DPO, Ahrabian et al. 2024): DPO on per-token mean "
+                              "log-ratios (label_smoothing > 0: conservative)"),
+    "robust": pair_entry(robust_dpo_loss, SMOOTHED, chance_loss=LN2,
                        help="robust DPO (Chowdhury et al. 2024): unbiased DPO under labels flipped at rate "
                             "ε = label_smoothing < 0.5; not bounded below"),
-    "apo_zero": LossSpec(_pairwise(apo_zero_loss),
+    "apo_zero": pair_entry(apo_zero_loss, BETA, chance_loss=1.0,
                          help="APO-zero (D'Oosterlinck et al. 2024): 1 − σ(r(yw)) + σ(r(yl)); chosen up, rejected "
                               "down, each anchored at the reference (chosen better than the model's own outputs)"),
-    "apo_down": LossSpec(_pairwise(apo_down_loss),
+    "apo_down": pair_entry(apo_down_loss, BETA, chance_loss=1.0,
                          help="APO-down (D'Oosterlinck et al. 2024): σ(r(yw)) + 1 − σ(r(yw) − r(yl)); both down, "
                               "rejected more (chosen worse than the model's own outputs)"),
-    "exo_pair": LossSpec(_pairwise(exo_pair_loss),
+    "exo_pair": pair_entry(exo_pair_loss, SMOOTHED,  # −ln 2 − ½·ln(ε(1 − ε)) at πθ = πref
                          help="EXO on pairs (Ji et al. 2024): reverse KL from (σ(βh), σ(−βh)) to the labels "
                               "(1 − ε, ε), ε = label_smoothing (1e-3 when 0)"),
-    "nca_pair": LossSpec(_pairwise(nca_pair_loss),
+    "nca_pair": pair_entry(nca_pair_loss, BETA, chance_loss=2 * LN2,
                          help="NCA on pairs (Chen et al. 2024): −log σ(r(yw)) − ½log σ(−r(yw)) − ½log σ(−r(yl)); "
                               "keeps the chosen likelihood from falling"),
-    "kto": LossSpec(_kto, pairwise=False, unpaired=True,
+    "kto": LossSpec(_kto, params=("beta", "kto_desirable_weight", "kto_undesirable_weight"),  # λ/2 per row there
+                    rows="unpaired", state=("kto_kl",),
                     help="KTO (Ethayarajh et al. 2024) on unpaired rows (prompt, completion, label): "
                          "λ_D·(1 − σ(β(r − z0))) for desirable, λ_U·(1 − σ(β(z0 − r))) for undesirable, z0 = "
                          "max(0, batch mean of log πθ/πref on mismatched prompt/completion pairs), detached"),
-    "bco_pair": LossSpec(_bco_pair, running_mean=True,
+    "bco_pair": LossSpec(_bco_pair, params=BETA, chance_loss=2 * LN2, state=("bco_delta",),
                          help="BCO on pairs (Jung et al. 2024): −log σ(r(yw) − δ) − log σ(−(r(yl) − δ)), δ the "
                               "running mean of the batch-mean implicit rewards (kept by the trainer)"),
 }
@@ -600,19 +299,7 @@ def _registered(name: str) -> LossSpec:
                          "(a weighted sum)") from None
 
 
-def combine_losses(names: Sequence[str], weights: Sequence[float] | None = None) -> LossSpec:
-    """A weighted sum of registered losses as one LossSpec: per example Σ_i w_i·L_i (weights 1 when
-    None). Its output's `rewards` are those of the first component that has rewards, and its
-    `components` maps each name to that component's per-example loss, unweighted (detached, for
-    logging). It needs the reference if any component does (the others ignore it), takes pairs if
-    any component does, and needs the unlikelihood terms if any does. Every component sees the same
-    LossParams (one β, one label_smoothing). A component of weight 0 is computed and reported but
-    not added (so its inf or NaN cannot reach the sum). The components' `stats` are merged; it keeps
-    a running mean if any component does. An unpaired loss (kto) cannot be combined: it has no pairs
-    for the others.
-    """
-    names = [n.strip() for n in names]
-    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
+def _check_weights(names: list[str], weights: list[float]) -> None:
     if not names:
         raise ValueError("a combined loss needs at least one loss")
     if len(weights) != len(names):
@@ -622,6 +309,25 @@ def combine_losses(names: Sequence[str], weights: Sequence[float] | None = None)
         raise ValueError(f"loss {twice!r} appears twice in a combined loss: give it one weight instead")
     if any(not math.isfinite(w) or w < 0 for w in weights) or not any(weights):
         raise ValueError(f"loss weights must be finite, ≥ 0 and not all 0, got {weights}")
+
+
+def combine_losses(names: Sequence[str], weights: Sequence[float] | None = None) -> LossSpec:
+    """A weighted sum of registered losses as one LossSpec: per example Σ_i w_i·L_i (weights 1 when
+    None). Its output's `rewards` are those of the first component that has rewards, and its
+    `components` maps each name to that component's per-example loss, unweighted (detached, for
+    logging). Every component sees the same LossParams (one β, one label_smoothing). A component of
+    weight 0 is computed and reported but not added (so its inf or NaN cannot reach the sum). The
+    components' `stats` are merged. An unpaired loss (kto) cannot be combined: it has no pairs for
+    the others.
+
+    Its declarations are its parts': it reads the union of their settings, needs the reference or
+    the unlikelihood terms if any part does, keeps every part's state, takes the rows of `ROWS`'
+    first part shape, and its value at initialisation is Σ w_i·chance_i (None if an added part has
+    none).
+    """
+    names = [n.strip() for n in names]
+    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
+    _check_weights(names, weights)
     specs = [_registered(n) for n in names]
     unpaired = next((n for n, s in zip(names, specs) if s.unpaired), None)
     if unpaired is not None and len(names) > 1:  # its rows are single completions: the others have no pairs
@@ -639,10 +345,13 @@ def combine_losses(names: Sequence[str], weights: Sequence[float] | None = None)
                 rewards = out.rewards
         return RankedLossOutput(total, rewards, components, stats or None)
 
-    return LossSpec(run, needs_reference=any(s.needs_reference for s in specs),
-                    pairwise=any(s.pairwise for s in specs),
+    added = [(w, s) for w, s in zip(weights, specs) if w]
+    chance = None if any(s.chance_loss is None for _, s in added) else sum(w * s.chance_loss for w, s in added)
+    return LossSpec(run, params=tuple(n for n in LOSS_SETTINGS if any(n in s.params for s in specs)),
+                    chance_loss=chance, rows=next(r for r in ROWS if any(s.rows == r for s in specs)),
+                    needs_reference=any(s.needs_reference for s in specs),
                     needs_unlikelihood=any(s.needs_unlikelihood for s in specs),
-                    unpaired=unpaired is not None, running_mean=any(s.running_mean for s in specs),
+                    state=tuple(n for n in LOSS_STATE if any(n in s.state for s in specs)),
                     help="weighted sum " + " + ".join(f"{w:g}·{n}" for n, w in zip(names, weights)))
 
 
@@ -673,12 +382,3 @@ def get_pairwise_loss(name: str) -> Callable[..., LossOutput]:
         return PAIRWISE_LOSSES[name]
     except KeyError:
         raise ValueError(f"unknown loss {name!r}; choose one of {sorted(PAIRWISE_LOSSES)}") from None
-
-
-def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
-    """Reward-model loss (eq. 2), per example: −log σ(r(x, yw) − r(x, yl)).
-
-    The maximum-likelihood fit of a Bradley–Terry preference model p(yw ≻ yl) = σ(r(yw) − r(yl)).
-    Only differences of rewards enter, so r is determined up to a constant per prompt (Lemma 1).
-    """
-    return -F.logsigmoid(chosen_rewards - rejected_rewards)

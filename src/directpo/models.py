@@ -69,6 +69,64 @@ def check_model_source(name_or_dir: str) -> None:
         raise FileNotFoundError(f"{name_or_dir}: no such model directory")
 
 
+def remote_code_error(name_or_dir: str, e: Exception) -> ValueError | None:
+    """One line for a model or tokenizer whose own Python code transformers refused to run (its
+    `auto_map` names modules the checkpoint ships): the flag that allows it, and where that code is
+    (the local folder and its .py files, or the hub page); None when `e` is another error."""
+    if not isinstance(e, ValueError) or "trust_remote_code" not in str(e):
+        return None
+    path = os.path.expanduser(name_or_dir)
+    if os.path.isdir(path):
+        code = sorted(n for n in os.listdir(path) if n.endswith(".py"))
+        where = f"its own Python code in the folder {os.path.abspath(path)}" + (f" ({', '.join(code)})" if code else "")
+    else:
+        where = f"its own Python code (see https://huggingface.co/{name_or_dir})"
+    return ValueError(f"{name_or_dir}: loading it runs {where}; directpo runs such code only with "
+                      "--trust-remote-code (read the code first: it runs with your permissions)")
+
+
+@contextlib.contextmanager
+def _remote_code_explained(name_or_dir: str):
+    try:
+        yield
+    except ValueError as e:
+        explained = remote_code_error(name_or_dir, e)
+        if explained is None:
+            raise
+        raise explained from None
+
+
+# A tokenizer's vocabulary: one of these files (or `*.model`, `*.tiktoken`), or a tokenizer_config.json
+# whose `auto_map` names the checkpoint's own tokenizer code.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "merges.txt")
+
+
+def check_tokenizer_files(name_or_dir: str) -> None:
+    """A local model folder holds tokenizer files, or a one-line FileNotFoundError (transformers
+    would otherwise try to build a tokenizer from nothing and ask to install sentencepiece)."""
+    import json
+
+    path = os.path.expanduser(name_or_dir)
+    if not os.path.isdir(path):
+        return
+    names = set(os.listdir(path))
+    if names.intersection(TOKENIZER_FILES) or any(n.endswith((".model", ".tiktoken")) for n in names):
+        return
+    config = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(config):
+        try:
+            with open(config, encoding="utf-8") as f:
+                if "auto_map" in json.load(f):
+                    return
+        except (OSError, ValueError):
+            pass  # unreadable: said below, with what is missing
+        found = "; it has tokenizer_config.json but no vocabulary"
+    else:
+        found = ""
+    raise FileNotFoundError(f"no tokenizer files in {name_or_dir.rstrip('/')}/ (expected tokenizer.json or "
+                            f"tokenizer_config.json + vocab files{found})")
+
+
 def _hub_error(name_or_dir: str, e: OSError) -> OSError:
     """One line for a hub id that could not be loaded (offline, no such repo, gated)."""
     first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
@@ -79,10 +137,12 @@ def load_tokenizer(name_or_dir: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     check_model_source(name_or_dir)
+    check_tokenizer_files(name_or_dir)
     quiet_transformers()
 
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+        with _remote_code_explained(name_or_dir):
+            tok = AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
     except OSError as e:
         if os.path.isdir(os.path.expanduser(name_or_dir)):
             raise
@@ -104,14 +164,16 @@ def load_model(name_or_dir: str, device: torch.device | str = "cpu", trust_remot
 
     check_model_source(name_or_dir)
     if empty:
-        config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        with _remote_code_explained(name_or_dir):
+            config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
 
     # safetensors only: a pickled checkpoint (pytorch_model.bin) can run arbitrary code when loaded.
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True)
+        with _remote_code_explained(name_or_dir):
+            model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype, use_safetensors=True,
+                                                         trust_remote_code=trust_remote_code)
     except OSError as e:
         explained = safetensors_only_error(name_or_dir, e)
         if explained is not None:
@@ -136,7 +198,8 @@ def empty_model(name_or_dir: str, trust_remote_code: bool = False, dtype: torch.
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_model_source(name_or_dir)
-    config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+    with _remote_code_explained(name_or_dir):
+        config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
 
     def to_meta(module, name, param):
         if param is None or param.is_meta:
@@ -145,7 +208,8 @@ def empty_model(name_or_dir: str, trust_remote_code: bool = False, dtype: torch.
 
     hook = torch.nn.modules.module.register_module_parameter_registration_hook(to_meta)
     try:
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        with _remote_code_explained(name_or_dir):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     finally:
         hook.remove()
 

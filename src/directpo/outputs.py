@@ -207,3 +207,61 @@ def _read(f) -> dict:
         return json.loads(text) if text else {}
     except (OSError, ValueError):
         return {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Output files: refused when they exist (unless --overwrite), are an input, or cannot be written,
+# before any model is loaded (so nothing is computed, nor any paid judge called, for an output
+# that would fail at the end).
+
+
+def same_file(a: str, b: str) -> bool:
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_outputs(outputs: dict[str, str | None], inputs: dict[str, str | None], overwrite: bool) -> None:
+    """Each output ({flag: path}, None: not asked for) is neither an input ({flag: path}), nor
+    another output, nor a directory, nor an existing file unless `overwrite`, and its folder can
+    be written (or made)."""
+    seen: list[tuple[str, str]] = []
+    for flag, path in outputs.items():
+        if not path:
+            continue
+        for other_flag, other in inputs.items():
+            if other and same_file(path, other):
+                raise ValueError(f"{flag} {path} is the {other_flag} input file: write the output elsewhere "
+                                 "(--overwrite never replaces an input)")
+        for other_flag, other in seen:
+            if same_file(path, other):
+                raise ValueError(f"{flag} {path} is also the {other_flag} output: give each output its own file")
+        seen.append((flag, path))
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{flag} {path} is a directory: give a file name")
+        if os.path.lexists(path) and not overwrite:
+            raise FileExistsError(f"{flag} {path} exists: pass --overwrite to replace it")
+        _check_writable(flag, path)
+
+
+def _check_writable(flag: str, path: str) -> None:
+    """The folder `path` would be written in (or its nearest existing ancestor, where it would be
+    made) accepts writes: a read-only filesystem or a folder without write permission is said now."""
+    folder = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(f"{flag} {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK):
+        why = "read-only file system" if _read_only(folder) else "no write permission"
+        raise PermissionError(f"{flag} {path}: cannot write in {folder} ({why})")
+
+
+def _read_only(folder: str) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False

@@ -11,7 +11,8 @@ that hashes everything the numbers depend on:
 
 A second run with the same inputs (or another epoch) reads the table and runs no reference
 forward; change any of the above and the key changes, so the table is recomputed. Files are
-written atomically (temporary file + rename): a killed run never leaves a half-written table. Each
+written atomically (temporary file + rename): a killed run never leaves a half-written table, and a
+full disk leaves none either: the run goes on uncached, with a one-line warning naming the disk. Each
 file carries a checksum of its table and the key it was written under; a file whose numbers no
 longer match (edited, damaged, copied under another name) is recomputed, with a warning.
 """
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from .diskio import replacing, tensor_bytes, write_error
 
 CACHE_VERSION = "2"  # 2: tables carry a checksum
 
@@ -102,10 +105,13 @@ def reference_logps(ref_model, examples, compute, precision: str = "fp32", cache
             log(f"reference log-probs: cache hit {path}")
             return table, True
     table = compute(ref_model, examples).contiguous()
+    metadata = {"examples": str(len(examples)), "precision": precision, "key": key, "sha256": table_checksum(table)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"logps": table}, str(tmp), metadata={"examples": str(len(examples)), "precision": precision,
-                                                    "key": key, "sha256": table_checksum(table)})
-    os.replace(tmp, path)
+    try:
+        with replacing(path, tensor_bytes(table)) as tmp:
+            save_file({"logps": table}, str(tmp), metadata=metadata)
+    except OSError as e:  # a cache: the run has its table, it only loses the saving for the next one
+        log(f"warning: reference log-probs not cached: {write_error(e, path) or e}; going on without the cache")
+        return table, False
     log(f"reference log-probs: computed and cached at {path}")
     return table, False

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from directpo.cli import main, make_parser
-from directpo.cli.args import check_outputs
+from directpo.outputs import check_outputs
 from directpo.toy import review_task, write_jsonl
 
 MISSING_MODEL = "no-such-model-dir"

@@ -171,7 +171,8 @@ def test_a_checkpoint_of_an_earlier_version_resumes(tiny_model, data, tmp_path, 
     for k in ("simpo_gamma", "orpo_lambda", "loss_weights", "divergence_factor"):
         state["config"].pop(k)
     state_file.write_text(json.dumps(state))
+    (state_file.parent / "manifest.json").unlink()  # (earlier versions wrote no manifest)
     assert main(_argv(tiny_model, data, out, "--max-steps", "3", "--save-every", "1", "--resume")) == 0
     assert "resumed from" in capsys.readouterr().err
-    assert main(_argv(tiny_model, data, out, "--max-steps", "4", "--resume", "--simpo-gamma", "2")) == 2
-    assert "simpo_gamma: 1.0 -> 2.0" in capsys.readouterr().err
+    assert main(_argv(tiny_model, data, out, "--max-steps", "4", "--resume", "--beta", "0.5")) == 2
+    assert "beta: 0.1 -> 0.5" in capsys.readouterr().err

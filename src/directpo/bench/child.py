@@ -38,15 +38,13 @@ def keep_prompt(max_length: int | None) -> int | None:
 
 def _child_directpo(spec: dict) -> dict:
     """Train with directpo's own loop in this process; per-step figures from its metrics.jsonl."""
+    from ..runfiles import read_metrics
     from ..train.loop import train
 
     train(directpo_train_config(spec))
     out = Path(spec["output_dir"])
     steps = []
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
-        if m.get("split") != "train":
-            continue
+    for m in read_metrics(out, split="train"):
         dt = spec["batch"] / m["pairs_per_s"]
         steps.append({"step": m["step"], "pairs": spec["batch"], "dt": dt,
                       "tokens_processed": m["tokens_per_s"] * dt, "elapsed_s": m.get("elapsed_s")})

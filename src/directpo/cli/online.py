@@ -14,8 +14,9 @@ def register(command: str, parser) -> None:
 
 
 def run(args) -> int:
-    from ..experiments.online import OnlineConfig, run_online
+    from ..api import online
+    from ..experiments.online import OnlineConfig
 
-    summary = run_online(build_config(args, OnlineConfig))
+    summary = online(build_config(args, OnlineConfig))
     print(json.dumps({k: summary[k] for k in ("output_dir", "final_policy", "plot", "rounds")}))
     return 0

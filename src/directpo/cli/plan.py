@@ -13,7 +13,8 @@ def register(command: str, parser) -> None:
 
 
 def run(args) -> int:
-    from ..train.plan import format_plan, plan
+    from ..api import plan
+    from ..train.plan import format_plan
 
     cfg = build_config(args, PlanConfig)
     result = plan(cfg)

@@ -1,4 +1,5 @@
-"""`directpo rm` (flags from `RewardModelConfig`) and `directpo ppo` (flags from `PPOConfig`)."""
+"""`directpo rm` (flags from `RewardModelConfig`) and `directpo ppo` (flags from `PPOConfig`): the flags,
+then the Python API's job (`directpo.api`)."""
 from __future__ import annotations
 
 import json
@@ -20,17 +21,17 @@ def register(command: str, parser) -> None:
 
 
 def run_rm(args) -> int:
+    from ..api import train_reward_model
     from ..rlhf.config import RewardModelConfig
-    from ..rlhf.reward_model import train_reward_model
 
-    summary = train_reward_model(build_config(args, RewardModelConfig))
+    summary = train_reward_model(build_config(args, RewardModelConfig)).summary
     print(json.dumps({k: summary[k] for k in ("output_dir", "train", "eval", "reward_offset")}))
     return 0
 
 
 def run_ppo(args) -> int:
+    from ..api import ppo
     from ..rlhf.config import PPOConfig
-    from ..rlhf.ppo import ppo
 
-    print(json.dumps(ppo(build_config(args, PPOConfig))))
+    print(json.dumps(ppo(build_config(args, PPOConfig)).summary))
     return 0

@@ -1,4 +1,5 @@
-"""`directpo train`, `sft`, `pipeline`: flags from `TrainConfig` (plus the pipeline's SFT-stage flags).
+"""`directpo train`, `sft`, `pipeline`: flags from `TrainConfig` (plus the pipeline's SFT-stage flags),
+then the Python API's job (`directpo.api`).
 
 `train` and `sft` with several processes (--nproc K > 1) or nodes (--nnodes N > 1) re-run themselves
 under torchrun (`directpo.train.launch`); `pipeline` runs in one process.
@@ -41,14 +42,14 @@ def _train_or_launch(args, cfg: TrainConfig) -> int:
         return _launch(cfg, args.argv)
     # Imported here, not above: a launcher that loaded the model code (transformers) would only
     # delay its workers.
-    from ..train.loop import train
+    from ..api import train
 
-    _print_summary(train(cfg))
+    _print_summary(train(cfg).summary)
     return 0
 
 
 def run_pipeline(args) -> int:
-    from ..train.pipeline import run_pipeline as pipeline
+    from ..api import pipeline
 
     cfg = build_config(args, TrainConfig)
     if cfg.nnodes > 1:  # each node would run the whole pipeline on its own, into the same directory
@@ -57,7 +58,7 @@ def run_pipeline(args) -> int:
                           "OUT/sft ...`, each with --nnodes")
     overrides = {k: getattr(args, k) for k in ("sft_lr", "sft_max_steps", "sft_epochs", "sft_optimizer")
                  if getattr(args, k, None) is not None}
-    print(json.dumps(pipeline(cfg, **overrides)))
+    print(json.dumps(pipeline(cfg, sft_settings=overrides)))
     return 0
 
 

@@ -17,7 +17,11 @@ put them in its report. A pair is an example's best and worst response (`respons
                      `summary_paragraph(summary)` says it in one paragraph
 
 Lengths are token counts of what the model is scored on: response ids include the EOS that
-`tokenize_example` appends to text rows (the same +1 for chosen and rejected).
+`tokenize_example` appends to text rows (the same +1 for chosen and rejected). `summarize` measures
+length bias and duplicates on the untruncated examples when given them (`directpo inspect`), else
+on the examples as trained, after truncation to max_length (`train`'s paragraph); the summary's
+`length_bias["basis"]` says which, and so do the paragraph and the red flag, since the two differ
+when responses are cut.
 """
 from __future__ import annotations
 
@@ -179,6 +183,7 @@ def summarize(examples: list[TokenizedExample], tokenizer=None, stats: TokenizeS
     out = {"examples": len(examples), "pairs": len(_pairs(examples)), "length_bias": length_bias(data),
            "duplicates": duplicates(data), "truncation": truncation(examples, stats, report),
            "special_tokens": special_tokens(examples, bos, eos), "skipped": skipped(report)}
+    out["length_bias"]["basis"] = "untruncated" if full is not None else "as trained"
     out["duplicates"]["identical_refused"] = report.counts.get("identical", 0) if report is not None else 0
     if stats is not None:
         out["boundary_merges"] = getattr(stats, "boundary_merges", 0)
@@ -187,6 +192,13 @@ def summarize(examples: list[TokenizedExample], tokenizer=None, stats: TokenizeS
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
+
+
+# What a length-bias number was measured on (`summarize`'s "basis"), in the flag and in the paragraph.
+_BASIS_FLAG = {"as trained": " (as trained, after truncation)", "untruncated": " (before truncation)"}
+_BASIS_LEAD = {"as trained": "As trained (in tokens after truncation to --max-length; `directpo inspect` counts "
+                             "the untruncated responses), the chosen",
+               "untruncated": "Before truncation, the chosen"}
 
 
 def red_flags(summary: dict) -> list[str]:
@@ -199,8 +211,8 @@ def red_flags(summary: dict) -> list[str]:
         if frac is not None and frac > t["chosen_longer"]:
             lo, hi = lb["chosen_longer_ci95"] if side == "chosen" else (None, None)
             ci = f" (95 % CI {_pct(lo)}–{_pct(hi)})" if lo is not None else ""
-            flags.append(f"length bias: the {side} response is the longer one in {_pct(frac)} of pairs{ci}; "
-                         "a policy can lower the loss by length alone")
+            flags.append(f"length bias{_BASIS_FLAG.get(lb.get('basis'), '')}: the {side} response is the longer "
+                         f"one in {_pct(frac)} of pairs{ci}; a policy can lower the loss by length alone")
     tr = summary.get("truncation", {})
     if tr.get("no_response_tokens", 0) / n > t["no_response_tokens"]:
         flags.append(f"{tr['no_response_tokens']} pairs ({_pct(tr['no_response_tokens'] / n)}) have no response "
@@ -255,7 +267,8 @@ def summary_paragraph(summary: dict, flags: list[str] | None = None) -> str:
     parts[0] += "."
     if lb.get("pairs"):
         lo, hi = lb["chosen_longer_ci95"]
-        parts.append(f"The chosen response is the longer one in {_pct(lb['chosen_longer_fraction'])} of pairs "
+        lead = _BASIS_LEAD.get(lb.get("basis"), "The chosen")
+        parts.append(f"{lead} response is the longer one in {_pct(lb['chosen_longer_fraction'])} of pairs "
                      f"(95 % CI {_pct(lo)}–{_pct(hi)}; {lb['ties']} ties), median length difference "
                      f"{lb['median_length_difference']:+g} tokens.")
     parts.append(f"{d.get('exact_duplicates', 0)} exact duplicates, {d.get('reversed_pairs', 0)} reversed pairs, "

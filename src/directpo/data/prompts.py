@@ -8,7 +8,9 @@ as for training data (`directpo.data.formats.parse_records`).
 
 Prompts are tokenized exactly as in training (`directpo.data.tokenize`: `render_prompt`,
 `prompt_ids`, `truncate_prompt`): `tokenizer(prompt)` with special tokens, chat templates with
-the generation prompt, cut from the left keeping BOS.
+the generation prompt, cut from the left keeping BOS. With a `max_prompt_length`, a prompt far longer
+than it is cut to its end before it is tokenized (`directpo.data.tokenize.bounded`: the same ids,
+memory bounded by the setting, not by the data).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 from .formats import (DataError, SkipReport, _is_messages, _messages, check_unicode, message_text, parse_records,
                       parse_row)
-from .tokenize import prompt_ids, render_prompt, truncate_prompt
+from .tokenize import bos_text, bounded, prompt_ids, render_prompt, truncate_prompt
 
 _PAIR_FIELDS = ("chosen", "rejected", "responses", "completion")
 
@@ -66,5 +68,6 @@ def encode_prompt(prompt: str | list, tokenizer, max_prompt_length: int | None =
     """Prompt ids as `directpo.data.tokenize` builds a training example's (BOS kept when cutting
     from the left)."""
     text, add_special = render_prompt(prompt, tokenizer)
-    ids, _ = prompt_ids(text, tokenizer, add_special)
+    _, (ids, _), _ = bounded(text, "end", max_prompt_length, tokenizer,
+                             lambda t: prompt_ids(t, tokenizer, add_special), bos_text(tokenizer))
     return truncate_prompt(ids, tokenizer, max_prompt_length)

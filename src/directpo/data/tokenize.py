@@ -14,6 +14,17 @@ leading BOS); responses are then cut from the right to fit `max_length`. Without
 examples that fit are untouched. A prompt that still leaves no room for a single response token
 (an explicit `max_prompt_length` ≥ `max_length`) is a `DataError` of kind 'prompt_too_long'.
 
+Bounded inputs. With a `max_length`, a text far longer than any budget is cut *before* it is
+tokenized (a 50 MB row would otherwise take gigabytes as token ids and offsets): a prompt keeps its
+end (and a leading BOS text), a response its start, at most `char_bound` characters: twice
+(budget + `CUT_MARGIN`) tokens of the vocabulary's longest entry. The cut lands on a word boundary
+(before a space that follows a non-space) where one is near, which the usual pre-tokenizers
+(GPT-2 and Llama-3 style regexes, SentencePiece's ▁-words) never merge across, and the cut text
+must still give `CUT_MARGIN` tokens beyond the budget (else the bound doubles, up to the whole
+text), so the tokens the truncation above keeps are those of the whole text, and so are its counts
+and decisions (tested against tokenize-then-cut, extreme texts included). Counted in
+`TokenizeStats.texts_cut`. Without a `max_length` nothing is cut.
+
 Prompts alone (for sampling: `directpo.data.prompts.encode_prompt`) go through the same three
 steps as a training example's prompt: `render_prompt` (text, or the chat template with the
 generation prompt), `prompt_ids` (an empty prompt starts from BOS, or EOS) and `truncate_prompt`.
@@ -21,6 +32,8 @@ generation prompt), `prompt_ids` (an empty prompt starts from BOS, or EOS) and `
 from __future__ import annotations
 
 import random
+import re
+import weakref
 from dataclasses import dataclass, replace
 
 from .formats import DataError, Example, SkipReport, Text
@@ -52,11 +65,16 @@ class TokenizeStats:
     prompts_cut_to_fit: int = 0  # of those, cut to max_length // 2 because the example did not fit
     responses_truncated: int = 0
     boundary_merges: int = 0
+    texts_cut: int = 0  # texts longer than `cut_over` characters, cut before tokenizing (bounded inputs)
+    cut_over: int = 0
 
     def summary(self) -> str:
-        return (f"{self.prompts_truncated} prompts truncated (left; {self.prompts_cut_to_fit} cut to half of "
-                f"max_length to fit), {self.responses_truncated} responses truncated (right), "
-                f"{self.boundary_merges} prompt/response boundary merges re-split")
+        out = (f"{self.prompts_truncated} prompts truncated (left; {self.prompts_cut_to_fit} cut to half of "
+               f"max_length to fit), {self.responses_truncated} responses truncated (right), "
+               f"{self.boundary_merges} prompt/response boundary merges re-split")
+        if self.texts_cut:
+            out += f"; {self.texts_cut} texts longer than {self.cut_over} characters were cut before tokenizing"
+        return out
 
 
 def render_prompt(prompt: Text, tokenizer, source: str = "prompt", row: int | None = None) -> tuple[str, bool]:
@@ -131,34 +149,123 @@ def render(example: Example, tokenizer) -> tuple[str, list[str], bool]:
     return prompt_text[:n], [full[n:] for full in fulls], False
 
 
-def _common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
+def _common_prefix(a, b, step: int = 4096) -> int:
+    n, end = 0, min(len(a), len(b))
+    while n + step <= end and a[n:n + step] == b[n:n + step]:  # a long text: whole chunks compared in C
+        n += step
+    for x, y in zip(a[n:n + step], b[n:n + step]):
         if x != y:
             break
         n += 1
     return n
 
 
+# ----------------------------------------------------------------------------------------------
+# Bounded inputs: a text far longer than the token budget is cut before it is tokenized
+
+CUT_MARGIN = 32  # tokens a cut text must give beyond the budget: the tokens near the cut are never kept
+WORD_WINDOW = 4096  # characters searched, inward from the bound, for a word boundary to cut at
+MAX_TOKEN_CHARS = 256  # a cap on the longest vocabulary entry counted (a longer one only makes the bound double)
+_WORD_END = re.compile(r"\S(?= )")
+_TOKEN_CHARS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def chars_per_token(tokenizer) -> int:
+    """The most characters one token stands for: the longest entry of the vocabulary, added tokens
+    included (a byte-level entry counts bytes, never fewer than the characters it decodes to), at
+    most `MAX_TOKEN_CHARS`; 64 for a tokenizer without `get_vocab`. Cached per tokenizer."""
+    try:
+        return _TOKEN_CHARS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    try:
+        n = max(map(len, tokenizer.get_vocab()), default=1)
+    except (AttributeError, NotImplementedError, TypeError):
+        n = 64
+    n = min(max(n, 1), MAX_TOKEN_CHARS)
+    try:
+        _TOKEN_CHARS[tokenizer] = n
+    except TypeError:  # not weakly referable: computed again next time
+        pass
+    return n
+
+
+def char_bound(tokenizer, budget: int) -> int:
+    """The characters a text keeps for a budget of `budget` tokens (before the word-boundary search)."""
+    return 2 * (budget + CUT_MARGIN) * chars_per_token(tokenizer)
+
+
+def cut_text(text: str, limit: int, keep: str, head: str = "") -> str:
+    """`text` itself when it has at most `limit` characters; else its start (keep='start') or its end
+    (keep='end') of at most `limit` characters, cut at the word boundary (a space after a non-space)
+    nearest the bound within `WORD_WINDOW` characters, else at the bound. Pre-tokenizers (GPT-2-style
+    regexes, SentencePiece's ▁-words) never join a token across such a boundary, so the kept side
+    tokenizes as it does in the whole text. `head` (keep='end'): a start the text keeps when it has
+    it (a prompt's BOS text, which the prompt's truncation keeps too)."""
+    if len(text) <= limit:
+        return text
+    if keep == "start":
+        ends = [m.end() for m in _WORD_END.finditer(text, max(limit - WORD_WINDOW, 0), limit + 1)]
+        return text[:ends[-1] if ends else limit]
+    start = len(text) - limit
+    m = _WORD_END.search(text, start - 1, start + WORD_WINDOW)
+    j = m.end() if m else start
+    return head + text[j:] if head and text.startswith(head) and j > len(head) else text[j:]
+
+
+def bounded(text: str, keep: str, budget: int | None, tokenizer, encode, head: str = "") -> tuple[str, tuple, bool]:
+    """(the text tokenized, `encode(it)`, whether it was cut): `text`, or with a token `budget` its
+    `cut_text` to `char_bound` characters. `encode` returns a tuple whose first item is the ids; a cut
+    text whose ids are fewer than budget + `CUT_MARGIN` (a tokenizer that drops or joins many
+    characters) is cut again at twice the bound, up to the whole text. No budget: no cut."""
+    limit = char_bound(tokenizer, budget) if budget is not None and budget > 0 else len(text)
+    while True:
+        cut = cut_text(text, limit, keep, head)
+        out = encode(cut)
+        if cut is text or len(out[0]) >= budget + CUT_MARGIN:
+            return cut, out, cut is not text
+        limit *= 2
+
+
+def bos_text(tokenizer) -> str:
+    """The BOS token's text ('' when none): a prompt cut from the left keeps it at its start."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return bos if isinstance(bos, str) else ""
+
+
+def _response_ids(tokenizer, prompt_text: str, text: str, p_ids: list[int], injected_start: bool,
+                  add_special: bool) -> tuple[list[int], bool]:
+    """(ids of a response after its prompt, whether a boundary merge made it tokenized alone)."""
+    if injected_start:  # nothing to merge with: the response is all there is
+        return tokenizer(text, add_special_tokens=False)["input_ids"], False
+    full = tokenizer(prompt_text + text, add_special_tokens=add_special)["input_ids"]
+    if full[:len(p_ids)] == p_ids:
+        return full[len(p_ids):], False
+    return tokenizer(text, add_special_tokens=False)["input_ids"], True
+
+
 def tokenize_example(example: Example, tokenizer, max_length: int | None = None,
                      max_prompt_length: int | None = None, stats: TokenizeStats | None = None) -> TokenizedExample:
     stats = stats if stats is not None else TokenizeStats()
     prompt_text, responses, add_special = render(example, tokenizer)
-    p_ids, injected_start = prompt_ids(prompt_text, tokenizer, add_special, example.source, example.row)
+    budget = None if max_length is None else max(max_length, max_prompt_length or 0)
+    prompt_text, (p_ids, injected_start), n_cut = bounded(
+        prompt_text, "end", budget, tokenizer,
+        lambda t: prompt_ids(t, tokenizer, add_special, example.source, example.row), bos_text(tokenizer))
     eos = tokenizer.eos_token_id
     response_ids = []
     for text in responses:
-        full = tokenizer(prompt_text + text, add_special_tokens=add_special)["input_ids"]
-        if injected_start:  # nothing to merge with: the response is all there is
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        elif full[:len(p_ids)] == p_ids:
-            ids = full[len(p_ids):]
-        else:
-            stats.boundary_merges += 1
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        _, (ids, merged), cut = bounded(text, "start", budget, tokenizer,
+                                        lambda t: _response_ids(tokenizer, prompt_text, t, p_ids, injected_start,
+                                                                add_special))
+        n_cut += cut
+        stats.boundary_merges += merged
         if not example.conversational and eos is not None and (not ids or ids[-1] != eos):
             ids = ids + [eos]
         response_ids.append(ids)
+    if n_cut:
+        stats.texts_cut += n_cut
+        stats.cut_over = char_bound(tokenizer, budget)
 
     # Truncated only now: the boundary check above needs the whole prompt's ids.
     limit, to_fit = max_prompt_length, False

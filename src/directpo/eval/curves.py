@@ -14,12 +14,12 @@ plotted while it trains. matplotlib is imported only when drawing (the Agg backe
 """
 from __future__ import annotations
 
-import json
 import math
 from numbers import Real
 from pathlib import Path
 
-METRICS_FILE = "metrics.jsonl"
+from ..runfiles import METRICS_FILE, metrics_path, read_metrics  # noqa: F401  (one reader of metrics.jsonl)
+
 
 # (title, [(series label, keys: the first one a line has is the series' value)]): one panel each.
 PANELS: list[tuple[str, list[tuple[str, tuple[str, ...]]]]] = [
@@ -35,53 +35,6 @@ PANELS: list[tuple[str, list[tuple[str, tuple[str, ...]]]]] = [
 ]
 _SERIES_STYLES = ["-", "--", ":", "-."]  # the series of one panel (chosen, rejected)
 _SPLITS = ("train", "eval")
-
-
-def metrics_path(run: str | Path) -> Path:
-    """A run directory's metrics.jsonl (a metrics file itself is taken as it is)."""
-    run = Path(run)
-    if run.is_dir():
-        path = run / METRICS_FILE
-        if not path.exists():
-            raise FileNotFoundError(f"{run}: no {METRICS_FILE} (is it a directpo run directory?)")
-        return path
-    if run.is_file():
-        return run
-    raise FileNotFoundError(f"{run}: no such run directory")
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a metrics.jsonl, in file order. A line that is not a JSON object with an
-    integer "step" is a ValueError naming the file and the line; blank lines are skipped, and so
-    is an unfinished last line (no newline yet: the run is writing it)."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8", errors="replace")
-    lines = text.split("\n")
-    records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines):  # the last line, without its newline: still being written
-                continue
-            raise ValueError(f"{path}, line {n}: not JSON ({e.msg}): {_short(line)}") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(rec).__name__}: {_short(line)}")
-        step = rec.get("step")
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise ValueError(f"{path}, line {n}: no integer \"step\" (got {step!r}): {_short(line)}")
-        split = rec.get("split", "train")
-        if split not in _SPLITS:
-            raise ValueError(f"{path}, line {n}: \"split\" must be train or eval, got {split!r}")
-        records.append(rec)
-    return records
-
-
-def _short(line: str, limit: int = 80) -> str:
-    line = line.strip()
-    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def _value(rec: dict, keys: tuple[str, ...]) -> float | None:

@@ -8,12 +8,12 @@ well above chance (0.5).
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 from ..outputs import check_output_dir
+from ..runfiles import read_metrics
 from ..toy import build_tiny_model, review_task, write_jsonl
 from ..train import TrainConfig, train
 
@@ -37,7 +37,7 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 60, seed: int = 0, thre
                       lr=1e-3, optimizer="adamw", beta=0.1, batch_size=32, micro_batch_size=32, max_steps=steps,
                       warmup_steps=5, eval_every=max(1, steps // 6), seed=seed, overwrite=True, max_length=64)
     summary = train(cfg)
-    evals = [json.loads(line) for line in open(out / "dpo" / "metrics.jsonl") if '"eval"' in line]
+    evals = read_metrics(out / "dpo", split="eval")
     final = evals[-1]["rewards/accuracies"]
     passed = final >= threshold
     print("\nheld-out implicit-reward accuracy (chance 0.5):")

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import outputs
-from ..config import ConfigError, check_ranges, check_required, flag_name, input_paths, setting
+from ..config import ConfigError, changed_settings, check_ranges, check_required, input_paths, setting
 from ..console import log as console_log
 from .resume import resumable
 
@@ -199,12 +199,9 @@ def check_output_dir(cfg: OnlineConfig, out: Path) -> None:
     someone else's files among them: `outputs.check_output_dir`, checked before.)"""
     recorded_path = out / CONFIG_FILE
     if recorded_path.exists():
-        recorded = json.loads(recorded_path.read_text())
-        now = asdict(cfg)
-        differ = sorted(k for k in set(now) | set(recorded)
-                        if k not in FREE_SETTINGS and now.get(k) != recorded.get(k))
+        differ = changed_settings(json.loads(recorded_path.read_text()), cfg, FREE_SETTINGS, flags=True)
         if differ and not cfg.overwrite:
-            shown = ", ".join(f"{flag_name(k)} {recorded.get(k)!r} -> {now.get(k)!r}" for k in differ)
+            shown = ", ".join(differ)
             raise FileExistsError(f"{out} holds an online run with other settings ({shown}); use another "
                                   f"--output-dir, or --overwrite to start over")
         if differ:

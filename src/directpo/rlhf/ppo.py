@@ -43,7 +43,7 @@ from ..models import autocast_ctx, check_vocab, freeze, load_model, load_tokeniz
 from ..train.loop import batch_order
 from ..train.alarms import HealthMonitor
 from ..train.optim import build_optimizer, warmup_schedule
-from ..train.run import Interrupted, Progress, RunDir, StepDriver, StopRequest, resume, setup_torch, stop_if_fatal
+from ..train.run import Recipe, RunDir, StepDriver, resume, run_steps, setup_torch
 from .config import PPOConfig
 
 
@@ -284,16 +284,16 @@ def step_metrics(step: int, ro: Rollouts, losses: dict, grad_norms: list[float],
             "rollouts_per_s": len(ro.lengths) / seconds, "elapsed_s": elapsed}
 
 
-def ppo(cfg: PPOConfig, reward=None) -> dict:
+def ppo(cfg: PPOConfig, reward=None, callbacks=()) -> dict:
     """Run PPO. `reward`: f(prompt, completion) -> float, or a `batched` scorer (see
     directpo.eval.scorers); default: from cfg.reward_model / cfg.reward_fn."""
     cfg.validate()
     with RunDir(cfg.output_dir) as run:  # claimed (checked, locked) before anything is written
         run.prepare(cfg, "ppo")
-        return _ppo(cfg, reward, run)
+        return _ppo(cfg, reward, run, callbacks)
 
 
-def _ppo(cfg: PPOConfig, reward, run: RunDir) -> dict:
+def _ppo(cfg: PPOConfig, reward, run: RunDir, callbacks=()) -> dict:
     setup_torch(cfg.threads, cfg.seed)
     device = pick_device(cfg.device)
     m = setup_models(cfg, reward, device)
@@ -311,42 +311,49 @@ def _ppo(cfg: PPOConfig, reward, run: RunDir) -> dict:
     start_step, state = resume(run, cfg, m.policy, optimizer, scheduler)
     if start_step:
         restore_extra(state["extra"], m.value_head, kl_ctl, gen)
-    order = batch_order(len(m.items), cfg.batch_size, cfg.seed)
-    for _ in range(start_step):
-        next(order)
-    driver = StepDriver(params, optimizer, scheduler, cfg.max_grad_norm, skip_nonfinite=cfg.skip_nonfinite,
-                        divergence_factor=cfg.divergence_factor, hint=f"Lower --lr (now {cfg.lr:g})")
-    progress = Progress(cfg.progress, cfg.max_steps, start_step, "ppo", cfg.log_every)
-    metrics = run.metrics(start_step)
-    t_start, last, alarms = time.perf_counter(), {}, HealthMonitor("ppo")
-    with StopRequest() as stop, metrics, progress:
-        for step in range(start_step + 1, cfg.max_steps + 1):
-            t0 = time.perf_counter()
-            epoch, idx = next(order)
-            ro = collect_rollouts(m, cfg, idx, step, kl_ctl.value)
-            losses, grad_norms = ppo_update(m, cfg, ro, driver, gen, step)
-            beta = kl_ctl.value
-            kl_ctl.update(ro.kl_tok.sum(1).mean().item(), len(idx))  # 6. the KL coefficient
-            last = step_metrics(step, ro, losses, grad_norms, beta, scheduler.get_last_lr()[0],
-                                time.perf_counter() - t0, time.perf_counter() - t_start)
-            alerts = alarms.annotate(last)
-            metrics.write(last)
-            for a in alerts:
-                log(str(a))
-            stop_if_fatal(alerts, cfg)
-            short = f"reward {last['reward']:.3f} kl {last['kl']:.3f} β {beta:.3g} clip {last['clip_frac']:.2f}"
-            progress.update(step, short, f"{short} vloss {last['value_loss']:.4f} ent {last['entropy']:.3f}")
-            if cfg.snapshot_every and step % cfg.snapshot_every == 0 and step < cfg.max_steps:
-                save_snapshot(m.policy, m.tokenizer, run.path / "snapshots" / f"step-{step}")
-            if cfg.save_every and step % cfg.save_every == 0 or stop.requested():
-                driver.check_weights(f"the checkpoint of step {step}")
-                run.save_checkpoint(step, epoch, m.policy, optimizer, scheduler, cfg,
-                                    extra=extra_state(m.value_head, kl_ctl, gen))
-            if stop.requested():
-                raise Interrupted(f"interrupted at step {step}/{cfg.max_steps}; checkpoint saved in "
-                                  f"{run.path / 'checkpoints'}: resume with --resume")
-    driver.check_weights("the final policy")
-    return save_ppo(m, run, {"output_dir": str(run.path), "train": last, "final_kl_coef": kl_ctl.value})
+    recipe = PPORecipe(cfg, run, m, params, optimizer, scheduler, kl_ctl, gen, start_step)
+    done = run_steps(recipe, start_step, cfg.max_steps, callbacks)
+    recipe.driver.check_weights("the final policy")
+    return save_ppo(m, run, {"output_dir": str(run.path), "train": done["train"], "final_kl_coef": kl_ctl.value,
+                             "stopped_at": done["stopped_at"]})
+
+
+class PPORecipe(Recipe):
+    """PPO's hooks of the step loop (`train.run.run_steps`): rollouts, scores, the clipped update."""
+
+    name = "ppo"
+
+    def __init__(self, cfg: PPOConfig, run: RunDir, m: PPOModels, params, optimizer, scheduler,
+                 kl_ctl: KLController, gen: torch.Generator, start_step: int):
+        self.cfg, self.run, self.m, self.optimizer, self.scheduler = cfg, run, m, optimizer, scheduler
+        self.kl_ctl, self.gen = kl_ctl, gen
+        self.order = batch_order(len(m.items), cfg.batch_size, cfg.seed)
+        for _ in range(start_step):
+            next(self.order)
+        self.driver = StepDriver(params, optimizer, scheduler, cfg.max_grad_norm, skip_nonfinite=cfg.skip_nonfinite,
+                                 divergence_factor=cfg.divergence_factor, hint=f"Lower --lr (now {cfg.lr:g})")
+        self.alarms = HealthMonitor("ppo")
+
+    def train_step(self, step: int) -> dict:
+        cfg, m, t0 = self.cfg, self.m, time.perf_counter()
+        self.epoch, idx = next(self.order)
+        ro = collect_rollouts(m, cfg, idx, step, self.kl_ctl.value)
+        losses, grad_norms = ppo_update(m, cfg, ro, self.driver, self.gen, step)
+        beta = self.kl_ctl.value
+        self.kl_ctl.update(ro.kl_tok.sum(1).mean().item(), len(idx))  # 6. the KL coefficient
+        line = step_metrics(step, ro, losses, grad_norms, beta, self.scheduler.get_last_lr()[0],
+                            time.perf_counter() - t0, time.perf_counter() - self.t_start)
+        if cfg.snapshot_every and step % cfg.snapshot_every == 0 and step < cfg.max_steps:
+            save_snapshot(m.policy, m.tokenizer, self.run.path / "snapshots" / f"step-{step}")
+        return line
+
+    def progress_text(self, m: dict) -> tuple[str, str]:
+        short = f"reward {m['reward']:.3f} kl {m['kl']:.3f} β {m['kl_coef']:.3g} clip {m['clip_frac']:.2f}"
+        return short, f"{short} vloss {m['value_loss']:.4f} ent {m['entropy']:.3f}"
+
+    def save_checkpoint(self, step: int):
+        return self.run.save_checkpoint(step, self.epoch, self.m.policy, self.optimizer, self.scheduler, self.cfg,
+                                        extra=extra_state(self.m.value_head, self.kl_ctl, self.gen))
 
 
 def extra_state(value_head: nn.Linear, kl_ctl: KLController, gen: torch.Generator) -> dict:
@@ -365,10 +372,16 @@ def save_ppo(m: PPOModels, run: RunDir, result: dict) -> dict:
     """The policy in Hugging Face format with its tokenizer, the value head beside it; run complete."""
     from safetensors.torch import save_file
 
-    m.policy.save_pretrained(run.path)
-    m.tokenizer.save_pretrained(run.path)
-    save_file({k: v.detach().cpu().contiguous() for k, v in m.value_head.state_dict().items()},
-              str(run.path / "value_head.safetensors"))
+    from ..diskio import staging_dir, tensor_bytes, warn_if_short
+
+    needed = tensor_bytes(m.policy.state_dict())
+    warn_if_short(run.path, needed, f"the final policy ({run.path})")
+    with staging_dir(run.path, needed, f"; the policy was not written (the files in {run.path} are as they "
+                                       "were)") as tmp:  # written whole, or not at all
+        m.policy.save_pretrained(tmp)
+        m.tokenizer.save_pretrained(tmp)
+        save_file({k: v.detach().cpu().contiguous() for k, v in m.value_head.state_dict().items()},
+                  str(tmp / "value_head.safetensors"))
     run.complete(result)
     log(f"saved policy, tokenizer and value head to {run.path}")
     return result

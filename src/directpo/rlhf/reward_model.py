@@ -23,6 +23,7 @@ import time
 import torch
 
 from ..console import log
+from ..diskio import staging_dir, tensor_bytes, warn_if_short
 from ..data import SkipReport, TokenizeStats, load_examples, tokenize_examples
 from ..data.collate import collate_padded
 from ..data.formats import ranking_to_pairs
@@ -32,8 +33,7 @@ from ..models import autocast_ctx, load_tokenizer, pick_device
 from ..train.loop import batch_order
 from ..train.alarms import HealthMonitor
 from ..train.optim import build_optimizer, warmup_schedule
-from ..train.run import (CONFIG_FILE, Interrupted, Progress, RunDir, StepDriver, StopRequest, resume, setup_torch,
-                         stop_if_fatal)
+from ..train.run import CONFIG_FILE, Recipe, RunDir, StepDriver, resume, run_steps, setup_torch
 from .config import RewardModelConfig
 
 
@@ -68,23 +68,22 @@ def _summary(m: dict) -> str:
     return f"loss {m['loss']:.4f} acc {m['accuracy']:.2f}"
 
 
-def train_reward_model(cfg: RewardModelConfig) -> dict:
+def train_reward_model(cfg: RewardModelConfig, callbacks=()) -> dict:
     """Fit r_φ by Bradley–Terry on cfg.data; save it (safetensors), normalised to E[r] = 0."""
     cfg.validate()
     with RunDir(cfg.output_dir) as run:  # claimed (checked, locked) before anything is written
         run.prepare(cfg, "rm")
-        return _train_reward_model(cfg, run)
+        return _train_reward_model(cfg, run, callbacks)
 
 
-def _train_reward_model(cfg: RewardModelConfig, run: RunDir) -> dict:
+def _train_reward_model(cfg: RewardModelConfig, run: RunDir, callbacks=()) -> dict:
     setup_torch(cfg.threads, cfg.seed)
     device = pick_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    pad = tokenizer.pad_token_id
     train_set, report = _pairs(cfg.data, tokenizer, cfg, "train")
     eval_set = _pairs(cfg.eval_data, tokenizer, cfg, "eval")[0] if cfg.eval_data else None
 
-    model = load_reward_backbone(cfg.model, pad, device, trust_remote_code=cfg.trust_remote_code)
+    model = load_reward_backbone(cfg.model, tokenizer.pad_token_id, device, trust_remote_code=cfg.trust_remote_code)
     model.train()
     optimizer = build_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
     scheduler = warmup_schedule(optimizer, cfg.warmup_steps)
@@ -94,65 +93,68 @@ def _train_reward_model(cfg: RewardModelConfig, run: RunDir) -> dict:
     log(f"training reward model: {total_steps} steps × {cfg.batch_size} pairs (micro-batch {cfg.micro_batch_size}) "
         f"on {device}, {cfg.optimizer} lr {cfg.lr}, {cfg.precision}")
     start_step, _ = resume(run, cfg, model, optimizer, scheduler)
-    batches = batch_order(len(train_set), cfg.batch_size, cfg.seed)
-    for _ in range(start_step):
-        next(batches)
+    recipe = RewardModelRecipe(cfg, run, model, tokenizer.pad_token_id, device, train_set, eval_set, optimizer,
+                               scheduler, start_step)
+    done = run_steps(recipe, start_step, total_steps, callbacks)
+    recipe.driver.check_weights("the final reward model")
+    return save_reward_model(model, tokenizer, train_set, cfg, run, settings,
+                             {"output_dir": str(run.path), "train": done["train"], "eval": done["eval"],
+                              "stopped_at": done["stopped_at"]})
 
-    def pair_loss(mb: list[int]):
-        batch = collate_padded([train_set[i] for i in mb], pad).to(device)
-        with autocast_ctx(device, cfg.precision):
-            r = pair_rewards(model, batch)
+
+class RewardModelRecipe(Recipe):
+    """The reward model's hooks of the step loop (`train.run.run_steps`): a Bradley–Terry step."""
+
+    name = "rm"
+
+    def __init__(self, cfg: RewardModelConfig, run: RunDir, model, pad: int, device, train_set, eval_set, optimizer,
+                 scheduler, start_step: int):
+        self.cfg, self.run, self.model, self.pad, self.device = cfg, run, model, pad, device
+        self.train_set, self.eval_set, self.optimizer, self.scheduler = train_set, eval_set, optimizer, scheduler
+        self.batches = batch_order(len(train_set), cfg.batch_size, cfg.seed)
+        for _ in range(start_step):  # the data order is a function of the step
+            next(self.batches)
+        self.driver = StepDriver(model.parameters(), optimizer, scheduler, cfg.max_grad_norm,
+                                 skip_nonfinite=cfg.skip_nonfinite, divergence_factor=cfg.divergence_factor,
+                                 hint=f"Lower --lr (now {cfg.lr:g})")
+        self.alarms = HealthMonitor("rm")
+
+    def pair_loss(self, mb: list[int]):
+        batch = collate_padded([self.train_set[i] for i in mb], self.pad).to(self.device)
+        with autocast_ctx(self.device, self.cfg.precision):
+            r = pair_rewards(self.model, batch)
             losses = bradley_terry_loss(r[:, 0], r[:, 1])
         return losses, _stats(r, losses)
 
-    def evaluate(step: int) -> dict:
-        res = {"split": "eval", "step": step, **evaluate_rm(model, eval_set, pad, cfg, device)}
-        write(res)
-        log(f"eval @ step {step}: {_summary(res)}")
-        return res
+    def train_step(self, step: int) -> dict | None:
+        t0, mb_size = time.perf_counter(), self.cfg.micro_batch_size
+        self.epoch, idx = next(self.batches)
+        idx = sorted(idx, key=lambda i: self.train_set[i].num_tokens)
+        mbs = [idx[s:s + mb_size] for s in range(0, len(idx), mb_size)]
+        sums, grad_norm, lr = self.driver.step(self.driver.accumulate(mbs, self.pair_loss, len(idx)),
+                                               lambda: f"at step {step}")
+        if grad_norm is None:
+            return None
+        return {"split": "train", "step": step, "epoch": self.epoch, **{k: v / len(idx) for k, v in sums.items()},
+                "lr": lr, "grad_norm": grad_norm, "pairs_per_s": len(idx) / (time.perf_counter() - t0),
+                "elapsed_s": time.perf_counter() - self.t_start}
 
-    def write(line: dict) -> None:  # with its health alarms (one console line each)
-        alerts = alarms.annotate(line)
-        metrics.write(line)
-        for a in alerts:
-            log(str(a))
-        stop_if_fatal(alerts, cfg)
+    def progress_text(self, m: dict) -> tuple[str, str]:
+        return _summary(m), f"{_summary(m)} lr {m['lr']:.2e}"
 
-    alarms = HealthMonitor("rm")
+    def eval_text(self, m: dict) -> str:
+        return _summary(m)
 
-    driver = StepDriver(model.parameters(), optimizer, scheduler, cfg.max_grad_norm, skip_nonfinite=cfg.skip_nonfinite,
-                        divergence_factor=cfg.divergence_factor, hint=f"Lower --lr (now {cfg.lr:g})")
-    progress = Progress(cfg.progress, total_steps, start_step, "rm", cfg.log_every)
-    metrics = run.metrics(start_step)
-    last, last_eval = {}, None
-    if eval_set is not None and start_step == 0:
-        last_eval = evaluate(0)
-    t_start = time.perf_counter()
-    with StopRequest() as stop, metrics, progress:
-        for step in range(start_step + 1, total_steps + 1):
-            t0 = time.perf_counter()
-            epoch, idx = next(batches)
-            idx = sorted(idx, key=lambda i: train_set[i].num_tokens)
-            mbs = [idx[s:s + cfg.micro_batch_size] for s in range(0, len(idx), cfg.micro_batch_size)]
-            sums, grad_norm, lr = driver.step(driver.accumulate(mbs, pair_loss, len(idx)), lambda: f"at step {step}")
-            if grad_norm is None:
-                continue
-            last = {"split": "train", "step": step, "epoch": epoch, **{k: v / len(idx) for k, v in sums.items()},
-                    "lr": lr, "grad_norm": grad_norm, "pairs_per_s": len(idx) / (time.perf_counter() - t0),
-                    "elapsed_s": time.perf_counter() - t_start}
-            write(last)
-            progress.update(step, _summary(last), f"{_summary(last)} lr {lr:.2e}")
-            if eval_set is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-                last_eval = evaluate(step)
-            if cfg.save_every and step % cfg.save_every == 0 or stop.requested():
-                driver.check_weights(f"the checkpoint of step {step}")
-                run.save_checkpoint(step, epoch, model, optimizer, scheduler, cfg)
-            if stop.requested():
-                raise Interrupted(f"interrupted at step {step}/{total_steps}; checkpoint saved in "
-                                  f"{run.path / 'checkpoints'}: resume with --resume")
-    driver.check_weights("the final reward model")
-    return save_reward_model(model, tokenizer, train_set, cfg, run, settings,
-                             {"output_dir": str(run.path), "train": last, "eval": last_eval})
+    @property
+    def evaluates(self) -> bool:
+        return self.eval_set is not None
+
+    def evaluate(self, step: int) -> dict:
+        return {"split": "eval", "step": step, **evaluate_rm(self.model, self.eval_set, self.pad, self.cfg,
+                                                             self.device)}
+
+    def save_checkpoint(self, step: int):
+        return self.run.save_checkpoint(step, self.epoch, self.model, self.optimizer, self.scheduler, self.cfg)
 
 
 def save_reward_model(model, tokenizer, train_set, cfg: RewardModelConfig, run: RunDir, settings: dict,
@@ -163,8 +165,12 @@ def save_reward_model(model, tokenizer, train_set, cfg: RewardModelConfig, run: 
     r = dataset_rewards(model, train_set, tokenizer.pad_token_id, cfg.micro_batch_size, device, cfg.precision)
     offset = float(r[~torch.isnan(r)].mean())
     model.config.update({OFFSET_KEY: offset})
-    model.save_pretrained(run.path)
-    tokenizer.save_pretrained(run.path)
+    needed = tensor_bytes(model.state_dict())
+    warn_if_short(run.path, needed, f"the reward model ({run.path})")
+    with staging_dir(run.path, needed, f"; the reward model was not written (the files in {run.path} are as they "
+                                       "were)") as tmp:  # written whole, or not at all
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     (run.path / CONFIG_FILE).write_text(json.dumps({**settings, OFFSET_KEY: offset}, indent=2))
     result = {**result, OFFSET_KEY: offset}
     run.complete(result)

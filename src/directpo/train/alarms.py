@@ -1,4 +1,4 @@
-"""Health alarms on the metrics a run already computes: pure Python, no torch, no I/O.
+"""Health alarms on the metrics a run already computes: pure, no I/O.
 
 A `HealthMonitor` is fed each `metrics.jsonl` record as it is made (`observe_train` for a training
 step, `observe_eval` for an evaluation; `observe` picks by the record's "split"; `annotate` also
@@ -24,10 +24,12 @@ The alarms (`ALARMS`) and their settings (constructor arguments):
                           better than the best one before them (+ `eval_accuracy_tol`).
     no_learning           from step `no_learning_steps` on, every loss of the last
                           min(`window`, `no_learning_steps`) steps is within `no_learning_tol` of
-                          the loss of an untrained policy: ln 2 for dpo/cdpo/plackett_luce on pairs,
-                          1 for hinge, 2 ln 2 for bco_pair (`CHANCE_LOSS`), or `chance_loss` when
-                          given. Other losses (ipo, sft, rm; kto, whose value depends on the mix of
-                          desirable rows, ...) have no such fixed value: the alarm stays off.
+                          the loss of an untrained policy: the loss's `chance_loss` in the registry
+                          (`directpo.losses.LOSSES`: ln 2 for dpo/cdpo/plackett_luce on pairs, 1 for
+                          hinge, 2 ln 2 for bco_pair, ...; Σ w·chance for a comma list when its
+                          `loss_weights` are given), or `chance_loss` when given. Losses without a
+                          fixed value (ipo, whose depends on β; sft; kto, whose depends on the mix
+                          of desirable rows; rm, ppo, ...) leave the alarm off.
     grad_spike            a step's gradient norm (before clipping) above `grad_spike` × the median
                           of the previous `window` steps' (after at least `min_history` of them).
     loss_jump             a step's loss above `loss_jump` × the median of the previous `window`
@@ -58,16 +60,18 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
-__all__ = ["ALARMS", "CHANCE_LOSS", "FATAL", "Alert", "HealthMonitor"]
+from ..losses import LOSSES, get_loss
+
+__all__ = ["ALARMS", "CHANCE_LOSS", "FATAL", "Alert", "HealthMonitor", "registered_chance_loss"]
 
 ALARMS = ("both_rewards_falling", "overfitting", "no_learning", "grad_spike", "loss_jump", "length_drift",
           "dead_gradients")
 FATAL = frozenset({"dead_gradients"})  # the run cannot recover: it stops (`Alert.fatal`)
 
-# The loss of a policy equal to its reference (every implicit reward 0), by loss name.
-CHANCE_LOSS = {"dpo": math.log(2), "cdpo": math.log(2), "dpo_norm": math.log(2), "robust": math.log(2),
-               "plackett_luce": math.log(2), "hinge": 1.0, "nca_pair": 2 * math.log(2), "apo_zero": 1.0,
-               "apo_down": 1.0, "bco_pair": 2 * math.log(2)}
+# The loss of a policy equal to its reference (every implicit reward 0), by loss name: the
+# registry's declarations, the losses that have a fixed one.
+CHANCE_LOSS = {name: spec.chance_loss for name, spec in LOSSES.items() if spec.chance_loss is not None}
+
 NO_IMPLICIT_REWARDS = frozenset({"rm", "ppo"})  # their "rewards/..." are a reward model's, not β·log-ratios
 ACCURACY_KEYS = ("rewards/accuracies", "accuracy")  # DPO family; reward model
 
@@ -124,18 +128,35 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def registered_chance_loss(loss_name: str, loss_weights: str | None = None) -> float | None:
+    """The registry's value of the loss at initialisation (`LossSpec.chance_loss`; a comma list:
+    Σ w·chance of its parts); None where it has none, for a comma list whose weights are not known,
+    and for what is not a registered loss ("rm", "ppo")."""
+    if loss_weights is None:
+        if "," in loss_name:
+            return None
+        loss_weights = ""
+    try:
+        return get_loss(loss_name, loss_weights).chance_loss
+    except ValueError:
+        return None
+
+
 class HealthMonitor:
     """Watches a run's metrics records; `observe_train`/`observe_eval` return the alerts raised.
 
-    `loss_name`: the loss (`--loss`: dpo, ipo, sft, ...), or "rm" / "ppo" for those trainers.
-    Thresholds: see the module docstring; every default is what the alarm is documented with."""
+    `loss_name`: the loss (`--loss`: dpo, ipo, sft, dpo,sft, ...), or "rm" / "ppo" for those trainers;
+    `loss_weights`: a comma list's `--loss-weights` ("": 1 each; None: not known, so a comma list
+    has no value at initialisation to compare with). Thresholds: see the module docstring; every
+    default is what the alarm is documented with."""
 
     def __init__(self, loss_name: str = "dpo", window: int = 20, *, min_history: int = 5, trend_t: float = 2.0,
                  chosen_drop_share: float = 0.1, overfit_accuracy: float = 0.98, overfit_evals: int = 2,
                  eval_accuracy_tol: float = 0.005, no_learning_steps: int = 50, no_learning_tol: float = 1e-3,
                  chance_loss: float | None = None, grad_spike: float = 10.0, loss_jump: float = 5.0,
                  min_loss_jump: float = 0.1, length_drift: float = 0.5, rearm_after: int | None = 20,
-                 dead_steps: int = 5, vocab_size: int | None = None, dead_tol: float = 1e-5):
+                 dead_steps: int = 5, vocab_size: int | None = None, dead_tol: float = 1e-5,
+                 loss_weights: str | None = None):
         if window < 4:
             raise ValueError(f"window must be ≥ 4 steps (two halves of ≥ 2 to compare), got {window}")
         if overfit_evals < 1 or no_learning_steps < 1 or min_history < 1:
@@ -145,7 +166,8 @@ class HealthMonitor:
         self.overfit_accuracy, self.overfit_evals, self.eval_accuracy_tol = (overfit_accuracy, overfit_evals,
                                                                              eval_accuracy_tol)
         self.no_learning_steps, self.no_learning_tol = no_learning_steps, no_learning_tol
-        self.chance_loss = chance_loss if chance_loss is not None else CHANCE_LOSS.get(loss_name)
+        self.chance_loss = chance_loss if chance_loss is not None else registered_chance_loss(loss_name,
+                                                                                               loss_weights)
         self.grad_spike, self.loss_jump, self.min_loss_jump = grad_spike, loss_jump, min_loss_jump
         self.length_drift = length_drift
         self.dead_steps, self.dead_tol = dead_steps, dead_tol

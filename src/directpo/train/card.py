@@ -27,7 +27,7 @@ from numbers import Real
 from pathlib import Path
 
 from ..data.formats import is_hub_id as formats_is_hub_id
-from ..losses import LOSSES
+from ..losses import LOSS_SETTINGS, LOSSES, LossSpec, get_loss
 
 CARD_FILE = "README.md"
 SETTINGS_FILE = "directpo_config.json"  # = train.run.CONFIG_FILE (run imports this module, not the reverse)
@@ -113,19 +113,7 @@ def method_rows(settings: dict) -> list[tuple[str, object]]:
     if command in ("train", "sft"):
         rows += [("loss", s.get("loss"))]
         if command == "train":
-            rows += [("β", s.get("beta")), ("reference πref", s.get("reference") or "none (reference-free)"),
-                     ("reference log-probs", s.get("reference_mode"))]
-            parts = str(s.get("loss") or "dpo").split(",")
-            if s.get("loss_weights"):
-                rows.append(("loss weights", s["loss_weights"]))
-            if set(parts) & {"dpo", "cdpo", "dpo_norm", "robust", "exo_pair"} and s.get("label_smoothing"):
-                rows.append(("label smoothing / flip rate ε", s["label_smoothing"]))
-            if "unlikelihood" in parts:
-                rows.append(("unlikelihood weight α", s.get("unlikelihood_weight")))
-            if "simpo" in parts:
-                rows.append(("SimPO margin γ", s.get("simpo_gamma")))
-            if "orpo" in parts:
-                rows.append(("ORPO weight λ", s.get("orpo_lambda")))
+            rows += _loss_rows(s)
         if s.get("sft_weight"):
             rows.append(("SFT (NLL) weight", s["sft_weight"]))
     elif command == "ppo":
@@ -144,6 +132,32 @@ def method_rows(settings: dict) -> list[tuple[str, object]]:
     return [(k, v) for k, v in rows if v is not None]
 
 
+def _registered_loss(settings: dict) -> LossSpec | None:
+    """The registry's entry for the run's loss (a comma list: their sum), or None for a loss this
+    version does not know (a card written for an older run)."""
+    try:
+        return get_loss(settings.get("loss") or "dpo", settings.get("loss_weights") or "")
+    except ValueError:
+        return None
+
+
+def _loss_rows(s: dict) -> list[tuple[str, object]]:
+    """β (if the loss reads it), the reference, the loss weights, then every other setting the loss
+    reads, named as the registry names them (`LOSS_SETTINGS`)."""
+    spec = _registered_loss(s)
+    params = spec.params if spec else tuple(LOSS_SETTINGS)
+    rows = [("β", s.get("beta"))] if "beta" in params else []
+    rows += [("reference πref", s.get("reference") or "none (reference-free)"),
+             ("reference log-probs", s.get("reference_mode"))]
+    if s.get("loss_weights"):
+        rows.append(("loss weights", s["loss_weights"]))
+    for name in params:
+        # (ε = 0 is each loss's own default: off, or cdpo's 0.1, exo_pair's 1e-3: no row)
+        if name != "beta" and not (name == "label_smoothing" and not s.get(name)):
+            rows.append((LOSS_SETTINGS[name], s.get(name)))
+    return rows
+
+
 def _optimisation_rows(s: dict) -> list[tuple[str, object]]:
     rows = [("optimizer", s.get("optimizer")), ("learning rate", s.get("lr")),
             ("warm-up steps", s.get("warmup_steps")), ("weight decay", s.get("weight_decay") or None),
@@ -156,12 +170,22 @@ def _optimisation_rows(s: dict) -> list[tuple[str, object]]:
     return rows
 
 
+def _loss_text(loss: str) -> str:
+    """': ' and the registry's description of the loss; for a comma list, of each of its parts."""
+    parts = [LOSSES.get(name.strip()) for name in loss.split(",")]
+    if not all(spec and spec.help for spec in parts):
+        return ""
+    if len(parts) == 1:
+        return f": {parts[0].help}"
+    return ", a weighted sum of " + "; ".join(f"`{name.strip()}`: {spec.help}" for name, spec in
+                                               zip(loss.split(","), parts))
+
+
 def method_section(settings: dict) -> str:
     command = settings.get("command", "train")
     if command == "train":
         loss = settings.get("loss") or "dpo"
-        spec = LOSSES.get(loss)
-        what = f"Preference optimisation with the `{loss}` loss" + (f": {spec.help}" if spec and spec.help else "")
+        what = f"Preference optimisation with the `{loss}` loss" + _loss_text(loss)
         what += ". The paper: Rafailov et al., *Direct Preference Optimization: Your Language Model is Secretly a " \
                 "Reward Model* (2023)"
     else:

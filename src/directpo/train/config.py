@@ -41,6 +41,9 @@ class RunConfig:
     keep_last: int = setting(0, "keep only the newest K checkpoints (0: keep all)", ge=0)
     resume: str | None = setting(None, "continue from the latest checkpoint in output_dir (--resume), or from PATH",
                                  nargs="?", const="latest")
+    resume_from_last_good: bool = setting(False, "with --resume: if the latest checkpoint is damaged (a file "
+                                                 "truncated or changed since it was written), resume from the "
+                                                 "newest intact one instead of stopping")
     skip_nonfinite: bool = setting(False, "skip (and count) steps whose loss or gradient is NaN/inf instead of "
                                           "stopping")
     divergence_factor: float = setting(1000.0, "stop (without applying the update) when the loss or the gradient "
@@ -62,7 +65,7 @@ class RunConfig:
     RESUMABLE_CHANGES = frozenset({
         "nproc", "fsdp", "resume", "overwrite", "progress", "log_every", "max_steps", "epochs", "save_every",
         "keep_last", "eval_every", "eval_data", "threads", "device", "ref_cache", "skip_nonfinite",
-        "divergence_factor", "output_dir", "snapshot_every", "stop_on_alarm",
+        "divergence_factor", "output_dir", "snapshot_every", "stop_on_alarm", "resume_from_last_good",
         "report_to", "push_to_hub", "hub_private"})
 
     def validate(self):
@@ -228,8 +231,32 @@ class TrainConfig(PreferenceRunConfig):
                    "a sharded model's reference must be precomputed" if self.fsdp else None)
             if why:
                 raise ConfigError(f"--ref-sync-every: {why}; TR-DPO needs a reference model of its own")
+        self.check_loss_settings(spec)
         self.check_unpaired_settings(spec)
         return self
+
+    def unread_settings(self) -> frozenset:
+        """The loss settings the chosen loss does not read: they change nothing in this run, so a
+        record that differs in them (a run made before they were refused) still matches."""
+        from ..losses import LOSS_SETTINGS, get_loss
+
+        return frozenset(LOSS_SETTINGS) - set(get_loss(self.loss, self.loss_weights).params)
+
+    def check_loss_settings(self, spec) -> None:
+        """A loss setting moved from its default that the chosen loss does not read would change
+        nothing (`--loss ipo --label-smoothing 0.1` trains plain IPO): refused, naming both, before
+        anything loads. What each loss reads is its registry entry's `params`; a comma list reads
+        the union of its parts'. A setting left at its default is never an error."""
+        from dataclasses import fields
+
+        from ..config import flag_name
+        from ..losses import LOSS_SETTINGS
+
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in LOSS_SETTINGS:
+            if name not in spec.params and getattr(self, name) != defaults[name]:
+                reads = ", ".join(flag_name(n) for n in spec.params) or "none of the loss settings"
+                raise ConfigError(f"{flag_name(name)}: the '{self.loss}' loss does not read it (it reads {reads})")
 
     def check_unpaired_settings(self, spec) -> None:
         """KTO's settings that cannot work with the loss given, refused before anything loads."""

@@ -18,16 +18,16 @@ precision). Non-persistent buffers are not saved, as in HF.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import re
-import contextlib
 import struct
 from pathlib import Path
 
 import torch
 
+from ..diskio import replacing, warn_if_short
 from ..models import SAFETENSORS_DTYPES
 from .distributed import Dist
 
@@ -88,24 +88,25 @@ def export_model(model, out, d: Dist, max_shard_bytes: int | None = None) -> Non
     shards = plan_shards([(name, _nbytes(state[k])) for name, k in order], limit)
     files = shard_files(len(shards))
     out = Path(out)
+    total = sum(_nbytes(state[k]) for _, k in order)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        _remove_stale(out, files)
+        warn_if_short(out, total, f"the final model ({out})")
+        remove_stale_weights(out, files)
         _save_configs(model, state, out)
     for file, names in zip(files, shards):
         entries = sorted(((name, state[key[name]]) for name in names), key=lambda e: _data_order(e[0], e[1].dtype))
         writer = SafetensorsStream([(n, t.dtype, tuple(t.shape)) for n, t in entries]) if d.main else None
         with contextlib.ExitStack() as stack:
-            if writer is not None:
-                stack.enter_context(_replaced(out / file, writer.open))
+            if writer is not None:  # a full disk: one line with what this file needs (`diskio`)
+                stack.enter_context(_replaced(out / file, writer.open, sum(_nbytes(t) for _, t in entries)))
             for _, t in entries:
                 whole = whole_tensor(t)  # every rank: it gathers
                 if writer is not None:
                     writer.append(whole)
                 del whole  # one gathered tensor alive at a time, on every rank
     if d.main and len(files) > 1:
-        _write_index(out, model, {name: file for file, names in zip(files, shards) for name in names},
-                     sum(_nbytes(state[k]) for _, k in order))
+        _write_index(out, model, {name: file for file, names in zip(files, shards) for name in names}, total)
 
 
 def _write_index(out: Path, model, weight_map: dict[str, str], total_size: int) -> None:
@@ -169,7 +170,7 @@ def _save_configs(model, state: dict, out: Path) -> None:
         model.generation_config.save_pretrained(out)
 
 
-def _remove_stale(out: Path, files: list[str]) -> None:
+def remove_stale_weights(out: Path, files: list[str]) -> None:
     """Weight files of an earlier save into `out` that this one does not rewrite (another shard count),
     and its index, removed first: a mix of old and new files must never read as one model."""
     for f in out.iterdir():
@@ -185,26 +186,21 @@ def _replace(path: Path, write) -> None:
 
 
 @contextlib.contextmanager
-def _replaced(path: Path, start):
+def _replaced(path: Path, start, needed: int | None = None):
     """`start(temporary path)` on entry, the caller writes, then the file is fsynced and renamed onto
-    `path` on a clean exit (`start` may return a closer called first); any error removes it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    close = None
-    try:
+    `path` on a clean exit (`start` may return a closer called first); any error removes it, and an
+    I/O error is one line naming `path` (`diskio.replacing`)."""
+    with replacing(path, needed) as tmp:
         close = start(tmp)
-        yield
+        try:
+            yield
+        except BaseException:
+            if callable(close):  # the body failed: release the file (its own complaint would hide the cause)
+                with contextlib.suppress(Exception):
+                    close()
+            raise
         if callable(close):
-            close, closing = None, close
-            closing()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if callable(close):  # the body failed: release the file (its own complaint would hide the cause)
-            with contextlib.suppress(Exception):
-                close()
-        tmp.unlink(missing_ok=True)
-        raise
+            close()
 
 
 _DTYPE_RANK = {dt: i for i, dt in enumerate(SAFETENSORS_DTYPES)}  # safetensors' data order

@@ -32,10 +32,10 @@ from .export import export_model, gather_trainable
 from .lora import adapters_disabled, is_lora, save_policy
 from .optim import build_optimizer, warmup_schedule
 from .plan import format_memory_plan, plan_for_budget
-from .prepare import (check_data, check_sharding, kto_balance, load_policy_and_reference, load_sharded,
+from .prepare import (Sources, check_data, check_sharding, kto_balance, load_policy_and_reference, load_sharded,
                       prepare_data, reference_tables)
-from .run import (COMPLETE_MARKER, Interrupted, NonFiniteError, Progress, RunDir, StepDriver, StopRequest,
-                  resume, settle_precision, setup_torch, stop_if_fatal)
+from .run import COMPLETE_MARKER, NonFiniteError, Recipe, RunDir, StepDriver, resume, run_steps, settle_precision, \
+    setup_torch
 
 __all__ = ["COMPLETE_MARKER", "NonFiniteError", "TrainConfig", "batch_order", "micro_batches", "train"]
 
@@ -214,8 +214,8 @@ class RunningMean:
 
 
 @dataclass
-class Trainer:
-    """What one DPO/SFT run holds while it trains."""
+class Trainer(Recipe):
+    """What one DPO/SFT run holds while it trains, and its hooks of the step loop."""
 
     cfg: TrainConfig
     d: Dist
@@ -235,6 +235,20 @@ class Trainer:
     skipped_rows: dict
     delta: RunningMean | None = None  # BCO's δ (losses that keep a running mean)
     memory_plan: dict | None = None  # --memory-budget: the micro-batch chosen and why (`train.plan`)
+    # set by `run_training`: the optimizer, its schedule and step, the batch order, the alarms
+    optimizer: object = None
+    scheduler: object = None
+    driver: StepDriver | None = None
+    batches: object = None
+    alarms: HealthMonitor | None = None
+
+    @property
+    def name(self) -> str:  # the progress bar's label
+        return self.cfg.loss
+
+    @property
+    def dist(self) -> Dist:
+        return self.d
 
     def ref_logps(self, mb: list[int], batch, cols: slice) -> torch.Tensor | None:
         """Reference log-probs of micro-batch `mb`'s responses `cols` (`batch` holds just those)."""
@@ -302,17 +316,47 @@ class Trainer:
             self.delta = RunningMean(**extra["bco_delta"])
             self.loss_params = replace(self.loss_params, bco_delta=self.delta.mean)
 
-    def evaluate(self, step: int, metrics, alarms: HealthMonitor) -> dict:
+    # -- the hooks of the step loop (`run.Recipe`) --------------------------------------------
+
+    def train_step(self, step: int) -> dict | None:
+        cfg, d, t0 = self.cfg, self.d, time.perf_counter()
+        self.epoch, idx = next(self.batches)
+        # Group similar lengths into the same micro-batch: less padding, same summed gradient.
+        idx = sorted(idx, key=lambda i: self.train_set[i].num_tokens)
+        mbs = micro_batches(d.shard(idx), self.train_set, cfg)
+        self.begin_step(mbs)
+        sums = self.driver.accumulate(mbs, self.batch_loss, len(idx))
+        rows = sorted(self.train_set[i].row for i in idx)
+        sums, grad_norm, lr = self.driver.step(sums, lambda: f"at step {step} (batch rows {rows[:16]}"
+                                                             f"{' ...' if len(rows) > 16 else ''} of {cfg.data})")
+        if grad_norm is None:
+            return None
+        if cfg.ref_sync_every and step % cfg.ref_sync_every == 0:
+            sync_reference(self.ref_model, self.policy, cfg.ref_sync_mix)
+        dt, tokens = time.perf_counter() - t0, sums.pop("_tokens")
+        line = {"split": "train", "step": step, "epoch": self.epoch, **mean_metrics(sums, len(idx)), "lr": lr,
+                "grad_norm": grad_norm, "pairs_per_s": len(idx) / dt, "tokens_per_s": tokens / dt,
+                "elapsed_s": time.perf_counter() - self.t_start}
+        self.end_step(line)
+        return line
+
+    def progress_text(self, m: dict) -> tuple[str, str]:
+        return summary_line(m, short=True), f"{summary_line(m)} lr {m['lr']:.2e} {m['pairs_per_s']:.1f} examples/s"
+
+    def eval_text(self, m: dict) -> str:
+        return summary_line(m)
+
+    def evaluate(self, step: int) -> dict:
         # KTO's z0 on held-out data: each micro-batch's own (the training step's belongs to its batch)
         params = replace(self.loss_params, kto_kl=None)
-        res = {"split": "eval", "step": step, **evaluate_pairs(self.policy, self.eval_set, self.eval_ref, self.cfg,
-                                                                self.collate, self.device, self.loss_spec, params)}
-        alerts = alarms.annotate(res)  # health alarms ride on the metrics line and get a console line each
-        metrics.write(res)
-        log(f"eval @ step {step}: " + summary_line(res))
-        for a in alerts:
-            log(str(a))
-        return res
+        return {"split": "eval", "step": step, **evaluate_pairs(self.policy, self.eval_set, self.eval_ref, self.cfg,
+                                                                 self.collate, self.device, self.loss_spec, params)}
+
+    def save_checkpoint(self, step: int):
+        path = self.run.save_checkpoint(step, self.epoch, self.policy, self.optimizer, self.scheduler, self.cfg,
+                                        dist=self.d, sharded=self.sharded, extra=self.extra_state())  # every rank
+        self.d.barrier()
+        return path
 
     @property
     def evaluates(self) -> bool:
@@ -320,12 +364,14 @@ class Trainer:
         return self.eval_set is not None and (self.d.main or self.sharded)
 
 
-def setup(cfg: TrainConfig, d, run: RunDir) -> Trainer:
-    """Everything before the first step, in the claimed run directory: data, models, reference tables."""
+def setup(cfg: TrainConfig, d, run: RunDir, sources: Sources | None = None) -> Trainer:
+    """Everything before the first step, in the claimed run directory: data, models, reference
+    tables. `sources`: models and tokenizer given as objects (the Python API) instead of by name."""
+    sources = sources or Sources()
     setup_torch(cfg.threads, cfg.seed)
     device = device_for(d, cfg.device) or pick_device(cfg.device)
     settle_precision(run, cfg, device, d)  # --precision auto -> fp32 or bf16, before anything computes
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = sources.tokenizer or load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     loss_spec = get_loss(cfg.loss, cfg.loss_weights)
     train_set, report, stats = prepare_data(cfg.data, tokenizer, cfg, "train")
     if d.main:  # (KTO: the checks see each row's own completion, not the mismatched one added for z0)
@@ -343,7 +389,7 @@ def setup(cfg: TrainConfig, d, run: RunDir) -> Trainer:
         check_sharding(cfg, loss_spec)
         policy, ref_model = load_sharded(cfg, d, tokenizer, loss_spec)
     else:
-        policy, ref_model = load_policy_and_reference(cfg, tokenizer, device, loss_spec, empty=False)
+        policy, ref_model = load_policy_and_reference(cfg, tokenizer, device, loss_spec, empty=False, sources=sources)
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(policy)
     collate = make_collate(cfg.layout, tokenizer.pad_token_id, packed_row_tokens(cfg.row_tokens, policy, ref_model))
@@ -388,7 +434,10 @@ def announce(t: Trainer, total_steps: int) -> None:
         f"{cfg.precision}")
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, callbacks=(), sources: Sources | None = None) -> dict:
+    """Train as `cfg` says (`directpo train`/`sft`); `callbacks`: `run.Callback`s (on step, on
+    evaluation, on checkpoint; they may stop the run); `sources`: models given as objects (the
+    Python API). Returns the summary run_complete.json holds."""
     cfg.validate()
     d = init_from_env()
     # The run directory is claimed (checked, locked) before anything is written, and let go
@@ -396,79 +445,34 @@ def train(cfg: TrainConfig) -> dict:
     with RunDir(cfg.output_dir, main=d.main) as run:
         run.prepare(cfg, "sft" if cfg.loss == "sft" else "train")
         d.barrier()
-        return run_training(setup(cfg, d, run))
+        return run_training(setup(cfg, d, run, sources), callbacks)
 
 
-def run_training(t: Trainer) -> dict:
-    """The steps, top to bottom: optimizer, resume, then for each step accumulate, step, log,
-    maybe evaluate, maybe checkpoint; then save."""
+def run_training(t: Trainer, callbacks=()) -> dict:
+    """Optimizer, resume, the steps (`run.run_steps`: the one loop of every trainer), then save."""
     cfg, d, run = t.cfg, t.d, t.run
-    optimizer = build_optimizer(t.policy.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
-    scheduler = warmup_schedule(optimizer, cfg.warmup_steps)
+    t.optimizer = build_optimizer(t.policy.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
+    t.scheduler = warmup_schedule(t.optimizer, cfg.warmup_steps)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(t.train_set) / cfg.batch_size)))
     announce(t, total_steps)
     # Resume: weights, optimizer, scheduler and RNG from the checkpoint (the reference above was
     # set up from the *initial* model, as it must be); the data order is a function of the step.
-    start_step, state = resume(run, cfg, t.policy, optimizer, scheduler, shards=d if t.sharded else None)
+    start_step, state = resume(run, cfg, t.policy, t.optimizer, t.scheduler, shards=d if t.sharded else None)
     if start_step:  # the trainer's own state as it was at the checkpoint (TR-DPO's reference, BCO's δ)
         t.restore(state)
-    batches = batch_order(len(t.train_set), cfg.batch_size, cfg.seed)
+    t.batches = batch_order(len(t.train_set), cfg.batch_size, cfg.seed)
     for _ in range(start_step):
-        next(batches)
-    driver = StepDriver(t.policy.parameters(), optimizer, scheduler, cfg.max_grad_norm, d, t.sharded,
-                        cfg.skip_nonfinite, cfg.divergence_factor, hint=f"Lower --lr (now {cfg.lr:g})")
-    progress = Progress(cfg.progress and d.main, total_steps, start_step, cfg.loss, cfg.log_every)
-    metrics = run.metrics(start_step)
-    last, last_eval, alarms = {}, None, HealthMonitor(cfg.loss, vocab_size=t.policy.config.vocab_size)
-    if t.evaluates and start_step == 0:  # the starting point (for DPO every implicit reward is 0)
-        last_eval = t.evaluate(0, metrics, alarms)
-    t_start = time.perf_counter()
-    with StopRequest() as stop, metrics, progress:
-        for step in range(start_step + 1, total_steps + 1):
-            t0 = time.perf_counter()
-            epoch, idx = next(batches)
-            # Group similar lengths into the same micro-batch: less padding, same summed gradient.
-            idx = sorted(idx, key=lambda i: t.train_set[i].num_tokens)
-            mbs = micro_batches(d.shard(idx), t.train_set, cfg)
-            t.begin_step(mbs)
-            sums = driver.accumulate(mbs, t.batch_loss, len(idx))
-            rows = sorted(t.train_set[i].row for i in idx)
-            sums, grad_norm, lr = driver.step(sums, lambda: f"at step {step} (batch rows {rows[:16]}"
-                                                            f"{' ...' if len(rows) > 16 else ''} of {cfg.data})")
-            if grad_norm is None:
-                continue
-            if cfg.ref_sync_every and step % cfg.ref_sync_every == 0:
-                sync_reference(t.ref_model, t.policy, cfg.ref_sync_mix)
-            dt, tokens = time.perf_counter() - t0, sums.pop("_tokens")
-            last = {"split": "train", "step": step, "epoch": epoch, **mean_metrics(sums, len(idx)),
-                    "lr": lr, "grad_norm": grad_norm, "pairs_per_s": len(idx) / dt, "tokens_per_s": tokens / dt,
-                    "elapsed_s": time.perf_counter() - t_start}
-            t.end_step(last)
-            alerts = alarms.annotate(last)
-            metrics.write(last)
-            progress.update(step, summary_line(last, short=True),
-                            f"{summary_line(last)} lr {lr:.2e} {last['pairs_per_s']:.1f} examples/s")
-            for a in alerts:
-                log(str(a))
-            stop_if_fatal(alerts, cfg)
-            if t.evaluates and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-                last_eval = t.evaluate(step, metrics, alarms)
-            stopping = stop.requested(d)
-            if cfg.save_every and step % cfg.save_every == 0 or stopping:
-                driver.check_weights(f"the checkpoint of step {step}")
-                save_checkpoint(t, step, epoch, optimizer, scheduler)
-            if stopping:
-                raise Interrupted(f"interrupted at step {step}/{total_steps}; checkpoint saved in "
-                                  f"{run.path / 'checkpoints'}: resume with --resume")
-    driver.check_weights("the final model")
-    return finish(t, {"output_dir": str(run.path), "train": last, "eval": last_eval,
-                      "skipped_nonfinite_steps": driver.skipped, "alerts": [a.to_dict() for a in alarms.raised]})
-
-
-def save_checkpoint(t: Trainer, step: int, epoch: int, optimizer, scheduler) -> None:
-    t.run.save_checkpoint(step, epoch, t.policy, optimizer, scheduler, t.cfg, dist=t.d, sharded=t.sharded,
-                          extra=t.extra_state())  # every rank takes part
-    t.d.barrier()
+        next(t.batches)
+    t.driver = StepDriver(t.policy.parameters(), t.optimizer, t.scheduler, cfg.max_grad_norm, d, t.sharded,
+                          cfg.skip_nonfinite, cfg.divergence_factor, hint=f"Lower --lr (now {cfg.lr:g})")
+    t.alarms = HealthMonitor(cfg.loss, loss_weights=cfg.loss_weights, vocab_size=t.policy.config.vocab_size)
+    if cfg.sft_weight:  # its NLL term moves the loss off the chance value: no_learning has nothing to compare
+        t.alarms.chance_loss = None
+    done = run_steps(t, start_step, total_steps, callbacks)
+    t.driver.check_weights("the final model")
+    return finish(t, {"output_dir": str(run.path), "train": done["train"], "eval": done["eval"],
+                      "stopped_at": done["stopped_at"], "skipped_nonfinite_steps": t.driver.skipped,
+                      "alerts": [a.to_dict() for a in t.alarms.raised]})
 
 
 def finish(t: Trainer, result: dict) -> dict:

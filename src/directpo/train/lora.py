@@ -74,13 +74,30 @@ def save_policy(model, out, merge: bool = False, state_dict: dict | None = None)
     absolute path when it is a local directory), or with merge=True the merged full model, loadable
     by AutoModelForCausalLM.from_pretrained. `state_dict`: gathered weights of a sharded model.
 
+    Written into a temporary folder inside `out` and moved into place when whole (`diskio.staging_dir`):
+    a full disk leaves `out` as it was and is one line naming the disk and the space it needed; a
+    warning comes first when the disk looks too small.
+
     Adapters load with `AutoPeftModelForCausalLM.from_pretrained(out)`, or
     `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)`."""
+    from ..diskio import staging_dir, tensor_bytes, warn_if_short
+    from .export import remove_stale_weights
+
     if is_lora(model) and merge:
         model = model.merge_and_unload()
     elif is_lora(model):
         record_base_path(model)
     if state_dict is not None:
-        model.save_pretrained(out, state_dict=state_dict)
+        needed = tensor_bytes(state_dict)
+    elif is_lora(model):  # the adapters alone are saved
+        needed = tensor_bytes([p for p in model.parameters() if p.requires_grad])
     else:
-        model.save_pretrained(out)
+        needed = tensor_bytes(model.state_dict())
+    warn_if_short(out, needed, f"the final model ({out})")
+    with staging_dir(out, needed, f"; the final model was not written (the files in {out} are as they were)") as tmp:
+        if state_dict is not None:
+            model.save_pretrained(tmp, state_dict=state_dict)
+        else:
+            model.save_pretrained(tmp)
+        # weight files of an earlier save into `out` that this one does not rewrite (another shard count)
+        remove_stale_weights(Path(out), [f.name for f in tmp.iterdir()])

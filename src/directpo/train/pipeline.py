@@ -12,11 +12,12 @@ every stage. A stage that runs makes every later stage run too (they start from 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
-from ..config import input_paths
+from ..config import changed_settings, input_paths
 from ..console import log
+from ..losses import LOSS_SETTINGS, LOSSES
 from ..outputs import RUN_MARKERS, check_output_dir
 from .config import TrainConfig
 from .loop import train
@@ -26,21 +27,31 @@ PIPELINE_MARKERS = tuple(f"{stage}/{marker}" for stage in ("sft", "dpo") for mar
 # Settings a resumed run may change (`RESUMABLE_CHANGES`) but that change a finished run's result: a
 # run of other length, another evaluation set (the result holds its final evaluation).
 RESULT_SETTINGS = frozenset({"max_steps", "epochs", "eval_data"})
-# Settings the SFT stage does not read (its loss has no reference and no β).
-SFT_UNUSED = frozenset({"beta", "label_smoothing", "unlikelihood_weight", "precompute_ref", "simpo_gamma",
-                        "orpo_lambda", "loss_weights", "ref_sync_every", "ref_sync_mix", "kto_desirable_weight",
-                        "kto_undesirable_weight", "pairs_to_unpaired"})
+# The SFT stage's loss, and the loss settings it does not read (from the registry): the stage
+# runs with those at their defaults, whatever the pipeline's DPO stage is given.
+SFT_LOSS = LOSSES["sft"]
+SFT_UNREAD = frozenset(LOSS_SETTINGS) - set(SFT_LOSS.params)
+# Settings the SFT stage does not use, so a finished stage is reused whatever they are: the loss
+# settings it does not read, the ones the stage resets (the DPO stage's loss weights, its
+# conversion to unpaired rows, TR-DPO), and, as its loss has no reference, the reference's own.
+SFT_UNUSED = SFT_UNREAD | {"loss_weights", "pairs_to_unpaired", "ref_sync_every"} | (
+    set() if SFT_LOSS.needs_reference else {"precompute_ref", "ref_sync_mix"})
 
 
 def run_pipeline(cfg: TrainConfig, **sft_overrides) -> dict:
+    cfg.validate()  # the DPO stage's settings, refused now rather than after the SFT stage ran
     root = Path(cfg.output_dir)
     # The root is the pipeline's own (its stages' folders, each claimed by its run), never a folder
     # of someone else's files, nor an input's.
     check_output_dir(root, input_paths(cfg), cfg.overwrite, markers=PIPELINE_MARKERS, what="directpo pipeline")
     sft_dir, dpo_dir = root / "sft", root / "dpo"
-    # Preferred-FT imitates the chosen responses (of pairs) or the desirable ones (of unpaired rows).
+    # Preferred-FT imitates the chosen responses (of pairs) or the desirable ones (of unpaired rows);
+    # the DPO stage's loss settings that SFT does not read go back to their defaults (else its
+    # config would be refused for them).
+    defaults = {f.name: f.default for f in fields(cfg)}
     sft_cfg = replace(cfg, loss="sft", output_dir=str(sft_dir), ref=None, overwrite=True, loss_weights="",
-                      ref_sync_every=0, pairs_to_unpaired=False, **{k.removeprefix("sft_"): v for k, v in sft_overrides.items()})
+                      ref_sync_every=0, pairs_to_unpaired=False, **{k: defaults[k] for k in SFT_UNREAD},
+                      **{k.removeprefix("sft_"): v for k, v in sft_overrides.items()})
     if sft_overrides.get("sft_epochs") is not None and "sft_max_steps" not in sft_overrides:
         sft_cfg = replace(sft_cfg, max_steps=None)
     dpo_cfg = replace(cfg, model=str(sft_dir), ref=str(sft_dir), output_dir=str(dpo_dir), overwrite=True)
@@ -49,7 +60,7 @@ def run_pipeline(cfg: TrainConfig, **sft_overrides) -> dict:
     running = cfg.overwrite  # --overwrite: every stage runs again
     for i, (name, path, stage_cfg, unused) in enumerate(stages):
         if not running and is_complete(path):
-            differences = changed_settings(path, stage_cfg, unused)
+            differences = stage_changes(path, stage_cfg, unused)
             if not differences:
                 log(f"pipeline: {name} already complete in {path}")
                 continue
@@ -65,25 +76,10 @@ def run_pipeline(cfg: TrainConfig, **sft_overrides) -> dict:
             "dpo": json.loads((dpo_dir / COMPLETE_MARKER).read_text())}
 
 
-def changed_settings(stage_dir: Path, cfg: TrainConfig, unused: frozenset = frozenset()) -> list[str]:
+def stage_changes(stage_dir: Path, cfg: TrainConfig, unused: frozenset = frozenset()) -> list[str]:
     """'name: recorded -> now' for every setting that changes the result of the finished run in
     `stage_dir` and differs from `cfg` (a missing record: everything differs)."""
     record = stage_dir / CONFIG_FILE
     if not record.exists():
         return [f"no {CONFIG_FILE} records them"]
-    saved = json.loads(record.read_text())
-    ignored = (cfg.RESUMABLE_CHANGES - RESULT_SETTINGS) | unused
-    defaults = {f.name: f.default for f in fields(cfg)}
-    now = asdict(cfg)
-    # A setting newer than the record: the run that wrote it behaved as the setting's default.
-    return [f"{k}: {saved.get(k, defaults[k])!r} -> {v!r}" for k, v in now.items()
-            if k not in ignored and not _same(saved.get(k, defaults[k]), v)]
-
-
-def _same(saved, now) -> bool:
-    """Equal as recorded in JSON; two paths are the same when both name the same existing file."""
-    if saved == json.loads(json.dumps(now)):
-        return True
-    if isinstance(saved, str) and isinstance(now, str) and Path(saved).exists() and Path(now).exists():
-        return Path(saved).resolve() == Path(now).resolve()
-    return False
+    return changed_settings(json.loads(record.read_text()), cfg, (cfg.RESUMABLE_CHANGES - RESULT_SETTINGS) | unused)

@@ -6,6 +6,7 @@ reference log-prob tables (computed once, cached on disk, shared between process
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
@@ -20,7 +21,7 @@ from ..models import check_vocab, empty_model, enable_activation_checkpointing, 
 from ..reference import default_cache_dir, model_fingerprint, reference_logps
 from .config import TrainConfig
 from .distributed import Dist, GatheredState, fsdp_kwargs
-from .lora import adapters_disabled, apply_lora, apply_lora_to_empty
+from .lora import adapters_disabled, apply_lora, apply_lora_to_empty, is_lora
 
 # ----------------------------------------------------------------------------------------------
 # Data
@@ -44,7 +45,8 @@ def prepare_data(data_path: str, tokenizer, cfg: TrainConfig, what: str):
 def preference_rows(examples, cfg: TrainConfig, loss: LossSpec) -> list:
     """The rows as a preference (or SFT) loss takes them, or an error naming the first that does not fit."""
     labelled = next((ex for ex in examples if ex.label is not None), None)
-    if labelled is not None and cfg.loss == "sft":  # Preferred-FT on unpaired rows: imitate the desirable ones
+    imitates = loss.rows == "completions"  # (sft: its rows are the best response alone)
+    if labelled is not None and imitates:  # Preferred-FT on unpaired rows: imitate the desirable ones
         kept = [ex for ex in examples if ex.label is not False]
         log(f"sft: {len(examples) - len(kept)} undesirable rows (label false) are not imitated; {len(kept)} kept")
         if not kept:
@@ -54,9 +56,8 @@ def preference_rows(examples, cfg: TrainConfig, loss: LossSpec) -> list:
     if labelled is not None:
         raise DataError(labelled.source, labelled.row, "label",
                         f"an unpaired row (prompt, completion, label), but the '{cfg.loss}' loss takes "
-                        f"{'preference pairs' if cfg.loss != 'sft' else 'completions to imitate'}: "
-                        "train unpaired rows with --loss kto")
-    if cfg.loss == "sft":  # Preferred-FT: only the best response is a target
+                        f"preference {loss.rows}: train unpaired rows with --loss kto")
+    if imitates:  # Preferred-FT: only the best response is a target
         examples = [type(ex)(ex.prompt, ex.responses[:1], ex.source, ex.row) for ex in examples]
     else:
         single = next((ex for ex in examples if len(ex.responses) < 2), None)
@@ -123,19 +124,39 @@ def check_data(examples, tokenizer, stats, report) -> str:
 # Models: the policy, πref, and the reference log-prob tables
 
 
-def load_policy_and_reference(cfg: TrainConfig, tokenizer, device, loss_spec: LossSpec, empty: bool):
+@dataclass
+class Sources:
+    """A run's inputs given as objects (the Python API), used instead of loading what the settings
+    name: a model (`PreTrainedModel`, or a `PeftModel` to go on training its adapters), its
+    tokenizer, a reference model. The settings still name them (for the records and the card)."""
+
+    model: torch.nn.Module | None = None
+    tokenizer: object = None
+    ref_model: torch.nn.Module | None = None
+
+
+def load_policy_and_reference(cfg: TrainConfig, tokenizer, device, loss_spec: LossSpec, empty: bool,
+                              sources: Sources | None = None):
     """(policy, πref model or None). πref: the starting policy, frozen (paper §4), unless another
     model is given. When its log-probs are precomputed, the untouched policy itself serves (no
     second copy); with LoRA, the same network with adapters disabled."""
-    policy = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code, empty=empty)
+    sources = sources or Sources()
+    if sources.model is not None:
+        if cfg.lora_r and is_lora(sources.model):
+            raise ValueError("the model given already has LoRA adapters: leave lora_r at 0 to train them, or pass "
+                             "its base model to add new ones")
+        policy = sources.model.to(device)
+    else:
+        policy = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code, empty=empty)
     check_vocab(tokenizer, policy, cfg.model)
     if cfg.lora_r:
         policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_dropout)
     policy.train()
     if not loss_spec.needs_reference:
         return policy, None
-    if cfg.ref and cfg.ref != cfg.model:
-        ref_model = freeze(load_model(cfg.ref, device, trust_remote_code=cfg.trust_remote_code, empty=empty))
+    if sources.ref_model is not None or (cfg.ref and cfg.ref != cfg.model):
+        ref_model = freeze(sources.ref_model.to(device) if sources.ref_model is not None else
+                           load_model(cfg.ref, device, trust_remote_code=cfg.trust_remote_code, empty=empty))
         check_vocab(tokenizer, policy, cfg.model, ref=ref_model, ref_name=cfg.ref)
         if cfg.ref_sync_every:
             check_same_shapes(policy, ref_model, cfg.model, cfg.ref)

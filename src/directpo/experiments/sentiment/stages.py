@@ -6,7 +6,6 @@ the trainers are imported where they are used: `directpo experiment sentiment --
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from .config import SentimentConfig
 from .corpus import default_corpus, read_corpus
+from ...runfiles import read_metrics
 from ..common import NO_LOG_LINES, read_jsonl, shared_run_settings, train_resumable  # noqa: F401 (re-exported)
 from ..resume import stage
 
@@ -211,7 +211,7 @@ def stage_rm(cfg: SentimentConfig, out: Path, sft: str) -> dict:
             output_dir=str(rm_dir), optimizer="adamw", lr=cfg.rm_lr, batch_size=cfg.batch_size,
             micro_batch_size=cfg.batch_size, max_steps=cfg.rm_steps, warmup_steps=cfg.warmup_steps, overwrite=True,
             **shared_run_settings(cfg)))
-    evals = [json.loads(line) for line in open(rm_dir / "metrics.jsonl") if '"eval"' in line]
+    evals = read_metrics(rm_dir, split="eval")
     return {"rm": str(rm_dir), "heldout_accuracy": evals[-1].get("accuracy") if evals else None}
 
 

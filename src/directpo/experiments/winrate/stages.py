@@ -6,10 +6,10 @@ dialogue --help` loads neither.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
+from ...runfiles import read_metrics
 from ..common import read_jsonl, shared_run_settings, train_resumable
 
 CHECKPOINTS_PER_RUN = 4  # a killed run loses at most a quarter of its steps
@@ -95,7 +95,7 @@ def stage_rm(cfg, out: Path, sft: str, n_train: int) -> dict:
         train_reward_model(RewardModelConfig(
             model=sft, data=str(out / "data" / "train.jsonl"), eval_data=str(out / "data" / "eval.jsonl"),
             output_dir=str(rm_dir), lr=cfg.rm_lr, resume="latest", **common_settings(cfg, steps)))
-    evals = [json.loads(line) for line in open(rm_dir / "metrics.jsonl") if '"eval"' in line]
+    evals = read_metrics(rm_dir, split="eval")
     return {"rm": str(rm_dir), "steps": steps, "heldout_accuracy": evals[-1].get("accuracy") if evals else None}
 
 

@@ -1,0 +1,91 @@
+"""The Python API (`directpo.api`, exported by `directpo`): the same jobs as the commands, on the
+same settings, with results, callbacks and in-memory models."""
+import json
+
+import pytest
+
+import directpo
+from directpo import api
+from directpo.cli import main
+from directpo.toy import review_task, write_jsonl
+
+TIMINGS = ("pairs_per_s", "tokens_per_s", "elapsed_s")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    rows, held = review_task(n_train=16, n_eval=4, seed=4)
+    d = tmp_path_factory.mktemp("api")
+    return write_jsonl(rows, d / "train.jsonl"), write_jsonl(held, d / "eval.jsonl")
+
+
+def _settings(model, data, out, **extra):
+    return {**dict(model=str(model), data=str(data[0]), eval_data=str(data[1]), output_dir=str(out), batch_size=4,
+                   micro_batch_size=4, max_steps=3, warmup_steps=0, max_length=64, lr=1e-3, optimizer="adamw",
+                   progress=False, threads=1), **extra}
+
+
+def _no_timings(records):
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
+
+
+def test_api_and_cli_give_the_same_metrics_lines(tiny_model, data, tmp_path, capsys):
+    result = api.train(**_settings(tiny_model, data, tmp_path / "api"))
+    argv = ["train"]
+    for k, v in _settings(tiny_model, data, tmp_path / "cli").items():
+        argv += [f"--{k.replace('_', '-')}", str(v)] if not isinstance(v, bool) else [f"--{'' if v else 'no-'}"
+                                                                                      f"{k.replace('_', '-')}"]
+    assert main(argv) == 0
+    cli_records = [json.loads(x) for x in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
+    assert _no_timings(result.metrics) == _no_timings(cli_records)
+    assert result.train["step"] == 3 and result.eval["step"] == 3 and result.output_dir == tmp_path / "api"
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert _no_timings([printed["train"]]) == _no_timings([result.train])
+    assert result.load_model().config.vocab_size > 0
+
+
+def test_settings_object_and_keywords(tiny_model, data, tmp_path):
+    cfg = directpo.TrainConfig(**_settings(tiny_model, data, tmp_path / "a"))
+    result = directpo.sft(cfg, max_steps=2, eval_data=None)  # keywords override the object's fields
+    assert result.train["step"] == 2 and result.eval is None
+    assert json.loads((tmp_path / "a" / "directpo_config.json").read_text())["loss"] == "sft"
+    with pytest.raises(ValueError, match="--lr must be a finite number"):
+        api.train(cfg, lr=float("inf"))
+    with pytest.raises(TypeError, match="config must be a TrainConfig"):
+        api.train(object())
+
+
+def test_callbacks_see_steps_and_stop_early(tiny_model, data, tmp_path):
+    seen = []
+
+    class Stop(directpo.Callback):
+        def on_step(self, record):
+            seen.append(record["step"])
+            return record["step"] == 2
+
+        def on_eval(self, record):
+            seen.append(("eval", record["step"]))
+
+    result = api.train(**_settings(tiny_model, data, tmp_path / "o", max_steps=10), callbacks=[Stop()])
+    assert result.stopped_at == 2 and seen == [("eval", 0), 1, 2]
+    assert (tmp_path / "o" / "run_complete.json").exists() and (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_model_objects_train_in_memory(tiny_model, data, tmp_path):
+    """A model and tokenizer the user holds: trained without writing them anywhere first; the run
+    is the same as from the folder they came from."""
+    from transformers import AutoModelForCausalLM
+
+    from directpo.models import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tokenizer = load_tokenizer(str(tiny_model))
+    settings = _settings(tiny_model, data, tmp_path / "obj")
+    settings["model"] = model
+    from_object = api.train(tokenizer=tokenizer, **settings)
+    from_folder = api.train(**_settings(tiny_model, data, tmp_path / "dir"))
+    assert _no_timings(from_object.metrics) == _no_timings(from_folder.metrics)
+    recorded = json.loads((tmp_path / "obj" / "directpo_config.json").read_text())
+    assert recorded["model"] == str(tiny_model)  # its name_or_path
+    with pytest.raises(ValueError, match="needs its tokenizer"):
+        api.train(**{**settings, "output_dir": str(tmp_path / "x")})
