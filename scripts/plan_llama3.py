@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import asdict, replace
 
-from directpo.train.plan import PlanConfig, model_shape, plan
+from directpo.training.plan import PlanConfig, model_shape, plan
 
 GiB = 1024 ** 3
 CLUSTERS = [("8×80", 8, 1), ("2×8×80", 8, 2)]

@@ -32,7 +32,7 @@ from directpo.rlhf.config import PPOConfig
 from directpo.rlhf.ppo import ppo
 from directpo.rlhf.reward_model import train_reward_model
 from directpo.toy import build_tiny_model, review_task, write_jsonl
-from directpo.train import TrainConfig, train
+from directpo.training import TrainConfig, train
 
 
 def main(argv=None) -> dict:

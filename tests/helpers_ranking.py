@@ -15,7 +15,7 @@ from directpo.logprobs import dataset_logps
 from directpo.metrics import ranking_metrics
 from directpo.models import load_model, load_tokenizer
 from directpo.toy import build_tiny_model, ranked_review_task, write_jsonl
-from directpo.train import TrainConfig, train
+from directpo.training import TrainConfig, train
 
 RUNS = {"plackett_luce": dict(loss="plackett_luce"),
         "dpo_best_worst": dict(loss="dpo", ranking_to_pairs=True, ranking_pairs="best_worst"),

@@ -30,7 +30,7 @@ def _no_timings(records):
 
 
 def test_api_and_cli_give_the_same_metrics_lines(tiny_model, data, tmp_path, capsys):
-    result = api.train(**_settings(tiny_model, data, tmp_path / "api"))
+    result = directpo.train(**_settings(tiny_model, data, tmp_path / "api"))
     argv = ["train"]
     for k, v in _settings(tiny_model, data, tmp_path / "cli").items():
         argv += [f"--{k.replace('_', '-')}", str(v)] if not isinstance(v, bool) else [f"--{'' if v else 'no-'}"
@@ -50,9 +50,9 @@ def test_settings_object_and_keywords(tiny_model, data, tmp_path):
     assert result.train["step"] == 2 and result.eval is None
     assert json.loads((tmp_path / "a" / "directpo_config.json").read_text())["loss"] == "sft"
     with pytest.raises(ValueError, match="--lr must be a finite number"):
-        api.train(cfg, lr=float("inf"))
+        directpo.train(cfg, lr=float("inf"))
     with pytest.raises(TypeError, match="config must be a TrainConfig"):
-        api.train(object())
+        directpo.train(object())
 
 
 def test_callbacks_see_steps_and_stop_early(tiny_model, data, tmp_path):
@@ -66,7 +66,7 @@ def test_callbacks_see_steps_and_stop_early(tiny_model, data, tmp_path):
         def on_eval(self, record):
             seen.append(("eval", record["step"]))
 
-    result = api.train(**_settings(tiny_model, data, tmp_path / "o", max_steps=10), callbacks=[Stop()])
+    result = directpo.train(**_settings(tiny_model, data, tmp_path / "o", max_steps=10), callbacks=[Stop()])
     assert result.stopped_at == 2 and seen == [("eval", 0), 1, 2]
     assert (tmp_path / "o" / "run_complete.json").exists() and (tmp_path / "o" / "model.safetensors").exists()
 
@@ -82,10 +82,10 @@ def test_model_objects_train_in_memory(tiny_model, data, tmp_path):
     tokenizer = load_tokenizer(str(tiny_model))
     settings = _settings(tiny_model, data, tmp_path / "obj")
     settings["model"] = model
-    from_object = api.train(tokenizer=tokenizer, **settings)
-    from_folder = api.train(**_settings(tiny_model, data, tmp_path / "dir"))
+    from_object = directpo.train(tokenizer=tokenizer, **settings)
+    from_folder = directpo.train(**_settings(tiny_model, data, tmp_path / "dir"))
     assert _no_timings(from_object.metrics) == _no_timings(from_folder.metrics)
     recorded = json.loads((tmp_path / "obj" / "directpo_config.json").read_text())
     assert recorded["model"] == str(tiny_model)  # its name_or_path
     with pytest.raises(ValueError, match="needs its tokenizer"):
-        api.train(**{**settings, "output_dir": str(tmp_path / "x")})
+        directpo.train(**{**settings, "output_dir": str(tmp_path / "x")})

@@ -29,9 +29,9 @@ def test_import_contracts_hold(tmp_path):
 
 
 @pytest.mark.parametrize("module, planted, contract", [
-    ("losses.py", "from .train import loop", "Layers"),              # the pure computation importing the trainer
+    ("losses.py", "from .training import loop", "Layers"),              # the pure computation importing the trainer
     ("eval/bon.py", "from ..rlhf import ppo", "Layers"),              # eval using rlhf (rlhf is built on eval)
-    ("train/optim.py", "import trl", "TRL is the benchmark's alone"),
+    ("training/optim.py", "import trl", "TRL is the benchmark's alone"),
 ])
 def test_a_planted_forbidden_import_breaks_the_contracts(tmp_path, module, planted, contract):
     shutil.copytree(SRC, tmp_path / "src" / "directpo", ignore=shutil.ignore_patterns("__pycache__"))

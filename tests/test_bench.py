@@ -349,7 +349,7 @@ def _mark(name, rss, peak, **extra):
 def test_plan_check_arithmetic():
     """Measured figures from the phase marks, the plan's figures at the tokens that ran, and the ratios."""
     from directpo.bench import plan_check
-    from directpo.train.plan import PlanConfig, Shape, activation_bytes, head_bytes
+    from directpo.training.plan import PlanConfig, Shape, activation_bytes, head_bytes
 
     marks = [_mark("start", 100, 100), _mark("load_begin", 300, 310),
              _mark("load_end", 340, 350, param_bytes=40 << 20), _mark("step_begin", 345, 400, step=1),
@@ -389,7 +389,7 @@ def test_plan_check_counts_the_head_at_the_label_rows_that_ran():
     """The plan's LM-head term is a bound (one whole 32 MiB chunk of logits); evaluated at the rows
     a micro-batch really had: a chunk of its own rows when they fit one chunk, else a whole one."""
     from directpo.bench import plan_check
-    from directpo.train.plan import HEAD_CHUNK_BYTES, PlanConfig, Shape, head_bytes
+    from directpo.training.plan import HEAD_CHUNK_BYTES, PlanConfig, Shape, head_bytes
 
     s = Shape(params=10 << 20, head=1 << 20, block=1 << 20, layers=2, hidden=64, q_dim=64, kv_dim=128,
               intermediate=176, lora_per_rank=0, tied=False, vocab=1024)  # a chunk: 8192 rows

@@ -6,7 +6,7 @@ import pytest
 
 from directpo.cli import main, make_parser
 from directpo.config import ConfigError, build_config
-from directpo.train.config import TrainConfig
+from directpo.training.config import TrainConfig
 from directpo.toy import review_task, write_jsonl
 
 from conftest import hh_rows

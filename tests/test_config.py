@@ -8,7 +8,7 @@ import pytest
 from directpo.cli import main, make_parser
 from directpo.config import ConfigError, build_config, convert, load_yaml
 from directpo.rlhf.config import PPOConfig, RewardModelConfig
-from directpo.train.config import TrainConfig
+from directpo.training.config import TrainConfig
 
 
 def test_yaml_values_take_the_field_type(tmp_path):

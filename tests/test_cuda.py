@@ -72,7 +72,7 @@ def test_a_cuda_run_follows_the_cpu_run(tiny_model, tmp_path, monkeypatch):
     """`directpo train --device cuda --precision fp32` for 3 steps: the same losses as on the CPU
     (within fp32 summation-order differences), and `auto` resolves to bf16 there and says why."""
     from directpo.toy import review_task, write_jsonl
-    from directpo.train import TrainConfig, train
+    from directpo.training import TrainConfig, train
 
     monkeypatch.delenv("DIRECTPO_AUTO_PRECISION", raising=False)  # the suite pins auto to fp32 (conftest)
     data = tmp_path / "train.jsonl"

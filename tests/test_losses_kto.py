@@ -8,7 +8,7 @@ import torch
 
 from directpo import losses as L
 from directpo.losses import LOSSES, LossInputs, LossParams, combine_losses, get_loss
-from directpo.train.loop import RunningMean, mean_metrics
+from directpo.training.loop import RunningMean, mean_metrics
 
 B = 9
 

@@ -195,7 +195,7 @@ def test_bf16_log_probs_within_1e_2_of_fp32_per_sequence(tiny_model, tiny_tokeni
 
 def _train_cfg(tiny_model, tmp_path, **kw):
     from directpo.toy import review_task, write_jsonl
-    from directpo.train import TrainConfig
+    from directpo.training import TrainConfig
 
     data = tmp_path / "train.jsonl"
     if not data.exists():
@@ -207,7 +207,7 @@ def _train_cfg(tiny_model, tmp_path, **kw):
 
 def test_a_run_records_auto_and_what_it_resolved_to_and_resume_keeps_it(tiny_model, tmp_path, monkeypatch,
                                                                          one_thread):
-    from directpo.train import train
+    from directpo.training import train
 
     train(_train_cfg(tiny_model, tmp_path))  # auto, pinned to fp32 by conftest
     rec = json.loads((tmp_path / "run" / "directpo_config.json").read_text())

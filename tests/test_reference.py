@@ -9,7 +9,7 @@ from directpo.logprobs import dataset_logps
 from directpo.models import load_model
 from directpo.reference import model_fingerprint, reference_logps
 from directpo.toy import review_task, write_jsonl
-from directpo.train import TrainConfig, train
+from directpo.training import TrainConfig, train
 
 
 @pytest.fixture

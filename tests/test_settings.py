@@ -18,9 +18,9 @@ from directpo.experiments.winrate.config import DialogueConfig, SummarizeConfig
 from directpo.inspect.config import InspectConfig
 from directpo.rlhf.config import PPOConfig, RewardModelConfig
 from directpo.toy import review_task, write_jsonl
-from directpo.train.config import TrainConfig
-from directpo.train.optim import OPTIMIZERS
-from directpo.train.plan import PlanConfig
+from directpo.training.config import TrainConfig
+from directpo.training.optim import OPTIMIZERS
+from directpo.training.plan import PlanConfig
 
 SETTINGS = {"train": TrainConfig, "sft": TrainConfig, "pipeline": TrainConfig, "inspect": InspectConfig,
             "score": ScoreConfig, "sample": SampleConfig, "bon": BonConfig, "eval": EvalConfig, "plan": PlanConfig,

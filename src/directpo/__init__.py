@@ -5,7 +5,7 @@ same settings as keywords, as the commands do:
 
     import directpo
 
-    result = directpo.train(model="my-sft-model", data="pairs.jsonl", output_dir="runs/dpo", max_steps=200)
+    result = directpo.training(model="my-sft-model", data="pairs.jsonl", output_dir="runs/dpo", max_steps=200)
     result.train["rewards/accuracies"]          # the last step's metrics line
     result.metrics                              # every metrics.jsonl record
 
@@ -16,14 +16,16 @@ __version__ = "0.1.0"
 # name -> module that defines it
 _EXPORTS = {
     # jobs
-    "sft": "directpo.api", "pipeline": "directpo.api", "train_reward_model": "directpo.api", "ppo": "directpo.api",
+    "train": "directpo.api", "sft": "directpo.api", "pipeline": "directpo.api", "train_reward_model": "directpo.api", "ppo": "directpo.api",
     "online": "directpo.api", "plan": "directpo.api", "result_of": "directpo.api",
+    "score": "directpo.api", "sample": "directpo.api", "best_of_n": "directpo.api", "evaluate": "directpo.api",
+    "inspect_data": "directpo.api",
     # results and callbacks
-    "RunResult": "directpo.api", "Callback": "directpo.train.run",
+    "RunResult": "directpo.api", "Callback": "directpo.training.run",
     # settings
-    "TrainConfig": "directpo.train.config", "RewardModelConfig": "directpo.rlhf.config",
+    "TrainConfig": "directpo.training.config", "RewardModelConfig": "directpo.rlhf.config",
     "PPOConfig": "directpo.rlhf.config", "OnlineConfig": "directpo.experiments.online",
-    "PlanConfig": "directpo.train.plan",
+    "PlanConfig": "directpo.training.plan",
     # the loss, as a pure function, and the registry of every loss
     "dpo_loss": "directpo.losses", "LOSSES": "directpo.losses",
 }

@@ -2,7 +2,7 @@
 
     import directpo
 
-    result = directpo.train(model="my-sft-model", data="pairs.jsonl", output_dir="runs/dpo", beta=0.1,
+    result = directpo.training(model="my-sft-model", data="pairs.jsonl", output_dir="runs/dpo", beta=0.1,
                             max_steps=200, callbacks=[MyCallback()])
     result.train["rewards/accuracies"], result.metrics[-1], result.output_dir
 
@@ -26,8 +26,8 @@ from pathlib import Path
 
 from .outputs import check_output_dir, check_outputs
 from .runfiles import read_metrics, read_summary
-from .train.config import TrainConfig
-from .train.run import Callback
+from .training.config import TrainConfig
+from .training.run import Callback
 
 __all__ = ["Callback", "RunResult", "best_of_n", "evaluate", "inspect_data", "online", "pipeline", "plan", "ppo",
            "result_of", "sample", "score", "sft", "train", "train_reward_model"]
@@ -84,8 +84,8 @@ def train(config: TrainConfig | None = None, *, tokenizer=None, callbacks=(), **
     `model` and `ref` may be model objects instead of names (a `PreTrainedModel`; a `PeftModel`
     goes on training its adapters, its reference the base model with them disabled), with
     `tokenizer` the tokenizer object to use. The run records the model's `name_or_path`."""
-    from .train.loop import train as run
-    from .train.prepare import Sources
+    from .training.loop import train as run
+    from .training.prepare import Sources
 
     sources = Sources(model=_object(settings, "model"), ref_model=_object(settings, "ref"), tokenizer=tokenizer)
     if sources.model is not None and tokenizer is None:
@@ -114,7 +114,7 @@ def pipeline(config: TrainConfig | None = None, *, sft_settings: dict | None = N
     """The paper's recipe: Preferred-FT, then DPO against that SFT model (`directpo pipeline`);
     {"sft": ..., "dpo": ...} summaries, each stage in its own folder under output_dir.
     `sft_settings`: the SFT stage's own sft_lr, sft_max_steps, sft_epochs, sft_optimizer."""
-    from .train.pipeline import run_pipeline
+    from .training.pipeline import run_pipeline
 
     return run_pipeline(_settings(TrainConfig, config, settings), **(sft_settings or {}))
 
@@ -146,7 +146,7 @@ def online(config=None, *, scorer=None, **settings) -> dict:
 
 def plan(config=None, **settings) -> dict:
     """The memory a run needs per device, from the model's config alone: `directpo plan`."""
-    from .train.plan import PlanConfig, plan as run
+    from .training.plan import PlanConfig, plan as run
 
     return run(_settings(PlanConfig, config, settings))
 

@@ -394,7 +394,7 @@ def bco_pair_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, 
     a binary classifier whose logit is the implicit reward: the chosen response is class 1, the
     rejected one class 0. δ, the reward shift, is the running mean of the batches' mean implicit
     rewards (over chosen and rejected), detached; it is an argument here, and the trainer keeps it
-    (see `directpo.train.loop.RunningMean`). δ = 0 at the start, where every reward is 0.
+    (see `directpo.training.loop.RunningMean`). δ = 0 at the start, where every reward is 0.
     """
     cr, rr = _ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     losses = -F.logsigmoid(beta * cr - delta) - F.logsigmoid(-(beta * rr - delta))

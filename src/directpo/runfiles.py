@@ -1,10 +1,10 @@
 """The files of a run's output folder, by name, and the one reader of its metrics.
 
-    directpo_config.json   every setting of the run and what it derived (`train.rundir.RunDir.record_config`)
+    directpo_config.json   every setting of the run and what it derived (`training.rundir.RunDir.record_config`)
     metrics.jsonl          one JSON object a line: each training step ("split": "train"; PPO's lines
                            have no "split") and each evaluation ("split": "eval"), with "step"
     run_complete.json      written last: the run finished; its summary
-    checkpoints/           step-NNNNNNNN/ folders (`train.checkpoint`)
+    checkpoints/           step-NNNNNNNN/ folders (`training.checkpoint`)
 
 Every module that reads these asks here (`read_metrics`, `is_complete`) instead of parsing them
 itself.

@@ -42,8 +42,8 @@ def sft_model(tiny_model, tmp_path_factory):
     samples' rewards vary (the random model's are all 0)."""
     from directpo.data.formats import write_jsonl
     from directpo.toy import review_task
-    from directpo.train.config import TrainConfig
-    from directpo.train.loop import train
+    from directpo.training.config import TrainConfig
+    from directpo.training.loop import train
 
     rows, _ = review_task(n_train=64, n_eval=4, seed=5)
     tmp = tmp_path_factory.mktemp("online-sft")

@@ -59,12 +59,12 @@ def forbid_work(monkeypatch):
     import directpo.eval.sampling
     import directpo.rlhf.ppo
     import directpo.rlhf.reward_model
-    import directpo.train.loop
+    import directpo.training.loop
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    for module, name in ((directpo.train.loop, "train"), (directpo.rlhf.reward_model, "train_reward_model"),
+    for module, name in ((directpo.training.loop, "train"), (directpo.rlhf.reward_model, "train_reward_model"),
                          (directpo.rlhf.ppo, "ppo"), (directpo.eval.evaluate, "evaluate_policy"),
                          (directpo.eval.sampling, "draw_samples"), (directpo.eval.judge, "build_judge")):
         monkeypatch.setattr(module, name, refuse)

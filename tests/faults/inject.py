@@ -31,7 +31,7 @@ import sys
 
 
 def kill_during_save(step: int) -> None:
-    from directpo.train import checkpoint
+    from directpo.training import checkpoint
 
     real = checkpoint.save_file
 
@@ -105,7 +105,7 @@ def enospc_at_final_save() -> None:
 
     from safetensors import SafetensorError
 
-    from directpo.train import export
+    from directpo.training import export
 
     nearly_full_disk()
 
@@ -132,7 +132,7 @@ def enospc_at_final_save() -> None:
 
 
 def break_all_reduce(mode: str) -> None:
-    from directpo.train.distributed import Dist
+    from directpo.training.distributed import Dist
 
     real = Dist.all_reduce_grads
 
@@ -150,7 +150,7 @@ def break_all_reduce(mode: str) -> None:
 def report_fsdp_init() -> None:
     import transformers
 
-    from directpo.train.distributed import Dist
+    from directpo.training.distributed import Dist
 
     real = Dist.shard_model
     whole_loads = []  # from_pretrained reads a whole model into one process

@@ -6,7 +6,7 @@ import pytest
 
 from directpo.cli import main
 from directpo.toy import review_task, write_jsonl
-from directpo.train.alarms import HealthMonitor
+from directpo.training.alarms import HealthMonitor
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_check_weights_before_a_save():
     """The guard every save goes through (checkpoints and final models of train, rm and ppo)."""
     import torch
 
-    from directpo.train.run import BrokenWeightsError, StepDriver
+    from directpo.training.run import BrokenWeightsError, StepDriver
 
     lin = torch.nn.Linear(4, 4)
     lora_b = torch.nn.Parameter(torch.zeros(4, 2))  # starts at 0: may grow (floor 1)

@@ -21,11 +21,11 @@ from directpo import diskio, reference
 from directpo.cli import main
 from directpo.models import load_model
 from directpo.toy import review_task, write_jsonl
-from directpo.train import checkpoint
-from directpo.train.checkpoint import (CheckpointError, check_checkpoint, latest_checkpoint, latest_good_checkpoint,
+from directpo.training import checkpoint
+from directpo.training.checkpoint import (CheckpointError, check_checkpoint, latest_checkpoint, latest_good_checkpoint,
                                        list_checkpoints, load_checkpoint, save_checkpoint, save_sharded_checkpoint)
-from directpo.train.distributed import Dist
-from directpo.train.optim import build_optimizer, warmup_schedule
+from directpo.training.distributed import Dist
+from directpo.training.optim import build_optimizer, warmup_schedule
 
 FAULTS = Path(__file__).resolve().parent / "inject.py"
 ENOSPC_SAFETENSORS = "Error while serializing: I/O error: No space left on device (os error 28)"
@@ -208,8 +208,8 @@ def test_a_failed_checkpoint_removes_its_draft_and_prunes_nothing(tiny_model, tm
 def test_the_final_model_and_its_export_leave_the_folder_as_it_was(tiny_model, tmp_path, monkeypatch, one_thread):
     import transformers.modeling_utils as mu
 
-    from directpo.train import export
-    from directpo.train.lora import apply_lora, save_policy
+    from directpo.training import export
+    from directpo.training.lora import apply_lora, save_policy
 
     model, _, _ = _stepped(tiny_model)
     out = tmp_path / "out"

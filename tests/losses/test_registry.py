@@ -14,7 +14,7 @@ from directpo.cli import main
 from directpo.loss_functions import ipo_loss
 from directpo.losses import (LOSS_SETTINGS, LOSS_STATE, LOSSES, PAIRWISE_LOSSES, ROWS, LossInputs, LossParams,
                              get_loss)
-from directpo.train.config import TrainConfig
+from directpo.training.config import TrainConfig
 
 B = 6
 F64 = torch.float64
@@ -227,7 +227,7 @@ def test_settings_the_loss_reads_are_accepted(tmp_path, settings):
 def test_the_pipeline_sft_stage_is_not_refused_for_the_dpo_stage_settings(tmp_path, monkeypatch):
     """The pipeline's SFT stage is built from the user's (DPO-stage) config: the loss settings SFT
     does not read go back to their defaults, the DPO stage keeps them."""
-    from directpo.train import pipeline
+    from directpo.training import pipeline
 
     ran = []
 
@@ -256,7 +256,7 @@ def test_the_pipeline_sft_stage_is_not_refused_for_the_dpo_stage_settings(tmp_pa
 # ---- the registry's readers: the health alarm, the model card, the data preparation ----------
 
 def test_the_no_learning_alarm_compares_with_the_registry_value():
-    from directpo.train.alarms import CHANCE_LOSS, HealthMonitor
+    from directpo.training.alarms import CHANCE_LOSS, HealthMonitor
 
     assert CHANCE_LOSS == {n: s.chance_loss for n, s in LOSSES.items() if s.chance_loss is not None}
     assert HealthMonitor("apo_zero").chance_loss == 1.0 and HealthMonitor("ipo").chance_loss is None
@@ -267,7 +267,7 @@ def test_the_no_learning_alarm_compares_with_the_registry_value():
 
 
 def test_the_model_card_lists_the_settings_the_loss_reads():
-    from directpo.train.card import method_rows, method_section
+    from directpo.training.card import method_rows, method_section
 
     def rows(**s):
         return dict(method_rows({"command": "train", "beta": 0.2, **s}))
@@ -284,7 +284,7 @@ def test_the_model_card_lists_the_settings_the_loss_reads():
 
 def test_the_rows_a_run_prepares_follow_the_declared_shape():
     from directpo.data.formats import Example
-    from directpo.train.prepare import preference_rows
+    from directpo.training.prepare import preference_rows
 
     ranked = [Example("p", ["a", "b", "c"], "f.jsonl", 1)]
     for loss, weights, kept in (("sft", "", 1), ("sft", "2", 1), ("plackett_luce,sft", "", 3)):

@@ -136,7 +136,7 @@ def test_ppo_killed_mid_checkpoint_resumes_bit_identical(tiny_model, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from directpo.train.checkpoint import list_checkpoints
+    from directpo.training.checkpoint import list_checkpoints
 
     (tmp_path / "rewards_here.py").write_text("def count_e(prompt, completion):\n    return float(completion.count('e'))\n")
     rows, _ = review_task(n_train=12, n_eval=1, seed=6)

@@ -18,7 +18,7 @@ def directpo_train_config(spec: dict):
     --no-progress --max-length L --on-invalid skip --precision P --seed 0 --ref-cache off --overwrite
     [--threads N] [--device D] [--memory-budget SIZE: then the micro-batch is the planner's]
     [--lora-r R: adapters on every linear layer, α and dropout directpo's defaults]."""
-    from ..train.config import TrainConfig
+    from ..training.config import TrainConfig
 
     return TrainConfig(model=spec["model"], data=spec["data"], output_dir=spec["output_dir"],
                        batch_size=spec["batch"], micro_batch_size=spec.get("micro_batch") or spec["batch"],
@@ -39,7 +39,7 @@ def keep_prompt(max_length: int | None) -> int | None:
 def _child_directpo(spec: dict) -> dict:
     """Train with directpo's own loop in this process; per-step figures from its metrics.jsonl."""
     from ..runfiles import read_metrics
-    from ..train.loop import train
+    from ..training.loop import train
 
     train(directpo_train_config(spec))
     out = Path(spec["output_dir"])

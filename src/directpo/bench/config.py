@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import ConfigError, check_settings, setting
-from ..train.optim import OPTIMIZERS
+from ..training.optim import OPTIMIZERS
 from .plan_check import ALLOCATORS
 
 

@@ -1,4 +1,4 @@
-"""`directpo bench --plan-check`: the plan's formulas (`directpo.train.plan`) against a measured run.
+"""`directpo bench --plan-check`: the plan's formulas (`directpo.training.plan`) against a measured run.
 
 One directpo training run on the CPU (fp32, one process, the bench's pairs, the optimizer and
 LoRA rank asked for) in its own interpreter, `python -m directpo.bench.plan_check --child SPEC`.
@@ -87,7 +87,7 @@ def instrument(probe: Probe, model: str) -> dict:
     )
 
     from .. import logprobs, models
-    from ..train import loop  # noqa: F401 (its imports bind load_model before the wrap replaces it)
+    from ..training import loop  # noqa: F401 (its imports bind load_model before the wrap replaces it)
 
     original, original_head = models.load_model, logprobs.label_logprobs
     state: dict = {"loaded": False, "in_step": False, "step": 0, "tokens": [], "label_rows": []}
@@ -144,7 +144,7 @@ def plan_check_child(spec_path: str) -> int:
     """The measured training run of --plan-check (see the module docstring)."""
     from dataclasses import replace
 
-    from ..train.loop import train
+    from ..training.loop import train
     from .child import directpo_train_config
 
     spec = json.loads(Path(spec_path).read_text())
@@ -192,7 +192,7 @@ def head_as_run(shape, pcfg, rows: int) -> int:
     counts one whole 32 MiB chunk of logits (its bound; the backward builds each chunk's gradient in
     place); a micro-batch of fewer rows than a chunk holds a chunk of its own rows only."""
     from ..logprobs import chunk_rows
-    from ..train.plan import HEAD_BACKWARD_CHUNKS, HEAD_CHUNK_BYTES, head_bytes
+    from ..training.plan import HEAD_BACKWARD_CHUNKS, HEAD_CHUNK_BYTES, head_bytes
 
     chunks = HEAD_BACKWARD_CHUNKS * HEAD_CHUNK_BYTES
     logits = HEAD_BACKWARD_CHUNKS * 4 * min(rows, chunk_rows(shape.vocab)) * shape.vocab
@@ -203,7 +203,7 @@ def predicted(shape, pcfg, tokens: list[list[int]], pairs: int, label_rows: list
     """The plan's figures for the run as it ran: `memory_plan` of `pcfg`, its activations at each
     step's largest micro-batch (tokens counted in the run; the LM head's part at its label rows when
     they were counted), and at the bound 2·m·max_length."""
-    from ..train.plan import activation_bytes, head_bytes, memory_plan
+    from ..training.plan import activation_bytes, head_bytes, memory_plan
 
     plan = memory_plan(shape, pcfg)
     parts = plan["parts"]
@@ -308,7 +308,7 @@ def plan_check(args) -> dict:
     """`directpo bench --plan-check`: the plan against measured training runs (module docstring)."""
     import shutil
 
-    from ..train.plan import PlanConfig, model_shape
+    from ..training.plan import PlanConfig, model_shape
     from .runner import prepare_pairs
 
     mb = args.micro_batch or args.batch

@@ -28,7 +28,7 @@ MEDIAN_KEYS = ("pairs_per_s", "tokens_per_s", "tokens_processed_per_s", "peak_rs
 def step_members(n: int, batch: int, seed: int, steps: int) -> list[list[int]] | None:
     """Which pairs directpo's loop put in each step (its seeded order), or None if unavailable."""
     try:
-        from ..train.loop import batch_order
+        from ..training.loop import batch_order
     except ImportError:
         return None
     order = batch_order(n, batch, seed)
@@ -216,7 +216,7 @@ def _sweep_lines(sweep: list[dict]) -> list[str]:
 
 def _plan_lines(runs: list[dict]) -> list[str]:
     """--memory-budget: the plan each directpo configuration ran with (its first round's)."""
-    from ..train.plan import format_memory_plan
+    from ..training.plan import format_memory_plan
 
     lines, seen = [], set()
     for x in runs:

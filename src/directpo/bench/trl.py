@@ -24,7 +24,7 @@ def _lora_config(r: int):
 
     from peft import LoraConfig
 
-    from ..train.config import TrainConfig
+    from ..training.config import TrainConfig
 
     d = {f.name: f.default for f in fields(TrainConfig)}
     return LoraConfig(r=r, lora_alpha=d["lora_alpha"], lora_dropout=d["lora_dropout"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from ..config import add_flags, build_config
-from ..train.plan import PlanConfig
+from ..training.plan import PlanConfig
 
 
 def register(command: str, parser) -> None:
@@ -14,7 +14,7 @@ def register(command: str, parser) -> None:
 
 def run(args) -> int:
     from ..api import plan
-    from ..train.plan import format_plan
+    from ..training.plan import format_plan
 
     cfg = build_config(args, PlanConfig)
     result = plan(cfg)

@@ -2,15 +2,15 @@
 then the Python API's job (`directpo.api`).
 
 `train` and `sft` with several processes (--nproc K > 1) or nodes (--nnodes N > 1) re-run themselves
-under torchrun (`directpo.train.launch`); `pipeline` runs in one process.
+under torchrun (`directpo.training.launch`); `pipeline` runs in one process.
 """
 from __future__ import annotations
 
 import json
 
 from ..config import ConfigError, add_flags, build_config
-from ..train.config import TrainConfig
-from ..train.launch import needs_launch
+from ..training.config import TrainConfig
+from ..training.launch import needs_launch
 
 
 def register(command: str, parser) -> None:
@@ -63,7 +63,7 @@ def run_pipeline(args) -> int:
 
 
 def _launch(cfg: TrainConfig, argv: list[str]) -> int:
-    from ..train.launch import launch
+    from ..training.launch import launch
 
     # Checked here, once, before any worker starts: a bad setting would otherwise be reported by
     # every worker, and on one node of several only after the others waited for it at the rendezvous.

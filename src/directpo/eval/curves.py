@@ -6,7 +6,7 @@ colour per run, the runs overlaid and named by their directories. A panel no run
 is left out, so a DPO run, a reward model and a PPO run each get the panels that mean something
 for them.
 
-What the lines look like (one JSON object a line, written by `directpo.train.run.MetricsLog`):
+What the lines look like (one JSON object a line, written by `directpo.training.run.MetricsLog`):
 DPO/SFT and the reward model write `{"split": "train"|"eval", "step": N, "loss": ...}`; PPO writes
 train lines without a "split". A line that is not such an object stops with one line naming the
 file and the line; a last line cut short (the run is writing it) is ignored, so a run can be

@@ -54,9 +54,9 @@ def shared_run_settings(cfg) -> dict:
 def train_resumable(**settings) -> dict:
     """`train` that continues a killed run from its last checkpoint, and skips a finished one (its
     completion record returned)."""
-    from ..train.config import TrainConfig
-    from ..train.loop import train
-    from ..train.run import COMPLETE_MARKER, is_complete
+    from ..training.config import TrainConfig
+    from ..training.loop import train
+    from ..training.run import COMPLETE_MARKER, is_complete
 
     out = Path(settings["output_dir"])
     if is_complete(out):

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..outputs import check_output_dir
 from ..runfiles import read_metrics
 from ..toy import build_tiny_model, review_task, write_jsonl
-from ..train import TrainConfig, train
+from ..training import TrainConfig, train
 
 
 DEMO_MARKERS = ("dpo/directpo_config.json", "base/config.json")

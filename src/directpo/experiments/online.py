@@ -157,9 +157,9 @@ def sample_and_pair(cfg: OnlineConfig, policy: str, scorer, r: int, round_dir: P
 def train_round(cfg: OnlineConfig, start: str, r: int, round_dir: Path) -> dict:
     """Stage 4 of round r: DPO on round_dir/pairs.jsonl from `start` into round_dir/policy. A
     killed run continues from its last checkpoint; a finished one is not redone."""
-    from ..train.config import TrainConfig
-    from ..train.loop import train
-    from ..train.run import COMPLETE_MARKER, is_complete
+    from ..training.config import TrainConfig
+    from ..training.loop import train
+    from ..training.run import COMPLETE_MARKER, is_complete
 
     out = round_dir / "policy"
     t0 = time.perf_counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import setting
-from ..train.config import PreferenceRunConfig, RunConfig
+from ..training.config import PreferenceRunConfig, RunConfig
 
 
 @dataclass

@@ -40,10 +40,10 @@ from ..eval.sampling import decode, generate_completions
 from ..eval.scorers import as_scorer, load_reward_fn
 from ..logprobs import _backbone_and_head, head_logprobs, token_logps
 from ..models import autocast_ctx, check_vocab, freeze, load_model, load_tokenizer, pick_device
-from ..train.loop import batch_order
-from ..train.alarms import HealthMonitor
-from ..train.optim import build_optimizer, warmup_schedule
-from ..train.run import Recipe, RunDir, StepDriver, resume, run_steps, setup_torch
+from ..training.loop import batch_order
+from ..training.alarms import HealthMonitor
+from ..training.optim import build_optimizer, warmup_schedule
+from ..training.run import Recipe, RunDir, StepDriver, resume, run_steps, setup_torch
 from .config import PPOConfig
 
 
@@ -319,7 +319,7 @@ def _ppo(cfg: PPOConfig, reward, run: RunDir, callbacks=()) -> dict:
 
 
 class PPORecipe(Recipe):
-    """PPO's hooks of the step loop (`train.run.run_steps`): rollouts, scores, the clipped update."""
+    """PPO's hooks of the step loop (`training.run.run_steps`): rollouts, scores, the clipped update."""
 
     name = "ppo"
 

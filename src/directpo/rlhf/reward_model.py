@@ -30,10 +30,10 @@ from ..data.formats import ranking_to_pairs
 from ..eval.reward_model import OFFSET_KEY, dataset_rewards, load_reward_backbone, pair_rewards
 from ..losses import bradley_terry_loss
 from ..models import autocast_ctx, load_tokenizer, pick_device
-from ..train.loop import batch_order
-from ..train.alarms import HealthMonitor
-from ..train.optim import build_optimizer, warmup_schedule
-from ..train.run import CONFIG_FILE, Recipe, RunDir, StepDriver, resume, run_steps, setup_torch
+from ..training.loop import batch_order
+from ..training.alarms import HealthMonitor
+from ..training.optim import build_optimizer, warmup_schedule
+from ..training.run import CONFIG_FILE, Recipe, RunDir, StepDriver, resume, run_steps, setup_torch
 from .config import RewardModelConfig
 
 
@@ -103,7 +103,7 @@ def _train_reward_model(cfg: RewardModelConfig, run: RunDir, callbacks=()) -> di
 
 
 class RewardModelRecipe(Recipe):
-    """The reward model's hooks of the step loop (`train.run.run_steps`): a Bradley–Terry step."""
+    """The reward model's hooks of the step loop (`training.run.run_steps`): a Bradley–Terry step."""
 
     name = "rm"
 

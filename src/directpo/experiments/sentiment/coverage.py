@@ -61,7 +61,7 @@ def coverage_target(cfg: SentimentConfig, points: list[dict]) -> float | None:
 def extend_run(cfg: SentimentConfig, out: Path, sft: str, run: Run, steps: int) -> None:
     """Train `run` on to `steps` (its saved checkpoints and settings, a larger max_steps); nothing
     when its directory already holds a run finished at `steps` or later."""
-    from ...train.run import COMPLETE_MARKER
+    from ...training.run import COMPLETE_MARKER
 
     marker = out / "runs" / run.name / COMPLETE_MARKER
     done = (json.loads(marker.read_text()).get("train") or {}).get("step", 0) if marker.exists() else 0

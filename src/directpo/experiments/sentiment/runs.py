@@ -38,7 +38,7 @@ def save_interval(steps: int, points: int) -> int:
 
 def run_method(cfg: SentimentConfig, out: Path, sft: str, run: Run, scorer) -> None:
     """Train `run` into OUT/runs/NAME (skipped when finished; a killed preference run resumes)."""
-    from ...train.run import is_complete
+    from ...training.run import is_complete
 
     if run.method in PREFERENCE_LOSSES:
         train_preference_run(cfg, out, sft, run)

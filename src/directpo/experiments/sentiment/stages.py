@@ -202,7 +202,7 @@ def stage_rm(cfg: SentimentConfig, out: Path, sft: str) -> dict:
     """A Bradley–Terry reward model on the train pairs, with its accuracy on the held-out pairs."""
     from ...rlhf.config import RewardModelConfig
     from ...rlhf.reward_model import train_reward_model
-    from ...train.run import is_complete
+    from ...training.run import is_complete
 
     rm_dir = out / "rm"
     if not is_complete(rm_dir):

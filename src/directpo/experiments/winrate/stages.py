@@ -87,7 +87,7 @@ def stage_rm(cfg, out: Path, sft: str, n_train: int) -> dict:
     held-out pairs: how often it agrees with the human label on prompts it never saw."""
     from ...rlhf.config import RewardModelConfig
     from ...rlhf.reward_model import train_reward_model
-    from ...train.run import is_complete
+    from ...training.run import is_complete
 
     rm_dir = out / "rm"
     steps = run_steps(cfg, cfg.rm_steps, n_train)
@@ -103,7 +103,7 @@ def stage_ppo(cfg, out: Path, sft: str, rm: str) -> dict:
     """PPO from πSFT against the learned reward model, KL-penalised to πSFT (eq. 3), on the training prompts."""
     from ...rlhf.config import PPOConfig
     from ...rlhf.ppo import ppo
-    from ...train.run import is_complete
+    from ...training.run import is_complete
 
     run_dir = out / "ppo"
     if not is_complete(run_dir):

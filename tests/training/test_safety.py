@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from directpo.cli import main
 from directpo.toy import review_task, write_jsonl
-from directpo.train.checkpoint import list_checkpoints
+from directpo.training.checkpoint import list_checkpoints
 
 
 @pytest.fixture(scope="module")

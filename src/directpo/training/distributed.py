@@ -1,6 +1,6 @@
 """Multi-process data parallelism: the only module that touches `torch.distributed`.
 
-`directpo train --nproc N ...` (train/launch.py re-runs the command under torchrun; `--nnodes`,
+`directpo train --nproc N ...` (training/launch.py re-runs the command under torchrun; `--nnodes`,
 `--node-rank`, `--master-addr`, `--master-port` for several nodes) or a plain `torchrun ... -m
 directpo train ...` starts the processes; each takes every N-th example of each global batch (the
 batch is sorted by length first, so ranks get similar work). Gradients are summed over ranks
@@ -15,9 +15,9 @@ the trainable weights and optimizer state onto rank 0 (`gather_state`, an ordina
 resuming broadcasts them back from rank 0 (`load_state`), each rank keeping its shard;
 `--checkpoint-format sharded` has every rank write and read its own shards with
 torch.distributed.checkpoint (DCP), nothing gathered, and DCP reshards on load, so such a
-checkpoint resumes on any number of processes. The final model is streamed by train/export.py,
+checkpoint resumes on any number of processes. The final model is streamed by training/export.py,
 one tensor gathered at a time. The reference tables are computed by all ranks, each its share of
-the examples, gathered with `all_gather_rows` (train/prepare.py).
+the examples, gathered with `all_gather_rows` (training/prepare.py).
 
 Several nodes: devices follow LOCAL_RANK (the rank on this node); the data split, the metric sums
 and "rank 0 writes" follow RANK and WORLD_SIZE (over all nodes). The run directory and checkpoints

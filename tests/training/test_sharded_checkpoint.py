@@ -20,11 +20,11 @@ from safetensors.torch import load_file
 from directpo.config import ConfigError
 from directpo.models import enable_activation_checkpointing, load_model
 from directpo.toy import review_task, write_jsonl
-from directpo.train.checkpoint import (SHARDS, list_checkpoints, load_checkpoint, save_checkpoint,
+from directpo.training.checkpoint import (SHARDS, list_checkpoints, load_checkpoint, save_checkpoint,
                                        save_sharded_checkpoint)
-from directpo.train.config import TrainConfig
-from directpo.train.distributed import Dist
-from directpo.train.optim import build_optimizer, warmup_schedule
+from directpo.training.config import TrainConfig
+from directpo.training.distributed import Dist
+from directpo.training.optim import build_optimizer, warmup_schedule
 
 FAULTS = Path(__file__).resolve().parents[1] / "faults" / "inject.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -77,7 +77,7 @@ def test_sharded_checkpoint_of_another_model_is_refused(tiny_model, tmp_path, on
 
 
 def test_a_lora_sharded_checkpoint_holds_the_adapters_only(tiny_model, tmp_path, one_thread):
-    from directpo.train.lora import apply_lora
+    from directpo.training.lora import apply_lora
 
     def lora_model(seed):
         torch.manual_seed(seed)
@@ -146,7 +146,7 @@ def test_training_with_activation_checkpointing_is_the_same_training(tiny_model,
     backward (`directpo.fused`) steps aside for autograd's, the same formulas rounded in another
     order. The padded layout: with the packed one, checkpointing also turns segment-by-segment
     attention off (recomputation would lose the segments)."""
-    from directpo.train import train
+    from directpo.training import train
 
     rows, _ = review_task(n_train=24, n_eval=1, seed=3)
     data = write_jsonl(rows, tmp_path / "d.jsonl")

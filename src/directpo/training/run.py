@@ -1,13 +1,13 @@
-"""One run machinery for every trainer: DPO/SFT (`train.loop`), the reward model and PPO (`rlhf`).
+"""One run machinery for every trainer: DPO/SFT (`training.loop`), the reward model and PPO (`rlhf`).
 
     Recipe       what a trainer fills in: `train_step`, `evaluate`, `save_checkpoint` (and a few
                  small hooks); the rest is written once, here
     run_steps    THE step loop: for each step, the trainer's step, its metrics line with the health
                  alarms, progress, callbacks, maybe an evaluation, maybe a checkpoint; Ctrl-C and a
                  callback's stop are seen here (once per step)
-    RunDir       the output directory (`train.rundir`): claimed and locked, recorded settings,
+    RunDir       the output directory (`training.rundir`): claimed and locked, recorded settings,
                  metrics.jsonl, checkpoints, --resume, the completion marker written last
-    StepDriver   one optimizer step (`train.step`): micro-batch accumulation, the all-reduce over
+    StepDriver   one optimizer step (`training.step`): micro-batch accumulation, the all-reduce over
                  processes, clipping, the non-finite and divergence guards, the weights check
     Progress     a progress bar, or a log line every N steps
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from directpo.config import ConfigError
-from directpo.train import TrainConfig, train
-from directpo.train import plan as P
+from directpo.training import TrainConfig, train
+from directpo.training import plan as P
 
 
 def test_sizes_parse_and_bad_ones_are_one_line_errors():

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from directpo.train.loggers import NullLogger, check_report_to, make_logger, scalars_of
+from directpo.training.loggers import NullLogger, check_report_to, make_logger, scalars_of
 
 TRAIN = [{"split": "train", "step": s, "epoch": 0, "loss": 0.7 / s, "rewards/accuracies": 0.25 * s, "lr": 1e-4 * s,
           "grad_norm": 2.0 + s, "note": "text", "flag": True, "missing": None} for s in (1, 2, 3)]

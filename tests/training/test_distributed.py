@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from directpo.toy import review_task, write_jsonl
-from directpo.train.checkpoint import list_checkpoints
-from directpo.train.distributed import Dist
+from directpo.training.checkpoint import list_checkpoints
+from directpo.training.distributed import Dist
 
 FAULTS = Path(__file__).resolve().parents[1] / "faults" / "inject.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

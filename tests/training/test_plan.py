@@ -6,12 +6,12 @@ import json
 import pytest
 
 from directpo.config import ConfigError
-from directpo.train.plan import HEAD_CHUNK_BYTES, PlanConfig, Shape, memory_plan, model_shape, plan
+from directpo.training.plan import HEAD_CHUNK_BYTES, PlanConfig, Shape, memory_plan, model_shape, plan
 
 
 def test_counts_from_the_config_equal_the_real_model(tiny_model):
     from directpo.models import load_model
-    from directpo.train.lora import apply_lora
+    from directpo.training.lora import apply_lora
 
     s = model_shape(str(tiny_model))  # meta device: no weights read
     model = load_model(str(tiny_model))

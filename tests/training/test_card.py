@@ -5,15 +5,15 @@ import json
 import pytest
 
 from directpo.toy import review_task, write_jsonl
-from directpo.train import TrainConfig
-from directpo.train.card import (IGNORE_PATTERNS, base_model_id, card_data, check_repo_id, dataset_id,
+from directpo.training import TrainConfig
+from directpo.training.card import (IGNORE_PATTERNS, base_model_id, card_data, check_repo_id, dataset_id,
                                  invoked_command_line, method_rows, push_to_hub, recorded_alerts, write_model_card)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model, tmp_path_factory):
     """A finished 2-step DPO run with periodic evaluation and a checkpoint."""
-    from directpo.train.loop import train
+    from directpo.training.loop import train
 
     d = tmp_path_factory.mktemp("card")
     tr, ev = review_task(n_train=16, n_eval=8, seed=5)

@@ -1,4 +1,4 @@
-"""The one step loop (`directpo.train.run.run_steps`) and what it promises every trainer: a stop is
+"""The one step loop (`directpo.training.run.run_steps`) and what it promises every trainer: a stop is
 asked for once per step, so "checkpoint saved" is never said of a checkpoint that was not written;
 callbacks see every line and may stop the run; skipped steps log nothing."""
 import json
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from directpo.train import run as run_mod
-from directpo.train.alarms import HealthMonitor
-from directpo.train.run import Callback, Interrupted, Recipe, run_steps
+from directpo.training import run as run_mod
+from directpo.training.alarms import HealthMonitor
+from directpo.training.run import Callback, Interrupted, Recipe, run_steps
 
 
 class _Cfg:
@@ -77,7 +77,7 @@ def test_reward_model_stop_race_saves_the_checkpoint_it_names(tiny_model, tmp_pa
     """The same race through the real `rm` trainer (fails on the loop it had before, which looked twice)."""
     from directpo.rlhf.config import RewardModelConfig
     from directpo.rlhf.reward_model import train_reward_model
-    from directpo.train.checkpoint import list_checkpoints
+    from directpo.training.checkpoint import list_checkpoints
     from directpo.toy import review_task, write_jsonl
 
     rows, _ = review_task(n_train=8, n_eval=1, seed=2)

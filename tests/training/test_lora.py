@@ -16,8 +16,8 @@ from directpo.data import load_examples, make_collate, tokenize_examples  # noqa
 from directpo.logprobs import dataset_logps  # noqa: E402
 from directpo.models import load_model, load_tokenizer  # noqa: E402
 from directpo.toy import build_tiny_model, review_task, write_jsonl  # noqa: E402
-from directpo.train import TrainConfig, train  # noqa: E402
-from directpo.train.lora import adapters_disabled, apply_lora, save_policy  # noqa: E402
+from directpo.training import TrainConfig, train  # noqa: E402
+from directpo.training.lora import adapters_disabled, apply_lora, save_policy  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ Plackett–Luce, SFT, Unlikelihood, ...): the loss is looked up by name in `dire
     -> save the policy (safetensors) and tokenizer in Hugging Face format.
 
 The run directory, checkpoints, resume and the optimizer step are the shared run machinery
-(`directpo.train.run`), the same for the reward model and PPO; what a run prepares before its
-first step (data, models, reference tables) is `directpo.train.prepare`.
+(`directpo.training.run`), the same for the reward model and PPO; what a run prepares before its
+first step (data, models, reference tables) is `directpo.training.prepare`.
 """
 from __future__ import annotations
 
@@ -234,7 +234,7 @@ class Trainer(Recipe):
     tokenizer: object
     skipped_rows: dict
     delta: RunningMean | None = None  # BCO's δ (losses that keep a running mean)
-    memory_plan: dict | None = None  # --memory-budget: the micro-batch chosen and why (`train.plan`)
+    memory_plan: dict | None = None  # --memory-budget: the micro-batch chosen and why (`training.plan`)
     # set by `run_training`: the optimizer, its schedule and step, the batch order, the alarms
     optimizer: object = None
     scheduler: object = None
@@ -405,7 +405,7 @@ def setup(cfg: TrainConfig, d, run: RunDir, sources: Sources | None = None) -> T
 
 
 def apply_memory_budget(t: Trainer) -> None:
-    """--memory-budget: the micro-batch size measured to fit (`train.plan`), logged and recorded."""
+    """--memory-budget: the micro-batch size measured to fit (`training.plan`), logged and recorded."""
     keep = t.run.checkpoint_setting(t.cfg, "micro_batch_size")  # a resumed run keeps its own
     t.memory_plan = plan_for_budget(t.cfg, t.policy, t.train_set, t.collate, t.device, t.d.world, keep,
                                     t.d.sum_stats if t.d.enabled else None)

@@ -321,7 +321,7 @@ def write_model_card(out_dir: str | Path, settings: dict, result: dict, command_
 
 def recorded_alerts(run_dir: str | Path) -> list[dict]:
     """The alerts the run's metrics.jsonl lines carry (`"alerts": [{"name", "step", "message"}]`,
-    as `train.alarms.HealthMonitor.annotate` puts them), in order: those of a resumed run's first
+    as `training.alarms.HealthMonitor.annotate` puts them), in order: those of a resumed run's first
     part too. Unreadable lines are passed over (the card is no place to fail a finished run)."""
     path = Path(run_dir) / "metrics.jsonl"
     alerts: list[dict] = []

@@ -1,4 +1,4 @@
-"""Everything a DPO/SFT run prepares before its first step, so the loop (`train.loop`) reads top to
+"""Everything a DPO/SFT run prepares before its first step, so the loop (`training.loop`) reads top to
 bottom: the data (load, validate, tokenize; the checks of `directpo inspect`), the models (policy
 and πref, whole or sharded over FSDP ranks without any rank holding the whole model) and the
 reference log-prob tables (computed once, cached on disk, shared between processes).

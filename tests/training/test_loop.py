@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from directpo.toy import review_task, write_jsonl
-from directpo.train import TrainConfig, train
-from directpo.train.loop import batch_order
+from directpo.training import TrainConfig, train
+from directpo.training.loop import batch_order
 
 REQUIRED = ["step", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
             "logps/chosen", "logps/rejected", "lr", "grad_norm", "pairs_per_s"]
@@ -120,7 +120,7 @@ def test_bf16_autocast_trains_close_to_fp32(tiny_model, task, tmp_path):
 def test_token_budget_micro_batches():
     from types import SimpleNamespace
 
-    from directpo.train.loop import micro_batches
+    from directpo.training.loop import micro_batches
 
     exs = [SimpleNamespace(num_tokens=n) for n in (10, 20, 30, 40, 100)]
     cfg = SimpleNamespace(micro_batch_tokens=50, micro_batch_size=8)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from directpo.train.optim import build_optimizer, warmup_schedule
+from directpo.training.optim import build_optimizer, warmup_schedule
 
 
 def _params(seed: int = 0):
@@ -58,7 +58,7 @@ def test_rmsprop_is_the_papers_and_warmup_is_linear():
 def test_a_checkpoint_keeps_the_state_and_leaves_the_kernel_choice_to_the_loader(tmp_path):
     """A fused run's checkpoint resumes under an unfused optimizer (as FSDP's) and back, each with
     its own kernel, and continues as the uninterrupted run does."""
-    from directpo.train.checkpoint import load_checkpoint, save_checkpoint
+    from directpo.training.checkpoint import load_checkpoint, save_checkpoint
 
     model = torch.nn.Linear(5, 3)
     opt = build_optimizer(model.parameters(), "adamw", 1e-2)

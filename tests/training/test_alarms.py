@@ -8,8 +8,8 @@ import random
 import pytest
 
 from directpo.toy import review_task, write_jsonl
-from directpo.train import TrainConfig, train
-from directpo.train.alarms import ALARMS, Alert, HealthMonitor
+from directpo.training import TrainConfig, train
+from directpo.training.alarms import ALARMS, Alert, HealthMonitor
 
 LN2 = math.log(2)
 

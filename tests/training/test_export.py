@@ -18,9 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from directpo.toy import review_task, write_jsonl
-from directpo.train import export
-from directpo.train.distributed import Dist
-from directpo.train.export import export_model, plan_shards, shard_files
+from directpo.training import export
+from directpo.training.distributed import Dist
+from directpo.training.export import export_model, plan_shards, shard_files
 
 SHARD = 40_000  # bytes: the tiny model's embedding and LM head (74.6 kB each) get files of their own
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -153,7 +153,7 @@ def test_a_stream_cut_short_or_fed_the_wrong_tensor_leaves_no_file(tmp_path):
 
 
 LAUNCH = """import sys
-from directpo.train import export
+from directpo.training import export
 export.MAX_SHARD_BYTES = int(sys.argv[1])  # the default export_model reads at call time
 from directpo.cli import main
 sys.exit(main(sys.argv[2:]))

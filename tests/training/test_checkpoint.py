@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from directpo import losses
 from directpo.toy import review_task, write_jsonl
-from directpo.train import TrainConfig, train
-from directpo.train.checkpoint import list_checkpoints
-from directpo.train.loop import NonFiniteError
+from directpo.training import TrainConfig, train
+from directpo.training.checkpoint import list_checkpoints
+from directpo.training.loop import NonFiniteError
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_mismatched_tokenizer_and_unsafe_weights(tiny_model, data, tmp_path):
 def test_disk_full_during_checkpoint_keeps_earlier_ones(tiny_model, data, tmp_path, monkeypatch):
     import errno
 
-    from directpo.train import checkpoint
+    from directpo.training import checkpoint
 
     real = checkpoint.torch.save
     state = {"n": 0}

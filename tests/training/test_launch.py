@@ -1,16 +1,16 @@
 """`directpo train|sft --nproc K [--nnodes N --node-rank R --master-addr A --master-port P]`: the
 torchrun command line it becomes, the settings it refuses, and the workers' command line. No
-process is started here (`os.execv` is replaced); tests/train/test_distributed.py runs two nodes
+process is started here (`os.execv` is replaced); tests/training/test_distributed.py runs two nodes
 on the loopback through this launcher."""
 import sys
 
 import pytest
 
-import directpo.train.launch as launch_module
+import directpo.training.launch as launch_module
 from directpo.cli import main, make_parser
 from directpo.config import ConfigError, build_config
-from directpo.train.config import TrainConfig
-from directpo.train.launch import LAUNCHER_FLAGS, child_argv, needs_launch, torchrun_command
+from directpo.training.config import TrainConfig
+from directpo.training.launch import LAUNCHER_FLAGS, child_argv, needs_launch, torchrun_command
 
 RUN = ["--model", "M", "--data", "D.jsonl", "--output-dir", "/shared/out", "--lr", "1e-5"]
 

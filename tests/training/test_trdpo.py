@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from directpo.cli import main
 from directpo.toy import review_task, write_jsonl
-from directpo.train.loop import sync_reference
+from directpo.training.loop import sync_reference
 
 FAULTS = Path(__file__).resolve().parents[1] / "faults" / "inject.py"
 

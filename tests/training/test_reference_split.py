@@ -5,7 +5,7 @@ computes, and each process ran forwards on half the examples (the padding aside)
 Run as a torchrun script, this file counts the examples each rank's reference forwards see and
 runs `directpo ARGS...` (the package carries no test hooks):
 
-    python tests/train/test_reference_split.py COUNT_DIR ARGS...
+    python tests/training/test_reference_split.py COUNT_DIR ARGS...
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ N_TRAIN, N_EVAL = 21, 7  # odd: one rank's share is padded
 def test_shares_cover_each_example_once_in_equal_counts():
     from types import SimpleNamespace
 
-    from directpo.train.prepare import _shares
+    from directpo.training.prepare import _shares
 
     examples = [SimpleNamespace(num_tokens=t) for t in (9, 3, 7, 1, 5, 8, 2)]
     own, padded = _shares(examples, 3)
@@ -62,7 +62,7 @@ def test_shares_of_mixed_rankings_are_gathered_into_one_table():
     import threading
     from types import SimpleNamespace
 
-    from directpo.train.prepare import _split_table
+    from directpo.training.prepare import _split_table
 
     ks = [2, 3, 2, 4, 2]  # by length: rank 0 takes 0, 2, 4 (K ≤ 2); rank 1 takes 1, 3
     examples = [SimpleNamespace(num_tokens=i, response_ids=[[i]] * k, id=i) for i, k in enumerate(ks)]
@@ -116,8 +116,8 @@ def _single_process_table(model_dir: Path, data: Path, loss: str) -> tuple[str, 
     from directpo.logprobs import dataset_logps, packed_row_tokens
     from directpo.models import load_model, load_tokenizer
     from directpo.reference import cache_key, model_fingerprint
-    from directpo.train import TrainConfig
-    from directpo.train.prepare import prepare_data
+    from directpo.training import TrainConfig
+    from directpo.training.prepare import prepare_data
 
     tok = load_tokenizer(str(model_dir))
     cfg = TrainConfig(model=str(model_dir), data=str(data), loss=loss, max_length=64, micro_batch_size=2)
@@ -172,7 +172,7 @@ def test_each_process_computes_its_share_of_the_reference_table(tiny_model, tmp_
 
 def _count_reference_forwards(count_dir: str) -> None:
     """Record, per rank, how many examples each reference table computation was given."""
-    from directpo.train import prepare
+    from directpo.training import prepare
 
     real = prepare.dataset_logps
     calls: list[int] = []

@@ -165,7 +165,7 @@ class TrainConfig(PreferenceRunConfig):
     nproc: int = setting(0, "launch N data-parallel processes with torchrun (same global batch; gloo on CPU, NCCL "
                             "on GPU)", ge=0)
     # Several nodes (issue #17): the same command on every node, each launching --nproc processes;
-    # `train.launch` turns these into torchrun's static rendezvous. Workers never see them.
+    # `training.launch` turns these into torchrun's static rendezvous. Workers never see them.
     nnodes: int = setting(1, "nodes in the job; with N > 1, run the same command on every node, each with its "
                              "own --node-rank: each node launches --nproc processes (at least 1) with torchrun, "
                              "and --output-dir must be on a filesystem all nodes share", ge=1)
