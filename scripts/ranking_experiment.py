@@ -6,18 +6,15 @@ Hidden reward: every adjective has a hidden weight; a review's reward is the sum
 `directpo.toy.ranked_review_task`). Both methods train the same tiny model for the same number of
 steps on the same prompts; we report Kendall's τ and top-1 accuracy between the implicit reward
 β·log π/πref and the true ranking on held-out prompts (all K = 4 responses). The experiment code
-is shared with the tests (tests/helpers_ranking.py).
+is shared with the tests (directpo/experiments/ranking.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from helpers_ranking import RUNS, ranking_experiment  # noqa: E402
+from directpo.experiments.ranking import RUNS, ranking_experiment  # noqa: E402
 
 
 def main(argv=None) -> dict:

@@ -34,10 +34,10 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the comparison code is shared with tests/test_trl_parity.py
+SHARED = Path(os.environ.get("DIRECTPO_SHARED", REPO.parent / "shared"))
 
-from helpers_trl_parity import (SHARED, compare, directpo_logps, select_first, shared_modules,  # noqa: E402
-                                trl_ref_logps)
+from directpo.bench.trl_parity import (compare, directpo_logps, select_first, shared_modules,  # noqa: E402
+                                       trl_ref_logps)
 
 
 def run(size: str = "small", n_pairs: int = 64, max_length: int = 512, vocab_size: int = 8192,

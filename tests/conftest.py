@@ -68,3 +68,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def review_pairs(directory: Path, n_train: int = 24, seed: int = 3) -> Path:
+    """A JSONL of `n_train` pairs of the built-in review task, in `directory` (d.jsonl)."""
+    from directpo.toy import review_task, write_jsonl
+
+    return write_jsonl(review_task(n_train=n_train, n_eval=1, seed=seed)[0], Path(directory) / "d.jsonl")
+
+
+def train_argv(model, data, out, *extra) -> list[str]:
+    """`directpo train` on a tiny model: batch 4, no warm-up, one thread, no progress bar."""
+    return ["train", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--batch-size", "4",
+            "--micro-batch-size", "4", "--max-length", "64", "--warmup-steps", "0", "--no-progress",
+            "--threads", "1", *extra]

@@ -89,3 +89,20 @@ def test_model_objects_train_in_memory(tiny_model, data, tmp_path):
     assert recorded["model"] == str(tiny_model)  # its name_or_path
     with pytest.raises(ValueError, match="needs its tokenizer"):
         directpo.train(**{**settings, "output_dir": str(tmp_path / "x")})
+
+
+def test_in_memory_rows_train_like_the_file(tiny_model, data, tmp_path):
+    """A list of dicts (or a `datasets.Dataset`) trains exactly as the same rows in a JSONL file;
+    a bad row is named by its number."""
+    import datasets
+
+    rows = [json.loads(x) for x in data[0].read_text().splitlines()]
+    held = [json.loads(x) for x in data[1].read_text().splitlines()]
+    from_file = directpo.train(**_settings(tiny_model, data, tmp_path / "file"))
+    from_rows = directpo.train(**{**_settings(tiny_model, data, tmp_path / "rows"), "data": rows,
+                                  "eval_data": datasets.Dataset.from_list(held)})
+    assert _no_timings(from_rows.metrics) == _no_timings(from_file.metrics)
+    assert json.loads((tmp_path / "rows" / "directpo_config.json").read_text())["data"] == "in-memory data"
+    bad = rows[:3] + [{"prompt": "p", "chosen": 3, "rejected": "r"}]
+    with pytest.raises(ValueError, match="in-memory data, row 4, field 'chosen'"):
+        directpo.train(**{**_settings(tiny_model, data, tmp_path / "bad"), "data": bad})

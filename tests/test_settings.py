@@ -12,29 +12,24 @@ from directpo.cli import COMMANDS, main, make_parser
 from directpo.config import (ConfigError, _base_type, add_flags, build_config, convert, field_types, flag_name,
                              load_yaml, setting)
 from directpo.eval.config import BonConfig, EvalConfig, PlotConfig, SampleConfig, ScoreConfig
-from directpo.experiments.online import OnlineConfig
+from directpo.rlhf.online import OnlineConfig
 from directpo.experiments.sentiment import SentimentConfig
 from directpo.experiments.winrate.config import DialogueConfig, SummarizeConfig
 from directpo.inspect.config import InspectConfig
 from directpo.rlhf.config import PPOConfig, RewardModelConfig
 from directpo.toy import review_task, write_jsonl
-from directpo.training.config import TrainConfig
+from directpo.experiments.demo import DemoConfig
+from directpo.training.config import PipelineConfig, TrainConfig
 from directpo.training.optim import OPTIMIZERS
 from directpo.training.plan import PlanConfig
 
-SETTINGS = {"train": TrainConfig, "sft": TrainConfig, "pipeline": TrainConfig, "inspect": InspectConfig,
+SETTINGS = {"train": TrainConfig, "sft": TrainConfig, "pipeline": PipelineConfig, "inspect": InspectConfig,
             "score": ScoreConfig, "sample": SampleConfig, "bon": BonConfig, "eval": EvalConfig, "plan": PlanConfig,
             "plot": PlotConfig, "rm": RewardModelConfig, "ppo": PPOConfig, "online": OnlineConfig,
-            "bench": BenchConfig,
+            "bench": BenchConfig, "demo": DemoConfig,
             "experiment": {"sentiment": SentimentConfig, "dialogue": DialogueConfig, "summarize": SummarizeConfig}}
 # Flags that are no field of a settings dataclass, each with why. Nothing else may be declared by hand.
-NOT_SETTINGS = {
-    # `pipeline`'s SFT-stage overrides, declared in cli/train.py next to TrainConfig's flags (their
-    # default is the DPO stage's setting, so they are no TrainConfig fields yet).
-    "pipeline": {"--sft-lr", "--sft-max-steps", "--sft-epochs", "--sft-optimizer"},
-    # `demo` has no settings dataclass yet (cli/demo.py: three hand-written flags); none may be added.
-    "demo": {"--output-dir", "--steps", "--seed"},
-}
+NOT_SETTINGS: dict[str, set[str]] = {}
 ALWAYS = {"-h", "--help", "--config"}
 
 
@@ -55,7 +50,7 @@ def _parsers():
 
 
 def test_every_flag_is_a_field_of_the_command_settings():
-    assert set(COMMANDS) == set(SETTINGS) | {"demo"}, "a new command: list its settings dataclass here"
+    assert set(COMMANDS) == set(SETTINGS), "a new command: list its settings dataclass here"
     top = {s for a in make_parser()._actions for s in a.option_strings}
     assert top == {"-h", "--help", "--version", "--debug"}
     for name, parser, cls in _parsers():
@@ -285,3 +280,13 @@ def test_bad_flags_are_usage_errors_as_before(command, argv, says, capsys):
     with pytest.raises(SystemExit) as e:
         make_parser(command).parse_args([command, *argv])
     assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_resumable_settings_are_declared_on_their_fields():
+    from directpo.rlhf.config import PPOConfig as PPO
+
+    resumable = TrainConfig.RESUMABLE_CHANGES
+    assert {"max_steps", "save_every", "threads", "memory_budget", "resume_from_last_good"} <= resumable
+    assert not {"lr", "beta", "seed", "loss", "data", "model", "batch_size"} & resumable  # they change the run
+    assert resumable == {f.name for f in fields(TrainConfig) if f.metadata.get("resumable")}
+    assert "snapshot_every" in PPO.RESUMABLE_CHANGES and "snapshot_every" not in resumable

@@ -5,7 +5,7 @@ same settings as keywords, as the commands do:
 
     import directpo
 
-    result = directpo.training(model="my-sft-model", data="pairs.jsonl", output_dir="runs/dpo", max_steps=200)
+    result = directpo.train(model="my-sft-model", data="pairs.jsonl", output_dir="runs/dpo", max_steps=200)
     result.train["rewards/accuracies"]          # the last step's metrics line
     result.metrics                              # every metrics.jsonl record
 
@@ -23,9 +23,11 @@ _EXPORTS = {
     # results and callbacks
     "RunResult": "directpo.api", "Callback": "directpo.training.run",
     # settings
-    "TrainConfig": "directpo.training.config", "RewardModelConfig": "directpo.rlhf.config",
-    "PPOConfig": "directpo.rlhf.config", "OnlineConfig": "directpo.experiments.online",
-    "PlanConfig": "directpo.training.plan",
+    "TrainConfig": "directpo.training.config", "PipelineConfig": "directpo.training.config", "RewardModelConfig": "directpo.rlhf.config",
+    "PPOConfig": "directpo.rlhf.config", "OnlineConfig": "directpo.rlhf.online",
+    "PlanConfig": "directpo.training.plan", "ScoreConfig": "directpo.eval.config",
+    "SampleConfig": "directpo.eval.config", "BonConfig": "directpo.eval.config", "EvalConfig": "directpo.eval.config",
+    "InspectConfig": "directpo.inspect.config",
     # the loss, as a pure function, and the registry of every loss
     "dpo_loss": "directpo.losses", "LOSSES": "directpo.losses",
 }

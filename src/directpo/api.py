@@ -2,7 +2,7 @@
 
     import directpo
 
-    result = directpo.training(model="my-sft-model", data="pairs.jsonl", output_dir="runs/dpo", beta=0.1,
+    result = directpo.train(model="my-sft-model", data="pairs.jsonl", output_dir="runs/dpo", beta=0.1,
                             max_steps=200, callbacks=[MyCallback()])
     result.train["rewards/accuracies"], result.metrics[-1], result.output_dir
 
@@ -21,9 +21,10 @@ functions behind their flags.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
+from .errors import UserValueError
 from .outputs import check_output_dir, check_outputs
 from .runfiles import read_metrics, read_summary
 from .training.config import TrainConfig
@@ -70,7 +71,9 @@ def _settings(cls, config, settings: dict):
     if config is None:
         return cls(**settings)
     if not isinstance(config, cls):
-        raise TypeError(f"config must be a {cls.__name__}, got {type(config).__name__}")
+        if not any(isinstance(config, base) for base in cls.__mro__[1:] if is_dataclass(base)):
+            raise TypeError(f"config must be a {cls.__name__}, got {type(config).__name__}")
+        config = cls(**{f.name: getattr(config, f.name) for f in fields(config)})  # (a TrainConfig for a pipeline)
     return replace(config, **settings)
 
 
@@ -81,16 +84,30 @@ def _settings(cls, config, settings: dict):
 def train(config: TrainConfig | None = None, *, tokenizer=None, callbacks=(), **settings) -> RunResult:
     """DPO (or any `--loss`) on preference data: `directpo train`. Settings: `TrainConfig`'s.
 
-    `model` and `ref` may be model objects instead of names (a `PreTrainedModel`; a `PeftModel`
-    goes on training its adapters, its reference the base model with them disabled), with
-    `tokenizer` the tokenizer object to use. The run records the model's `name_or_path`."""
+    `model` and `ref` may be model objects instead of names (a `PreTrainedModel`, trained in place;
+    a `PeftModel` goes on training its adapters, its reference the base model with them disabled),
+    with `tokenizer` the tokenizer object to use; the run records the model's `name_or_path`.
+    `data` and `eval_data` may be rows instead of a file: a list of dicts or a `datasets.Dataset`,
+    in any row shape a file may hold (errors name "in-memory data, row N")."""
     from .training.loop import train as run
     from .training.prepare import Sources
 
+    _rows(settings, "data", "in-memory data")
+    _rows(settings, "eval_data", "in-memory eval data")
     sources = Sources(model=_object(settings, "model"), ref_model=_object(settings, "ref"), tokenizer=tokenizer)
     if sources.model is not None and tokenizer is None:
-        raise ValueError("a model object needs its tokenizer: pass tokenizer=...")
+        raise UserValueError("a model object needs its tokenizer: pass tokenizer=...")
     return RunResult.of(run(_settings(TrainConfig, config, settings), callbacks, sources))
+
+
+def _rows(settings: dict, name: str, label: str) -> None:
+    """Rows given for data setting `name` (a list of dicts, a `datasets.Dataset`) become a `Rows`
+    source, which the data readers read like a file (`data.readers.Rows`)."""
+    from .data.readers import Rows
+
+    value = settings.get(name)
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        settings[name] = Rows(value, label)
 
 
 def _object(settings: dict, name: str):
@@ -110,13 +127,14 @@ def sft(config: TrainConfig | None = None, *, callbacks=(), **settings) -> RunRe
     return train(config, callbacks=callbacks, **settings)
 
 
-def pipeline(config: TrainConfig | None = None, *, sft_settings: dict | None = None, **settings) -> dict:
+def pipeline(config=None, **settings) -> dict:
     """The paper's recipe: Preferred-FT, then DPO against that SFT model (`directpo pipeline`);
-    {"sft": ..., "dpo": ...} summaries, each stage in its own folder under output_dir.
-    `sft_settings`: the SFT stage's own sft_lr, sft_max_steps, sft_epochs, sft_optimizer."""
+    {"sft": ..., "dpo": ...} summaries, each stage in its own folder under output_dir. Settings:
+    `PipelineConfig`'s (`TrainConfig`'s, and the SFT stage's own sft_lr, sft_max_steps, ...)."""
+    from .training.config import PipelineConfig
     from .training.pipeline import run_pipeline
 
-    return run_pipeline(_settings(TrainConfig, config, settings), **(sft_settings or {}))
+    return run_pipeline(_settings(PipelineConfig, config, settings))
 
 
 def train_reward_model(config=None, *, callbacks=(), **settings) -> RunResult:
@@ -139,7 +157,7 @@ def ppo(config=None, *, reward=None, callbacks=(), **settings) -> RunResult:
 def online(config=None, *, scorer=None, **settings) -> dict:
     """Online (iterative) DPO: `directpo online`; the rounds' summary. `scorer`: a batched reward
     instead of the settings' reward_fn / reward_model. Settings: `OnlineConfig`'s."""
-    from .experiments.online import OnlineConfig, run_online
+    from .rlhf.online import OnlineConfig, run_online
 
     return run_online(_settings(OnlineConfig, config, settings), scorer)
 

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UserValueError
 from .models import unwrap_peft
 
 NAME = "directpo_segments"
@@ -141,8 +142,8 @@ def _segment_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         raise RuntimeError(f"the {NAME!r} attention runs only inside directpo.attention.segment_attention()")
     for k in ("sliding_window", "softcap", "s_aux", "position_bias"):
         if kwargs.get(k) is not None:
-            raise ValueError(f"{type(module).__name__} passes {k!r} to its attention, which the segment attention "
-                             "does not implement; use the padded layout (--layout padded)")
+            raise UserValueError(f"{type(module).__name__} passes {k!r} to its attention, which the segment attention "
+                                 "does not implement; use the padded layout (--layout padded)")
     if _use_flex(query, dropout):
         out = _flex()(query, key, value, block_mask=plan.block_mask(query.shape[0], query.shape[2], query.device),
                       scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
@@ -178,7 +179,7 @@ def _use_flex(query: torch.Tensor, dropout: float) -> bool:
     """FlexAttention on CUDA (no dropout: it has none), per-segment SDPA elsewhere; overridable."""
     choice = os.environ.get("DIRECTPO_SEGMENT_KERNEL", "auto")
     if choice not in ("auto", "flex", "sdpa"):
-        raise ValueError(f"DIRECTPO_SEGMENT_KERNEL must be auto, flex or sdpa; got {choice!r}")
+        raise UserValueError(f"DIRECTPO_SEGMENT_KERNEL must be auto, flex or sdpa; got {choice!r}")
     if choice == "sdpa" or dropout:
         return False
     return choice == "flex" or (query.is_cuda and _flex() is not None)

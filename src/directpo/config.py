@@ -19,20 +19,32 @@ import typing
 from dataclasses import MISSING, field, fields
 from typing import Any
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A setting that is unknown, missing or of the wrong type (one line, names the key)."""
 
 
 def setting(default, help: str, **meta):
     """A config field: its default, its help text, and optional `choices`, `required`, `nargs`/`const`,
     bounds `ge`, `gt`, `le`, `lt` (checked by `check_ranges`: every numeric setting in one place), and
-    `input=True` for a path the command reads (`input_paths`: never written over). On the command line:
+    `input=True` for a path the command reads (`input_paths`: never written over), `resumable=True`
+    for a setting a resumed run may change (`ResumableSettings`). On the command line:
     `metavar`, `positional=True` (an argument, not a flag), `exclusive=NAME` (at most one of the fields
     sharing NAME: `check_exclusive`), `switch=FLAG` for a bool shown as that one flag (`--overwrite`, or
     `--no-progress` with `switch_help`; the other form is accepted too), and `parse=f` for a value
     with its own syntax (f(raw) -> value, a ValueError saying what was expected)."""
     return field(default=default, metadata={"help": help, **meta})
+
+
+class ResumableSettings:
+    """`Config.RESUMABLE_CHANGES`: the names of the settings declared `resumable=True`, those a run
+    may change when it resumes from a checkpoint (they do not change its trajectory: --max-steps,
+    --save-every, --threads, ...). Declared on each field, so a new setting says it where it is."""
+
+    def __get__(self, obj, cls) -> frozenset:
+        return frozenset(f.name for f in fields(cls) if f.metadata.get("resumable"))
 
 
 def input_paths(cfg) -> dict[str, str | None]:

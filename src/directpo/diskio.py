@@ -26,9 +26,9 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
 
 from .console import log
+from .errors import UserError
 
 MB = 10**6
 MANIFEST = "manifest.json"
@@ -38,7 +38,7 @@ _SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed writing")
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-class DiskWriteError(OSError):
+class DiskWriteError(UserError, OSError):
     """A write that failed (disk full, quota, I/O error), in one line naming the file: `str()` is
     the message alone, without OSError's "[Errno 28]" prefix."""
 
@@ -49,6 +49,8 @@ class DiskWriteError(OSError):
 def tensor_bytes(obj) -> int:
     """Bytes of every tensor in `obj` (nested dicts, lists, tuples): what a save of it writes, give or
     take the headers. A DTensor counts whole (its numel is the global one)."""
+    import torch  # (here: `directpo demo --help` and the studies' --help load no torch)
+
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
@@ -225,6 +227,8 @@ class _Recording:
 def dump_torch(obj, path) -> None:
     """torch.save(obj) into `path` (not atomic by itself: write into a temporary folder or under
     `replacing`), raising the OS error itself when torch hides it."""
+    import torch
+
     with open(path, "wb") as f:
         sink = _Recording(f)
         try:

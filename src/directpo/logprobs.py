@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .attention import segment_attention, sliding_window, supports_segment_attention
+from .errors import UserValueError
 from .fused import lean_lora, lean_mlp, lean_norms
 from .models import unwrap_peft
 
@@ -191,8 +192,8 @@ def _attention_mask(model: nn.Module, mask: torch.Tensor) -> torch.Tensor:
     if impl == "eager":  # eager attention adds the mask to the scores
         dtype = next(model.parameters()).dtype
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    raise ValueError(f"the packed layout needs 'sdpa' or 'eager' attention, this model uses {impl!r}; "
-                     "use the padded layout (--layout padded)")
+    raise UserValueError(f"the packed layout needs 'sdpa' or 'eager' attention, this model uses {impl!r}; "
+                         "use the padded layout (--layout padded)")
 
 
 ONE_ROW = 1 << 40  # a row capacity no micro-batch reaches: everything in one row
@@ -227,9 +228,9 @@ def token_logps(model: nn.Module, batch, fused: bool = True, segmented: bool = T
         longest = max(P + sum(lens) for _, _, P, lens in batch.segments)
         if window is not None and longest > window:
             # A prepared 4D mask replaces the model's own masking, window included.
-            raise ValueError(f"this model attends within a sliding window of {window} tokens and an example here "
-                             f"is {longest} tokens long: the packed layout cannot express the window; use "
-                             "--layout padded")
+            raise UserValueError(f"this model attends within a sliding window of {window} tokens and an example here "
+                                 f"is {longest} tokens long: the packed layout cannot express the window; use "
+                                 "--layout padded")
         kwargs["attention_mask"] = _attention_mask(model, batch.dense_mask())
     with attend, lean_mlp(model), lean_norms(model), lean_lora(model):
         if parts is not None:

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .errors import UserValueError
+
 
 @dataclass
 class LossOutput:
@@ -271,7 +273,7 @@ def robust_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     """
     eps = label_smoothing
     if not 0 <= eps < 0.5:
-        raise ValueError(f"robust DPO needs a flip rate 0 ≤ ε < 0.5 (label_smoothing), got {eps}")
+        raise UserValueError(f"robust DPO needs a flip rate 0 ≤ ε < 0.5 (label_smoothing), got {eps}")
     cr, rr = _ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     z = beta * (cr - rr)
     losses = ((1 - eps) * -F.logsigmoid(z) - eps * -F.logsigmoid(-z)) / (1 - 2 * eps)
@@ -326,7 +328,7 @@ def exo_pair_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, 
     """
     eps = label_smoothing or EXO_DEFAULT_EPSILON
     if not 0 < eps < 1:
-        raise ValueError(f"EXO needs a label smoothing 0 < ε < 1, got {eps}")
+        raise UserValueError(f"EXO needs a label smoothing 0 < ε < 1, got {eps}")
     cr, rr = _ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     z = beta * (cr - rr)
     losses = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log(1 - eps))

@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import torch
 
 # Re-exported: `directpo.losses` is where users and the trainer import every loss from.
+from .errors import UserValueError
 from .loss_functions import (EXO_DEFAULT_EPSILON, ORPO_MAX_LOGP, LossOutput, apo_down_loss,  # noqa: F401
                              apo_zero_loss, bco_pair_loss, bradley_terry_loss, cdpo_loss, dpo_loss, dpo_norm_loss,
                              exo_pair_loss, hinge_loss, implicit_reward, ipo_avg_loss, ipo_loss, kto_loss,
@@ -295,20 +296,20 @@ def _registered(name: str) -> LossSpec:
     try:
         return LOSSES[name]
     except KeyError:
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}, or a comma list of them "
-                         "(a weighted sum)") from None
+        raise UserValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}, or a comma list of them "
+                             "(a weighted sum)") from None
 
 
 def _check_weights(names: list[str], weights: list[float]) -> None:
     if not names:
-        raise ValueError("a combined loss needs at least one loss")
+        raise UserValueError("a combined loss needs at least one loss")
     if len(weights) != len(names):
-        raise ValueError(f"{len(names)} losses ({','.join(names)}) but {len(weights)} weights")
+        raise UserValueError(f"{len(names)} losses ({','.join(names)}) but {len(weights)} weights")
     twice = next((n for n in names if names.count(n) > 1), None)
     if twice is not None:
-        raise ValueError(f"loss {twice!r} appears twice in a combined loss: give it one weight instead")
+        raise UserValueError(f"loss {twice!r} appears twice in a combined loss: give it one weight instead")
     if any(not math.isfinite(w) or w < 0 for w in weights) or not any(weights):
-        raise ValueError(f"loss weights must be finite, ≥ 0 and not all 0, got {weights}")
+        raise UserValueError(f"loss weights must be finite, ≥ 0 and not all 0, got {weights}")
 
 
 def combine_losses(names: Sequence[str], weights: Sequence[float] | None = None) -> LossSpec:
@@ -331,7 +332,7 @@ def combine_losses(names: Sequence[str], weights: Sequence[float] | None = None)
     specs = [_registered(n) for n in names]
     unpaired = next((n for n, s in zip(names, specs) if s.unpaired), None)
     if unpaired is not None and len(names) > 1:  # its rows are single completions: the others have no pairs
-        raise ValueError(f"loss {unpaired!r} takes unpaired rows and cannot be summed with other losses")
+        raise UserValueError(f"loss {unpaired!r} takes unpaired rows and cannot be summed with other losses")
 
     def run(x: LossInputs, p: LossParams) -> RankedLossOutput:
         total, rewards, components, stats = None, None, {}, {}
@@ -362,7 +363,7 @@ def parse_loss_weights(text: str) -> list[float] | None:
     try:
         return [float(w) for w in text.split(",")]
     except ValueError:
-        raise ValueError(f"loss weights must be a comma list of numbers, got {text!r}") from None
+        raise UserValueError(f"loss weights must be a comma list of numbers, got {text!r}") from None
 
 
 def get_loss(name: str, weights: Sequence[float] | str | None = None) -> LossSpec:
@@ -381,4 +382,4 @@ def get_pairwise_loss(name: str) -> Callable[..., LossOutput]:
     try:
         return PAIRWISE_LOSSES[name]
     except KeyError:
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(PAIRWISE_LOSSES)}") from None
+        raise UserValueError(f"unknown loss {name!r}; choose one of {sorted(PAIRWISE_LOSSES)}") from None

@@ -6,7 +6,8 @@ import os
 
 import torch
 
-from .data.formats import HUB_ID
+from .data.readers import HUB_ID
+from .errors import UserValueError
 from .precision import limit_onednn_cache, resolve_precision
 
 
@@ -30,13 +31,13 @@ def pick_device(device: str | None = None) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"--device {device!r}: not a device name (cpu, cuda, cuda:1, mps, ...)") from None
+        raise UserValueError(f"--device {device!r}: not a device name (cpu, cuda, cuda:1, mps, ...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU is visible"
-        raise ValueError(f"--device {device}: no CUDA device here (torch {torch.__version__} is {build}); use --device "
-                         "cpu or leave --device out")
+        raise UserValueError(f"--device {device}: no CUDA device here (torch {torch.__version__} is {build}); use --device "
+                             "cpu or leave --device out")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        raise UserValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return dev
 
 
@@ -61,7 +62,7 @@ def check_model_source(name_or_dir: str) -> None:
     if os.path.isdir(path):
         return
     if os.path.exists(path):
-        raise ValueError(f"{name_or_dir}: is a file; give the model's directory (with config.json) or a hub id")
+        raise UserValueError(f"{name_or_dir}: is a file; give the model's directory (with config.json) or a hub id")
     first = name_or_dir.split("/")[0]
     local_looking = name_or_dir.startswith(("/", "./", "../", "~", "\\")) or name_or_dir.count("/") > 1 \
         or not HUB_ID.fullmatch(name_or_dir) or ("/" in name_or_dir and os.path.isdir(first))
@@ -81,8 +82,8 @@ def remote_code_error(name_or_dir: str, e: Exception) -> ValueError | None:
         where = f"its own Python code in the folder {os.path.abspath(path)}" + (f" ({', '.join(code)})" if code else "")
     else:
         where = f"its own Python code (see https://huggingface.co/{name_or_dir})"
-    return ValueError(f"{name_or_dir}: loading it runs {where}; directpo runs such code only with "
-                      "--trust-remote-code (read the code first: it runs with your permissions)")
+    return UserValueError(f"{name_or_dir}: loading it runs {where}; directpo runs such code only with "
+                          "--trust-remote-code (read the code first: it runs with your permissions)")
 
 
 @contextlib.contextmanager
@@ -91,8 +92,8 @@ def _remote_code_explained(name_or_dir: str):
         yield
     except ValueError as e:
         explained = remote_code_error(name_or_dir, e)
-        if explained is None:
-            raise
+        if explained is None:  # transformers refusing the model's own files (config.json, ...)
+            raise UserValueError(str(e) if name_or_dir in str(e) else f"{name_or_dir}: {e}") from e
         raise explained from None
 
 
@@ -214,30 +215,11 @@ def empty_model(name_or_dir: str, trust_remote_code: bool = False, dtype: torch.
         hook.remove()
 
 
-# safetensors' dtype names, in the order its serializer sorts a file's data (largest first, then by
-# name): the Rust crate's `Dtype` enum order, descending.
-SAFETENSORS_DTYPES = {torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.float32: "F32",
-                      torch.uint32: "U32", torch.int32: "I32", torch.bfloat16: "BF16", torch.float16: "F16",
-                      torch.uint16: "U16", torch.int16: "I16", torch.float8_e4m3fn: "F8_E4M3",
-                      torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-
-
-def safetensors_header(path: str) -> tuple[int, dict]:
-    """(where the data starts, the JSON header {name: {dtype, shape, data_offsets}, ...}) of a
-    safetensors file: an 8-byte little-endian header length, then the header."""
-    import json
-    import struct
-
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        return 8 + n, json.loads(f.read(n))
-
-
 def safetensors_index(name_or_dir: str) -> dict[str, str]:
     """{tensor name: the safetensors file holding it} of a checkpoint: sharded
     (`model.safetensors.index.json`) or a single `model.safetensors`; a hub id is downloaded (or
-    taken from the cache) first, safetensors and their index only."""
-    import json
+    taken from the cache) first, safetensors and their index only. (The files: `safetensors_io`.)"""
+    from .safetensors_io import weight_map
 
     path = os.path.expanduser(name_or_dir)
     if not os.path.isdir(path):
@@ -247,19 +229,7 @@ def safetensors_index(name_or_dir: str) -> dict[str, str]:
             path = snapshot_download(name_or_dir, allow_patterns=["*.safetensors", "*.safetensors.index.json"])
         except OSError as e:
             raise _hub_error(name_or_dir, e) from e
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.exists(single):
-        raise FileNotFoundError(f"{name_or_dir}: no model.safetensors or model.safetensors.index.json; directpo "
-                                "loads only safetensors (pickled .bin checkpoints can run code). Convert it with "
-                                "`save_pretrained` first")
-    from safetensors import safe_open
-
-    with safe_open(single, framework="pt") as f:
-        return {k: single for k in f.keys()}
+    return weight_map(path, name_or_dir)
 
 
 def check_vocab(tokenizer, model, name: str, ref=None, ref_name: str | None = None) -> None:
@@ -268,8 +238,8 @@ def check_vocab(tokenizer, model, name: str, ref=None, ref_name: str | None = No
     same vocabulary size (their log-probs are compared token by token)."""
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
-        raise ValueError(f"{name}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
-                         f"{rows} rows: they do not belong together")
+        raise UserValueError(f"{name}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has only "
+                             f"{rows} rows: they do not belong together")
     if ref is None:
         return
     ref_name = ref_name or "the reference"
@@ -283,9 +253,9 @@ def check_vocab(tokenizer, model, name: str, ref=None, ref_name: str | None = No
         return m.config.vocab_size
 
     if logits_width(model) != logits_width(ref):
-        raise ValueError(f"{ref_name}: policy and reference have different vocabulary sizes ({name}: "
-                         f"{logits_width(model)}, {ref_name}: {logits_width(ref)}); the reference must share "
-                         "the policy's tokenizer")
+        raise UserValueError(f"{ref_name}: policy and reference have different vocabulary sizes ({name}: "
+                             f"{logits_width(model)}, {ref_name}: {logits_width(ref)}); the reference must share "
+                             "the policy's tokenizer")
 
 
 def safetensors_only_error(name_or_dir: str, e: OSError) -> OSError | None:
@@ -305,8 +275,8 @@ def enable_activation_checkpointing(model) -> None:
     recomputation (no second all-gather for it)."""
     inner = unwrap_peft(model)  # the adapters sit inside the blocks: they are recomputed with them
     if not getattr(inner, "supports_gradient_checkpointing", False):
-        raise ValueError(f"--activation-checkpointing: {type(inner).__name__} does not support activation "
-                         "checkpointing; drop the flag")
+        raise UserValueError(f"--activation-checkpointing: {type(inner).__name__} does not support activation "
+                             "checkpointing; drop the flag")
     kwargs = {"use_reentrant": False}
     if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
         inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

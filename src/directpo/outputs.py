@@ -31,17 +31,18 @@ import socket
 from pathlib import Path
 
 from .console import log
+from .errors import UserError, UserValueError
 
 LOCK_FILE = ".directpo.lock"
 # The files and folders by which a folder is recognised as directpo's own output.
 RUN_MARKERS = ("directpo_config.json", "metrics.jsonl", "run_complete.json", "checkpoints", LOCK_FILE)
 
 
-class OutputDirError(ValueError):
+class OutputDirError(UserError, ValueError):
     """An output folder that must not be written into (one line, names the folder and why)."""
 
 
-class RunLockedError(OSError):
+class RunLockedError(UserError, OSError):
     """Another run holds the output folder's lock."""
 
 
@@ -234,11 +235,11 @@ def check_outputs(outputs: dict[str, str | None], inputs: dict[str, str | None],
             continue
         for other_flag, other in inputs.items():
             if other and same_file(path, other):
-                raise ValueError(f"{flag} {path} is the {other_flag} input file: write the output elsewhere "
-                                 "(--overwrite never replaces an input)")
+                raise UserValueError(f"{flag} {path} is the {other_flag} input file: write the output elsewhere "
+                                     "(--overwrite never replaces an input)")
         for other_flag, other in seen:
             if same_file(path, other):
-                raise ValueError(f"{flag} {path} is also the {other_flag} output: give each output its own file")
+                raise UserValueError(f"{flag} {path} is also the {other_flag} output: give each output its own file")
         seen.append((flag, path))
         if os.path.isdir(path):
             raise IsADirectoryError(f"{flag} {path} is a directory: give a file name")

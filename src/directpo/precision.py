@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .console import log
+from .errors import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 ENV_PIN = "DIRECTPO_AUTO_PRECISION"
@@ -46,7 +47,7 @@ ONEDNN_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY":
 _decided: dict[str, tuple[str, str]] = {}  # per device kind: the decision of this process, logged once
 
 
-class PrecisionError(ValueError):
+class PrecisionError(UserError, ValueError):
     """A precision setting that cannot be used."""
 
 
@@ -119,11 +120,40 @@ def cpu_identity() -> dict:
             "isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
 
 
-def cache_path() -> Path:
+def cache_root() -> tuple[Path, str]:
+    """(directpo's user cache folder, how to name it to the user): $DIRECTPO_CACHE, else
+    $XDG_CACHE_HOME/directpo, else ~/.cache/directpo; the name says which variable set it."""
     if os.environ.get("DIRECTPO_CACHE"):
-        return Path(os.environ["DIRECTPO_CACHE"]) / CACHE_FILE
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "directpo" / CACHE_FILE
+        return Path(os.environ["DIRECTPO_CACHE"]), f"DIRECTPO_CACHE={os.environ['DIRECTPO_CACHE']}"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "directpo", f"XDG_CACHE_HOME={os.environ['XDG_CACHE_HOME']}"
+    path = Path(os.path.expanduser("~")) / ".cache" / "directpo"
+    return path, str(path)
+
+
+def cache_folder_problem(folder: Path, named: str | None = None) -> str | None:
+    """Why files cannot be cached in `folder` (made when missing), in one line naming what set it,
+    or None when they can. `named`: how the user gave the folder (e.g. '--ref-cache /x'); by default
+    the variable that set the cache root when `folder` lies in it ('DIRECTPO_CACHE=/x is a file, not
+    a folder'), else the folder itself. Callers warn and go on without the cache: it is optional."""
+    root, root_named = cache_root()
+    if named is None and (folder == root or root in folder.parents):
+        named = root_named
+    named = named or str(folder)
+    where = next((p for p in (folder, *folder.parents) if os.path.lexists(p)), None)
+    if where is None:
+        return None
+    said = named == str(where) or named.endswith((f"={where}", f" {where}"))  # `named` is the culprit itself
+    whose = "" if said else f": {where}"
+    if not where.is_dir():
+        return f"{named}{whose} is a file, not a folder"
+    if not os.access(where, os.W_OK | os.X_OK):
+        return f"{named}{whose} is not writable"
+    return None
+
+
+def cache_path() -> Path:
+    return cache_root()[0] / CACHE_FILE
 
 
 def _key(identity: dict) -> str:
@@ -140,6 +170,10 @@ def _read_cache(path: Path) -> dict:
 
 
 def _write_cache(path: Path, entries: dict) -> None:
+    problem = cache_folder_problem(path.parent)
+    if problem is not None:  # decide again next time, no harm done
+        log(f"warning: --precision auto: decision not cached: {problem}")
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -12,7 +12,8 @@ that hashes everything the numbers depend on:
 A second run with the same inputs (or another epoch) reads the table and runs no reference
 forward; change any of the above and the key changes, so the table is recomputed. Files are
 written atomically (temporary file + rename): a killed run never leaves a half-written table, and a
-full disk leaves none either: the run goes on uncached, with a one-line warning naming the disk. Each
+full disk leaves none either: the run goes on uncached, with a one-line warning naming the disk (so
+does a cache folder that cannot be one: `DIRECTPO_CACHE` naming a file, or an unwritable folder). Each
 file carries a checksum of its table and the key it was written under; a file whose numbers no
 longer match (edited, damaged, copied under another name) is recomputed, with a warning.
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -28,15 +28,31 @@ import torch
 from safetensors.torch import save_file
 
 from .diskio import replacing, tensor_bytes, write_error
+from .precision import cache_folder_problem, cache_root
 
 CACHE_VERSION = "2"  # 2: tables carry a checksum
 
 
 def default_cache_dir() -> Path:
-    if os.environ.get("DIRECTPO_CACHE"):
-        return Path(os.environ["DIRECTPO_CACHE"]) / "ref_logps"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "directpo" / "ref_logps"
+    """ref_logps/ under directpo's user cache folder (`precision.cache_root`: $DIRECTPO_CACHE, ...)."""
+    return cache_root()[0] / "ref_logps"
+
+
+def usable_cache_dir(cache_dir: str | Path | None, log) -> Path | None:
+    """`cache_dir`, or None (with a one-line warning naming what set it, e.g. 'DIRECTPO_CACHE=/x is
+    a file, not a folder') when no table can be cached there: the run goes on uncached."""
+    if cache_dir is None:
+        return None
+    problem = cache_folder_problem(Path(cache_dir))
+    if problem is None:
+        return Path(cache_dir)
+    if problem not in _warned:  # once per process, not once per table
+        _warned.add(problem)
+        log(f"warning: reference log-probs not cached: {problem}; going on without the cache")
+    return None
+
+
+_warned: set[str] = set()
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -95,6 +111,7 @@ def reference_logps(ref_model, examples, compute, precision: str = "fp32", cache
     disables the cache.
     """
     log = log or (lambda msg: print(f"[directpo] {msg}", file=sys.stderr, flush=True))
+    cache_dir = usable_cache_dir(cache_dir, log)
     if cache_dir is None:
         return compute(ref_model, examples), False
     key = cache_key(model_fp or model_fingerprint(ref_model), examples, precision)
@@ -106,8 +123,8 @@ def reference_logps(ref_model, examples, compute, precision: str = "fp32", cache
             return table, True
     table = compute(ref_model, examples).contiguous()
     metadata = {"examples": str(len(examples)), "precision": precision, "key": key, "sha256": table_checksum(table)}
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with replacing(path, tensor_bytes(table)) as tmp:
             save_file({"logps": table}, str(tmp), metadata=metadata)
     except OSError as e:  # a cache: the run has its table, it only loses the saving for the next one

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .errors import UserValueError
+
 CONFIG_FILE = "directpo_config.json"
 METRICS_FILE = "metrics.jsonl"
 COMPLETE_MARKER = "run_complete.json"
@@ -60,16 +62,16 @@ def read_metrics(path: str | Path, split: str | None = None) -> list[dict]:
         except json.JSONDecodeError as e:
             if n == len(lines):  # the last line, without its newline: still being written
                 continue
-            raise ValueError(f"{path}, line {n}: not JSON ({e.msg}): {_short(line)}") from None
+            raise UserValueError(f"{path}, line {n}: not JSON ({e.msg}): {_short(line)}") from None
         if not isinstance(rec, dict):
-            raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(rec).__name__}: {_short(line)}")
+            raise UserValueError(f"{path}, line {n}: expected a JSON object, got {type(rec).__name__}: {_short(line)}")
         step = rec.get("step")
         if isinstance(step, bool) or not isinstance(step, int):
-            raise ValueError(f"{path}, line {n}: no integer \"step\" (got {step!r}): {_short(line)}")
-        split = rec.get("split", "train")
-        if split not in _SPLITS:
-            raise ValueError(f"{path}, line {n}: \"split\" must be train or eval, got {split!r}")
-        if split is None or split == rec.get("split", "train"):
+            raise UserValueError(f"{path}, line {n}: no integer \"step\" (got {step!r}): {_short(line)}")
+        kind = rec.get("split", "train")
+        if kind not in _SPLITS:
+            raise UserValueError(f"{path}, line {n}: \"split\" must be train or eval, got {kind!r}")
+        if split is None or split == kind:
             records.append(rec)
     return records
 

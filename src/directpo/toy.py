@@ -124,6 +124,8 @@ def build_tiny_model(out_dir: str | Path, texts: list[str], hidden: int = 64, la
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from .diskio import default_mode
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fast = train_tokenizer(texts, vocab_size, chat_template, add_bos)
@@ -135,6 +137,8 @@ def build_tiny_model(out_dir: str | Path, texts: list[str], hidden: int = 64, la
                          pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id,
                          eos_token_id=fast.eos_token_id, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(out)
+    for f in out.glob("*.safetensors"):  # safetensors writes 0600
+        default_mode(f)
     return out
 
 

@@ -24,8 +24,9 @@ def no_loading(monkeypatch, request):
     import directpo.eval.score
     import directpo.eval.scorers
 
-    def loaded(*args, **kwargs):
-        raise ValueError(f"LOADED {args[0] if args else kwargs}")
+    def loaded(*args, **kwargs):  # a user-facing error (a plain ValueError would be a bug: a traceback)
+        from directpo.errors import UserValueError
+        raise UserValueError(f"LOADED {args[0] if args else kwargs}")
 
     for mod in (directpo.eval.bon, directpo.eval.evaluate, directpo.eval.sampling, directpo.eval.score):
         monkeypatch.setattr(mod, "load_model", loaded)

@@ -1,11 +1,14 @@
 """The chat judge against a real HTTP server on 127.0.0.1 speaking the OpenAI chat-completions API,
 scripted per test: position bias, a content judge, a length-biased judge, transient errors and
-retries, refusals, the failure threshold, the API key's secrecy, and `directpo eval` end to end."""
+retries, refusals, the failure threshold, the API key's secrecy, the per-call deadline (a slow
+drip) and the reply-size cap (a 200 MB reply), and `directpo eval` end to end."""
 import json
 import logging
 import re
+import socket
 import threading
 import time
+import tracemalloc
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -41,7 +44,10 @@ class Handler(BaseHTTPRequestHandler):
             server.seen[content] = server.seen.get(content, 0) + 1
             attempt = server.seen[content]
         a, b = PAIR.search(content).groups()
-        code, headers, payload = server.behaviour(a, b, attempt, self)
+        result = server.behaviour(a, b, attempt, self)
+        if result is None:  # the behaviour wrote the reply itself (slowly, or streamed)
+            return
+        code, headers, payload = result
         self.send_response(code)
         for k, v in {"Content-Type": "application/json", "Content-Length": str(len(payload)), **headers}.items():
             self.send_header(k, v)
@@ -54,7 +60,7 @@ def server():
     """A scripted chat-completions endpoint: set `server.behaviour(a, b, attempt, handler)` ->
     (status, headers, body), `attempt` counting the requests with the same prompt (1 first)."""
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.lock, srv.requests, srv.seen = threading.Lock(), [], {}
+    srv.lock, srv.requests, srv.seen, srv.sent = threading.Lock(), [], {}, []
     srv.behaviour = lambda a, b, attempt, h: verdict("A")
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -230,3 +236,134 @@ def test_eval_command_with_the_judge_endpoint(server, tiny_model, tmp_path, monk
     assert entry["judge_calls"] == 16 == len(server.requests) and entry["n_boot"] == 2000
     printed = json.loads(out.strip().splitlines()[-1])
     assert printed["win_rate_lc"] == res["win_rate_lc"] and printed["win_rate_ci"] == res["win_rate_ci"]
+
+
+# --- the per-call deadline and the reply-size cap (issue #27, item 8) ---
+
+HEAD = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+
+
+def drip(where: str, every: float = 0.5, bytes_sent: int = 24):
+    """A behaviour sending one byte every `every` seconds: of the status line and headers ("head"), or
+    of a 100 kB body after them ("body"). A per-read timeout never fires on it: each byte comes in time.
+    It hangs up after `bytes_sent` bytes (12 s), so that a client without a deadline fails the test's
+    timing instead of hanging it."""
+    def behaviour(a, b, attempt, h):
+        data = HEAD if where == "head" else b" " * 100_000
+        try:
+            if where == "body":
+                h.wfile.write(HEAD)
+            for i in range(bytes_sent):
+                h.wfile.write(data[i:i + 1])
+                time.sleep(every)
+        except OSError:  # the client hung up: what the test wants
+            pass
+    return behaviour
+
+
+def stream(total: int, content_length: bool, chunk: int = 1 << 16):
+    """A behaviour streaming `total` bytes of spaces, made chunk by chunk (never held whole), with or
+    without a Content-Length (without: the client reads until the server closes). `server.sent` gets
+    the bytes the server managed to send before the client hung up."""
+    def behaviour(a, b, attempt, h):
+        # a small send buffer, so that what was sent is close to what the client took in
+        h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        if content_length:
+            h.send_header("Content-Length", str(total))
+        h.end_headers()
+        piece, sent = b" " * chunk, 0
+        try:
+            while sent < total:
+                h.wfile.write(piece[:total - sent])
+                sent += min(chunk, total - sent)
+        except OSError:
+            pass
+        finally:
+            with h.server.lock:
+                h.server.sent.append(sent)
+    return behaviour
+
+
+@pytest.mark.parametrize("where", ["head", "body"])
+def test_a_slow_drip_fails_the_call_at_its_deadline(server, where):
+    """Before, --judge-timeout bounded each socket read: a server sending a byte every 2 s held one
+    call for minutes. Now the call (connect, send, the whole reply) has a wall-clock deadline: a drip
+    in the headers or in the body fails at 2 s, a failure of kind `deadline`; the other comparison
+    is judged as usual."""
+    normal = verdict("A")
+    server.behaviour = lambda a, b, attempt, h: drip(where)(a, b, attempt, h) if "DRIP" in a + b else normal
+    start = time.monotonic()
+    s = judge_of(server, timeout=2, retries=0, max_failure_rate=0.5).judge(
+        ["q0", "q1"], ["DRIP", "fine"], ["r0", "r1"]).summary()
+    elapsed = time.monotonic() - start
+    assert 2 <= elapsed < 5, elapsed
+    assert s["judge_failure_kinds"] == {"deadline": 1} and s["judged"] == 1 and s["judge_retries"] == 0
+    # over the threshold: one line naming the deadline and the flag that sets it
+    start = time.monotonic()
+    with pytest.raises(JudgeError, match=r"1 of 1 comparisons failed .*: 1 × deadline \(no whole reply within "
+                                         r"--judge-timeout 2 s: connect, send and reply\): check that --judge-url "
+                                         r"is responsive, or raise --judge-timeout$"):
+        judge_of(server, timeout=2, retries=0, order="random").judge(["q2"], ["DRIP"], ["r2"])
+    assert time.monotonic() - start < 5
+
+
+def test_a_deadline_is_retried_like_a_timeout(server):
+    """The first attempt drips past its 1 s deadline, the retry is answered: a success, one retry."""
+    server.behaviour = lambda a, b, attempt, h: drip("body")(a, b, attempt, h) if attempt == 1 else verdict("B")
+    start = time.monotonic()
+    s = judge_of(server, timeout=1, retries=1, order="random").judge(["q0"], ["x"], ["y"]).summary()
+    assert time.monotonic() - start < 4
+    assert s["judged"] == 1 and s["judge_failures"] == 0 and s["judge_retries"] == 1 and len(server.requests) == 2
+
+
+@pytest.mark.parametrize("content_length", [True, False], ids=["content-length", "read-until-close"])
+def test_a_200mb_reply_is_abandoned_at_the_cap(server, content_length):
+    """Before, a 200 MB reply was read whole (1 GB RSS). Now at most --judge-max-reply-bytes (1 MB) + 1
+    is read (none when its Content-Length says it is larger): a failure of kind `reply_too_large`,
+    not retried (the endpoint would send it again), and Python's allocations stay small."""
+    server.behaviour = lambda a, b, attempt, h: stream(200_000_000, content_length)(a, b, attempt, h)
+    tracemalloc.start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(JudgeError, match=r"1 × reply_too_large \(over --judge-max-reply-bytes 1048576, "
+                                             r"abandoned unread\): check --judge-url, or raise "
+                                             r"--judge-max-reply-bytes$"):
+            judge_of(server, order="random", retries=3).judge(["q0"], ["x"], ["y"])
+        elapsed = time.monotonic() - start
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    for _ in range(100):  # the server's thread notices the hang-up on its next write
+        if server.sent:
+            break
+        time.sleep(0.05)
+    assert len(server.requests) == 1 and len(server.sent) == 1  # not retried
+    # what the server got out before the client hung up: the cap (when read) and the two socket buffers
+    assert server.sent[0] < 16_000_000, server.sent
+    assert peak < 20_000_000, peak
+    assert elapsed < 5, elapsed
+
+
+@pytest.mark.parametrize("content_length", [True, False], ids=["content-length", "read-until-close"])
+def test_the_cap_is_exact(server, content_length):
+    """A reply of exactly --judge-max-reply-bytes is read and judged; one byte more is refused."""
+    def padded(size):
+        body = json.dumps({"choices": [{"message": {"content": "Comparison: x.\nMore helpful: A"}}]}).encode()
+        return body + b" " * (size - len(body))  # trailing whitespace: still valid JSON
+
+    def behaviour(a, b, attempt, h):
+        payload = padded(1024 if "FITS" in a + b else 1025)
+        h.send_response(200)
+        if content_length:
+            h.send_header("Content-Length", str(len(payload)))
+        h.end_headers()
+        h.wfile.write(payload)
+
+    server.behaviour = behaviour
+    s = judge_of(server, order="random", max_reply_bytes=1024, max_failure_rate=0.5).judge(
+        ["q0", "q1"], ["FITS", "over"], ["r0", "r1"]).summary()
+    assert s["judged"] == 1 and s["judge_failure_kinds"] == {"reply_too_large": 1}
+    with pytest.raises(ValueError, match="--judge-max-reply-bytes must be an integer ≥ 1024, got 1023"):
+        judge_of(server, max_reply_bytes=1023)

@@ -69,8 +69,9 @@ def nearly_full_disk() -> None:
     shutil.disk_usage = disk_usage
 
 
-class _FillsUp:
-    """A file that takes `room` bytes, then fails as a full disk does."""
+class FillsUp:
+    """A file that takes `room` bytes, then fails as a full disk does (ENOSPC). Also used in process
+    by tests/faults/test_disk_and_checkpoints.py."""
 
     def __init__(self, f, room: int):
         self.f, self.room = f, room
@@ -85,6 +86,12 @@ class _FillsUp:
     def __getattr__(self, name):
         return getattr(self.f, name)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
 
 def enospc_at_checkpoint(step: int) -> None:
     import torch
@@ -94,7 +101,7 @@ def enospc_at_checkpoint(step: int) -> None:
 
     def save(obj, f, *a, **kw):
         if f"step-{step:08d}" in str(f) and "optimizer" in str(f):
-            f = _FillsUp(f, 1000)
+            f = FillsUp(f, 1000)
         return real(obj, f, *a, **kw)
 
     torch.save = save
@@ -125,7 +132,7 @@ def enospc_at_final_save() -> None:
 
     def stream_open(self, path):
         close = real_open(self, path)
-        self.file = _FillsUp(self.file, 4096)
+        self.file = FillsUp(self.file, 4096)
         return close
 
     export.SafetensorsStream.open = stream_open

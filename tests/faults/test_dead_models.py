@@ -3,22 +3,18 @@ success; infinite settings are refused before anything loads, each error naming 
 import json
 
 import pytest
+from conftest import review_pairs, train_argv
 
 from directpo.cli import main
-from directpo.toy import review_task, write_jsonl
 from directpo.training.alarms import HealthMonitor
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    rows, _ = review_task(n_train=24, n_eval=1, seed=3)
-    return write_jsonl(rows, tmp_path_factory.mktemp("dead") / "d.jsonl")
+    return review_pairs(tmp_path_factory.mktemp("dead"))
 
 
-def _train(model, data, out, *extra):
-    return ["train", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--batch-size", "4",
-            "--micro-batch-size", "4", "--max-length", "64", "--warmup-steps", "0", "--no-progress",
-            "--threads", "1", *extra]
+_train = train_argv
 
 
 def _error(capsys) -> str:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from inject import FillsUp  # (tests/faults/inject.py: the same full disk as the CLI runs get)
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -106,32 +107,9 @@ def test_a_full_disk_at_the_final_save_writes_nothing_and_resume_finishes(tiny_m
 
 # ---- full disk: each writer, in process ----
 
-class _FillsUp:
-    """A file with room for `room` bytes, then ENOSPC, as a full disk gives it."""
-
-    def __init__(self, f, room: int):
-        self.f, self.room = f, room
-
-    def write(self, data):
-        n = memoryview(data).nbytes
-        if n > self.room:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.room -= n
-        return self.f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
 def test_torch_save_on_a_full_disk_raises_the_os_error_not_unexpected_pos(tmp_path, monkeypatch):
     real_open = open
-    monkeypatch.setattr(diskio, "open", lambda p, mode="r", *a, **k: _FillsUp(real_open(p, mode, *a, **k), 300)
+    monkeypatch.setattr(diskio, "open", lambda p, mode="r", *a, **k: FillsUp(real_open(p, mode, *a, **k), 300)
                         if "w" in mode else real_open(p, mode, *a, **k), raising=False)
     target = tmp_path / "x.pt"
     with pytest.raises(diskio.DiskWriteError) as e:
@@ -236,7 +214,7 @@ def test_the_final_model_and_its_export_leave_the_folder_as_it_was(tiny_model, t
 
 
 def _open_full(stream, path):
-    stream.file = _FillsUp(open(path, "wb"), 100)
+    stream.file = FillsUp(open(path, "wb"), 100)
     return stream.close
 
 

@@ -8,22 +8,19 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import review_pairs, train_argv
 
 from directpo.cli import main
 from directpo.outputs import LOCK_FILE, OutputDirError, RunLock, RunLockedError, check_output_dir
-from directpo.toy import review_task, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    rows, _ = review_task(n_train=8, n_eval=1, seed=5)
-    return write_jsonl(rows, tmp_path_factory.mktemp("outdirs") / "d.jsonl")
+    return review_pairs(tmp_path_factory.mktemp("outdirs"), n_train=8, seed=5)
 
 
 def _train(model, data, out, *extra):
-    return ["train", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--batch-size", "4",
-            "--micro-batch-size", "4", "--max-length", "64", "--warmup-steps", "0", "--no-progress",
-            "--threads", "1", "--max-steps", "1", *extra]
+    return train_argv(model, data, out, "--max-steps", "1", *extra)
 
 
 def _snapshot(folder: Path) -> dict:

@@ -6,8 +6,9 @@ import pytest
 
 from directpo.toy import review_task, write_jsonl
 from directpo.training import TrainConfig
-from directpo.training.card import (IGNORE_PATTERNS, base_model_id, card_data, check_repo_id, dataset_id,
-                                 invoked_command_line, method_rows, push_to_hub, recorded_alerts, write_model_card)
+from directpo.training.card import (base_model_id, card_data, dataset_id, invoked_command_line, method_rows,
+                                 recorded_alerts, write_model_card)
+from directpo.training.hub import IGNORE_PATTERNS, check_repo_id, push_to_hub
 
 
 @pytest.fixture(scope="module")
@@ -171,10 +172,14 @@ def test_command_line_and_repo_id_checks():
 
 
 def test_recorded_alerts(tmp_path):
+    """Read with the one metrics reader (`runfiles.read_metrics`): an unfinished last line is passed
+    over; a file it refuses (a broken line before the last) gives None, and the card no alarm section."""
     assert recorded_alerts(tmp_path) == []
     a1, a2 = {"name": "grad_spike", "step": 3, "message": "m1"}, {"name": "overfitting", "step": 4, "message": "m2"}
-    (tmp_path / "metrics.jsonl").write_text("\n".join([
-        json.dumps({"split": "train", "step": 3, "loss": 1.0, "alerts": [a1]}),
-        json.dumps({"split": "train", "step": 4, "loss": 1.0}), "{cut sho",
-        json.dumps({"split": "eval", "step": 4, "loss": 1.0, "alerts": [a2]})]) + "\n")
+    lines = [json.dumps({"split": "train", "step": 3, "loss": 1.0, "alerts": [a1]}),
+             json.dumps({"split": "train", "step": 4, "loss": 1.0}),
+             json.dumps({"split": "eval", "step": 4, "loss": 1.0, "alerts": [a2]})]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n{cut sho")
     assert recorded_alerts(tmp_path) == [a1, a2]
+    (tmp_path / "metrics.jsonl").write_text("\n".join([lines[0], "{cut sho", *lines[1:]]) + "\n")
+    assert recorded_alerts(tmp_path) is None

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from directpo import safetensors_io
 from directpo.toy import review_task, write_jsonl
 from directpo.training import export
 from directpo.training.distributed import Dist
@@ -126,7 +127,7 @@ def test_a_streamed_safetensors_file_is_save_files_byte_for_byte(tmp_path):
     tensors["empty"] = torch.zeros(0, 4)
     tensors["a.scalar"] = torch.tensor(3.5)
     save_file(tensors, str(tmp_path / "theirs.safetensors"), metadata={"format": "pt"})
-    entries = sorted(tensors.items(), key=lambda e: export._data_order(e[0], e[1].dtype))
+    entries = sorted(tensors.items(), key=lambda e: safetensors_io.data_order(e[0], e[1].dtype))
     writer = export.SafetensorsStream([(n, t.dtype, tuple(t.shape)) for n, t in entries])
     with export._replaced(tmp_path / "ours.safetensors", writer.open):
         for _, t in entries:

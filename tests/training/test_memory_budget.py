@@ -7,6 +7,7 @@ import torch
 
 from directpo.config import ConfigError
 from directpo.training import TrainConfig, train
+from directpo.training import budget as B
 from directpo.training import plan as P
 
 
@@ -39,27 +40,47 @@ def test_the_largest_fitting_divisor_of_the_batch():
     tokens = lambda m: 100 * m  # noqa: E731
     kw = dict(fixed=1000, intercept=0, per_token=1.0, tokens_of=tokens)
     # batch 12: divisors 1, 2, 3, 4, 6, 12; a budget for 5 examples fits 4 (5 does not divide 12)
-    p = P.choose_micro_batch(1000 + 500, 12, 1, **kw)
+    p = B.choose_micro_batch(1000 + 500, 12, 1, **kw)
     assert p["micro_batch_size"] == 4 and p["need"] == 1400 and p["fits"]
     assert p["need_by_micro_batch"] == {"1": 1100, "2": 1200, "3": 1300, "4": 1400, "6": 1600, "12": 2200}
-    assert P.choose_micro_batch(10 ** 9, 12, 1, **kw)["micro_batch_size"] == 12
-    assert P.choose_micro_batch(10 ** 9, 12, 2, **kw)["micro_batch_size"] == 6  # at most a process's share
+    assert B.choose_micro_batch(10 ** 9, 12, 1, **kw)["micro_batch_size"] == 12
+    assert B.choose_micro_batch(10 ** 9, 12, 2, **kw)["micro_batch_size"] == 6  # at most a process's share
     # several processes: a size is taken only where it fits on every one (here another allows 2 only)
     other = {"1": 1.0, "2": 1.0, "3": 0.0, "4": 0.0, "6": 0.0, "ranks": 1.0}
     agree = lambda votes: {k: votes[k] + other.get(k, 0.0) for k in votes}  # noqa: E731
-    assert P.choose_micro_batch(1000 + 600, 12, 2, **kw, agree=agree)["micro_batch_size"] == 2
+    assert B.choose_micro_batch(1000 + 600, 12, 2, **kw, agree=agree)["micro_batch_size"] == 2
     # a resumed run keeps its micro-batch, over budget or not
-    kept = P.choose_micro_batch(1000 + 150, 12, 1, **kw, keep=6)
+    kept = B.choose_micro_batch(1000 + 150, 12, 1, **kw, keep=6)
     assert kept["micro_batch_size"] == 6 and not kept["fits"]
 
 
 def test_an_impossible_budget_names_the_minimum():
-    with pytest.raises(P.MemoryBudgetError) as e:
-        P.choose_micro_batch(2 ** 20, 8, 1, fixed=300 * 2 ** 20, intercept=0, per_token=2 ** 10,
+    with pytest.raises(B.MemoryBudgetError) as e:
+        B.choose_micro_batch(2 ** 20, 8, 1, fixed=300 * 2 ** 20, intercept=0, per_token=2 ** 10,
                              tokens_of=lambda m: 1024 * m)
     msg = str(e.value)
     assert "\n" not in msg and isinstance(e.value, ValueError)
     assert "--memory-budget 1 MiB: too small" in msg and "needs at least 301 MiB" in msg and "1024 tokens" in msg
+
+
+def test_sizes_below_a_mib_are_said_in_kib_or_bytes():
+    """#27 item 9: `--memory-budget 1KiB` was echoed as "0 MiB"."""
+    assert B.size_str(P.parse_size("1KiB")) == "1 KiB"
+    assert B.size_str(1536) == "1.5 KiB" and B.size_str(1000) == "1000 bytes" and B.size_str(0) == "0 bytes"
+    assert B.size_str(2 ** 20) == "1 MiB" and B.size_str(3 * 2 ** 30) == "3.00 GiB"
+    with pytest.raises(B.MemoryBudgetError) as e:
+        B.choose_micro_batch(P.parse_size("1KiB"), 8, 1, fixed=300 * 2 ** 20, intercept=0, per_token=2 ** 10,
+                             tokens_of=lambda m: 1024 * m)
+    assert str(e.value).startswith("--memory-budget 1 KiB: too small") and " 0 MiB" not in str(e.value)
+
+
+def test_the_static_plan_and_the_measured_budget_are_two_modules():
+    """#28 item 5: `training.plan` is the arithmetic on the config (`directpo plan`), `training.budget`
+    the probe on the loaded model (`--memory-budget`); the settings read sizes through `plan.parse_size`."""
+    for name in ("choose_micro_batch", "format_memory_plan", "activation_bytes_measured", "current_memory",
+                 "plan_for_budget", "MemoryBudgetError", "size_str"):
+        assert hasattr(B, name) and not hasattr(P, name), name
+    assert B.parse_size is P.parse_size
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +109,7 @@ def test_the_measured_activation_cost_grows_with_the_tokens(tiny_model, task, on
     exs = sorted(tokenize_examples(load_examples(str(task)), tok, 64, None), key=lambda e: e.num_tokens)
     collate = make_collate("packed", tok.pad_token_id, 1 << 40)
     cpu = torch.device("cpu")
-    small, big = (P.activation_bytes_measured(model, collate(e), cpu, "fp32") for e in (exs[:1], exs[-4:]))
+    small, big = (B.activation_bytes_measured(model, collate(e), cpu, "fp32") for e in (exs[:1], exs[-4:]))
     assert big > small > P.HEAD_CHUNK_BYTES
     assert all(p.grad is None for p in model.parameters())  # the probe leaves no gradient behind
 
@@ -97,7 +118,7 @@ def test_a_planned_run_takes_a_smaller_micro_batch_and_the_same_gradients(tiny_m
                                                                           one_thread):
     # The process's own memory depends on what ran before in this test session: count it as 0, so
     # the budget below sits between the measured needs of micro-batches 2 and 4 on any machine.
-    monkeypatch.setattr(P, "current_memory", lambda device: 0)
+    monkeypatch.setattr(B, "current_memory", lambda device: 0)
     train(_cfg(tiny_model, task, tmp_path / "probe", memory_budget="64GiB", max_steps=1))
     needs = json.loads((tmp_path / "probe" / "directpo_config.json").read_text())["memory_plan"]["need_by_micro_batch"]
     assert needs["1"] < needs["2"] < needs["4"] < needs["8"]
@@ -127,7 +148,7 @@ def test_a_planned_run_takes_a_smaller_micro_batch_and_the_same_gradients(tiny_m
 
 
 def test_an_impossible_budget_stops_the_run_before_training(tiny_model, task, tmp_path, one_thread):
-    with pytest.raises(P.MemoryBudgetError, match=r"--memory-budget 1 MiB: too small for this run, which needs at "
+    with pytest.raises(B.MemoryBudgetError, match=r"--memory-budget 1 MiB: too small for this run, which needs at "
                                                   r"least [0-9.]+ (MiB|GiB)"):
         train(_cfg(tiny_model, task, tmp_path / "run", memory_budget="1MiB"))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
@@ -136,7 +157,7 @@ def test_an_impossible_budget_stops_the_run_before_training(tiny_model, task, tm
 def test_bench_prints_the_plan_of_each_directpo_configuration():
     from directpo.bench.report import _plan_lines
 
-    plan = P.choose_micro_batch(1500, 8, 1, fixed=1000, intercept=0, per_token=1.0, tokens_of=lambda m: 100 * m)
+    plan = B.choose_micro_batch(1500, 8, 1, fixed=1000, intercept=0, per_token=1.0, tokens_of=lambda m: 100 * m)
     runs = [{"system": "directpo", "config": "fp32", "memory_plan": plan},
             {"system": "directpo", "config": "fp32", "memory_plan": plan},  # a second round: printed once
             {"system": "trl", "config": "fp32 (live ref)"}]

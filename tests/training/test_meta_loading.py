@@ -113,7 +113,7 @@ def test_a_ranks_rows_are_read_from_the_file_without_mapping_it(tmp_path):
     as is (another dtype, another shape), and names a truncated file."""
     from safetensors.torch import save_file
 
-    from directpo.training.distributed import _read_rows
+    from directpo.safetensors_io import read_rows as _read_rows
 
     path = tmp_path / "m.safetensors"
     t = {"a": torch.randn(7, 3), "b": torch.randn(5, 2, 2).bfloat16(), "ids": torch.arange(6)}

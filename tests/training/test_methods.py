@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import hh_rows
-from helpers_ranking import ranking_experiment
+from directpo.experiments.ranking import ranking_experiment
 
 from directpo.cli import main
 from directpo.toy import ranked_review_task, review_task, write_jsonl
@@ -148,7 +148,7 @@ def test_unlikelihood_and_sft_weight(tiny_model, tmp_path):
 
 
 def test_plackett_luce_beats_best_vs_worst_dpo_on_heldout_ranking(tmp_path):
-    """The issue's comparison, at equal steps, on the synthetic K = 4 task (tests/helpers_ranking.py; the
+    """The issue's comparison, at equal steps, on the synthetic K = 4 task (directpo/experiments/ranking.py; the
     same experiment as scripts/ranking_experiment.py)."""
     res = ranking_experiment(tmp_path, steps=60, only=["plackett_luce", "dpo_best_worst"])
     assert res["plackett_luce"]["kendall_tau"][0] > res["dpo_best_worst"]["kendall_tau"][0] + 0.05

@@ -126,3 +126,11 @@ def test_the_command_prints_a_table_and_json(tiny_model, capsys):
     assert result["plan"]["parts"]["fsdp_gathered_blocks"] > 0
     assert main(["plan", "--model", str(tiny_model), "--fsdp-cpu-offload"]) == 2  # a one-line error
     assert "needs --fsdp" in capsys.readouterr().err
+
+
+def test_small_parts_are_said_in_kib_not_as_zero_mib():
+    """#27 item 9's sizes: a part below a tenth of a MiB (LoRA's gradients of a small model) was "0.00 MiB"."""
+    from directpo.training.plan import format_plan
+
+    text = format_plan(plan(_cfg(fsdp=False, nproc=1, lora_r=2), shape=HAND))
+    assert "gradients" in text and "KiB" in text and " 0.00 MiB" not in text

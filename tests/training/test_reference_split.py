@@ -150,9 +150,11 @@ def test_each_process_computes_its_share_of_the_reference_table(tiny_model, tmp_
     loss = "plackett_luce" if mode == "fsdp" else "dpo"
     train, evals = _rows(tmp_path, ranking=mode == "fsdp")
     counts, cache = tmp_path / "counts", tmp_path / "cache"
+    # steps that draw every example (a run that draws fewer computes their rows alone); batches of
+    # 6, 6, 6, 3: each rank's share of each batch is the same number of micro-batches (FSDP's lockstep)
     err = _torchrun([__file__, str(counts), "train", "--model", str(tiny_model), "--data", str(train),
-                     "--eval-data", str(evals), "--loss", loss, "--batch-size", "4", "--micro-batch-size", "2",
-                     "--max-steps", "1", "--max-length", "64", "--precision", "fp32", "--no-progress",
+                     "--eval-data", str(evals), "--loss", loss, "--batch-size", "6", "--micro-batch-size", "2",
+                     "--max-steps", "4", "--max-length", "64", "--precision", "fp32", "--no-progress",
                      "--threads", "1", "--ref-cache", str(cache), "--output-dir", str(tmp_path / "run"),
                      *(["--fsdp"] if mode == "fsdp" else [])])
     assert f"reference log-probs (train): 2 processes computed {(N_TRAIN + 1) // 2} examples each" in err

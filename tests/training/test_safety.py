@@ -2,14 +2,13 @@
 diverging run stopped, Ctrl-C saves a checkpoint, --resume never silently starts over, crashed
 checkpoint writes cleaned up."""
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from conftest import review_pairs, train_argv
 import torch
 from safetensors.torch import load_file
 
@@ -20,14 +19,10 @@ from directpo.training.checkpoint import list_checkpoints
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    rows, _ = review_task(n_train=24, n_eval=1, seed=3)
-    return write_jsonl(rows, tmp_path_factory.mktemp("safety") / "d.jsonl")
+    return review_pairs(tmp_path_factory.mktemp("safety"))
 
 
-def _argv(model, data, out, *extra):
-    return ["train", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--batch-size", "4",
-            "--micro-batch-size", "4", "--max-length", "64", "--warmup-steps", "0", "--no-progress",
-            "--threads", "1", *extra]
+_argv = train_argv
 
 
 @pytest.mark.parametrize("flag, value, says", [

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from ..console import log
+from ..errors import UserValueError
 from .procfs import (
     MeasureError,
     MiB,
@@ -364,15 +365,15 @@ def fsdp_memory(args) -> dict:
     from .runner import _child_env, prepare_pairs
 
     if args.nproc < 2:
-        raise ValueError("--fsdp-memory: --nproc must be at least 2 (FSDP shards over several processes)")
+        raise UserValueError("--fsdp-memory: --nproc must be at least 2 (FSDP shards over several processes)")
     env = _child_env()
     if args.pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(x for x in (str(Path(args.pythonpath).resolve()),
                                                           env.get("PYTHONPATH")) if x)
     code = _code_of(env)
     if args.checkpoint_format == "sharded" and not code["checkpoint_format_flag"]:
-        raise ValueError(f"{code['directpo']}: this directpo has no --checkpoint-format (full checkpoints only); "
-                         "measure it with --checkpoint-format full")
+        raise UserValueError(f"{code['directpo']}: this directpo has no --checkpoint-format (full checkpoints only); "
+                             "measure it with --checkpoint-format full")
     fmt = args.checkpoint_format if code["checkpoint_format_flag"] else None
     work = Path(tempfile.mkdtemp(prefix="directpo-fsdp-memory-"))
     if args.keep_work:

@@ -8,13 +8,13 @@ import os
 import re
 from pathlib import Path
 
+from ..errors import UserError
+
 MiB = 1 << 20
 
 
-class MeasureError(RuntimeError):
+class MeasureError(UserError, RuntimeError):
     """A measured command failed: a one-line error (with its log's tail) for the CLI."""
-
-    user_error = True
 
 
 _STATUS_RE = re.compile(r"^(VmHWM|VmRSS|RssAnon|RssFile|RssShmem):\s+(\d+)\s*kB", re.MULTILINE)

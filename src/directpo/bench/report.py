@@ -216,7 +216,7 @@ def _sweep_lines(sweep: list[dict]) -> list[str]:
 
 def _plan_lines(runs: list[dict]) -> list[str]:
     """--memory-budget: the plan each directpo configuration ran with (its first round's)."""
-    from ..training.plan import format_memory_plan
+    from ..training.budget import format_memory_plan
 
     lines, seen = [], set()
     for x in runs:

@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..console import log
+from ..diskio import default_mode
+from ..errors import UserValueError
 from .flops import ModelDims, bf16_decision, model_dims, probe_peaks
 from .report import DEFINITIONS, compare_systems, format_report, summarize_config, summarize_directpo, summarize_trl
 
@@ -66,7 +68,7 @@ def parse_systems(s: str) -> list[str]:
         return []
     bad = [x for x in names if x not in ("directpo", "trl")]
     if bad:
-        raise ValueError(f"--systems: unknown system(s) {', '.join(bad)} (choose from directpo, trl, or none)")
+        raise UserValueError(f"--systems: unknown system(s) {', '.join(bad)} (choose from directpo, trl, or none)")
     return list(dict.fromkeys(names))
 
 
@@ -76,9 +78,9 @@ def parse_vocab_sweep(s: str | None) -> list[int]:
     try:
         sizes = [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--vocab-sweep: expected comma-separated integers, got {s!r}") from None
+        raise UserValueError(f"--vocab-sweep: expected comma-separated integers, got {s!r}") from None
     if any(v < 1 for v in sizes):
-        raise ValueError("--vocab-sweep: vocabulary sizes must be ≥ 1")
+        raise UserValueError("--vocab-sweep: vocabulary sizes must be ≥ 1")
     return sizes
 
 
@@ -137,8 +139,8 @@ def prepare_pairs(data: str, model: str, n: int, max_length: int | None, out_pat
         if len(rows) == n:
             break
     if len(rows) < n:
-        raise ValueError(f"{data}: {len(rows)} usable pairs, the benchmark needs batch × (steps + 1) = {n}; "
-                         f"lower --steps or --batch ({report.summary()})")
+        raise UserValueError(f"{data}: {len(rows)} usable pairs, the benchmark needs batch × (steps + 1) = {n}; "
+                             f"lower --steps or --batch ({report.summary()})")
     with open(out_path, "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
@@ -262,6 +264,8 @@ def _save_vocab_variant(model: str, vocab: int, out: Path, tokenizer) -> tuple[i
     torch.manual_seed(0)
     m = AutoModelForCausalLM.from_config(config)
     m.save_pretrained(out)
+    for f in Path(out).glob("*.safetensors"):  # safetensors writes 0600
+        default_mode(f)
     tokenizer.save_pretrained(out)
     params = sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
     del m
@@ -352,13 +356,13 @@ def _machine(device) -> dict:
 def _check_args(args) -> tuple[list[str], list[int]]:
     """(systems, vocabulary sizes) of the flags, or a ValueError."""
     if args.batch < 1 or args.steps < 1 or args.rounds < 1:
-        raise ValueError("--batch, --steps and --rounds must be ≥ 1 (the first of steps + 1 steps is a warm-up)")
+        raise UserValueError("--batch, --steps and --rounds must be ≥ 1 (the first of steps + 1 steps is a warm-up)")
     if getattr(args, "lora_r", 0) < 0:
-        raise ValueError(f"--lora-r {args.lora_r}: the LoRA rank must be ≥ 0 (0: full fine-tuning)")
+        raise UserValueError(f"--lora-r {args.lora_r}: the LoRA rank must be ≥ 0 (0: full fine-tuning)")
     systems = parse_systems(args.systems)
     sweep = parse_vocab_sweep(args.vocab_sweep)
     if not systems and not sweep:
-        raise ValueError("nothing to run: --systems none and no --vocab-sweep")
+        raise UserValueError("nothing to run: --systems none and no --vocab-sweep")
     return systems, sweep
 
 

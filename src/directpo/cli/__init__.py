@@ -15,6 +15,7 @@ import re
 import sys
 
 from .. import __version__
+from ..errors import UserError
 from .args import HelpFormatter
 
 # command: (module in this package, one-line help). The order is the order of `directpo --help`.
@@ -70,10 +71,48 @@ def _command_of(argv: list[str]) -> str | None:
 
 
 def is_user_error(e: BaseException) -> bool:
-    """A mistake in the input or the settings, or a run stopped on purpose (it says why): one line,
-    no traceback. ValueError/OSError subclasses (DataError, ConfigError, FileExistsError, ...) and
-    exceptions marked `user_error = True` (a diverged or interrupted run)."""
-    return isinstance(e, (ValueError, OSError)) or getattr(e, "user_error", False)
+    """A mistake in the input, the settings or the environment, or a run stopped on purpose (it says
+    why): one line, no traceback. `errors.UserError` (DataError, ConfigError, a diverged or
+    interrupted run, ...), `OSError` (the user's files: FileNotFoundError, a full disk, ...) and
+    exceptions marked `user_error = True`. A plain ValueError is a bug in directpo, not a mistake."""
+    return isinstance(e, (UserError, OSError)) or getattr(e, "user_error", False)
+
+
+def bug_report_line() -> str:
+    """The line under the traceback of an error that is directpo's own."""
+    return (f"directpo: this is a bug in directpo {__version__}, not a mistake in your input; please report it "
+            "with the traceback above to the maintainers")
+
+
+def _user_code_frame(e: BaseException) -> tuple[str, int] | None:
+    """(file, line) of the innermost frame of `e`'s traceback in the user's own code (a --reward-fn
+    module, a model's remote code) below directpo's last frame; None when the error rose from
+    directpo itself, or from the libraries (installed packages, the standard library) it called."""
+    import sysconfig
+    import traceback
+
+    package = os.path.dirname(os.path.dirname(os.path.realpath(__file__))) + os.sep
+    libraries = tuple({os.path.realpath(sysconfig.get_paths()[k]) + os.sep
+                       for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+    found = None
+    for frame, line in traceback.walk_tb(e.__traceback__):
+        name = frame.f_code.co_filename
+        path = os.path.realpath(name)
+        if path.startswith(package):
+            found = None  # whatever directpo called from here on
+        elif not name.startswith("<") and not path.startswith(libraries):
+            found = (name, line)
+    return found
+
+
+def report_line(e: BaseException) -> str:
+    """The line under the traceback of an error that is not a user mistake: a bug in directpo, or
+    an error raised in the user's own code that directpo called."""
+    where = _user_code_frame(e)
+    if where is None:
+        return bug_report_line()
+    return (f"directpo: the error above rose in your own code ({where[0]}, line {where[1]}), called by directpo; "
+            "if that code is not at fault, please report it with the traceback above to the maintainers")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,9 +130,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"directpo {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        if debug or not is_user_error(e):
+        if not is_user_error(e):
+            # A bug: Python prints the traceback (exit status 1), the note last, under it; callers of
+            # main() in-process still get the exception itself.
+            note = report_line(e)
+            if note not in getattr(e, "__notes__", ()):
+                e.add_note(note)
             raise
-        print(f"directpo {args.command}: error: {e}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"directpo {args.command}: {getattr(e, 'label', 'error: ')}{e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
 
 

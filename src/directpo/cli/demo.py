@@ -1,18 +1,20 @@
-"""`directpo demo`: DPO on the built-in review task, offline, with a tiny model built on the spot."""
+"""`directpo demo`: DPO on the built-in review task, offline, with a tiny model built on the spot
+(flags from `DemoConfig`)."""
 from __future__ import annotations
 
-import os
+from ..config import add_flags, build_config
 
 
 def register(command: str, parser) -> None:
-    parser.add_argument("--output-dir", default=os.path.join("runs", "demo"))
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
+    from ..experiments.demo import DemoConfig
+
+    add_flags(parser, DemoConfig)
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..experiments.demo import run_demo
+    from ..experiments.demo import DemoConfig, run_demo
 
-    result = run_demo(args.output_dir, steps=args.steps, seed=args.seed)
+    cfg = build_config(args, DemoConfig)
+    result = run_demo(cfg.output_dir, steps=cfg.steps, seed=cfg.seed)
     return 0 if result["passed"] else 1

@@ -7,7 +7,7 @@ from ..config import add_flags, build_config
 
 
 def register(command: str, parser) -> None:
-    from ..experiments.online import OnlineConfig
+    from ..rlhf.online import OnlineConfig
 
     add_flags(parser, OnlineConfig)
     parser.set_defaults(func=run)
@@ -15,7 +15,7 @@ def register(command: str, parser) -> None:
 
 def run(args) -> int:
     from ..api import online
-    from ..experiments.online import OnlineConfig
+    from ..rlhf.online import OnlineConfig
 
     summary = online(build_config(args, OnlineConfig))
     print(json.dumps({k: summary[k] for k in ("output_dir", "final_policy", "plot", "rounds")}))

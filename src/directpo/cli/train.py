@@ -1,4 +1,4 @@
-"""`directpo train`, `sft`, `pipeline`: flags from `TrainConfig` (plus the pipeline's SFT-stage flags),
+"""`directpo train`, `sft`, `pipeline`: flags from `TrainConfig` (`PipelineConfig`: plus the SFT stage's own),
 then the Python API's job (`directpo.api`).
 
 `train` and `sft` with several processes (--nproc K > 1) or nodes (--nnodes N > 1) re-run themselves
@@ -9,18 +9,12 @@ from __future__ import annotations
 import json
 
 from ..config import ConfigError, add_flags, build_config
-from ..training.config import TrainConfig
+from ..training.config import PipelineConfig, TrainConfig
 from ..training.launch import needs_launch
 
 
 def register(command: str, parser) -> None:
-    add_flags(parser, TrainConfig)
-    if command == "pipeline":
-        parser.add_argument("--sft-lr", type=float, help="SFT stage learning rate (default: --lr)")
-        parser.add_argument("--sft-max-steps", type=int, help="SFT stage steps (default: --max-steps / --epochs)")
-        parser.add_argument("--sft-epochs", type=float, help="SFT stage epochs (default: --epochs)")
-        parser.add_argument("--sft-optimizer", choices=["rmsprop", "adamw", "sgd"],
-                            help="SFT stage optimizer (default: --optimizer)")
+    add_flags(parser, PipelineConfig if command == "pipeline" else TrainConfig)
     parser.set_defaults(func={"train": run_train, "sft": run_sft, "pipeline": run_pipeline}[command])
 
 
@@ -51,14 +45,12 @@ def _train_or_launch(args, cfg: TrainConfig) -> int:
 def run_pipeline(args) -> int:
     from ..api import pipeline
 
-    cfg = build_config(args, TrainConfig)
+    cfg = build_config(args, PipelineConfig)
     if cfg.nnodes > 1:  # each node would run the whole pipeline on its own, into the same directory
         raise ConfigError("directpo pipeline runs in one process, on one node: for several nodes run its stages "
                           "as `directpo sft --output-dir OUT/sft ...`, then `directpo train --model OUT/sft --ref "
                           "OUT/sft ...`, each with --nnodes")
-    overrides = {k: getattr(args, k) for k in ("sft_lr", "sft_max_steps", "sft_epochs", "sft_optimizer")
-                 if getattr(args, k, None) is not None}
-    print(json.dumps(pipeline(cfg, sft_settings=overrides)))
+    print(json.dumps(pipeline(cfg)))
     return 0
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from ..errors import UserValueError
 from .tokenize import TokenizedExample
 
 
@@ -211,4 +212,4 @@ def make_collate(layout: str, pad_id: int, row_tokens: int | None = None):
         return lambda examples: collate_packed(examples, pad_id, row_tokens)
     if layout == "padded":
         return lambda examples: collate_padded(examples, pad_id)
-    raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+    raise UserValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")

@@ -1,4 +1,4 @@
-"""Preference data: files and datasets in, one canonical `Example` type out.
+"""Preference data: records of every accepted shape in, one canonical `Example` type out.
 
 Accepted row shapes (detected per row):
 
@@ -18,33 +18,33 @@ Accepted row shapes (detected per row):
                              "prompt" a list of messages or a string (then one user message).
                              Empty prompts and completions follow the pairs' rules.
 
-Every problem is a `DataError` that names the source, the row and the field: "line N" (1-based,
-as editors count) in line-based files (JSONL), "row N" (1-based) in JSON arrays, Parquet and
-`datasets` sources. With ``on_invalid="skip"`` such rows are skipped *and counted* (`SkipReport`),
-never dropped silently. Text must be valid Unicode: a byte that is not UTF-8 is an error of its
-line (JSONL) or row (JSON), and so is a lone surrogate (``"\\ud800"`` escapes).
+The records come from `readers` (files, `datasets` sources, in-memory `Rows`); its names are
+re-exported here. Every problem is a `DataError` (`errors`) that names the source, the row and the
+field: "line N" (1-based, as editors count) in line-based files (JSONL), "row N" (1-based) in JSON
+arrays, Parquet, `datasets` and in-memory sources. With ``on_invalid="skip"`` such rows are skipped
+*and counted* (`SkipReport`), never dropped silently. Text must be valid Unicode: a byte that is not
+UTF-8 is an error of its line (JSONL) or row (JSON), and so is a lone surrogate (``"\\ud800"``
+escapes).
 """
 from __future__ import annotations
 
-import codecs
-import gzip
 import json
 import math
-import os
-import re
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
+
+from ..errors import UserValueError
+from .errors import LINE_SUFFIXES, DataError, location
+from .readers import (FILE_SUFFIXES, HUB_ID, PATH_SUFFIXES, Rows, is_hub_id, lone_surrogate, read_records,
+                      write_jsonl)
+
+__all__ = [  # the readers' names too: `from directpo.data.formats import read_records` keeps working
+    "HH_ASSISTANT", "LINE_SUFFIXES", "FILE_SUFFIXES", "PATH_SUFFIXES", "HUB_ID", "Text", "DataError", "location",
+    "Rows", "is_hub_id", "read_records", "write_jsonl", "message_text", "Example", "SkipReport", "split_hh",
+    "check_unicode", "parse_row", "parse_records", "load_examples", "ranking_to_pairs", "pairs_to_unpaired"]
 
 HH_ASSISTANT = "\n\nAssistant:"
-LINE_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")  # one record per line: errors say "line N"
-FILE_SUFFIXES = LINE_SUFFIXES + (".json", ".json.gz", ".parquet")
-# Suffixes that make a name a file path, never a hub dataset id (read or not).
-PATH_SUFFIXES = FILE_SUFFIXES + (".txt", ".csv", ".tsv", ".gz", ".bz2", ".xz", ".zst", ".zip", ".tar", ".arrow",
-                                 ".feather", ".pkl", ".pickle", ".pt", ".npy", ".yaml", ".yml", ".xml", ".html", ".md")
-HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
 Text = str | list  # plain text, or a list of {"role", "content"} messages
 T = TypeVar("T")
@@ -53,26 +53,6 @@ T = TypeVar("T")
 def message_text(value: Text) -> str:
     """A text, or the concatenated contents of a list of {role, content} messages."""
     return value if isinstance(value, str) else "".join(m.get("content", "") for m in value)
-
-
-def location(source: str, row: int) -> str:
-    """How a message names 0-based row `row` of `source`: "line N" (1-based) in a line-based file,
-    else "row N" (1-based)."""
-    unit = "line" if str(source).lower().endswith(LINE_SUFFIXES) else "row"
-    return f"{unit} {row + 1}"
-
-
-class DataError(ValueError):
-    """A bad input row. `kind` groups errors for the skip report (e.g. 'identical', 'prompt_too_long').
-
-    `row` is 0-based (in a JSONL file: the line index); the message says it 1-based (`location`)."""
-
-    def __init__(self, source: str, row: int | None, field: str | None, message: str, kind: str = "invalid"):
-        self.source, self.row, self.field, self.kind, self.message = source, row, field, kind, message
-        where = source if row is None else f"{source}, {location(source, row)}"
-        if field is not None:
-            where += f", field '{field}'"
-        super().__init__(f"{where}: {message}")
 
 
 @dataclass
@@ -124,199 +104,6 @@ class SkipReport:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading records
-
-
-def read_records(spec: str, split: str | None = None) -> Iterator[tuple[int, dict | DataError]]:
-    """Yield (row, record) from a JSONL/JSON/Parquet file, or from `datasets.load_dataset(spec)`.
-
-    Rows are numbered from 0 in file order (for JSONL: the line index, blank lines included, so
-    row N is line N+1). A row that cannot be read (not a JSON object, not UTF-8) is yielded as a
-    DataError, so the caller decides whether it stops the run.
-
-    What `spec` names: an existing file is read by its suffix (an unsupported one is an error); an
-    existing directory, or a hub id (`name` or `owner/name` of letters, digits and `._-`, with no
-    file suffix), goes to `datasets`, where `spec:split` picks a split. Anything else is a local
-    path that does not exist, and an error at once (not a hub round trip)."""
-    path = os.path.expanduser(spec)
-    if os.path.isfile(path):
-        yield from _read_file(spec, path)
-        return
-    if os.path.isdir(path):
-        yield from _read_hf_dataset(spec, path, split)
-        return
-    base = spec
-    colon = spec.find(":", spec.rfind("/") + 1)
-    if split is None and colon > 0:  # name:split
-        base, split = spec[:colon], spec[colon + 1:] or None
-        if os.path.isdir(os.path.expanduser(base)):
-            yield from _read_hf_dataset(spec, os.path.expanduser(base), split)
-            return
-        if os.path.isfile(os.path.expanduser(base)):
-            raise DataError(spec, None, None, f"a split (':{split}') picks from a `datasets` source, not a file")
-    if not is_hub_id(base):
-        raise DataError(spec, None, None, "no such file or directory")
-    yield from _read_hf_dataset(spec, base, split)
-
-
-def is_hub_id(name: str) -> bool:
-    """`name` or `owner/name` of [A-Za-z0-9._-], with no file suffix: a hub dataset id, not a path."""
-    return HUB_ID.fullmatch(name) is not None and not name.lower().endswith(PATH_SUFFIXES)
-
-
-def _read_file(spec: str, path: str):
-    lower = path.lower()
-    if lower.endswith(LINE_SUFFIXES):
-        yield from _read_jsonl(spec, path)
-    elif lower.endswith((".json", ".json.gz")):
-        yield from _read_json(spec, path)
-    elif lower.endswith(".parquet"):
-        yield from _read_parquet(spec, path)
-    else:
-        raise DataError(spec, None, None, f"unsupported file type: directpo reads {', '.join(FILE_SUFFIXES)} "
-                                          "files, a `datasets` directory or a hub dataset id")
-
-
-def _raw_lines(spec: str, path: str) -> Iterator[tuple[int, bytes]]:
-    """(index, bytes) of each line, gunzipped for .gz; an unreadable file or gzip stream is a DataError."""
-    i = -1
-    try:
-        with (gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")) as f:
-            for i, line in enumerate(f):
-                yield i, line
-    except (OSError, EOFError, zlib.error) as e:
-        after = f" after line {i + 1}" if i >= 0 else ""
-        what = "corrupt or truncated gzip data" if path.lower().endswith(".gz") else "cannot read the file"
-        raise DataError(spec, None, None, f"{what}{after}: {e}") from None
-
-
-def _loads(text: str, where: bool = True) -> tuple[Any, str | None]:
-    """(value, None), or (None, what is wrong) for text that is not JSON Python can hold; `where`
-    adds the line and column of a syntax error."""
-    try:
-        return json.loads(text), None
-    except json.JSONDecodeError as e:
-        return None, f"{e.msg} (line {e.lineno}, column {e.colno})" if where else f"{e.msg} (column {e.colno})"
-    except RecursionError:
-        return None, "nested too deeply"
-    except ValueError as e:  # e.g. an integer beyond Python's digit limit
-        return None, str(e)
-
-
-def _not_utf8(raw: bytes, err: UnicodeDecodeError) -> str:
-    """Where the first non-UTF-8 byte of `raw` is: its value, line and column (1-based)."""
-    head = raw[:err.start]
-    line = head.count(b"\n") + 1
-    column = len(head[head.rfind(b"\n") + 1:].decode("utf-8", "replace")) + 1
-    return f"not valid UTF-8: byte 0x{raw[err.start]:02x} at line {line}, column {column}"
-
-
-def _read_jsonl(spec: str, path: str):
-    for i, raw in _raw_lines(spec, path):
-        if i == 0 and raw.startswith(codecs.BOM_UTF8):
-            raw = raw[len(codecs.BOM_UTF8):]
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            column = len(raw[:e.start].decode("utf-8", "replace")) + 1
-            yield i, DataError(spec, i, None, f"not valid UTF-8: byte 0x{raw[e.start]:02x} at column {column}; "
-                                              "the file must be UTF-8", kind="encoding")
-            continue
-        if not line.strip():
-            continue
-        rec, problem = _loads(line, where=False)  # one line: its column says where
-        if problem is not None:
-            yield i, DataError(spec, i, None, f"malformed JSON: {problem}", kind="malformed")
-        elif not isinstance(rec, dict):
-            yield i, DataError(spec, i, None, f"a JSON {type(rec).__name__}, not an object", kind="malformed")
-        else:
-            yield i, rec
-
-
-def _read_json(spec: str, path: str):
-    raw = b"".join(line for _, line in _raw_lines(spec, path))
-    if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
-    try:
-        text, bad = raw.decode("utf-8"), None
-    except UnicodeDecodeError as e:  # read on: the bad bytes become lone surrogates, and their rows errors
-        text, bad = raw.decode("utf-8", "surrogateescape"), e
-    data, problem = _loads(text)
-    if problem is not None:
-        raise DataError(spec, None, None, _not_utf8(raw, bad) if bad else f"malformed JSON: {problem}",
-                        kind="encoding" if bad else "malformed")
-    if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: a single list of rows
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise DataError(spec, None, None, "expected a JSON list of rows, or an object holding exactly one list")
-        data = lists[0]
-    if not isinstance(data, list):
-        raise DataError(spec, None, None, f"expected a JSON list of rows, got {type(data).__name__}")
-    for i, rec in enumerate(data):
-        escaped = _lone_surrogate(rec, _ESCAPED_BYTE) if bad else None
-        if not isinstance(rec, dict):
-            yield i, DataError(spec, i, None, f"row is a JSON {type(rec).__name__}, not an object", kind="malformed")
-        elif escaped:
-            yield i, DataError(spec, i, escaped[0], f"not valid UTF-8: byte 0x{ord(escaped[1]) - 0xDC00:02x}; "
-                                                    "the file must be UTF-8", kind="encoding")
-        else:
-            yield i, rec
-
-
-def _read_parquet(spec: str, path: str):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except (pa.ArrowException, OSError, ValueError) as e:
-        raise DataError(spec, None, None, f"cannot read as Parquet: {e}") from None
-    yield from enumerate(rows)
-
-
-def _read_hf_dataset(spec: str, name: str, split: str | None):
-    """Hugging Face `datasets`: a hub id or a local dataset dir (`spec` is what the user wrote)."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(name, split=split or "train")
-    except Exception as e:  # noqa: BLE001 - re-raised with the name the user gave
-        raise DataError(spec, None, None, f"could not load as a file or a Hugging Face dataset: {e}") from e
-    for i, rec in enumerate(ds):
-        yield i, rec
-
-
-def _lone_surrogate(value: Any, pattern: re.Pattern | None = None) -> tuple[str | None, str] | None:
-    """(where, char) of the first lone surrogate in the strings (and keys) of a nested value, else None.
-
-    Such text cannot be encoded (tokenizers refuse it): it comes from "\\\\ud800"-style escapes, or
-    from bytes that were not UTF-8. `where` is the key path below `value` ("[0].content"), or None
-    for `value` itself. Walked without recursion: JSON nests deeper than Python's stack."""
-    pattern = pattern or _SURROGATE
-    stack: list[tuple[str | None, Any]] = [(None, value)]
-    while stack:
-        where, v = stack.pop()
-        if isinstance(v, str):
-            m = pattern.search(v)
-            if m:
-                return where, m.group()
-        elif isinstance(v, dict):
-            for k, x in reversed(list(v.items())):
-                inner = f"{where}.{k}" if where else str(k)
-                m = pattern.search(k) if isinstance(k, str) else None
-                if m:
-                    return inner, m.group()
-                stack.append((inner, x))
-        elif isinstance(v, (list, tuple)):
-            stack.extend((f"{where or ''}[{j}]", x) for j, x in reversed(list(enumerate(v))))
-    return None
-
-
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
-_ESCAPED_BYTE = re.compile(r"[\udc80-\udcff]")  # what "surrogateescape" decodes a non-UTF-8 byte to
-
-
-# ----------------------------------------------------------------------------------------------
 # Row shapes -> Example
 
 
@@ -361,7 +148,7 @@ def check_unicode(rec: dict, names: Iterable[str], source: str, row: int) -> Non
     """A DataError for the first of the fields `names` holding a lone surrogate (text no tokenizer
     can encode, from an unpaired "\\ud800"-style escape), naming the field down to the message."""
     for name in names:
-        found = _lone_surrogate(rec.get(name))
+        found = lone_surrogate(rec.get(name))
         if found is not None:
             where, char = found
             field = name if where is None else name + (where if where.startswith("[") else "." + where)
@@ -532,7 +319,7 @@ def parse_records(spec: str, parse: Callable[[dict, str, int], T], on_invalid: s
     names file, row and field) unless on_invalid='skip': then it is left out and counted in
     `report`. No usable row at all is a DataError ("no usable {what}")."""
     if on_invalid not in ("error", "skip"):
-        raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
+        raise UserValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
     report = report if report is not None else SkipReport()
     out = []
     for row, rec in read_records(spec, split):
@@ -565,7 +352,7 @@ def ranking_to_pairs(examples: list[Example], mode: str = "all") -> list[Example
     against the worst. Pairs keep their source row, so errors and scores still point at the input.
     """
     if mode not in ("all", "best_worst"):
-        raise ValueError(f"ranking-to-pairs mode must be 'all' or 'best_worst', got {mode!r}")
+        raise UserValueError(f"ranking-to-pairs mode must be 'all' or 'best_worst', got {mode!r}")
     out = []
     for ex in examples:
         K = len(ex.responses)
@@ -600,24 +387,3 @@ def pairs_to_unpaired(examples: list[Example]) -> list[Example]:
                             f"a ranking of {len(ex.responses)} responses has no single desirable and undesirable "
                             "response: add --ranking-to-pairs --ranking-pairs best_worst to use its best and worst")
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing
-
-
-def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
-    """One JSON object per line. Written to a temporary sibling and renamed: the file is whole or
-    absent, never half-written. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
-    return path

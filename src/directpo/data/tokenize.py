@@ -36,6 +36,7 @@ import re
 import weakref
 from dataclasses import dataclass, replace
 
+from ..errors import UserValueError
 from .formats import DataError, Example, SkipReport, Text
 
 
@@ -123,8 +124,8 @@ def truncate_prompt(ids: list[int], tokenizer, max_prompt_length: int | None) ->
     if max_prompt_length is None:
         return ids
     if max_prompt_length < 1:
-        raise ValueError(f"max_prompt_length must be ≥ 1 (the first response token is predicted from the "
-                         f"prompt's last one), got {max_prompt_length}")
+        raise UserValueError(f"max_prompt_length must be ≥ 1 (the first response token is predicted from the "
+                             f"prompt's last one), got {max_prompt_length}")
     if len(ids) <= max_prompt_length:
         return ids
     keep = 1 if (tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id) else 0

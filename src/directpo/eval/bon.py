@@ -11,6 +11,7 @@ import sys
 
 from ..data.formats import SkipReport, write_jsonl
 from ..data.prompts import load_prompts
+from ..errors import UserValueError
 from ..models import load_model, load_tokenizer, pick_device
 from .evaluate import mean_se
 from .sampling import draw_samples
@@ -29,7 +30,7 @@ def best_of_n(model: str, prompts: str, out: str, n: int, reward, max_new_tokens
     """One JSON line per prompt: prompt_index, prompt, completion (the best), reward, index (which of
     the N), rewards (all N), completions (all N)."""
     if n < 1:
-        raise ValueError(f"n must be ≥ 1, got {n}")
+        raise UserValueError(f"n must be ≥ 1, got {n}")
     reward = as_scorer(reward)
     report = SkipReport()
     items = load_prompts(prompts, on_invalid, split, report)

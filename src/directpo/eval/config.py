@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import ConfigError, check_settings, setting
+from ..errors import UserValueError
 from .judge import ORDERS
 
 ON_INVALID = ["error", "skip"]
@@ -32,9 +33,9 @@ def parse_temperatures(value) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"expected comma-separated numbers, e.g. 0.25,0.5,0.75,1.0; got {text!r}") from None
+        raise UserValueError(f"expected comma-separated numbers, e.g. 0.25,0.5,0.75,1.0; got {text!r}") from None
     if not values or any(not 0 <= v < float("inf") for v in values):
-        raise ValueError(f"expected temperatures ≥ 0, got {text!r}")
+        raise UserValueError(f"expected temperatures ≥ 0, got {text!r}")
     return values
 
 
@@ -169,9 +170,12 @@ class JudgeSettings:
     judge_order: str = setting("swap", "swap: ask each comparison in both orders (disagreeing verdicts are a tie); "
                                        "random: once, the policy's side a seeded coin flip", choices=list(ORDERS))
     judge_workers: int = setting(4, "parallel judge requests", ge=1)
-    judge_timeout: float = setting(60.0, "seconds per judge request", gt=0)
-    judge_retries: int = setting(3, "retries of a judge call after a connection error, timeout or HTTP "
-                                    "408/429/5xx", ge=0)
+    judge_timeout: float = setting(60.0, "seconds per judge request, a wall-clock deadline: connect, send and the "
+                                         "whole reply (a deadline failure, retried)", gt=0)
+    judge_max_reply_bytes: int = setting(1 << 20, "largest judge reply read, in bytes; a larger one is abandoned "
+                                                  "unread (a reply_too_large failure, not retried)", ge=1024)
+    judge_retries: int = setting(3, "retries of a judge call after a connection error, the --judge-timeout "
+                                    "deadline or HTTP 408/429/5xx", ge=0)
     judge_backoff: float = setting(1.0, "seconds before the first retry, doubling (jittered, at most 30; a "
                                         "Retry-After is honoured)", ge=0)
     judge_max_failure_rate: float = setting(0.1, "stop with an error when more than this fraction of the "
@@ -183,7 +187,8 @@ class JudgeSettings:
                     reward_model=self.judge_reward_model, classifier=self.judge_classifier,
                     classifier_label=self.judge_classifier_label, order=self.judge_order, retries=self.judge_retries,
                     backoff=self.judge_backoff, max_failure_rate=self.judge_max_failure_rate,
-                    timeout=self.judge_timeout, workers=self.judge_workers)
+                    timeout=self.judge_timeout, workers=self.judge_workers,
+                    max_reply_bytes=self.judge_max_reply_bytes)
 
 
 @dataclass

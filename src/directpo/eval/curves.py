@@ -18,6 +18,7 @@ import math
 from numbers import Real
 from pathlib import Path
 
+from ..errors import UserValueError
 from ..runfiles import METRICS_FILE, metrics_path, read_metrics  # noqa: F401  (one reader of metrics.jsonl)
 
 
@@ -85,8 +86,8 @@ def plot_runs(run_dirs: list[str | Path], out_path: str | Path) -> dict:
     names = run_names([Path(r) for r in run_dirs])
     panels = present_panels(runs)
     if not panels:
-        raise ValueError(f"nothing to plot: no known metric ({', '.join(_known_keys())}) in "
-                         f"{', '.join(str(p) for p in paths)}")
+        raise UserValueError(f"nothing to plot: no known metric ({', '.join(_known_keys())}) in "
+                             f"{', '.join(str(p) for p in paths)}")
     fig = figure(runs, names, panels)
     out = _save(fig, Path(out_path))
     return {"out": str(out), "runs": names, "panels": [title for title, _ in panels]}
@@ -150,7 +151,7 @@ def _save(fig, out: Path) -> Path:
     supported = fig.canvas.get_supported_filetypes()
     if fmt not in supported:
         plt.close(fig)
-        raise ValueError(f"{out}: cannot write a .{fmt} image; use one of .{', .'.join(sorted(supported))}")
+        raise UserValueError(f"{out}: cannot write a .{fmt} image; use one of .{', .'.join(sorted(supported))}")
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         fig.savefig(tmp, format=fmt, dpi=110)

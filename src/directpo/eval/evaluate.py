@@ -28,6 +28,7 @@ import torch
 from ..data import SkipReport, TokenizedExample, make_collate
 from ..data.formats import write_jsonl
 from ..data.prompts import load_prompts
+from ..errors import UserValueError
 from ..logprobs import dataset_logps
 from ..models import check_vocab, load_model, load_tokenizer, pick_device
 from ..precision import resolve_precision
@@ -80,8 +81,8 @@ def _finite_or_none(obj):
 
 def check_same_tokenizer(tok, ref_tok, model: str, ref: str) -> None:
     if tok.get_vocab() != ref_tok.get_vocab():
-        raise ValueError(f"--ref {ref}: its tokenizer differs from {model}'s; KL(π‖πref) needs both models to "
-                         "score the same token ids")
+        raise UserValueError(f"--ref {ref}: its tokenizer differs from {model}'s; KL(π‖πref) needs both models to "
+                             "score the same token ids")
 
 
 def _error_bars(entries: list, key: str, ys: list):
@@ -150,7 +151,7 @@ def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, 
     reward = as_scorer(reward) if reward is not None else None
     temperatures = [float(t) for t in temperatures]
     if not temperatures:
-        raise ValueError("give at least one temperature")
+        raise UserValueError("give at least one temperature")
     dev = pick_device(device)
     precision = resolve_precision(precision, dev)[0]
     report = SkipReport()

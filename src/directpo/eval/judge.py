@@ -10,10 +10,11 @@
     position, not the content) give a tie, ½. `judge_consistency` is the fraction of judged
     comparisons whose two verdicts agree. `order="random"`: one call, the policy's side a seeded
     coin flip per comparison: position bias cancels on average only, and goes unseen.
-  - Connection errors, timeouts and HTTP 408/429/5xx are retried (`retries` times, exponential
-    backoff from `backoff` seconds, doubling, jittered, at most 30 s; a Retry-After header in seconds
-    is honoured, at most 30 s too). Other HTTP errors (401, 403, 404, ...), redirects, malformed
-    JSON and replies without a readable verdict are not retried: they would fail again.
+  - Each call is one request of `directpo.eval.http.JsonPostClient`: bounded by a wall-clock
+    deadline (`timeout` seconds for connect, send and the whole reply) and a reply-size cap
+    (`max_reply_bytes`); connection errors, the deadline and HTTP 408/429/5xx retried with backoff
+    (Retry-After honoured); a reply over the cap, other HTTP errors, redirects, malformed JSON and
+    replies without a readable verdict not retried: they would fail again.
   - A comparison whose call (either call, when swapped) still failed after its retries is a failure:
     None, left out of the win rate, counted by kind. When more than `max_failure_rate` of the
     comparisons fail, `judge` raises `JudgeError` naming how many failed and why; it stops calling
@@ -28,21 +29,20 @@ each comparison (its cluster).
 """
 from __future__ import annotations
 
-import http
-import http.client
 import json
 import math
 import os
 import random
 import re
 import threading
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from ..errors import UserError, UserValueError
+from .http import DEADLINE, MAX_REPLY_BYTES, TOO_LARGE, JsonPostClient, describe_http
+from .http import backoff_delay, retry_after_seconds  # noqa: F401 (re-exported: they were defined here first)
 from .winrate import win_rate_stats, word_count
 
 # The paper's GPT-4 judge prompts (Rafailov et al., 2023, appendix C.2), with {query}, {a}, {b}. Our notes
@@ -163,7 +163,7 @@ class RewardJudge:
                         seed=self.seed)
 
 
-class JudgeError(ValueError):
+class JudgeError(UserError, ValueError):
     """Too many of the judge's comparisons failed: the win rate would mean little (one line, exit 2)."""
 
 
@@ -171,45 +171,27 @@ _KEY_HINT = "check DIRECTPO_JUDGE_API_KEY / OPENAI_API_KEY"
 _HINTS = {401: _KEY_HINT, 403: _KEY_HINT, 404: "check --judge-url (POST {url}/chat/completions) and --judge-model"}
 _KINDS = {"malformed_json": "malformed JSON replies", "no_content": "replies without a message",
           "unparsable": 'replies without a readable verdict ("A" or "B")'}
-BACKOFF_CAP = 30.0  # seconds: the longest wait before a retry, whatever the server asks
 ORDERS = ("swap", "random")
 
 
-def describe_failure(kind: str) -> str:
-    """A failure kind ('http_401', 'redirect_302', 'connection (...)', ...) in words, with a hint."""
-    prefix, _, code = kind.partition("_")
+def describe_failure(kind: str, timeout: float | None = None, max_reply_bytes: int | None = None) -> str:
+    """A failure kind ('http_401', 'redirect_302', 'connection (...)', 'deadline', ...) in words, with a
+    hint; `timeout` and `max_reply_bytes`, when given, are named in the deadline's and the cap's."""
     if kind.startswith("connection"):
-        slow = " (or raise --judge-timeout)" if "Timeout" in kind else ""
-        return f"{kind}: check that --judge-url is reachable{slow}"
-    if prefix not in ("http", "redirect") or not code.isdigit():
+        return f"{kind}: check that --judge-url is reachable"
+    if kind == DEADLINE:
+        within = f" {timeout:g} s" if timeout is not None else ""
+        return (f"deadline (no whole reply within --judge-timeout{within}: connect, send and reply): check that "
+                "--judge-url is responsive, or raise --judge-timeout")
+    if kind == TOO_LARGE:
+        cap = f" {max_reply_bytes}" if max_reply_bytes is not None else ""
+        return (f"reply_too_large (over --judge-max-reply-bytes{cap}, abandoned unread): check --judge-url, or "
+                "raise --judge-max-reply-bytes")
+    text = describe_http(kind)
+    if text is None:
         return _KINDS.get(kind, kind)
-    code = int(code)
-    try:
-        text = f"HTTP {code} {http.HTTPStatus(code).phrase}"
-    except ValueError:
-        text = f"HTTP {code}"
-    if prefix == "redirect":
-        return f"{text}: redirect not followed (the API key is never sent across one); give the final URL"
-    return f"{text}: {_HINTS[code]}" if code in _HINTS else text
-
-
-def retry_after_seconds(headers) -> float | None:
-    """A Retry-After header given in seconds; None when absent or an HTTP date (then the backoff applies)."""
-    value = headers.get("Retry-After") if headers is not None else None
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
-def backoff_delay(retry: int, base: float, retry_after: float | None = None, rand=random.random) -> float:
-    """Seconds to wait before retry number `retry` (0 first): the server's Retry-After when it gave one,
-    else base·2^retry scaled by a random factor in [½, 1) (so that parallel calls do not retry in
-    step); at most BACKOFF_CAP either way."""
-    if retry_after is not None:
-        return min(retry_after, BACKOFF_CAP)
-    return min(base * 2 ** retry, BACKOFF_CAP) * (0.5 + 0.5 * rand())
+    code = int(kind.partition("_")[2])
+    return f"{text}: {_HINTS[code]}" if kind.startswith("http_") and code in _HINTS else text
 
 
 def _reply_text(raw: bytes) -> tuple[str | None, str | None]:
@@ -225,26 +207,21 @@ def _reply_text(raw: bytes) -> tuple[str | None, str | None]:
     return (text, None) if isinstance(text, str) else (None, "no_content")
 
 
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow no redirect: the request carries the API key, which must reach no other address."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl} not followed", headers, fp)
-
-
-def _check_settings(url, order, retries, backoff, max_failure_rate, timeout, workers) -> None:
+def _check_settings(url, order, retries, backoff, max_failure_rate, timeout, workers, max_reply_bytes) -> None:
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-        raise ValueError(f"--judge-url {url}: expected an http:// or https:// URL")
+        raise UserValueError(f"--judge-url {url}: expected an http:// or https:// URL")
     if order not in ORDERS:
-        raise ValueError(f"judge order {order!r}: expected one of {', '.join(ORDERS)}")
+        raise UserValueError(f"judge order {order!r}: expected one of {', '.join(ORDERS)}")
     checks = [("--judge-retries", retries, isinstance(retries, int) and retries >= 0, "an integer ≥ 0"),
               ("--judge-backoff", backoff, 0 <= backoff < math.inf, "a number ≥ 0"),
               ("--judge-max-failure-rate", max_failure_rate, 0 <= max_failure_rate < 1, "a number in [0, 1)"),
               ("--judge-timeout", timeout, 0 < timeout < math.inf, "a number > 0"),
-              ("--judge-workers", workers, isinstance(workers, int) and workers >= 1, "an integer ≥ 1")]
+              ("--judge-workers", workers, isinstance(workers, int) and workers >= 1, "an integer ≥ 1"),
+              ("--judge-max-reply-bytes", max_reply_bytes,
+               isinstance(max_reply_bytes, int) and max_reply_bytes >= 1024, "an integer ≥ 1024")]
     for name, value, ok, want in checks:
         if not ok:
-            raise ValueError(f"{name} must be {want}, got {value}")
+            raise UserValueError(f"{name} must be {want}, got {value}")
 
 
 class ChatJudge:
@@ -252,8 +229,9 @@ class ChatJudge:
 
     def __init__(self, url: str, model: str, prompt: str = "dialogue", api_key: str | None = None,
                  timeout: float = 60.0, max_tokens: int = 256, workers: int = 4, seed: int = 0, order: str = "swap",
-                 retries: int = 3, backoff: float = 1.0, max_failure_rate: float = 0.1, n_boot: int = 2000):
-        _check_settings(url, order, retries, backoff, max_failure_rate, timeout, workers)
+                 retries: int = 3, backoff: float = 1.0, max_failure_rate: float = 0.1, n_boot: int = 2000,
+                 max_reply_bytes: int = MAX_REPLY_BYTES):
+        _check_settings(url, order, retries, backoff, max_failure_rate, timeout, workers, max_reply_bytes)
         self.url = url.rstrip("/")
         if not self.url.endswith("/chat/completions"):
             self.url += "/chat/completions"
@@ -264,62 +242,42 @@ class ChatJudge:
             with open(prompt) as f:
                 self.template = f.read()
         else:
-            raise ValueError(f"judge prompt {prompt!r}: neither one of {sorted(PROMPTS)} nor a template file "
-                             "(with {query}, {a}, {b})")
+            raise UserValueError(f"judge prompt {prompt!r}: neither one of {sorted(PROMPTS)} nor a template file "
+                                 "(with {query}, {a}, {b})")
         for key in ("{query}", "{a}", "{b}"):
             if key not in self.template:
-                raise ValueError(f"judge prompt template lacks {key}")
-        self.api_key = api_key if api_key is not None else (os.environ.get("DIRECTPO_JUDGE_API_KEY")
-                                                            or os.environ.get("OPENAI_API_KEY"))
-        self.timeout, self.max_tokens, self.workers, self.seed = timeout, max_tokens, workers, seed
-        self.order, self.retries, self.backoff, self.max_failure_rate = order, retries, backoff, max_failure_rate
-        self.n_boot = n_boot
+                raise UserValueError(f"judge prompt template lacks {key}")
+        api_key = api_key if api_key is not None else (os.environ.get("DIRECTPO_JUDGE_API_KEY")
+                                                       or os.environ.get("OPENAI_API_KEY"))
+        # the HTTP side (deadline, size cap, retries, redirects) is the client's; its settings are read
+        # through the properties below, so that there is one copy of each
+        self.client = JsonPostClient(self.url, api_key=api_key, timeout=timeout, max_reply_bytes=max_reply_bytes,
+                                     retries=retries, backoff=backoff)
+        self.max_tokens, self.workers, self.seed = max_tokens, workers, seed
+        self.order, self.max_failure_rate, self.n_boot = order, max_failure_rate, n_boot
         how = "position-swapped" if order == "swap" else "random order"
         self.kind = f"chat endpoint {self.url} model {model} ({how})"
-        self._opener = urllib.request.build_opener(_RefuseRedirects)
-        self._abort = threading.Event()  # set when the run has failed: waiting retries give up at once
+        self._abort = self.client.abort  # set when the run has failed: waiting retries give up at once
+
+    api_key = property(lambda self: self.client.api_key)
+    timeout = property(lambda self: self.client.timeout)
+    max_reply_bytes = property(lambda self: self.client.max_reply_bytes)
+    retries = property(lambda self: self.client.retries)
+    backoff = property(lambda self: self.client.backoff)
 
     def render(self, prompt, a: str, b: str) -> str:
         return (self.template.replace("{query}", _query_text(prompt)).replace("{a}", a).replace("{b}", b))
 
-    def _attempt(self, body: bytes) -> tuple[str | None, str | None, bool, float | None]:
-        """One request: (reply text, None, ...) or (None, failure kind, worth retrying?, Retry-After seconds).
-        Kinds: 'http_<code>', 'redirect_<code>', 'connection (<error>)', 'malformed_json', 'no_content'."""
-        req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"},
-                                     method="POST")
-        if self.api_key:  # unredirected as well: urllib would not copy it to a redirect's request
-            req.add_unredirected_header("Authorization", f"Bearer {self.api_key}")
-        try:
-            with self._opener.open(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            retry_after = retry_after_seconds(e.headers)
-            e.close()
-            if 300 <= e.code < 400:
-                return None, f"redirect_{e.code}", False, None
-            return None, f"http_{e.code}", e.code in (408, 429) or e.code >= 500, retry_after
-        except urllib.error.URLError as e:  # refused or timed out while connecting; or no usable URL (not retried)
-            transient = isinstance(e.reason, OSError)
-            return None, f"connection ({type(e.reason).__name__ if transient else 'URLError'})", transient, None
-        except (OSError, http.client.HTTPException) as e:  # timed out or cut off while reading the reply
-            return None, f"connection ({type(e).__name__})", True, None
-        except ValueError as e:  # a URL urllib cannot use
-            return None, f"connection ({type(e).__name__})", False, None
-        text, failure = _reply_text(raw)
-        return text, failure, False, None
-
     def _ask(self, content: str) -> tuple[str | None, str | None, int]:
-        """(reply text, None, retries) or (None, failure kind of the last attempt, retries)."""
+        """(reply text, None, retries) or (None, failure kind, retries): the client's kinds (see
+        `directpo.eval.http`), or 'malformed_json' / 'no_content' for a reply that is no chat completion."""
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": content}],
                            "temperature": 0, "max_tokens": self.max_tokens}).encode()
-        retries = 0
-        while True:
-            text, failure, transient, retry_after = self._attempt(body)
-            if failure is None or not transient or retries >= self.retries or self._abort.is_set():
-                return text, failure, retries
-            if self._abort.wait(backoff_delay(retries, self.backoff, retry_after)):  # the run failed meanwhile
-                return text, failure, retries
-            retries += 1
+        raw, failure, retries = self.client.post(body)
+        if failure is not None:
+            return None, failure, retries
+        text, failure = _reply_text(raw)
+        return text, failure, retries
 
     def ask(self, content: str) -> tuple[str | None, str | None]:
         """(reply text, None) or (None, failure kind), after the retries a transient failure gets."""
@@ -424,7 +382,8 @@ class ChatJudge:
         """JudgeError when more than max_failure_rate of the comparisons failed, naming the kinds."""
         failed, total = sum(v.failures.values()), len(v.outcomes)
         if total and failed > self.max_failure_rate * total:
-            kinds = "; ".join(f"{count} × {describe_failure(kind)}" for kind, count in v.failures.most_common())
+            kinds = "; ".join(f"{count} × {describe_failure(kind, self.timeout, self.max_reply_bytes)}"
+                              for kind, count in v.failures.most_common())
             stopped = f"; stopped there, {unfinished} not judged" if unfinished else ""
             raise JudgeError(f"judge {self.url}: {failed} of {total} comparisons failed (over "
                              f"--judge-max-failure-rate {self.max_failure_rate:g}{stopped}): {kinds}")
@@ -444,7 +403,8 @@ def build_judge(url: str | None = None, model: str | None = None, prompt: str = 
                 reward_model: str | None = None, classifier: str | None = None, device: str | None = None,
                 seed: int = 0, order: str = "swap", retries: int = 3, backoff: float = 1.0,
                 max_failure_rate: float = 0.1, timeout: float = 60.0, workers: int = 4,
-                classifier_label: str | int | None = None, n_boot: int = 2000):
+                classifier_label: str | int | None = None, n_boot: int = 2000,
+                max_reply_bytes: int = MAX_REPLY_BYTES):
     """The win-rate judge from at most one of: `url` (with `model`: a ChatJudge), `reward_model` (a
     `directpo rm` output directory) or `classifier` (a Hugging Face sequence classifier, see
     `classifier_scorer`); None when none is given (the caller's reward then judges, if any).
@@ -452,12 +412,13 @@ def build_judge(url: str | None = None, model: str | None = None, prompt: str = 
     given = [flag for flag, value in (("--judge-url", url), ("--judge-reward-model", reward_model),
                                       ("--judge-classifier", classifier)) if value]
     if len(given) > 1:
-        raise ValueError(f"give one judge, not {' and '.join(given)}")
+        raise UserValueError(f"give one judge, not {' and '.join(given)}")
     if url:
         if not model:
-            raise ValueError("--judge-url needs --judge-model NAME (the model the endpoint serves)")
+            raise UserValueError("--judge-url needs --judge-model NAME (the model the endpoint serves)")
         return ChatJudge(url, model, prompt=prompt, timeout=timeout, workers=workers, seed=seed, order=order,
-                         retries=retries, backoff=backoff, max_failure_rate=max_failure_rate, n_boot=n_boot)
+                         retries=retries, backoff=backoff, max_failure_rate=max_failure_rate, n_boot=n_boot,
+                         max_reply_bytes=max_reply_bytes)
     if reward_model:
         from .reward_model import RewardModel
 

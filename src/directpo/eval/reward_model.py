@@ -23,7 +23,9 @@ from torch import nn
 from ..data import TokenizedExample
 from ..data.collate import collate_padded
 from ..data.formats import Example
-from ..models import autocast_ctx, load_tokenizer, pick_device, quiet_transformers, safetensors_only_error
+from ..errors import UserValueError
+from ..models import (autocast_ctx, load_tokenizer, pick_device, quiet_transformers, remote_code_error,
+                      safetensors_only_error)
 
 OFFSET_KEY = "reward_offset"
 
@@ -41,6 +43,11 @@ def load_reward_backbone(name_or_dir: str, pad_token_id: int, device="cpu", dtyp
                                                                    trust_remote_code=trust_remote_code)
     except OSError as e:
         raise (safetensors_only_error(name_or_dir, e) or e) from e
+    except ValueError as e:  # its own code, refused: one line naming --trust-remote-code and the code
+        explained = remote_code_error(name_or_dir, e)
+        if explained is None:
+            raise
+        raise explained from None
     model.config.pad_token_id = pad_token_id
     return model.to(device)
 
@@ -50,7 +57,7 @@ def _head(model) -> nn.Linear:
         head = getattr(model, name, None)
         if isinstance(head, nn.Linear):
             return head
-    raise ValueError(f"{type(model).__name__}: no linear 'score' head to read a reward from")
+    raise UserValueError(f"{type(model).__name__}: no linear 'score' head to read a reward from")
 
 
 def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -21,16 +21,17 @@ import torch
 
 from ..data.formats import SkipReport, write_jsonl
 from ..data.prompts import PromptItem, encode_prompt, load_prompts
+from ..errors import UserValueError
 from ..models import load_model, load_tokenizer, pick_device, unwrap_peft
 
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_p: float) -> None:
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+        raise UserValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
     if temperature < 0:
-        raise ValueError(f"temperature must be ≥ 0, got {temperature}")
+        raise UserValueError(f"temperature must be ≥ 0, got {temperature}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise UserValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None):
@@ -172,7 +173,7 @@ def draw_samples(model, tokenizer, items: list[PromptItem], n: int = 1, max_new_
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
                  max_prompt_length: int | None = None, progress: str | None = None) -> Samples:
     if n < 1:
-        raise ValueError(f"n must be ≥ 1, got {n}")
+        raise UserValueError(f"n must be ≥ 1, got {n}")
     encoded = [encode_prompt(it.prompt, tokenizer, max_prompt_length) for it in items]
     prompt_ids = [p for p in encoded for _ in range(n)]
     comps = generate_completions(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, seed, batch_size,

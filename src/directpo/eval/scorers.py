@@ -18,13 +18,15 @@ import re
 import sys
 from typing import Callable, Sequence
 
+from ..errors import MissingPackageError, UserValueError
+
 Scorer = Callable[[Sequence, Sequence[str]], list]
 
 
 def load_callable(spec: str) -> Callable:
     """`module:function` (or `module:Class.attr`) -> the object."""
     if spec.count(":") != 1 or not all(spec.split(":")):
-        raise ValueError(f"reward function {spec!r}: expected 'module:function' (e.g. my_rewards:score)")
+        raise UserValueError(f"reward function {spec!r}: expected 'module:function' (e.g. my_rewards:score)")
     mod_name, attr = spec.split(":")
     # The current directory is searched last, and only for this import: a local folder named like an
     # installed package (`matplotlib/`, `json/`) must not shadow it, now or later. The module, once
@@ -37,7 +39,7 @@ def load_callable(spec: str) -> Callable:
     try:
         obj = importlib.import_module(mod_name)
     except ImportError as e:
-        raise ValueError(f"reward function {spec!r}: cannot import module {mod_name!r}: {e}") from e
+        raise UserValueError(f"reward function {spec!r}: cannot import module {mod_name!r}: {e}") from e
     finally:
         if added:
             for i in range(len(sys.path) - 1, -1, -1):  # our entry: the last one equal to cwd
@@ -46,10 +48,10 @@ def load_callable(spec: str) -> Callable:
                     break
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"reward function {spec!r}: {mod_name!r} has no attribute {attr!r}")
+            raise UserValueError(f"reward function {spec!r}: {mod_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ValueError(f"reward function {spec!r}: {attr!r} is not callable")
+        raise UserValueError(f"reward function {spec!r}: {attr!r} is not callable")
     return obj
 
 
@@ -64,18 +66,18 @@ def callable_scorer(fn: Callable, name: str | None = None) -> Scorer:
         values = list(fn(list(prompts), list(completions))) if batched else [fn(p, c) for p, c in
                                                                                zip(prompts, completions)]
         if len(values) != len(completions):
-            raise ValueError(f"reward function {name}: returned {len(values)} values for {len(completions)} "
-                             "completions")
+            raise UserValueError(f"reward function {name}: returned {len(values)} values for {len(completions)} "
+                                 "completions")
         out = []
         for i, v in enumerate(values):
             try:
                 f = float(v)
             except (TypeError, ValueError):
-                raise ValueError(f"reward function {name}: returned {v!r} for completion {i}, expected a "
-                                 "number") from None
+                raise UserValueError(f"reward function {name}: returned {v!r} for completion {i}, expected a "
+                                     "number") from None
             if not math.isfinite(f):
-                raise ValueError(f"reward function {name}: returned {f} for completion {i}, expected a finite "
-                                 "number")
+                raise UserValueError(f"reward function {name}: returned {f} for completion {i}, expected a finite "
+                                     "number")
             out.append(f)
         return out
 
@@ -93,7 +95,7 @@ def load_reward_fn(reward_model: str | None = None, reward_fn: str | Callable | 
                    device: str | None = None, batch_size: int = 16, precision: str = "fp32") -> Scorer:
     """A scorer from exactly one of: a reward model directory, a `module:function` spec, a callable."""
     if (reward_model is None) == (reward_fn is None):
-        raise ValueError("give exactly one of --reward-model DIR and --reward-fn module:function")
+        raise UserValueError("give exactly one of --reward-model DIR and --reward-fn module:function")
     if reward_model is not None:
         from .reward_model import RewardModel
 
@@ -143,8 +145,8 @@ def _vader():
         try:
             from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
         except ImportError:
-            raise ImportError("the VADER reward needs the vaderSentiment package: pip install vaderSentiment "
-                              "(or pip install 'directpo[experiments]')") from None
+            raise MissingPackageError("the VADER reward needs the vaderSentiment package: pip install vaderSentiment "
+                                      "(or pip install 'directpo[experiments]')") from None
         _VADER = SentimentIntensityAnalyzer()
     return _VADER
 
@@ -163,12 +165,18 @@ class ClassifierReward:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from ..models import pick_device, quiet_transformers
+        from ..models import pick_device, quiet_transformers, remote_code_error
 
         quiet_transformers()
         self.device = pick_device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
-        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_dir, use_safetensors=True)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+            self.model = AutoModelForSequenceClassification.from_pretrained(name_or_dir, use_safetensors=True)
+        except ValueError as e:  # its own code, refused: one line naming the code
+            explained = remote_code_error(name_or_dir, e)
+            if explained is None:
+                raise
+            raise explained from None
         self.model.to(self.device).eval()
         if self.tokenizer.pad_token is None:  # decoder-only classifiers often have none
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -182,8 +190,8 @@ class ClassifierReward:
             want = (positive_label or "positive").lower()
             hits = [i for i, name in labels.items() if name.lower() == want]
             if len(hits) != 1:
-                raise ValueError(f"{name_or_dir}: no class named {want!r} among its labels {labels}; pass "
-                                 "positive_label")
+                raise UserValueError(f"{name_or_dir}: no class named {want!r} among its labels {labels}; pass "
+                                     "positive_label")
             self.positive = hits[0]
         self.batch_size, self.max_length, self._torch = batch_size, max_length, torch
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from .. import outputs
 from ..config import input_paths
 from ..console import log
+from ..errors import UserValueError
 
 NO_LOG_LINES = 10 ** 9  # a study logs its own progress; trainers' per-step lines are off
 
@@ -26,7 +27,7 @@ def parse_numbers(text: str, name: str) -> list[float]:
     try:
         return [float(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--{name.replace('_', '-')}: expected comma-separated numbers, got {text!r}") from None
+        raise UserValueError(f"--{name.replace('_', '-')}: expected comma-separated numbers, got {text!r}") from None
 
 
 STUDY_RECORD = "study_config.json"

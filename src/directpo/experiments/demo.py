@@ -12,10 +12,22 @@ import sys
 import time
 from pathlib import Path
 
+from dataclasses import dataclass
+
+from ..config import setting
 from ..outputs import check_output_dir
 from ..runfiles import read_metrics
 from ..toy import build_tiny_model, review_task, write_jsonl
 from ..training import TrainConfig, train
+
+
+@dataclass
+class DemoConfig:
+    """The built-in demo"""
+
+    output_dir: str = setting("runs/demo", "where the demo writes its data, model and run (rewritten each time)")
+    steps: int = setting(60, "DPO steps", ge=1)
+    seed: int = setting(0, "seed of the task's data and the model's initialisation")
 
 
 DEMO_MARKERS = ("dpo/directpo_config.json", "base/config.json")

@@ -1,36 +1,8 @@
-"""Resumable steps: a killed study continues where it stopped, and redoes nothing that finished.
-
-Every step of the study that is not a trainer run (trainers keep their own completion marker and
-checkpoints) goes through `resumable`: its result is recorded as JSON, and the record is written
-last, so it exists only for a step that finished.
-"""
+"""Resumable steps of the studies: a killed study continues where it stopped, and redoes nothing
+that finished. The helpers live in `training.stages` (online DPO in `rlhf` uses them too, and may
+not import the recipes); re-exported here for the studies."""
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-from typing import Any, Callable
+from ..training.stages import STAGE_RECORD, resumable, stage
 
-STAGE_RECORD = "done.json"
-
-
-def resumable(record: Path, compute: Callable[[], Any]) -> Any:
-    """`compute()`'s result, computed at most once: the JSON in `record` when it exists (the step
-    finished before), else `compute()` run now, with its result written to `record` afterwards,
-    atomically (a kill leaves no record, and the step is redone)."""
-    record = Path(record)
-    if record.exists():
-        return json.loads(record.read_text())
-    record.parent.mkdir(parents=True, exist_ok=True)
-    result = compute()
-    partial = record.with_name(record.name + ".partial")
-    partial.write_text(json.dumps(result))
-    os.replace(partial, record)
-    return result
-
-
-def stage(out_dir: Path, name: str, fn: Callable[[Path], Any]) -> Any:
-    """Stage `name` of the study in `out_dir`: `fn(out_dir / name)` writes its files into that
-    directory (created for it) and returns what it found, recorded as `out_dir/name/done.json`."""
-    stage_dir = Path(out_dir) / name
-    return resumable(stage_dir / STAGE_RECORD, lambda: fn(stage_dir))
+__all__ = ["STAGE_RECORD", "resumable", "stage"]

@@ -8,9 +8,13 @@ a run would see. Invalid rows are always collected (read with on_invalid='skip')
 Two views of each kept example:
 * as trained: the ids `tokenize_examples` returned, truncated at the limits (truncation, special
   tokens, rendered examples, the reference's log-probs);
-* untruncated: the same example tokenized without limits (`tokenize_example(ex, tok)`; only the
-  examples the limits cut are tokenized again) for what the data itself holds: length bias,
-  duplicates, the length histograms.
+* untruncated: the same example tokenized without the run's limits (only the examples the limits
+  cut are tokenized again) for what the data itself holds: length bias, duplicates, the length
+  histograms. Its own limits are `UNTRUNCATED_FACTOR` times the run's (prompts up to that many
+  tokens, responses at least as many), through `tokenize_example`, so a text far longer is cut
+  before it is tokenized as in training (`data.tokenize.bounded`): one 50 MB row takes megabytes,
+  not gigabytes. The examples still cut there are counted (`untruncated_cap`): their lengths are
+  lower bounds.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from ..data import (DataError, SkipReport, TokenizedExample, TokenizeStats, load
                     tokenize_example, tokenize_examples)
 from ..data.checks import red_flags, summarize, summary_paragraph
 from ..data.formats import read_records
+from ..errors import UserValueError
 
 SHAPES = ("explicit", "hh", "conversational", "ranked", "completion", "other", "unreadable")
 SHAPE_NAMES = {"explicit": "explicit text pairs {prompt, chosen, rejected}",
@@ -32,6 +37,7 @@ SHAPE_NAMES = {"explicit": "explicit text pairs {prompt, chosen, rejected}",
                "other": "no chosen/rejected/responses field",
                "unreadable": "not a JSON object (or not UTF-8)"}
 BOUNDARY = "⟦|⟧"
+UNTRUNCATED_FACTOR = 4  # the untruncated view measures texts up to this many times the run's limit
 SHOW_CHARS = 400  # of each side of a rendered example
 
 
@@ -64,11 +70,22 @@ def _quantiles(values: list[int]) -> dict:
             "p99": pick(0.99), "max": s[-1]}
 
 
-def untruncated(examples, tokenized: list[TokenizedExample], tokenizer) -> list[TokenizedExample]:
-    """`tokenized` with each example the limits cut replaced by its tokenization without limits."""
+def untruncated_cap(max_length: int | None, max_prompt_length: int | None = None) -> int | None:
+    """The most tokens of a prompt the untruncated view measures (responses: at least as many);
+    None (no limit) when the run has none either."""
+    limit = max(max_length or 0, max_prompt_length or 0)
+    return UNTRUNCATED_FACTOR * limit if limit else None
+
+
+def untruncated(examples, tokenized: list[TokenizedExample], tokenizer,
+                cap: int | None = None) -> list[TokenizedExample]:
+    """`tokenized` with each example the limits cut replaced by its tokenization without them, or
+    with `cap`: prompts up to `cap` tokens and responses up to 2·`cap` − the prompt, each text cut
+    before it is tokenized (`tokenize_example`'s bounded inputs), so memory is bounded by `cap`."""
     by_row = {ex.row: ex for ex in examples}
-    return [tokenize_example(by_row[t.row], tokenizer) if t.prompt_truncated or t.responses_truncated else t
-            for t in tokenized]
+    limits = (2 * cap, cap) if cap else (None, None)
+    return [tokenize_example(by_row[t.row], tokenizer, *limits) if t.prompt_truncated or t.responses_truncated
+            else t for t in tokenized]
 
 
 def render_example(t: TokenizedExample, tokenizer, chars: int = SHOW_CHARS) -> dict:
@@ -180,13 +197,14 @@ def inspect_data(data: str, tokenizer, model: str | None = None, max_length: int
     one dict per kept example, for pairs.jsonl and the figures). `tokenizer`: a loaded tokenizer
     (the model's); `model`: the reference, whose log-probs are added when given."""
     if on_invalid not in ("error", "skip"):
-        raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
+        raise UserValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
     if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
-        raise ValueError("max_prompt_length must be smaller than max_length")
+        raise UserValueError("max_prompt_length must be smaller than max_length")
     report, stats = SkipReport(), TokenizeStats()
     examples = load_examples(data, on_invalid="skip", split=split, report=report)
     tokenized = tokenize_examples(examples, tokenizer, max_length, max_prompt_length, "skip", report, stats)
-    full = untruncated(examples, tokenized, tokenizer)
+    cap = untruncated_cap(max_length, max_prompt_length)
+    full = untruncated(examples, tokenized, tokenizer, cap)
     shapes = read_shapes(data, split)
     summary = summarize(tokenized, tokenizer, stats, report, full=full)
     rendered = {}
@@ -199,7 +217,9 @@ def inspect_data(data: str, tokenizer, model: str | None = None, max_length: int
                                       "tokenizer": getattr(tokenizer, "name_or_path", None)},
            "rows": {"read": len(shapes), "kept": len(tokenized), "by_shape": _by_shape(shapes, tokenized)},
            "invalid": _invalid(report, on_invalid), "checks": summary, "tokenize_stats": asdict(stats),
-           "lengths": _lengths(full, tokenized), "examples": rendered}
+           "lengths": _lengths(full, tokenized), "examples": rendered,
+           "untruncated_cap": {"tokens": cap, "examples": sum(bool(t.prompt_truncated or t.responses_truncated)
+                                                                for t in full)}}
     ref_lp = None
     if model is not None:
         ref_lp = reference_logps(model, tokenizer, tokenized, batch_size, device, precision, progress, threads)
@@ -222,6 +242,10 @@ def _flags(ins: dict) -> list[str]:
     if by_shape.get("ranked", {}).get("kept"):
         flags.append(f"{by_shape['ranked']['kept']} ranked rows: pairwise losses need --ranking-to-pairs (or "
                      "--loss plackett_luce); checks here compare their best and worst responses")
+    n = (ins.get("untruncated_cap") or {}).get("examples")
+    if n:
+        flags.append(f"{n} example{'s are' if n > 1 else ' is'} longer than {ins['untruncated_cap']['tokens']} "
+                     "tokens (a prompt, or a response after it): untruncated lengths are counted up to there")
     checks = ins["checks"]
     if stop:  # not "left out": train stops (said above)
         checks = {**checks, "skipped": {**checks["skipped"], "total": 0}}

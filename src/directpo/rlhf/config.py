@@ -13,7 +13,7 @@ class RewardModelConfig(PreferenceRunConfig):
 
     model: str = setting(None, "the model to put a reward head on (usually the SFT model): hub id or local directory",
                         required=True, input=True)
-    output_dir: str = setting(None, "where the reward model, tokenizer and metrics.jsonl go", required=True)
+    output_dir: str = setting(None, "where the reward model, tokenizer and metrics.jsonl go", required=True, resumable=True)
 
 
 @dataclass
@@ -24,7 +24,7 @@ class PPOConfig(RunConfig):
                          input=True)
     prompts: str = setting(None, "prompts: JSONL with a 'prompt' field, or any preference file directpo reads",
                       required=True, input=True)
-    output_dir: str = setting(None, "where the policy, tokenizer, value head and metrics.jsonl go", required=True)
+    output_dir: str = setting(None, "where the policy, tokenizer, value head and metrics.jsonl go", required=True, resumable=True)
     reward_model: str | None = setting(None, "reward model directory (`directpo rm` output)", input=True)
     reward_fn: str | None = setting(None, "reward callable 'module:function' (f(prompt, completion) -> float)")
     ref: str | None = setting(None, "reference model πref of the KL penalty (default: the starting policy)",
@@ -38,7 +38,7 @@ class PPOConfig(RunConfig):
     batch_size: int = setting(64, "rollouts (prompts, one completion each) per PPO step", ge=1)
     mini_batch_size: int = setting(16, "rollouts per gradient step", ge=1)
     ppo_epochs: int = setting(4, "optimisation passes over each batch of rollouts", ge=1)
-    max_steps: int = setting(100, "PPO steps (rollout batches)", ge=1)
+    max_steps: int = setting(100, "PPO steps (rollout batches)", ge=1, resumable=True)
     max_new_tokens: int = setting(64, "max tokens per completion", ge=1)
     max_prompt_length: int | None = setting(None, "max prompt tokens; longer prompts are cut from the left", ge=1)
     generation_batch_size: int = setting(0, "completions generated at once (0: the whole rollout batch)", ge=0)
@@ -54,7 +54,7 @@ class PPOConfig(RunConfig):
                          choices=["error", "skip"])
     data_split: str | None = setting(None, "split name for `datasets` sources (default: train)")
     snapshot_every: int = setting(0, "also save the policy (HF format) every N steps to OUTPUT/snapshots/step-N, to "
-                                "evaluate a run at several points (0: never)", ge=0)
+                                "evaluate a run at several points (0: never)", ge=0, resumable=True)
 
     def validate(self) -> "PPOConfig":
         return super().validate()

@@ -36,6 +36,7 @@ from ..console import log
 from ..data import TokenizedExample
 from ..data.collate import collate_padded
 from ..data.prompts import encode_prompt, load_prompts
+from ..errors import UserValueError
 from ..eval.sampling import decode, generate_completions
 from ..eval.scorers import as_scorer, load_reward_fn
 from ..logprobs import _backbone_and_head, head_logprobs, token_logps
@@ -149,13 +150,18 @@ def _padded(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
 
 
 def save_snapshot(policy, tokenizer, path: Path) -> None:
-    """The policy in HF format, written to a temporary sibling and renamed: whole or absent."""
+    """The policy in HF format, written to a temporary sibling and renamed: whole or absent; its
+    weight files get the usual mode (safetensors writes 0600)."""
     import shutil
+
+    from ..diskio import default_mode
 
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    for f in tmp.glob("*.safetensors"):
+        default_mode(f)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 
@@ -178,7 +184,7 @@ def setup_models(cfg: PPOConfig, reward, device) -> PPOModels:
     if reward is None:
         reward = load_reward_fn(cfg.reward_model, cfg.reward_fn, device=cfg.device, precision=cfg.precision)
     elif cfg.reward_model or cfg.reward_fn:
-        raise ValueError("give the reward either as an argument or in the config, not both")
+        raise UserValueError("give the reward either as an argument or in the config, not both")
     items = load_prompts(cfg.prompts, cfg.on_invalid, cfg.data_split)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     prompt_ids = [encode_prompt(it.prompt, tokenizer, cfg.max_prompt_length) for it in items]

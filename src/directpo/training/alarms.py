@@ -60,6 +60,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
+from ..errors import UserValueError
 from ..losses import LOSSES, get_loss
 
 __all__ = ["ALARMS", "CHANCE_LOSS", "FATAL", "Alert", "HealthMonitor", "registered_chance_loss"]
@@ -158,9 +159,9 @@ class HealthMonitor:
                  dead_steps: int = 5, vocab_size: int | None = None, dead_tol: float = 1e-5,
                  loss_weights: str | None = None):
         if window < 4:
-            raise ValueError(f"window must be ≥ 4 steps (two halves of ≥ 2 to compare), got {window}")
+            raise UserValueError(f"window must be ≥ 4 steps (two halves of ≥ 2 to compare), got {window}")
         if overfit_evals < 1 or no_learning_steps < 1 or min_history < 1:
-            raise ValueError("overfit_evals, no_learning_steps and min_history must be ≥ 1")
+            raise UserValueError("overfit_evals, no_learning_steps and min_history must be ≥ 1")
         self.loss_name, self.window, self.min_history, self.trend_t = loss_name, window, min_history, trend_t
         self.chosen_drop_share = chosen_drop_share
         self.overfit_accuracy, self.overfit_evals, self.eval_accuracy_tol = (overfit_accuracy, overfit_evals,

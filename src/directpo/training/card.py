@@ -1,10 +1,8 @@
-"""A model card (README.md) next to a run's weights, and pushing the run to the Hugging Face Hub.
+"""A model card (README.md) next to a run's weights. (Uploading the run with it: `hub`.)
 
     write_model_card(out_dir, settings, result, command_line, data_summary, alerts) -> out_dir/README.md
-    push_to_hub(out_dir, repo_id, token=None, private=False) -> the repo's URL
     invoked_command_line() -> this process's `directpo ...` arguments, or None
     recorded_alerts(out_dir) -> the alarms the run's metrics.jsonl lines carry
-    check_repo_id(repo_id)   a bad --push-to-hub refused before the run, not after it
 
 The card is what someone finding the model needs: the metadata the Hub indexes (`base_model`,
 `library_name: directpo`, tags, `datasets`), the method and its parameters (β and the loss for
@@ -15,7 +13,6 @@ is the run's directpo_config.json, `result` its run_complete.json.
 The Hub rejects a `base_model` that is not a Hub id, so a local starting model is followed
 through the directpo_config.json it holds (a DPO run from a local SFT run names the SFT run's own
 base) and left out of the metadata when no Hub id is recorded; the card's text names the path.
-Pushing renames the card's title and loading snippet from the local directory to the repo.
 """
 from __future__ import annotations
 
@@ -26,14 +23,12 @@ import sys
 from numbers import Real
 from pathlib import Path
 
-from ..data.formats import is_hub_id as formats_is_hub_id
+from ..data.readers import is_hub_id as readers_is_hub_id
 from ..losses import LOSS_SETTINGS, LOSSES, LossSpec, get_loss
+from ..runfiles import CONFIG_FILE as SETTINGS_FILE
+from ..runfiles import METRICS_FILE, read_metrics
 
 CARD_FILE = "README.md"
-SETTINGS_FILE = "directpo_config.json"  # = train.run.CONFIG_FILE (run imports this module, not the reverse)
-# Never uploaded: checkpoints (optimizer state, many copies of the weights), PPO's intermediate
-# snapshots, W&B's local run files, and what a crashed write leaves behind.
-IGNORE_PATTERNS = ["checkpoints/*", "snapshots/*", "wandb/*", ".tmp-*", "*.tmp", ".write-test-*"]
 _METHOD = {
     "sft": "Supervised fine-tuning: the negative log-likelihood of the target responses (Preferred-FT: the "
            "preferred response of each pair)",
@@ -47,7 +42,7 @@ _METHOD = {
 
 def is_hub_id(name: str | None) -> bool:
     """`name` or `owner/name` of [A-Za-z0-9._-], not a local path nor a file name."""
-    return bool(name) and formats_is_hub_id(name) and not os.path.exists(os.path.expanduser(name))
+    return bool(name) and readers_is_hub_id(name) and not os.path.exists(os.path.expanduser(name))
 
 
 def base_model_id(model: str | None, _depth: int = 0) -> str | None:
@@ -319,22 +314,19 @@ def write_model_card(out_dir: str | Path, settings: dict, result: dict, command_
     return path
 
 
-def recorded_alerts(run_dir: str | Path) -> list[dict]:
+def recorded_alerts(run_dir: str | Path) -> list[dict] | None:
     """The alerts the run's metrics.jsonl lines carry (`"alerts": [{"name", "step", "message"}]`,
     as `training.alarms.HealthMonitor.annotate` puts them), in order: those of a resumed run's first
-    part too. Unreadable lines are passed over (the card is no place to fail a finished run)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    alerts: list[dict] = []
-    if not path.exists():
-        return alerts
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("alerts"), list):
-            alerts += [a for a in rec["alerts"] if isinstance(a, dict)]
-    return alerts
+    part too; [] without a metrics file. None when the file cannot be read (`runfiles.read_metrics`
+    refuses it): the card then leaves the alarms out rather than say there were none, and the
+    finished run does not fail for its card."""
+    if not (Path(run_dir) / METRICS_FILE).exists():
+        return []
+    try:
+        records = read_metrics(run_dir)
+    except (OSError, ValueError):
+        return None
+    return [a for rec in records if isinstance(rec.get("alerts"), list) for a in rec["alerts"] if isinstance(a, dict)]
 
 
 def invoked_command_line(argv: list[str] | None = None) -> list[str] | None:
@@ -344,56 +336,3 @@ def invoked_command_line(argv: list[str] | None = None) -> list[str] | None:
     if len(argv) > 1 and Path(argv[0]).name in ("directpo", "__main__.py") and not argv[1].startswith("-"):
         return list(argv[1:])
     return None
-
-
-def check_repo_id(repo_id: str) -> None:
-    """A Hub repo id (`name` or `owner/name`), checked here before the run rather than after it."""
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except ValueError:
-        raise ValueError(f"--push-to-hub {repo_id!r}: not a Hugging Face repo id (`name` or `owner/name`, of "
-                         "letters, digits, '-', '_' and '.')") from None
-
-
-def upload_plan(out_dir: str | Path) -> dict:
-    """What push_to_hub sends: the folder and the patterns it leaves out. Refuses a folder
-    without a model in it."""
-    out = Path(out_dir)
-    if not out.is_dir():
-        raise FileNotFoundError(f"{out}: no such run directory")
-    if not any((out / f).exists() for f in ("config.json", "adapter_config.json")):
-        raise ValueError(f"{out}: no model to upload (no config.json or adapter_config.json): push a finished run")
-    if not (out / CARD_FILE).exists():
-        raise ValueError(f"{out}: no {CARD_FILE} model card: write it first (write_model_card)")
-    return {"folder_path": str(out), "ignore_patterns": list(IGNORE_PATTERNS)}
-
-
-def name_card(out_dir: str | Path, repo_id: str) -> None:
-    """The card's title and loading snippet name the Hub repo instead of the local directory."""
-    out = Path(out_dir)
-    path, local = out / CARD_FILE, out.resolve().name
-    text = path.read_text(encoding="utf-8")
-    named = text.replace(f'.from_pretrained("{local}")', f'.from_pretrained("{repo_id}")')
-    named = named.replace(f"\n# {local}\n", f"\n# {repo_id.split('/')[-1]}\n", 1)
-    if named != text:
-        tmp = out / f".{CARD_FILE}.tmp"
-        tmp.write_text(named, encoding="utf-8")
-        tmp.replace(path)
-
-
-def push_to_hub(out_dir: str | Path, repo_id: str, token: str | None = None, private: bool = False) -> str:
-    """Create the Hub model repo `repo_id` (kept if it exists) and upload the run directory to it:
-    weights, tokenizer, model card, settings and metrics (TensorBoard logs too, which the Hub shows),
-    never checkpoints/. Returns the repo's URL."""
-    from huggingface_hub import HfApi
-
-    check_repo_id(repo_id)
-    plan = upload_plan(out_dir)
-    name_card(out_dir, repo_id)
-    api = HfApi(token=token)
-    url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    api.upload_folder(repo_id=getattr(url, "repo_id", None) or repo_id, repo_type="model",
-                      commit_message=f"directpo: upload {Path(out_dir).resolve().name}", **plan)
-    return str(url)

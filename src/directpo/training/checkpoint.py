@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..console import log
+from ..errors import UserError, UserValueError
 from ..diskio import (MANIFEST, default_mode, dump_torch, fsync_dir, fsync_file, manifest_problem,
                       raise_write_error, tensor_bytes, warn_if_short, write_manifest)
 from .distributed import load_shards, save_shards
@@ -263,8 +264,8 @@ def _load_whole(path: Path, model, optimizer, shards) -> None:
         weights = load_file(str(path / "model.safetensors"))
         missing = trainable_names(model) - set(weights)
         if missing:
-            raise ValueError(f"{path}: checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}): "
-                             "it was made for another model")
+            raise UserValueError(f"{path}: checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}): "
+                                 "it was made for another model")
         opt = torch.load(path / "optimizer.pt", weights_only=True)["optimizer"]
     if shards is None:
         model.load_state_dict(weights, strict=False)
@@ -282,7 +283,7 @@ _PT_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt", "extra.pt")
 _VERIFIED: dict[str, tuple] = {}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A damaged checkpoint (one line in the CLI: which file, and which checkpoint to use instead)."""
 
 

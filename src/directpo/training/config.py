@@ -13,19 +13,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigError, check_ranges, check_required, setting
+from ..config import ConfigError, ResumableSettings, check_ranges, check_required, setting
 
 
 @dataclass
 class RunConfig:
     """Run directory, optimisation, checkpoints, machine"""
 
-    output_dir: str = setting(None, "where the final model, tokenizer and metrics.jsonl go", required=True)
+    output_dir: str = setting(None, "where the final model, tokenizer and metrics.jsonl go", required=True, resumable=True)
     lr: float = setting(1e-6, "peak learning rate (paper: 1e-6)", gt=0)
     optimizer: str = setting("rmsprop", "optimizer (paper: rmsprop)", choices=["rmsprop", "adamw", "sgd"])
     weight_decay: float = setting(0.0, "weight decay (adamw)", ge=0)
     batch_size: int = setting(64, "examples per optimizer step (paper: 64 preference pairs)", ge=1)
-    max_steps: int | None = setting(None, "optimizer steps to run (overrides epochs)", ge=1)
+    max_steps: int | None = setting(None, "optimizer steps to run (overrides epochs)", ge=1, resumable=True)
     warmup_steps: int = setting(150, "linear learning-rate warm-up from 0 (paper: 150)", ge=0)
     max_grad_norm: float = setting(10.0, "clip the gradient norm to this (0: no clipping)", ge=0)
     seed: int = setting(0, "seed for initialisation-independent randomness: data order")
@@ -33,45 +33,42 @@ class RunConfig:
                                      "where the device runs it fast (a GPU with native bf16, a CPU whose measured "
                                      "bf16 matmul beats fp32), fp32 elsewhere; DIRECTPO_AUTO_PRECISION=fp32|bf16 "
                                      "pins what auto picks", choices=["auto", "fp32", "bf16"])
-    device: str | None = setting(None, "cpu or cuda (default: cuda when available)")
-    threads: int = setting(0, "CPU threads for torch (0: torch's default)", ge=0)
-    log_every: int = setting(1, "print a metrics line every N steps (metrics.jsonl always gets every step)", ge=1)
-    overwrite: bool = setting(False, "allow writing into an output directory that already holds a run")
-    save_every: int = setting(0, "write a checkpoint (weights, optimizer, scheduler, RNG) every N steps (0: never)", ge=0)
-    keep_last: int = setting(0, "keep only the newest K checkpoints (0: keep all)", ge=0)
+    device: str | None = setting(None, "cpu or cuda (default: cuda when available)", resumable=True)
+    threads: int = setting(0, "CPU threads for torch (0: torch's default)", ge=0, resumable=True)
+    log_every: int = setting(1, "print a metrics line every N steps (metrics.jsonl always gets every step)", ge=1, resumable=True)
+    overwrite: bool = setting(False, "allow writing into an output directory that already holds a run", resumable=True)
+    save_every: int = setting(0, "write a checkpoint (weights, optimizer, scheduler, RNG) every N steps (0: never)", ge=0, resumable=True)
+    keep_last: int = setting(0, "keep only the newest K checkpoints (0: keep all)", ge=0, resumable=True)
     resume: str | None = setting(None, "continue from the latest checkpoint in output_dir (--resume), or from PATH",
-                                 nargs="?", const="latest")
+                                 nargs="?", const="latest", resumable=True)
     resume_from_last_good: bool = setting(False, "with --resume: if the latest checkpoint is damaged (a file "
                                                  "truncated or changed since it was written), resume from the "
-                                                 "newest intact one instead of stopping")
+                                                 "newest intact one instead of stopping", resumable=True)
     skip_nonfinite: bool = setting(False, "skip (and count) steps whose loss or gradient is NaN/inf instead of "
-                                          "stopping")
+                                          "stopping", resumable=True)
     divergence_factor: float = setting(1000.0, "stop (without applying the update) when the loss or the gradient "
                                                "norm exceeds this many times its first step's value, each floored "
-                                               "at 1: the run diverged (0: never)", ge=0)
+                                               "at 1: the run diverged (0: never)", ge=0, resumable=True)
     stop_on_alarm: bool = setting(True, "stop the run when a health alarm says the model cannot recover "
-                                        "(dead_gradients: it died); --no-stop-on-alarm logs it and trains on")
+                                        "(dead_gradients: it died); --no-stop-on-alarm logs it and trains on", resumable=True)
     trust_remote_code: bool = setting(False, "allow model/tokenizer repos to run their own Python code (off: safer)")
-    progress: bool = setting(True, "show a progress bar with ETA")
+    progress: bool = setting(True, "show a progress bar with ETA", resumable=True)
     report_to: str = setting("none", "also send the metrics to TensorBoard (OUTPUT/tensorboard/) or Weights & Biases "
                                      "(OUTPUT/wandb/, offline unless WANDB_MODE says otherwise); needs "
-                                     "`pip install 'directpo[report]'`", choices=["none", "tensorboard", "wandb"])
+                                     "`pip install 'directpo[report]'`", choices=["none", "tensorboard", "wandb"], resumable=True)
     push_to_hub: str | None = setting(None, "when the run is done, upload OUTPUT (weights, tokenizer, model card, "
                                             "settings, metrics; never checkpoints/) to this Hugging Face model repo, "
-                                            "owner/name (token: HF_TOKEN or `hf auth login`)")
-    hub_private: bool = setting(False, "with --push-to-hub: create the repo private")
+                                            "owner/name (token: HF_TOKEN or `hf auth login`)", resumable=True)
+    hub_private: bool = setting(False, "with --push-to-hub: create the repo private", resumable=True)
 
-    # Settings that may change between a run and its resumption: they do not change the trajectory.
-    RESUMABLE_CHANGES = frozenset({
-        "nproc", "fsdp", "resume", "overwrite", "progress", "log_every", "max_steps", "epochs", "save_every",
-        "keep_last", "eval_every", "eval_data", "threads", "device", "ref_cache", "skip_nonfinite",
-        "divergence_factor", "output_dir", "snapshot_every", "stop_on_alarm", "resume_from_last_good",
-        "report_to", "push_to_hub", "hub_private"})
+    # Settings that may change between a run and its resumption (they do not change the
+    # trajectory): each is declared `resumable=True` on its field.
+    RESUMABLE_CHANGES = ResumableSettings()
 
     def validate(self):
         check_required(self)
         check_ranges(self)
-        from .card import check_repo_id
+        from .hub import check_repo_id
         from .loggers import check_report_to
 
         check_report_to(self.report_to)  # a missing package, said before anything loads
@@ -89,7 +86,7 @@ class PreferenceRunConfig(RunConfig):
     data: str = setting(None, "preference data: .jsonl/.json/.parquet file, or a `datasets` name/dir", required=True,
                         input=True)
     micro_batch_size: int = setting(8, "examples per forward/backward; batch_size/micro_batch_size are accumulated", ge=1)
-    epochs: float = setting(1.0, "passes over the training data, when max_steps is not set", gt=0)
+    epochs: float = setting(1.0, "passes over the training data, when max_steps is not set", gt=0, resumable=True)
     max_length: int | None = setting(512, "max tokens of prompt + response; a pair that does not fit has its prompt "
                                           "cut from the left (see max_prompt_length), then its responses from the "
                                           "right", ge=2)
@@ -97,8 +94,8 @@ class PreferenceRunConfig(RunConfig):
                                                   "(default: only the prompts of pairs that do not fit, to half of "
                                                   "max_length)", ge=1)
     eval_data: str | None = setting(None, "held-out preference data for periodic evaluation",
-                                        input=True)
-    eval_every: int = setting(0, "evaluate every N optimizer steps (0: only at the end, when eval_data is set)", ge=0)
+                                        input=True, resumable=True)
+    eval_every: int = setting(0, "evaluate every N optimizer steps (0: only at the end, when eval_data is set)", ge=0, resumable=True)
     ranking_pairs: str = setting("all", "ranked rows as pairs: every (better, worse) pair, or only best vs worst",
                                  choices=["all", "best_worst"])
     on_invalid: str = setting("error", "bad rows: stop with an error naming file/row/field, or skip them (counted)",
@@ -151,52 +148,48 @@ class TrainConfig(PreferenceRunConfig):
     memory_budget: str | None = setting(None, "pick the micro-batch size for this much memory per process, e.g. 8GiB "
                                               "or 512MiB: the largest divisor of --batch-size whose longest possible "
                                               "micro-batch fits, from a measured activation cost per token (replaces "
-                                              "--micro-batch-size; default: off)")
+                                              "--micro-batch-size; default: off)", resumable=True)
     precompute_ref: bool = setting(True, "compute reference log-probs once before training (cached on disk) and "
                                          "free the reference model; --no-precompute-ref runs the reference live at "
                                          "every step")
     ref_cache: str = setting("auto", "where reference log-prob tables are cached: auto (~/.cache/directpo, or "
-                                     "$DIRECTPO_CACHE), off, or a directory")
+                                     "$DIRECTPO_CACHE), off, or a directory", resumable=True)
     layout: str = setting("packed", "packed: each prompt computed once for all its responses, several examples per "
                                     "row (exact); padded: one padded row per prompt+response",
                           choices=["packed", "padded"])
     row_tokens: int = setting(0, "packed layout: tokens per row (0: the whole micro-batch in one unpadded row when "
                                  "the model attends segment by segment, else rows as long as its longest example)", ge=0)
     nproc: int = setting(0, "launch N data-parallel processes with torchrun (same global batch; gloo on CPU, NCCL "
-                            "on GPU)", ge=0)
+                            "on GPU)", ge=0, resumable=True)
     # Several nodes (issue #17): the same command on every node, each launching --nproc processes;
     # `training.launch` turns these into torchrun's static rendezvous. Workers never see them.
     nnodes: int = setting(1, "nodes in the job; with N > 1, run the same command on every node, each with its "
                              "own --node-rank: each node launches --nproc processes (at least 1) with torchrun, "
-                             "and --output-dir must be on a filesystem all nodes share", ge=1)
+                             "and --output-dir must be on a filesystem all nodes share", ge=1, resumable=True)
     node_rank: int = setting(0, "this node's number among the --nnodes nodes, 0 to N-1; node 0 holds global rank 0, "
-                                "which writes the run directory", ge=0)
+                                "which writes the run directory", ge=0, resumable=True)
     master_addr: str = setting("127.0.0.1", "with --nnodes > 1: address or hostname of node 0, where the nodes "
-                                            "meet; every node must reach it")
+                                            "meet; every node must reach it", resumable=True)
     master_port: int = setting(29500, "with --nnodes > 1: TCP port on node 0 where the nodes meet (free there)",
-                               ge=1, le=65535)
+                               ge=1, le=65535, resumable=True)
     fsdp: bool = setting(False, "with several processes: shard the model with FSDP2 (fully_shard) instead of "
                                 "replicating it; with --precision bf16 the blocks gather their weights and compute "
-                                "in bf16 (FSDP2 MixedPrecisionPolicy: fp32 master weights, gradients reduced in fp32)")
+                                "in bf16 (FSDP2 MixedPrecisionPolicy: fp32 master weights, gradients reduced in fp32)", resumable=True)
     # Sharding and memory knobs for big models (issue #17). None of them changes the trajectory, so a
-    # run may resume with others (`RESUMABLE_CHANGES` below); `check_fsdp_settings` refuses what cannot work.
+    # run may resume with others (`resumable=True`); `check_fsdp_settings` refuses what cannot work.
     checkpoint_format: str = setting("full", "checkpoints: full (whole weights as safetensors, gathered on rank 0) or "
                                              "sharded (torch.distributed.checkpoint: every rank writes its own shards, "
                                              "nothing gathered; resumes on any number of processes; needs a "
-                                             "filesystem all nodes share)", choices=["full", "sharded"])
+                                             "filesystem all nodes share)", choices=["full", "sharded"], resumable=True)
     fsdp_reshard_after_forward: bool = setting(True, "with --fsdp: free each block's gathered weights after its "
                                                      "forward and gather them again for the backward (less memory); "
-                                                     "--no-fsdp-reshard-after-forward keeps them (less communication)")
+                                                     "--no-fsdp-reshard-after-forward keeps them (less communication)", resumable=True)
     fsdp_cpu_offload: bool = setting(False, "with --fsdp: keep the weight shards, their gradients and the optimizer "
                                             "state in host memory and step the optimizer on the CPU (FSDP2 "
-                                            "CPUOffloadPolicy); weights are copied to the device block by block")
+                                            "CPUOffloadPolicy); weights are copied to the device block by block", resumable=True)
     activation_checkpointing: bool = setting(False, "recompute each transformer block's activations in the backward "
                                                     "instead of keeping them (less memory, ~1/3 more compute; the "
-                                                    "same gradients)")
-    RESUMABLE_CHANGES = RunConfig.RESUMABLE_CHANGES | {"checkpoint_format", "fsdp_reshard_after_forward",
-                                                       "fsdp_cpu_offload", "activation_checkpointing",
-                                                       "memory_budget",  # (a resumed run keeps its micro-batch)
-                                                       "nnodes", "node_rank", "master_addr", "master_port"}
+                                                    "same gradients)", resumable=True)
     lora_r: int = setting(0, "LoRA rank (0: full fine-tuning); the reference is the model with adapters disabled", ge=0)
     lora_alpha: float = setting(16.0, "LoRA scaling α", gt=0)
     lora_dropout: float = setting(0.0, "dropout on the LoRA path", ge=0, lt=1)
@@ -283,3 +276,22 @@ class TrainConfig(PreferenceRunConfig):
                                      ("--no-fsdp-reshard-after-forward", not self.fsdp_reshard_after_forward)) if on]
         if off and not self.fsdp:
             raise ConfigError(f"{off[0]} shapes FSDP sharding: it needs --fsdp (and several processes)")
+
+
+@dataclass
+class PipelineConfig(TrainConfig):
+    """The SFT stage of `directpo pipeline` (each unset: the DPO stage's setting)"""
+
+    sft_lr: float | None = setting(None, "SFT stage learning rate (default: --lr)", gt=0)
+    sft_max_steps: int | None = setting(None, "SFT stage steps (default: --max-steps / --epochs)", ge=1)
+    sft_epochs: float | None = setting(None, "SFT stage epochs (default: --epochs)", gt=0)
+    sft_optimizer: str | None = setting(None, "SFT stage optimizer (default: --optimizer)",
+                                        choices=["rmsprop", "adamw", "sgd"])
+
+    def stage_settings(self) -> tuple[TrainConfig, dict]:
+        """(the pipeline's TrainConfig, the SFT stage's own settings that were set, unprefixed)."""
+        from dataclasses import fields
+
+        base = TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainConfig)})
+        own = {n: getattr(self, n) for n in ("sft_lr", "sft_max_steps", "sft_epochs", "sft_optimizer")}
+        return base, {k: v for k, v in own.items() if v is not None}

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..errors import UserValueError
 from ..models import unwrap_peft
 
 
@@ -136,8 +137,8 @@ class Dist:
             knobs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
         if getattr(model.config, "tie_word_embeddings", False):
-            raise ValueError("FSDP with tied input/output embeddings is not supported: the LM head would be "
-                             "sharded with the embedding; use data parallelism (drop --fsdp)")
+            raise UserValueError("FSDP with tied input/output embeddings is not supported: the LM head would be "
+                                 "sharded with the embedding; use data parallelism (drop --fsdp)")
         # Rank 0's whole weights, taken before sharding (the same storage as its parameters, no copy;
         # freed when this returns). Ranks > 0 pass {}: with broadcast_from_rank0 they still take part.
         full = model.state_dict() if self.main and weights is None else {}
@@ -268,7 +269,7 @@ def _fill_shards(model, weights: str, initial: dict, buffers: dict) -> None:
     """Each parameter of a sharded model, materialised but uninitialised, filled with its values:
     from the checkpoint `weights` (safetensors), or from `initial` (LoRA adapters, by name in the
     inner model). A parameter sharded on dim 0 (FSDP2's layout) reads only this rank's rows of its
-    tensor (`_own_rows`): with plain file reads into its shard (`_read_rows`), else from a
+    tensor (`_own_rows`): with plain file reads into its shard (`safetensors_io.read_rows`), else from a
     safetensors slice; any other sharded one is read whole, one at a time, and keeps its chunk
     (`distribute_tensor` without communication, the chunking FSDP itself uses); a whole one takes
     it all. Buffers are put back from `buffers`, unless the checkpoint holds them (persistent ones)."""
@@ -276,6 +277,7 @@ def _fill_shards(model, weights: str, initial: dict, buffers: dict) -> None:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     from ..models import safetensors_index
+    from ..safetensors_io import read_rows
 
     inner = unwrap_peft(model)
     tie = getattr(inner, "tie_weights", None)
@@ -298,7 +300,7 @@ def _fill_shards(model, weights: str, initial: dict, buffers: dict) -> None:
                 # read this rank's rows only, straight into its shard when the file holds them in
                 # the shard's dtype (no mapping: the file's pages never count in this process's
                 # memory); else from a safetensors slice of those rows
-                if not _read_rows(where[key], key, rows, p.to_local(), headers):
+                if not read_rows(where[key], key, rows, p.to_local(), headers):
                     part = file(key).get_slice(key)[rows[0]:rows[1]]
                     p.to_local().copy_(part.to(p.device, p.dtype))
                     del part
@@ -310,8 +312,8 @@ def _fill_shards(model, weights: str, initial: dict, buffers: dict) -> None:
             elif name in buffers:
                 full = buffers[name]
             else:
-                raise ValueError(f"{weights}: its safetensors files lack {key} (the model's configuration "
-                                 "names it): the weights do not match the config")
+                raise UserValueError(f"{weights}: its safetensors files lack {key} (the model's configuration "
+                                     "names it): the weights do not match the config")
             if isinstance(p, DTensor):
                 local = distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements,
                                           src_data_rank=None)
@@ -338,38 +340,6 @@ def _own_rows(p) -> tuple[int, int] | None:
     return start, stop
 
 
-_ROW_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # weights read as rows
-
-
-def _read_rows(path: str, key: str, rows: tuple[int, int], out: torch.Tensor, headers: dict | None = None) -> bool:
-    """Rows [start, stop) of tensor `key` of safetensors file `path` read with plain file reads
-    into `out` (a contiguous CPU tensor of those rows in the file's dtype); False (nothing read)
-    when that does not hold. The format: an 8-byte little-endian header length, a JSON header
-    {name: {dtype, shape, data_offsets}}, the data (row-major, offsets from the data's start).
-    `headers` caches the files' headers for one load."""
-    from ..models import SAFETENSORS_DTYPES, safetensors_header
-
-    if out.device.type != "cpu" or not out.is_contiguous() or out.dtype not in _ROW_DTYPES:
-        return False
-    headers = {} if headers is None else headers
-    if path not in headers:
-        headers[path] = safetensors_header(path)
-    data_start, header = headers[path]
-    entry = header.get(key)
-    if entry is None or entry["dtype"] != SAFETENSORS_DTYPES[out.dtype] or not entry["shape"] or \
-            tuple(out.shape) != (rows[1] - rows[0], *entry["shape"][1:]):
-        return False
-    row_bytes = out[0].numel() * out.element_size() if len(out) else 0
-    begin = data_start + entry["data_offsets"][0] + rows[0] * row_bytes
-    flat = out.reshape(-1).view(torch.uint8)  # the shard's own bytes (contiguous: no copy)
-    with open(path, "rb") as f:
-        f.seek(begin)
-        got = f.readinto(flat.numpy()) if flat.numel() else 0
-    if got != flat.numel():
-        raise ValueError(f"{path}: {key} ends before its rows {rows[0]}-{rows[1]} (a truncated file)")
-    return True
-
-
 def save_shards(model, optimizer, path) -> None:
     """A sharded checkpoint's tensors (`--checkpoint-format sharded`): every process writes its own
     shards of the trainable weights and of the optimizer state into directory `path` with
@@ -392,8 +362,8 @@ def load_shards(model, optimizer, path) -> None:
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     missing = sorted(k for k in state["model"] if f"model.{k}" not in saved)
     if missing:
-        raise ValueError(f"{Path(path).parent}: checkpoint lacks {len(missing)} trainable tensors (e.g. "
-                         f"{missing[0]}): it was made for another model")
+        raise UserValueError(f"{Path(path).parent}: checkpoint lacks {len(missing)} trainable tensors (e.g. "
+                             f"{missing[0]}): it was made for another model")
     with _dcp_quiet():
         dcp.load(state, checkpoint_id=str(path))
     # strict=False: the frozen weights (LoRA's base) are not in a checkpoint; the trainable ones were

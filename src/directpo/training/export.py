@@ -5,8 +5,8 @@ process ever holds more than one whole tensor of it.
 rank 0's host memory first. Here the shard files are planned up front from the parameters' shapes
 and dtypes alone (`plan_shards`, huggingface_hub's grouping rule), so every rank knows the order.
 For each file rank 0 writes the safetensors header first (it needs only names, dtypes and shapes:
-`SafetensorsStream`), then each parameter is gathered whole in turn (a collective: every rank
-calls, in the file's data order), rank 0 appends its bytes and drops it. Rank 0 therefore holds one
+`safetensors_io.SafetensorsStream`), then each parameter is gathered whole in turn (a collective:
+every rank calls, in the file's data order), rank 0 appends its bytes and drops it. Rank 0 therefore holds one
 gathered tensor at a time, whatever the model's size.
 
 What lands on disk is what `save_pretrained` writes for the same model, byte for byte in each
@@ -20,21 +20,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import re
-import struct
 from pathlib import Path
 
 import torch
 
 from ..diskio import replacing, warn_if_short
-from ..models import SAFETENSORS_DTYPES
+from ..errors import UserValueError
+from ..safetensors_io import INDEX_NAME, WEIGHTS_NAME, SafetensorsStream, data_order
 from .distributed import Dist
 
 # transformers 5's `save_pretrained(max_shard_size="50GB")`, in huggingface_hub's decimal units
 MAX_SHARD_BYTES = 50 * 10**9
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
@@ -95,7 +92,7 @@ def export_model(model, out, d: Dist, max_shard_bytes: int | None = None) -> Non
         remove_stale_weights(out, files)
         _save_configs(model, state, out)
     for file, names in zip(files, shards):
-        entries = sorted(((name, state[key[name]]) for name in names), key=lambda e: _data_order(e[0], e[1].dtype))
+        entries = sorted(((name, state[key[name]]) for name in names), key=lambda e: data_order(e[0], e[1].dtype))
         writer = SafetensorsStream([(n, t.dtype, tuple(t.shape)) for n, t in entries]) if d.main else None
         with contextlib.ExitStack() as stack:
             if writer is not None:  # a full disk: one line with what this file needs (`diskio`)
@@ -140,7 +137,7 @@ def _save_order(model, state: dict) -> list[tuple[str, str]]:
     tensor, and tied weights would be written twice (safetensors refuses aliases): both refused."""
     inp, outp = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
     if inp and outp and inp() is not None and outp() is not None and inp().weight is outp().weight:
-        raise ValueError("cannot stream a model with tied input/output embeddings (FSDP refuses them too)")
+        raise UserValueError("cannot stream a model with tied input/output embeddings (FSDP refuses them too)")
     ignore = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
     standins = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in state.items() if k not in ignore}
     try:
@@ -151,8 +148,8 @@ def _save_order(model, state: dict) -> list[tuple[str, str]]:
         reverted = revert_weight_conversion(model, dict(standins))
     source = {id(t): k for k, t in standins.items()}
     if len(reverted) != len(standins) or any(id(t) not in source for t in reverted.values()):
-        raise ValueError(f"{type(model).__name__}: transformers converts its weights on save (several tensors "
-                         "into one); the final model cannot be written one tensor at a time")
+        raise UserValueError(f"{type(model).__name__}: transformers converts its weights on save (several tensors "
+                             "into one); the final model cannot be written one tensor at a time")
     return [(name, source[id(t)]) for name, t in reverted.items()]
 
 
@@ -201,58 +198,6 @@ def _replaced(path: Path, start, needed: int | None = None):
             raise
         if callable(close):
             close()
-
-
-_DTYPE_RANK = {dt: i for i, dt in enumerate(SAFETENSORS_DTYPES)}  # safetensors' data order
-
-
-def _data_order(name: str, dtype: torch.dtype) -> tuple[int, str]:
-    if dtype not in _DTYPE_RANK:
-        raise ValueError(f"{name}: dtype {dtype} has no safetensors name here")
-    return _DTYPE_RANK[dtype], name
-
-
-class SafetensorsStream:
-    """A safetensors file written one tensor at a time: the header (names, dtypes, shapes, offsets,
-    {"format": "pt"}) first, then each tensor's bytes as it comes, in the order given, which must be
-    safetensors' own (`_data_order`) for the file to equal `safetensors.torch.save_file`'s. The
-    format: an 8-byte little-endian header length, the JSON header padded with spaces to a multiple
-    of 8, the data."""
-
-    def __init__(self, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]):
-        header: dict = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, dtype, shape in entries:
-            _data_order(name, dtype)  # a dtype safetensors cannot name is refused here
-            size = torch.empty((), dtype=dtype).element_size() * math.prod(shape)
-            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-            offset += size
-        text = json.dumps(header, separators=(",", ":")).encode()
-        self.header = text + b" " * (-len(text) % 8)
-        self.expected = [(name, dtype, tuple(shape)) for name, dtype, shape in entries]
-        self.done = 0
-        self.file = None
-
-    def open(self, path):
-        self.file = open(path, "wb")
-        self.file.write(struct.pack("<Q", len(self.header)) + self.header)
-        return self.close
-
-    def append(self, t: torch.Tensor) -> None:
-        name, dtype, shape = self.expected[self.done]
-        if t.dtype != dtype or tuple(t.shape) != shape:
-            raise ValueError(f"{name}: expected {dtype} {shape}, got {t.dtype} {tuple(t.shape)}")
-        flat = t.detach().cpu().contiguous().reshape(-1)
-        if flat.numel():
-            self.file.write(memoryview(flat.view(torch.uint8).numpy()))
-        self.done += 1
-
-    def close(self) -> None:
-        try:
-            if self.done != len(self.expected):
-                raise RuntimeError(f"{len(self.expected) - self.done} tensors of the file were never written")
-        finally:
-            self.file.close()
 
 
 def _nbytes(t: torch.Tensor) -> int:

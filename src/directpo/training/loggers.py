@@ -21,6 +21,8 @@ import os
 from numbers import Real
 from pathlib import Path
 
+from ..errors import UserValueError
+
 REPORT_TO = ("none", "tensorboard", "wandb")
 _PACKAGE = {"tensorboard": "tensorboard", "wandb": "wandb"}
 SKIPPED_KEYS = frozenset({"step", "split"})  # the record's coordinates, not metrics
@@ -29,11 +31,11 @@ SKIPPED_KEYS = frozenset({"step", "split"})  # the record's coordinates, not met
 def check_report_to(report_to: str) -> None:
     """A known back end whose package is installed, else a ValueError saying what to do."""
     if report_to not in REPORT_TO:
-        raise ValueError(f"--report-to must be one of {', '.join(REPORT_TO)}; got {report_to!r}")
+        raise UserValueError(f"--report-to must be one of {', '.join(REPORT_TO)}; got {report_to!r}")
     package = _PACKAGE.get(report_to)
     if package and importlib.util.find_spec(package) is None:
-        raise ValueError(f"--report-to {report_to} needs `pip install 'directpo[report]'` (the {package} package "
-                         "is not installed)")
+        raise UserValueError(f"--report-to {report_to} needs `pip install 'directpo[report]'` (the {package} package "
+                             "is not installed)")
 
 
 def scalars_of(record: dict) -> dict[str, float]:
@@ -60,7 +62,7 @@ class TensorBoardLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ValueError("--report-to tensorboard needs `pip install 'directpo[report]'`") from None
+            raise UserValueError("--report-to tensorboard needs `pip install 'directpo[report]'`") from None
         self.log_dir = Path(run_dir) / "tensorboard"
         self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=start_step + 1 if start_step else None)
         if config and not start_step:
@@ -82,7 +84,7 @@ class WandbLogger:
         try:
             import wandb
         except ImportError:
-            raise ValueError("--report-to wandb needs `pip install 'directpo[report]'`") from None
+            raise UserValueError("--report-to wandb needs `pip install 'directpo[report]'`") from None
         mode = os.environ.get("WANDB_MODE") or "offline"
         self.run = wandb.init(project=project or os.environ.get("WANDB_PROJECT") or "directpo", dir=str(run_dir),
                               config=config or {}, mode=mode, name=Path(run_dir).resolve().name)

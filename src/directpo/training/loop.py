@@ -26,12 +26,12 @@ from ..losses import LossInputs, LossParams, LossSpec, get_loss, sft_loss
 from ..metrics import last_valid, ranking_metrics
 from ..models import autocast_ctx, enable_activation_checkpointing, load_tokenizer, pick_device
 from .alarms import HealthMonitor
+from .budget import format_memory_plan, plan_for_budget
 from .config import TrainConfig
 from .distributed import Dist, device_for, init_from_env
 from .export import export_model, gather_trainable
 from .lora import adapters_disabled, is_lora, save_policy
 from .optim import build_optimizer, warmup_schedule
-from .plan import format_memory_plan, plan_for_budget
 from .prepare import (Sources, check_data, check_sharding, kto_balance, load_policy_and_reference, load_sharded,
                       prepare_data, reference_tables)
 from .run import COMPLETE_MARKER, NonFiniteError, Recipe, RunDir, StepDriver, resume, run_steps, settle_precision, \
@@ -393,7 +393,7 @@ def setup(cfg: TrainConfig, d, run: RunDir, sources: Sources | None = None) -> T
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(policy)
     collate = make_collate(cfg.layout, tokenizer.pad_token_id, packed_row_tokens(cfg.row_tokens, policy, ref_model))
-    train_ref, eval_ref = reference_tables(cfg, d, ref_model, train_set, eval_set, collate, device)
+    train_ref, eval_ref = reference_tables(cfg, d, ref_model, train_set, eval_set, collate, device, batch_order)
     if train_ref is not None:
         ref_model = None  # the table replaces the model: its memory is free for training
     trainer = Trainer(cfg, d, run, device, policy, ref_model, train_set, eval_set, train_ref, eval_ref, collate,
@@ -490,7 +490,9 @@ def finish(t: Trainer, result: dict) -> dict:
     if t.d.main:
         t.tokenizer.save_pretrained(t.run.path)
         t.run.complete(result)  # written last: the run finished
-        log(f"saved model and tokenizer to {t.run.path}")
+        log("saved " + ("the model merged with its LoRA adapters" if is_lora(t.policy) and t.cfg.merge else
+                        "LoRA adapters (adapter_model.safetensors)" if is_lora(t.policy) else "model")
+            + f" and tokenizer to {t.run.path}")
     t.d.barrier()
     t.d.close()
     return result

@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from ..errors import MissingPackageError
+
 
 def apply_lora(model, r: int, alpha: float, target_modules: str, dropout: float = 0.0):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError("LoRA needs the `peft` package: pip install 'directpo[lora]'") from None
+        raise MissingPackageError("LoRA needs the `peft` package: pip install 'directpo[lora]'") from None
     targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",")]
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, config)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserValueError
+
 OPTIMIZERS = ("rmsprop", "adamw", "sgd")
 
 
@@ -17,7 +19,7 @@ def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0) -> 
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=_fusable(params) or None)
     if name == "sgd":  # plain SGD: the update is lr × the gradient, nothing rescaled
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose {', '.join(OPTIMIZERS)}")
+    raise UserValueError(f"unknown optimizer {name!r}; choose {', '.join(OPTIMIZERS)}")
 
 
 def _fusable(params: list) -> bool:

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from ..config import changed_settings, input_paths
 from ..console import log
+from ..errors import UserValueError
 from ..losses import LOSS_SETTINGS, LOSSES
 from ..outputs import RUN_MARKERS, check_output_dir
-from .config import TrainConfig
+from .config import PipelineConfig, TrainConfig
 from .loop import train
 from .run import COMPLETE_MARKER, CONFIG_FILE, is_complete
 
@@ -39,6 +40,11 @@ SFT_UNUSED = SFT_UNREAD | {"loss_weights", "pairs_to_unpaired", "ref_sync_every"
 
 
 def run_pipeline(cfg: TrainConfig, **sft_overrides) -> dict:
+    """Both stages (see the module's docstring). `cfg`: a `PipelineConfig` (its sft_* settings: the
+    SFT stage's own) or a `TrainConfig` with them as `sft_overrides` (sft_lr=..., ...)."""
+    if isinstance(cfg, PipelineConfig):
+        cfg, own = cfg.stage_settings()
+        sft_overrides = {**own, **sft_overrides}
     cfg.validate()  # the DPO stage's settings, refused now rather than after the SFT stage ran
     root = Path(cfg.output_dir)
     # The root is the pipeline's own (its stages' folders, each claimed by its run), never a folder
@@ -64,8 +70,8 @@ def run_pipeline(cfg: TrainConfig, **sft_overrides) -> dict:
             if not differences:
                 log(f"pipeline: {name} already complete in {path}")
                 continue
-            raise ValueError(f"{name} in {path} finished with other settings ({'; '.join(differences)}); "
-                             "pass another --output-dir, or --overwrite to rerun the pipeline")
+            raise UserValueError(f"{name} in {path} finished with other settings ({'; '.join(differences)}); "
+                                 "pass another --output-dir, or --overwrite to rerun the pipeline")
         running = True
         for _, later, _, _ in stages[i:]:  # their results are stale from here on, even if this run is killed
             (later / COMPLETE_MARKER).unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""`directpo plan`: the memory a training run needs per device, on paper, from the model's config alone.
+"""`directpo plan`: the memory a training run needs per device, on paper, from the model's config alone
+(`--memory-budget`, measured on the loaded model, is `training.budget`).
 
 The model is built on the meta device from its config.json (no weights read, nothing allocated),
 so parameter counts are exact for any architecture; the rest is arithmetic on the settings. Per
@@ -56,6 +57,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..config import ConfigError, check_ranges, setting
+from ..errors import UserValueError
 
 GiB = 1024 ** 3
 HEAD_CHUNK_BYTES = 4 * (1 << 23)  # directpo.logprobs: _CHUNK_ELEMENTS fp32 logits per LM-head chunk
@@ -126,13 +128,19 @@ def model_shape(name_or_dir: str, trust_remote_code: bool = False) -> Shape:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..models import check_model_source, quiet_transformers, unwrap_peft
+    from ..models import check_model_source, quiet_transformers, remote_code_error, unwrap_peft
 
     check_model_source(name_or_dir)
     quiet_transformers()
-    config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as e:  # its own code, refused: one line naming --trust-remote-code and the code
+        explained = remote_code_error(name_or_dir, e)
+        if explained is None:
+            raise
+        raise explained from None
     return shape_of(unwrap_peft(model))
 
 
@@ -199,8 +207,8 @@ def gathered_bytes(s: Shape, cfg: PlanConfig) -> int:
 def memory_plan(s: Shape, cfg: PlanConfig) -> dict:
     """Bytes per device of each part, the total, and whether it fits `cfg.memory_per_device`."""
     if cfg.fsdp and s.tied:
-        raise ValueError("--fsdp with tied input/output embeddings is not supported by directpo (the LM head would "
-                         "be sharded with the embedding): plan without --fsdp")
+        raise UserValueError("--fsdp with tied input/output embeddings is not supported by directpo (the LM head would "
+                             "be sharded with the embedding): plan without --fsdp")
     w = cfg.world if cfg.fsdp else 1
     trainable = cfg.lora_r * s.lora_per_rank if cfg.lora_r else s.params
     per_trainable = trainable / w  # FSDP shards every parameter, the LM head's too
@@ -281,7 +289,9 @@ def plan(cfg: PlanConfig, shape: Shape | None = None) -> dict:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GiB:8.2f} GiB" if n >= GiB / 10 or n == 0 else f"{n / 2 ** 20:8.2f} MiB"
+    if n >= GiB / 10 or n == 0:
+        return f"{n / GiB:8.2f} GiB"
+    return f"{n / 2 ** 20:8.2f} MiB" if n >= 2 ** 20 / 10 else f"{n / 1024:8.2f} KiB"  # (LoRA's gradients)
 
 
 def _count(n: int) -> str:
@@ -323,34 +333,8 @@ def format_plan(result: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# --memory-budget: the micro-batch size a training run picks for the memory it is given
-#
-# need(m) = now + gradients + optimizer state + a + b·tokens(m) [+ the LM head's chunk, on the CPU]
-#
-#   now        memory the process holds when training is about to start (weights, a live
-#              reference, the data): CUDA memory allocated on the device, or the process's RSS
-#   gradients, optimizer state   not allocated yet: 4·T and 4·T × states, as in the docstring (T
-#              counted on the loaded model, adapters only under LoRA)
-#   a + b·t    activations of a micro-batch of t tokens, measured on the real model, layout and
-#              precision at two points (the longest example alone, the two longest together):
-#              the peak of allocated memory over a forward and backward on CUDA; on the CPU the
-#              bytes autograd keeps for the backward (distinct storages, parameters excluded),
-#              counted through saved-tensor hooks. Not RSS: the allocator keeps and reuses the pages
-#              the reference pass freed, and a process's peak RSS cannot be reset, so an RSS
-#              difference would not isolate one forward. The CPU count leaves out the backward's
-#              short-lived temporaries, of which the largest is the LM head's chunk of logits
-#              (`HEAD_CHUNK_BYTES`, added). With activation checkpointing the layers' insides
-#              are recomputed out of autograd's sight, so there the per-token cost is the
-#              docstring's formula instead.
-#   tokens(m)  tokens of the longest micro-batch the loader could form: the m longest examples of
-#              the data set together, collated in the run's layout
-#
-# The micro-batch is the largest divisor of --batch-size (at most a process's share) with
-# need(m) ≤ budget, so the accumulated gradient is the same as for any other split.
-
-
-class MemoryBudgetError(ConfigError):
-    """--memory-budget too small for even one example per micro-batch."""
+# Sizes as the settings write them (`--memory-budget 8GiB`: read here, where the settings are checked;
+# the measured plan for such a budget is `training.budget`)
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024 ** 2, "mib": 1024 ** 2, "mb": 1000 ** 2,
@@ -366,135 +350,3 @@ def parse_size(text: str, what: str = "--memory-budget") -> int:
     if not m or unit is None or float(m.group(1)) <= 0:
         raise ConfigError(f"{what} {text!r}: not a size; write it like 8GiB, 512MiB or 2GB")
     return int(float(m.group(1)) * unit)
-
-
-def size_str(n: float) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2 ** 20:.0f} MiB"
-
-
-def choose_micro_batch(budget: int, batch_size: int, world: int, fixed: int, intercept: float, per_token: float,
-                       tokens_of, keep: int | None = None, agree=None) -> dict:
-    """The plan: the largest divisor m of `batch_size` (≤ a process's share) whose need(m) =
-    fixed + intercept + per_token · tokens_of(m) fits `budget`; `MemoryBudgetError` naming the
-    minimum when not even m = 1 does. `keep`: that micro-batch size, fitting or not (a resumed run).
-    `agree`: several processes' sum (`Dist.sum_stats`): a size is taken only where it fits on all."""
-    def need(m: int) -> int:
-        return int(fixed + intercept + per_token * tokens_of(m))
-
-    share = max(1, batch_size // world)
-    votes = {str(m): float(need(m) <= budget) for m in range(1, share + 1) if batch_size % m == 0}
-    votes = agree({**votes, "ranks": 1.0}) if agree is not None else {**votes, "ranks": 1.0}
-    fitting = [int(m) for m, v in votes.items() if m != "ranks" and v == votes["ranks"]]
-    if not fitting and keep is None:
-        raise MemoryBudgetError(
-            f"--memory-budget {size_str(budget)}: too small for this run, which needs at least {size_str(need(1))} "
-            f"(one example per micro-batch: {size_str(fixed)} of weights, gradients, optimizer state and the "
-            f"process, {size_str(need(1) - fixed)} of activations for the longest example, {tokens_of(1)} tokens)")
-    m = keep or max(fitting)
-    return {"micro_batch_size": m, "budget": budget, "need": need(m), "fits": need(m) <= budget,
-            "fixed": int(fixed), "activations": need(m) - int(fixed), "tokens": tokens_of(m),
-            "bytes_per_token": per_token, "bytes_per_micro_batch": intercept,
-            "need_by_micro_batch": {m: need(int(m)) for m in votes if m != "ranks"}}
-
-
-def format_memory_plan(p: dict) -> str:
-    return (f"--memory-budget {size_str(p['budget'])}: micro-batch {p['micro_batch_size']} (its longest possible "
-            f"micro-batch, {p['tokens']} tokens, needs {size_str(p['need'])}: {size_str(p['fixed'])} fixed + "
-            f"{size_str(p['activations'])} activations at {p['bytes_per_token'] / 1024:.1f} KiB per token)")
-
-
-def activation_bytes_measured(policy, batch, device, precision: str) -> int:
-    """Activation memory of one forward/backward of `batch` (see the section's comment): CUDA's
-    peak allocation over it, or on the CPU the bytes autograd keeps for its backward. The global
-    RNG is restored afterwards and no gradient is left behind, so the run that follows is the one
-    it would have been without the probe."""
-    import torch
-
-    from ..logprobs import example_logps
-    from ..models import autocast_ctx
-
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    params = {p.untyped_storage().data_ptr() for p in policy.parameters()}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            with autocast_ctx(device, precision):
-                lp = example_logps(policy, batch)
-            # only the first trainable tensor's gradient: the whole backward chain runs, no weight
-            # gradients are materialised (they are `fixed`, counted by formula)
-            torch.autograd.backward(lp.nansum(), inputs=trainable[:1])
-            trainable[0].grad = None
-            torch.cuda.synchronize(device)
-            return torch.cuda.max_memory_allocated(device) - base
-        kept: dict[int, int] = {}
-
-        def pack(t):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in params:
-                kept[ptr] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_ctx(device, precision):
-            lp = example_logps(policy, batch)
-        del lp  # the graph goes, nothing ran backward
-        return sum(kept.values()) + HEAD_CHUNK_BYTES
-
-
-def current_memory(device) -> int:
-    """Bytes the run holds now: allocated on a CUDA device, else the process's resident set."""
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    try:
-        import os
-
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):  # not Linux: the peak so far, an upper bound
-        import resource
-        import sys
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
-
-
-def plan_for_budget(cfg, policy, train_set, collate, device, world: int = 1, keep: int | None = None,
-                    agree=None) -> dict:
-    """The --memory-budget plan of a training run whose models are loaded (see the section's
-    comment); `cfg` is a `TrainConfig`. `keep`: the micro-batch size of the checkpoint a resumed
-    run continues from (another one would change the trajectory's rounding), kept even when over
-    budget."""
-    budget = parse_size(cfg.memory_budget, "--memory-budget")
-    longest = sorted(range(len(train_set)), key=lambda i: train_set[i].num_tokens, reverse=True)
-
-    def batch_of(m: int):
-        return collate([train_set[i] for i in longest[:m]])
-
-    def tokens_of(m: int) -> int:
-        return int(batch_of(m).input_ids.numel())
-
-    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    fixed = current_memory(device) + 4 * trainable * (1 + OPTIMIZER_STATES[cfg.optimizer])  # + grads, states
-    b1, t1 = activation_bytes_measured(policy, batch_of(1).to(device), device, cfg.precision), tokens_of(1)
-    intercept, per_token = 0.0, b1 / t1
-    if len(longest) > 1 and cfg.batch_size // world > 1:
-        b2, t2 = activation_bytes_measured(policy, batch_of(2).to(device), device, cfg.precision), tokens_of(2)
-        if t2 > t1 and b2 > b1:  # the line through both points: a part per micro-batch, and one per token
-            per_token = (b2 - b1) / (t2 - t1)
-            intercept = max(0.0, b1 - per_token * t1)
-    if cfg.activation_checkpointing and device.type != "cuda":  # autograd does not see inside the layers
-        pcfg = PlanConfig(model=cfg.model, max_length=max(2, train_set[longest[0]].num_tokens),
-                          precision=cfg.precision, activation_checkpointing=True, lora_r=cfg.lora_r)
-        shape = shape_of(unwrap(policy))
-        intercept = head_bytes(shape, pcfg)
-        per_token = (activation_bytes(shape, pcfg, 1) - intercept) / (2 * pcfg.max_length)
-    return choose_micro_batch(budget, cfg.batch_size, world, fixed, intercept, per_token, tokens_of, keep, agree)
-
-
-def unwrap(model):
-    from ..models import unwrap_peft
-
-    return unwrap_peft(model)

@@ -15,6 +15,7 @@ from ..data import SkipReport, TokenizeStats, load_examples, tokenize_examples
 from ..data.checks import red_flags, summarize, summary_paragraph
 from ..data.formats import DataError, pairs_to_unpaired, ranking_to_pairs
 from ..data.tokenize import pair_mismatched
+from ..errors import UserValueError
 from ..logprobs import dataset_logps
 from ..losses import LossSpec, get_loss
 from ..models import check_vocab, empty_model, enable_activation_checkpointing, freeze, load_model
@@ -62,16 +63,16 @@ def preference_rows(examples, cfg: TrainConfig, loss: LossSpec) -> list:
     else:
         single = next((ex for ex in examples if len(ex.responses) < 2), None)
         if single is not None:
-            raise ValueError(f"{single.source}, row {single.row}: the '{cfg.loss}' loss needs ≥ 2 responses per "
-                             "row; this row has one (a prompt/completion row is for `directpo sft`)")
+            raise UserValueError(f"{single.source}, row {single.row}: the '{cfg.loss}' loss needs ≥ 2 responses per "
+                                 "row; this row has one (a prompt/completion row is for `directpo sft`)")
     if cfg.ranking_to_pairs:
         examples = ranking_to_pairs(examples, cfg.ranking_pairs)
     if loss.pairwise:
         ranked = next((ex for ex in examples if len(ex.responses) != 2), None)
         if ranked is not None:
-            raise ValueError(f"{ranked.source}, row {ranked.row}: the '{cfg.loss}' loss takes pairs, this row has "
-                             f"{len(ranked.responses)} ranked responses: use --loss plackett_luce, or "
-                             "--ranking-to-pairs to expand rankings into pairs")
+            raise UserValueError(f"{ranked.source}, row {ranked.row}: the '{cfg.loss}' loss takes pairs, this row has "
+                                 f"{len(ranked.responses)} ranked responses: use --loss plackett_luce, or "
+                                 "--ranking-to-pairs to expand rankings into pairs")
     return examples
 
 
@@ -143,8 +144,8 @@ def load_policy_and_reference(cfg: TrainConfig, tokenizer, device, loss_spec: Lo
     sources = sources or Sources()
     if sources.model is not None:
         if cfg.lora_r and is_lora(sources.model):
-            raise ValueError("the model given already has LoRA adapters: leave lora_r at 0 to train them, or pass "
-                             "its base model to add new ones")
+            raise UserValueError("the model given already has LoRA adapters: leave lora_r at 0 to train them, or pass "
+                                 "its base model to add new ones")
         policy = sources.model.to(device)
     else:
         policy = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code, empty=empty)
@@ -195,24 +196,35 @@ def check_same_shapes(policy, ref_model, policy_name: str, ref_name: str) -> Non
     a = {k: v.shape for k, v in policy.state_dict().items()}
     b = {k: v.shape for k, v in ref_model.state_dict().items()}
     if a != b:
-        raise ValueError(f"--ref-sync-every: {ref_name} and {policy_name} are not the same architecture (their "
-                         "weights cannot be mixed); leave --ref out (πref = the starting policy)")
+        raise UserValueError(f"--ref-sync-every: {ref_name} and {policy_name} are not the same architecture (their "
+                             "weights cannot be mixed); leave --ref out (πref = the starting policy)")
 
 
 def check_sharding(cfg: TrainConfig, loss_spec: LossSpec) -> None:
     """What FSDP cannot do, refused before anything is loaded."""
     if cfg.merge:  # merging adapters into sharded weights would need the whole model on one rank
-        raise ValueError("--fsdp does not combine with --merge: save the adapters, merge them afterwards")
+        raise UserValueError("--fsdp does not combine with --merge: save the adapters, merge them afterwards")
     if loss_spec.needs_reference and not cfg.precompute_ref:
-        raise ValueError("--fsdp needs precomputed reference log-probs (drop --no-precompute-ref)")
+        raise UserValueError("--fsdp needs precomputed reference log-probs (drop --no-precompute-ref)")
 
 
-def reference_tables(cfg: TrainConfig, d: Dist, ref_model, train_set, eval_set, collate, device):
+def used_examples(cfg: TrainConfig, n: int, batch_order) -> list[int] | None:
+    """The training examples (indices, sorted) that the batches of steps 1..--max-steps draw, in
+    the order `batch_order(n, batch_size, seed)` (`training.loop`) gives them; None when the run
+    draws every one: no --max-steps (whole epochs), or enough steps to cover an epoch."""
+    if not cfg.max_steps or cfg.max_steps * cfg.batch_size >= n:
+        return None
+    order = batch_order(n, cfg.batch_size, cfg.seed)
+    return sorted({i for _ in range(cfg.max_steps) for i in next(order)[1]})
+
+
+def reference_tables(cfg: TrainConfig, d: Dist, ref_model, train_set, eval_set, collate, device, batch_order=None):
     """(train table or None, eval table or None): reference log-probs that never change, computed
     once (cached on disk across runs), each process computing its share of the examples from its
     whole or sharded model and the shares gathered onto every process (`_split_table`). The eval
     table always exists when there is an eval set and a reference; the train table only with
-    precompute_ref."""
+    precompute_ref. `batch_order`: the run's batch order (`loop.batch_order`); given, a run whose
+    --max-steps draws fewer than all the examples computes their rows alone (`used_examples`)."""
     if ref_model is None:
         return None, None
     sharded = cfg.fsdp and d.enabled
@@ -235,8 +247,25 @@ def reference_tables(cfg: TrainConfig, d: Dist, ref_model, train_set, eval_set, 
     eval_ref = _split_table(d, eval_set, "eval", table, cache_dir) if eval_set else None
     train_ref = None
     if cfg.precompute_ref and not cfg.ref_sync_every:  # TR-DPO's reference moves: no fixed table
-        train_ref = _split_table(d, train_set, "train", table, cache_dir)
+        used = used_examples(cfg, len(train_set), batch_order) if batch_order is not None else None
+        if used is None:
+            train_ref = _split_table(d, train_set, "train", table, cache_dir)
+        else:
+            log(f"reference log-probs: {len(used)} of {len(train_set)} examples (the ones --max-steps "
+                f"{cfg.max_steps} uses)")
+            train_ref = _rows_of(_split_table(d, [train_set[i] for i in used], "train", table, cache_dir),
+                                 used, train_set)
     return train_ref, eval_ref
+
+
+def _rows_of(part: torch.Tensor, used: list[int], examples) -> torch.Tensor:
+    """The whole table's shape, (examples × the widest ranking), holding `part`'s rows at `used`
+    and NaN elsewhere (rows no step reads). `part` is cached under the key of its own examples
+    (`reference.cache_key` hashes the examples it is given): never served as a whole table."""
+    width = max(len(ex.response_ids) for ex in examples)
+    full = torch.full((len(examples), width), float("nan"), dtype=part.dtype)
+    full[used, :part.shape[1]] = part
+    return full
 
 
 class _NotCached(Exception):

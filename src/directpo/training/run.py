@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from ..console import log
+from ..errors import UserError
 from .rundir import (COMPLETE_MARKER, CONFIG_FILE, METRICS_FILE, MetricsLog, RunDir, _Closing, is_complete, resume,
                      settle_precision)
 from .step import BrokenWeightsError, DivergenceError, NonFiniteError, StepDriver
@@ -33,10 +34,8 @@ __all__ = ["COMPLETE_MARKER", "CONFIG_FILE", "METRICS_FILE", "BrokenWeightsError
            "StopRequest", "is_complete", "resume", "run_steps", "settle_precision", "setup_torch", "stop_if_fatal"]
 
 
-class ModelDiedError(RuntimeError):
+class ModelDiedError(UserError, RuntimeError):
     """A fatal health alarm (`alarms.FATAL`): the model cannot recover, the run stopped."""
-
-    user_error = True
 
 
 def stop_if_fatal(alerts, cfg) -> None:
@@ -48,11 +47,11 @@ def stop_if_fatal(alerts, cfg) -> None:
                              "(--no-stop-on-alarm trains on)")
 
 
-class Interrupted(RuntimeError):
-    """Ctrl-C (or SIGTERM) stopped the run after a checkpoint."""
+class Interrupted(UserError, RuntimeError):
+    """Ctrl-C (or SIGTERM) stopped the run after a checkpoint: on purpose, not an error (no "error:")."""
 
-    user_error = True
     exit_code = 130
+    label = ""
 
 
 class StopRequest:

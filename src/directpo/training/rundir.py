@@ -15,9 +15,11 @@ from pathlib import Path
 from .. import __version__
 from ..config import changed_settings, input_paths
 from ..console import log
+from ..errors import UserValueError
 from ..outputs import RunLock, RunLockedError, check_output_dir
 from ..runfiles import COMPLETE_MARKER, CONFIG_FILE, METRICS_FILE, is_complete, read_metrics  # noqa: F401
-from .card import invoked_command_line, push_to_hub, recorded_alerts, write_model_card
+from .card import invoked_command_line, recorded_alerts, write_model_card
+from .hub import push_to_hub
 from .checkpoint import (checkpoint_state, latest_checkpoint, load_checkpoint, save_checkpoint,
                          save_sharded_checkpoint)
 from .distributed import Dist
@@ -164,8 +166,8 @@ class RunDir:
         saved = checkpoint_state(path)["config"]  # (checked against its manifest: a damaged file is named)
         diff = changed_settings(saved, cfg, cfg.RESUMABLE_CHANGES)
         if diff:
-            raise ValueError(f"--resume {path}: the checkpoint was made with other settings ({'; '.join(diff)}); "
-                             "resume with the same settings, or start a new run")
+            raise UserValueError(f"--resume {path}: the checkpoint was made with other settings ({'; '.join(diff)}); "
+                                 "resume with the same settings, or start a new run")
         return path
 
     def metrics(self, start_step: int) -> MetricsLog:

@@ -9,23 +9,18 @@ from typing import Callable
 import torch
 
 from ..console import log
+from ..errors import UserError
 
-class NonFiniteError(RuntimeError):
-    """A NaN/inf loss or gradient: the step was not applied."""
-
-    user_error = True  # the CLI prints the message, no traceback
+class NonFiniteError(UserError, RuntimeError):
+    """A NaN/inf loss or gradient: the step was not applied (the CLI prints the message, no traceback)."""
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(UserError, RuntimeError):
     """The loss or gradient norm exploded: the step was not applied."""
 
-    user_error = True
 
-
-class BrokenWeightsError(RuntimeError):
+class BrokenWeightsError(UserError, RuntimeError):
     """NaN/inf or exploded weights found before a save: nothing was written."""
-
-    user_error = True
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...config import build_config, load_yaml, setting
+from ...errors import UserValueError
 from ..common import parse_numbers  # noqa: F401 (re-exported: runs, evaluation)
 
 # What `--methods` accepts; online DPO (iterative: sample from the policy, label, DPO, repeat) is opt-in.
@@ -122,23 +123,23 @@ class SentimentConfig:
 
     def validate(self) -> "SentimentConfig":
         if self.output_dir is None:
-            raise ValueError("missing required setting --output-dir")
+            raise UserValueError("missing required setting --output-dir")
         if not 1 <= self.prompt_min_tokens <= self.prompt_max_tokens:
-            raise ValueError("need 1 ≤ prompt_min_tokens ≤ prompt_max_tokens")
+            raise UserValueError("need 1 ≤ prompt_min_tokens ≤ prompt_max_tokens")
         if self.eval_points < 1 or self.samples_per_prompt < 2:
-            raise ValueError("eval_points must be ≥ 1 and samples_per_prompt ≥ 2")
+            raise UserValueError("eval_points must be ≥ 1 and samples_per_prompt ≥ 2")
         unknown = set(self.method_list()) - set(ALL_METHODS)
         if unknown or not self.method_list():
-            raise ValueError(f"--methods: unknown {', '.join(sorted(unknown)) or '(none given)'}; choose from "
-                             f"{', '.join(ALL_METHODS)}")
+            raise UserValueError(f"--methods: unknown {', '.join(sorted(unknown)) or '(none given)'}; choose from "
+                                 f"{', '.join(ALL_METHODS)}")
         if self.online_rounds < 1 or self.online_samples < 2 or self.online_beta <= 0:
-            raise ValueError("need online_rounds ≥ 1, online_samples ≥ 2 and online_beta > 0")
+            raise UserValueError("need online_rounds ≥ 1, online_samples ≥ 2 and online_beta > 0")
         if self.dpo_cover < 0 or self.dpo_max_steps < 0:
-            raise ValueError("need dpo_cover ≥ 0 and dpo_max_steps ≥ 0")
+            raise UserValueError("need dpo_cover ≥ 0 and dpo_max_steps ≥ 0")
         if self.seeds:
             seeds = parse_numbers(self.seeds, "seeds")
             if not seeds or any(x != int(x) or x < 0 for x in seeds) or len(set(seeds)) != len(seeds):
-                raise ValueError(f"--seeds: expected distinct whole numbers ≥ 0, e.g. 0,1,2; got {self.seeds!r}")
+                raise UserValueError(f"--seeds: expected distinct whole numbers ≥ 0, e.g. 0,1,2; got {self.seeds!r}")
         for name in ("dpo_betas", "ul_weights", "ppo_kl_coefs", "ppo_gt_kl_coefs", "bon_ns"):
             parse_numbers(getattr(self, name), name)
         return self
@@ -153,7 +154,7 @@ class SentimentConfig:
 def preset_defaults(name: str) -> dict:
     """The settings a preset changes, plus the preset's own name."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+        raise UserValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
     return dict(PRESETS[name], preset=name)
 
 

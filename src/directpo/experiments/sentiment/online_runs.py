@@ -25,7 +25,7 @@ METHOD = "online_dpo"
 def run_online_dpo(cfg: SentimentConfig, out: Path, sft: str, scorer) -> tuple[list[dict], dict]:
     """Train the rounds (resumable: `directpo online` records every stage) and evaluate each round's
     policy: the points, one per round (step = the round), and what the rounds cost."""
-    from ..online import OnlineConfig, run_online
+    from ...rlhf.online import OnlineConfig, run_online
 
     run_dir = out / "runs" / f"{METHOD}_{cfg.online_beta:g}"
     result = run_online(OnlineConfig(

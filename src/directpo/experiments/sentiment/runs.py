@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...diskio import default_mode
 from .config import SentimentConfig, parse_numbers
 from .stages import NO_LOG_LINES, shared_run_settings, train_resumable
 
@@ -100,5 +101,7 @@ def export_checkpoint(checkpoint: Path, base: str, dest: Path) -> Path:
     if unexpected:
         raise ValueError(f"{checkpoint}: weights {unexpected[:3]} do not belong to {base}")
     model.save_pretrained(dest)
+    for f in Path(dest).glob("*.safetensors"):  # safetensors writes 0600
+        default_mode(f)
     load_tokenizer(base).save_pretrained(dest)
     return dest

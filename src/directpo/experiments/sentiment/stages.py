@@ -13,6 +13,7 @@ import statistics
 import time
 from pathlib import Path
 
+from ...errors import UserValueError
 from .config import SentimentConfig
 from .corpus import default_corpus, read_corpus
 from ...runfiles import read_metrics
@@ -40,8 +41,8 @@ def split_corpus(cfg: SentimentConfig, corpus_dir: Path) -> dict:
     n_eval_pool, n_train_pool = 2 * cfg.n_eval_prompts, int(1.5 * cfg.n_train_prompts)
     n_lm_heldout = max(16, len(texts) // 50)
     if len(texts) < n_eval_pool + n_train_pool + n_lm_heldout + 64:
-        raise ValueError(f"{source}: {len(texts)} usable texts, too few for {cfg.n_train_prompts} train and "
-                         f"{cfg.n_eval_prompts} eval prompts plus pretraining; lower the prompt counts")
+        raise UserValueError(f"{source}: {len(texts)} usable texts, too few for {cfg.n_train_prompts} train and "
+                             f"{cfg.n_eval_prompts} eval prompts plus pretraining; lower the prompt counts")
     bounds = [0, n_eval_pool, n_eval_pool + n_train_pool, n_eval_pool + n_train_pool + n_lm_heldout, len(texts)]
     names = ("eval_pool", "train_pool", "lm_heldout", "pretrain")
     pools = {name: texts[lo:hi] for name, lo, hi in zip(names, bounds, bounds[1:])}
@@ -136,7 +137,7 @@ def review_prefixes(cfg: SentimentConfig, tok, rng: random.Random, pool: Path, n
             prompts.append(prefix)
         if len(prompts) == n:
             return prompts
-    raise ValueError(f"only {len(prompts)} distinct prompts from the {pool.stem} texts, {n} asked; lower the count")
+    raise UserValueError(f"only {len(prompts)} distinct prompts from the {pool.stem} texts, {n} asked; lower the count")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,8 +169,8 @@ def make_pairs(cfg: SentimentConfig, prompts: Path, pairs_dir: Path, sft: str, s
         spreads.append(max(rewards[group]) - min(rewards[group]))
         rows += labelled_pairs(cfg, item.prompt, samples.texts[group], rewards[group])
     if len(rows) < 8:
-        raise ValueError(f"only {len(rows)} pairs with a reward gap ≥ {cfg.pair_margin}: the scorer does not tell "
-                         "πSFT's samples apart; lower --pair-margin or sample more per prompt")
+        raise UserValueError(f"only {len(rows)} pairs with a reward gap ≥ {cfg.pair_margin}: the scorer does not tell "
+                             "πSFT's samples apart; lower --pair-margin or sample more per prompt")
     random.Random(cfg.seed + 3).shuffle(rows)
     n_heldout = max(4, len(rows) // 10)
     write_jsonl(rows[n_heldout:], pairs_dir / "train.jsonl")

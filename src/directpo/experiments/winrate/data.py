@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 from ...config import ConfigError
+from ...errors import UserValueError
 from ..common import find_shared
 from ..resume import stage
 
@@ -97,8 +98,8 @@ def prepare_data(cfg, data_dir: Path) -> dict:
         eval_keys = {prompt_key(r["prompt"]) for r in evals}
         train = [r for r in pairs if prompt_key(r["prompt"]) not in eval_keys]
     if len(train) < 2:
-        raise ValueError(f"{source}: {len(train)} training pairs left after holding out {len(evals)} eval prompts; "
-                         "lower --n-eval-prompts or give more data")
+        raise UserValueError(f"{source}: {len(train)} training pairs left after holding out {len(evals)} eval prompts; "
+                             "lower --n-eval-prompts or give more data")
     texts = pretraining_texts(rows, evals) if cfg.base_model is None else []
     write_jsonl(train, data_dir / "train.jsonl")
     write_jsonl(evals, data_dir / "eval.jsonl")
@@ -120,8 +121,8 @@ def pick_eval_rows(cfg, rows: list[dict], exclude: set) -> list[dict]:
     # The training set needs prompts too when the eval prompts come out of the same data.
     room = len(keys) if cfg.eval_data else len(keys) - 2
     if room < cfg.n_eval_prompts:
-        raise ValueError(f"{cfg.eval_data or cfg.data or 'the data'}: only {max(room, 0)} distinct prompts can be "
-                         f"held out for evaluation, {cfg.n_eval_prompts} asked; lower --n-eval-prompts")
+        raise UserValueError(f"{cfg.eval_data or cfg.data or 'the data'}: only {max(room, 0)} distinct prompts can be "
+                             f"held out for evaluation, {cfg.n_eval_prompts} asked; lower --n-eval-prompts")
     return [first[k] for k in keys[:cfg.n_eval_prompts]]
 
 

@@ -1,6 +1,6 @@
-"""TRL parity helpers: TRL 1.16 DPOTrainer's precomputed reference log-probs and `directpo score`'s, on
-the same real HH-RLHF pairs, compared per pair (used by tests/test_trl_parity.py and
-scripts/trl_parity.py).
+"""TRL parity: TRL 1.16 DPOTrainer's precomputed reference log-probs and `directpo score`'s, on the
+same real HH-RLHF pairs, compared per pair (run by tests/bench/test_trl_parity.py and
+scripts/trl_parity.py; the shared bench folder, `shared/`, is passed in).
 
 * TRL: `DPOTrainer(precompute_ref_log_probs=True)` fills `ref_chosen_logps` / `ref_rejected_logps`
   into its processed train dataset at construction; we read those columns. TRL gets the explicit
@@ -17,13 +17,8 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-import os
 import tempfile
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("DIRECTPO_SHARED", REPO.parent / "shared"))
-
 
 def load_module(path: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
@@ -32,7 +27,7 @@ def load_module(path: Path, name: str):
     return mod
 
 
-def shared_modules(shared: Path = SHARED):
+def shared_modules(shared: Path):
     """(fixture, hh_pairs) modules of the shared bench, or FileNotFoundError."""
     bench = shared / "bench"
     for f in ("fixture.py", "hh_pairs.py"):
@@ -134,18 +129,15 @@ def directpo_logps(model_dir, raw_rows: list[dict], max_length: int, work: Path)
     reproduces TRL's truncation (the prompt kept whole, the responses cut to fit) for every pair TRL
     keeps; directpo's default would instead cut the prompt of a pair that does not fit to half of
     max_length. Prompts of max_length tokens or more, which TRL drops, directpo cuts and keeps."""
-    from directpo.cli import main as directpo_main
+    from ..eval.score import score
 
     data = work / "hh_raw.jsonl"
     out = work / "scores.jsonl"
     with open(data, "w") as f:
         for r in raw_rows:
             f.write(json.dumps(r) + "\n")
-    rc = directpo_main(["score", "--model", str(model_dir), "--data", str(data), "--out", str(out),
-                        "--max-length", str(max_length), "--max-prompt-length", str(max_length - 1),
-                        "--on-invalid", "skip", "--device", "cpu"])
-    if rc not in (0, None):
-        raise RuntimeError(f"directpo score exited with {rc}")
+    score(str(model_dir), str(data), str(out), max_length=max_length, max_prompt_length=max_length - 1,
+          on_invalid="skip", device="cpu")  # (what `directpo score` runs)
     with open(out) as f:
         return {d["row"]: d for d in map(json.loads, f)}
 

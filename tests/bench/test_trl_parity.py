@@ -5,15 +5,16 @@ TRL gets hh_pairs' explicit prompt/chosen/rejected; directpo gets the raw {chose
 transcripts, so its own HH split is part of what is checked. The set mixes ordinary pairs, pairs
 whose responses are truncated at max_length, and pairs whose prompt alone is >= max_length (TRL
 drops them, directpo skips them as 'prompt_too_long' with --on-invalid skip); rows are aligned by
-TRL's `idx` column and directpo's `row` field. The comparison code lives in tests/helpers_trl_parity.py
+TRL's `idx` column and directpo's `row` field. The comparison code lives in directpo/bench/trl_parity.py
 (which scripts/trl_parity.py runs from the command line).
 """
 from __future__ import annotations
 
 import pytest
 
-import helpers_trl_parity as tp
-from helpers_trl_parity import SHARED
+from conftest import SHARED
+
+from directpo.bench import trl_parity as tp
 
 MAX_LENGTH = 512
 TOL = 1e-3

@@ -1,5 +1,5 @@
 """Plackett–Luce ranking DPO vs DPO on best-vs-worst pairs, on the synthetic ranked task (K = 4), for
-the tests (`scripts/ranking_experiment.py` runs the same comparison from the command line).
+`directpo`'s tests and `scripts/ranking_experiment.py` (the same comparison from the command line).
 
 Hidden reward: every adjective has a hidden weight; a review's reward is the sum (see
 `directpo.toy.ranked_review_task`). Every method trains the same tiny model for the same number of

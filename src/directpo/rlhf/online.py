@@ -1,4 +1,4 @@
-"""Online (iterative) DPO: sample from the policy, score, pair, train, repeat.
+"""Online (iterative) DPO: sample from the policy, score, pair, train, repeat (`directpo online`).
 
 Round r = 1..R starts from the policy of round r − 1 (round 1: the SFT model) and
 
@@ -12,7 +12,7 @@ Round r = 1..R starts from the policy of round r − 1 (round 1: the SFT model) 
 
 `O/rounds.jsonl` holds one line per round (round 0: the SFT model itself), `O/online.png` the
 reward–KL path. Every stage is resumable: sampling+pairing and evaluation record their result last
-(`resume.resumable`), the trainer keeps its checkpoints and completion marker, so a killed run
+(`training.stages.resumable`), the trainer keeps its checkpoints and completion marker, so a killed run
 continues where it stopped and a finished one redoes nothing. The settings are recorded in
 `O/online_config.json`; a rerun into the same directory with other settings is refused (unless
 `overwrite`), except for the number of rounds (more rounds continue the run) and settings that do
@@ -29,7 +29,8 @@ from pathlib import Path
 from .. import outputs
 from ..config import ConfigError, changed_settings, check_ranges, check_required, input_paths, setting
 from ..console import log as console_log
-from .resume import resumable
+from ..errors import UserValueError
+from ..training.stages import resumable
 
 CONFIG_FILE = "online_config.json"
 ROUNDS_FILE = "rounds.jsonl"
@@ -125,7 +126,7 @@ def build_pairs(prompts: list, texts: list[str], rewards: list[float], k: int, m
 def sample_and_pair(cfg: OnlineConfig, policy: str, scorer, r: int, round_dir: Path) -> dict:
     """Stages 1–3 of round r: K samples per prompt from `policy`, their rewards, the pairs
     (round_dir/pairs.jsonl; every sample with its reward in round_dir/samples.jsonl)."""
-    from ..data.formats import write_jsonl
+    from ..data.readers import write_jsonl
     from ..data.prompts import load_prompts
     from ..eval.evaluate import mean_se
     from ..eval.sampling import draw_samples
@@ -221,8 +222,8 @@ def run_round(cfg: OnlineConfig, scorer, r: int, out: Path) -> dict:
     start = cfg.model if r == 1 else str(out / f"round-{r - 1}" / "policy")
     pairs = resumable(round_dir / "pairs.done.json", lambda: sample_and_pair(cfg, start, scorer, r, round_dir))
     if not pairs["pairs"]:
-        raise ValueError(f"round {r}: no pairs, every prompt's {cfg.samples_per_prompt} samples tie (within "
-                         f"--pair-margin {cfg.pair_margin:g}); raise --samples-per-prompt or --temperature")
+        raise UserValueError(f"round {r}: no pairs, every prompt's {cfg.samples_per_prompt} samples tie (within "
+                             f"--pair-margin {cfg.pair_margin:g}); raise --samples-per-prompt or --temperature")
     log(f"round {r}: {pairs['pairs']} pairs from {pairs['prompts']} prompts ({pairs['tied_prompts']} tied), sample "
         f"reward {pairs['sample_reward']:.4g}, mean pair margin {pairs['pair_reward_margin']:.4g}")
     trained = resumable(round_dir / "train.done.json", lambda: train_round(cfg, start, r, round_dir))
@@ -245,7 +246,7 @@ def run_online(cfg: OnlineConfig, scorer=None) -> dict:
 
 
 def _run_online(cfg: OnlineConfig, scorer, out: Path) -> dict:
-    from ..data.formats import write_jsonl
+    from ..data.readers import write_jsonl
     from ..eval.scorers import load_reward_fn
 
     if cfg.threads:

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from directpo.cli import main
-from directpo.experiments.online import build_pairs
+from directpo.rlhf.online import build_pairs
 
 REWARD = "directpo.eval.scorers:review_sentiment"
 
