@@ -224,6 +224,14 @@ class _Recording:
         return str(self.name)
 
 
+def write_text(path, text: str) -> Path:
+    """`text` into `path` whole, or not at all (`replacing`): the one atomic writer of small files
+    (records, reports, settings)."""
+    with replacing(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    return Path(path)
+
+
 def dump_torch(obj, path) -> None:
     """torch.save(obj) into `path` (not atomic by itself: write into a temporary folder or under
     `replacing`), raising the OS error itself when torch hides it."""

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ..diskio import replacing
 from .errors import LINE_SUFFIXES, DataError
 
 FILE_SUFFIXES = LINE_SUFFIXES + (".json", ".json.gz", ".parquet")
@@ -274,13 +275,7 @@ def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
     absent, never half-written. Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return path

@@ -28,13 +28,13 @@ import torch
 from ..data import SkipReport, TokenizedExample, make_collate
 from ..data.formats import write_jsonl
 from ..data.prompts import load_prompts
+from ..diskio import write_text
 from ..errors import UserValueError
 from ..logprobs import dataset_logps
 from ..models import check_vocab, load_model, load_tokenizer, pick_device
 from ..precision import resolve_precision
 from .sampling import Samples, draw_samples
 from .scorers import as_scorer
-
 
 # Copied from the headline temperature's entry to the top level of the results.
 HEADLINE_KEYS = ("reward_mean", "reward_se", "length_mean", "win_rate", "win_rate_se", "win_rate_ci", "win_rate_lc",
@@ -234,11 +234,4 @@ def write_json(obj, path) -> Path:
     final path, never the temporary one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
-    return path
+    return write_text(path, json.dumps(obj, indent=2))

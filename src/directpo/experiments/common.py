@@ -4,7 +4,6 @@ checkout. Torch and the trainers are imported where they are used (`--help` load
 from __future__ import annotations
 
 import json
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 from .. import outputs
 from ..config import input_paths
 from ..console import log
+from ..diskio import write_text
 from ..errors import UserValueError
 
 NO_LOG_LINES = 10 ** 9  # a study logs its own progress; trainers' per-step lines are off
@@ -88,9 +88,7 @@ class StudyClock:
         result = fn(*args)
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - began
         if self.record is not None:
-            tmp = self.record.with_name(self.record.name + ".tmp")
-            tmp.write_text(json.dumps({"seconds": self.elapsed()}))
-            os.replace(tmp, self.record)
+            write_text(self.record, json.dumps({"seconds": self.elapsed()}))
         return result
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..data import write_jsonl
 from ..data.formats import location
+from ..diskio import write_text
 
 REPORT_FILES = ("report.md", "report.json", "pairs.jsonl", "lengths.png", "length_difference.png")
 
@@ -122,7 +123,7 @@ def markdown(ins: dict, figures: list[str]) -> str:
             if q:
                 md.append(f"| {part} ({view.replace('_', ' ')}) | {q['min']} | {q['median']} | {q['mean']:.1f} | "
                           f"{q['p90']} | {q['p99']} | {q['max']} |")
-    md += ["", "## One example per shape", "", f"As the model reads them (special tokens shown); `⟦|⟧` marks where "
+    md += ["", "## One example per shape", "", "As the model reads them (special tokens shown); `⟦|⟧` marks where "
            "the prompt ends and the response begins."]
     for shape, ex in ins["examples"].items():
         md += ["", f"### {shape} ({_where(ins, ex['row'])}, {ex['prompt_tokens']} prompt tokens)", "", "chosen:", "",
@@ -173,9 +174,7 @@ def write_figures(ins: dict, out: Path) -> list[str]:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, text)
 
 
 def write_report(ins: dict, out: str | Path) -> list[str]:

@@ -27,8 +27,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import outputs
-from ..config import ConfigError, changed_settings, check_ranges, check_required, input_paths, setting
+from ..config import (
+    ConfigError,
+    changed_settings,
+    check_ranges,
+    check_required,
+    input_paths,
+    setting,
+)
 from ..console import log as console_log
+from ..diskio import write_text
 from ..errors import UserValueError
 from ..training.stages import resumable
 
@@ -126,8 +134,8 @@ def build_pairs(prompts: list, texts: list[str], rewards: list[float], k: int, m
 def sample_and_pair(cfg: OnlineConfig, policy: str, scorer, r: int, round_dir: Path) -> dict:
     """Stages 1–3 of round r: K samples per prompt from `policy`, their rewards, the pairs
     (round_dir/pairs.jsonl; every sample with its reward in round_dir/samples.jsonl)."""
-    from ..data.readers import write_jsonl
     from ..data.prompts import load_prompts
+    from ..data.readers import write_jsonl
     from ..eval.evaluate import mean_se
     from ..eval.sampling import draw_samples
     from ..models import load_model, load_tokenizer, pick_device
@@ -211,9 +219,7 @@ def check_output_dir(cfg: OnlineConfig, out: Path) -> None:
                 shutil.rmtree(p)
             for name in (ROUNDS_FILE, PLOT_FILE, CONFIG_FILE):
                 (out / name).unlink(missing_ok=True)
-    tmp = recorded_path.with_name(CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(asdict(cfg), indent=2))
-    tmp.replace(recorded_path)
+    write_text(recorded_path, json.dumps(asdict(cfg), indent=2))
 
 
 def run_round(cfg: OnlineConfig, scorer, r: int, out: Path) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..diskio import write_text
 from ..errors import UserValueError
 from .card import CARD_FILE
 
@@ -52,9 +53,7 @@ def name_card(out_dir: str | Path, repo_id: str) -> None:
     named = text.replace(f'.from_pretrained("{local}")', f'.from_pretrained("{repo_id}")')
     named = named.replace(f"\n# {local}\n", f"\n# {repo_id.split('/')[-1]}\n", 1)
     if named != text:
-        tmp = out / f".{CARD_FILE}.tmp"
-        tmp.write_text(named, encoding="utf-8")
-        tmp.replace(path)
+        write_text(path, named)
 
 
 def push_to_hub(out_dir: str | Path, repo_id: str, token: str | None = None, private: bool = False) -> str:

@@ -7,7 +7,6 @@ last. Only the main process (rank 0) writes.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -15,16 +14,27 @@ from pathlib import Path
 from .. import __version__
 from ..config import changed_settings, input_paths
 from ..console import log
+from ..diskio import write_text
 from ..errors import UserValueError
 from ..outputs import RunLock, RunLockedError, check_output_dir
-from ..runfiles import COMPLETE_MARKER, CONFIG_FILE, METRICS_FILE, is_complete, read_metrics  # noqa: F401
+from ..runfiles import (  # noqa: F401
+    COMPLETE_MARKER,
+    CONFIG_FILE,
+    METRICS_FILE,
+    is_complete,
+    read_metrics,
+)
 from .card import invoked_command_line, recorded_alerts, write_model_card
-from .hub import push_to_hub
-from .checkpoint import (checkpoint_state, latest_checkpoint, load_checkpoint, save_checkpoint,
-                         save_sharded_checkpoint)
+from .checkpoint import (
+    checkpoint_state,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from .distributed import Dist
+from .hub import push_to_hub
 from .loggers import make_logger
-
 
 
 class _Closing:
@@ -48,9 +58,7 @@ class MetricsLog(_Closing):
         if start_step and path.exists():  # resuming: drop the lines of steps after the checkpoint (redone)
             # (a line the killed run left unfinished is dropped with the rest)
             keep = [json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= start_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(keep))
-            os.replace(tmp, path)
+            write_text(path, "".join(keep))
         self.file = open(path, "a" if start_step else "w")
 
     def write(self, record: dict) -> None:

@@ -8,9 +8,10 @@ is written last, so it exists only for a step that finished. Used by online DPO'
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
+
+from ..diskio import write_text
 
 STAGE_RECORD = "done.json"
 
@@ -24,9 +25,7 @@ def resumable(record: Path, compute: Callable[[], Any]) -> Any:
         return json.loads(record.read_text())
     record.parent.mkdir(parents=True, exist_ok=True)
     result = compute()
-    partial = record.with_name(record.name + ".partial")
-    partial.write_text(json.dumps(result))
-    os.replace(partial, record)
+    write_text(record, json.dumps(result))
     return result
 
 
