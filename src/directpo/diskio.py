@@ -26,7 +26,6 @@ import re
 import shutil
 from pathlib import Path
 
-
 from .console import log
 from .errors import UserError
 

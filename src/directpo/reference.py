@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from .console import log as console_log
 from .diskio import replacing, tensor_bytes, write_error
 from .precision import cache_folder_problem, cache_root
 
@@ -110,7 +110,7 @@ def reference_logps(ref_model, examples, compute, precision: str = "fp32", cache
     `compute(ref_model, examples)` produces the table when it is not cached. `cache_dir=None`
     disables the cache.
     """
-    log = log or (lambda msg: print(f"[directpo] {msg}", file=sys.stderr, flush=True))
+    log = log or console_log
     cache_dir = usable_cache_dir(cache_dir, log)
     if cache_dir is None:
         return compute(ref_model, examples), False

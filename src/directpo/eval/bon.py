@@ -7,8 +7,8 @@ Best-of-N needs no training; its KL to the sampling model is at most log N − (
 from __future__ import annotations
 
 import math
-import sys
 
+from ..console import log
 from ..data.formats import SkipReport, write_jsonl
 from ..data.prompts import load_prompts
 from ..errors import UserValueError
@@ -52,6 +52,6 @@ def best_of_n(model: str, prompts: str, out: str, n: int, reward, max_new_tokens
     base, base_se = mean_se(rewards)
     result = {"prompts": len(items), "n": n, "skipped": report.total, "reward_mean": best, "reward_se": best_se,
               "sample_reward_mean": base, "sample_reward_se": base_se, "kl_bound": bon_kl(n), "out": out}
-    print(f"[directpo] best-of-{n} on {len(items)} prompts: reward {best:.4f} ± {best_se:.4f} (single samples "
-          f"{base:.4f}), KL ≤ {bon_kl(n):.3f} nats -> {out}", file=sys.stderr)
+    log(f"best-of-{n} on {len(items)} prompts: reward {best:.4f} ± {best_se:.4f} (single samples "
+          f"{base:.4f}), KL ≤ {bon_kl(n):.3f} nats -> {out}")
     return result

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 
+from ..console import log
 from ..data import SkipReport, TokenizedExample, make_collate
 from ..data.formats import write_jsonl
 from ..data.prompts import load_prompts
@@ -213,8 +213,7 @@ def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, 
     written = write_outputs(results, sample_rows, out, samples_out, plot)
     parts = [f"{k} {results[k]:.4g}" for k in ("reward_mean", "kl_mean", "win_rate", "win_rate_lc", "length_mean")
              if results.get(k) is not None]
-    print(f"[directpo] eval of {model} on {len(items)} prompts × {n}: {', '.join(parts)} -> {', '.join(written)}",
-          file=sys.stderr)
+    log(f"eval of {model} on {len(items)} prompts × {n}: {', '.join(parts)} -> {', '.join(written)}")
     return results
 
 

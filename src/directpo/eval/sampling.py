@@ -14,11 +14,11 @@ untouched), so the same settings give the same samples.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
 
+from ..console import log
 from ..data.formats import SkipReport, write_jsonl
 from ..data.prompts import PromptItem, encode_prompt, load_prompts
 from ..errors import UserValueError
@@ -197,7 +197,7 @@ def sample(model: str, prompts: str, out: str, n: int = 1, max_new_tokens: int =
                   "completion_tokens": lengths[k], "finished": bool(s.completion_ids[k])
                   and s.completion_ids[k][-1] == tokenizer.eos_token_id}
                  for k, text in enumerate(s.texts)), out)
-    print(f"[directpo] sampled {len(s.texts)} completions ({n} per prompt, {len(items)} prompts; "
-          f"{report.summary()}) -> {out}", file=sys.stderr)
+    log(f"sampled {len(s.texts)} completions ({n} per prompt, {len(items)} prompts; "
+          f"{report.summary()}) -> {out}")
     return {"prompts": len(items), "samples": len(s.texts), "skipped": report.total,
             "length_mean": sum(lengths) / len(lengths), "out": out}

@@ -5,10 +5,9 @@ implicit rewards r̂ = β·(log π − log πref) of chosen and rejected, in inp
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 
+from ..console import log
 from ..data import SkipReport, TokenizeStats, load_examples, make_collate, tokenize_examples
 from ..data.formats import write_jsonl
 from ..logprobs import dataset_logps, packed_row_tokens
@@ -61,7 +60,6 @@ def score(model: str, data: str, out: str, ref: str | None = None, beta: float =
         what = "log-prob"
     result = {"pairs": len(tokenized), "skipped": report.total, f"{what.replace('-', '_')}_accuracy":
               (margin > 0).float().mean().item(), "mean_margin": margin.mean().item(), "out": out}
-    print(f"[directpo] scored {len(tokenized)} pairs ({report.summary()}): {what} accuracy "
-          f"{(margin > 0).float().mean().item():.4f}, mean margin {margin.mean().item():.4f} -> {out}",
-          file=sys.stderr)
+    log(f"scored {len(tokenized)} pairs ({report.summary()}): {what} accuracy "
+          f"{(margin > 0).float().mean().item():.4f}, mean margin {margin.mean().item():.4f} -> {out}")
     return result

@@ -8,13 +8,12 @@ well above chance (0.5).
 """
 from __future__ import annotations
 
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from dataclasses import dataclass
-
 from ..config import setting
+from ..console import log
 from ..outputs import check_output_dir
 from ..runfiles import read_metrics
 from ..toy import build_tiny_model, review_task, write_jsonl
@@ -43,8 +42,8 @@ def run_demo(output_dir: str = "runs/demo", steps: int = 60, seed: int = 0, thre
     eval_file = write_jsonl(eval_rows, out / "data" / "eval.jsonl")
     texts = [r["prompt"] + r["chosen"] for r in train_rows] + [r["prompt"] + r["rejected"] for r in train_rows]
     base = build_tiny_model(out / "base", texts, hidden=64, layers=2, heads=4, vocab_size=400, seed=seed)
-    print(f"[directpo demo] tiny Llama + tokenizer in {base}; {len(train_rows)} train / {len(eval_rows)} held-out "
-          f"pairs in {train_file.parent}", file=sys.stderr)
+    log(f"tiny Llama + tokenizer in {base}; {len(train_rows)} train / {len(eval_rows)} held-out "
+          f"pairs in {train_file.parent}", prefix="directpo demo")
     cfg = TrainConfig(model=str(base), data=str(train_file), eval_data=str(eval_file), output_dir=str(out / "dpo"),
                       lr=1e-3, optimizer="adamw", beta=0.1, batch_size=32, micro_batch_size=32, max_steps=steps,
                       warmup_steps=5, eval_every=max(1, steps // 6), seed=seed, overwrite=True, max_length=64)

@@ -27,14 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import outputs
-from ..config import (
-    ConfigError,
-    changed_settings,
-    check_ranges,
-    check_required,
-    input_paths,
-    setting,
-)
+from ..config import ConfigError, changed_settings, check_ranges, check_required, input_paths, setting
 from ..console import log as console_log
 from ..diskio import write_text
 from ..errors import UserValueError

@@ -25,13 +25,7 @@ from ..runfiles import (  # noqa: F401
     read_metrics,
 )
 from .card import invoked_command_line, recorded_alerts, write_model_card
-from .checkpoint import (
-    checkpoint_state,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    save_sharded_checkpoint,
-)
+from .checkpoint import checkpoint_state, latest_checkpoint, load_checkpoint, save_checkpoint, save_sharded_checkpoint
 from .distributed import Dist
 from .hub import push_to_hub
 from .loggers import make_logger
