@@ -15,6 +15,8 @@ fp32, so its exactness tests hold on every kind of CPU). An explicit fp32 or bf1
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import hashlib
 import json
 import os
@@ -22,10 +24,11 @@ import platform
 import time
 from pathlib import Path
 
-import torch
-
 from .console import log
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 PRECISIONS = ("auto", "fp32", "bf16")
 ENV_PIN = "DIRECTPO_AUTO_PRECISION"
@@ -69,6 +72,8 @@ def pinned() -> str | None:
 
 def resolve_precision(requested: str, device: torch.device | str) -> tuple[str, str]:
     """(fp32 or bf16, why): `requested` itself unless it is 'auto'."""
+    import torch  # (here: reading PRECISIONS, e.g. for --help, loads no torch)
+
     check_precision(requested)
     dev = torch.device(device)
     if dev.type == "cpu" and requested != "fp32":  # before any bf16 matmul of this process (the probe's too)
@@ -90,6 +95,8 @@ def resolve_precision(requested: str, device: torch.device | str) -> tuple[str, 
 
 
 def _cuda_decision(dev: torch.device) -> tuple[str, str]:
+    import torch  # (here: reading PRECISIONS, e.g. for --help, loads no torch)
+
     name = torch.cuda.get_device_name(dev)
     try:
         native = torch.cuda.is_bf16_supported(including_emulation=False)
@@ -106,6 +113,8 @@ def _cuda_decision(dev: torch.device) -> tuple[str, str]:
 
 def cpu_identity() -> dict:
     """What decides bf16 speed on this machine: the CPU model, its bf16-relevant flags, torch."""
+    import torch  # (here: reading PRECISIONS, e.g. for --help, loads no torch)
+
     model, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -213,6 +222,8 @@ def probe_matmul_gflops(shape: tuple[int, int, int] = PROBE_SHAPE, reps: int = 3
     """(fp32, bf16) GFLOP/s of (tokens × in) @ (in × out) matmuls on the CPU: the best of `reps`
     after a warm-up. Where one bf16 matmul already takes 20× an fp32 one (emulated bf16), that
     one is the answer: repeating it would only cost time."""
+    import torch  # (here: reading PRECISIONS, e.g. for --help, loads no torch)
+
     limit_onednn_cache()
     m, k, n = shape
     flop = 2.0 * m * k * n

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 from ..config import ConfigError, check_settings, setting
 from ..errors import UserValueError
+from ..precision import PRECISIONS
 from .judge import ORDERS
 
 ON_INVALID = ["error", "skip"]
-# `directpo.precision.PRECISIONS` and `directpo.data.collate.LAYOUTS`, which import torch: written out
-# here so that `--help` and a usage error load nothing heavy (tests/test_settings.py checks they agree).
-PRECISIONS = ("auto", "fp32", "bf16")
+# `directpo.data.collate.LAYOUTS`, whose module imports torch: written out here so that `--help` and
+# a usage error load nothing heavy (tests/test_settings.py checks they agree).
 LAYOUTS = ("packed", "padded")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import ConfigError, check_settings, setting
-from ..precision import PRECISIONS  # (torch is loaded anyway: `directpo.inspect` imports its data reader)
+from ..precision import PRECISIONS
 
 
 @dataclass

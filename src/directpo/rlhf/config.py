@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from ..config import setting
 from ..training.config import PreferenceRunConfig, RunConfig
+from ..training.optim import OPTIMIZERS
 
 
 @dataclass
@@ -34,7 +35,7 @@ class PPOConfig(RunConfig):
     target_kl: float = setting(6.0, "target sequence-level KL (nats) of the adaptive controller", gt=0)
     kl_horizon: int = setting(10000, "horizon (rollouts) of the adaptive KL controller", ge=1)
     lr: float = setting(1e-5, "learning rate", gt=0)
-    optimizer: str = setting("adamw", "optimizer", choices=["rmsprop", "adamw", "sgd"])
+    optimizer: str = setting("adamw", "optimizer", choices=list(OPTIMIZERS))
     batch_size: int = setting(64, "rollouts (prompts, one completion each) per PPO step", ge=1)
     mini_batch_size: int = setting(16, "rollouts per gradient step", ge=1)
     ppo_epochs: int = setting(4, "optimisation passes over each batch of rollouts", ge=1)

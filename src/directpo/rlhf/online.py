@@ -31,6 +31,7 @@ from ..config import ConfigError, changed_settings, check_ranges, check_required
 from ..console import log as console_log
 from ..diskio import write_text
 from ..errors import UserValueError
+from ..training.optim import OPTIMIZERS
 from ..training.stages import resumable
 
 CONFIG_FILE = "online_config.json"
@@ -64,7 +65,7 @@ class OnlineConfig:
                        choices=["round", "initial"])
     beta: float = setting(0.1, "β of DPO", gt=0)
     lr: float = setting(1e-6, "peak learning rate of each round's DPO", gt=0)
-    optimizer: str = setting("rmsprop", "optimizer", choices=["rmsprop", "adamw", "sgd"])
+    optimizer: str = setting("rmsprop", "optimizer", choices=list(OPTIMIZERS))
     batch_size: int = setting(64, "pairs per optimizer step (all the pairs when fewer)", ge=1)
     micro_batch_size: int = setting(8, "pairs per forward/backward", ge=1)
     epochs_per_round: float = setting(1.0, "passes over each round's pairs", gt=0)

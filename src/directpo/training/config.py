@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import ConfigError, ResumableSettings, check_ranges, check_required, setting
+from .optim import OPTIMIZERS
 
 
 @dataclass
@@ -22,7 +23,7 @@ class RunConfig:
 
     output_dir: str = setting(None, "where the final model, tokenizer and metrics.jsonl go", required=True, resumable=True)
     lr: float = setting(1e-6, "peak learning rate (paper: 1e-6)", gt=0)
-    optimizer: str = setting("rmsprop", "optimizer (paper: rmsprop)", choices=["rmsprop", "adamw", "sgd"])
+    optimizer: str = setting("rmsprop", "optimizer (paper: rmsprop)", choices=list(OPTIMIZERS))
     weight_decay: float = setting(0.0, "weight decay (adamw)", ge=0)
     batch_size: int = setting(64, "examples per optimizer step (paper: 64 preference pairs)", ge=1)
     max_steps: int | None = setting(None, "optimizer steps to run (overrides epochs)", ge=1, resumable=True)
@@ -286,7 +287,7 @@ class PipelineConfig(TrainConfig):
     sft_max_steps: int | None = setting(None, "SFT stage steps (default: --max-steps / --epochs)", ge=1)
     sft_epochs: float | None = setting(None, "SFT stage epochs (default: --epochs)", gt=0)
     sft_optimizer: str | None = setting(None, "SFT stage optimizer (default: --optimizer)",
-                                        choices=["rmsprop", "adamw", "sgd"])
+                                        choices=list(OPTIMIZERS))
 
     def stage_settings(self) -> tuple[TrainConfig, dict]:
         """(the pipeline's TrainConfig, the SFT stage's own settings that were set, unprefixed)."""

@@ -1,14 +1,20 @@
-"""Optimizer and learning-rate schedule."""
+"""Optimizer and learning-rate schedule. (torch is imported where used: the settings read
+`OPTIMIZERS` to build `--help`, which loads no torch.)"""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import UserValueError
+
+if TYPE_CHECKING:
+    import torch
 
 OPTIMIZERS = ("rmsprop", "adamw", "sgd")
 
 
 def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    import torch
+
     params = [p for p in params if p.requires_grad]
     if name == "rmsprop":  # the paper's choice (appendix B)
         return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay)
@@ -24,6 +30,8 @@ def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0) -> 
 
 def _fusable(params: list) -> bool:
     """Plain floating-point tensors on a CPU or CUDA device: what torch's fused AdamW takes."""
+    import torch
+
     return bool(params) and all(type(p) in (torch.nn.Parameter, torch.Tensor) and p.is_floating_point()
                                 and p.device.type in ("cpu", "cuda") for p in params)
 
@@ -33,5 +41,7 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torc
 
     Step s (0-based) trains at lr·min(1, (s+1)/warmup): the first step already moves the weights.
     """
+    import torch
+
     w = max(int(warmup_steps), 0)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 if w == 0 else min(1.0, (s + 1) / w))
