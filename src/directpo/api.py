@@ -7,10 +7,12 @@
     result.train["rewards/accuracies"], result.metrics[-1], result.output_dir
 
 Each job takes its settings object — the dataclass its command builds from the flags
-(`TrainConfig`, `RewardModelConfig`, `PPOConfig`, `OnlineConfig`, `PlanConfig`) — and/or the
-same settings as keyword arguments (`lr=1e-6`: a keyword overrides the object's field). Settings
-are checked as the command checks them; a mistake raises a `ValueError`/`OSError` naming the
-setting, file or row (the CLI prints the same message as one line).
+(`TrainConfig`, `PipelineConfig`, `RewardModelConfig`, `PPOConfig`, `OnlineConfig`, `ScoreConfig`,
+`SampleConfig`, `BonConfig`, `EvalConfig`, `InspectConfig`, `PlanConfig`) — and/or the same
+settings as keyword arguments (`lr=1e-6`: a keyword overrides the object's field). Settings are
+checked as the command checks them; a mistake raises a `directpo.errors.UserError` (still a
+`ValueError`/`OSError`) naming the setting, file or row (the CLI prints the same message as one
+line); an unknown keyword is Python's `TypeError`.
 
 The training jobs return a `RunResult` (the last metrics lines, every metrics record, where the
 model is, the health alarms raised); `callbacks` (`Callback` subclasses) are called after each
