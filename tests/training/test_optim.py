@@ -80,3 +80,54 @@ def test_a_checkpoint_keeps_the_state_and_leaves_the_kernel_choice_to_the_loader
     a, b = _run(list(model.parameters()), opt, 2), _run(list(fresh.parameters()), again, 2)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+# ---- learning-rate schedules (#29 item 3) ----
+
+def test_schedules_in_closed_form():
+    import math
+
+    from directpo.training.optim import lr_factor
+
+    w, t = 3, 13  # warm-up 3 steps, then 10 of decay
+    assert [lr_factor(s, w, t) for s in range(3)] == [1 / 3, 2 / 3, 1.0]
+    assert all(lr_factor(s, w, t, "constant") == 1.0 for s in range(3, t))
+    assert [lr_factor(s, w, t, "linear") for s in (3, 8, 12)] == [1.0, 0.5, pytest.approx(0.1)]
+    assert lr_factor(8, w, t, "cosine") == pytest.approx(0.5) and lr_factor(3, w, t, "cosine") == 1.0
+    assert lr_factor(12, w, t, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.9)))
+    assert lr_factor(8, w, t, "cosine_with_min_lr", 0.2) == pytest.approx(0.2 + 0.8 * 0.5)
+    assert lr_factor(99, w, t, "cosine_with_min_lr", 0.2) == pytest.approx(0.2)  # past the end: the floor
+
+
+def test_every_step_trains_at_the_scheduled_lr_and_a_resume_continues_the_curve(tiny_model, tmp_path, monkeypatch):
+    """The lr of each metrics line equals the closed form; a run interrupted at step 4 and resumed
+    ends with the weights of the uninterrupted one."""
+    from conftest import review_pairs
+    from safetensors.torch import load_file
+
+    import directpo
+    from directpo.training import run as run_mod
+    from directpo.training.optim import lr_factor
+
+    data = review_pairs(tmp_path)
+    settings = dict(model=str(tiny_model), data=str(data), batch_size=4, micro_batch_size=4, max_steps=8, lr=1e-3,
+                    optimizer="adamw", warmup_ratio=0.25, lr_scheduler="cosine_with_min_lr", min_lr_ratio=0.1,
+                    max_length=64, progress=False, threads=1)
+    full = directpo.train(output_dir=str(tmp_path / "full"), **settings)
+    lrs = [r["lr"] for r in full.metrics]
+    assert lrs == pytest.approx([1e-3 * lr_factor(s, 2, 8, "cosine_with_min_lr", 0.1) for s in range(8)], rel=1e-12)
+    looks = iter([False, False, False, True])  # Ctrl-C seen after step 4
+    monkeypatch.setattr(run_mod.StopRequest, "requested", lambda self, dist=None: next(looks, False))
+    with pytest.raises(run_mod.Interrupted):
+        directpo.train(output_dir=str(tmp_path / "cut"), **settings)
+    directpo.train(output_dir=str(tmp_path / "cut"), resume="latest", **settings)
+    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_min_lr_ratio_needs_its_schedule(tmp_path, capsys):
+    from directpo.cli import main
+
+    assert main(["train", "--model", "m", "--data", "d.jsonl", "--output-dir", str(tmp_path / "o"),
+                 "--min-lr-ratio", "0.1"]) == 2
+    assert "--min-lr-ratio: the 'constant' schedule does not read it" in capsys.readouterr().err

@@ -43,7 +43,7 @@ from ..logprobs import _backbone_and_head, head_logprobs, token_logps
 from ..models import autocast_ctx, check_vocab, freeze, load_model, load_tokenizer, pick_device
 from ..training.loop import batch_order
 from ..training.alarms import HealthMonitor
-from ..training.optim import build_optimizer, warmup_schedule
+from ..training.optim import build_optimizer, lr_schedule
 from ..training.run import Recipe, RunDir, StepDriver, resume, run_steps, setup_torch
 from .config import PPOConfig
 
@@ -305,7 +305,9 @@ def _ppo(cfg: PPOConfig, reward, run: RunDir, callbacks=()) -> dict:
     m = setup_models(cfg, reward, device)
     params = [p for p in m.policy.parameters() if p.requires_grad] + list(m.value_head.parameters())
     optimizer = build_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
-    scheduler = warmup_schedule(optimizer, cfg.warmup_steps)
+    # (the schedule counts optimizer steps: each PPO step takes ppo_epochs × its mini-batches)
+    optimizer_steps = cfg.max_steps * cfg.ppo_epochs * math.ceil(cfg.batch_size / cfg.mini_batch_size)
+    scheduler = lr_schedule(optimizer, cfg, optimizer_steps)
     kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
     gen = torch.Generator().manual_seed(cfg.seed)  # mini-batch order
     run.record_config("ppo", cfg, reference=cfg.ref or cfg.model, prompts_count=len(m.items))

@@ -33,7 +33,7 @@ from ..losses import bradley_terry_loss
 from ..models import autocast_ctx, load_tokenizer, pick_device
 from ..training.loop import batch_order
 from ..training.alarms import HealthMonitor
-from ..training.optim import build_optimizer, warmup_schedule
+from ..training.optim import build_optimizer, lr_schedule
 from ..training.run import CONFIG_FILE, Recipe, RunDir, StepDriver, resume, run_steps, setup_torch
 from .config import RewardModelConfig
 
@@ -87,8 +87,8 @@ def _train_reward_model(cfg: RewardModelConfig, run: RunDir, callbacks=()) -> di
     model = load_reward_backbone(cfg.model, tokenizer.pad_token_id, device, trust_remote_code=cfg.trust_remote_code)
     model.train()
     optimizer = build_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
-    scheduler = warmup_schedule(optimizer, cfg.warmup_steps)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(train_set) / cfg.batch_size)))
+    scheduler = lr_schedule(optimizer, cfg, total_steps)
     settings = run.record_config("rm", cfg, train_pairs=len(train_set), skipped_rows=dict(report.counts),
                                  total_steps=total_steps)
     log(f"training reward model: {total_steps} steps × {cfg.batch_size} pairs (micro-batch {cfg.micro_batch_size}) "

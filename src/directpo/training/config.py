@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import ConfigError, ResumableSettings, check_ranges, check_required, setting
-from .optim import OPTIMIZERS
+from .optim import OPTIMIZERS, SCHEDULERS
 
 
 @dataclass
@@ -28,6 +28,13 @@ class RunConfig:
     batch_size: int = setting(64, "examples per optimizer step (paper: 64 preference pairs)", ge=1)
     max_steps: int | None = setting(None, "optimizer steps to run (overrides epochs)", ge=1, resumable=True)
     warmup_steps: int = setting(150, "linear learning-rate warm-up from 0 (paper: 150)", ge=0)
+    warmup_ratio: float = setting(0.0, "instead: warm up over this fraction of the run's optimizer steps (0: use "
+                                       "warmup_steps)", ge=0, lt=1)
+    lr_scheduler: str = setting("constant", "the learning rate after warm-up: constant (the paper's), linear or "
+                                            "cosine decay to 0, or cosine_with_min_lr (to min_lr_ratio × lr)",
+                                choices=list(SCHEDULERS))
+    min_lr_ratio: float = setting(0.0, "with --lr-scheduler cosine_with_min_lr: the final learning rate as a "
+                                       "fraction of --lr", ge=0, le=1)
     max_grad_norm: float = setting(10.0, "clip the gradient norm to this (0: no clipping)", ge=0)
     seed: int = setting(0, "seed for initialisation-independent randomness: data order")
     precision: str = setting("auto", "bf16: autocast matmuls to bfloat16 (fp32 master weights and loss); auto: bf16 "
@@ -69,6 +76,9 @@ class RunConfig:
     def validate(self):
         check_required(self)
         check_ranges(self)
+        if self.min_lr_ratio and self.lr_scheduler != "cosine_with_min_lr":
+            raise ConfigError(f"--min-lr-ratio: the '{self.lr_scheduler}' schedule does not read it (only "
+                              "--lr-scheduler cosine_with_min_lr does)")
         from .hub import check_repo_id
         from .loggers import check_report_to
 

@@ -31,7 +31,7 @@ from .config import TrainConfig
 from .distributed import Dist, device_for, init_from_env
 from .export import export_model, gather_trainable
 from .lora import adapters_disabled, is_lora, save_policy
-from .optim import build_optimizer, warmup_schedule
+from .optim import build_optimizer, lr_schedule
 from .prepare import (Sources, check_data, check_sharding, kto_balance, load_policy_and_reference, load_sharded,
                       prepare_data, reference_tables)
 from .run import COMPLETE_MARKER, NonFiniteError, Recipe, RunDir, StepDriver, resume, run_steps, settle_precision, \
@@ -452,8 +452,8 @@ def run_training(t: Trainer, callbacks=()) -> dict:
     """Optimizer, resume, the steps (`run.run_steps`: the one loop of every trainer), then save."""
     cfg, d, run = t.cfg, t.d, t.run
     t.optimizer = build_optimizer(t.policy.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
-    t.scheduler = warmup_schedule(t.optimizer, cfg.warmup_steps)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(t.train_set) / cfg.batch_size)))
+    t.scheduler = lr_schedule(t.optimizer, cfg, total_steps)
     announce(t, total_steps)
     # Resume: weights, optimizer, scheduler and RNG from the checkpoint (the reference above was
     # set up from the *initial* model, as it must be); the data order is a function of the step.

@@ -2,6 +2,7 @@
 `OPTIMIZERS` to build `--help`, which loads no torch.)"""
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from ..errors import UserValueError
@@ -36,12 +37,54 @@ def _fusable(params: list) -> bool:
                                 and p.device.type in ("cpu", "cuda") for p in params)
 
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up from 0 to the peak lr over `warmup_steps`, then constant (as in the paper).
+SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_min_lr")
 
-    Step s (0-based) trains at lr·min(1, (s+1)/warmup): the first step already moves the weights.
-    """
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, kind: str = "constant",
+              min_lr_ratio: float = 0.0) -> float:
+    """The learning rate of optimizer step `step` (0-based) as a fraction of the peak, in closed form.
+
+    Warm-up: (step + 1) / warmup_steps while step < warmup_steps, so the first step already moves the
+    weights (the paper's linear warm-up, then constant). After it, with p = (step − warmup_steps) /
+    (total_steps − warmup_steps), the fraction of the decay done before this step (0 at its first
+    step, 1 − 1/(T − W) at the last: the last step still trains): `linear` 1 − p; `cosine`
+    ½·(1 + cos πp); `cosine_with_min_lr` m + (1 − m)·½·(1 + cos πp), m = min_lr_ratio."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    p = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if kind == "linear":
+        return 1.0 - p
+    cosine = 0.5 * (1.0 + math.cos(math.pi * p))
+    if kind == "cosine":
+        return cosine
+    if kind == "cosine_with_min_lr":
+        return min_lr_ratio + (1.0 - min_lr_ratio) * cosine
+    raise UserValueError(f"unknown learning-rate schedule {kind!r}; choose {', '.join(SCHEDULERS)}")
+
+
+def lr_schedule(optimizer, cfg, total_steps: int):
+    """The run's schedule (`lr_factor`) from its settings: --warmup-steps (or --warmup-ratio of
+    `total_steps` optimizer steps), --lr-scheduler, --min-lr-ratio. A `LambdaLR`: its position is
+    in every checkpoint, so a resumed run continues the same curve."""
+    import torch
+
+    warmup = warmup_steps_of(cfg, total_steps)
+    kind, floor = getattr(cfg, "lr_scheduler", "constant"), getattr(cfg, "min_lr_ratio", 0.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps, kind, floor))
+
+
+def warmup_steps_of(cfg, total_steps: int) -> int:
+    """--warmup-ratio × the run's optimizer steps (rounded up) when given, else --warmup-steps."""
+    ratio = getattr(cfg, "warmup_ratio", 0.0)
+    return math.ceil(ratio * total_steps) if ratio else max(int(cfg.warmup_steps), 0)
+
+
+def warmup_schedule(optimizer, warmup_steps: int):
+    """The paper's schedule alone: linear warm-up from 0 to the peak lr over `warmup_steps`, then
+    constant (`lr_factor` with the constant schedule)."""
     import torch
 
     w = max(int(warmup_steps), 0)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 if w == 0 else min(1.0, (s + 1) / w))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, w, 0))
