@@ -223,7 +223,7 @@ def run_steps(recipe: Recipe, start_step: int, total_steps: int, callbacks=()) -
             if interrupted:
                 raise Interrupted(f"interrupted at step {step}/{total_steps}; checkpoint saved in "
                                   f"{run.path / 'checkpoints'}: resume with --resume")
-            if _agreed(wants_stop, recipe.dist) and step < total_steps:
+            if callbacks and _agreed(wants_stop, recipe.dist) and step < total_steps:  # (no collective without them)
                 log(f"stopped by a callback at step {step}/{total_steps}")
                 out["stopped_at"] = step
                 break
