@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .console import log
 from .errors import UserError
+from .outputs import pid_alive
 
 MB = 10**6
 MANIFEST = "manifest.json"
@@ -281,18 +282,8 @@ def _remove_abandoned(out: Path) -> None:
     """Staging folders of saves killed mid-write (their process is gone; ours, if left, too)."""
     for old in out.glob(".tmp-save-*"):
         pid = old.name.removeprefix(".tmp-save-")
-        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+        if pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: alive
-        return True
-    return True
 
 
 def file_sha256(path) -> str:

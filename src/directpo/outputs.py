@@ -111,7 +111,8 @@ def check_output_dir(path: str | Path, inputs: dict[str, str | None], overwrite:
 # The run lock
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -168,7 +169,7 @@ class RunLock:
                 raise RunLockedError(f"{self.path.parent} is locked by a run on another machine ({_describe(previous)}); "
                                      f"if no run is using it, delete {self.path}")
             log(f"taking over the lock of {self.path.parent} from a run that is no longer running "
-                f"({_describe(previous)})" + ("" if not _alive(previous["pid"]) else " (its pid is now another process)"))
+                f"({_describe(previous)})" + ("" if not pid_alive(previous["pid"]) else " (its pid is now another process)"))
         f.seek(0)
         f.truncate()
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
