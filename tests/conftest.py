@@ -82,3 +82,20 @@ def train_argv(model, data, out, *extra) -> list[str]:
     return ["train", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--batch-size", "4",
             "--micro-batch-size", "4", "--max-length", "64", "--warmup-steps", "0", "--no-progress",
             "--threads", "1", *extra]
+
+
+def run_process_group(cmd: list[str], env: dict, timeout: int = 300) -> tuple[int, str]:
+    """(exit code, end of stderr) of `cmd` in its own session; a hang past `timeout` takes the whole
+    group down (torchrun and its workers), then raises."""
+    import os
+    import signal
+    import subprocess
+
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    try:
+        err = p.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise
+    return p.returncode, err[-3000:]

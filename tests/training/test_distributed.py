@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_process_group
 import torch
 from safetensors.torch import load_file
 
@@ -178,14 +179,7 @@ def _train(argv: list[str], kill_during_save: int | None = None) -> tuple[int, s
         assert argv[argv.index("--nproc") + 1] == "2"
         cmd = [*TORCHRUN, str(FAULTS), "--kill-during-save", str(kill_during_save), "train",
                *[a for i, a in enumerate(argv) if a != "--nproc" and argv[i - 1] != "--nproc"]]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        err = p.communicate(timeout=300)[1]
-    except subprocess.TimeoutExpired:  # a hang: take torchrun and its workers down with the launcher
-        os.killpg(p.pid, signal.SIGKILL)
-        raise
-    return p.returncode, err[-3000:]
+    return run_process_group(cmd, env)
 
 
 def _max_diff(a: dict, b: dict) -> float:

@@ -8,12 +8,11 @@ previous checkpoint whole and the resumed run bit-identical, and the knobs leave
 as it was."""
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_process_group
 import torch
 from safetensors.torch import load_file
 
@@ -192,14 +191,7 @@ def _train(argv: list[str], nproc: int = 1, kill_during_save: int | None = None)
         cmd = [*TORCHRUN, "-m", "directpo", "train"]
     else:
         cmd = [*TORCHRUN, str(FAULTS), "--kill-during-save", str(kill_during_save), "train"]
-    p = subprocess.Popen([*cmd, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                         start_new_session=True)
-    try:
-        err = p.communicate(timeout=300)[1]
-    except subprocess.TimeoutExpired:  # a hang: take torchrun and its workers down with the launcher
-        os.killpg(p.pid, signal.SIGKILL)
-        raise
-    return p.returncode, err[-3000:]
+    return run_process_group([*cmd, *argv], env)
 
 
 class Runs:
