@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from inject import FillsUp  # (tests/faults/inject.py: the same full disk as the CLI runs get)
@@ -31,6 +32,9 @@ from directpo.training.optim import build_optimizer, warmup_schedule
 FAULTS = Path(__file__).resolve().parent / "inject.py"
 ENOSPC_SAFETENSORS = "Error while serializing: I/O error: No space left on device (os error 28)"
 ENOSPC_TORCH = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
+
+# one tokenized pair, as the reference cache keys it (prompt ids, the responses' ids)
+ONE_PAIR = SimpleNamespace(prompt_ids=[1, 2], response_ids=[[3], [4]])
 
 
 @pytest.fixture(scope="module")
@@ -230,9 +234,9 @@ def test_a_reference_cache_that_cannot_be_written_is_a_warning(tmp_path, monkeyp
         raise SafetensorError(ENOSPC_SAFETENSORS)
 
     monkeypatch.setattr(reference, "save_file", full)
-    table, hit = reference.reference_logps(None, [], lambda m, ex: torch.zeros(0, 2), cache_dir=tmp_path,
+    table, hit = reference.reference_logps(None, [ONE_PAIR], lambda m, ex: torch.zeros(1, 2), cache_dir=tmp_path,
                                            model_fp="m")
-    assert table.shape == (0, 2) and not hit
+    assert table.shape == (1, 2) and not hit
     err = capsys.readouterr().err
     assert "warning: reference log-probs not cached: No space left on device " in err and "going on" in err
     assert list(tmp_path.iterdir()) == []

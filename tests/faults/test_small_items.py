@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,9 @@ import torch
 from directpo.toy import review_task, write_jsonl
 
 N_TRAIN = 16
+
+# one tokenized pair, as the reference cache keys it (prompt ids, the responses' ids)
+ONE_PAIR = SimpleNamespace(prompt_ids=[1, 2], response_ids=[[3], [4]])
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +54,12 @@ def test_used_examples_are_the_batches_of_the_steps():
     assert used_examples(cfg, 2312, batch_order) is None  # whole epochs: every example
 
 
-def test_a_max_steps_run_computes_only_its_rows_and_caches_them_apart(tiny_model, data, tmp_path, capsys, one_thread):
+def test_a_max_steps_run_computes_only_its_rows_and_the_next_run_reuses_them(tiny_model, data, tmp_path, capsys,
+                                                                             one_thread):
     """Before, `--max-steps 2` computed the reference log-probs of all 16 examples (HH: all 2,312 for
-    3 steps, 128 of 173 s). Now only the 8 its two batches draw; their table is cached under the key
-    of those 8 and never served to a run that needs all 16; a resumed run with more steps finds the
-    rows of its new steps, and ends as the uninterrupted run does."""
+    3 steps, 128 of 173 s). Now only the 8 its two batches draw; those rows are cached, each under
+    its own example, and a whole epoch after it computes only the 8 others; a resumed run with more
+    steps finds the rows of its new steps, and ends as the uninterrupted run does."""
     from safetensors import safe_open
 
     from directpo.training import train
@@ -69,8 +74,9 @@ def test_a_max_steps_run_computes_only_its_rows_and_caches_them_apart(tiny_model
 
     train(_cfg(tiny_model, data, tmp_path / "epoch", ref_cache=str(cache), max_steps=None, epochs=1))
     err = capsys.readouterr().err
-    assert "of 16 examples" not in err and "cache hit" not in err  # the partial table is not the whole one
-    assert len(list(cache.glob("*.safetensors"))) == 2
+    assert f"reference log-probs: 8 of {N_TRAIN} rows from the cache {part}, 8 computed and cached" in err
+    with safe_open(str(part), framework="pt") as f:
+        assert f.get_tensor("logps").shape[0] == N_TRAIN  # one file: the reference model's rows
 
     train(_cfg(tiny_model, data, tmp_path / "short", ref_cache=str(cache), max_steps=3, resume="latest"))
     assert f"reference log-probs: 12 of {N_TRAIN} examples (the ones --max-steps 3 uses)" in capsys.readouterr().err
@@ -103,9 +109,9 @@ def test_directpo_cache_naming_a_file_is_one_warning_and_the_run_goes_on(tiny_mo
     bad = tmp_path / "notafolder"
     bad.write_text("x")
     monkeypatch.setenv("DIRECTPO_CACHE", str(bad))
-    table, hit = reference.reference_logps(None, [], lambda m, ex: torch.zeros(0, 2), cache_dir=reference.default_cache_dir(),
+    table, hit = reference.reference_logps(None, [ONE_PAIR], lambda m, ex: torch.zeros(1, 2), cache_dir=reference.default_cache_dir(),
                                            model_fp="m")
-    assert table.shape == (0, 2) and not hit
+    assert table.shape == (1, 2) and not hit
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"[directpo] warning: reference log-probs not cached: DIRECTPO_CACHE={bad} is a file, not a folder; "
                    "going on without the cache"]

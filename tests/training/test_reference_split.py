@@ -110,12 +110,13 @@ def _rows(tmp_path: Path, ranking: bool) -> tuple[Path, Path]:
     return write_jsonl(tr[:N_TRAIN], tmp_path / "train.jsonl"), write_jsonl(ev[:N_EVAL], tmp_path / "eval.jsonl")
 
 
-def _single_process_table(model_dir: Path, data: Path, loss: str) -> tuple[str, torch.Tensor]:
-    """(cache key, table) of the reference log-probs one process computes, as `train` prepares them."""
+def _single_process_table(model_dir: Path, data: Path, loss: str) -> tuple[str, list, torch.Tensor]:
+    """(model fingerprint, examples, table) of the reference log-probs one process computes, as
+    `train` prepares them."""
     from directpo.data import make_collate
     from directpo.logprobs import dataset_logps, packed_row_tokens
     from directpo.models import load_model, load_tokenizer
-    from directpo.reference import cache_key, model_fingerprint
+    from directpo.reference import model_fingerprint
     from directpo.training import TrainConfig
     from directpo.training.prepare import prepare_data
 
@@ -124,7 +125,7 @@ def _single_process_table(model_dir: Path, data: Path, loss: str) -> tuple[str, 
     examples = prepare_data(str(data), tok, cfg, "single")[0]
     model = load_model(str(model_dir))
     collate = make_collate(cfg.layout, tok.pad_token_id, packed_row_tokens(cfg.row_tokens, model))
-    return cache_key(model_fingerprint(model), examples, "fp32"), dataset_logps(model, examples, collate, 2)
+    return model_fingerprint(model), examples, dataset_logps(model, examples, collate, 2)
 
 
 def _torchrun(argv: list[str]) -> str:
@@ -145,7 +146,7 @@ def _torchrun(argv: list[str]) -> str:
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_each_process_computes_its_share_of_the_reference_table(tiny_model, tmp_path, mode):
-    from safetensors.torch import load_file
+    from directpo.reference import RowCache
 
     loss = "plackett_luce" if mode == "fsdp" else "dpo"
     train, evals = _rows(tmp_path, ranking=mode == "fsdp")
@@ -162,14 +163,49 @@ def test_each_process_computes_its_share_of_the_reference_table(tiny_model, tmp_
     seen = {r: json.loads((counts / f"rank{r}.json").read_text()) for r in (0, 1)}
     assert seen[0] == seen[1] == [(N_EVAL + 1) // 2, (N_TRAIN + 1) // 2], seen
     for data in (evals, train):
-        key, single = _single_process_table(tiny_model, data, loss)
-        cached = load_file(str(cache / f"{key}.safetensors"))["logps"]  # the key a single process looks up
+        fingerprint, examples, single = _single_process_table(tiny_model, data, loss)
+        # the rows a single process looks up: all there
+        cached, missing = RowCache(cache, fingerprint, "fp32", print).lookup(examples)
+        assert not missing
         assert cached.shape == single.shape and torch.equal(cached.isnan(), single.isnan())
         # float re-association only: a row's micro-batch companions, so its padding and matmul
         # shapes, differ from one process's (bit-identical on the CPU this was written on). The
         # log-probs reach -170, where fp32 steps are 1.5e-5: rtol 1e-6 allows about ten of them
         assert torch.allclose(cached, single, rtol=1e-6, atol=1e-5, equal_nan=True), \
             (cached - single).abs().nan_to_num().max()
+
+
+def test_rows_rank0_finds_in_the_cache_are_not_computed_again(tiny_model, tmp_path):
+    """A single-process `--max-steps 1` run caches the 6 rows its one batch draws; a 2-process run
+    over the whole set then computes only the 15 others (each rank its share), and rank 0 sends the
+    whole table round: every rank trains on the same numbers as the single process would."""
+    from directpo.reference import RowCache
+    from directpo.training import TrainConfig, train
+
+    data, _ = _rows(tmp_path, ranking=False)
+    counts, cache = tmp_path / "counts", tmp_path / "cache"
+    train(TrainConfig(model=str(tiny_model), data=str(data), batch_size=6, micro_batch_size=2, max_steps=1,
+                      max_length=64, precision="fp32", progress=False, ref_cache=str(cache),
+                      output_dir=str(tmp_path / "one")))
+    err = _torchrun([__file__, str(counts), "train", "--model", str(tiny_model), "--data", str(data),
+                     "--batch-size", "6", "--micro-batch-size", "2", "--max-steps", "4", "--max-length", "64",
+                     "--precision", "fp32", "--no-progress", "--threads", "1", "--ref-cache", str(cache),
+                     "--output-dir", str(tmp_path / "two")])
+    assert f"6 of {N_TRAIN} rows from the cache" in err and "15 computed and cached" in err
+    seen = {r: json.loads((counts / f"rank{r}.json").read_text()) for r in (0, 1)}
+    assert seen[0] == seen[1] == [8], seen  # 15 rows, 8 a rank (one padded)
+    fingerprint, examples, single = _single_process_table(tiny_model, data, "dpo")
+    cached, missing = RowCache(cache, fingerprint, "fp32", print).lookup(examples)
+    assert not missing and torch.allclose(cached, single, rtol=1e-6, atol=1e-5)
+    # both ranks trained on that table: the 2-process run's metrics are the single process's
+    two = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
+    train(TrainConfig(model=str(tiny_model), data=str(data), batch_size=6, micro_batch_size=2, max_steps=4,
+                      max_length=64, precision="fp32", progress=False, ref_cache="off",
+                      output_dir=str(tmp_path / "ref")))
+    one = [json.loads(x) for x in open(tmp_path / "ref" / "metrics.jsonl")]
+    assert [m["step"] for m in two] == [1, 2, 3, 4]
+    for a, b in zip(two, one):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["rewards/margins"] - b["rewards/margins"]) < 1e-5
 
 
 def _count_reference_forwards(count_dir: str) -> None:

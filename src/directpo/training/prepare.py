@@ -19,7 +19,7 @@ from ..errors import UserValueError
 from ..logprobs import dataset_logps
 from ..losses import LossSpec, get_loss
 from ..models import check_vocab, empty_model, enable_activation_checkpointing, freeze, load_model
-from ..reference import default_cache_dir, model_fingerprint, reference_logps
+from ..reference import cached_table, default_cache_dir, model_fingerprint, open_cache
 from .config import TrainConfig
 from .distributed import Dist, GatheredState, fsdp_kwargs
 from .lora import adapters_disabled, apply_lora, apply_lora_to_empty, is_lora
@@ -234,70 +234,71 @@ def reference_tables(cfg: TrainConfig, d: Dist, ref_model, train_set, eval_set, 
     model_fp = (model_fingerprint(GatheredState(ref_model) if sharded else ref_model)
                 if (d.main or sharded) and cache_dir is not None else None)
     ac_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+    # rank 0 alone reads and writes the cache; the ranks compute the rows it lacks together
+    cache = open_cache(cache_dir, model_fp, cfg.precision, log) if d.main and model_fp is not None else None
 
-    def table(examples, what, compute=None, cache=True):
-        def compute_here(model, exs):
-            shown = cfg.progress and d.main  # one progress bar: the ranks' shares are alike
-            with adapters_disabled(model):
-                return dataset_logps(model, exs, collate, cfg.micro_batch_size, device, ac_dtype,
-                                     progress=f"reference log-probs ({what})" if shown else None)
-        return reference_logps(ref_model, examples, compute or compute_here, cfg.precision,
-                               cache_dir if cache else None, model_fp, log=log)[0]
+    def compute(examples, what):
+        shown = cfg.progress and d.main  # one progress bar: the ranks' shares are alike
+        with adapters_disabled(ref_model):
+            return dataset_logps(ref_model, examples, collate, cfg.micro_batch_size, device, ac_dtype,
+                                 progress=f"reference log-probs ({what})" if shown else None)
 
-    eval_ref = _split_table(d, eval_set, "eval", table, cache_dir) if eval_set else None
+    eval_ref = _split_table(d, eval_set, "eval", compute, cache) if eval_set else None
     train_ref = None
     if cfg.precompute_ref and not cfg.ref_sync_every:  # TR-DPO's reference moves: no fixed table
         used = used_examples(cfg, len(train_set), batch_order) if batch_order is not None else None
         if used is None:
-            train_ref = _split_table(d, train_set, "train", table, cache_dir)
+            train_ref = _split_table(d, train_set, "train", compute, cache)
         else:
             log(f"reference log-probs: {len(used)} of {len(train_set)} examples (the ones --max-steps "
                 f"{cfg.max_steps} uses)")
-            train_ref = _rows_of(_split_table(d, [train_set[i] for i in used], "train", table, cache_dir),
+            train_ref = _rows_of(_split_table(d, [train_set[i] for i in used], "train", compute, cache),
                                  used, train_set)
     return train_ref, eval_ref
 
 
 def _rows_of(part: torch.Tensor, used: list[int], examples) -> torch.Tensor:
     """The whole table's shape, (examples × the widest ranking), holding `part`'s rows at `used`
-    and NaN elsewhere (rows no step reads). `part` is cached under the key of its own examples
-    (`reference.cache_key` hashes the examples it is given): never served as a whole table."""
+    and NaN elsewhere (rows no step reads). The cache holds `part`'s rows, each under its own
+    example's key: a later run that draws more examples computes only the others."""
     width = max(len(ex.response_ids) for ex in examples)
     full = torch.full((len(examples), width), float("nan"), dtype=part.dtype)
     full[used, :part.shape[1]] = part
     return full
 
 
-class _NotCached(Exception):
-    pass
-
-
-def _not_cached(*_):
-    raise _NotCached
-
-
-def _split_table(d: Dist, examples, what: str, table, cache_dir):
-    """A reference table computed by all processes, each its share (`_shares`), gathered whole onto
-    every process; rank 0 caches it. Rank 0 first looks in the cache and says whether it hit (then
-    it sends the table round): under FSDP every rank must either skip the computation or take part
-    in every forward. Every rank holds the same examples in the same order (the data preparation
-    is deterministic), so each knows every rank's share without asking.
+def _split_table(d: Dist, examples, what: str, compute, cache):
+    """A reference table: the rows rank 0 finds in the cache, the others computed by all processes,
+    each its share (`_shares`), gathered whole onto every process; rank 0 adds them to the cache
+    and, when it served some rows from it, sends the whole table round. Rank 0 first says which
+    rows it lacks: under FSDP every rank must take part in every forward. Every rank holds the same
+    examples in the same order (the data preparation is deterministic), so each knows every rank's
+    share without asking.
 
     A row's log-probs can differ in the last bits from those of the whole table computed in one
     process: its micro-batch companions differ, and with them the padding and the matmul shapes
     (float re-association, ~1e-7 relative)."""
     if not d.enabled:
-        return table(examples, what)
-    hit = None
-    if d.main and cache_dir is not None:
-        try:
-            hit = table(examples, what, _not_cached)
-        except _NotCached:
-            pass
-    if d.sum_stats({"hit": float(hit is not None)})["hit"]:
-        return d.broadcast(hit, shape=(len(examples), 0))
+        return cached_table(cache, examples, lambda exs: compute(exs, what), log)[0]
+
+    agreed: list[int] = []  # the rows every rank computes: those rank 0 lacks
+
+    def agree(missing: list[int]) -> list[int]:
+        flags = torch.zeros(len(examples))
+        flags[missing] = 1.0
+        agreed[:] = d.broadcast(flags if d.main else None, shape=(len(examples),)).nonzero().flatten().tolist()
+        return agreed
+
+    table, _ = cached_table(cache, examples, lambda exs: _computed(d, exs, what, compute), log, agree=agree)
+    if len(agreed) < len(examples):  # rank 0 alone read the cached rows
+        table = d.broadcast(table if d.main else None, shape=tuple(table.shape))
+    return table
+
+
+def _computed(d: Dist, examples, what: str, compute) -> torch.Tensor:
+    """The table of `examples` computed by all processes, each its share, gathered onto every one."""
     own, padded = _shares(examples, d.world)
-    mine = table([examples[i] for i in padded[d.rank]], what, cache=False)
+    mine = compute([examples[i] for i in padded[d.rank]], what)
     # rankings: a share's table is as wide as its own longest ranking; all_gather needs one width
     width = max(len(ex.response_ids) for ex in examples)
     mine = torch.nn.functional.pad(mine, (0, width - mine.shape[1]), value=float("nan"))  # NaN: no response
@@ -306,8 +307,6 @@ def _split_table(d: Dist, examples, what: str, table, cache_dir):
         full[idx] = rows[:len(idx)]  # the padding's rows come last: dropped
     log(f"reference log-probs ({what}): {d.world} processes computed {len(padded[0])} examples each "
         f"({len(examples)} in all)")
-    if d.main and cache_dir is not None:
-        table(examples, what, lambda *_: full)  # writes the cache
     return full
 
 
