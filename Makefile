@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	# The CPU build of torch (pinned: an unpinned torch pulls a multi-GB CUDA build).
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,bench,lora,experiments,report]'
+	$(BIN)/python -m pip install -q -e '.[dev,bench,lora,experiments,report,quantize]'
 	touch $(STAMP)
 
 install: $(STAMP)

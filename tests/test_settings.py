@@ -21,11 +21,12 @@ from directpo.toy import review_task, write_jsonl
 from directpo.experiments.demo import DemoConfig
 from directpo.training.config import PipelineConfig, TrainConfig
 from directpo.training.optim import OPTIMIZERS
+from directpo.training.merge import MergeConfig
 from directpo.training.plan import PlanConfig
 
 SETTINGS = {"train": TrainConfig, "sft": TrainConfig, "pipeline": PipelineConfig, "inspect": InspectConfig,
             "score": ScoreConfig, "sample": SampleConfig, "bon": BonConfig, "eval": EvalConfig, "plan": PlanConfig,
-            "plot": PlotConfig, "rm": RewardModelConfig, "ppo": PPOConfig, "online": OnlineConfig,
+            "merge": MergeConfig, "plot": PlotConfig, "rm": RewardModelConfig, "ppo": PPOConfig, "online": OnlineConfig,
             "bench": BenchConfig, "demo": DemoConfig,
             "experiment": {"sentiment": SentimentConfig, "dialogue": DialogueConfig, "summarize": SummarizeConfig}}
 # Flags that are no field of a settings dataclass, each with why. Nothing else may be declared by hand.

@@ -19,7 +19,7 @@ _EXPORTS = {
     "train": "directpo.api", "sft": "directpo.api", "pipeline": "directpo.api", "train_reward_model": "directpo.api", "ppo": "directpo.api",
     "online": "directpo.api", "plan": "directpo.api", "result_of": "directpo.api",
     "score": "directpo.api", "sample": "directpo.api", "best_of_n": "directpo.api", "evaluate": "directpo.api",
-    "inspect_data": "directpo.api",
+    "inspect_data": "directpo.api", "merge": "directpo.api",
     # results and callbacks
     "RunResult": "directpo.api", "Callback": "directpo.training.run",
     # settings
@@ -27,7 +27,7 @@ _EXPORTS = {
     "PPOConfig": "directpo.rlhf.config", "OnlineConfig": "directpo.rlhf.online",
     "PlanConfig": "directpo.training.plan", "ScoreConfig": "directpo.eval.config",
     "SampleConfig": "directpo.eval.config", "BonConfig": "directpo.eval.config", "EvalConfig": "directpo.eval.config",
-    "InspectConfig": "directpo.inspect.config",
+    "InspectConfig": "directpo.inspect.config", "MergeConfig": "directpo.training.merge",
     # the loss, as a pure function, and the registry of every loss
     "dpo_loss": "directpo.losses", "LOSSES": "directpo.losses",
 }

@@ -8,7 +8,7 @@
 
 Each job takes its settings object — the dataclass its command builds from the flags
 (`TrainConfig`, `PipelineConfig`, `RewardModelConfig`, `PPOConfig`, `OnlineConfig`, `ScoreConfig`,
-`SampleConfig`, `BonConfig`, `EvalConfig`, `InspectConfig`, `PlanConfig`) — and/or the same
+`SampleConfig`, `BonConfig`, `EvalConfig`, `InspectConfig`, `PlanConfig`, `MergeConfig`) — and/or the same
 settings as keyword arguments (`lr=1e-6`: a keyword overrides the object's field). Settings are
 checked as the command checks them; a mistake raises a `directpo.errors.UserError` (still a
 `ValueError`/`OSError`) naming the setting, file or row (the CLI prints the same message as one
@@ -32,8 +32,8 @@ from .runfiles import read_metrics, read_summary
 from .training.config import TrainConfig
 from .training.run import Callback
 
-__all__ = ["Callback", "RunResult", "best_of_n", "evaluate", "inspect_data", "online", "pipeline", "plan", "ppo",
-           "result_of", "sample", "score", "sft", "train", "train_reward_model"]
+__all__ = ["Callback", "RunResult", "best_of_n", "evaluate", "inspect_data", "merge", "online", "pipeline", "plan",
+           "ppo", "result_of", "sample", "score", "sft", "train", "train_reward_model"]
 
 
 @dataclass
@@ -169,6 +169,15 @@ def plan(config=None, **settings) -> dict:
     from .training.plan import PlanConfig, plan as run
 
     return run(_settings(PlanConfig, config, settings))
+
+
+def merge(config=None, **settings) -> dict:
+    """A LoRA adapter merged into its base, written tensor by tensor as a Hugging Face model folder
+    (`directpo merge ADAPTER_DIR --out DIR`); what its merge_complete.json records. Settings:
+    `MergeConfig`'s (`adapter`, `out`, `dtype`, `dequantize`, `overwrite`)."""
+    from .training.merge import MergeConfig, merge as run
+
+    return run(_settings(MergeConfig, config, settings))
 
 
 def result_of(output_dir) -> RunResult:

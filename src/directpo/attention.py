@@ -222,7 +222,7 @@ def _register() -> None:
     _registered = True
 
 
-def _configs(config) -> list:
+def all_configs(config) -> list:
     """A config and all its sub-configs (composite models keep one per sub-model)."""
     out, todo = [], [config]
     while todo:
@@ -250,7 +250,7 @@ def supports_segment_attention(model: nn.Module) -> bool:
         return False
     if activation_checkpointing(m):
         return False
-    for c in _configs(config):
+    for c in all_configs(config):
         if any(getattr(c, a, None) is not None for a in _UNSUPPORTED_CONFIG):
             return False
         if any(t != "full_attention" for t in (getattr(c, "layer_types", None) or [])):
@@ -261,23 +261,33 @@ def supports_segment_attention(model: nn.Module) -> bool:
 def sliding_window(model: nn.Module) -> int | None:
     """The smallest sliding attention window of `model`'s configs, or None."""
     m = unwrap_peft(model)
-    windows = [getattr(c, "sliding_window", None) for c in _configs(getattr(m, "config", None))]
+    windows = [getattr(c, "sliding_window", None) for c in all_configs(getattr(m, "config", None))]
     windows = [w for w in windows if isinstance(w, int)]
     return min(windows) if windows else None
+
+
+@contextlib.contextmanager
+def attention_implementation(model: nn.Module, name: str):
+    """Within the block `model` (every sub-model of a composite one) attends with the attention
+    function registered under `name` in transformers' `AttentionInterface`; as before after it."""
+    configs = all_configs(unwrap_peft(model).config)
+    saved = [c._attn_implementation_internal for c in configs]
+    try:
+        for c in configs:
+            c._attn_implementation_internal = name
+        yield
+    finally:
+        for c, before in zip(configs, saved):
+            c._attn_implementation_internal = before
 
 
 @contextlib.contextmanager
 def segment_attention(model: nn.Module, segments: list[Segment]):
     """Within the block, `model`'s attention layers attend segment by segment (see module doc)."""
     _register()
-    configs = _configs(unwrap_peft(model).config)
-    saved = [c._attn_implementation_internal for c in configs]
     token = _PLAN.set(_Plan(segments))
     try:
-        for c in configs:
-            c._attn_implementation_internal = NAME
-        yield
+        with attention_implementation(model, NAME):
+            yield
     finally:
-        for c, s in zip(configs, saved):
-            c._attn_implementation_internal = s
         _PLAN.reset(token)

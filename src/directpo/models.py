@@ -7,7 +7,7 @@ import os
 import torch
 
 from .data.readers import HUB_ID
-from .errors import UserValueError
+from .errors import MissingPackageError, UserValueError
 from .precision import limit_onednn_cache, resolve_precision
 
 
@@ -137,6 +137,7 @@ def _hub_error(name_or_dir: str, e: OSError) -> OSError:
 def load_tokenizer(name_or_dir: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    name_or_dir = tokenizer_source(name_or_dir)  # an adapter directory without tokenizer files: its base's
     check_model_source(name_or_dir)
     check_tokenizer_files(name_or_dir)
     quiet_transformers()
@@ -156,14 +157,20 @@ def load_tokenizer(name_or_dir: str, trust_remote_code: bool = False):
 
 
 def load_model(name_or_dir: str, device: torch.device | str = "cpu", trust_remote_code: bool = False,
-               dtype: torch.dtype = torch.float32, empty: bool = False):
+               dtype: torch.dtype = torch.float32, empty: bool = False, quantize: str | None = None,
+               precision: str = "fp32", double_quant: bool = True):
     """A causal LM in `dtype` (fp32 master weights by default), on `device`.
 
     empty=True: the same architecture on the `meta` device, weights not read and no storage
-    allocated (FSDP ranks > 0: rank 0 broadcasts the weights into their shards)."""
+    allocated (FSDP ranks > 0: rank 0 broadcasts the weights into their shards).
+    quantize: nf4, fp4 or int8 (`--quantize`): the linear layers of the blocks loaded through
+    bitsandbytes, frozen (`quantized_for_training`), computing in `precision`'s dtype."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_model_source(name_or_dir)
+    quantized = quantize not in (None, "none")
+    if quantized and empty:
+        raise UserValueError("--quantize: a quantized model cannot be built empty (FSDP's meta loading); drop --fsdp")
     if empty:
         with _remote_code_explained(name_or_dir):
             config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
@@ -174,7 +181,9 @@ def load_model(name_or_dir: str, device: torch.device | str = "cpu", trust_remot
     try:
         with _remote_code_explained(name_or_dir):
             model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype, use_safetensors=True,
-                                                         trust_remote_code=trust_remote_code)
+                                                         trust_remote_code=trust_remote_code,
+                                                         **(quantized_load_kwargs(quantize, precision, device,
+                                                                                  double_quant) if quantized else {}))
     except OSError as e:
         explained = safetensors_only_error(name_or_dir, e)
         if explained is not None:
@@ -183,7 +192,153 @@ def load_model(name_or_dir: str, device: torch.device | str = "cpu", trust_remot
             raise _hub_error(name_or_dir, e) from e
         raise
 
+    if quantized:  # already on `device` (bitsandbytes places the weights as it quantizes them)
+        return quantized_for_training(model, quantize)
     return model.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# PEFT adapter directories (`adapter_config.json`) read as models for inference: sample, eval, score,
+# best-of-n, plan, inspect. Here, in the bottom layer, because eval/ and inspect/ may not import
+# training/ (whose `adapters` module reads them for training, with these at its root).
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(name: str | None) -> bool:
+    return bool(name) and os.path.isfile(os.path.join(os.path.expanduser(name), ADAPTER_CONFIG))
+
+
+def adapter_base(name: str) -> str:
+    """The base model an adapter directory names (`base_model_name_or_path`), or a one-line error."""
+    import json
+
+    try:
+        with open(os.path.join(os.path.expanduser(name), ADAPTER_CONFIG), encoding="utf-8") as f:
+            base = json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserValueError(f"{name}: {ADAPTER_CONFIG} cannot be read ({e})") from None
+    if not base:
+        raise UserValueError(f"{name}: its {ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
+    return base
+
+
+def tokenizer_source(name: str, _depth: int = 0) -> str:
+    """Where model `name`'s tokenizer is: an adapter directory's own tokenizer files when it has them
+    (a `directpo sft` run saves them), else its base's (down a chain); a whole model itself."""
+    path = os.path.expanduser(name)
+    if not is_adapter_dir(name) or _depth > 16:
+        return name
+    if any(os.path.exists(os.path.join(path, f)) for f in (*TOKENIZER_FILES, "tokenizer_config.json")) or \
+            any(f.endswith(".model") for f in os.listdir(path)):
+        return name
+    return tokenizer_source(adapter_base(name), _depth + 1)
+
+
+def load_model_or_adapter(name_or_dir: str, device: torch.device | str = "cpu", trust_remote_code: bool = False,
+                          dtype: torch.dtype = torch.float32, _seen: tuple = ()):
+    """`load_model`, or for an adapter directory its base with the adapter merged in (PEFT's
+    `merge_and_unload`; a chain of adapters on adapters followed): the model it stands for, to run."""
+    if not is_adapter_dir(name_or_dir):
+        return load_model(name_or_dir, device, trust_remote_code=trust_remote_code, dtype=dtype)
+    base = adapter_base(name_or_dir)
+    seen = (*_seen, os.path.realpath(os.path.expanduser(name_or_dir)))
+    if os.path.realpath(os.path.expanduser(base)) in seen:
+        raise UserValueError(f"{name_or_dir}: its chain of adapters comes back to {base} (base_model_name_or_path in "
+                             f"{ADAPTER_CONFIG}): a base model must be a whole model at the end")
+    if not os.path.isdir(os.path.expanduser(base)) and not HUB_ID.fullmatch(base):
+        raise FileNotFoundError(f"{name_or_dir}: its base model {base} (base_model_name_or_path in {ADAPTER_CONFIG}) "
+                                "does not exist; put the base there, or edit that field to where it is now")
+    model = load_model_or_adapter(base, "cpu", trust_remote_code, dtype, seen)
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise MissingPackageError(f"{name_or_dir} is an adapter directory: it needs the `peft` package: pip install "
+                                  "'directpo[lora]'") from None
+    return PeftModel.from_pretrained(model, os.path.expanduser(name_or_dir)).merge_and_unload().to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantized base weights (QLoRA, `--quantize`): bitsandbytes through transformers' loader
+
+QUANTIZE_EXTRA = "pip install 'directpo[quantize]'"
+
+
+def require_bitsandbytes(what: str) -> None:
+    """A one-line `MissingPackageError` naming the extra to install when bitsandbytes is missing
+    (said when the settings are checked, before anything loads)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise MissingPackageError(f"{what} needs the bitsandbytes package: {QUANTIZE_EXTRA}") from None
+
+
+def quantization_config(quantize: str, precision: str = "fp32", double_quant: bool = True):
+    """transformers' `BitsAndBytesConfig` for `--quantize`: nf4/fp4 are QLoRA's 4-bit blocks (64
+    weights share an absmax; `double_quant` quantizes those absmaxes to 8 bits too, as the QLoRA
+    paper does), dequantized for each matmul into `precision`'s dtype; int8 is LLM.int8 (a scale
+    per output row). The LM head is left unquantized (transformers' default)."""
+    from transformers import BitsAndBytesConfig
+
+    require_bitsandbytes(f"--quantize {quantize}")
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantize not in ("nf4", "fp4"):
+        raise UserValueError(f"--quantize {quantize!r}: choose nf4, fp4 or int8")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+
+
+def quantized_load_kwargs(quantize: str, precision: str, device, double_quant: bool = True) -> dict:
+    """`from_pretrained`'s keywords for a quantized load onto `device` (bitsandbytes quantizes each
+    weight where it is placed, so the whole-precision model never exists there)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return {"quantization_config": quantization_config(quantize, precision, double_quant),
+            "device_map": {"": str(dev)}}
+
+
+def quantized_for_training(model, quantize: str):
+    """What PEFT's `prepare_model_for_kbit_training` does that a directpo run needs, and no more.
+
+    * Every base weight is frozen: the LoRA adapters added next are the only trainable tensors.
+    * No fp32 up-cast of every norm, embedding and the LM head: they are loaded in fp32 already
+      (directpo's master weights, `load_model`'s dtype); PEFT's cast is for checkpoints loaded in
+      fp16/bf16, and would here copy nothing, or under another dtype double their memory for
+      frozen weights that autocast casts anyway.
+    * No input-gradient hook on the embedding: PEFT adds it for reentrant activation checkpointing,
+      whose recomputed blocks would otherwise see no input that needs a gradient; directpo's is
+      non-reentrant (`enable_activation_checkpointing`) and needs none. Nor is checkpointing
+      switched on here: `--activation-checkpointing` decides.
+
+    The lean MLP and LoRA forwards (`directpo.fused`) take plain `nn.Linear` base layers only, so
+    the quantized ones run bitsandbytes' own forward: said once, with what it costs."""
+    from .console import log
+
+    model.requires_grad_(False)
+    # On the CPU the unquantized weights (embeddings, norms, LM head) are views of the memory-mapped
+    # checkpoint, and they keep the whole mapping alive: every page quantization read, the fp32
+    # source of the quantized layers too, stays resident (`base`, nf4: +65 MiB). Their own copies
+    # let the mapping go.
+    copied: set[int] = set()
+    with torch.no_grad():
+        for p in model.parameters():
+            if type(p) is torch.nn.Parameter and p.device.type == "cpu" and id(p) not in copied:
+                copied.add(id(p))  # (once: tied weights stay one tensor)
+                p.data = p.data.clone()
+    if quantize == "int8":  # bitsandbytes logs the fp16 cast at every matmul: said once, here
+        import logging
+
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+            lambda record: "inputs will be cast" not in record.getMessage())
+        log("--quantize int8: LLM.int8 computes each quantized matmul from fp16 inputs, and the outlier features "
+            "it keeps in fp16 are chosen per micro-batch, so a response's log-prob depends slightly (~1e-4) on the "
+            "examples beside it")
+    log(f"--quantize {quantize}: the blocks' linear layers run bitsandbytes' forward, not directpo's lean MLP and "
+        "LoRA paths (directpo.fused takes plain nn.Linear weights): each MLP keeps 4 (tokens × intermediate) "
+        "activations instead of 2; the norms and the LM head keep their lean paths")
+    return model
 
 
 def empty_model(name_or_dir: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):

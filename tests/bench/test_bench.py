@@ -81,6 +81,36 @@ def test_trl_summary_counts_from_its_inputs():
     assert s["pairs_per_s"] == pytest.approx(1.0) and s["tokens_per_s"] == pytest.approx(10.0)
     assert s["flops"] == pytest.approx(2 * flops.train_flops(d, 20, 8, 50.0))
     assert report.summarize_trl(raw, d, live_ref=True)["flops"] == pytest.approx(s["flops"] * 4 / 3)
+    # with accumulation, TRL records each micro-batch: they are summed per optimizer step
+    half = {"rows": 2, "tokens": 10, "labels": 4, "sq_len": 50.0}
+    acc = report.summarize_trl({**raw, "step_inputs": [half] * 6, "grad_accum": 2}, d, live_ref=False)
+    assert (acc["pairs"], acc["tokens"], acc["flops"]) == (s["pairs"], s["tokens"], s["flops"])
+
+
+def test_same_optimizer_and_micro_batch_on_both_sides():
+    """TRL is given directpo's RMSprop (every hyper-parameter, constant lr, its clipping) and the
+    same micro-batch unless --trl-micro-batch says otherwise; a batch TRL cannot split is refused."""
+    from types import SimpleNamespace
+
+    from directpo.bench.fairness import rmsprop_settings
+    from directpo.bench.trl import same_optimizer
+    from directpo.training.config import TrainConfig
+
+    kw = same_optimizer({"optimizer": "rmsprop"})
+    assert kw["optim"] == "rmsprop" and kw["lr_scheduler_type"] == "constant" and kw["warmup_steps"] == 0
+    assert kw["max_grad_norm"] == TrainConfig.__dataclass_fields__["max_grad_norm"].default
+    given = dict(x.split("=") for x in kw["optim_args"].split(","))
+    r = rmsprop_settings(1e-6)
+    assert {k: float(given[k]) for k in ("alpha", "eps", "momentum", "weight_decay")} == \
+        {k: float(r[k]) for k in ("alpha", "eps", "momentum", "weight_decay")}
+    args = SimpleNamespace(batch=8, micro_batch=0, trl_micro_batch=0, steps=1, rounds=1, lora_r=0,
+                           systems="directpo,trl", vocab_sweep=None)
+    assert runner.trl_micro_batch(args) == 8
+    args.micro_batch = 4
+    assert runner.trl_micro_batch(args) == 4
+    args.trl_micro_batch = 3
+    with pytest.raises(ValueError, match="not a multiple of TRL's micro-batch 3"):
+        runner._check_args(args)
 
 
 def test_parse_flags():
@@ -122,6 +152,11 @@ def test_bench_directpo_end_to_end(tiny_model, tmp_path, capsys):
     (res,) = [x for x in r["results"] if x["config"] == "fp32"]
     assert res["system"] == "directpo" and res["rounds_ok"] == 1
     assert res["pairs_per_s"] > 0 and res["tokens_per_s"] > 0 and res["peak_rss_mib"] > 0
+    # memory above the import baseline (RSS once torch and transformers are imported, before the model)
+    assert 0 < res["import_rss_mib"] < res["peak_rss_mib"]
+    assert res["peak_above_import_mib"] == pytest.approx(res["peak_rss_mib"] - res["import_rss_mib"])
+    assert res["optimizer"]["name"] == "rmsprop" and (res["micro_batch"], res["grad_accum"]) == (4, 1)
+    assert "above import" in printed and "rmsprop" in printed and "4×1" in printed
     (run,) = [x for x in r["runs"] if x["config"] == "fp32"]
     assert run["tokens_exact"] and run["pairs"] == 8 and run["train_pairs"] == 12
     # Whatever the machine's load: the tokens and FLOPs are those of exactly the pairs of the timed
@@ -184,10 +219,22 @@ def _bench_against_trl(tiny_model, tmp_path, *flags: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.trl
 def test_bench_against_trl(tiny_model, tmp_path):
-    r = _bench_against_trl(tiny_model, tmp_path, "--steps", "2")
+    r = _bench_against_trl(tiny_model, tmp_path, "--steps", "2", "--micro-batch", "2")
     configs = {(x["system"], x["config"]) for x in r["results"] if x["pairs_per_s"]}
-    assert {("directpo", "fp32"), ("trl", "fp32 (live ref)"), ("trl", "precompute_ref fp32")} <= configs
+    assert {("directpo", "fp32"), ("trl", "fp32 (live ref)"), ("trl", "precompute_ref fp32"),
+            ("trl", "precompute_ref fp32 +gc")} <= configs
+    # like with like: the optimizer TRL actually built is directpo's, hyper-parameter for hyper-parameter,
+    # and both accumulate 2 micro-batches of 2; memory is also given above each process's imports
+    optimizers = [x["optimizer"] for x in r["runs"]]
+    assert all(o["name"] == "rmsprop" for o in optimizers)
+    for k in ("lr", "alpha", "eps", "momentum", "weight_decay", "centered"):
+        assert len({o[k] for o in optimizers}) == 1, k
+    assert {(x["micro_batch"], x["grad_accum"]) for x in r["runs"]} == {(2, 2)}
+    assert all(0 < x["import_rss_mib"] < x["peak_rss_mib"] for x in r["runs"])
+    assert {x["grad_ckpt"] for x in r["runs"] if x["system"] == "trl"} == {False, True}
+    assert r["comparison"]["peak_above_import_mib"]["ratio"] > 0
     trl = [x for x in r["runs"] if x["system"] == "trl"]
     assert all(x["train_pairs"] == 12 and x["pairs"] == 8 for x in trl)
     # Same pairs, same padded-equivalent token definition: per-pair tokens agree across systems
@@ -428,3 +475,88 @@ def test_plan_check_end_to_end(tiny_model, tmp_path, capsys):
     assert all(t > 0 for t in p["max_tokens_by_step"])
     ratios = [row["ratio"] for row in r["rows"]]
     assert ratios and all(x is not None and math.isfinite(x) and x > 0 for x in ratios)
+
+
+# ------------------------------------------------------------------------------------------------
+# --sample: directpo's sampler against transformers' generate (directpo.bench.sampling)
+
+
+def test_sample_bench_arithmetic():
+    from directpo.bench import sampling
+
+    assert sampling.parse_ks("1, 16,1") == [1, 16]
+    for bad in ("0", "a", ""):
+        with pytest.raises(ValueError, match="--sample-k"):
+            sampling.parse_ks(bad)
+    runs = [{"k": 4, "system": s, "tokens_per_s": v, "samples_per_s": v / 10, "peak_rss_mib": m,
+             "rss_above_import_mib": m - 300, "seconds": 1.0, "tokens": v, "tokens_per_cpu_s": v}
+            for s, v, m in (("directpo", 300.0, 400.0), ("generate", 100.0, 500.0), ("directpo", 200.0, 410.0),
+                            ("generate", 150.0, 450.0), ("directpo", 250.0, 420.0))]
+    runs.append({"k": 4, "system": "generate", "error": "exit status 1"})  # a failed run counts for nothing
+    (row,) = sampling.summarize(runs, [4])
+    assert row["directpo"]["tokens_per_s"] == 250.0 and row["generate"]["tokens_per_s"] == 125.0  # medians
+    assert (row["directpo"]["rounds_ok"], row["generate"]["rounds_ok"]) == (3, 2)
+    assert row["ratio"]["tokens_per_s"] == pytest.approx(2.0)
+    assert row["ratio"]["peak_rss_mib"] == pytest.approx(410.0 / 475.0)
+    assert row["ratio"]["rss_above_import_mib"] == pytest.approx(110.0 / 175.0)
+
+
+def test_sample_bench_end_to_end(tiny_model, tmp_path, capsys):
+    """Both systems in their own processes on the same rows: figures, JSON and the markdown table."""
+    prompts = write_jsonl([{"prompt": "Review of Ka:"}, {"prompt": "Review of Kalomirento, a film"}],
+                          tmp_path / "p.jsonl")
+    out = tmp_path / "res" / "sample.json"
+    assert main(["bench", "--sample", "--model", str(tiny_model), "--data", str(prompts), "--sample-k", "2",
+                 "--sample-rows", "4", "--sample-batch", "4", "--max-new-tokens", "3", "--rounds", "1",
+                 "--threads", "1", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert (out.parent / "sample.md").read_text().strip() == r["table"] in capsys.readouterr().out
+    assert r["settings"]["k"] == [2] and r["settings"]["prompt_tokens"]["2"][0] < r["settings"]["prompt_tokens"]["2"][1]
+    runs = {x["system"]: x for x in r["runs"]}
+    assert set(runs) == {"directpo", "generate"}
+    for x in runs.values():
+        assert x["samples"] == 4 and 4 <= x["tokens"] <= 12  # 2 prompts × 2 samples, 1 to 3 tokens each
+        assert x["tokens_per_s"] == pytest.approx(x["tokens"] / x["seconds"])
+        assert x["tokens_per_cpu_s"] == pytest.approx(x["tokens"] / x["cpu_seconds"]) and x["cpu_seconds"] > 0
+        assert x["peak_rss_mib"] > x["import_rss_mib"] > 0
+        assert x["rss_above_import_mib"] == pytest.approx(x["peak_rss_mib"] - x["import_rss_mib"])
+    (row,) = r["results"]
+    assert row["ratio"]["tokens_per_s"] == pytest.approx(runs["directpo"]["tokens_per_s"] /
+                                                         runs["generate"]["tokens_per_s"])
+    assert "| 2 | transformers generate |" in r["table"]
+    assert main(["bench", "--sample", "--plan-check", "--model", "m", "--data", "d"]) == 2
+    assert "--sample and --plan-check are two separate measurements" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# --end-to-end: the whole command (directpo.bench.end_to_end)
+
+
+@pytest.mark.trl
+def test_end_to_end_bench_times_both_whole_commands(tiny_model, tmp_path, capsys):
+    """Both whole commands run (2 steps, 1 round), save a model, and account for their wall time by
+    phase; a stage of directpo's loop renamed away would show as a missing stage here."""
+    from directpo.bench.end_to_end import PHASES
+
+    if importlib.util.find_spec("trl") is None:
+        pytest.skip("TRL not installed")
+    train, _ = review_task(n_train=12, n_eval=1)
+    data = write_jsonl(train, tmp_path / "pairs.jsonl")
+    out = tmp_path / "e2e.json"
+    assert main(["bench", "--end-to-end", "--model", str(tiny_model), "--data", str(data), "--batch", "4",
+                 "--steps", "2", "--rounds", "1", "--threads", "1", "--max-length", "128", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["settings"]["pairs"] == 12 and r["settings"]["optimizer"] == "rmsprop"
+    assert [x["system"] for x in r["results"]] == ["directpo", "trl"]
+    for run in r["runs"]:
+        assert "error" not in run, run
+        assert run["steps"] == 2 and run["saved"] and "missing_stages" not in run
+        assert set(run["phases"]) == set(PHASES)
+        assert all(run["phases"][p] > 0 for p in ("import", "load", "reference", "steps", "save"))
+        assert sum(run["phases"][p] for p in PHASES[:-1]) <= run["wall_s"]
+        assert sum(run["phases"].values()) == pytest.approx(run["wall_s"])
+    walls = {x["system"]: x["wall_s"] for x in r["results"]}
+    assert r["ratio"] == pytest.approx(walls["trl"] / walls["directpo"])
+    table = (tmp_path / "e2e.md").read_text()
+    assert "| system | whole command s | import | load | tokenize | reference | steps | save | other |" in table
+    assert "| directpo |" in table and "| trl |" in table and table.strip() in capsys.readouterr().out

@@ -103,3 +103,23 @@ def test_real_hh_trains_with_the_default_lengths(tiny_model, tmp_path, capsys):
     assert cut > 0
     done = json.loads((tmp_path / "o" / "directpo_config.json").read_text())
     assert done["train_examples"] == len(rows) and done["max_prompt_length"] is None
+
+
+def test_a_torchrun_worker_ends_without_the_interpreters_teardown(monkeypatch, tmp_path, capsys):
+    """Under torchrun a worker ends with os._exit and the command's exit status, after flushing: the
+    interpreter's teardown could race Gloo's threads releasing the last collective (std::terminate,
+    exit -6 after a complete run). A usage error and a user error keep their statuses."""
+    import os
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    ended = []
+    monkeypatch.setattr(os, "_exit", ended.append)
+    main(["inspect", "--help"])
+    main(["inspect", "--data", str(tmp_path / "missing.jsonl")])
+    main(["inspect", "--no-such-flag"])
+    assert ended == [0, 2, 2]
+    err = capsys.readouterr().err
+    assert "directpo inspect: error: give --model" in err and "unrecognized arguments: --no-such-flag" in err
+    monkeypatch.delenv("LOCAL_RANK")  # not a torchrun worker: main returns as always
+    assert main(["inspect", "--data", str(tmp_path / "missing.jsonl")]) == 2 and ended == [0, 2, 2]

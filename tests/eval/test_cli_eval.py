@@ -29,7 +29,7 @@ def no_loading(monkeypatch, request):
         raise UserValueError(f"LOADED {args[0] if args else kwargs}")
 
     for mod in (directpo.eval.bon, directpo.eval.evaluate, directpo.eval.sampling, directpo.eval.score):
-        monkeypatch.setattr(mod, "load_model", loaded)
+        monkeypatch.setattr(mod, "load_model_or_adapter", loaded)  # (their loader: a model or an adapter directory)
         monkeypatch.setattr(mod, "load_tokenizer", loaded)
         monkeypatch.setattr(mod, "load_prompts", loaded, raising=False)
     monkeypatch.setattr(directpo.eval.scorers, "load_reward_fn", loaded)

@@ -71,7 +71,9 @@ def test_smoke_study_end_to_end_and_resumes(tmp_path, monkeypatch):
                                              "sft"}
     for p in points:
         assert set(p) == {"method", "knob", "step", "kl", "kl_se", "reward", "reward_se", "length", "seed",
-                          "reward_lc", "reward_lc_se"}
+                          "reward_lc", "reward_lc_se", "prompt_rewards"}
+        # per-prompt mean rewards (what the report's prompt bootstrap resamples): one per eval prompt
+        assert len(p["prompt_rewards"]) == 16 and sum(p["prompt_rewards"]) / 16 == pytest.approx(p["reward"])
         assert -1.0 <= p["reward"] <= 1.0 and p["length"] > 0 and p["seed"] == 0
         assert p["reward_lc"] is not None and p["reward_lc_se"] >= 0
     sft_pt = next(p for p in points if p["method"] == "sft")
@@ -190,11 +192,22 @@ def test_seeds_run_whole_studies_and_report_what_holds_across_them(tmp_path):
     assert (out / "seed-0" / "prompts" / "eval.jsonl").read_text() != (out / "seed-1" / "prompts" /
                                                                          "eval.jsonl").read_text()
     md = (out / "summary.md").read_text()
-    assert "| Best-of-N (learned RM) |" in md and "holds across seeds" in md and "Per KL budget" in md
+    assert "| Best-of-N (learned RM) |" in md and "mean [95 % interval]" in md and "Per KL budget" in md
+    assert "length-controlled reward" in md and "What each method was given" in md
     summary = json.loads((out / "summary.json").read_text())
     c = summary["comparisons"]["best_of_n"]
-    assert set(c["diff_by_seed"]) == {"0", "1"} or set(c["diff_by_seed"]) == {0, 1}
-    assert c["verdict"] in ("dominates", "ties with", "is dominated by", "mixed")
+    assert set(c["diff_by_seed"]) == {"0", "1"}
+    assert c["interval"]["n"] == 2 and c["interval"]["low"] <= c["interval"]["mean"] <= c["interval"]["high"]
+    assert set(summary["length_controlled"]) == set(summary["comparisons"])
+    # --report-only rewrites every report from the points on disk, the same, training nothing
+    seed_md = (out / "seed-0" / "summary.md").read_text()
+    for f in (out / "summary.md", out / "seed-0" / "summary.md"):
+        f.unlink()
+    runs_before = sorted(p.name for p in (out / "seed-0" / "runs").iterdir())
+    assert main(["experiment", "sentiment", "--preset", "smoke", "--output-dir", str(out), "--seeds", "0,1",
+                 "--report-only", "--no-progress"]) == 0
+    assert (out / "summary.md").read_text() == md and (out / "seed-0" / "summary.md").read_text() == seed_md
+    assert sorted(p.name for p in (out / "seed-0" / "runs").iterdir()) == runs_before
     with pytest.raises(ValueError, match="--seeds"):
         SentimentConfig(output_dir=str(out), seeds="0,0", **preset_defaults("smoke")).validate()
 
@@ -251,3 +264,32 @@ def torch_equal(x, y) -> bool:
     import torch
 
     return torch.equal(x, y)
+
+
+def test_coverage_rule_trains_a_ppo_run_on_until_the_rule_stops_it(tmp_path, monkeypatch):
+    """The rule is every method's: a PPO-GT run short of DPO's KL trains on one checkpoint interval at
+    a time (resumed from its checkpoint, the same interval), each new final model a point, until the
+    rule says stop (here: after one extension, as if DPO's FLOPs were spent)."""
+    from directpo.cli import main
+    from directpo.experiments.sentiment import coverage
+    from directpo.experiments.sentiment.runs import plan_runs
+    from directpo.experiments.sentiment.stages import ground_truth
+
+    corpus = review_corpus(tmp_path / "reviews.txt")
+    out = tmp_path / "study"
+    assert main(["experiment", "sentiment", "--preset", "smoke", "--output-dir", str(out), "--corpus", str(corpus),
+                 "--no-progress", "--threads", "1", "--methods", "ppo_gt"]) == 0
+    points = json.loads((out / "points.json").read_text())
+    cfg = SentimentConfig(output_dir=str(out), corpus=str(corpus), **{
+        **preset_defaults("smoke"), "threads": 1, "progress": False, "methods": "ppo_gt", "dpo_cover": 1.0})
+    reach = max(p["kl"] for p in points if p["method"] == "ppo_gt")
+    far_dpo = {"method": "dpo", "knob": 0.1, "step": 4, "kl": reach + 1000.0, "reward": 0.0}
+    answers = iter(["train on", "FLOP budget"])
+    monkeypatch.setattr(coverage, "ppo_action", lambda *a: next(answers))
+    new = coverage.cover_kl_range(cfg, out, str(out / "sft"), ground_truth(cfg), plan_runs(cfg), points + [far_dpo])
+    assert [(p["method"], p["knob"], p["step"]) for p in new] == [("ppo_gt", 0.1, 3)]
+    metrics = [json.loads(line) for line in (out / "runs" / "ppo_gt_0.1" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "step" in m][-1] == 3 and (out / "evals" / "ppo_gt_0.1_3.json").exists()
+    # the rule's own decision on these points: short, and the plateau/FLOP checks are what stop it
+    decision = coverage.coverage_decisions(points + [far_dpo], compared=cfg.cover_list())["ppo_gt"]
+    assert decision["short"] and decision["target"] == pytest.approx(reach + 1000.0)

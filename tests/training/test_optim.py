@@ -131,3 +131,64 @@ def test_min_lr_ratio_needs_its_schedule(tmp_path, capsys):
     assert main(["train", "--model", "m", "--data", "d.jsonl", "--output-dir", str(tmp_path / "o"),
                  "--min-lr-ratio", "0.1"]) == 2
     assert "--min-lr-ratio: the 'constant' schedule does not read it" in capsys.readouterr().err
+
+
+# ---- bitsandbytes' 8-bit AdamW (#29 item 2) ----
+
+@pytest.mark.parametrize("name", ["adamw8bit", "paged_adamw8bit"])
+def test_8bit_adamw_keeps_8bit_moments_and_its_checkpoint_resumes_exactly(tmp_path, name):
+    """Moments of a large tensor are 8-bit codes (one fp32 absmax per 256), a small one's fp32; the
+    state goes through a checkpoint and the restored optimizer continues bit-identically."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from directpo.training.checkpoint import load_checkpoint, save_checkpoint
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(96, 64), torch.nn.Linear(64, 3))  # 6144 + 192 weights
+
+    m = model()
+    opt = build_optimizer(m.parameters(), name, 1e-2, weight_decay=0.1)
+    assert isinstance(opt, bnb.optim.AdamW8bit if name == "adamw8bit" else bnb.optim.PagedAdamW8bit)
+    sched = warmup_schedule(opt, 2)
+    start = [p.detach().clone() for p in m.parameters()]
+    _run(list(m.parameters()), opt, steps=3)
+    big, small = opt.state[m[0].weight], opt.state[m[1].weight]
+    assert big["state1"].dtype == torch.uint8 and big["absmax1"].numel() == 6144 // 256
+    assert small["state1"].dtype == torch.float32  # under bitsandbytes' min_8bit_size (4096)
+    assert all((p - s).abs().max() > 1e-3 for p, s in zip(m.parameters(), start))
+    path = save_checkpoint(tmp_path, 3, 0, m, opt, sched, config={})
+
+    fresh = model()
+    again = build_optimizer(fresh.parameters(), name, 1e-2, weight_decay=0.1)
+    load_checkpoint(path, fresh, again, warmup_schedule(again, 2))
+    a, b = _run(list(m.parameters()), opt, 3), _run(list(fresh.parameters()), again, 3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_an_adamw8bit_run_stopped_and_resumed_ends_bit_identical(tiny_model, tmp_path, monkeypatch, lora):
+    """A run stopped after step 3 (its checkpoint written then) and resumed ends with the weights of
+    the uninterrupted run, with or without LoRA."""
+    pytest.importorskip("bitsandbytes")
+    from conftest import review_pairs
+    from safetensors.torch import load_file
+
+    import directpo
+    from directpo.training import run as run_mod
+
+    settings = dict(model=str(tiny_model), data=str(review_pairs(tmp_path)), batch_size=4, micro_batch_size=4,
+                    max_steps=6, lr=1e-2 if lora else 1e-3, optimizer="adamw8bit", warmup_steps=0, max_length=64,
+                    progress=False, threads=1, lora_r=4 if lora else 0)
+    directpo.train(output_dir=str(tmp_path / "full"), **settings)
+    looks = iter([False, False, True])  # Ctrl-C seen after step 3
+    monkeypatch.setattr(run_mod.StopRequest, "requested", lambda self, dist=None: next(looks, False))
+    with pytest.raises(run_mod.Interrupted):
+        directpo.train(output_dir=str(tmp_path / "cut"), **settings)
+    directpo.train(output_dir=str(tmp_path / "cut"), resume="latest", **settings)
+    name = "adapter_model.safetensors" if lora else "model.safetensors"
+    a, b = load_file(str(tmp_path / "full" / name)), load_file(str(tmp_path / "cut" / name))
+    start = load_file(str(tiny_model / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # it trained: weights moved (LoRA: the B factors, which start at 0)
+    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k) if lora else \
+        any(not torch.equal(a[k], start[k]) for k in a)

@@ -134,3 +134,104 @@ def test_small_parts_are_said_in_kib_not_as_zero_mib():
 
     text = format_plan(plan(_cfg(fsdp=False, nproc=1, lora_r=2), shape=HAND))
     assert "gradients" in text and "KiB" in text and " 0.00 MiB" not in text
+
+
+# ---- QLoRA and 8-bit optimizers (#29 items 1, 2) ----
+
+def _held_bytes(model) -> int:
+    """Bytes the model's parameters hold, with bitsandbytes' quantization state (absmaxes, code
+    tables, offsets, row scales): every distinct storage once."""
+    import torch
+
+    seen = {}
+
+    def add(t):
+        if isinstance(t, torch.Tensor):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    for p in model.parameters():
+        add(p)
+        qs = getattr(p, "quant_state", None)
+        for part in (qs, getattr(qs, "state2", None)):
+            for name in ("absmax", "code", "offset"):
+                add(getattr(part, name, None))
+        add(getattr(p, "SCB", None))
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("quantize, double_quant", [("nf4", True), ("nf4", False), ("fp4", True), ("int8", True)])
+def test_quantized_weights_are_counted_as_bitsandbytes_holds_them(tiny_model, quantize, double_quant):
+    """`plan --quantize`'s weights equal the bytes the loaded QLoRA model holds, exactly."""
+    pytest.importorskip("bitsandbytes")
+    from directpo.models import load_model
+    from directpo.training.lora import apply_lora
+
+    s = model_shape(str(tiny_model))
+    cfg = PlanConfig(model="m", lora_r=4, quantize=quantize, double_quant=double_quant).validate()
+    model = apply_lora(load_model(str(tiny_model), quantize=quantize, double_quant=double_quant), 4, 16.0,
+                       "all-linear")
+    assert memory_plan(s, cfg)["parts"]["weights"] == _held_bytes(model)
+    whole = memory_plan(s, PlanConfig(model="m", lora_r=4))["parts"]["weights"]
+    assert memory_plan(s, cfg)["parts"]["weights"] < whole  # (a tiny model: the embeddings dominate)
+
+
+def test_four_bit_weights_by_the_stated_formula():
+    """nf4 on one 128 × 128 layer (16384 weights): n/2 codes + n/64 absmax bytes + 4·⌈256/256⌉ for
+    the absmaxes' absmax + 1092 of code tables and offset = 0.5 + 1/64 byte per weight + constants;
+    without double quantization n/2 + 4·n/64 + 64; int8 n + 4·128."""
+    shape = dataclasses.replace(HAND, params=16384 + 100, linears=[[128, 128, 1]])
+    base = dict(model="m", lora_r=1, optimizer="sgd")
+
+    def quantized(**kw):
+        lora = 4 * 1 * HAND.lora_per_rank
+        return memory_plan(shape, PlanConfig(**base, **kw))["parts"]["weights"] - 4 * 100 - lora
+
+    assert quantized(quantize="nf4") == 8192 + 256 + 4 + 1092
+    assert quantized(quantize="fp4", double_quant=False) == 8192 + 4 * 256 + 64
+    assert quantized(quantize="int8") == 16384 + 4 * 128
+    assert memory_plan(shape, PlanConfig(**base, quantize="nf4"))["parts"]["dequantized_weight"] == 4 * 16384
+
+
+@pytest.mark.parametrize("lora_r", [0, 4, 32])
+def test_8bit_adamw_state_is_counted_as_bitsandbytes_holds_it(tiny_model, lora_r):
+    """`plan --optimizer adamw8bit`'s optimizer state equals the state bitsandbytes holds after a
+    step: full fine-tuning (8-bit moments for the large tensors, fp32 for those under 4096 values),
+    LoRA r 4 (every adapter small: fp32) and r 32 (some 8-bit)."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    from directpo.models import load_model
+    from directpo.training.lora import apply_lora
+    from directpo.training.optim import build_optimizer
+
+    model = load_model(str(tiny_model))
+    if lora_r:
+        model = apply_lora(model, lora_r, 16.0, "all-linear")
+    opt = build_optimizer(model.parameters(), "adamw8bit", 1e-3)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.ones_like(p)
+    opt.step()
+    held = {}
+    for st in opt.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor) and v.dim():  # (the step counter aside)
+                held[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+    s = model_shape(str(tiny_model))
+    planned = memory_plan(s, PlanConfig(model="m", lora_r=lora_r, optimizer="adamw8bit"))["parts"]["optimizer"]
+    assert planned == sum(held.values())
+    if not lora_r:  # ~2 bytes a parameter, well under adamw's 8
+        assert planned < 0.5 * memory_plan(s, PlanConfig(model="m", optimizer="adamw"))["parts"]["optimizer"]
+
+
+def test_quantize_in_plan_is_refused_where_it_cannot_work(tiny_model, capsys):
+    from directpo.cli import main
+
+    assert main(["plan", "--model", str(tiny_model), "--quantize", "nf4"]) == 2
+    assert "--quantize nf4: quantized weights do not train: add --lora-r" in capsys.readouterr().err
+    assert main(["plan", "--model", str(tiny_model), "--quantize", "int8", "--lora-r", "4",
+                 "--no-double-quant"]) == 2
+    assert "--no-double-quant: only --quantize nf4 or fp4 reads it" in capsys.readouterr().err
+    assert main(["plan", "--model", str(tiny_model), "--lora-r", "4", "--quantize", "nf4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["settings"]["quantize"] == "nf4" and out["plan"]["parts"]["dequantized_weight"] > 0

@@ -45,8 +45,13 @@ class _ThreadDist:
     def __init__(self, rank: int, world: int, shared: dict):
         self.rank, self.world, self.main, self.enabled, self.shared = rank, world, rank == 0, True, shared
 
-    def sum_stats(self, stats):
-        return stats  # nothing cached here: every rank says "miss"
+    def broadcast(self, tensor, shape=None):
+        if self.main:
+            self.shared["broadcast"] = tensor.clone()
+        self.shared["barrier"].wait()
+        out = self.shared["broadcast"].clone()
+        self.shared["barrier"].wait()  # every rank has read it before the next broadcast
+        return out
 
     def all_gather_rows(self, rows):
         assert self.shared.setdefault("shape", rows.shape) == rows.shape  # all_gather's fixed-size buffers
@@ -68,8 +73,7 @@ def test_shares_of_mixed_rankings_are_gathered_into_one_table():
     examples = [SimpleNamespace(num_tokens=i, response_ids=[[i]] * k, id=i) for i, k in enumerate(ks)]
     seen: dict[int, list[int]] = {}
 
-    def table(exs, what, compute=None, cache=True):
-        assert compute is None and not cache
+    def compute(exs, what):
         r = threading.current_thread().rank
         seen[r] = [ex.id for ex in exs]
         out = torch.full((len(exs), max(len(ex.response_ids) for ex in exs)), float("nan"))
@@ -81,7 +85,7 @@ def test_shares_of_mixed_rankings_are_gathered_into_one_table():
 
     def rank(r):
         threading.current_thread().rank = r
-        results[r] = _split_table(_ThreadDist(r, 2, shared), examples, "train", table, None)
+        results[r] = _split_table(_ThreadDist(r, 2, shared), examples, "train", compute, None)
 
     threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in (0, 1)]  # no hang outlives it
     for t in threads:

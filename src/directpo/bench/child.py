@@ -26,7 +26,8 @@ def directpo_train_config(spec: dict):
                        max_length=spec["max_length"], max_prompt_length=keep_prompt(spec["max_length"]),
                        on_invalid="skip", precision=spec["precision"], seed=0,
                        ref_cache="off", overwrite=True, threads=spec.get("threads") or 0, device=spec.get("device"),
-                       memory_budget=spec.get("memory_budget"), lora_r=spec.get("lora_r") or 0)
+                       memory_budget=spec.get("memory_budget"), lora_r=spec.get("lora_r") or 0,
+                       optimizer=spec.get("optimizer") or "rmsprop")
 
 
 def keep_prompt(max_length: int | None) -> int | None:
@@ -40,8 +41,11 @@ def _child_directpo(spec: dict) -> dict:
     """Train with directpo's own loop in this process; per-step figures from its metrics.jsonl."""
     from ..runfiles import read_metrics
     from ..training.loop import train
+    from .fairness import import_baseline, rmsprop_settings
 
-    train(directpo_train_config(spec))
+    import_rss = import_baseline(spec["model"])  # before the model is loaded
+    tc = directpo_train_config(spec)
+    train(tc)
     out = Path(spec["output_dir"])
     steps = []
     for m in read_metrics(out, split="train"):
@@ -49,8 +53,13 @@ def _child_directpo(spec: dict) -> dict:
         steps.append({"step": m["step"], "pairs": spec["batch"], "dt": dt,
                       "tokens_processed": m["tokens_per_s"] * dt, "elapsed_s": m.get("elapsed_s")})
     cfg = json.loads((out / "directpo_config.json").read_text())
+    plan = cfg.get("memory_plan")
+    micro = (plan or {}).get("micro_batch_size") or tc.micro_batch_size
     return {"steps": steps, "train_pairs": cfg.get("train_pairs", cfg.get("train_examples")),
-            "memory_plan": cfg.get("memory_plan"), "trainable_params": cfg.get("trainable_params")}
+            "memory_plan": plan, "trainable_params": cfg.get("trainable_params"), "import_rss_mib": import_rss,
+            "micro_batch": micro, "grad_accum": -(-spec["batch"] // micro),
+            "optimizer": rmsprop_settings(tc.lr, tc.weight_decay) if tc.optimizer == "rmsprop"
+            else {"name": tc.optimizer, "lr": tc.lr, "weight_decay": tc.weight_decay}}
 
 
 def child_main(spec_path: str) -> int:

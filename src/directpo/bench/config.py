@@ -34,14 +34,45 @@ class MemoryCheckSettings:
 
 
 @dataclass
-class BenchConfig(MemoryCheckSettings):
+class SampleBenchSettings:
+    """Sampling speed (instead of the training comparison)"""
+
+    sample: bool = setting(False, "directpo's sampler against transformers' `generate` on --model, prompts from --data "
+                                  "(each K times), temperature 1, top-p 1, each run its own process, alternating: "
+                                  "tokens/s, samples/s, peak RSS; --out FILE.json also gets FILE.md (the table)",
+                           switch="--sample")
+    sample_k: str = setting("1,16", "--sample: samples per prompt K, comma-separated (one comparison each)")
+    sample_rows: int = setting(64, "--sample: rows sampled per run: the first rows/K prompts of --data, K times each",
+                               ge=1)
+    sample_batch: int = setting(16, "--sample: rows decoded at once, both systems", ge=1)
+    max_new_tokens: int = setting(64, "--sample: new tokens per row at most (prompts cut to --max-length minus "
+                                      "this)", ge=1)
+
+
+@dataclass
+class EndToEndSettings:
+    """The user's whole command (instead of the timed steps)"""
+
+    end_to_end: bool = setting(False, "time the whole `directpo train` command (import, load, tokenize, reference "
+                                      "pass, --steps steps, save) against TRL's equivalent script, same pairs and "
+                                      "settings, each its own process, alternating for --rounds: the seconds of each "
+                                      "phase; --out FILE.json also gets FILE.md (the table)", switch="--end-to-end")
+    end_to_end_pairs: int = setting(0, "--end-to-end: the first N usable pairs of --data (0: all of them); "
+                                       "--steps 0 trains one epoch over them", ge=0)
+
+
+@dataclass
+class BenchConfig(EndToEndSettings, SampleBenchSettings, MemoryCheckSettings):
     """directpo against TRL's DPOTrainer, same model and pairs"""
 
     model: str = setting(None, "model (hub id or local dir) both systems train", required=True, input=True)
     data: str = setting(None, "preference data (any format `train` reads)", required=True, input=True)
     batch: int = setting(8, "pairs per optimizer step (one micro-batch)")
-    micro_batch: int = setting(0, "directpo: pairs per forward/backward, accumulated to --batch (0: one "
+    micro_batch: int = setting(0, "pairs per forward/backward, accumulated to --batch, both systems (0: one "
                                   "micro-batch); smaller lowers peak memory, the optimizer step is the same", ge=0)
+    trl_micro_batch: int = setting(0, "TRL's own micro-batch instead (0: the same as --micro-batch), to show each "
+                                      "system at its best; the table gives each run's micro-batch × accumulation",
+                                   ge=0)
     max_length: int = setting(512, "max prompt + response tokens", ge=2)
     steps: int = setting(10, "timed optimizer steps (after one warm-up step)")
     rounds: int = setting(2, "rounds of alternating runs; figures are medians")
@@ -62,4 +93,10 @@ class BenchConfig(MemoryCheckSettings):
         check_settings(self)
         if self.plan_check and self.fsdp_memory:
             raise ConfigError("--plan-check and --fsdp-memory are two separate measurements: give one")
+        if self.sample and (self.plan_check or self.fsdp_memory):
+            other = "--plan-check" if self.plan_check else "--fsdp-memory"
+            raise ConfigError(f"--sample and {other} are two separate measurements: give one")
+        if self.end_to_end and (self.sample or self.plan_check or self.fsdp_memory):
+            other = "--sample" if self.sample else "--plan-check" if self.plan_check else "--fsdp-memory"
+            raise ConfigError(f"--end-to-end and {other} are two separate measurements: give one")
         return self

@@ -17,8 +17,14 @@ PAIRS_DEFINITION = ("pairs/s = pairs of the timed steps / time from the end of w
                     "last step")
 DEFINITIONS = {"pairs_per_s": PAIRS_DEFINITION, "tokens": TOKENS_DEFINITION, "flops": FLOPS_DEFINITION,
                "pct_of_peak": "GFLOP/s / the measured matmul peak in the run's precision",
-               "peak_rss_mib": "ru_maxrss of the run's own process", "median": "over rounds, per figure"}
-MEDIAN_KEYS = ("pairs_per_s", "tokens_per_s", "tokens_processed_per_s", "peak_rss_mib", "gflops", "cuda_peak_mib")
+               "peak_rss_mib": "ru_maxrss of the run's own process",
+               "peak_above_import_mib": "peak RSS minus the process's RSS once its libraries are imported, before "
+                                        "the model is loaded (both: torch with torch.distributed and dynamo, "
+                                        "transformers' model code, the model's architecture module; TRL's side "
+                                        "also datasets and trl)",
+               "median": "over rounds, per figure"}
+MEDIAN_KEYS = ("pairs_per_s", "tokens_per_s", "tokens_processed_per_s", "peak_rss_mib", "import_rss_mib",
+               "peak_above_import_mib", "gflops", "cuda_peak_mib")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -71,7 +77,7 @@ def summarize_directpo(raw: dict, tokenized, dims: ModelDims, batch: int) -> dic
 
 def summarize_trl(raw: dict, dims: ModelDims, live_ref: bool) -> dict:
     t = raw["step_end_times"]
-    inputs = raw["step_inputs"]
+    inputs = _optimizer_steps(raw["step_inputs"], raw.get("grad_accum") or 1)
     if len(t) < 2:
         raise ValueError("TRL run recorded fewer than 2 steps")
     seconds = t[-1] - t[0]
@@ -82,6 +88,12 @@ def summarize_trl(raw: dict, dims: ModelDims, live_ref: bool) -> dict:
     if live_ref:
         flops *= live_reference_factor(dims)  # + the reference model's forward pass
     return _rates(pairs, seconds, tokens, tokens, flops, True)
+
+
+def _optimizer_steps(inputs: list[dict], accum: int) -> list[dict]:
+    """TRL's per-micro-batch records (one per `training_step`) summed per optimizer step."""
+    keys = ("rows", "tokens", "labels", "sq_len")
+    return [{k: sum(x[k] for x in inputs[i:i + accum]) for k in keys} for i in range(0, len(inputs), accum)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,6 +116,9 @@ def summarize_config(cfg, runs: list[dict], peaks: dict) -> dict:
     peak = peaks.get(cfg.precision)
     res["pct_of_peak"] = (100 * res["gflops"] / peak) if res["gflops"] is not None and peak else None
     res["flops_per_pair"] = _median([x["flops"] / x["pairs"] for x in ok])
+    first = ok[0] if ok else {}
+    res.update(grad_ckpt=cfg.grad_ckpt, optimizer=first.get("optimizer"), micro_batch=first.get("micro_batch"),
+               grad_accum=first.get("grad_accum"))
     return res
 
 
@@ -116,11 +131,11 @@ def compare_systems(results: list[dict]) -> dict | None:
     d, t = best("directpo"), best("trl")
     if d is None or t is None:
         return None
-    return {"directpo_best": d["config"], "trl_best": t["config"],
-            "pairs_per_s": {"directpo": d["pairs_per_s"], "trl": t["pairs_per_s"],
-                            "ratio": d["pairs_per_s"] / t["pairs_per_s"]},
-            "peak_rss_mib": {"directpo": d["peak_rss_mib"], "trl": t["peak_rss_mib"],
-                             "ratio": d["peak_rss_mib"] / t["peak_rss_mib"]}}
+    out = {"directpo_best": d["config"], "trl_best": t["config"]}
+    for key in ("pairs_per_s", "peak_rss_mib", "peak_above_import_mib"):
+        if d.get(key) is not None and t.get(key):
+            out[key] = {"directpo": d[key], "trl": t[key], "ratio": d[key] / t[key]}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,17 +172,29 @@ def _header_lines(r: dict) -> list[str]:
     return lines
 
 
+def _optimizer_text(opt: dict | None) -> str:
+    """"rmsprop" (its hyper-parameters are the notes'), or what else a run's optimizer was."""
+    return "-" if not opt else str(opt.get("name", "?"))
+
+
+def _micro_text(x: dict) -> str:
+    return "-" if x.get("micro_batch") is None else f"{x['micro_batch']}×{x.get('grad_accum') or 1}"
+
+
 def _results_table(results: list[dict]) -> list[str]:
     cuda = any(x.get("cuda_peak_mib") is not None for x in results)
-    head = f"{'system':<9} {'config':<20} {'pairs/s':>8} {'tokens/s':>9} {'peak RSS MiB':>12} " \
-           f"{'GFLOP/s':>8} {'% of peak':>9}" + (f" {'GPU peak MiB':>12}" if cuda else "")
+    head = f"{'system':<9} {'config':<24} {'optim':<8} {'micro×acc':>9} {'pairs/s':>8} {'tokens/s':>9} " \
+           f"{'peak RSS MiB':>12} {'above import':>12} {'GFLOP/s':>8} {'% of peak':>9}" + \
+           (f" {'GPU peak MiB':>12}" if cuda else "")
     lines = ["", head, "-" * len(head)]
     for x in results:
         if x["pairs_per_s"] is None:
-            lines.append(f"{x['system']:<9} {x['config']:<20} failed in every round (see runs[].log_tail)")
+            lines.append(f"{x['system']:<9} {x['config']:<24} failed in every round (see runs[].log_tail)")
             continue
-        row = (f"{x['system']:<9} {x['config']:<20} {x['pairs_per_s']:>8.3f} {x['tokens_per_s']:>9.0f} "
-               f"{x['peak_rss_mib']:>12.0f} {x['gflops']:>8.2f} {_fmt(x['pct_of_peak'], '>8.1f')}%")
+        row = (f"{x['system']:<9} {x['config']:<24} {_optimizer_text(x.get('optimizer')):<8} {_micro_text(x):>9} "
+               f"{x['pairs_per_s']:>8.3f} {x['tokens_per_s']:>9.0f} {x['peak_rss_mib']:>12.0f} "
+               f"{_fmt(x.get('peak_above_import_mib'), '>12.0f')} {x['gflops']:>8.2f} "
+               f"{_fmt(x['pct_of_peak'], '>8.1f')}%")
         if cuda:
             row += f" {_fmt(x.get('cuda_peak_mib'), '>12.0f')}"
         lines.append(row)
@@ -178,16 +205,24 @@ def _comparison_lines(c: dict | None) -> list[str]:
     if not c:
         return []
     pr, rr = c["pairs_per_s"], c["peak_rss_mib"]
-    return ["", f"directpo best ({c['directpo_best']}) vs TRL best ({c['trl_best']}):",
-            f"  pairs/s:  {pr['directpo']:.3f} vs {pr['trl']:.3f} -> {pr['ratio']:.2f}x",
-            f"  peak RSS: {rr['directpo']:.0f} vs {rr['trl']:.0f} MiB -> {rr['ratio']:.2f}x "
-            f"(TRL uses {1 / rr['ratio']:.2f}x directpo's)"]
+    lines = ["", f"directpo best ({c['directpo_best']}) vs TRL best ({c['trl_best']}), by pairs/s:",
+             f"  pairs/s:  {pr['directpo']:.3f} vs {pr['trl']:.3f} -> {pr['ratio']:.2f}x",
+             f"  peak RSS: {rr['directpo']:.0f} vs {rr['trl']:.0f} MiB -> {rr['ratio']:.2f}x "
+             f"(TRL uses {1 / rr['ratio']:.2f}x directpo's)"]
+    if c.get("peak_above_import_mib"):
+        ar = c["peak_above_import_mib"]
+        lines.append(f"  peak RSS above import: {ar['directpo']:.0f} vs {ar['trl']:.0f} MiB -> {ar['ratio']:.2f}x")
+    return lines
 
 
 def _notes(runs: list[dict]) -> list[str]:
     lines = ["", "notes:", f"  {PAIRS_DEFINITION}", f"  {TOKENS_DEFINITION}", f"  {FLOPS_DEFINITION}",
              "  % of peak = GFLOP/s / measured matmul peak of the run's precision; peak RSS = ru_maxrss "
-             "of the run's own subprocess"]
+             "of the run's own subprocess; above import = peak RSS minus the RSS once the libraries are imported, "
+             "before the model is loaded",
+             "  optim: both systems RMSprop, lr 1e-6 constant, alpha 0.99, eps 1e-8, momentum 0, weight decay 0, "
+             "gradient norm clipped at 10 (TRL: optim='rmsprop' with these optim_args); micro×acc = pairs per "
+             "forward/backward × micro-batches per optimizer step; +gc = TRL's gradient checkpointing"]
     if any(x.get("tokens_exact") is False for x in runs):
         lines.append("  (directpo tokens/FLOPs of some runs estimated from per-pair means: the step order could "
                      "not be reproduced)")

@@ -9,11 +9,15 @@ What is compared
     max_length. D is parsed once with directpo's `load_examples` (HH-RLHF transcripts are split
     here, once), and the first batch × (steps + 1) pairs that tokenize within max_length are
     written as explicit {"prompt", "chosen", "rejected"} rows that both systems read, so both get
-    identical strings. Each run is one epoch over exactly these pairs.
+    identical strings. Each run is one epoch over exactly these pairs. Both run directpo's RMSprop
+    (TRL: optim="rmsprop", the same hyper-parameters, `trl.same_optimizer`) with the same
+    micro-batch and accumulation (`--micro-batch`; `--trl-micro-batch` for TRL's own); TRL also
+    with gradient checkpointing, as a separate configuration.
 
 How it is measured
     Every run is its own subprocess (`python -m directpo.bench --child SPEC`, see `child.py`), so
-    its peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`) is its own. Runs alternate: round r runs each
+    its peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`) is its own, also given above the process's
+    RSS once its libraries are imported (`fairness.import_baseline`). Runs alternate: round r runs each
     directpo configuration, then each TRL configuration, so background load spreads over all of
     them. The first optimizer step is a warm-up and is not timed; pairs/s = timed pairs / time from
     the end of step 1 to the end of the last step (not a mean of per-step rates). The table shows
@@ -56,6 +60,8 @@ class RunConfig:
     name: str  # shown in the table
     precision: str = "fp32"
     precompute_ref: bool = True
+    grad_ckpt: bool = False  # TRL's gradient checkpointing (DPOConfig's default: on); directpo's runs: off
+
 
     @property
     def label(self) -> str:
@@ -97,8 +103,11 @@ def plan_configs(systems: list[str], use_bf16: bool, have_trl: bool) -> list[Run
         if use_bf16:
             configs.append(RunConfig("directpo", "bf16", "bf16", True))
     if "trl" in systems and have_trl:
+        # Gradient checkpointing off and on: DPOConfig turns it on by default (less memory, a
+        # second forward pass), so TRL's best speed and its best memory may be different runs.
         configs.append(RunConfig("trl", "fp32 (live ref)", "fp32", False))
         configs.append(RunConfig("trl", "precompute_ref fp32", "fp32", True))
+        configs.append(RunConfig("trl", "precompute_ref fp32 +gc", "fp32", True, grad_ckpt=True))
         if use_bf16:
             configs.append(RunConfig("trl", "precompute_ref bf16", "bf16", True))
     return configs
@@ -108,9 +117,10 @@ def plan_configs(systems: list[str], use_bf16: bool, have_trl: bool) -> list[Run
 # Data: one parse, the same pairs for every system
 
 
-def prepare_pairs(data: str, model: str, n: int, max_length: int | None, out_path: Path,
+def prepare_pairs(data: str, model: str, n: int | None, max_length: int | None, out_path: Path,
                   split: str | None = None):
-    """The first `n` usable pairs of `data` -> explicit prompt/chosen/rejected JSONL at out_path.
+    """The first `n` usable pairs of `data` (None: all of them) -> explicit prompt/chosen/rejected
+    JSONL at out_path.
 
     Usable: parses (`load_examples`, bad rows skipped and counted), has ≥ 2 responses (ranked rows
     give best vs worst), and its prompt leaves room for a response within max_length.
@@ -138,7 +148,7 @@ def prepare_pairs(data: str, model: str, n: int, max_length: int | None, out_pat
         tokenized.append(t)
         if len(rows) == n:
             break
-    if len(rows) < n:
+    if n is not None and len(rows) < n:
         raise UserValueError(f"{data}: {len(rows)} usable pairs, the benchmark needs batch × (steps + 1) = {n}; "
                              f"lower --steps or --batch ({report.summary()})")
     with open(out_path, "w") as f:
@@ -179,9 +189,17 @@ def run_child(spec: dict, work: Path, tag: str, module: str = "directpo.bench", 
     return res
 
 
+def trl_micro_batch(args) -> int:
+    """TRL's pairs per forward/backward: --trl-micro-batch, else directpo's --micro-batch, else the
+    whole --batch (the same micro-batch and accumulation on both sides unless asked otherwise)."""
+    return getattr(args, "trl_micro_batch", 0) or args.micro_batch or args.batch
+
+
 def _base_spec(args, data_path: Path) -> dict:
+    # RMSprop on both sides, directpo's default (the paper's): TRL gets optim="rmsprop" with the
+    # same hyper-parameters (`trl.run_trl`).
     return {"model": args.model, "data": str(data_path), "batch": args.batch, "micro_batch": args.micro_batch,
-            "steps": args.steps,
+            "trl_micro_batch": trl_micro_batch(args), "optimizer": "rmsprop", "steps": args.steps,
             "max_length": args.max_length, "threads": args.threads, "device": args.device,
             "memory_budget": getattr(args, "memory_budget", None), "lora_r": getattr(args, "lora_r", 0) or 0}
 
@@ -193,6 +211,10 @@ def _figures(cfg: RunConfig, raw: dict, args, tokenized, dims: ModelDims) -> dic
     else:
         figs = summarize_trl(raw, dims, live_ref=not cfg.precompute_ref)
     figs["peak_rss_mib"] = raw["peak_rss_mib"]
+    if raw.get("import_rss_mib") is not None:  # RSS once imported, before the model: what imports alone cost
+        figs["import_rss_mib"] = raw["import_rss_mib"]
+        figs["peak_above_import_mib"] = raw["peak_rss_mib"] - raw["import_rss_mib"]
+    figs.update({k: raw[k] for k in ("optimizer", "micro_batch", "grad_accum") if raw.get(k) is not None})
     if "cuda_peak_mib" in raw:
         figs["cuda_peak_mib"] = raw["cuda_peak_mib"]
     figs["train_pairs"] = raw.get("train_pairs")
@@ -205,12 +227,14 @@ def _figures(cfg: RunConfig, raw: dict, args, tokenized, dims: ModelDims) -> dic
 def _measure(cfg: RunConfig, args, data_path: Path, work: Path, tag: str, tokenized, dims: ModelDims,
              model: str | None = None) -> dict:
     spec = {**_base_spec(args, data_path), "system": cfg.system, "precision": cfg.precision,
-            "precompute_ref": cfg.precompute_ref, "output_dir": str(work / f"{tag}-out")}
+            "precompute_ref": cfg.precompute_ref, "gradient_checkpointing": cfg.grad_ckpt,
+            "output_dir": str(work / f"{tag}-out")}
     if model:
         spec["model"] = model
     raw = run_child(spec, work, tag)
     shutil.rmtree(work / f"{tag}-out", ignore_errors=True)
-    run = {"system": cfg.system, "config": cfg.name, "precision": cfg.precision, "wall_s": raw.get("wall_s")}
+    run = {"system": cfg.system, "config": cfg.name, "precision": cfg.precision, "grad_ckpt": cfg.grad_ckpt,
+           "wall_s": raw.get("wall_s")}
     if "error" in raw:
         run.update(error=raw["error"], log_tail=raw.get("log_tail"))
         return run
@@ -360,6 +384,9 @@ def _check_args(args) -> tuple[list[str], list[int]]:
     if getattr(args, "lora_r", 0) < 0:
         raise UserValueError(f"--lora-r {args.lora_r}: the LoRA rank must be ≥ 0 (0: full fine-tuning)")
     systems = parse_systems(args.systems)
+    if "trl" in systems and args.batch % trl_micro_batch(args):
+        raise UserValueError(f"--batch {args.batch} is not a multiple of TRL's micro-batch {trl_micro_batch(args)} "
+                             "(--trl-micro-batch, else --micro-batch): TRL accumulates whole micro-batches")
     sweep = parse_vocab_sweep(args.vocab_sweep)
     if not systems and not sweep:
         raise UserValueError("nothing to run: --systems none and no --vocab-sweep")
@@ -402,6 +429,7 @@ def _measure_all(args, systems: list[str], sweep: list[int], have_trl: bool, dev
 
 def _settings(args, systems: list[str], sweep: list[int]) -> dict:
     return {"model": args.model, "data": args.data, "batch": args.batch, "micro_batch": args.micro_batch,
+            "trl_micro_batch": trl_micro_batch(args), "optimizer": "rmsprop",
             "memory_budget": getattr(args, "memory_budget", None), "max_length": args.max_length,
             "steps_timed": args.steps, "warmup_steps": 1, "rounds": args.rounds,
             "pairs": args.batch * (args.steps + 1), "systems": systems, "vocab_sweep": sweep,

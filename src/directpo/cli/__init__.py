@@ -1,7 +1,7 @@
 """`directpo <command>`: the command line, on top of everything and loaded lazily.
 
 Each command group lives in its own module (`directpo.cli.train`, `.eval`, `.rlhf`, `.bench`,
-`.experiment`, `.demo`) with a `register(command, parser)` that adds the command's flags and sets
+`.experiment`, `.demo`, `.merge`) with a `register(command, parser)` that adds the command's flags and sets
 `func`. Only the module of the command being run is imported, so `directpo --help` and
 `directpo train --help` load neither the benchmark, the experiments, the RLHF code, TRL nor
 matplotlib. Nothing below this package imports it.
@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bon": ("eval", "Best-of-N: N samples per prompt, scored, the best kept"),
     "eval": ("eval", "reward, KL(π‖πref), length and win rate of a policy on held-out prompts, over a "
                      "temperature sweep"),
+    "merge": ("merge", "merge a LoRA adapter into its base: a Hugging Face model folder (safetensors shards, "
+                       "config, tokenizer), written tensor by tensor"),
     "plan": ("plan", "the memory a run needs per device (weights, gradients, optimizer, activations), from the "
                      "model's config alone, and what makes it fit"),
     "plot": ("plot", "training curves of runs from their metrics.jsonl (loss, accuracy, margins, lr, ...), overlaid"),
@@ -116,6 +118,42 @@ def report_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not _torchrun_worker():
+        return _main(argv)
+    try:
+        code = _main(argv)
+    except SystemExit as e:  # argparse's --help and usage errors
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # a bug: its traceback, as Python would print it, then the same exit status
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    _end_worker(code)
+
+
+def _torchrun_worker() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
+
+
+def _end_worker(code: int) -> None:
+    """A torchrun worker ends here, without the interpreter's teardown. Gloo's worker threads may
+    still be releasing a finished collective (the final barrier holds the last all-gather's
+    tensors), which takes the GIL; in an interpreter that is finalizing, that thread is killed and
+    std::terminate aborts the process: exit -6 after a complete run, about one run in fifteen on a
+    loaded 2-core machine (backtrace in the core: AsyncBarrierWork's destructor in
+    ProcessGroupGloo::runLoop, take_gil -> pthread_exit; pytorch/pytorch#179291). Every file of the
+    run is written and synced by now; what is left to flush is flushed."""
+    import logging
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    logging.shutdown()
+    os._exit(code)
+
+
+def _main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("DIRECTPO_DEBUG", "") not in ("", "0")

@@ -20,6 +20,10 @@ def run(args) -> int:
     from ..bench.config import BenchConfig
 
     cfg = build_config(args, BenchConfig).validate()
+    if cfg.sample:
+        return _sample(cfg)
+    if cfg.end_to_end:
+        return _end_to_end(cfg)
     if cfg.plan_check or cfg.fsdp_memory:
         if cfg.plan_check:
             from ..bench.plan_check import plan_check as measure
@@ -39,4 +43,37 @@ def run(args) -> int:
         return 0
     ok = any(x["pairs_per_s"] is not None for x in result["results"]) or \
         any("peak_rss_mib" in x for x in result["vocab_sweep"])
+    return 0 if ok else 1
+
+
+def _write_result(result: dict, out: str | None) -> None:
+    """The table printed; with --out, the JSON there and the table beside it (.md)."""
+    print(result["table"])
+    if out:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        out.with_suffix(".md").write_text(result["table"] + "\n")
+        print(f"\nwrote {out} and {out.with_suffix('.md')}")
+
+
+def _sample(cfg) -> int:
+    """`--sample`: the markdown table printed, JSON at --out and the table beside it (.md); exit 0
+    if every K was measured on both systems."""
+    from ..bench.sampling import sample_bench
+
+    result = sample_bench(cfg)
+    _write_result(result, cfg.out)
+    ok = all(r["directpo"]["rounds_ok"] and r["generate"]["rounds_ok"] for r in result["results"])
+    return 0 if ok else 1
+
+
+def _end_to_end(cfg) -> int:
+    """`--end-to-end`: the markdown table printed, JSON at --out and the table beside it (.md); exit
+    0 if every system asked for was measured in every round."""
+    from ..bench.end_to_end import end_to_end
+
+    result = end_to_end(cfg)
+    _write_result(result, cfg.out)
+    ok = bool(result["results"]) and all(r["rounds_failed"] == 0 for r in result["results"])
     return 0 if ok else 1

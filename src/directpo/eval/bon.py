@@ -12,7 +12,7 @@ from ..console import log
 from ..data.formats import SkipReport, write_jsonl
 from ..data.prompts import load_prompts
 from ..errors import UserValueError
-from ..models import load_model, load_tokenizer, pick_device
+from ..models import load_model_or_adapter, load_tokenizer, pick_device
 from .evaluate import mean_se
 from .sampling import draw_samples
 from .scorers import as_scorer
@@ -35,7 +35,7 @@ def best_of_n(model: str, prompts: str, out: str, n: int, reward, max_new_tokens
     report = SkipReport()
     items = load_prompts(prompts, on_invalid, split, report)
     tokenizer = load_tokenizer(model)
-    policy = load_model(model, pick_device(device))
+    policy = load_model_or_adapter(model, pick_device(device))
     s = draw_samples(policy, tokenizer, items, n, max_new_tokens, temperature, top_p, seed, batch_size,
                      max_prompt_length, progress=f"sampling {n} per prompt" if progress else None)
     rewards = reward(s.prompts, s.texts)

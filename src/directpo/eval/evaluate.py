@@ -31,7 +31,7 @@ from ..data.prompts import load_prompts
 from ..diskio import write_text
 from ..errors import UserValueError
 from ..logprobs import dataset_logps
-from ..models import check_vocab, load_model, load_tokenizer, pick_device
+from ..models import check_vocab, load_model_or_adapter, load_tokenizer, pick_device
 from ..precision import resolve_precision
 from .sampling import Samples, draw_samples
 from .scorers import as_scorer
@@ -159,7 +159,7 @@ def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, 
     tokenizer = load_tokenizer(model)
     if ref is not None:  # before sampling: a reference that cannot score π's tokens is refused first
         check_same_tokenizer(tokenizer, load_tokenizer(ref), model, ref)
-    policy = load_model(model, dev)
+    policy = load_model_or_adapter(model, dev)
     check_vocab(tokenizer, policy, model)
     policy.eval()
     references = [it.reference for it in items]
@@ -198,7 +198,7 @@ def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, 
         if kl_samples is None:  # KL needs samples of π itself
             kl_samples = draw_samples(policy, tokenizer, items, n, max_new_tokens, 1.0, 1.0, seed + 7, batch_size,
                                       max_prompt_length, progress="sampling for KL (T=1)" if progress else None)
-        ref_model = load_model(ref, dev)
+        ref_model = load_model_or_adapter(ref, dev)
         check_vocab(tokenizer, policy, model, ref_model, ref)
         kl = sequence_kl(policy, ref_model, kl_samples, tokenizer.pad_token_id, batch_size, precision)
         results.update({k: kl[k] for k in ("kl_mean", "kl_se", "kl_samples")})

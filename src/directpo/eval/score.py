@@ -12,7 +12,7 @@ from ..data import SkipReport, TokenizeStats, load_examples, make_collate, token
 from ..data.formats import write_jsonl
 from ..logprobs import dataset_logps, packed_row_tokens
 from ..losses import implicit_reward
-from ..models import check_vocab, load_model, load_tokenizer, pick_device
+from ..models import check_vocab, load_model_or_adapter, load_tokenizer, pick_device
 from ..precision import resolve_precision
 
 
@@ -32,13 +32,13 @@ def score(model: str, data: str, out: str, ref: str | None = None, beta: float =
         collate = make_collate(layout, tokenizer.pad_token_id, packed_row_tokens(None, m))
         return dataset_logps(m, tokenized, collate, batch_size, dev, dtype, progress=what)
 
-    policy = load_model(model, dev)
+    policy = load_model_or_adapter(model, dev)
     check_vocab(tokenizer, policy, model)
     pol = logps(policy, "scoring")
     ref_lp = None
     if ref:
         policy.to("meta")  # its weights freed; the vocabulary check below needs only its shapes
-        ref_model = load_model(ref, dev)
+        ref_model = load_model_or_adapter(ref, dev)
         check_vocab(tokenizer, policy, model, ref_model, ref)
         ref_lp = logps(ref_model, "scoring (reference)")
     def lines():

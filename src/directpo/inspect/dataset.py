@@ -156,10 +156,10 @@ def reference_logps(model: str, tokenizer, tokenized: list[TokenizedExample], ba
     import torch
 
     from ..logprobs import dataset_logps, packed_row_tokens
-    from ..models import check_vocab, load_model, pick_device
+    from ..models import check_vocab, load_model_or_adapter, pick_device
 
     dev = pick_device(device)
-    ref = load_model(model, dev)
+    ref = load_model_or_adapter(model, dev)
     check_vocab(tokenizer, ref, model)
     collate = make_collate("packed", tokenizer.pad_token_id, packed_row_tokens(None, ref))
     dtype = torch.bfloat16 if precision == "bf16" else None

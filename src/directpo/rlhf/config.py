@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import setting
-from ..training.config import PreferenceRunConfig, RunConfig
+from ..training.config import LoraSettings, PreferenceRunConfig, RunConfig
 from ..training.optim import OPTIMIZERS
 
 
@@ -18,7 +18,7 @@ class RewardModelConfig(PreferenceRunConfig):
 
 
 @dataclass
-class PPOConfig(RunConfig):
+class PPOConfig(RunConfig, LoraSettings):
     """PPO: rollouts, rewards, the KL penalty"""
 
     model: str = setting(None, "policy to start from (and πref, unless --ref): hub id or local directory", required=True,
@@ -28,8 +28,8 @@ class PPOConfig(RunConfig):
     output_dir: str = setting(None, "where the policy, tokenizer, value head and metrics.jsonl go", required=True, resumable=True)
     reward_model: str | None = setting(None, "reward model directory (`directpo rm` output)", input=True)
     reward_fn: str | None = setting(None, "reward callable 'module:function' (f(prompt, completion) -> float)")
-    ref: str | None = setting(None, "reference model πref of the KL penalty (default: the starting policy)",
-                              input=True)
+    ref: str | None = setting(None, "reference model πref of the KL penalty (default: the starting policy; with "
+                                    "--lora-r the policy with its adapters disabled, no second copy)", input=True)
     kl_coef: float = setting(0.1, "β of the KL penalty r − β·(log πθ − log πref) (initial value with --adaptive-kl)", ge=0)
     adaptive_kl: bool = setting(False, "adapt β so that the KL tracks --target-kl (Ziegler et al., 2019)")
     target_kl: float = setting(6.0, "target sequence-level KL (nats) of the adaptive controller", gt=0)

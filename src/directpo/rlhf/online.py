@@ -10,6 +10,13 @@ Round r = 1..R starts from the policy of round r − 1 (round 1: the SFT model) 
    starting policy (`ref="round"`) or the SFT model (`ref="initial"`),
 5. evaluates the new policy on the eval prompts against πSFT: mean reward, KL(π‖πSFT), length.
 
+With `lora_r`, each round's DPO trains LoRA adapters on its starting policy and saves that policy
+merged with them (`O/round-r/policy`, a whole model): the next round samples from it, and the
+round's πref is unchanged: with `ref="round"` the round's starting policy is its LoRA network with
+the adapters disabled (one copy of the weights in memory), with `ref="initial"` the SFT model (in
+round 1 the same, adapters disabled; later rounds load it beside the policy to precompute its
+log-probs, then free it). So round r's policy is πSFT plus r low-rank updates, one per round.
+
 `O/rounds.jsonl` holds one line per round (round 0: the SFT model itself), `O/online.png` the
 reward–KL path. Every stage is resumable: sampling+pairing and evaluation record their result last
 (`training.stages.resumable`), the trainer keeps its checkpoints and completion marker, so a killed run
@@ -31,6 +38,7 @@ from ..config import ConfigError, changed_settings, check_ranges, check_required
 from ..console import log as console_log
 from ..diskio import write_text
 from ..errors import UserValueError
+from ..training.config import LoraSettings
 from ..training.optim import OPTIMIZERS
 from ..training.stages import resumable
 
@@ -44,7 +52,7 @@ FREE_SETTINGS = frozenset({"rounds", "overwrite", "progress", "device", "threads
 
 
 @dataclass
-class OnlineConfig:
+class OnlineConfig(LoraSettings):
     """Online (iterative) DPO: sample from the policy, score, pair, train, repeat"""
 
     model: str = setting(None, "the SFT model to start from (round 0, and πref with --ref initial): hub id or "
@@ -159,7 +167,9 @@ def sample_and_pair(cfg: OnlineConfig, policy: str, scorer, r: int, round_dir: P
 
 def train_round(cfg: OnlineConfig, start: str, r: int, round_dir: Path) -> dict:
     """Stage 4 of round r: DPO on round_dir/pairs.jsonl from `start` into round_dir/policy. A
-    killed run continues from its last checkpoint; a finished one is not redone."""
+    killed run continues from its last checkpoint, or trains the round again when it had none (the
+    same seed: the same policy); a finished one is not redone."""
+    from ..training.checkpoint import list_checkpoints
     from ..training.config import TrainConfig
     from ..training.loop import train
     from ..training.run import COMPLETE_MARKER, is_complete
@@ -167,12 +177,17 @@ def train_round(cfg: OnlineConfig, start: str, r: int, round_dir: Path) -> dict:
     out = round_dir / "policy"
     t0 = time.perf_counter()
     if not is_complete(out):
+        # a round killed before its first checkpoint (or one without any) trains again from its start
+        again = not list_checkpoints(out)
         train(TrainConfig(model=start, data=str(round_dir / "pairs.jsonl"), output_dir=str(out),
                           ref=cfg.model if cfg.ref == "initial" else None, beta=cfg.beta, lr=cfg.lr,
                           optimizer=cfg.optimizer, batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
                           epochs=cfg.epochs_per_round, warmup_steps=cfg.warmup_steps, max_length=cfg.max_length,
                           seed=cfg.seed + r, device=cfg.device, threads=cfg.threads, progress=cfg.progress,
-                          log_every=NO_LOG_LINES, resume="latest"))
+                          log_every=NO_LOG_LINES, resume=None if again else "latest", overwrite=again,
+                          lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          lora_target_modules=cfg.lora_target_modules,
+                          merge=bool(cfg.lora_r)))  # merged: the next round and the evaluation load it whole
     train_metrics = json.loads((out / COMPLETE_MARKER).read_text()).get("train") or {}
     return {"seconds": time.perf_counter() - t0,
             "train": {k: v for k, v in train_metrics.items() if isinstance(v, (int, float))}}

@@ -20,6 +20,10 @@ Metrics per step (metrics.jsonl): reward (mean r(x, y)), kl (sequence-level, mea
 clip_frac, value_loss, policy_loss, approx_kl (old → new policy), length_mean, ...
 The policy is saved in Hugging Face format (safetensors) with its tokenizer; the value head goes
 to value_head.safetensors beside it.
+
+With `--lora-r` the policy trains LoRA adapters and πref is the same network with its adapters
+disabled (one copy of the base in memory); the value head, small, is trained whole. Checkpoints
+and the saved policy hold the adapters (adapter_model.safetensors) and the value head.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ from ..logprobs import _backbone_and_head, head_logprobs, token_logps
 from ..models import autocast_ctx, check_vocab, freeze, load_model, load_tokenizer, pick_device
 from ..training.loop import batch_order
 from ..training.alarms import HealthMonitor
+from ..training.lora import adapters_disabled, apply_lora, is_lora, record_base_path
 from ..training.optim import build_optimizer, lr_schedule
 from ..training.run import Recipe, RunDir, StepDriver, resume, run_steps, setup_torch
 from .config import PPOConfig
@@ -150,14 +155,16 @@ def _padded(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
 
 
 def save_snapshot(policy, tokenizer, path: Path) -> None:
-    """The policy in HF format, written to a temporary sibling and renamed: whole or absent; its
-    weight files get the usual mode (safetensors writes 0600)."""
+    """The policy in HF format (with LoRA: its adapters), written to a temporary sibling and
+    renamed: whole or absent; its weight files get the usual mode (safetensors writes 0600)."""
     import shutil
 
     from ..diskio import default_mode
 
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    if is_lora(policy):  # the adapters, naming their base by its absolute path
+        record_base_path(policy)
     policy.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     for f in tmp.glob("*.safetensors"):
@@ -189,8 +196,13 @@ def setup_models(cfg: PPOConfig, reward, device) -> PPOModels:
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     prompt_ids = [encode_prompt(it.prompt, tokenizer, cfg.max_prompt_length) for it in items]
     policy = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code)
+    if cfg.lora_r:
+        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_dropout)
     policy.eval()  # no dropout: the rollout's log-probs are the ratio's denominator
-    ref = freeze(load_model(cfg.ref or cfg.model, device, trust_remote_code=cfg.trust_remote_code))
+    if cfg.lora_r and (cfg.ref or cfg.model) == cfg.model:  # πref: adapters disabled (`collect_rollouts`)
+        ref = policy
+    else:
+        ref = freeze(load_model(cfg.ref or cfg.model, device, trust_remote_code=cfg.trust_remote_code))
     check_vocab(tokenizer, policy, cfg.model, ref, cfg.ref or cfg.model)
     head = policy.get_output_embeddings()  # its input width is the width of the last hidden states
     hidden = head.weight.shape[1] if head is not None else policy.config.get_text_config().hidden_size
@@ -232,7 +244,8 @@ def collect_rollouts(m: PPOModels, cfg: PPOConfig, idx: list[int], step: int, kl
             batch = collate_padded(examples[s:s + cfg.mini_batch_size], m.tokenizer.pad_token_id).to(m.device)
             lp, v, e = policy_forward(m.policy, m.value_head, batch, entropy=True)
             old_lp.append(lp), old_v.append(v), ent.append(e)
-            ref_lp.append(token_logps(m.ref, batch))
+            with adapters_disabled(m.ref):  # the LoRA policy itself: its base is πref
+                ref_lp.append(token_logps(m.ref, batch))
     old_logp = _padded(torch.cat(old_lp).float().cpu(), lengths)
     old_values = _padded(torch.cat(old_v).float().cpu(), lengths)
     ref_logp = _padded(torch.cat(ref_lp).float().cpu(), lengths)
@@ -382,7 +395,10 @@ def save_ppo(m: PPOModels, run: RunDir, result: dict) -> dict:
 
     from ..diskio import staging_dir, tensor_bytes, warn_if_short
 
-    needed = tensor_bytes(m.policy.state_dict())
+    if is_lora(m.policy):  # the adapters alone, naming their base (adapter_config.json)
+        record_base_path(m.policy)
+    needed = tensor_bytes([p for p in m.policy.parameters() if p.requires_grad] if is_lora(m.policy) else
+                          m.policy.state_dict())
     warn_if_short(run.path, needed, f"the final policy ({run.path})")
     with staging_dir(run.path, needed, f"; the policy was not written (the files in {run.path} are as they "
                                        "were)") as tmp:  # written whole, or not at all

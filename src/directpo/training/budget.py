@@ -24,6 +24,14 @@ need(m) = now + gradients + optimizer state + a + b·tokens(m) [+ the LM head's 
 
 The micro-batch is the largest divisor of --batch-size (at most a process's share) with
 need(m) ≤ budget, so the accumulated gradient is the same as for any other split.
+
+When not even micro-batch 1 fits, the plan escalates rather than fails, cheapest step first:
+activation checkpointing (its per-token cost from `training.plan`'s formula; it only recomputes,
+the gradients are the same), then, on CUDA only, the optimizer state in host memory
+(--optimizer-offload: its 4·T × states bytes leave the device; on the CPU they are in host memory
+already, so it would change nothing). What it turned on is set in the run's settings and so in
+every checkpoint: a resumed run keeps it. Only when all of that does not fit is it
+`MemoryBudgetError`, naming the minimum with everything on.
 """
 from __future__ import annotations
 
@@ -50,11 +58,12 @@ def size_str(n: float) -> str:
 
 
 def choose_micro_batch(budget: int, batch_size: int, world: int, fixed: int, intercept: float, per_token: float,
-                       tokens_of, keep: int | None = None, agree=None) -> dict:
+                       tokens_of, keep: int | None = None, agree=None, measures: str = "") -> dict:
     """The plan: the largest divisor m of `batch_size` (≤ a process's share) whose need(m) =
     fixed + intercept + per_token · tokens_of(m) fits `budget`; `MemoryBudgetError` naming the
     minimum when not even m = 1 does. `keep`: that micro-batch size, fitting or not (a resumed run).
-    `agree`: several processes' sum (`Dist.sum_stats`): a size is taken only where it fits on all."""
+    `agree`: several processes' sum (`Dist.sum_stats`): a size is taken only where it fits on all.
+    `measures`: what the need already counts on, said in the error (" with activation checkpointing")."""
     def need(m: int) -> int:
         return int(fixed + intercept + per_token * tokens_of(m))
 
@@ -64,8 +73,8 @@ def choose_micro_batch(budget: int, batch_size: int, world: int, fixed: int, int
     fitting = [int(m) for m, v in votes.items() if m != "ranks" and v == votes["ranks"]]
     if not fitting and keep is None:
         raise MemoryBudgetError(
-            f"--memory-budget {size_str(budget)}: too small for this run, which needs at least {size_str(need(1))} "
-            f"(one example per micro-batch: {size_str(fixed)} of weights, gradients, optimizer state and the "
+            f"--memory-budget {size_str(budget)}: too small for this run, which needs at least {size_str(need(1))}"
+            f"{measures} (one example per micro-batch: {size_str(fixed)} of weights, gradients, optimizer state and the "
             f"process, {size_str(need(1) - fixed)} of activations for the longest example, {tokens_of(1)} tokens)")
     m = keep or max(fitting)
     return {"micro_batch_size": m, "budget": budget, "need": need(m), "fits": need(m) <= budget,
@@ -139,22 +148,26 @@ def current_memory(device) -> int:
 
 
 def plan_for_budget(cfg, policy, train_set, collate, device, world: int = 1, keep: int | None = None,
-                    agree=None) -> dict:
+                    agree=None, checkpointed_collate=None) -> dict:
     """The --memory-budget plan of a training run whose models are loaded (see the module
     docstring); `cfg` is a `TrainConfig`. `keep`: the micro-batch size of the checkpoint a resumed
     run continues from (another one would change the trajectory's rounding), kept even when over
-    budget."""
+    budget. `checkpointed_collate`: the run's collate were activation checkpointing turned on (a
+    recomputed layer attends through a dense mask: rows as long as the longest example)."""
     budget = parse_size(cfg.memory_budget, "--memory-budget")
     longest = sorted(range(len(train_set)), key=lambda i: train_set[i].num_tokens, reverse=True)
 
-    def batch_of(m: int):
-        return collate([train_set[i] for i in longest[:m]])
+    def batch_of(m: int, through=collate):
+        return through([train_set[i] for i in longest[:m]])
 
     def tokens_of(m: int) -> int:
         return int(batch_of(m).input_ids.numel())
 
+    def tokens_checkpointed(m: int) -> int:
+        return int(batch_of(m, checkpointed_collate or collate).input_ids.numel())
+
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    fixed = current_memory(device) + 4 * trainable * (1 + OPTIMIZER_STATES[cfg.optimizer])  # + grads, states
+    current, states = current_memory(device), OPTIMIZER_STATES[cfg.optimizer]  # + gradients, optimizer states:
     b1, t1 = activation_bytes_measured(policy, batch_of(1).to(device), device, cfg.precision), tokens_of(1)
     intercept, per_token = 0.0, b1 / t1
     if len(longest) > 1 and cfg.batch_size // world > 1:
@@ -162,13 +175,60 @@ def plan_for_budget(cfg, policy, train_set, collate, device, world: int = 1, kee
         if t2 > t1 and b2 > b1:  # the line through both points: a part per micro-batch, and one per token
             per_token = (b2 - b1) / (t2 - t1)
             intercept = max(0.0, b1 - per_token * t1)
+    fixed_of = lambda offload: current + 4 * trainable * (1 + (0 if offload else states))  # noqa: E731
+    measured = lambda: (intercept, per_token)  # noqa: E731
+    checkpointed = lambda: checkpointed_cost(cfg, policy, train_set[longest[0]].num_tokens)  # noqa: E731
     if cfg.activation_checkpointing and device.type != "cuda":  # autograd does not see inside the layers
-        pcfg = PlanConfig(model=cfg.model, max_length=max(2, train_set[longest[0]].num_tokens),
-                          precision=cfg.precision, activation_checkpointing=True, lora_r=cfg.lora_r)
-        shape = shape_of(unwrap(policy))
-        intercept = head_bytes(shape, pcfg)
-        per_token = (activation_bytes(shape, pcfg, 1) - intercept) / (2 * pcfg.max_length)
-    return choose_micro_batch(budget, cfg.batch_size, world, fixed, intercept, per_token, tokens_of, keep, agree)
+        measured = checkpointed
+    offload_on = bool(getattr(cfg, "optimizer_offload", False)) and device.type == "cuda"
+    steps = [(cfg.activation_checkpointing, offload_on, measured, tokens_of)]
+    if not cfg.activation_checkpointing:
+        steps.append((True, offload_on, checkpointed, tokens_checkpointed))
+    if not offload_on and device.type == "cuda":
+        steps.append((True, True, checkpointed, tokens_checkpointed))
+    return escalate(budget, cfg, world, steps, fixed_of, keep, agree, device)
+
+
+def checkpointed_cost(cfg, policy, longest_tokens: int) -> tuple[float, float]:
+    """(per micro-batch, per token) activation bytes with activation checkpointing, from
+    `training.plan`'s formula: the layers' insides are recomputed out of autograd's sight, where
+    the CPU count cannot see them, and turning it on just to measure would change the model."""
+    pcfg = PlanConfig(model=cfg.model, max_length=max(2, longest_tokens), precision=cfg.precision,
+                      activation_checkpointing=True, lora_r=cfg.lora_r)
+    shape = shape_of(unwrap(policy))
+    intercept = head_bytes(shape, pcfg)
+    return intercept, (activation_bytes(shape, pcfg, 1) - intercept) / (2 * pcfg.max_length)
+
+
+def escalate(budget: int, cfg, world: int, steps: list, fixed_of, keep, agree, device) -> dict:
+    """The first of `steps` — (activation checkpointing, optimizer offload, () -> activation cost,
+    micro-batch -> its tokens) each,
+    cheapest first — where micro-batch 1 fits (a resumed run: the first, which is its own); the
+    plan records what it turned on and the line that says why. The last step's error otherwise."""
+    first = None
+    for i, (ckpt, offload, cost, tokens_of) in enumerate(steps):
+        (intercept, per_token), last = cost(), i == len(steps) - 1
+        on = [what for what, now in (("activation checkpointing", ckpt), ("the optimizer state in host memory",
+                                                                           offload)) if now]
+        measures = f" with {' and '.join(on)}" if on else ""
+        if last and device.type != "cuda":
+            measures += " (--optimizer-offload would not lower it on the CPU: the state is in host memory already)"
+        try:
+            p = choose_micro_batch(budget, cfg.batch_size, world, fixed_of(offload), intercept, per_token, tokens_of,
+                                   keep if i == 0 else None, agree, measures if last else "")
+        except MemoryBudgetError:
+            if last:
+                raise
+            first = first or int(fixed_of(offload) + intercept + per_token * tokens_of(1))
+            continue
+        turned = [what for what, now, before in (("activation checkpointing", ckpt, cfg.activation_checkpointing),
+                                                 ("--optimizer-offload", offload, steps[0][1])) if now and not before]
+        p.update(activation_checkpointing=ckpt, optimizer_offload=offload, turned_on=turned,
+                 escalation=(f"--memory-budget {size_str(budget)}: micro-batch 1 needs {size_str(first)}; with "
+                             f"{' and '.join(turned)} {size_str(p['need_by_micro_batch']['1'])}: turned on")
+                 if turned else None)
+        return p
+    raise AssertionError("no step to plan")  # `steps` always holds the run's own settings
 
 
 def unwrap(model):

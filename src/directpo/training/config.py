@@ -6,6 +6,7 @@
     │   ├── TrainConfig      + the loss, β, the reference, layouts, LoRA, several processes or nodes (`train`, `sft`)
     │   └── (rlhf) RewardModelConfig
     └── (rlhf) PPOConfig
+    LoraSettings           the LoRA flags, one definition mixed into TrainConfig, PPOConfig, (rlhf) OnlineConfig
 
 Defaults are the paper's (appendix B): β = 0.1, batch 64, RMSprop at lr 1e-6, 150 warm-up steps.
 """
@@ -14,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import ConfigError, ResumableSettings, check_ranges, check_required, setting
-from .optim import OPTIMIZERS, SCHEDULERS
+from .lora import QUANTIZE, check_quantize
+from .optim import OPTIMIZERS, SCHEDULERS, check_optimizer
 
 
 @dataclass
@@ -83,6 +85,7 @@ class RunConfig:
         from .loggers import check_report_to
 
         check_report_to(self.report_to)  # a missing package, said before anything loads
+        check_optimizer(self)
         if self.push_to_hub:
             check_repo_id(self.push_to_hub)
         return self
@@ -126,7 +129,18 @@ class PreferenceRunConfig(RunConfig):
 
 
 @dataclass
-class TrainConfig(PreferenceRunConfig):
+class LoraSettings:
+    """LoRA adapters"""
+
+    # One definition for every trainer that takes adapters (`train`/`sft`, `ppo`, `online`)
+    lora_r: int = setting(0, "LoRA rank (0: full fine-tuning); the reference is the model with adapters disabled", ge=0)
+    lora_alpha: float = setting(16.0, "LoRA scaling α", gt=0)
+    lora_dropout: float = setting(0.0, "dropout on the LoRA path", ge=0, lt=1)
+    lora_target_modules: str = setting("all-linear", "modules to adapt: all-linear, or a comma list (q_proj,v_proj)")
+
+
+@dataclass
+class TrainConfig(PreferenceRunConfig, LoraSettings):
     """The loss, the reference, layouts, LoRA, several processes or nodes"""
 
     ref: str | None = setting(None, "reference model πref (default: a frozen copy of the starting policy)",
@@ -201,11 +215,22 @@ class TrainConfig(PreferenceRunConfig):
     activation_checkpointing: bool = setting(False, "recompute each transformer block's activations in the backward "
                                                     "instead of keeping them (less memory, ~1/3 more compute; the "
                                                     "same gradients)", resumable=True)
-    lora_r: int = setting(0, "LoRA rank (0: full fine-tuning); the reference is the model with adapters disabled", ge=0)
-    lora_alpha: float = setting(16.0, "LoRA scaling α", gt=0)
-    lora_dropout: float = setting(0.0, "dropout on the LoRA path", ge=0, lt=1)
-    lora_target_modules: str = setting("all-linear", "modules to adapt: all-linear, or a comma list (q_proj,v_proj)")
+    optimizer_offload: bool = setting(False, "keep the optimizer state (ZeRO-Offload style) in host memory: each "
+                                             "step copies the gradients to the host, steps there and copies the "
+                                             "weights back; the same arithmetic, less device memory (on the CPU "
+                                             "it changes nothing; with --fsdp use --fsdp-cpu-offload)", resumable=True)
+    new_adapter: bool = setting(False, "with --model ADAPTER_DIR: merge that adapter into its base and train a new "
+                                       "LoRA (--lora-r) on top, πref = the adapter's model (what --lora-r with an "
+                                       "adapter directory does anyway); without it the adapter is trained further")
     merge: bool = setting(False, "with LoRA: save the merged full model instead of the adapters")
+    # QLoRA (issue #29): the frozen base quantized by bitsandbytes, the adapters in fp32 (`lora.check_quantize`)
+    quantize: str = setting("none", "load the base model's linear layers quantized by bitsandbytes (QLoRA): nf4 or "
+                                    "fp4 (4-bit), int8; needs --lora-r (only the adapters train; πref is the "
+                                    "quantized base with adapters disabled) and `pip install 'directpo[quantize]'`",
+                            choices=list(QUANTIZE))
+    double_quant: bool = setting(True, "with --quantize nf4/fp4: quantize the 4-bit blocks' scales too (QLoRA's "
+                                       "double quantization, ~0.4 bit per parameter less); --no-double-quant keeps "
+                                       "them fp32")
     ref_sync_every: int = setting(0, "TR-DPO (Gorbatovski et al. 2024): every N steps move the reference towards the "
                                      "policy, πref ← α·πθ + (1−α)·πref; the reference then runs live (0: never, "
                                      "the paper's fixed πref)", ge=0)
@@ -215,7 +240,11 @@ class TrainConfig(PreferenceRunConfig):
     def validate(self) -> "TrainConfig":
         super().validate()
         self.check_fsdp_settings()
+        check_quantize(self)
         self.check_launch_settings()
+        if self.optimizer_offload and self.fsdp:  # FSDP2 offloads the sharded state itself
+            raise ConfigError("--optimizer-offload is for one process's optimizer; with --fsdp use "
+                              "--fsdp-cpu-offload, which keeps the sharded state in host memory")
         if self.memory_budget is not None:
             from .plan import parse_size
 
@@ -231,10 +260,17 @@ class TrainConfig(PreferenceRunConfig):
         spec = get_loss(self.loss, self.loss_weights)
         if self.ref_sync_every:
             why = ("the loss uses no reference" if not spec.needs_reference else
-                   "with LoRA the reference is the base model itself" if self.lora_r else
                    "a sharded model's reference must be precomputed" if self.fsdp else None)
             if why:
                 raise ConfigError(f"--ref-sync-every: {why}; TR-DPO needs a reference model of its own")
+            if self.lora_r and self.ref and self.ref != self.model:  # (`training.lora_reference`)
+                raise ConfigError("--ref-sync-every with LoRA: πref is the base plus an adapter of its own, synced "
+                                  "from the policy's; leave --ref out")
+        if self.new_adapter and not self.lora_r:
+            raise ConfigError("--new-adapter trains a new LoRA on the merged --model adapter: give its rank, --lora-r")
+        from .adapters import check_adapter_settings
+
+        check_adapter_settings(self)  # reads the adapter directories' configs (no weights)
         self.check_loss_settings(spec)
         self.check_unpaired_settings(spec)
         return self

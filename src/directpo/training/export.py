@@ -74,10 +74,13 @@ def whole_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def export_model(model, out, d: Dist, max_shard_bytes: int | None = None) -> None:
+def export_model(model, out, d: Dist, max_shard_bytes: int | None = None, tensor=None) -> None:
     """Write `model` (a whole-weights model, sharded by FSDP or not) into directory `out` as
     `save_pretrained` would, gathering one tensor at a time; only rank 0 writes. Every rank must call.
-    `max_shard_bytes`: the largest shard file (default `MAX_SHARD_BYTES`, read at call time)."""
+    `max_shard_bytes`: the largest shard file (default `MAX_SHARD_BYTES`, read at call time).
+    `tensor(name, key)`: the tensor written under file name `name` for the model's state key `key`,
+    of that entry's dtype and shape (default: the model's own, gathered whole); `directpo merge`
+    streams a meta-device model's tensors this way from the base's files (`training.merge`)."""
     limit = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
     state = model.state_dict()  # this rank's shards (DTensors) and whole tensors: references, no copies
     order = _save_order(model, state)
@@ -97,8 +100,8 @@ def export_model(model, out, d: Dist, max_shard_bytes: int | None = None) -> Non
         with contextlib.ExitStack() as stack:
             if writer is not None:  # a full disk: one line with what this file needs (`diskio`)
                 stack.enter_context(_replaced(out / file, writer.open, sum(_nbytes(t) for _, t in entries)))
-            for _, t in entries:
-                whole = whole_tensor(t)  # every rank: it gathers
+            for name, t in entries:
+                whole = whole_tensor(t) if tensor is None else tensor(name, key[name])  # every rank: it gathers
                 if writer is not None:
                     writer.append(whole)
                 del whole  # one gathered tensor alive at a time, on every rank

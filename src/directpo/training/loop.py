@@ -25,13 +25,16 @@ from ..logprobs import example_logps, packed_row_tokens
 from ..losses import LossInputs, LossParams, LossSpec, get_loss, sft_loss
 from ..metrics import last_valid, ranking_metrics
 from ..models import autocast_ctx, enable_activation_checkpointing, load_tokenizer, pick_device
+from .adapters import tokenizer_source
 from .alarms import HealthMonitor
 from .budget import format_memory_plan, plan_for_budget
 from .config import TrainConfig
 from .distributed import Dist, device_for, init_from_env
 from .export import export_model, gather_trainable
 from .lora import adapters_disabled, is_lora, save_policy
-from .optim import build_optimizer, lr_schedule
+from .lora_reference import LoraReference
+from .offload import make_optimizer
+from .optim import lr_schedule
 from .prepare import (Sources, check_data, check_sharding, kto_balance, load_policy_and_reference, load_sharded,
                       prepare_data, reference_tables)
 from .run import COMPLETE_MARKER, NonFiniteError, Recipe, RunDir, StepDriver, resume, run_steps, settle_precision, \
@@ -241,6 +244,7 @@ class Trainer(Recipe):
     driver: StepDriver | None = None
     batches: object = None
     alarms: HealthMonitor | None = None
+    lora_ref: LoraReference | None = None  # TR-DPO with LoRA: πref = base + its own adapter
 
     @property
     def name(self) -> str:  # the progress bar's label
@@ -256,7 +260,8 @@ class Trainer(Recipe):
             return None
         if self.train_ref is not None:
             return self.train_ref[mb][:, cols].to(self.device)
-        with torch.no_grad(), adapters_disabled(self.ref_model):
+        ref_mode = self.lora_ref.active() if self.lora_ref is not None else adapters_disabled(self.ref_model)
+        with torch.no_grad(), ref_mode:
             return example_logps(self.ref_model, batch)
 
     def batch_loss(self, mb: list[int]):
@@ -301,7 +306,9 @@ class Trainer(Recipe):
     def extra_state(self) -> dict | None:
         """What a checkpoint needs beyond weights, optimizer and RNG to continue exactly."""
         extra = {}
-        if self.cfg.ref_sync_every:  # TR-DPO: the moved reference
+        if self.lora_ref is not None:  # TR-DPO with LoRA: the reference adapter
+            extra["reference_adapter"] = self.lora_ref.state_dict()
+        elif self.cfg.ref_sync_every:  # TR-DPO: the moved reference
             extra["reference"] = {k: v.detach().cpu().clone() for k, v in self.ref_model.state_dict().items()}
         if self.delta is not None:  # BCO: the running mean δ
             extra["bco_delta"] = {"mean": self.delta.mean, "count": self.delta.count}
@@ -310,7 +317,9 @@ class Trainer(Recipe):
     def restore(self, state: dict) -> None:
         """The inverse of `extra_state`, from a checkpoint's state."""
         extra = state.get("extra") or {}
-        if self.cfg.ref_sync_every:  # the reference as it was at the checkpoint
+        if self.lora_ref is not None:  # the reference as it was at the checkpoint
+            self.lora_ref.load_state_dict(extra["reference_adapter"])
+        elif self.cfg.ref_sync_every:
             self.ref_model.load_state_dict(extra["reference"])
         if self.delta is not None:
             self.delta = RunningMean(**extra["bco_delta"])
@@ -332,7 +341,10 @@ class Trainer(Recipe):
         if grad_norm is None:
             return None
         if cfg.ref_sync_every and step % cfg.ref_sync_every == 0:
-            sync_reference(self.ref_model, self.policy, cfg.ref_sync_mix)
+            if self.lora_ref is not None:  # the adapters' effective weights, not the shared base
+                self.lora_ref.sync(cfg.ref_sync_mix)
+            else:
+                sync_reference(self.ref_model, self.policy, cfg.ref_sync_mix)
         dt, tokens = time.perf_counter() - t0, sums.pop("_tokens")
         line = {"split": "train", "step": step, "epoch": self.epoch, **mean_metrics(sums, len(idx)), "lr": lr,
                 "grad_norm": grad_norm, "pairs_per_s": len(idx) / dt, "tokens_per_s": tokens / dt,
@@ -371,7 +383,8 @@ def setup(cfg: TrainConfig, d, run: RunDir, sources: Sources | None = None) -> T
     setup_torch(cfg.threads, cfg.seed)
     device = device_for(d, cfg.device) or pick_device(cfg.device)
     settle_precision(run, cfg, device, d)  # --precision auto -> fp32 or bf16, before anything computes
-    tokenizer = sources.tokenizer or load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = sources.tokenizer or load_tokenizer(tokenizer_source(cfg.model),  # (an adapter's: maybe its base's)
+                                                    trust_remote_code=cfg.trust_remote_code)
     loss_spec = get_loss(cfg.loss, cfg.loss_weights)
     train_set, report, stats = prepare_data(cfg.data, tokenizer, cfg, "train")
     if d.main:  # (KTO: the checks see each row's own completion, not the mismatched one added for z0)
@@ -399,6 +412,8 @@ def setup(cfg: TrainConfig, d, run: RunDir, sources: Sources | None = None) -> T
     trainer = Trainer(cfg, d, run, device, policy, ref_model, train_set, eval_set, train_ref, eval_ref, collate,
                       loss_spec, loss_params(cfg), sharded,
                       tokenizer, dict(report.counts), RunningMean() if loss_spec.running_mean else None)
+    if cfg.ref_sync_every and ref_model is policy and is_lora(policy):  # one base; πref's own adapter
+        trainer.lora_ref = LoraReference(policy)
     if cfg.memory_budget is not None:
         apply_memory_budget(trainer)
     return trainer
@@ -407,9 +422,25 @@ def setup(cfg: TrainConfig, d, run: RunDir, sources: Sources | None = None) -> T
 def apply_memory_budget(t: Trainer) -> None:
     """--memory-budget: the micro-batch size measured to fit (`training.plan`), logged and recorded."""
     keep = t.run.checkpoint_setting(t.cfg, "micro_batch_size")  # a resumed run keeps its own
+    # checkpointed, a layer attends through a dense mask (`packed_row_tokens`): rows of one example
+    checkpointed = make_collate(t.cfg.layout, t.tokenizer.pad_token_id, t.cfg.row_tokens or None)
+    if keep is not None and t.run.checkpoint_setting(t.cfg, "activation_checkpointing") \
+            and not t.cfg.activation_checkpointing:  # turned on by the budget of the run it continues
+        t.cfg.activation_checkpointing = True
+        enable_activation_checkpointing(t.policy)
+        t.collate = checkpointed
+    if keep is not None and t.run.checkpoint_setting(t.cfg, "optimizer_offload"):
+        t.cfg.optimizer_offload = True
     t.memory_plan = plan_for_budget(t.cfg, t.policy, t.train_set, t.collate, t.device, t.d.world, keep,
-                                    t.d.sum_stats if t.d.enabled else None)
+                                    t.d.sum_stats if t.d.enabled else None, checkpointed)
     t.cfg.micro_batch_size = t.memory_plan["micro_batch_size"]
+    if t.memory_plan["escalation"]:  # recorded in the settings, and so in every checkpoint
+        log(t.memory_plan["escalation"])
+        if t.memory_plan["activation_checkpointing"] and not t.cfg.activation_checkpointing:
+            enable_activation_checkpointing(t.policy)
+            t.collate = checkpointed  # (a precomputed reference table keeps the layout it was computed in)
+        t.cfg.activation_checkpointing = t.memory_plan["activation_checkpointing"]
+        t.cfg.optimizer_offload = t.cfg.optimizer_offload or t.memory_plan["optimizer_offload"]
     log(format_memory_plan(t.memory_plan))
     if not t.memory_plan["fits"]:
         log(f"warning: the resumed run keeps micro-batch {keep} from its checkpoint, over the budget")
@@ -451,7 +482,7 @@ def train(cfg: TrainConfig, callbacks=(), sources: Sources | None = None) -> dic
 def run_training(t: Trainer, callbacks=()) -> dict:
     """Optimizer, resume, the steps (`run.run_steps`: the one loop of every trainer), then save."""
     cfg, d, run = t.cfg, t.d, t.run
-    t.optimizer = build_optimizer(t.policy.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay)
+    t.optimizer = make_optimizer(t.policy.parameters(), cfg, t.device)  # (--optimizer-offload: `offload`)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(t.train_set) / cfg.batch_size)))
     t.scheduler = lr_schedule(t.optimizer, cfg, total_steps)
     announce(t, total_steps)

@@ -7,6 +7,46 @@ from pathlib import Path
 
 from ..errors import MissingPackageError
 
+# `--quantize`: the base weights as bitsandbytes holds them (`models.quantization_config`); here, not
+# there, because the settings read it to build `--help`, which loads no torch.
+QUANTIZE = ("none", "nf4", "fp4", "int8")
+
+
+def check_quantize(cfg) -> None:
+    """The `--quantize` settings of a `TrainConfig` that cannot work, refused before anything
+    loads, one line each; a missing bitsandbytes names the extra to install."""
+    from ..config import ConfigError
+
+    q = cfg.quantize
+    if q == "none" or not q:
+        if not cfg.double_quant:
+            raise ConfigError("--no-double-quant: only --quantize nf4 or fp4 reads it (there is nothing quantized)")
+        return
+    if q not in QUANTIZE:
+        raise ConfigError(f"--quantize {q!r}: choose {', '.join(QUANTIZE)}")
+    from ..models import is_adapter_dir
+
+    adapters = cfg.lora_r or is_adapter_dir(cfg.model)  # (--model ADAPTER_DIR: its adapter trains on)
+    why = ("quantized weights do not train: add LoRA adapters with --lora-r (QLoRA trains the adapters alone)"
+           if not adapters else
+           "FSDP2 shards plain tensors, not bitsandbytes' quantized weights; drop --fsdp" if cfg.fsdp else
+           "merging the adapters into rounded quantized weights saves a model other than the one trained; drop "
+           "--merge (the adapters are saved) and merge them into the unquantized base" if cfg.merge else
+           "--no-double-quant is for the 4-bit formats (int8 has one scale per row)"
+           if q == "int8" and not cfg.double_quant else None)
+    if why:
+        raise ConfigError(f"--quantize {q}: {why}")
+    from ..models import require_bitsandbytes
+
+    require_bitsandbytes(f"--quantize {q}")
+
+
+def quantize_kwargs(cfg) -> dict:
+    """`models.load_model`'s keywords for the run's `--quantize` (none: {})."""
+    if getattr(cfg, "quantize", "none") in ("none", None):
+        return {}
+    return {"quantize": cfg.quantize, "precision": cfg.precision, "double_quant": cfg.double_quant}
+
 
 def apply_lora(model, r: int, alpha: float, target_modules: str, dropout: float = 0.0):
     try:
@@ -57,7 +97,12 @@ def is_lora(model) -> bool:
 
 
 def adapters_disabled(model):
-    """Context in which `model` computes πref: adapters off for a LoRA model, else as it is."""
+    """Context in which `model` computes πref: adapters off for a LoRA model (or, when it holds a
+    reference adapter, `--ref ADAPTER_DIR`, that adapter alone on: `adapters`), else as it is."""
+    from .adapters import has_reference_adapter, reference_adapter_on
+
+    if has_reference_adapter(model):
+        return reference_adapter_on(model)
     return model.disable_adapter() if is_lora(model) else contextlib.nullcontext()
 
 
@@ -85,6 +130,9 @@ def save_policy(model, out, merge: bool = False, state_dict: dict | None = None)
     from ..diskio import staging_dir, tensor_bytes, warn_if_short
     from .export import remove_stale_weights
 
+    from .adapters import drop_reference_adapter
+
+    drop_reference_adapter(model)  # πref's adapter (--ref ADAPTER_DIR) is no part of the trained policy
     if is_lora(model) and merge:
         model = model.merge_and_unload()
     elif is_lora(model):
@@ -101,5 +149,13 @@ def save_policy(model, out, merge: bool = False, state_dict: dict | None = None)
             model.save_pretrained(tmp, state_dict=state_dict)
         else:
             model.save_pretrained(tmp)
+        if is_lora(model) and state_dict is None:
+            from ..console import log
+            from .adapters import fold_onto_root
+
+            # a new adapter on a merged --model adapter: saved as one LoRA on the true base
+            folded = fold_onto_root(tmp)
+            if folded:
+                log(f"{out}: {folded}")
         # weight files of an earlier save into `out` that this one does not rewrite (another shard count)
         remove_stale_weights(Path(out), [f.name for f in tmp.iterdir()])

@@ -10,7 +10,12 @@ from ..errors import UserValueError
 if TYPE_CHECKING:
     import torch
 
-OPTIMIZERS = ("rmsprop", "adamw", "sgd")
+OPTIMIZERS = ("rmsprop", "adamw", "sgd", "adamw8bit", "paged_adamw8bit")
+# bitsandbytes' block-wise 8-bit AdamW (Dettmers et al. 2022): both moments as 8-bit codes with one
+# fp32 absmax per block of 256 values; tensors under 4096 values keep fp32 moments (bitsandbytes'
+# `min_8bit_size`: their state is too small to be worth quantizing). `paged_`: on CUDA the state lives
+# in unified memory that the driver pages out to host memory under pressure.
+BNB_OPTIMIZERS = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit"}
 
 
 def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -26,7 +31,43 @@ def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0) -> 
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=_fusable(params) or None)
     if name == "sgd":  # plain SGD: the update is lr × the gradient, nothing rescaled
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if name in BNB_OPTIMIZERS:
+        return _bnb_optimizer(params, name, lr, weight_decay)
     raise UserValueError(f"unknown optimizer {name!r}; choose {', '.join(OPTIMIZERS)}")
+
+
+def _bnb_optimizer(params: list, name: str, lr: float, weight_decay: float):
+    """bitsandbytes' 8-bit AdamW (`BNB_OPTIMIZERS`), betas and eps as torch's AdamW. Its state
+    (8-bit codes, absmaxes, quantization maps) is a plain tensor state_dict: checkpointed and
+    restored like any other optimizer's."""
+    import warnings
+
+    from ..console import log
+    from ..models import require_bitsandbytes
+
+    require_bitsandbytes(f"--optimizer {name}")
+    import bitsandbytes as bnb
+
+    if name.startswith("paged_") and not any(p.is_cuda for p in params):
+        log(f"--optimizer {name}: paging works on CUDA only; on the CPU its state stays in ordinary memory")
+        # bitsandbytes warns of it again at the first step (when it allocates the state): said above
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    return getattr(bnb.optim, BNB_OPTIMIZERS[name])(params, lr=lr, weight_decay=weight_decay)
+
+
+def check_optimizer(cfg) -> None:
+    """An 8-bit optimizer needs bitsandbytes (the extra to install, said before anything loads) and
+    plain tensors (not FSDP's sharded DTensor parameters)."""
+    if cfg.optimizer not in BNB_OPTIMIZERS:
+        return
+    if getattr(cfg, "fsdp", False):
+        from ..config import ConfigError
+
+        raise ConfigError(f"--optimizer {cfg.optimizer}: bitsandbytes steps plain tensors, not FSDP's sharded "
+                          "parameters; use adamw with --fsdp")
+    from ..models import require_bitsandbytes
+
+    require_bitsandbytes(f"--optimizer {cfg.optimizer}")
 
 
 def _fusable(params: list) -> bool:

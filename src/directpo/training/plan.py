@@ -7,6 +7,16 @@ device, in bytes (W = processes × nodes; P = all parameters, T = trainable ones
 adapters; H = the LM head's parameters, b = a block's):
 
     weights      4·P (fp32 master weights; bf16 only autocasts the matmuls)
+                 --quantize (QLoRA; bitsandbytes' layouts, measured equal on the loaded model): each
+                 linear layer but the LM head, n = in·out weights, holds nf4/fp4: n/2 (two 4-bit codes
+                 a byte) + n/64 absmax bytes (blocks of 64; --no-double-quant: 4·n/64, fp32) + with
+                 double quantization 4·⌈(n/64)/256⌉ (the absmaxes' own fp32 absmax per 256) + 1092
+                 per tensor (the code tables, 16 + 256 fp32, and an fp32 offset; 64 without): about
+                 0.516 byte per weight; int8 (LLM.int8): n + 4·out (an fp32 scale per row). The
+                 rest (embeddings, norms, the LM head) stays 4 bytes per parameter, and the
+                 adapters 4·T. One quantized weight at a time is dequantized for its matmul (forward
+                 and backward: bitsandbytes keeps no dequantized copy): the largest, in the compute
+                 dtype (2 bytes with bf16, else 4), is `dequantized_weight`; no bf16 weight copies
                  FSDP: 4·P/W, plus what is gathered at once: two blocks (the one computing, the
                  one prefetched) at 4 bytes per parameter (2 with --precision bf16), or the LM head
                  (gathered in fp32 even under bf16: its matmul stays fp32) and one block
@@ -15,7 +25,11 @@ adapters; H = the LM head's parameters, b = a block's):
                  lean MLP's down projection casts its weight again in the backward and keeps none,
                  with or without LoRA). FSDP gathers bf16 weights: none.
     gradients    4·T (FSDP: the sharded part / W)
-    optimizer    4·T × states: adamw 2, rmsprop 1, sgd 0 (FSDP: / W as the gradients)
+    optimizer    4·T × states: adamw 2, rmsprop 1, sgd 0 (FSDP: / W as the gradients);
+                 adamw8bit, paged_adamw8bit (bitsandbytes): per trainable tensor of n values, 2·n
+                 (two 8-bit moments) + 8·⌈n/256⌉ (an fp32 absmax per block of 256, each moment),
+                 but 8·n (fp32 moments) for a tensor under 4096 values; + 2 KiB of code tables
+                 (once, when any tensor is 8-bit)
     reference    precomputed (default): a table of 4 bytes per response, nothing during training;
                  --no-precompute-ref: a second frozen copy, 4·P (none with LoRA: the reference is
                  the same network with its adapters off)
@@ -25,13 +39,16 @@ adapters; H = the LM head's parameters, b = a block's):
                      kept at 4 bytes: 2·h (the block's input and middle residual stream, which
                      the RMSNorms keep with one rsqrt per token: `directpo.fused.lean_norms`;
                      autograd op by op would also keep each norm's normalised input, 2·h more)
-                     kept at 4 bytes, 2 with bf16: n·h + 3q + k + 2i, where n·h are the RMSNorms'
+                     kept at 4 bytes, 2 with bf16: n·h + 3q + k + 2i (--quantize: 4i, see below), where n·h are the RMSNorms'
                      outputs (fp32: n = 2, one per norm, shared by the projections reading it;
                      bf16: n = 5, autocast casts it anew for each of q, k, v, gate and up, and each
                      matmul keeps its cast), 3q the rotated queries, the attention output as
                      attention keeps it and the contiguous copy o_proj keeps, k the keys and values
                      (bf16: + k/2, the two attention calls of a packed segment each cast the keys),
-                     2i the MLP's gate and up (the lean SwiGLU of `directpo.fused` keeps those two)
+                     2i the MLP's gate and up (the lean SwiGLU of `directpo.fused` keeps those two;
+                     it takes plain linear layers, so with --quantize the MLP runs op by op and
+                     keeps 4i: gate, silu(gate), up, and their product for the down projection's
+                     adapter)
                  summed over the layers, plus 4·t·h (embeddings and final hidden state) and the LM
                  head's backward: one 32 MiB chunk of fp32 logits at a time (turned into their
                  gradient in place; the forward's last chunk stays alive until then, the
@@ -45,7 +62,8 @@ adapters; H = the LM head's parameters, b = a block's):
 
 A run fits when the sum is at most 90 % of the device's memory: the rest goes to the CUDA context,
 the allocator's fragmentation and temporaries. `--fsdp-cpu-offload` moves the sharded weights,
-gradients and optimizer state to host memory (listed, not counted against the device).
+gradients and optimizer state to host memory (listed, not counted against the device);
+`--optimizer-offload` (one process) the optimizer state alone.
 
 Setup is planned too: under FSDP every rank builds the model on the meta device, shards it, and
 reads only its own rows of each tensor from the safetensors files, straight into its shards
@@ -54,16 +72,23 @@ adapters' share).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 from ..config import ConfigError, check_ranges, setting
 from ..errors import UserValueError
+from .lora import QUANTIZE
+from .optim import BNB_OPTIMIZERS
 
 GiB = 1024 ** 3
 HEAD_CHUNK_BYTES = 4 * (1 << 23)  # directpo.logprobs: _CHUNK_ELEMENTS fp32 logits per LM-head chunk
 HEAD_BACKWARD_CHUNKS = 1  # chunks of logits alive at once in the head's backward (built in place)
 USABLE = 0.9  # of the device's memory; the rest: CUDA context, fragmentation, temporaries
-OPTIMIZER_STATES = {"adamw": 2, "rmsprop": 1, "sgd": 0}
+# fp32 states per trainable parameter; the 8-bit AdamWs' ≈ 2 bytes + an fp32 absmax per 256 (as a
+# fraction of 4 bytes, for `training.budget`; `optimizer_bytes` counts them tensor by tensor)
+OPTIMIZER_STATES = {"adamw": 2, "rmsprop": 1, "sgd": 0, "adamw8bit": (2 + 8 / 256) / 4,
+                    "paged_adamw8bit": (2 + 8 / 256) / 4}
+MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep fp32 moments
+QUANT_BLOCK, STATE_BLOCK = 64, 256  # weights per 4-bit absmax; optimizer-state values per 8-bit absmax
 
 
 @dataclass
@@ -78,13 +103,19 @@ class PlanConfig:
     micro_batch_size: int = setting(8, "pairs per forward/backward on one device", ge=1)
     max_length: int = setting(512, "max tokens of prompt + response", ge=2)
     precision: str = setting("fp32", "fp32, or bf16 (autocast; fp32 master weights)", choices=["fp32", "bf16"])
-    optimizer: str = setting("rmsprop", "optimizer (its state per trainable parameter: adamw 2, rmsprop 1, sgd 0)",
+    optimizer: str = setting("rmsprop", "optimizer (its state per trainable parameter: adamw 2, rmsprop 1, sgd 0 "
+                                        "fp32 values; adamw8bit and paged_adamw8bit ~2 bytes)",
                              choices=list(OPTIMIZER_STATES))
     fsdp: bool = setting(False, "shard weights, gradients and optimizer state over the devices (FSDP2)")
     fsdp_cpu_offload: bool = setting(False, "with --fsdp: the shards, gradients and optimizer state in host memory")
     activation_checkpointing: bool = setting(False, "recompute each block's activations in the backward")
+    optimizer_offload: bool = setting(False, "the optimizer state in host memory, stepped there (one process; "
+                                             "with --fsdp: --fsdp-cpu-offload)")
     lora_r: int = setting(0, "LoRA rank, adapters on every linear layer of the blocks (0: full fine-tuning)", ge=0)
     precompute_ref: bool = setting(True, "reference log-probs precomputed (no reference model during training)")
+    quantize: str = setting("none", "the base's linear layers quantized by bitsandbytes (QLoRA, with --lora-r): "
+                                    "nf4 or fp4 (~0.52 byte per weight), int8 (~1 byte)", choices=list(QUANTIZE))
+    double_quant: bool = setting(True, "with --quantize nf4/fp4: the 4-bit blocks' scales quantized too")
     memory_per_device: float = setting(80.0, "memory of one device, GiB", gt=0)
     trust_remote_code: bool = setting(False, "allow the model repo's own Python code (to read its config)")
     json: bool = setting(False, "print the plan as JSON")
@@ -103,6 +134,16 @@ class PlanConfig:
                               f"({self.micro_batch_size})")
         if self.fsdp_cpu_offload and not self.fsdp:
             raise ConfigError("--fsdp-cpu-offload shapes FSDP sharding: it needs --fsdp")
+        if self.optimizer_offload and self.fsdp:
+            raise ConfigError("--optimizer-offload is for one process's optimizer; with --fsdp use --fsdp-cpu-offload")
+        why = ("quantized weights do not train: add --lora-r" if self.quantize != "none" and not self.lora_r else
+               "it does not combine with --fsdp" if self.quantize != "none" and self.fsdp else None)
+        if why:
+            raise ConfigError(f"--quantize {self.quantize}: {why}")
+        if not self.double_quant and self.quantize not in ("nf4", "fp4"):
+            raise ConfigError("--no-double-quant: only --quantize nf4 or fp4 reads it")
+        if self.optimizer in BNB_OPTIMIZERS and self.fsdp:
+            raise ConfigError(f"--optimizer {self.optimizer}: bitsandbytes steps plain tensors, not FSDP's shards")
         return self
 
 
@@ -121,6 +162,10 @@ class Shape:
     lora_per_rank: int  # LoRA parameters per unit of rank, adapters on every linear of the blocks
     tied: bool
     vocab: int = 0  # rows of the LM head (tied or not)
+    # every linear layer but the LM head (what --quantize quantizes), as [in, out, how many]
+    linears: list = field(default_factory=list)
+    small_params: int = 0  # parameters in tensors under MIN_8BIT_SIZE values (fp32 moments in 8-bit AdamW)
+    state_blocks: int = 0  # Σ ⌈n/256⌉ over the other tensors: 8-bit AdamW's absmaxes per moment
 
 
 def model_shape(name_or_dir: str, trust_remote_code: bool = False) -> Shape:
@@ -129,7 +174,12 @@ def model_shape(name_or_dir: str, trust_remote_code: bool = False) -> Shape:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..models import check_model_source, quiet_transformers, remote_code_error, unwrap_peft
+    from .adapters import adapter_numel, read_adapter_dir
 
+    adapter = read_adapter_dir(name_or_dir)  # an adapter directory: its base's shape plus its adapter's weights
+    if adapter is not None:  # (adapters below it in a chain are merged into the base: no weights of their own)
+        s = model_shape(adapter.root, trust_remote_code)
+        return replace(s, params=s.params + adapter_numel(adapter.path))
     check_model_source(name_or_dir)
     quiet_transformers()
     try:
@@ -158,7 +208,14 @@ def shape_of(model) -> Shape:
     head_dim = getattr(text, "head_dim", None) or hidden // heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     lora = sum(m.in_features + m.out_features for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear))
-    return Shape(params=sum(p.numel() for p in model.parameters()),
+    linears: dict = {}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m is not head:
+            linears[(m.in_features, m.out_features)] = linears.get((m.in_features, m.out_features), 0) + 1
+    sizes = [p.numel() for p in model.parameters()]
+    return Shape(params=sum(sizes), linears=[[i, o, c] for (i, o), c in linears.items()],
+                 small_params=sum(n for n in sizes if n < MIN_8BIT_SIZE),
+                 state_blocks=sum(-(-n // STATE_BLOCK) for n in sizes if n >= MIN_8BIT_SIZE),
                  head=0 if tied or head is None else head.weight.numel(),
                  block=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
                  layers=len(blocks) or text.num_hidden_layers, hidden=hidden, q_dim=heads * head_dim,
@@ -170,6 +227,38 @@ def head_bytes(s: Shape, cfg: PlanConfig) -> int:
     """The LM head's part of a micro-batch's activations: its backward's chunk of logits, and its
     gradient of this micro-batch when it trains (see the module docstring)."""
     return HEAD_BACKWARD_CHUNKS * HEAD_CHUNK_BYTES + (0 if cfg.lora_r else 4 * s.vocab * s.hidden)
+
+
+def quantized_linears(s: Shape, cfg: PlanConfig) -> tuple[int, int]:
+    """(bytes, parameters) of the linear layers `--quantize` quantizes (all but the LM head), as
+    bitsandbytes holds them (module docstring); (0, 0) without --quantize."""
+    total = count = 0
+    for i, o, c in ([] if cfg.quantize == "none" else s.linears):
+        n = i * o
+        if cfg.quantize == "int8":
+            held = n + 4 * o
+        else:
+            blocks = -(-n // QUANT_BLOCK)
+            held = -(-n // 2) + (blocks + 4 * -(-blocks // STATE_BLOCK) + 1092 if cfg.double_quant else 4 * blocks + 64)
+        total, count = total + c * held, count + c * n
+    return total, count
+
+
+def optimizer_bytes(s: Shape, cfg: PlanConfig, trainable: float) -> float:
+    """The optimizer's state (module docstring): fp32 states × `trainable`, or bitsandbytes' 8-bit
+    AdamW counted tensor by tensor (the full model's, or each adapter's: r × in and out × r)."""
+    if cfg.optimizer not in BNB_OPTIMIZERS:
+        return 4 * trainable * OPTIMIZER_STATES[cfg.optimizer]
+    tables = 2 * 256 * 4  # the two moments' quantization maps, shared by every 8-bit tensor
+    if not cfg.lora_r:
+        quantized = s.params - s.small_params
+        return 8 * s.small_params + 2 * quantized + 8 * s.state_blocks + (tables if quantized else 0)
+
+    def state(n: int) -> int:
+        return 8 * n if n < MIN_8BIT_SIZE else 2 * n + 8 * -(-n // STATE_BLOCK)
+
+    sizes = [cfg.lora_r * d for i, o, c in s.linears for d in (i, o) for _ in range(c)]
+    return sum(state(n) for n in sizes) + (tables if max(sizes, default=0) >= MIN_8BIT_SIZE else 0)
 
 
 def activation_bytes(s: Shape, cfg: PlanConfig, micro_batch: int) -> int:
@@ -184,13 +273,14 @@ def activation_bytes(s: Shape, cfg: PlanConfig, micro_batch: int) -> int:
         layers = s.layers * residual + full_layer
     else:
         keys = s.kv_dim + (s.kv_dim // 2 if bf16 else 0)  # bf16: the keys (half of kv) cast once more
-        layers = s.layers * (2 * residual + low * t * (norms + 3 * s.q_dim + keys + 2 * s.intermediate))
+        mlp = (4 if cfg.quantize != "none" else 2) * s.intermediate  # (quantized: no lean SwiGLU)
+        layers = s.layers * (2 * residual + low * t * (norms + 3 * s.q_dim + keys + mlp))
     return layers + 2 * residual + head_bytes(s, cfg)
 
 
 def bf16_weight_copies(s: Shape, cfg: PlanConfig) -> int:
     """Autocast's bf16 copies of the blocks' weights kept for the backward (module docstring)."""
-    if cfg.precision != "bf16" or cfg.fsdp:
+    if cfg.precision != "bf16" or cfg.fsdp or cfg.quantize != "none":  # (quantized: `dequantized_weight`)
         return 0
     return 2 * s.layers * (s.block - s.hidden * s.intermediate)
 
@@ -212,22 +302,27 @@ def memory_plan(s: Shape, cfg: PlanConfig) -> dict:
     w = cfg.world if cfg.fsdp else 1
     trainable = cfg.lora_r * s.lora_per_rank if cfg.lora_r else s.params
     per_trainable = trainable / w  # FSDP shards every parameter, the LM head's too
-    weights = 4 * s.params / w
+    quantized, quantized_params = quantized_linears(s, cfg)
+    weights = 4 * (s.params - quantized_params) / w + quantized
     if cfg.lora_r:
         weights += 4 * per_trainable
     parts = {
         "weights": weights,
         "bf16_weight_copies": bf16_weight_copies(s, cfg),
         "gradients": 4 * per_trainable,
-        "optimizer": 4 * per_trainable * OPTIMIZER_STATES[cfg.optimizer],
+        "optimizer": optimizer_bytes(s, cfg, per_trainable),
         "fsdp_gathered_blocks": gathered_bytes(s, cfg),
         "reference_model": 0 if cfg.precompute_ref or cfg.lora_r else 4 * s.params,
         "activations": activation_bytes(s, cfg, cfg.micro_batch_size),
     }
+    if quantized:  # the largest quantized weight, dequantized for its matmul (compute dtype)
+        parts["dequantized_weight"] = max(i * o for i, o, _ in s.linears) * (2 if cfg.precision == "bf16" else 4)
     host = {}
     if cfg.fsdp_cpu_offload:  # the shards leave the device, all of them
         for k in ("weights", "gradients", "optimizer"):
             host[k], parts[k] = parts[k], 0
+    if cfg.optimizer_offload:  # (an fp32 master copy too where weights are not fp32: never here, they are)
+        host["optimizer"], parts["optimizer"] = parts["optimizer"], 0
     total = sum(parts.values())
     budget = cfg.memory_per_device * GiB * USABLE
     # FSDP: a rank reads its own rows of each tensor straight into its shards (`_fill_shards`)
@@ -250,14 +345,19 @@ def largest_micro_batch(s: Shape, cfg: PlanConfig, parts: dict, budget: float) -
 
 def suggest(s: Shape, cfg: PlanConfig) -> tuple[PlanConfig, dict] | None:
     """The least intrusive change that makes the run fit, tried in order and accumulated: a smaller
-    micro-batch, activation checkpointing, FSDP (several devices), LoRA (r = 16). None: nothing
+    micro-batch, activation checkpointing, the optimizer state in host memory (one device), FSDP
+    (several devices), LoRA (r = 16). None: nothing
     of that fits (more devices are needed)."""
     from dataclasses import replace
 
     steps = [{}, {"activation_checkpointing": True}]
+    if cfg.world == 1 and not cfg.optimizer_offload:  # (several devices: FSDP shards the state instead)
+        steps.append({"optimizer_offload": True})
     if cfg.world > 1 and not s.tied:
         steps.append({"fsdp": True})
     steps.append({"lora_r": cfg.lora_r or 16})
+    if cfg.quantize == "none":  # QLoRA last: a 4-bit base, one whole copy per device (no FSDP)
+        steps.append({"quantize": "nf4", "fsdp": False, "fsdp_cpu_offload": False})
     changes: dict = {}
     for step in steps:
         changes.update(step)
@@ -308,6 +408,7 @@ def format_plan(result: dict) -> str:
              f"{world} device(s) of {cfg['memory_per_device']:g} GiB, {mode}",
              f"micro-batch {cfg['micro_batch_size']} pairs × 2 × {cfg['max_length']} tokens, {cfg['precision']}, "
              f"{cfg['optimizer']}" + (f", LoRA r={cfg['lora_r']}" if cfg["lora_r"] else "")
+             + (f", base quantized {cfg['quantize']}" if cfg.get("quantize", "none") != "none" else "")
              + (", activation checkpointing" if cfg["activation_checkpointing"] else ""), ""]
     for k, v in p["parts"].items():
         lines.append(f"  {k.replace('_', ' '):<22}{_gib(v)}")

@@ -20,9 +20,10 @@ from ..logprobs import dataset_logps
 from ..losses import LossSpec, get_loss
 from ..models import check_vocab, empty_model, enable_activation_checkpointing, freeze, load_model
 from ..reference import cached_table, default_cache_dir, model_fingerprint, open_cache
+from .adapters import add_reference_adapter, adapt_policy, base_key, read_adapter_dir
 from .config import TrainConfig
 from .distributed import Dist, GatheredState, fsdp_kwargs
-from .lora import adapters_disabled, apply_lora, apply_lora_to_empty, is_lora
+from .lora import adapters_disabled, apply_lora, apply_lora_to_empty, is_lora, quantize_kwargs
 
 # ----------------------------------------------------------------------------------------------
 # Data
@@ -142,29 +143,72 @@ def load_policy_and_reference(cfg: TrainConfig, tokenizer, device, loss_spec: Lo
     model is given. When its log-probs are precomputed, the untouched policy itself serves (no
     second copy); with LoRA, the same network with adapters disabled."""
     sources = sources or Sources()
+    adapter = read_adapter_dir(cfg.model) if sources.model is None else None  # --model ADAPTER_DIR: its base
     if sources.model is not None:
         if cfg.lora_r and is_lora(sources.model):
             raise UserValueError("the model given already has LoRA adapters: leave lora_r at 0 to train them, or pass "
                                  "its base model to add new ones")
+        if quantize_kwargs(cfg):  # (a model already quantized is used as it is, with quantize left at none)
+            raise UserValueError(f"quantize={cfg.quantize!r} loads the model by name; a model given as an object is "
+                                 "used as it is: load it quantized yourself (transformers' BitsAndBytesConfig)")
         policy = sources.model.to(device)
     else:
-        policy = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code, empty=empty)
+        policy = load_model(adapter.root if adapter else cfg.model, device, trust_remote_code=cfg.trust_remote_code,
+                            empty=empty, **quantize_kwargs(cfg))
     check_vocab(tokenizer, policy, cfg.model)
+    if adapter is not None:  # continue training its adapter, or (--lora-r) merge it for a new one
+        policy = adapt_policy(policy, adapter, cfg.lora_r)
     if cfg.lora_r:
         policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_dropout)
     policy.train()
     if not loss_spec.needs_reference:
         return policy, None
+    if sources.ref_model is None and reference_adapter(cfg, policy, adapter):
+        return policy, policy  # πref: the same network with its reference adapter, or adapters disabled
     if sources.ref_model is not None or (cfg.ref and cfg.ref != cfg.model):
         ref_model = freeze(sources.ref_model.to(device) if sources.ref_model is not None else
-                           load_model(cfg.ref, device, trust_remote_code=cfg.trust_remote_code, empty=empty))
+                           load_model(cfg.ref, device, trust_remote_code=cfg.trust_remote_code, empty=empty,
+                                      **quantize_kwargs(cfg)))
         check_vocab(tokenizer, policy, cfg.model, ref=ref_model, ref_name=cfg.ref)
         if cfg.ref_sync_every:
             check_same_shapes(policy, ref_model, cfg.model, cfg.ref)
         return policy, ref_model
-    if (cfg.precompute_ref or cfg.lora_r) and not cfg.ref_sync_every:
+    # LoRA: πref is the same network (adapters disabled, or TR-DPO's reference adapter: `loop.setup`)
+    if is_lora(policy) or (cfg.precompute_ref and not cfg.ref_sync_every):
         return policy, policy
     return policy, freeze(copy.deepcopy(policy))
+
+
+def reference_adapter(cfg: TrainConfig, policy, adapter) -> bool:
+    """Whether πref is the policy's own network (one copy of the base), and if so set it up: --ref
+    ADAPTER_DIR (loaded as the "reference" adapter on the policy's base), the --model adapter's own
+    model (trained further: a frozen copy as the reference adapter; merged for a new adapter: the
+    new adapters disabled), or --ref naming that adapter's base (adapters disabled)."""
+    def ref_names(path: str) -> bool:
+        return bool(cfg.ref) and base_key(cfg.ref) == base_key(path)
+
+    same = adapter is not None and ref_names(adapter.path)
+    its_base = adapter is not None and ref_names(adapter.base)
+    # --ref naming the --model adapter itself is its default πref (`directpo pipeline`'s stage 2 names both)
+    ref = None if same or its_base else read_adapter_dir(cfg.ref, "--ref")  # (refusals: `check_adapter_settings`)
+    if ref is not None:
+        if not is_lora(policy):
+            raise UserValueError(f"--ref {cfg.ref}: a reference adapter shares the policy's base weights, which full "
+                                 "fine-tuning changes: add --lora-r")
+        add_reference_adapter(policy, ref, adapter.base if adapter is not None else cfg.model, "--ref",
+                              continued=False)
+        return True
+    if adapter is None or its_base and cfg.lora_r:  # (merged: the base alone is no longer in memory)
+        return False
+    if its_base:
+        log(f"--ref {cfg.ref}: πref = the base of --model {cfg.model} (its adapter disabled; one copy of the base)")
+        return True
+    if cfg.lora_r:  # merged: πref is the merged model, the new adapters disabled
+        return same
+    if cfg.ref and not same:
+        return False  # a whole model of its own
+    add_reference_adapter(policy, adapter, adapter.base, "--model", continued=True)
+    return True
 
 
 def load_sharded(cfg: TrainConfig, d: Dist, tokenizer, loss_spec: LossSpec):

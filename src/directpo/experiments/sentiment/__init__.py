@@ -15,14 +15,14 @@ library's own commands/APIs and each resumable (a killed study continues where i
                 scorer over KL coefficients (`ppo`); each saves several checkpoints, each evaluated on
                 the eval prompts (`directpo eval`: ground-truth reward, KL from samples of π, length);
                 opt-in (`--methods ...,online_dpo`): online DPO rounds (`directpo online`), a point each;
-                then, where PPO reached further in KL than every DPO run, the furthest DPO run trains
-                on until it covers that range (`coverage`)
-  8 report      points.json / points.csv, frontier.png, summary.md (frontier areas with error bars)
+                then the coverage rule: a method whose runs fall short of the KL the others reach
+                trains its furthest run on (PPO-type: to a plateau or DPO's FLOPs; `coverage`, `budgets`)
+  8 report      points.json / points.csv, frontier.png, summary.md (hull gaps, crossings, budgets)
 
 Modules: `config` (settings, presets), `corpus` (reading and cleaning reviews), `resume` (the
 resumable-step helper), `stages` (1–5), `runs`, `evaluation` and `coverage` (6–7), `report` (8).
 
-Presets: `smoke` (every stage on a tiny model, CI), `cpu-small` (≤ 60 min on 2 CPU cores),
+Presets: `smoke` (every stage on a tiny model, CI), `cpu-small` (~1 h or more on 2 CPU cores),
 `paper` (gpt2-large fine-tuned on IMDb, the siebert classifier, on a GPU). Any preset value can be
 overridden by its flag.
 """
@@ -35,6 +35,7 @@ from pathlib import Path
 from ...console import log
 from ..common import STUDY_RECORD, StudyClock, study_dir
 from .config import PRESETS, SentimentConfig, preset_defaults, sentiment_config
+from .budgets import settings_counts
 from .coverage import cover_kl_range
 from .evaluation import eval_best_of_n, eval_point, eval_run
 from .online_runs import offline_cost, run_online_dpo
@@ -50,6 +51,10 @@ def run_sentiment(cfg: SentimentConfig) -> dict:
     """Run (or continue) the whole study in cfg.output_dir, once per seed with `seeds`; returns what
     summary.json holds."""
     cfg.validate()
+    if cfg.report_only:
+        from .report import rewrite_reports
+
+        return rewrite_reports(cfg)
     if cfg.seeds:
         from .seeds import run_seeds
 
@@ -73,6 +78,10 @@ def _run_one_seed(cfg: SentimentConfig, out: Path) -> dict:
     clock = StudyClock("sentiment", N_STAGES, out / "study_time.json")
     scorer = ground_truth(cfg)
     runs = plan_runs(cfg)
+    counts = settings_counts(cfg)
+    if len(set(counts.values())) > 1:  # the rule is the same number for every method; said, not enforced
+        log("sentiment: warning: unequal numbers of strength settings ("
+            + ", ".join(f"{m} {n}" for m, n in counts.items()) + "): the frontier of a method with more is favoured")
 
     info: dict = {}
     info["corpus"] = clock.step(1, "corpus", stage_corpus, cfg, out)
@@ -92,8 +101,9 @@ def _run_one_seed(cfg: SentimentConfig, out: Path) -> dict:
     for k, run in enumerate(runs, 1):
         clock.step(7, f"run {k}/{len(runs)} {run.name}: train", run_method, cfg, out, sft, run, scorer)
         points += clock.step(7, f"run {k}/{len(runs)} {run.name}: evaluate", eval_run, cfg, out, sft, run, scorer)
-    if cfg.runs_method("dpo"):  # only where a baseline reaches further than every DPO run did
-        points += clock.step(7, "DPO over the baselines' KL range", cover_kl_range, cfg, out, sft, scorer, runs, points)
+    if cfg.dpo_cover:  # only where a method's runs fall short of the KL the others reach
+        points += clock.step(7, "every method over the others' KL range", cover_kl_range, cfg, out, sft, scorer, runs,
+                             points)
     if cfg.runs_method("online_dpo"):
         online_points, info["online_cost"] = clock.step(7, "online DPO", run_online_dpo, cfg, out, sft, scorer)
         points += online_points

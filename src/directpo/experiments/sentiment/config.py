@@ -4,7 +4,9 @@ Precedence: dataclass defaults < preset < YAML `--config` < command-line flags.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 from ...config import build_config, load_yaml, setting
 from ...errors import UserValueError
@@ -22,7 +24,7 @@ PRESETS: dict[str, dict] = {
                   ppo_kl_coefs="0.1", ppo_gt_kl_coefs="0.1", ppo_steps=2, ppo_batch=16, ppo_mini_batch=8,
                   ppo_epochs=1, bon_ns="2,4", eval_points=2, eval_samples=2, eval_batch=32,
                   online_rounds=2, dpo_cover=0.0),  # coverage has its own test
-    # The issue's budget: ≤ 60 min on 2 CPU cores, fp32 (this CPU has no fast bf16).
+    # 2 CPU cores, fp32 (this CPU has no fast bf16): ~1 h or more a seed with the equal-budget rule.
     "cpu-small": dict(),
     # The paper's scale: needs the network (IMDb, gpt2-large, the siebert classifier) and a GPU.
     "paper": dict(corpus="stanfordnlp/imdb", corpus_field="text", init_model="gpt2-large",
@@ -42,7 +44,7 @@ class SentimentConfig:
     """The controlled-sentiment study"""
 
     output_dir: str = setting(None, "where every stage's outputs and the report go", required=True)
-    preset: str = setting("cpu-small", "sizes and budgets: smoke (CI), cpu-small (≤ 60 min, 2 cores), paper (GPU)",
+    preset: str = setting("cpu-small", "sizes and budgets: smoke (CI), cpu-small (~1 h or more, 2 cores), paper (GPU)",
                           choices=list(PRESETS))
     corpus: str | None = setting(None, "review text: a .txt file (one text per line; SST's datasetSentences.txt is "
                                        "recognised), .jsonl/.json/.parquet, or a `datasets` name (default: the SST "
@@ -76,24 +78,27 @@ class SentimentConfig:
     batch_size: int = setting(32, "pairs per step of DPO, Unlikelihood, Preferred-FT and the reward model")
     optimizer: str = setting("adamw", "optimizer of the preference runs", choices=["adamw", "rmsprop"])
     warmup_steps: int = setting(20, "warm-up steps of every training run")
-    dpo_betas: str = setting("0.01,0.05,0.1,0.5,1.0", "DPO: β values (one run each; the smallest reaches the "
-                                                      "largest KL, so DPO's frontier covers PPO's range)")
+    dpo_betas: str = setting("0.01,0.1,1.0", "DPO: β values (one run each; as many as every other method's "
+                                            "settings)")
     dpo_steps: int = setting(160, "DPO: steps per run")
     dpo_lr: float = setting(1e-4, "DPO: learning rate")
-    dpo_cover: float = setting(1.0, "after every run: while DPO's largest KL is below this × the largest KL of PPO "
-                                    "and PPO-GT, train the DPO run that went furthest one more checkpoint interval "
-                                    "and evaluate it (0: off), so DPO's frontier covers the baselines' KL range",
-                               ge=0)
-    dpo_max_steps: int = setting(0, "the cap on that extended run's steps (0: 3 × dpo_steps)", ge=0)
-    ul_weights: str = setting("1.0", "Unlikelihood: α values (weight of the rejected-token term)")
+    dpo_cover: float = setting(1.0, "the coverage rule, after every run: while a method of --cover-methods reaches a "
+                                    "largest KL below this × the largest KL of the others, its furthest run trains "
+                                    "on one checkpoint interval at a time and is evaluated (PPO-type: until its "
+                                    "ground-truth reward plateaus or it has spent DPO's FLOPs; 0: off)", ge=0)
+    cover_methods: str = setting("dpo,unlikelihood,ppo,ppo_gt", "the methods the coverage rule (--dpo-cover) "
+                                 "applies to and compares, comma-separated")
+    dpo_max_steps: int = setting(0, "the cap on a preference run's steps when trained on by the coverage rule "
+                                    "(0: 3 × its steps)", ge=0)
+    ul_weights: str = setting("0.5,1.0,2.0", "Unlikelihood: α values (weight of the rejected-token term)")
     ul_steps: int = setting(160, "Unlikelihood: steps per run")
     ul_lr: float = setting(1e-4, "Unlikelihood: learning rate")
     pft_steps: int = setting(160, "Preferred-FT: steps")
     pft_lr: float = setting(1e-4, "Preferred-FT: learning rate")
     rm_steps: int = setting(150, "reward model: steps")
     rm_lr: float = setting(1e-4, "reward model: learning rate")
-    ppo_kl_coefs: str = setting("0.05,0.2", "PPO with the learned RM: KL coefficients (one run each)")
-    ppo_gt_kl_coefs: str = setting("0.05,0.2", "PPO-GT (the scorer as reward): KL coefficients")
+    ppo_kl_coefs: str = setting("0.02,0.05,0.2", "PPO with the learned RM: KL coefficients (one run each)")
+    ppo_gt_kl_coefs: str = setting("0.02,0.05,0.2", "PPO-GT (the scorer as reward): KL coefficients")
     ppo_steps: int = setting(40, "PPO: steps (rollout batches) per run")
     ppo_lr: float = setting(1e-4, "PPO: learning rate")
     ppo_batch: int = setting(64, "PPO: rollouts per step")
@@ -120,6 +125,14 @@ class SentimentConfig:
     device: str | None = setting(None, "cpu or cuda (default: cuda when available)")
     threads: int = setting(0, "CPU threads for torch (0: torch's default)")
     progress: bool = setting(True, "progress bars")
+    # TODO(#31 item 4): pass through to the sampler's --fixed-length (eval/sampling.py, another change) in
+    # stage 4's pair sampling, PPO's rollouts and every evaluation, once the sampler has it; refused until then.
+    fixed_length: bool = setting(False, "completions of exactly --max-new-tokens tokens (EOS suppressed) for every "
+                                        "method and the preference data: a length-neutral ground truth (not yet "
+                                        "supported: refused)")
+    report_only: bool = setting(False, "rewrite the report (summary.md, summary.json, points, plot; with --seeds, each "
+                                       "seed's and the pooled one) from the points already in OUTPUT_DIR: nothing is "
+                                       "trained or evaluated")
 
     def validate(self) -> "SentimentConfig":
         if self.output_dir is None:
@@ -128,6 +141,13 @@ class SentimentConfig:
             raise UserValueError("need 1 ≤ prompt_min_tokens ≤ prompt_max_tokens")
         if self.eval_points < 1 or self.samples_per_prompt < 2:
             raise UserValueError("eval_points must be ≥ 1 and samples_per_prompt ≥ 2")
+        if self.fixed_length:
+            raise UserValueError("--fixed-length: the study cannot pass it to the sampler yet (issue #31 item 4); "
+                                 "the report's length-controlled view is the length-neutral one for now")
+        bad_cover = set(self.cover_list()) - set(ALL_METHODS)
+        if bad_cover:
+            raise UserValueError(f"--cover-methods: unknown {', '.join(sorted(bad_cover))}; choose from "
+                                 f"{', '.join(ALL_METHODS)}")
         unknown = set(self.method_list()) - set(ALL_METHODS)
         if unknown or not self.method_list():
             raise UserValueError(f"--methods: unknown {', '.join(sorted(unknown)) or '(none given)'}; choose from "
@@ -147,8 +167,19 @@ class SentimentConfig:
     def method_list(self) -> list[str]:
         return [m.strip() for m in str(self.methods).split(",") if m.strip()]
 
+    def cover_list(self) -> list[str]:
+        return [m.strip() for m in str(self.cover_methods).split(",") if m.strip()]
+
     def runs_method(self, method: str) -> bool:
         return method in self.method_list()
+
+
+def recorded_config(out: Path) -> SentimentConfig:
+    """The settings a study recorded in OUT/study_config.json (settings newer than the record at their
+    defaults)."""
+    known = {f.name for f in fields(SentimentConfig)}
+    return SentimentConfig(**{k: v for k, v in json.loads((Path(out) / "study_config.json").read_text()).items()
+                              if k in known})
 
 
 def preset_defaults(name: str) -> dict:

@@ -43,7 +43,17 @@ def measure_point(cfg: SentimentConfig, out: Path, sft: str, scorer, method: str
     fit = length_fit([r["reward"] for r in rows], [r["completion_tokens"] for r in rows])
     return {"method": method, "knob": knob, "step": step, "kl": result["kl_mean"], "kl_se": result["kl_se"],
             "reward": result["reward_mean"], "reward_se": result["reward_se"], "length": result["length_mean"],
-            "length_fit": fit}
+            "length_fit": fit, "prompt_rewards": prompt_means([r["prompt_index"] for r in rows],
+                                                              [r["reward"] for r in rows])}
+
+
+def prompt_means(prompt_index: list[int], values: list[float]) -> list[float]:
+    """The mean of `values` per prompt, in prompt order: what the report's prompt bootstrap resamples
+    (a prompt's samples are correlated; every method shares the eval prompts)."""
+    sums: dict[int, list[float]] = {}
+    for i, v in zip(prompt_index, values):
+        sums.setdefault(i, []).append(v)
+    return [statistics.fmean(sums[i]) for i in sorted(sums)]
 
 
 def eval_run(cfg: SentimentConfig, out: Path, sft: str, run: Run, scorer) -> list[dict]:
@@ -96,5 +106,6 @@ def measure_best_of_n(cfg: SentimentConfig, out: Path, sft: str, scorer) -> list
         reward, reward_se = mean_se([true_rewards[k] for k in picks])
         points.append({"method": "best_of_n", "knob": n, "step": 0, "kl": bon_kl(n), "kl_se": 0.0, "reward": reward,
                        "reward_se": reward_se, "length": statistics.fmean(lengths[k] for k in picks),
+                       "prompt_rewards": [true_rewards[k] for k in picks],
                        "length_fit": length_fit([true_rewards[k] for k in picks], [lengths[k] for k in picks])})
     return points

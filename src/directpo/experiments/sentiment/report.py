@@ -2,12 +2,14 @@
 of `experiments.frontier` under a header describing the study)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..frontier import (LABELS, best_within, budget_markdown, budget_verdict, length_markdown, markdown,
                         plot_frontier, predict_at, summarize, write_points)
-from ..common import relative_to
-from .config import SentimentConfig
+from ..common import STUDY_RECORD, relative_to
+from ...errors import UserValueError
+from .config import SentimentConfig, parse_numbers, recorded_config
 
 
 def write_report(cfg: SentimentConfig, out: Path, points: list[dict], info: dict, seconds: float) -> dict:
@@ -17,11 +19,52 @@ def write_report(cfg: SentimentConfig, out: Path, points: list[dict], info: dict
     write_points(points, out)
     plot_frontier(points, out / "frontier.png", title=f"controlled sentiment ({cfg.preset}): reward vs KL")
     text = markdown(points, comparisons, summary_header(cfg, info, seconds)) + coverage_note(points)
-    text += budget_markdown(points) + length_markdown(points)
+    text += budget_markdown(points) + length_markdown(points) + given_markdown(cfg, points)
     if "online_cost" in info:
         text += online_section(cfg, points, comparisons, info)
     (out / "summary.md").write_text(text)
     return comparisons
+
+
+def given_markdown(cfg: SentimentConfig, points: list[dict]) -> str:
+    """What each method was given (settings, steps, FLOPs) and what the coverage rule says of it."""
+    from .budgets import budget_lines, coverage_decisions
+
+    short = [f"{LABELS.get(m, m)} ({d['reach']:.2f} < {d['target']:.2f})"
+             for m, d in sorted(coverage_decisions(points, compared=cfg.cover_list()).items()) if d["short"]]
+    lines = ["", "## What each method was given", "",
+             "Strength settings, the steps each setting's run reached, estimated training FLOPs "
+             "(`experiments/sentiment/budgets.py`).", ""] + budget_lines(cfg, points)
+    lines += ["", f"Short of the others' KL range under the coverage rule (methods compared: {cfg.cover_methods}): "
+              + (", ".join(short) or "none") + "."]
+    return "\n".join(lines) + "\n"
+
+
+def rewrite_reports(cfg: SentimentConfig) -> dict:
+    """`--report-only`: each study's report rewritten from its points.json (with `seeds`: each seed's,
+    then the pooled one); what summary.json holds."""
+    out = Path(cfg.output_dir)
+    if not cfg.seeds:
+        return rewrite_report(out)
+    from .seeds import report_seeds
+
+    seeds = [int(x) for x in parse_numbers(cfg.seeds, "seeds")]
+    for s in seeds:
+        rewrite_report(out / f"seed-{s}")
+    return report_seeds(cfg, seeds)
+
+
+def rewrite_report(out: Path) -> dict:
+    """One study's report files again from its points.json, study_config.json and summary.json."""
+    missing = [name for name in ("points.json", STUDY_RECORD, "summary.json") if not (out / name).exists()]
+    if missing:
+        raise UserValueError(f"--report-only: {out} has no {', '.join(missing)} (run the study first)")
+    summary = json.loads((out / "summary.json").read_text())
+    points = json.loads((out / "points.json").read_text())
+    cfg = recorded_config(out)
+    summary["comparisons"] = write_report(cfg, out, points, summary["info"], summary["seconds"])
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 def with_length_control(points: list[dict], seed: int) -> list[dict]:

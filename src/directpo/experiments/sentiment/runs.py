@@ -61,8 +61,11 @@ def train_preference_run(cfg: SentimentConfig, out: Path, sft: str, run: Run, sa
                            **knob, **shared_run_settings(cfg))
 
 
-def train_ppo_run(cfg: SentimentConfig, out: Path, sft: str, run: Run, scorer) -> dict:
-    """PPO against the learned reward model, or (PPO-GT) against the ground-truth scorer itself."""
+def train_ppo_run(cfg: SentimentConfig, out: Path, sft: str, run: Run, scorer, every: int | None = None) -> dict:
+    """PPO against the learned reward model, or (PPO-GT) against the ground-truth scorer itself.
+    `every`: the interval between snapshots and checkpoints (default: `eval_points` over the run's steps;
+    a run trained on keeps its first one)."""
+    every = every or save_interval(run.steps, cfg.eval_points)
     from ...rlhf.config import PPOConfig
     from ...rlhf.ppo import ppo
 
@@ -72,8 +75,7 @@ def train_ppo_run(cfg: SentimentConfig, out: Path, sft: str, run: Run, scorer) -
     return ppo(PPOConfig(model=sft, prompts=str(out / "prompts" / "train.jsonl"), output_dir=str(run_dir),
                          reward_model=reward_model, kl_coef=run.knob, lr=cfg.ppo_lr, batch_size=cfg.ppo_batch,
                          mini_batch_size=cfg.ppo_mini_batch, ppo_epochs=cfg.ppo_epochs, max_steps=run.steps,
-                         max_new_tokens=cfg.max_new_tokens, snapshot_every=save_interval(run.steps, cfg.eval_points),
-                         save_every=save_interval(run.steps, cfg.eval_points), keep_last=1, resume="latest",
+                         max_new_tokens=cfg.max_new_tokens, snapshot_every=every, save_every=every, keep_last=1, resume="latest",
                          seed=cfg.seed, precision=cfg.precision, device=cfg.device, threads=cfg.threads,
                          progress=cfg.progress, log_every=NO_LOG_LINES,
                          generation_batch_size=cfg.eval_batch), reward=reward)

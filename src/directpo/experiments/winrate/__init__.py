@@ -49,13 +49,14 @@ rows), `stages` (2–6), `evaluation` (7), `report` (8).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from ...console import log
 from ..common import STUDY_RECORD, StudyClock, study_dir
 from .config import DialogueConfig, SummarizeConfig, WinrateConfig, preset_defaults, winrate_config
 from .data import stage_data
+from .findings import check_judge_floor
 from .evaluation import (eval_best_of_n, eval_policy, judge_label, make_judge, reference_length,
                          side_by_side)
 from .stages import stage_base, stage_dpo, stage_ppo, stage_rm, stage_sft
@@ -96,6 +97,7 @@ def train_models(cfg: WinrateConfig, out: Path, clock: StudyClock) -> dict:
 def evaluate(cfg: WinrateConfig, out: Path, info: dict, clock: StudyClock) -> tuple[list[dict], dict]:
     """Stage 7: every method's entries (one per temperature, and N for Best-of-N), and what the
     report needs besides (KLs, the judge, reference length, samples)."""
+    check_judge_floor(info, cfg)  # before any sample is judged
     (out / "evals").mkdir(exist_ok=True)
     sft, rm = info["sft"]["sft"], info["rm"]["rm"]
     judge = LazyJudge(lambda: make_judge(cfg, rm))
@@ -118,8 +120,30 @@ def evaluate(cfg: WinrateConfig, out: Path, info: dict, clock: StudyClock) -> tu
 def run_winrate(cfg: WinrateConfig) -> dict:
     """Run (or continue) the study in cfg.output_dir; returns what summary.json holds."""
     cfg.validate()
+    if cfg.report_only:
+        return rewrite_report(cfg)
     with study_dir(cfg, f"experiment {cfg.TASK}") as out:
         return _run_winrate(cfg, out)
+
+
+def rewrite_report(cfg: WinrateConfig) -> dict:
+    """`--report-only`: summary.md and winrate.png again from points.json and summary.json (the
+    settings given now, e.g. --judge-floor/--force, apply; the study's own are in study_config.json)."""
+    from ...errors import UserValueError
+    from .report import write_report
+
+    out = Path(cfg.output_dir)
+    missing = [f for f in ("points.json", "summary.json") if not (out / f).exists()]
+    if missing:
+        raise UserValueError(f"--report-only: {out} has no {', '.join(missing)} (run the study first)")
+    summary = json.loads((out / "summary.json").read_text())
+    if (out / STUDY_RECORD).exists():  # the study's settings; the floor and --force as given now
+        known = {f.name for f in fields(cfg)}
+        recorded = {k: v for k, v in json.loads((out / STUDY_RECORD).read_text()).items() if k in known}
+        cfg = replace(type(cfg)(**recorded), judge_floor=cfg.judge_floor, force=cfg.force)
+    check_judge_floor(summary["info"], cfg)
+    write_report(cfg, out, json.loads((out / "points.json").read_text()), summary["info"], summary["seconds"])
+    return {"win_rates": {}, **summary, "output_dir": str(out), "task": cfg.TASK, "preset": cfg.preset}
 
 
 def _run_winrate(cfg: WinrateConfig, out: Path) -> dict:

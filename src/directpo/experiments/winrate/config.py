@@ -18,7 +18,8 @@ _SMOKE = dict(hidden=32, layers=2, heads=2, vocab_size=400, max_rows=200, n_eval
               pretrain_batch=64, pretrain_lr=2e-3, max_length=128, max_prompt_length=96, max_new_tokens=12,
               batch_size=16, micro_batch_size=16, optimizer="adamw", warmup_steps=1, sft_steps=3, sft_lr=1e-3,
               rm_steps=3, rm_lr=1e-3, dpo_steps=3, dpo_lr=1e-3, ppo_steps=2, ppo_batch=8, ppo_mini_batch=4,
-              ppo_epochs=1, ppo_lr=1e-4, bon_ns="2", temperatures="0,1.0", eval_batch=32, samples_shown=2)
+              ppo_epochs=1, ppo_lr=1e-4, bon_ns="2", temperatures="0,1.0", eval_batch=32, samples_shown=2,
+              judge_floor=0.0)  # CI: a 3-step judge, never a result
 
 # The paper's optimisation (§B): RMSprop, lr 1e-6, batch 64, 150 warm-up steps, one epoch; full
 # fine-tuning in one process on one GPU (bf16 autocast, fp32 master weights).
@@ -121,6 +122,12 @@ class WinrateConfig:
     judge_model: str | None = setting(None, "the endpoint's model name (with --judge-url)")
     judge_classifier: str | None = setting(None, "win-rate judge: an HF sequence classifier (higher score wins); "
                                                  "default judge: the reward model trained here on the training pairs")
+    judge_floor: float = setting(0.65, "the least held-out pair accuracy of a judge whose win rates are reported: a "
+                                       "reward-model judge measured below it is refused (0: no floor)", ge=0)
+    force: bool = setting(False, "report win rates from a judge below --judge-floor anyway (marked so; every "
+                                 "finding 'not testable here')")
+    report_only: bool = setting(False, "rewrite summary.md and winrate.png from points.json and summary.json "
+                                       "already in OUTPUT_DIR: nothing is trained, sampled or judged")
     samples_shown: int = setting(3, "side-by-side samples in summary.md", ge=0)
     seed: int = setting(0, "seed of every stage")
     precision: str = setting("fp32", "bf16: autocast matmuls (fast on GPUs and AMX CPUs only); "
@@ -147,6 +154,8 @@ class WinrateConfig:
             raise ConfigError(f"--bon-ns: N must be ≥ 1, got {self.bon_ns}")
         if self.judge_url and not self.judge_model:
             raise ConfigError("--judge-url needs --judge-model (the endpoint's model name)")
+        if self.judge_floor > 1:
+            raise ConfigError(f"--judge-floor: an accuracy between 0 and 1, got {self.judge_floor:g}")
         if self.judge_url and self.judge_classifier:
             raise ConfigError("give one judge: --judge-url or --judge-classifier, not both")
         return self

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from ..common import relative_to
+from .findings import findings_markdown, judge_accuracy, judge_below_floor
 
 LABELS = {"dpo": "DPO", "preferred_ft": "Preferred-FT (πSFT)", "ppo": "PPO (learned RM)", "best_of_n": "Best-of-N"}
 COLORS = {"dpo": "tab:red", "preferred_ft": "tab:orange", "ppo": "tab:blue", "best_of_n": "tab:gray"}
@@ -115,6 +116,7 @@ def markdown(cfg, points: list[dict], info: dict, seconds: float) -> str:
                   *table(points, temps, "win_rate_lc", "win_rate_lc_ci"), ""]
     if any(p.get("judge_consistency") is not None for p in points):
         lines += ["## Judge consistency (both orders agree)", "", *table(points, temps, "judge_consistency", None), ""]
+    lines += findings_markdown(points, info, cfg)
     lines += ["## Mean length (tokens)", "", f"Reference: {info['evaluation']['reference_length']:.1f} tokens.", "",
               *table(points, temps, "length_mean", None), ""]
     lines += samples_section(info["evaluation"]["samples"])
@@ -148,9 +150,22 @@ def header(cfg, info: dict, seconds: float) -> list[str]:
               f"- Best-of-N: N ∈ {{{', '.join(map(str, cfg.bon_list()))}}} samples of πSFT, the best by the reward "
               "model (temperatures above 0)" if cfg.bon_list() else "- Best-of-N: not run",
               f"- **judge: {info['evaluation']['judge']}**",
+              judge_floor_line(cfg, info),
               f"- sampling: one completion per prompt and temperature, ≤ {cfg.max_new_tokens} new tokens",
               f"- total time: {seconds / 60:.1f} min", "", "![win rate vs temperature](winrate.png)", ""]
     return lines
+
+
+def judge_floor_line(cfg, info: dict) -> str:
+    """The judge's held-out accuracy against the floor, in one line (loud when below it)."""
+    accuracy = judge_accuracy(info, cfg)
+    if accuracy is None:
+        return "- judge's held-out accuracy: not measured here (an external judge)"
+    text = f"- judge's held-out pair accuracy: {format_rate(accuracy)} (floor {format_rate(cfg.judge_floor)})"
+    if judge_below_floor(info, cfg):
+        text += " — **BELOW THE FLOOR: these win rates are reported only because of --force; they do not test the " \
+                "paper's claims**"
+    return text
 
 
 def format_rate(x) -> str:
