@@ -15,7 +15,7 @@ import random
 from collections.abc import Iterable
 from pathlib import Path
 
-from .data.formats import write_jsonl  # noqa: F401  (re-exported: `directpo.toy.write_jsonl` writes task files)
+from .data.formats import write_jsonl  # also `directpo.toy.write_jsonl`, for task files
 
 POSITIVE = ["great", "wonderful", "moving", "brilliant", "funny", "charming", "clever", "beautiful", "gripping",
             "delightful", "superb", "warm", "fresh", "touching", "smart", "lovely"]
@@ -147,3 +147,201 @@ SIMPLE_CHAT_TEMPLATE = (
     "{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}<|eos|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}"
 )
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny vision-language models (issue #30), built on the spot like `build_tiny_model`: random weights,
+# a BPE tokenizer trained on the given texts with the family's image tokens added, a PIL image
+# processor (no torchvision) and a chat template that renders `{"type": "image"}` parts into the
+# family's image placeholder, all saved in one folder that `load_vision_model`/`load_processor` read.
+
+VLM_FAMILIES = ("qwen2_vl", "llava", "idefics3")
+
+# Per family: the special tokens added to the tokenizer, and what one `{"type": "image"}` part renders
+# as (the processor then expands the image token to one token per image patch group).
+_VLM_TOKENS = {
+    "qwen2_vl": (["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+                 "<|vision_start|><|image_pad|><|vision_end|>"),
+    "llava": (["<image>"], "<image>"),
+    "idefics3": (["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"], "<image>"),
+}
+
+
+def vlm_chat_template(image_text: str) -> str:
+    """SIMPLE_CHAT_TEMPLATE for multimodal messages: a message's content is a string or a list of
+    parts, `{"type": "text", "text": ...}` rendered as its text and `{"type": "image"}` as `image_text`."""
+    return (
+        "{% for m in messages %}<|bos|>{{ m['role'] }}\n"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}" + image_text + "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<|eos|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}"
+    )
+
+
+def _text_config(tok, hidden: int, layers: int, heads: int) -> dict:
+    return {"vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
+            "max_position_embeddings": 2048, "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id}
+
+
+def _qwen2_vl_parts(tok, template: str, hidden: int, layers: int, heads: int, image_size: int):
+    """Qwen2-VL: 14-px patches merged 2×2, so an image resized to about `image_size`² pixels (aspect
+    kept, sides multiples of 28) becomes about (image_size/28)² image tokens; M-RoPE splits each
+    head's rotary frequencies into (temporal, height, width) sections."""
+    from transformers import Qwen2VLConfig, Qwen2VLImageProcessorPil
+
+    from .models import image_only_qwen2_vl_processor
+
+    half = hidden // heads // 2  # rotary frequencies per head, split into temporal/height/width
+    section = [half - 2 * (half // 3), half // 3, half // 3]
+    ids = tok.convert_tokens_to_ids
+    text = _text_config(tok, hidden, layers, heads)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
+    config = Qwen2VLConfig(
+        text_config=text, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": hidden, "num_heads": 2, "patch_size": 14,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2})
+    # min = max pixels: every image is resized to about image_size² pixels, so a few image tokens each.
+    pixels = image_size * image_size
+    images = Qwen2VLImageProcessorPil(size={"shortest_edge": pixels, "longest_edge": pixels})
+    return config, image_only_qwen2_vl_processor(images, tok, template)
+
+
+def _llava_parts(tok, template: str, hidden: int, layers: int, heads: int, image_size: int):
+    """LLaVA: a one-layer CLIP vision tower on 14-px patches; its CLS feature dropped ("default"
+    strategy), so an image is (image_size/14)² image tokens."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaProcessor,
+    )
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=image_size, patch_size=14)
+    config = LlavaConfig(vision_config=vision, text_config=LlamaConfig(**_text_config(tok, hidden, layers, heads)),
+                         image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", tie_word_embeddings=False)
+    images = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                   crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=14, chat_template=template,
+                               vision_feature_select_strategy="default", image_token="<image>",
+                               num_additional_image_tokens=1)
+    return config, processor
+
+
+def _idefics3_parts(tok, template: str, hidden: int, layers: int, heads: int, image_size: int):
+    """Idefics3 (SmolVLM's architecture): a one-layer SigLIP-style tower on 14-px patches, the
+    connector's pixel shuffle merging 2×2 patches, image splitting off: an image is one
+    `<fake_token_around_image><global-img>` block of (image_size/28)² image tokens."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        LlamaConfig,
+    )
+
+    config = Idefics3Config(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": image_size, "patch_size": 14},
+        text_config=LlamaConfig(**_text_config(tok, hidden, layers, heads)),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2, tie_word_embeddings=False)
+    images = Idefics3ImageProcessorPil(size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size},
+                                       do_image_splitting=False)
+    processor = Idefics3Processor(image_processor=images, tokenizer=tok, chat_template=template,
+                                  image_seq_len=(image_size // 28) ** 2)
+    return config, processor
+
+
+_VLM_PARTS = {"qwen2_vl": _qwen2_vl_parts, "llava": _llava_parts, "idefics3": _idefics3_parts}
+
+
+def build_tiny_vlm(out_dir: str | Path, family: str, texts: list[str], hidden: int = 64, layers: int = 2,
+                   heads: int = 4, vocab_size: int = 512, image_size: int = 56, seed: int = 0) -> Path:
+    """A random vision-language model of `family` (`VLM_FAMILIES`) with its processor, saved in
+    `out_dir`: loadable with `AutoModelForImageTextToText` and `directpo.models.load_processor`."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from .diskio import default_mode
+
+    if family not in _VLM_PARTS:
+        raise ValueError(f"family: {family!r}; choose one of {', '.join(VLM_FAMILIES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specials, image_text = _VLM_TOKENS[family]
+    tok = train_tokenizer(texts, vocab_size)
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    template = vlm_chat_template(image_text)
+    tok.chat_template = template
+    config, processor = _VLM_PARTS[family](tok, template, hidden, layers, heads, image_size)
+    torch.manual_seed(seed)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(out)
+    processor.save_pretrained(out)
+    _name_processor_class(out, getattr(processor, "saved_as", type(processor).__name__))
+    for f in out.glob("*.safetensors"):  # safetensors writes 0600
+        default_mode(f)
+    return out
+
+
+def _name_processor_class(out: Path, name: str) -> None:
+    """The processor class that `AutoProcessor` reads from the saved configs: the family's own (a
+    stand-in class saved under its own name would not be found by `AutoProcessor`)."""
+    import json
+
+    for f in ("processor_config.json", "tokenizer_config.json"):
+        path = out / f
+        if path.exists():
+            data = json.loads(path.read_text())
+            if "processor_class" in data:
+                data["processor_class"] = name
+                path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+# The synthetic image task: a picture of one dominant colour; the chosen answer names it.
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 220, 40)}
+COLOUR_QUESTION = "What colour is this picture?"
+
+
+def _colour_image(rng: random.Random, rgb: tuple[int, int, int], size: int):
+    """`rgb` with per-pixel noise, and a few pixels of another colour."""
+    from PIL import Image
+
+    img = Image.new("RGB", (size, size))
+    others = [c for c in COLOURS.values() if c != rgb]
+    pixels = [rng.choice(others) if rng.random() < 0.1
+              else tuple(min(255, max(0, v + rng.randint(-25, 25))) for v in rgb) for _ in range(size * size)]
+    img.putdata(pixels)
+    return img
+
+
+def colour_image_task(out_dir: str | Path, n_train: int = 64, n_eval: int = 16, seed: int = 0,
+                      size: int = 56) -> tuple[Path, Path]:
+    """Writes `img/NNN.png` (one dominant colour each, the colours in turn so they are balanced) and
+    `train.jsonl`/`eval.jsonl` in TRL's vision preference format: `images` (paths relative to the
+    JSONL), a conversational `prompt` with an image part, `chosen` naming the colour, `rejected`
+    another. Returns the two JSONL paths."""
+    out = Path(out_dir)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    names = list(COLOURS)
+    rows = []
+    for i in range(n_train + n_eval):
+        colour = names[i % len(names)]
+        image = f"img/{i:03d}.png"
+        _colour_image(rng, COLOURS[colour], size).save(out / image)
+        wrong = rng.choice([c for c in names if c != colour])
+        rows.append({"images": [image],
+                     "prompt": [{"role": "user", "content": [{"type": "image"},
+                                                             {"type": "text", "text": COLOUR_QUESTION}]}],
+                     "chosen": [{"role": "assistant", "content": f"It is {colour}."}],
+                     "rejected": [{"role": "assistant", "content": f"It is {wrong}."}]})
+    train, held_out = rows[:n_train], rows[n_train:]
+    rng.shuffle(train)
+    write_jsonl(train, out / "train.jsonl")
+    write_jsonl(held_out, out / "eval.jsonl")
+    return out / "train.jsonl", out / "eval.jsonl"

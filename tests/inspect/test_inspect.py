@@ -229,3 +229,59 @@ def test_model_reference_log_probs_are_score_s(tmp_path, tiny_model, one_thread,
     ref = json.loads((out / "report.json").read_text())["reference"]
     assert 0 <= ref["accuracy"] <= 1
     assert ref["accuracy"] == pytest.approx(sum(s["chosen_logp"] > s["rejected_logp"] for s in scored) / len(scored))
+
+
+# ----------------------------------------------------------------------------------------------
+# Images (issue #30, the data step): counts and sizes from the rows as written here
+
+def _image_rows(tmp_path):
+    """Rows with 1, 2 and 1 images of known sizes, a text row, and a row whose image is missing."""
+    from PIL import Image
+
+    sizes = {"a.png": (4, 3), "b.png": (10, 8), "c.jpg": (6, 6)}
+    for name, size in sizes.items():
+        Image.new("RGB", size, "red").save(tmp_path / name)
+    one = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour?"}]}]
+    two = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "same?"}]}]
+    rows = [{"images": ["a.png"], "prompt": one, "chosen": "red", "rejected": "blue"},
+            {"images": ["b.png", "c.jpg"], "prompt": two, "chosen": "no", "rejected": "yes"},
+            {"image": "c.jpg", "prompt": one, "chosen": "red", "rejected": "green"},
+            {"prompt": "text only", "chosen": "a", "rejected": "b"},
+            {"images": ["gone.png"], "prompt": one, "chosen": "red", "rejected": "blue"}]
+    write_jsonl(rows, tmp_path / "d.jsonl")
+    return str(tmp_path / "d.jsonl"), sizes
+
+
+def test_image_stats(tmp_path, tiny_tokenizer):
+    import os
+
+    data, sizes = _image_rows(tmp_path)
+    ins = inspect_data(data, tiny_tokenizer, on_invalid="skip")
+    img = ins["images"]
+    assert (img["rows_with_images"], img["rows"], img["images"]) == (3, 4, 4)
+    assert img["images_per_row"] == {"min": 1, "median": 1, "max": 2}
+    used = [sizes["a.png"], sizes["b.png"], sizes["c.jpg"], sizes["c.jpg"]]
+    assert img["width"] == {"min": min(w for w, _ in used), "median": statistics.median(w for w, _ in used),
+                            "max": max(w for w, _ in used)}
+    assert img["size"] == {"min": "4×3", "median": "6×6", "max": "10×8"}
+    assert img["total_bytes"] == sum(os.path.getsize(tmp_path / n) for n in ("a.png", "b.png", "c.jpg", "c.jpg"))
+    assert img["formats"] == {"JPEG": 2, "PNG": 2}
+    assert img["image_tokens_per_row"] is None  # the processor hook: no number without a processor
+    assert ins["invalid"]["by_kind"] == {"image_missing": 1}
+    assert any("3 rows have images" in f and "issue #30" in f for f in ins["red_flags"])
+    shown = ins["examples"]["conversational"]["chosen"]  # measured by their text: no content list printed
+    assert "colour?" in shown and "'type'" not in shown
+    write_jsonl([{"prompt": "p", "chosen": "a", "rejected": "b"}], tmp_path / "t.jsonl")
+    assert "images" not in inspect_data(str(tmp_path / "t.jsonl"), tiny_tokenizer)  # text data: no image section
+
+
+def test_image_section_in_the_report(tmp_path, tiny_model, capsys):
+    data, _ = _image_rows(tmp_path)
+    out = tmp_path / "report"
+    assert main(["inspect", "--data", data, "--tokenizer", str(tiny_model), "--out", str(out),
+                 "--on-invalid", "skip"]) == 0
+    console = capsys.readouterr().out
+    assert "rows with images: 3 of 4" in console and "image tokens per row: n/a" in console
+    md = (out / "report.md").read_text()
+    assert "## Images" in md and "| images per row (min / median / max) | 1 / 1 / 2 |" in md
+    assert json.loads((out / "report.json").read_text())["images"]["images"] == 4

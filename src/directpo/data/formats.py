@@ -17,6 +17,17 @@ Accepted row shapes (detected per row):
                              the field). Text, or conversational: "completion" a list of messages,
                              "prompt" a list of messages or a string (then one user message).
                              Empty prompts and completions follow the pairs' rules.
+* images (vision-language)   any conversational pair or ranking above plus "images": [image, ...]
+                             (or one "image"), TRL's vision format: a message's "content" may be a
+                             list of parts {"type": "text", "text": str} | {"type": "image"}, one
+                             image placeholder per image, in user turns of the prompt, in order.
+                             An image is a file path (relative to the data file's folder, or
+                             absolute), a PIL image, {"bytes": ..., "path": ...} or {"path": ...};
+                             URLs are refused (offline). Checked up front (`images`): missing,
+                             unreadable or empty images and a count that differs from the
+                             placeholders are errors of their row ("images[1]"). `Example.images`
+                             holds `ImageRef`s, decoded on demand. Rows without images have their
+                             list contents joined to text.
 
 The records come from `readers` (files, `datasets` sources, in-memory `Rows`); its names are
 re-exported here. Every problem is a `DataError` (`errors`) that names the source, the row and the
@@ -36,13 +47,15 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from ..errors import UserValueError
 from .errors import LINE_SUFFIXES, DataError, location
+from .images import ImageRef, base_dir, check_parts, content_text, flatten, image_ref, image_values, placeholders
 from .readers import (FILE_SUFFIXES, HUB_ID, PATH_SUFFIXES, Rows, is_hub_id, lone_surrogate, read_records,
                       write_jsonl)
 
 __all__ = [  # the readers' names too: `from directpo.data.formats import read_records` keeps working
     "HH_ASSISTANT", "LINE_SUFFIXES", "FILE_SUFFIXES", "PATH_SUFFIXES", "HUB_ID", "Text", "DataError", "location",
     "Rows", "is_hub_id", "read_records", "write_jsonl", "message_text", "Example", "SkipReport", "split_hh",
-    "check_unicode", "parse_row", "parse_records", "load_examples", "ranking_to_pairs", "pairs_to_unpaired"]
+    "check_unicode", "parse_row", "parse_records", "load_examples", "ranking_to_pairs", "pairs_to_unpaired",
+    "ImageRef"]
 
 HH_ASSISTANT = "\n\nAssistant:"
 
@@ -51,8 +64,9 @@ T = TypeVar("T")
 
 
 def message_text(value: Text) -> str:
-    """A text, or the concatenated contents of a list of {role, content} messages."""
-    return value if isinstance(value, str) else "".join(m.get("content", "") for m in value)
+    """A text, or the concatenated contents of a list of {role, content} messages (the text parts
+    of list-valued contents: image placeholders are skipped)."""
+    return value if isinstance(value, str) else "".join(content_text(m.get("content", "")) for m in value)
 
 
 @dataclass
@@ -65,6 +79,7 @@ class Example:
     source: str = ""
     row: int = 0
     label: bool | None = None
+    images: list[ImageRef] = field(default_factory=list)  # in placeholder order; references, decoded on demand
 
     @property
     def chosen(self) -> Text:
@@ -125,9 +140,12 @@ def _messages(value: Any, source: str, row: int, name: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise DataError(source, row, name, "expected a non-empty list of {role, content} messages", kind="type")
     for j, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(source, row, f"{name}[{j}]", "expected a message {\"role\": str, \"content\": str}",
-                            kind="type")
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"),
+                                                                                            (str, list)):
+            raise DataError(source, row, f"{name}[{j}]", "expected a message {\"role\": str, \"content\": str or "
+                                                         "a list of parts}", kind="type")
+        if isinstance(m["content"], list):
+            check_parts(m["content"], source, row, f"{name}[{j}].content")
     return value
 
 
@@ -162,6 +180,11 @@ def parse_row(rec: dict, source: str, row: int) -> Example:
     # so files mixing row shapes read the same from JSONL and from Parquet.
     rec = {k: v for k, v in rec.items() if v is not None}
     check_unicode(rec, ("prompt", "chosen", "rejected", "responses", "completion"), source, row)
+    ex = _parse_shape(rec, source, row)
+    return _with_images(ex, rec, source, row)
+
+
+def _parse_shape(rec: dict, source: str, row: int) -> Example:
     if "responses" in rec:
         ex = _parse_ranked(rec, source, row)
     elif "label" in rec and "chosen" not in rec and "rejected" not in rec:
@@ -185,11 +208,35 @@ def parse_row(rec: dict, source: str, row: int) -> Example:
     return ex
 
 
+def _with_images(ex: Example, rec: dict, source: str, row: int) -> Example:
+    """`ex` with the row's images checked and attached, each matched to a placeholder of the prompt;
+    without images, list-valued contents become their text (what text-only chat templates take)."""
+    name, values = image_values(rec, source, row)
+    for k, r in enumerate(ex.responses):  # a placeholder in a response: the model would write an image
+        placeholders(r, source, row, "responses" if "responses" in rec else
+                     ("completion" if len(ex.responses) == 1 else ("chosen", "rejected")[k]))
+    wanted = placeholders(ex.prompt, source, row, "prompt")
+    responses = [flatten(r) for r in ex.responses]
+    if not values and not wanted:
+        return Example(flatten(ex.prompt), responses, source, row, ex.label)
+    if len(values) != wanted:
+        where = "its prompt has no {\"type\": \"image\"} placeholder (in a user turn's list content)" if not wanted \
+            else f"its prompt has {wanted} {{\"type\": \"image\"}} placeholder{'s' * (wanted != 1)}"
+        raise DataError(source, row, name, f"{len(values)} image{'s' * (len(values) != 1)}, but {where}: give one "
+                                           "image per placeholder", kind="image_count")
+    base = base_dir(source)
+    refs = [image_ref(v, base, source, row, name if name == "image" else f"images[{i}]") for i, v in enumerate(values)]
+    return Example(ex.prompt, responses, source, row, ex.label, refs)
+
+
 def _parse_pair(rec: dict, source: str, row: int) -> Example:
     for name in ("chosen", "rejected"):
         if name not in rec or rec[name] is None:
             raise DataError(source, row, name, "missing", kind="missing")
     chosen, rejected, prompt = rec["chosen"], rec["rejected"], rec.get("prompt")
+    if _is_messages(prompt) and isinstance(chosen, str) and isinstance(rejected, str):
+        # a conversational prompt with text answers (TRL's vision rows often): the answers are assistant turns
+        chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
     if _is_messages(chosen) or _is_messages(rejected):  # conversational
         chosen = _messages(chosen, source, row, "chosen")
         rejected = _messages(rejected, source, row, "rejected")
@@ -247,6 +294,8 @@ def _parse_ranked(rec: dict, source: str, row: int) -> Example:
         raise DataError(source, row, "responses", "expected a list of responses", kind="type")
     if len(responses) < 2:
         raise DataError(source, row, "responses", f"needs K ≥ 2 responses, got {len(responses)}", kind="invalid")
+    if _is_messages(rec.get("prompt")) and all(isinstance(r, str) for r in responses):
+        responses = [[{"role": "assistant", "content": r}] for r in responses]  # text answers to a conversation
     conv = any(_is_messages(r) for r in responses)
     for k, r in enumerate(responses):
         if conv:
@@ -359,9 +408,9 @@ def ranking_to_pairs(examples: list[Example], mode: str = "all") -> list[Example
         if K == 2:
             out.append(ex)
         elif mode == "best_worst":
-            out.append(Example(ex.prompt, [ex.responses[0], ex.responses[-1]], ex.source, ex.row))
+            out.append(Example(ex.prompt, [ex.responses[0], ex.responses[-1]], ex.source, ex.row, images=ex.images))
         else:
-            out += [Example(ex.prompt, [ex.responses[i], ex.responses[j]], ex.source, ex.row)
+            out += [Example(ex.prompt, [ex.responses[i], ex.responses[j]], ex.source, ex.row, images=ex.images)
                     for i in range(K) for j in range(i + 1, K)]
     return out
 
@@ -376,8 +425,8 @@ def pairs_to_unpaired(examples: list[Example]) -> list[Example]:
         if ex.label is not None:
             out.append(ex)
         elif len(ex.responses) == 2:
-            out += [Example(ex.prompt, [ex.chosen], ex.source, ex.row, True),
-                    Example(ex.prompt, [ex.rejected], ex.source, ex.row, False)]
+            out += [Example(ex.prompt, [ex.chosen], ex.source, ex.row, True, ex.images),
+                    Example(ex.prompt, [ex.rejected], ex.source, ex.row, False, ex.images)]
         elif len(ex.responses) == 1:
             raise DataError(ex.source, ex.row, "label", "missing: a prompt/completion row needs 'label' (true: "
                                                         "desirable, false: undesirable) to be an unpaired row",

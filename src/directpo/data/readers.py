@@ -101,7 +101,7 @@ def read_records(spec: str, split: str | None = None) -> Iterator[tuple[int, dic
 def _read_in_memory(spec: Rows) -> Iterator[tuple[int, dict | DataError]]:
     """The rows of `spec`, numbered from 0; a row that is not a dict (a mapping) is a DataError of
     its row, as a JSONL line that is not an object is."""
-    for i, rec in enumerate(spec.rows):
+    for i, rec in enumerate(undecoded_images(spec.rows)):
         if isinstance(rec, Mapping):
             yield i, (rec if isinstance(rec, dict) else dict(rec))
         else:
@@ -231,8 +231,32 @@ def _read_hf_dataset(spec: str, name: str, split: str | None):
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as e:  # noqa: BLE001 - re-raised with the name the user gave
         raise DataError(spec, None, None, f"could not load as a file or a Hugging Face dataset: {e}") from e
-    for i, rec in enumerate(ds):
+    for i, rec in enumerate(undecoded_images(ds)):
         yield i, rec
+
+
+def undecoded_images(ds: Any) -> Any:
+    """The rows of a `datasets.Dataset` with Image columns as stored, {"bytes", "path"}, not decoded
+    PIL images: rows keep encoded references (`images.ImageRef`), not every image's pixels at once.
+    Anything else (a list of dicts, a dataset without images) is returned as it is."""
+    features = getattr(ds, "features", None)
+    if not isinstance(features, Mapping) or not hasattr(ds, "with_format") or not any(
+            "Image(" in repr(f) for f in features.values()):
+        return ds
+    return (rec for table in ds.with_format("arrow").iter(batch_size=256) for rec in table.to_pylist())
+    import copy
+
+    for name, feature in features.items():
+        off = copy.deepcopy(feature)
+        node, found = off, False
+        while node is not None:  # an Image, or a list (of lists) of Images
+            if type(node).__name__ == "Image" and getattr(node, "decode", False):
+                node.decode, found = False, True
+                break
+            node = getattr(node, "feature", None)
+        if found:
+            ds = ds.cast_column(name, off)
+    return ds
 
 
 

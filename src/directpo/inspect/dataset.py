@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from ..data import (DataError, SkipReport, TokenizedExample, TokenizeStats, load_examples, make_collate,
                     tokenize_example, tokenize_examples)
 from ..data.checks import red_flags, summarize, summary_paragraph
 from ..data.formats import read_records
+from ..data.images import flatten
 from ..errors import UserValueError
 
 SHAPES = ("explicit", "hh", "conversational", "ranked", "completion", "other", "unreadable")
@@ -104,6 +105,42 @@ def render_example(t: TokenizedExample, tokenizer, chars: int = SHOW_CHARS) -> d
     if len(t.response_ids) > 1:
         out["rejected"] = prompt + BOUNDARY + sides[1]
     return out
+
+
+def _range(values: list) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)} if values else {}
+
+
+def image_tokens_per_row(examples, processor=None) -> dict | None:
+    """Image tokens per row under a vision-language model's processor (min/median/max), or None.
+
+    HOOK (issue #30, the model step): the count depends on the processor (Qwen2-VL's grows with the
+    image's size, LLaVA's is fixed per image), which `inspect` does not load yet. Until it does this
+    returns None and the report says "n/a": no number rather than a guessed one."""
+    if processor is None:
+        return None
+    raise NotImplementedError("image tokens per row need the vision-language processor (issue #30, model step)")
+
+
+def image_stats(examples, processor=None) -> dict | None:
+    """Images of the kept rows: how many rows have them, images per row, sizes (width × height, the
+    smallest, median and largest by pixel count), encoded bytes; None for data without images.
+    Read from the headers the loader checked: no image is decoded here."""
+    rows = [ex for ex in examples if ex.images]
+    if not rows:
+        return None
+    refs = [r for ex in rows for r in ex.images]
+    by_area = sorted(refs, key=lambda r: (r.width * r.height, r.width))
+    size = lambda r: f"{r.width}×{r.height}"  # noqa: E731
+    known = [r.nbytes for r in refs if r.nbytes is not None]
+    return {"rows_with_images": len(rows), "rows": len(examples), "images": len(refs),
+            "images_per_row": _range([len(ex.images) for ex in rows]),
+            "size": {"min": size(by_area[0]), "median": size(by_area[(len(by_area) - 1) // 2]),
+                     "max": size(by_area[-1])},
+            "width": _range([r.width for r in refs]), "height": _range([r.height for r in refs]),
+            "formats": dict(Counter(r.format or "in memory" for r in refs).most_common()),
+            "total_bytes": sum(known), "images_without_bytes": len(refs) - len(known),  # in-memory PIL images
+            "image_tokens_per_row": image_tokens_per_row(rows, processor)}
 
 
 def _by_shape(shapes: dict[int, str], tokenized: list[TokenizedExample]) -> dict:
@@ -202,6 +239,9 @@ def inspect_data(data: str, tokenizer, model: str | None = None, max_length: int
         raise UserValueError("max_prompt_length must be smaller than max_length")
     report, stats = SkipReport(), TokenizeStats()
     examples = load_examples(data, on_invalid="skip", split=split, report=report)
+    # Rows with images are measured by their text alone (the image parts left out), not by a
+    # text-only chat template printing their content lists: their image tokens need the processor.
+    examples = [replace(ex, prompt=flatten(ex.prompt)) if ex.images else ex for ex in examples]
     tokenized = tokenize_examples(examples, tokenizer, max_length, max_prompt_length, "skip", report, stats)
     cap = untruncated_cap(max_length, max_prompt_length)
     full = untruncated(examples, tokenized, tokenizer, cap)
@@ -220,6 +260,9 @@ def inspect_data(data: str, tokenizer, model: str | None = None, max_length: int
            "lengths": _lengths(full, tokenized), "examples": rendered,
            "untruncated_cap": {"tokens": cap, "examples": sum(bool(t.prompt_truncated or t.responses_truncated)
                                                                 for t in full)}}
+    images = image_stats(examples)
+    if images is not None:
+        ins["images"] = images
     ref_lp = None
     if model is not None:
         ref_lp = reference_logps(model, tokenizer, tokenized, batch_size, device, precision, progress, threads)
@@ -242,6 +285,9 @@ def _flags(ins: dict) -> list[str]:
     if by_shape.get("ranked", {}).get("kept"):
         flags.append(f"{by_shape['ranked']['kept']} ranked rows: pairwise losses need --ranking-to-pairs (or "
                      "--loss plackett_luce); checks here compare their best and worst responses")
+    if ins.get("images"):
+        flags.append(f"{ins['images']['rows_with_images']} rows have images: `train` refuses them until "
+                     "vision-language DPO lands (issue #30); token counts here are of their text alone")
     n = (ins.get("untruncated_cap") or {}).get("examples")
     if n:
         flags.append(f"{n} example{'s are' if n > 1 else ' is'} longer than {ins['untruncated_cap']['tokens']} "

@@ -62,6 +62,9 @@ def _facts(ins: dict) -> dict[str, list[tuple[str, str]]]:
                                             f"({st['chosen_missing_eos']} chosen, {st['rejected_missing_eos']} "
                                             "rejected)" if st["checked_eos"] else "no EOS token")],
     }
+    img = ins.get("images")
+    if img:
+        out["Images"] = _image_facts(img)
     ref = ins.get("reference")
     if ref:
         out["Reference model"] = [
@@ -71,6 +74,21 @@ def _facts(ins: dict) -> dict[str, list[tuple[str, str]]]:
             ("mean summed log-prob: chosen / rejected", f"{_num(ref['mean_chosen_logp'])} / "
                                                          f"{_num(ref['mean_rejected_logp'])}")]
     return out
+
+
+def _image_facts(img: dict) -> list[tuple[str, str]]:
+    per, w, h, sz = img["images_per_row"], img["width"], img["height"], img["size"]
+    tokens = img["image_tokens_per_row"]
+    return [("rows with images", f"{img['rows_with_images']} of {img['rows']}"),
+            ("images", f"{img['images']} ({', '.join(f'{n} {f}' for f, n in img['formats'].items())})"),
+            ("images per row (min / median / max)", f"{per['min']} / {per['median']} / {per['max']}"),
+            ("size by pixels (smallest / median / largest)", f"{sz['min']} / {sz['median']} / {sz['max']}"),
+            ("width, height (min–max)", f"{w['min']}–{w['max']}, {h['min']}–{h['max']}"),
+            ("total image bytes (encoded)", f"{img['total_bytes']:,}" + (f" (+ {img['images_without_bytes']} "
+                                                                         "in-memory images)"
+                                                                         if img["images_without_bytes"] else "")),
+            ("image tokens per row", "n/a (needs the model's processor: issue #30)" if tokens is None else
+             f"{tokens['min']} / {tokens['median']} / {tokens['max']}")]
 
 
 def _num(x: float | None) -> str:

@@ -35,6 +35,11 @@ def prepare_data(data_path: str, tokenizer, cfg: TrainConfig, what: str):
     loss = get_loss(cfg.loss, cfg.loss_weights)
     report, stats = SkipReport(), TokenizeStats()
     examples = load_examples(data_path, on_invalid=cfg.on_invalid, split=cfg.data_split, report=report)
+    with_images = sum(bool(ex.images) for ex in examples)
+    if with_images:  # text-only tokenizing would drop the image placeholders: refuse, never train blind
+        rows = f"{with_images} row{'s' * (with_images != 1)}"
+        raise UserValueError(f"images in {data_path} ({rows}): vision-language DPO is not supported yet (issue #30); "
+                             "remove the 'images'/'image' field to train on the text alone")
     examples = unpaired_rows(examples, cfg) if loss.unpaired else preference_rows(examples, cfg, loss)
     tokenized = tokenize_examples(examples, tokenizer, cfg.max_length, cfg.max_prompt_length,
                                   on_invalid=cfg.on_invalid, report=report, stats=stats)
