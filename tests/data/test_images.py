@@ -193,6 +193,25 @@ def test_cli_train_refuses_image_rows(tmp_path, pics, tiny_model, capsys):
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_every_text_only_command_refuses_image_rows(tmp_path, pics, tiny_model, capsys):
+    """`score`, `rm`, `sample` and `eval` would compute on the text alone, the image placeholders
+    dropped: each refuses in one line (exit 2), as `train` does, until the model side of #30."""
+    from directpo.cli import main
+
+    data = _jsonl(tmp_path / "d.jsonl", [_row(["img/a.png"]), _row(["img/a.png"])])
+    out = tmp_path / "out"
+    argvs = {
+        "score": ["score", "--model", str(tiny_model), "--data", data, "--out", str(tmp_path / "s.jsonl")],
+        "rm": ["rm", "--model", str(tiny_model), "--data", data, "--output-dir", str(out), "--no-progress"],
+        "sample": ["sample", "--model", str(tiny_model), "--prompts", data, "--out", str(tmp_path / "x.jsonl")],
+    }
+    for name, argv in argvs.items():
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # (after the precision line)
+        assert err.startswith(f"directpo {name}: error: ") and "images" in err and "issue #30" in err and "d.jsonl" in err, (name, err)
+        assert "Traceback" not in err
+
+
 # ----------------------------------------------------------------------------------------------
 # Fuzz: whatever the image field holds, loading works or raises a DataError naming the file
 

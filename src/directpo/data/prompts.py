@@ -34,6 +34,10 @@ class PromptItem:
 def parse_prompt_row(rec: dict, source: str, row: int) -> PromptItem:
     """A prompt row ({prompt[, reference]}) or any preference/SFT row directpo reads."""
     rec = {k: v for k, v in rec.items() if v is not None}
+    for name in ("images", "image"):  # a text-only sampler would drop them: refused, never sampled blind
+        if name in rec:
+            raise DataError(source, row, name, "images in a prompt: sampling from a vision-language model is not "
+                                               "supported yet (issue #30)", kind="type")
     check_unicode(rec, ("prompt", "reference"), source, row)
     reference = None
     if any(k in rec for k in _PAIR_FIELDS):  # preference, ranked or SFT row: its prompt, its best response

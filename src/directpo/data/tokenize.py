@@ -37,6 +37,7 @@ import weakref
 from dataclasses import dataclass, replace
 
 from ..errors import UserValueError
+from .errors import location
 from .formats import DataError, Example, SkipReport, Text
 
 
@@ -301,6 +302,13 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int | None
                       report: SkipReport | None = None,
                       stats: TokenizeStats | None = None) -> list[TokenizedExample]:
     report = report if report is not None else SkipReport()
+    with_images = [ex for ex in examples if getattr(ex, "images", None)]
+    if with_images:  # text alone would drop the image placeholders: refused, never computed blind
+        n = len(with_images)
+        first = with_images[0]
+        raise UserValueError(f"images in {first.source} ({n} row{'s' * (n != 1)}, the first at "
+                             f"{location(first.source, first.row)}): vision-language pairs are not supported by "
+                             "this command yet (issue #30); remove the 'images'/'image' field to use the text alone")
     out = []
     for ex in examples:
         try:

@@ -238,10 +238,10 @@ def inspect_data(data: str, tokenizer, model: str | None = None, max_length: int
     if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
         raise UserValueError("max_prompt_length must be smaller than max_length")
     report, stats = SkipReport(), TokenizeStats()
-    examples = load_examples(data, on_invalid="skip", split=split, report=report)
+    loaded = load_examples(data, on_invalid="skip", split=split, report=report)
     # Rows with images are measured by their text alone (the image parts left out), not by a
     # text-only chat template printing their content lists: their image tokens need the processor.
-    examples = [replace(ex, prompt=flatten(ex.prompt)) if ex.images else ex for ex in examples]
+    examples = [replace(ex, prompt=flatten(ex.prompt), images=[]) if ex.images else ex for ex in loaded]
     tokenized = tokenize_examples(examples, tokenizer, max_length, max_prompt_length, "skip", report, stats)
     cap = untruncated_cap(max_length, max_prompt_length)
     full = untruncated(examples, tokenized, tokenizer, cap)
@@ -260,7 +260,7 @@ def inspect_data(data: str, tokenizer, model: str | None = None, max_length: int
            "lengths": _lengths(full, tokenized), "examples": rendered,
            "untruncated_cap": {"tokens": cap, "examples": sum(bool(t.prompt_truncated or t.responses_truncated)
                                                                 for t in full)}}
-    images = image_stats(examples)
+    images = image_stats(loaded)
     if images is not None:
         ins["images"] = images
     ref_lp = None
