@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from directpo.errors import UserValueError
-from directpo.models import is_vision_model, load_processor, load_vision_model
+from directpo.vision import is_vision_model, load_processor, load_vision_model
 from directpo.toy import COLOURS, VLM_FAMILIES, build_tiny_vlm, colour_image_task
 
 TEXTS = [f"What colour is this picture? It is {c}." for c in COLOURS] * 8

@@ -87,7 +87,7 @@ def remote_code_error(name_or_dir: str, e: Exception) -> ValueError | None:
 
 
 @contextlib.contextmanager
-def _remote_code_explained(name_or_dir: str):
+def remote_code_explained(name_or_dir: str):
     try:
         yield
     except ValueError as e:
@@ -143,7 +143,7 @@ def load_tokenizer(name_or_dir: str, trust_remote_code: bool = False):
     quiet_transformers()
 
     try:
-        with _remote_code_explained(name_or_dir):
+        with remote_code_explained(name_or_dir):
             tok = AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
     except OSError as e:
         if os.path.isdir(os.path.expanduser(name_or_dir)):
@@ -156,12 +156,12 @@ def load_tokenizer(name_or_dir: str, trust_remote_code: bool = False):
     return tok
 
 
-def _from_pretrained(auto_class, name_or_dir: str, **kwargs):
+def from_pretrained_checked(auto_class, name_or_dir: str, **kwargs):
     """`auto_class.from_pretrained` from safetensors only (a pickled checkpoint, pytorch_model.bin,
     can run arbitrary code when loaded), its failures said in one line: a folder without
     safetensors, a hub id that cannot be reached, remote code not allowed."""
     try:
-        with _remote_code_explained(name_or_dir):
+        with remote_code_explained(name_or_dir):
             return auto_class.from_pretrained(name_or_dir, use_safetensors=True, **kwargs)
     except OSError as e:
         explained = safetensors_only_error(name_or_dir, e)
@@ -188,13 +188,13 @@ def load_model(name_or_dir: str, device: torch.device | str = "cpu", trust_remot
     if quantized and empty:
         raise UserValueError("--quantize: a quantized model cannot be built empty (FSDP's meta loading); drop --fsdp")
     if empty:
-        with _remote_code_explained(name_or_dir):
+        with remote_code_explained(name_or_dir):
             config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
             with torch.device("meta"):
                 return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
 
     # safetensors only: a pickled checkpoint (pytorch_model.bin) can run arbitrary code when loaded.
-    model = _from_pretrained(AutoModelForCausalLM, name_or_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+    model = from_pretrained_checked(AutoModelForCausalLM, name_or_dir, dtype=dtype, trust_remote_code=trust_remote_code,
                              **(quantized_load_kwargs(quantize, precision, device, double_quant) if quantized else {}))
 
     if quantized:  # already on `device` (bitsandbytes places the weights as it quantizes them)
@@ -359,7 +359,7 @@ def empty_model(name_or_dir: str, trust_remote_code: bool = False, dtype: torch.
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_model_source(name_or_dir)
-    with _remote_code_explained(name_or_dir):
+    with remote_code_explained(name_or_dir):
         config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
 
     def to_meta(module, name, param):
@@ -369,7 +369,7 @@ def empty_model(name_or_dir: str, trust_remote_code: bool = False, dtype: torch.
 
     hook = torch.nn.modules.module.register_module_parameter_registration_hook(to_meta)
     try:
-        with _remote_code_explained(name_or_dir):
+        with remote_code_explained(name_or_dir):
             return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     finally:
         hook.remove()
@@ -449,83 +449,3 @@ def freeze(model):
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-# ----------------------------------------------------------------------------------------------
-# Vision-language models (issue #30): whatever `AutoModelForImageTextToText` and `AutoProcessor` load.
-
-def is_vision_model(name_or_dir: str, trust_remote_code: bool = False) -> bool:
-    """Whether the model's config is an image-text-to-text one (it has a vision tower)."""
-    from transformers import AutoConfig
-    from transformers.models.auto import modeling_auto
-
-    check_model_source(name_or_dir)
-    with _remote_code_explained(name_or_dir):
-        config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
-    return getattr(config, "vision_config", None) is not None \
-        or config.model_type in modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-
-def load_vision_model(name_or_dir: str, device: torch.device | str = "cpu", trust_remote_code: bool = False,
-                      dtype: torch.dtype = torch.float32):
-    """A vision-language model (`AutoModelForImageTextToText`) in `dtype`, on `device`; safetensors
-    only, as `load_model`."""
-    from transformers import AutoModelForImageTextToText
-
-    check_model_source(name_or_dir)
-    return _from_pretrained(AutoModelForImageTextToText, name_or_dir, dtype=dtype,
-                            trust_remote_code=trust_remote_code).to(device)
-
-
-def load_processor(name_or_dir: str, trust_remote_code: bool = False):
-    """The model's processor (`AutoProcessor`: image processor + tokenizer + chat template).
-
-    Qwen2-VL's processor also holds a video processor, which transformers builds only with
-    torchvision installed; without it, the same processor is built for images alone."""
-    from transformers import AutoProcessor
-    from transformers.utils import is_torchvision_available
-
-    check_model_source(name_or_dir)
-    if not is_torchvision_available() and _processor_class(name_or_dir) == "Qwen2VLProcessor":
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(name_or_dir)
-        images = AutoImageProcessor.from_pretrained(name_or_dir)
-        return image_only_qwen2_vl_processor(images, tok, tok.chat_template)
-    try:
-        with _remote_code_explained(name_or_dir):
-            return AutoProcessor.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        if not os.path.isdir(os.path.expanduser(name_or_dir)):
-            raise _hub_error(name_or_dir, e) from e
-        raise
-
-
-def _processor_class(name_or_dir: str) -> str | None:
-    import json
-
-    path = os.path.join(os.path.expanduser(name_or_dir), "processor_config.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f).get("processor_class")
-
-
-def image_only_qwen2_vl_processor(image_processor, tokenizer, chat_template: str | None = None):
-    """A `Qwen2VLProcessor` without its video processor (which needs torchvision): images and text
-    only. Saved, it names itself `Qwen2VLProcessor`, so `AutoProcessor` loads it where torchvision is."""
-    from transformers import Qwen2VLProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-        # `ProcessorMixin` takes its sub-processors from `__init__`'s parameters: no video_processor here.
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
-
-    processor = ImageOnlyQwen2VLProcessor(image_processor, tokenizer, chat_template)
-    processor.saved_as = "Qwen2VLProcessor"
-    return processor

@@ -192,7 +192,7 @@ def _qwen2_vl_parts(tok, template: str, hidden: int, layers: int, heads: int, im
     head's rotary frequencies into (temporal, height, width) sections."""
     from transformers import Qwen2VLConfig, Qwen2VLImageProcessorPil
 
-    from .models import image_only_qwen2_vl_processor
+    from .vision import image_only_qwen2_vl_processor
 
     half = hidden // heads // 2  # rotary frequencies per head, split into temporal/height/width
     section = [half - 2 * (half // 3), half // 3, half // 3]
@@ -263,7 +263,7 @@ _VLM_PARTS = {"qwen2_vl": _qwen2_vl_parts, "llava": _llava_parts, "idefics3": _i
 def build_tiny_vlm(out_dir: str | Path, family: str, texts: list[str], hidden: int = 64, layers: int = 2,
                    heads: int = 4, vocab_size: int = 512, image_size: int = 56, seed: int = 0) -> Path:
     """A random vision-language model of `family` (`VLM_FAMILIES`) with its processor, saved in
-    `out_dir`: loadable with `AutoModelForImageTextToText` and `directpo.models.load_processor`."""
+    `out_dir`: loadable with `AutoModelForImageTextToText` and `directpo.vision.load_processor`."""
     import torch
     from transformers import AutoModelForImageTextToText
 
