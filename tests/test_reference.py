@@ -160,3 +160,26 @@ def test_a_rankings_rows_keep_their_width_next_to_pairs(tiny_model, tiny_tokeniz
     t_rank, hit_r = reference_logps(model, rk, compute, cache_dir=tmp_path)
     assert hit_p and hit_r and t_pairs.shape == (4, 2) and t_rank.shape == (4, 3)
     assert not t_pairs.isnan().any() and not t_rank.isnan().any()
+
+
+def test_an_image_rows_key_covers_its_pixels():
+    """The same token ids about another picture are another row of the cache (issue #30): the key
+    hashes the image tensors the processor made, not only the text."""
+    from types import SimpleNamespace
+
+    from directpo.reference import row_keys
+
+    pixels = torch.rand(4, 12)
+    grid = torch.tensor([[1, 2, 2]])
+
+    def row(px):
+        return SimpleNamespace(prompt_ids=[1, 2, 3], response_ids=[[4], [5]],
+                               vision={"pixel_values": px, "image_grid_thw": grid})
+
+    other = pixels.clone()
+    other[2, 5] += 1e-6  # one value of one patch
+    keys = row_keys([row(pixels), row(pixels.clone()), row(other),
+                     SimpleNamespace(prompt_ids=[1, 2, 3], response_ids=[[4], [5]])])
+    assert torch.equal(keys[0], keys[1])  # the same pixels: the same row
+    assert not torch.equal(keys[0], keys[2])
+    assert not torch.equal(keys[0], keys[3])  # the text alone: another row

@@ -234,6 +234,14 @@ def all_configs(config) -> list:
     return out
 
 
+def language_configs(config) -> list:
+    """The configs of the language model: a text model's own (and its sub-configs); a vision-language
+    model's text config alone, so that its vision tower keeps its own attention (an image's patches
+    attend to each other, not as a segment of the text)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return all_configs(text)
+
+
 def activation_checkpointing(model: nn.Module) -> bool:
     """True when `model` recomputes layer forwards during backward (outside any context we set)."""
     m = unwrap_peft(model)
@@ -250,7 +258,7 @@ def supports_segment_attention(model: nn.Module) -> bool:
         return False
     if activation_checkpointing(m):
         return False
-    for c in all_configs(config):
+    for c in language_configs(config):
         if any(getattr(c, a, None) is not None for a in _UNSUPPORTED_CONFIG):
             return False
         if any(t != "full_attention" for t in (getattr(c, "layer_types", None) or [])):
@@ -261,16 +269,18 @@ def supports_segment_attention(model: nn.Module) -> bool:
 def sliding_window(model: nn.Module) -> int | None:
     """The smallest sliding attention window of `model`'s configs, or None."""
     m = unwrap_peft(model)
-    windows = [getattr(c, "sliding_window", None) for c in all_configs(getattr(m, "config", None))]
+    config = getattr(m, "config", None)
+    windows = [getattr(c, "sliding_window", None) for c in (language_configs(config) if config is not None else [])]
     windows = [w for w in windows if isinstance(w, int)]
     return min(windows) if windows else None
 
 
 @contextlib.contextmanager
 def attention_implementation(model: nn.Module, name: str):
-    """Within the block `model` (every sub-model of a composite one) attends with the attention
-    function registered under `name` in transformers' `AttentionInterface`; as before after it."""
-    configs = all_configs(unwrap_peft(model).config)
+    """Within the block `model`'s language model (every sub-model of a composite one, a
+    vision-language model's vision tower excepted) attends with the attention function registered
+    under `name` in transformers' `AttentionInterface`; as before after it."""
+    configs = language_configs(unwrap_peft(model).config)
     saved = [c._attn_implementation_internal for c in configs]
     try:
         for c in configs:

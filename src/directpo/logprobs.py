@@ -186,7 +186,9 @@ def _backbone_and_head(model: nn.Module):
 
 def _attention_mask(model: nn.Module, mask: torch.Tensor) -> torch.Tensor:
     """A boolean 4D mask (True = attend) as the model's attention implementation wants it."""
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config  # the language model's
+    impl = getattr(config, "_attn_implementation", None) or "sdpa"
     if impl == "sdpa":
         return mask
     if impl == "eager":  # eager attention adds the mask to the scores
@@ -218,6 +220,8 @@ def token_logps(model: nn.Module, batch, fused: bool = True, segmented: bool = T
     kwargs = dict(input_ids=batch.input_ids, use_cache=False)
     if batch.position_ids is not None:
         kwargs["position_ids"] = batch.position_ids
+    if getattr(batch, "model_inputs", None):  # images: the VLM (or its inner model, fused) runs its vision tower
+        kwargs.update(batch.model_inputs)
     attend = contextlib.nullcontext()
     if batch.segments is None:
         kwargs["attention_mask"] = batch.attention_mask

@@ -74,12 +74,18 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def row_keys(examples) -> torch.Tensor:
-    """(len(examples), 16) uint8: a hash of each example's prompt and response token ids, the key of
-    its row in the cache (the ids capture the data, the tokenizer and the truncation at once)."""
+    """(len(examples), 16) uint8: a hash of each example's prompt and response token ids (and of its
+    image tensors, as the processor made them), the key of its row in the cache (the ids capture
+    the data, the tokenizer and the truncation at once)."""
     out = bytearray()
     for ex in examples:
-        out += hashlib.blake2b(json.dumps([ex.prompt_ids, ex.response_ids], separators=(",", ":")).encode(),
-                               digest_size=KEY_BYTES).digest()
+        h = hashlib.blake2b(json.dumps([ex.prompt_ids, ex.response_ids], separators=(",", ":")).encode(),
+                            digest_size=KEY_BYTES)
+        # an image row: its pixels too (the same text about another picture is another row)
+        for name, t in sorted((getattr(ex, "vision", None) or {}).items()):
+            h.update(name.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        out += h.digest()
     return torch.tensor(list(out), dtype=torch.uint8).reshape(-1, KEY_BYTES)
 
 

@@ -268,6 +268,7 @@ def build_tiny_vlm(out_dir: str | Path, family: str, texts: list[str], hidden: i
     from transformers import AutoModelForImageTextToText
 
     from .diskio import default_mode
+    from .vision import save_processor
 
     if family not in _VLM_PARTS:
         raise ValueError(f"family: {family!r}; choose one of {', '.join(VLM_FAMILIES)}")
@@ -281,25 +282,10 @@ def build_tiny_vlm(out_dir: str | Path, family: str, texts: list[str], hidden: i
     config, processor = _VLM_PARTS[family](tok, template, hidden, layers, heads, image_size)
     torch.manual_seed(seed)
     AutoModelForImageTextToText.from_config(config).save_pretrained(out)
-    processor.save_pretrained(out)
-    _name_processor_class(out, getattr(processor, "saved_as", type(processor).__name__))
+    save_processor(processor, out)
     for f in out.glob("*.safetensors"):  # safetensors writes 0600
         default_mode(f)
     return out
-
-
-def _name_processor_class(out: Path, name: str) -> None:
-    """The processor class that `AutoProcessor` reads from the saved configs: the family's own (a
-    stand-in class saved under its own name would not be found by `AutoProcessor`)."""
-    import json
-
-    for f in ("processor_config.json", "tokenizer_config.json"):
-        path = out / f
-        if path.exists():
-            data = json.loads(path.read_text())
-            if "processor_class" in data:
-                data["processor_class"] = name
-                path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 # The synthetic image task: a picture of one dominant colour; the chosen answer names it.

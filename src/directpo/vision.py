@@ -85,3 +85,22 @@ def image_only_qwen2_vl_processor(image_processor, tokenizer, chat_template: str
     processor = ImageOnlyQwen2VLProcessor(image_processor, tokenizer, chat_template)
     processor.saved_as = "Qwen2VLProcessor"
     return processor
+
+
+def save_processor(processor, out_dir) -> None:
+    """`processor.save_pretrained(out_dir)`, naming the class `AutoProcessor` should load: the
+    family's own (`image_only_qwen2_vl_processor` saves as `Qwen2VLProcessor`)."""
+    import json
+    from pathlib import Path
+
+    processor.save_pretrained(out_dir)
+    name = getattr(processor, "saved_as", None)
+    if name is None:
+        return
+    for f in ("processor_config.json", "tokenizer_config.json"):
+        path = Path(out_dir) / f
+        if path.exists():
+            data = json.loads(path.read_text())
+            if "processor_class" in data:
+                data["processor_class"] = name
+                path.write_text(json.dumps(data, indent=2) + "\n")

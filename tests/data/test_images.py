@@ -178,7 +178,8 @@ def test_train_refuses_image_rows(tmp_path, pics, tiny_tokenizer):
     cfg = TrainConfig(model="unused", data=data, max_length=64)
     with pytest.raises(UserValueError) as e:
         prepare_data(data, tiny_tokenizer, cfg, "train")
-    assert str(e.value).startswith(f"images in {data} (2 rows): vision-language DPO is not supported yet (issue #30)")
+    assert str(e.value).startswith(f"images in {data} (2 rows), but unused is a text-only model: give a "
+                                   "vision-language model")
     assert "\n" not in str(e.value)
 
 
@@ -189,7 +190,7 @@ def test_cli_train_refuses_image_rows(tmp_path, pics, tiny_model, capsys):
     assert main(["train", "--model", str(tiny_model), "--data", data, "--output-dir", str(tmp_path / "out"),
                  "--no-progress", "--threads", "1"]) == 2
     err = capsys.readouterr().err
-    assert f"images in {data} (1 row): vision-language DPO is not supported yet (issue #30)" in err
+    assert f"images in {data} (1 row), but {tiny_model} is a text-only model" in err
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 

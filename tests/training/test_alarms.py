@@ -110,6 +110,16 @@ def test_overfitting_on_stalled_eval_accuracy():
     assert "0.780 → 0.800; best 0.800 at step 10" in alerts[0].message
 
 
+def test_no_overfitting_alarm_at_the_accuracy_ceiling():
+    """Every held-out pair ranked right at each evaluation while the held-out loss keeps falling:
+    accuracy cannot improve on 1, and nothing is memorised at the held-out pairs' expense."""
+    perfect = [eval_record(0, LN2, 0.0)] + [eval_record(s, 0.5 - 0.01 * s, 1.0) for s in range(10, 41, 10)]
+    assert fired(HealthMonitor("dpo"), interleave(memorising(), perfect)) == []
+    # the loss rising there is still overfitting
+    rising = [eval_record(0, LN2, 0.0)] + [eval_record(s, 0.2 + 0.01 * s, 1.0) for s in range(10, 41, 10)]
+    assert fired(HealthMonitor("dpo"), interleave(memorising(), rising)) == [("overfitting", 30)]
+
+
 def test_overfitting_quiet_cases():
     improving = [eval_record(s, 0.69 - 0.005 * s, 0.5 + 0.01 * s) for s in range(0, 41, 10)]
     assert fired(HealthMonitor("dpo"), interleave(memorising(), improving)) == []

@@ -16,5 +16,6 @@ def run(args) -> int:
     from ..experiments.demo import DemoConfig, run_demo
 
     cfg = build_config(args, DemoConfig)
-    result = run_demo(cfg.output_dir, steps=cfg.steps, seed=cfg.seed)
+    result = run_demo(cfg.output_dir, steps=cfg.steps, seed=cfg.seed, task=cfg.task,
+                      threshold=0.9 if cfg.task == "colours" else 0.8)
     return 0 if result["passed"] else 1

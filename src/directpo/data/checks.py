@@ -31,6 +31,8 @@ from collections import Counter, defaultdict
 from dataclasses import asdict
 from typing import Iterable
 
+import torch
+
 from .formats import SkipReport
 from .tokenize import TokenizedExample, TokenizeStats
 
@@ -93,7 +95,7 @@ def duplicates(examples: Iterable[TokenizedExample], top: int = TOP_PROMPTS) -> 
     per_prompt: dict[int, list[int]] = defaultdict(list)
     n_dup = identical = 0
     for ex in examples:
-        p = hash(tuple(ex.prompt_ids))
+        p = _prompt_key(ex)
         responses = [hash(tuple(r)) for r in ex.response_ids]
         key = (p, *responses)
         if key in seen:
@@ -116,6 +118,14 @@ def duplicates(examples: Iterable[TokenizedExample], top: int = TOP_PROMPTS) -> 
             "identical_responses": identical, "distinct_prompts": len(per_prompt),
             "prompts_with_several_pairs": len(many), "pairs_sharing_a_prompt": sum(map(len, many)),
             "top_prompts": [{"pairs": len(rows), "first_row": rows[0]} for rows in many[:top]]}
+
+
+def _prompt_key(ex: TokenizedExample) -> int:
+    """A prompt's hash: its ids, and an image row's pixels (the same question about two pictures is
+    two prompts)."""
+    images = getattr(ex, "vision", None) or {}
+    return hash((tuple(ex.prompt_ids), *(bytes(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+                                          for _, t in sorted(images.items()))))
 
 
 def truncation(examples: Iterable[TokenizedExample], stats: TokenizeStats | None = None,

@@ -17,6 +17,13 @@ earlier tokens, and several segments share a row (no attention across segments),
 to a repeated prompt and little to padding. The pattern travels as ``segments`` (attended segment
 by segment in `directpo.attention`, or as a dense 4D mask from `Batch.dense_mask()` for models
 that need one). Its log-probs equal the padded layout's.
+
+Vision-language examples (`directpo.data.vision_tokenize`) add their image tensors as
+``model_inputs`` (keyword tensors for the model's forward): in the padded layout once per row (an
+example's images twice for a pair, as the model would see the two texts), in the packed layout
+once per segment, so the vision tower encodes each image once per pair. M-RoPE models (Qwen2-VL)
+get (3, R, T) packed positions from the prompts' own; padded rows get the token types from which
+the model computes its positions itself.
 """
 from __future__ import annotations
 
@@ -42,6 +49,8 @@ class Batch:
     # packed layout: (row, start, prompt_len, response_lens) per example, in row order
     segments: list[tuple[int, int, int, tuple[int, ...]]] | None = None
     labels: torch.Tensor | None = None  # (B,) unpaired (KTO) examples: True where response 0 is desirable
+    # extra keyword tensors for the model's forward (vision-language rows: pixel_values, image_grid_thw, ...)
+    model_inputs: dict[str, torch.Tensor] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -70,6 +79,8 @@ class Batch:
         for k, v in kw.items():
             if isinstance(v, torch.Tensor):
                 kw[k] = v.to(device, non_blocking=True)
+        if self.model_inputs is not None:
+            kw["model_inputs"] = {k: v.to(device, non_blocking=True) for k, v in self.model_inputs.items()}
         return Batch(**kw)
 
     def response_lengths(self) -> torch.Tensor:
@@ -98,8 +109,10 @@ def collate_padded(examples: list[TokenizedExample], pad_id: int) -> Batch:
         pos.extend(range(r * T + p - 1, r * T + len(ids) - 1))
         lab.extend(ids[p:])
         seq.extend([r] * (len(ids) - p))
+    rows = [[examples[i]] for i, _, _ in seqs]
     return Batch(input_ids, attention_mask, None, torch.tensor(pos), torch.tensor(lab), torch.tensor(seq),
-                 seq_index, [ex.row for ex in examples], labels=_labels(examples))
+                 seq_index, [ex.row for ex in examples], labels=_labels(examples),
+                 model_inputs=_padded_model_inputs(rows, T))
 
 
 def _labels(examples: list[TokenizedExample]) -> torch.Tensor | None:
@@ -177,9 +190,79 @@ def collate_packed(examples: list[TokenizedExample], pad_id: int, row_tokens: in
                 seq.extend([int(seq_index[i, k])] * L)
                 start += L
             o = start
+    in_rows = [[examples[i] for i in row] for row in rows]
+    if any(ex.prompt_positions is not None for ex in examples):
+        position_ids = mrope_packed_positions(in_rows, T)
     return Batch(input_ids, None, position_ids, torch.tensor(pos), torch.tensor(lab), torch.tensor(seq),
                  seq_index, [ex.row for ex in examples], token_count=sum(lengths), segments=segments,
-                 labels=_labels(examples))
+                 labels=_labels(examples), model_inputs=merge_vision(in_rows))
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision-language rows: the image tensors of each row's examples, merged as the model wants them
+
+
+def merge_vision(rows: list[list[TokenizedExample]]) -> dict[str, torch.Tensor] | None:
+    """The image tensors of the examples in each row (row by row, in order: the order of their image
+    tokens, which the model fills with image features in that order), merged for one forward: Qwen2-VL
+    and LLaVA take all images of the batch concatenated on dim 0; Idefics3 takes (rows, images, C, H, W)
+    with a `pixel_attention_mask`, a row's images padded with all-zero images (which it drops)."""
+    parts = [[ex.vision for ex in row if ex.vision] for row in rows]
+    if not any(parts):
+        return None
+    first = next(v for row in parts for v in row)
+    if "pixel_attention_mask" in first:  # Idefics2/3, SmolVLM: images batched per row
+        return _merge_per_row(parts)
+    keys = list(first)
+    return {k: torch.cat([v[k] for row in parts for v in row]) for k in keys}
+
+
+def _merge_per_row(parts: list[list[dict]]) -> dict[str, torch.Tensor]:
+    """(rows, most images in a row, ...) for each tensor, zero-padded (an image of zeros is no image)."""
+    first = next(v for row in parts for v in row)
+    per_row = [{k: torch.cat([v[k] for v in row], dim=1) for k in first} if row else None for row in parts]
+    n = max(r["pixel_values"].shape[1] for r in per_row if r is not None)
+    out = {}
+    for k, t in first.items():
+        padded = []
+        for r in per_row:
+            x = r[k] if r is not None else t.new_zeros((1, 0, *t.shape[2:]))
+            pad = x.new_zeros((1, n - x.shape[1], *x.shape[2:]))
+            padded.append(torch.cat([x, pad], dim=1))
+        out[k] = torch.cat(padded)
+    return out
+
+
+def _padded_model_inputs(rows: list[list[TokenizedExample]], length: int) -> dict[str, torch.Tensor] | None:
+    """Padded layout: each row's example's images (so an example's images twice for a pair), and for
+    M-RoPE models the rows' token types, from which the model computes its positions itself."""
+    out = merge_vision(rows)
+    if out is not None and any(row[0].prompt_token_types is not None for row in rows):
+        types = torch.zeros((len(rows), length), dtype=torch.long)
+        for r, (ex,) in enumerate(rows):
+            if ex.prompt_token_types is not None:
+                types[r, :len(ex.prompt_token_types)] = ex.prompt_token_types
+        out["mm_token_type_ids"] = types
+    return out
+
+
+def mrope_packed_positions(rows: list[list[TokenizedExample]], length: int) -> torch.Tensor:
+    """(3, R, T) M-RoPE positions of a packed batch: each prompt's own (3, P) positions, each response
+    restarting after the prompt (at its largest position + 1) in all three streams, as the padded
+    row of that response has them; padding 0."""
+    out = torch.zeros((3, len(rows), length), dtype=torch.long)
+    for r, row in enumerate(rows):
+        o = 0
+        for ex in row:
+            P = len(ex.prompt_ids)
+            prompt = ex.prompt_positions if ex.prompt_positions is not None else torch.arange(P).expand(3, P)
+            out[:, r, o:o + P] = prompt
+            nxt = int(prompt.max()) + 1 if P else 0
+            o += P
+            for resp in ex.response_ids:
+                out[:, r, o:o + len(resp)] = torch.arange(nxt, nxt + len(resp))
+                o += len(resp)
+    return out
 
 
 def dense_packed_mask(segments: list[tuple[int, int, int, tuple[int, ...]]], rows: int, length: int) -> torch.Tensor:

@@ -35,10 +35,14 @@ import random
 import re
 import weakref
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from ..errors import UserValueError
 from .errors import location
 from .formats import DataError, Example, SkipReport, Text
+
+if TYPE_CHECKING:  # annotations only: text tokenization imports no torch
+    import torch
 
 
 @dataclass
@@ -50,6 +54,13 @@ class TokenizedExample:
     prompt_truncated: bool = False
     responses_truncated: int = 0
     label: bool | None = None  # unpaired (KTO) rows: whether response 0 is desirable
+    # Vision-language rows (`directpo.data.vision_tokenize`); None for text. `vision`: this example's
+    # image tensors as its processor returns them (pixel_values, image_grid_thw, ...); `prompt_positions`:
+    # (3, P) M-RoPE positions of the prompt (Qwen2-VL-type models); `prompt_token_types`: (P,) the
+    # processor's mm_token_type_ids (0 text, 1 image), which such models need to place their positions.
+    vision: dict[str, torch.Tensor] | None = None
+    prompt_positions: torch.Tensor | None = None
+    prompt_token_types: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -21,7 +21,8 @@ The alarms (`ALARMS`) and their settings (constructor arguments):
                           over the last `window` steps, the train margin still climbing (t ≥
                           `trend_t`), and on held-out data either the loss rose at each of the last
                           `overfit_evals` evaluations or the accuracy of those evaluations is no
-                          better than the best one before them (+ `eval_accuracy_tol`).
+                          better than the best one before them (+ `eval_accuracy_tol`), that best
+                          short of 1 (an accuracy at its ceiling cannot improve).
     no_learning           from step `no_learning_steps` on, every loss of the last
                           min(`window`, `no_learning_steps`) steps is within `no_learning_tol` of
                           the loss of an untrained policy: the loss's `chance_loss` in the registry
@@ -322,7 +323,9 @@ class HealthMonitor:
         if None in accs:
             return ""
         before = max(accs[:-n])
-        if max(accs[-n:]) <= before + self.eval_accuracy_tol:
+        # at the ceiling (every held-out pair ranked right) accuracy cannot improve: not a stall; a
+        # rising held-out loss (above) still is one
+        if max(accs[-n:]) <= before + self.eval_accuracy_tol and before < 1 - self.eval_accuracy_tol:
             s = next(e["step"] for e in self._evals if e["accuracy"] == before)
             return (f"held-out accuracy has not improved over the last {n} evaluations "
                     f"({' → '.join(f'{a:.3f}' for a in accs[-n:])}; best {before:.3f} at step {s})")

@@ -168,6 +168,8 @@ class TrainConfig(PreferenceRunConfig, LoraSettings):
     sft_weight: float = setting(0.0, "add this × the NLL per token of the best response to the loss (RPO-style)", ge=0)
     unlikelihood_weight: float = setting(1.0, "α of the unlikelihood loss: weight of the rejected-token term", ge=0)
     ranking_to_pairs: bool = setting(False, "expand ranked rows (K > 2) into pairs for pairwise losses")
+    freeze_vision: bool = setting(True, "vision-language models: keep the vision tower and projector frozen, LoRA "
+                                        "on the language model alone (--no-freeze-vision: train them too)")
     micro_batch_tokens: int = setting(0, "instead: fill each forward/backward with examples up to this many tokens "
                                          "(bounds activation memory whatever the lengths; 0: off)", ge=0)
     memory_budget: str | None = setting(None, "pick the micro-batch size for this much memory per process, e.g. 8GiB "

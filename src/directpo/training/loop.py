@@ -25,6 +25,7 @@ from ..logprobs import example_logps, packed_row_tokens
 from ..losses import LossInputs, LossParams, LossSpec, get_loss, sft_loss
 from ..metrics import last_valid, ranking_metrics
 from ..models import autocast_ctx, enable_activation_checkpointing, load_tokenizer, pick_device
+from ..vision import save_processor
 from .adapters import tokenizer_source
 from .alarms import HealthMonitor
 from .budget import format_memory_plan, plan_for_budget
@@ -39,6 +40,7 @@ from .prepare import (Sources, check_data, check_sharding, kto_balance, load_pol
                       prepare_data, reference_tables)
 from .run import COMPLETE_MARKER, NonFiniteError, Recipe, RunDir, StepDriver, resume, run_steps, settle_precision, \
     setup_torch
+from .vlm import run_processor
 
 __all__ = ["COMPLETE_MARKER", "NonFiniteError", "TrainConfig", "batch_order", "micro_batches", "train"]
 
@@ -245,6 +247,7 @@ class Trainer(Recipe):
     batches: object = None
     alarms: HealthMonitor | None = None
     lora_ref: LoraReference | None = None  # TR-DPO with LoRA: πref = base + its own adapter
+    processor: object = None  # a vision-language model's (saved with the model, in place of the tokenizer)
 
     @property
     def name(self) -> str:  # the progress bar's label
@@ -383,16 +386,18 @@ def setup(cfg: TrainConfig, d, run: RunDir, sources: Sources | None = None) -> T
     setup_torch(cfg.threads, cfg.seed)
     device = device_for(d, cfg.device) or pick_device(cfg.device)
     settle_precision(run, cfg, device, d)  # --precision auto -> fp32 or bf16, before anything computes
-    tokenizer = sources.tokenizer or load_tokenizer(tokenizer_source(cfg.model),  # (an adapter's: maybe its base's)
-                                                    trust_remote_code=cfg.trust_remote_code)
+    processor = run_processor(cfg, sources)  # a vision-language model's: it tokenizes the images too
+    tokenizer = sources.tokenizer or (processor.tokenizer if processor is not None else
+                                      load_tokenizer(tokenizer_source(cfg.model),  # (an adapter's: maybe its base's)
+                                                     trust_remote_code=cfg.trust_remote_code))
     loss_spec = get_loss(cfg.loss, cfg.loss_weights)
-    train_set, report, stats = prepare_data(cfg.data, tokenizer, cfg, "train")
+    train_set, report, stats = prepare_data(cfg.data, tokenizer, cfg, "train", processor)
     if d.main:  # (KTO: the checks see each row's own completion, not the mismatched one added for z0)
         run.data_summary = check_data([ex.only(0) for ex in train_set] if loss_spec.unpaired else train_set,
                                       tokenizer, stats, report)
         if loss_spec.unpaired:
             kto_balance(train_set, cfg)
-    eval_set = prepare_data(cfg.eval_data, tokenizer, cfg, "eval")[0] if cfg.eval_data else None
+    eval_set = prepare_data(cfg.eval_data, tokenizer, cfg, "eval", processor)[0] if cfg.eval_data else None
 
     if "simpo" in cfg.loss.split(",") and cfg.beta < 1:
         log(f"warning: simpo with β {cfg.beta:g}: its reward β·log π/|y| then rarely clears the margin γ "
@@ -402,7 +407,8 @@ def setup(cfg: TrainConfig, d, run: RunDir, sources: Sources | None = None) -> T
         check_sharding(cfg, loss_spec)
         policy, ref_model = load_sharded(cfg, d, tokenizer, loss_spec)
     else:
-        policy, ref_model = load_policy_and_reference(cfg, tokenizer, device, loss_spec, empty=False, sources=sources)
+        policy, ref_model = load_policy_and_reference(cfg, tokenizer, device, loss_spec, empty=False, sources=sources,
+                                                      vision=processor is not None)
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(policy)
     collate = make_collate(cfg.layout, tokenizer.pad_token_id, packed_row_tokens(cfg.row_tokens, policy, ref_model))
@@ -412,6 +418,7 @@ def setup(cfg: TrainConfig, d, run: RunDir, sources: Sources | None = None) -> T
     trainer = Trainer(cfg, d, run, device, policy, ref_model, train_set, eval_set, train_ref, eval_ref, collate,
                       loss_spec, loss_params(cfg), sharded,
                       tokenizer, dict(report.counts), RunningMean() if loss_spec.running_mean else None)
+    trainer.processor = processor
     if cfg.ref_sync_every and ref_model is policy and is_lora(policy):  # one base; πref's own adapter
         trainer.lora_ref = LoraReference(policy)
     if cfg.memory_budget is not None:
@@ -496,7 +503,7 @@ def run_training(t: Trainer, callbacks=()) -> dict:
         next(t.batches)
     t.driver = StepDriver(t.policy.parameters(), t.optimizer, t.scheduler, cfg.max_grad_norm, d, t.sharded,
                           cfg.skip_nonfinite, cfg.divergence_factor, hint=f"Lower --lr (now {cfg.lr:g})")
-    t.alarms = HealthMonitor(cfg.loss, loss_weights=cfg.loss_weights, vocab_size=t.policy.config.vocab_size)
+    t.alarms = HealthMonitor(cfg.loss, loss_weights=cfg.loss_weights, vocab_size=t.policy.config.get_text_config().vocab_size)
     if cfg.sft_weight:  # its NLL term moves the loss off the chance value: no_learning has nothing to compare
         t.alarms.chance_loss = None
     done = run_steps(t, start_step, total_steps, callbacks)
@@ -519,7 +526,10 @@ def finish(t: Trainer, result: dict) -> dict:
         if t.d.main:
             save_policy(t.policy, t.run.path, merge=t.cfg.merge, state_dict=adapters)
     if t.d.main:
-        t.tokenizer.save_pretrained(t.run.path)
+        if t.processor is not None:  # (its tokenizer included)
+            save_processor(t.processor, t.run.path)
+        else:
+            t.tokenizer.save_pretrained(t.run.path)
         t.run.complete(result)  # written last: the run finished
         log("saved " + ("the model merged with its LoRA adapters" if is_lora(t.policy) and t.cfg.merge else
                         "LoRA adapters (adapter_model.safetensors)" if is_lora(t.policy) else "model")

@@ -6,7 +6,7 @@ reference log-prob tables (computed once, cached on disk, shared between process
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -20,29 +20,39 @@ from ..logprobs import dataset_logps
 from ..losses import LossSpec, get_loss
 from ..models import check_vocab, empty_model, enable_activation_checkpointing, freeze, load_model
 from ..reference import cached_table, default_cache_dir, model_fingerprint, open_cache
+from ..vision import load_vision_model
 from .adapters import add_reference_adapter, adapt_policy, base_key, read_adapter_dir
 from .config import TrainConfig
 from .distributed import Dist, GatheredState, fsdp_kwargs
 from .lora import adapters_disabled, apply_lora, apply_lora_to_empty, is_lora, quantize_kwargs
+from .vlm import lora_targets, prepare_vision
 
 # ----------------------------------------------------------------------------------------------
 # Data
 
 
-def prepare_data(data_path: str, tokenizer, cfg: TrainConfig, what: str):
+def prepare_data(data_path: str, tokenizer, cfg: TrainConfig, what: str, processor=None):
     """Load, validate and tokenize a data file into the shape the loss takes; report what was
-    skipped or truncated."""
+    skipped or truncated. `processor`: a vision-language model's (`training.vlm.run_processor`),
+    which tokenizes the rows with their images."""
     loss = get_loss(cfg.loss, cfg.loss_weights)
     report, stats = SkipReport(), TokenizeStats()
     examples = load_examples(data_path, on_invalid=cfg.on_invalid, split=cfg.data_split, report=report)
     with_images = sum(bool(ex.images) for ex in examples)
-    if with_images:  # text-only tokenizing would drop the image placeholders: refuse, never train blind
+    if with_images and processor is None:  # text-only tokenizing would drop the placeholders: never train blind
         rows = f"{with_images} row{'s' * (with_images != 1)}"
-        raise UserValueError(f"images in {data_path} ({rows}): vision-language DPO is not supported yet (issue #30); "
-                             "remove the 'images'/'image' field to train on the text alone")
+        raise UserValueError(f"images in {data_path} ({rows}), but {cfg.model} is a text-only model: give a "
+                             "vision-language model (one with a vision tower), or remove the 'images'/'image' field "
+                             "to train on the text alone")
     examples = unpaired_rows(examples, cfg) if loss.unpaired else preference_rows(examples, cfg, loss)
-    tokenized = tokenize_examples(examples, tokenizer, cfg.max_length, cfg.max_prompt_length,
-                                  on_invalid=cfg.on_invalid, report=report, stats=stats)
+    if processor is not None:
+        from ..data.vision_tokenize import tokenize_vision_examples
+
+        tokenized, stats = tokenize_vision_examples(examples, processor, cfg.max_length, cfg.max_prompt_length,
+                                                    on_invalid=cfg.on_invalid, skipped=report)
+    else:
+        tokenized = tokenize_examples(examples, tokenizer, cfg.max_length, cfg.max_prompt_length,
+                                      on_invalid=cfg.on_invalid, report=report, stats=stats)
     if loss.unpaired:  # KTO: each example gets its mismatched completion, for the reference point z0
         tokenized = pair_mismatched(tokenized, cfg.seed, cfg.max_length)
     log(f"{what}: {len(tokenized)} examples from {data_path}; {report.summary()}; {stats.summary()}")
@@ -65,7 +75,7 @@ def preference_rows(examples, cfg: TrainConfig, loss: LossSpec) -> list:
                         f"an unpaired row (prompt, completion, label), but the '{cfg.loss}' loss takes "
                         f"preference {loss.rows}: train unpaired rows with --loss kto")
     if imitates:  # Preferred-FT: only the best response is a target
-        examples = [type(ex)(ex.prompt, ex.responses[:1], ex.source, ex.row) for ex in examples]
+        examples = [replace(ex, responses=ex.responses[:1], label=None) for ex in examples]
     else:
         single = next((ex for ex in examples if len(ex.responses) < 2), None)
         if single is not None:
@@ -143,10 +153,11 @@ class Sources:
 
 
 def load_policy_and_reference(cfg: TrainConfig, tokenizer, device, loss_spec: LossSpec, empty: bool,
-                              sources: Sources | None = None):
+                              sources: Sources | None = None, vision: bool = False):
     """(policy, πref model or None). πref: the starting policy, frozen (paper §4), unless another
     model is given. When its log-probs are precomputed, the untouched policy itself serves (no
-    second copy); with LoRA, the same network with adapters disabled."""
+    second copy); with LoRA, the same network with adapters disabled. `vision`: a vision-language
+    model (`AutoModelForImageTextToText`), its vision side frozen unless --no-freeze-vision."""
     sources = sources or Sources()
     adapter = read_adapter_dir(cfg.model) if sources.model is None else None  # --model ADAPTER_DIR: its base
     if sources.model is not None:
@@ -157,23 +168,30 @@ def load_policy_and_reference(cfg: TrainConfig, tokenizer, device, loss_spec: Lo
             raise UserValueError(f"quantize={cfg.quantize!r} loads the model by name; a model given as an object is "
                                  "used as it is: load it quantized yourself (transformers' BitsAndBytesConfig)")
         policy = sources.model.to(device)
+    elif vision:
+        policy = load_vision_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code)
     else:
         policy = load_model(adapter.root if adapter else cfg.model, device, trust_remote_code=cfg.trust_remote_code,
                             empty=empty, **quantize_kwargs(cfg))
     check_vocab(tokenizer, policy, cfg.model)
+    if vision:
+        prepare_vision(policy, cfg.freeze_vision)
     if adapter is not None:  # continue training its adapter, or (--lora-r) merge it for a new one
         policy = adapt_policy(policy, adapter, cfg.lora_r)
     if cfg.lora_r:
-        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_dropout)
+        targets = lora_targets(policy, cfg.lora_target_modules, cfg.freeze_vision) if vision else \
+            cfg.lora_target_modules
+        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, targets, cfg.lora_dropout)
     policy.train()
     if not loss_spec.needs_reference:
         return policy, None
     if sources.ref_model is None and reference_adapter(cfg, policy, adapter):
         return policy, policy  # πref: the same network with its reference adapter, or adapters disabled
     if sources.ref_model is not None or (cfg.ref and cfg.ref != cfg.model):
-        ref_model = freeze(sources.ref_model.to(device) if sources.ref_model is not None else
-                           load_model(cfg.ref, device, trust_remote_code=cfg.trust_remote_code, empty=empty,
-                                      **quantize_kwargs(cfg)))
+        load = (lambda name: load_vision_model(name, device, trust_remote_code=cfg.trust_remote_code)) if vision \
+            else (lambda name: load_model(name, device, trust_remote_code=cfg.trust_remote_code, empty=empty,
+                                          **quantize_kwargs(cfg)))
+        ref_model = freeze(sources.ref_model.to(device) if sources.ref_model is not None else load(cfg.ref))
         check_vocab(tokenizer, policy, cfg.model, ref=ref_model, ref_name=cfg.ref)
         if cfg.ref_sync_every:
             check_same_shapes(policy, ref_model, cfg.model, cfg.ref)

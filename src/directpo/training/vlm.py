@@ -1,0 +1,105 @@
+"""Vision-language models in a training run (issue #30): which part of the network trains, and the
+processor that goes with the model.
+
+A VLM (`AutoModelForImageTextToText`: Qwen2-VL, LLaVA, Idefics3, ...) is a language model plus a
+vision side: the vision tower that encodes an image's patches and the projector that maps them
+into the language model's embedding space. Preference data says which *answer* is better; the
+default (`--freeze-vision`, as TRL's and LLaVA's DPO recipes do) trains the language model alone:
+the vision side is frozen, and LoRA's `all-linear` adapts the language model's linear layers only
+(PEFT's own `all-linear` would also put adapters on the vision tower's). `--no-freeze-vision`
+trains (or adapts) everything.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..console import log
+from ..errors import UserValueError
+from ..models import unwrap_peft
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The VLM's inner model (`model.model`: vision side + language model), below any PEFT wrapper."""
+    m = unwrap_peft(model)
+    return getattr(m, "model", m)
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The language model (decoder) of a VLM."""
+    inner = _inner(model)
+    for name in ("language_model", "text_model"):
+        if isinstance(getattr(inner, name, None), nn.Module):
+            return getattr(inner, name)
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    if decoder is None or decoder is inner:
+        raise UserValueError(f"{type(unwrap_peft(model)).__name__}: its language model cannot be told from its vision "
+                             "side (no language_model/text_model); train it with --no-freeze-vision")
+    return decoder
+
+
+def vision_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The vision side: every child of the inner model but the language model (the vision tower and
+    its projector: `visual`; `vision_tower` + `multi_modal_projector`; `vision_model` + `connector`)."""
+    inner, lm = _inner(model), language_model(model)
+    return {name: child for name, child in inner.named_children() if child is not lm}
+
+
+def freeze_vision(model: nn.Module) -> int:
+    """Freeze the vision side; returns how many parameters it holds."""
+    n = 0
+    for module in vision_modules(model).values():
+        for p in module.parameters():
+            p.requires_grad_(False)
+            n += p.numel()
+    return n
+
+
+def lora_targets(model: nn.Module, target_modules: str, freeze: bool) -> str:
+    """`--lora-target-modules` for a VLM: with the vision side frozen, resolved to the full names of
+    the matching linear layers of the language model (a bare `q_proj` would also match a CLIP
+    tower's); unchanged otherwise. A comma list of names, as `training.lora.apply_lora` takes."""
+    if not freeze:
+        return target_modules
+    lm = language_model(model)
+    prefix = next(name for name, m in unwrap_peft(model).named_modules() if m is lm)
+    wanted = None if target_modules == "all-linear" else {t.strip() for t in target_modules.split(",")}
+    names = [f"{prefix}.{name}" for name, m in lm.named_modules()
+             if isinstance(m, nn.Linear) and name and (wanted is None or name.rsplit(".", 1)[-1] in wanted
+                                                        or name in wanted)]
+    if not names:
+        raise UserValueError(f"--lora-target-modules {target_modules}: no linear layer of the language model matches")
+    return ",".join(names)
+
+
+def prepare_vision(model: nn.Module, freeze: bool) -> None:
+    """Freeze the vision side of a VLM policy (or say that it trains)."""
+    if freeze:
+        n = freeze_vision(model)
+        log(f"vision-language model: its vision tower and projector are frozen ({n / 1e6:.2f} M parameters; "
+            "--no-freeze-vision trains them)")
+    else:
+        log("vision-language model: the vision tower and projector train with the language model (--no-freeze-vision)")
+
+
+def run_processor(cfg, sources=None):
+    """The processor of the run's model when it is a vision-language model (None for a text model,
+    or a model given as an object): images in the data are then tokenized by it. The settings a
+    VLM run does not support yet are refused here, in one line each, before anything loads."""
+    from ..models import is_adapter_dir
+    from ..vision import is_vision_model, load_processor
+
+    if (sources is not None and sources.model is not None) or is_adapter_dir(cfg.model) \
+            or not is_vision_model(cfg.model, cfg.trust_remote_code):
+        return None
+    unsupported = [(getattr(cfg, "quantize", "none") not in ("none", None), f"--quantize {getattr(cfg, 'quantize', '')}"),
+                   (getattr(cfg, "fsdp", False), "--fsdp"),
+                   (getattr(cfg, "memory_budget", None) is not None, "--memory-budget"),
+                   (bool(cfg.ref) and cfg.ref != cfg.model and is_adapter_dir(cfg.ref), "--ref ADAPTER_DIR")]
+    for refused, flag in unsupported:
+        if refused:
+            raise UserValueError(f"{flag} is not supported yet with a vision-language model ({cfg.model}; issue #30)")
+    processor = load_processor(cfg.model, cfg.trust_remote_code)
+    tok = processor.tokenizer
+    if tok.pad_token_id is None:  # (as `models.load_tokenizer`: padding is masked out, any id will do)
+        tok.pad_token = tok.eos_token
+    return processor
