@@ -247,3 +247,51 @@ def test_lean_lora_linears_same_outputs_and_gradients(llama):
         a, _, _ = _run(other, ids, lean=False)
         b, _, _ = _run(other, ids, lean=True, swap=lean_lora, swapped=14)
         assert torch.equal(a, b), kw
+
+
+def _qlora(llama, tmp_path):
+    """`llama`'s blocks quantized nf4 by transformers + bitsandbytes (double quantization, fp32
+    compute), with all-linear LoRA on top, B made non-zero."""
+    from transformers import BitsAndBytesConfig
+
+    llama.save_pretrained(tmp_path)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    base = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=q, dtype=torch.float32, device_map="cpu")
+    return _lora(base)
+
+
+def test_4bit_base_layers_take_the_lean_paths_exactly(llama, tmp_path, one_thread):
+    """QLoRA: the lean MLP and LoRA forwards take bitsandbytes' 4-bit base layers (the weight
+    dequantized for the forward's matmul and again in the backward): the log-probs and every
+    adapter's gradient equal bitsandbytes + PEFT's own forward within 1e-5, and the MLP keeps two
+    (tokens × intermediate) tensors per layer fewer."""
+    pytest.importorskip("bitsandbytes")
+    from directpo.fused import _is_4bit, _lora_parts
+
+    llama = LlamaForCausalLM(LlamaConfig(**{**llama.config.to_dict(), "attention_bias": True}))  # (as Qwen2's)
+    model = _qlora(llama, tmp_path)
+    assert model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.bias is not None
+    down = model.get_base_model().model.layers[0].mlp.down_proj
+    assert _is_4bit(down.base_layer) and _qualifies(model.get_base_model().model.layers[0].mlp)
+    assert _lora_parts(down)[0] is down.base_layer.weight  # the packed weight: nothing dense kept
+    ids = torch.randint(0, 97, (2, 11))
+    a, ga, na = _run(model, ids, lean=False)
+    trained = [k for k, p in model.named_parameters() if p.requires_grad]
+    assert len(trained) == 2 * 7 * 2 and ga.keys() == set(trained)
+    for swap, swapped in ((lean_mlp, 2), (lean_lora, 14)):
+        b, gb, nb = _run(model, ids, lean=True, swap=swap, swapped=swapped)
+        torch.testing.assert_close(torch.log_softmax(b, -1), torch.log_softmax(a, -1), rtol=0, atol=1e-5)
+        assert gb.keys() == ga.keys()
+        for k in ga:
+            assert gb[k].abs().max() > 0, k
+            torch.testing.assert_close(gb[k], ga[k], rtol=1e-5, atol=1e-5, msg=k)
+        if swap is lean_mlp:
+            assert torch.equal(a, b)  # the same ops on the same dequantized weight, in PEFT's order
+            assert nb < na - 2 * 2 * 2 * 11 * 88 + 1
+        else:
+            assert nb <= na
+    with torch.no_grad(), model.disable_adapter():  # the reference: the quantized base alone, exactly
+        plain = model(input_ids=ids).logits
+        with lean_mlp(model), lean_lora(model):
+            assert torch.equal(model(input_ids=ids).logits, plain)

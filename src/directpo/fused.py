@@ -32,6 +32,13 @@ short-lived buffers, which glibc's heap keeps: `small` with LoRA r 16, micro-bat
 676 MiB, `base` 1881–1929 → 1411–1432 MiB (docs/results/bench/cpu-headroom.md). Not bit-identical
 to PEFT (one fused product and sum): equal within fp32 rounding.
 
+Both take bitsandbytes' 4-bit base layers (nf4/fp4, QLoRA) too: `_SwiGLUDown` dequantizes the
+down projection's packed weight for the forward's matmul and again in the backward, with
+bitsandbytes' own kernel (`_dense`), so no dense copy is kept; the lean LoRA forward runs the 4-bit
+base layer itself and adds the adapter's product to its output without PEFT's defensive clone. The
+same log-probs and adapter gradients as bitsandbytes + PEFT within 1e-5 (fp32); LLM.int8 layers
+run their own forward.
+
 `lean_norms(model)` does the same for RMSNorm (`weight * (x · rsqrt(mean(x²) + ε))`): run op by op,
 autograd keeps the input and the normalised input, two (tokens × hidden) tensors per norm;
 `_RMSNorm` keeps the input and the per-token rsqrt only and recomputes the normalised input in
@@ -66,22 +73,25 @@ class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, weight, bias, lora_a=None, lora_b=None, scaling=1.0):
         h = F.silu(gate) * up
-        out = F.linear(h, weight, bias)
+        out = F.linear(h, _dense(weight), bias)
         if lora_a is not None:  # PEFT's expression and order: result + lora_B(lora_A(x)) * scaling
             out = out + F.linear(F.linear(h, lora_a), lora_b) * scaling
-        ctx.save_for_backward(gate, up, weight, lora_a, lora_b)
+        # a 4-bit weight is kept as the packed parameter itself (its quant_state is an attribute of it)
+        ctx.packed = weight if hasattr(weight, "quant_state") else None
+        ctx.save_for_backward(gate, up, None if ctx.packed is not None else weight, lora_a, lora_b)
         ctx.has_bias, ctx.scaling = bias is not None, scaling
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         gate, up, weight, lora_a, lora_b = ctx.saved_tensors
+        weight = ctx.packed if ctx.packed is not None else weight
         sig = torch.sigmoid(gate)
         silu = gate * sig
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         # Under autocast the forward ran in a lower precision than the fp32 weights; backward runs
         # outside autocast, so cast as autograd's own cast nodes would.
-        grad_h = grad_out @ weight.to(grad_out.dtype)  # d out / d (silu · up)
+        grad_h = grad_out @ _dense(weight).to(grad_out.dtype)  # d out / d (silu · up)
         if lora_a is not None:
             g_lora = g2 * ctx.scaling  # d out / d B(A(h)), for both factors' gradients
             grad_a = g_lora @ lora_b.to(grad_out.dtype)  # d out / d A(h), (tokens × r)
@@ -111,9 +121,30 @@ class _SwiGLUDown(torch.autograd.Function):
 _LORA_PARTS = ("base_layer", "lora_A", "lora_B", "lora_dropout", "scaling", "active_adapters")
 
 
+def _is_4bit(layer: nn.Module) -> bool:
+    """bitsandbytes' 4-bit linear layer (nf4/fp4, QLoRA's base), recognised without importing it."""
+    return type(layer).__module__.startswith("bitsandbytes") and type(layer).__name__ in \
+        ("Linear4bit", "LinearNF4", "LinearFP4") and hasattr(getattr(layer, "weight", None), "quant_state")
+
+
+def _dense(weight: torch.Tensor) -> torch.Tensor:
+    """A plain weight as it is; a bitsandbytes 4-bit one dequantized, exactly as its own matmul does
+    it (the same kernel, into the dtype it was quantized from), for one matmul: `_SwiGLUDown` keeps
+    the packed 4-bit weight for its backward and dequantizes it again there, so no layer's dense
+    weight outlives its matmul (bitsandbytes' own autograd function does the same)."""
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        return weight
+    from bitsandbytes.functional import dequantize_4bit
+
+    return dequantize_4bit(weight.data, state)
+
+
 def _is_lora_linear(module: nn.Module) -> bool:
-    """PEFT's LoRA-wrapped nn.Linear, recognised by its parts (no import of peft here)."""
-    return all(hasattr(module, n) for n in _LORA_PARTS) and type(module.base_layer) is nn.Linear
+    """PEFT's LoRA-wrapped nn.Linear or bitsandbytes 4-bit linear, recognised by its parts (no import
+    of peft here)."""
+    return all(hasattr(module, n) for n in _LORA_PARTS) and \
+        (type(module.base_layer) is nn.Linear or _is_4bit(module.base_layer))
 
 
 def _lora_parts(layer: nn.Module) -> tuple | None:
@@ -121,9 +152,16 @@ def _lora_parts(layer: nn.Module) -> tuple | None:
     (weight, bias, lora_a, lora_b, scaling), lora_a None where the adapter does not run (plain,
     disabled, merged: PEFT runs the base layer alone then), or None where it must run its own
     forward (dropout, DoRA and other variants, several active adapters, adapter biases)."""
-    if type(layer) is nn.Linear:
-        return layer.weight, layer.bias, None, None, 1.0
-    base = layer.base_layer
+    if type(layer) is nn.Linear or _is_4bit(layer):
+        layer, base = None, layer
+    else:
+        base = layer.base_layer
+    # bitsandbytes repacks a 4-bit weight for its CPU inference kernel (AVX512-BF16, eval mode): a
+    # layout `_dense` does not read; the layer's own forward then
+    if getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False):
+        return None
+    if layer is None:
+        return base.weight, base.bias, None, None, 1.0
     if layer.disable_adapters or layer.merged:  # merged: the base weight holds B·A·s
         return base.weight, base.bias, None, None, 1.0
     active = [a for a in layer.active_adapters if a in layer.lora_A]
@@ -161,7 +199,7 @@ def _qualifies(module: nn.Module) -> bool:
         return False
     projections = all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj"))
     down = getattr(module, "down_proj", None)
-    down_ok = type(down) is nn.Linear or (isinstance(down, nn.Module) and _is_lora_linear(down))
+    down_ok = isinstance(down, nn.Module) and (type(down) is nn.Linear or _is_4bit(down) or _is_lora_linear(down))
     act = getattr(module, "act_fn", None)
     return projections and down_ok and (type(act) is nn.SiLU or type(act).__name__ == "SiLUActivation")
 
@@ -205,14 +243,21 @@ def _lean_lora_forward(self, x, *args, **kwargs):
     if parts is None:
         return type(self).forward(self, x, *args, **kwargs)
     weight, bias, la, lb, scaling = parts
-    out = F.linear(x, weight, bias)
+    # a 4-bit base through bitsandbytes' own forward (its autograd function keeps the packed weight
+    # only), and PEFT's clone of that output skipped: nothing saves it
+    out = self.base_layer(x) if _is_4bit(self.base_layer) else F.linear(x, weight, bias)
     if la is not None:
         # PEFT casts x to the adapter's dtype (under autocast the matmul casts it anyway)
         low = F.linear(x if torch.is_autocast_enabled(x.device.type) else x.to(la.dtype), la)
         flat = out.view(-1, out.shape[-1])
         # addmm_ is outside autocast's lists: cast its operands to the output's precision, as
         # autocast would have cast the out-of-place product
-        flat.addmm_(low.reshape(-1, low.shape[-1]).to(out.dtype), lb.to(out.dtype).t(), alpha=scaling)
+        args = (low.reshape(-1, low.shape[-1]).to(out.dtype), lb.to(out.dtype).t())
+        if out._base is None:
+            flat.addmm_(*args, alpha=scaling)
+        else:  # bitsandbytes' output with a bias is a view made inside its autograd function, which
+            # autograd refuses to change in place: one new (tokens × out) tensor then (PEFT: three)
+            out = torch.addmm(flat, *args, alpha=scaling).view_as(out)
     return out
 
 

@@ -194,8 +194,11 @@ def load_model(name_or_dir: str, device: torch.device | str = "cpu", trust_remot
                 return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
 
     # safetensors only: a pickled checkpoint (pytorch_model.bin) can run arbitrary code when loaded.
-    model = from_pretrained_checked(AutoModelForCausalLM, name_or_dir, dtype=dtype, trust_remote_code=trust_remote_code,
-                             **(quantized_load_kwargs(quantize, precision, device, double_quant) if quantized else {}))
+    with read_not_mapped() if quantized else contextlib.nullcontext():
+        model = from_pretrained_checked(AutoModelForCausalLM, name_or_dir, dtype=dtype,
+                                        trust_remote_code=trust_remote_code,
+                                        **(quantized_load_kwargs(quantize, precision, device, double_quant)
+                                           if quantized else {}))
 
     if quantized:  # already on `device` (bitsandbytes places the weights as it quantizes them)
         return quantized_for_training(model, quantize)
@@ -304,6 +307,60 @@ def quantized_load_kwargs(quantize: str, precision: str, device, double_quant: b
             "device_map": {"": str(dev)}}
 
 
+@contextlib.contextmanager
+def read_not_mapped():
+    """Within the block, transformers reads safetensors tensor by tensor with pread(2) instead of
+    memory-mapping the files (the `pread` backend of `safetensors.safe_open`, which transformers
+    itself picks on Windows and MPS): for a quantized load. Mapped, every page of the fp32
+    checkpoint that quantization reads stays in the process's resident set until the load ends
+    (clean file pages, but counted: a Qwen2-0.5B-shaped model peaked at 3.5 GiB to hold 0.7); read,
+    each fp32 tensor is a buffer of its own, freed once bitsandbytes has quantized it (the same
+    bytes, so the same 4-bit codes). Where transformers opens files otherwise (another version),
+    nothing changes: mapped as before."""
+    try:
+        import transformers.modeling_utils as loader
+        from safetensors import safe_open
+    except ImportError:  # pragma: no cover - depends on the environment
+        yield
+        return
+    if getattr(loader, "safe_open", None) is not safe_open:
+        yield
+        return
+
+    def pread_open(*args, **kwargs):
+        return safe_open(*args, **{**kwargs, "backend": "pread"})
+
+    loader.safe_open = pread_open
+    try:
+        yield
+    finally:
+        loader.safe_open = safe_open
+
+
+def _mapped_ranges() -> list[tuple[int, int]] | None:
+    """[start, end) of this process's memory-mapped safetensors files (/proc/self/maps); None where
+    that cannot be read."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            lines = [line.split() for line in f]
+    except OSError:
+        return None
+    return [tuple(int(a, 16) for a in w[0].split("-")) for w in lines if w[-1].endswith(".safetensors")]
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's `malloc_trim`; elsewhere nothing):
+    the freed fp32 tensors of a quantized load sit between the kept 4-bit ones, and the heap would
+    hold their pages for the rest of the run."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def quantized_for_training(model, quantize: str):
     """What PEFT's `prepare_model_for_kbit_training` does that a directpo run needs, and no more.
 
@@ -317,21 +374,25 @@ def quantized_for_training(model, quantize: str):
       non-reentrant (`enable_activation_checkpointing`) and needs none. Nor is checkpointing
       switched on here: `--activation-checkpointing` decides.
 
-    The lean MLP and LoRA forwards (`directpo.fused`) take plain `nn.Linear` base layers only, so
-    the quantized ones run bitsandbytes' own forward: said once, with what it costs."""
+    The lean MLP and LoRA forwards (`directpo.fused`) take plain and 4-bit (nf4, fp4) base layers,
+    not LLM.int8's: with int8 they run bitsandbytes' own forward, said once with what it costs."""
     from .console import log
 
     model.requires_grad_(False)
-    # On the CPU the unquantized weights (embeddings, norms, LM head) are views of the memory-mapped
-    # checkpoint, and they keep the whole mapping alive: every page quantization read, the fp32
-    # source of the quantized layers too, stays resident (`base`, nf4: +65 MiB). Their own copies
-    # let the mapping go.
+    # Mapped (not `read_not_mapped`), the unquantized weights on the CPU (embeddings, norms, LM head)
+    # are views of the checkpoint's mapping, and they keep all of it alive: every page quantization
+    # read, the fp32 source of the quantized layers too, stays resident (`base`, nf4: +65 MiB).
+    # Their own copies let the mapping go. Read with pread they are buffers of their own already
+    # (a copy would only double the embedding for a moment).
+    mapped = _mapped_ranges()  # (None: not known, so copy every one)
     copied: set[int] = set()
     with torch.no_grad():
         for p in model.parameters():
             if type(p) is torch.nn.Parameter and p.device.type == "cpu" and id(p) not in copied:
                 copied.add(id(p))  # (once: tied weights stay one tensor)
-                p.data = p.data.clone()
+                if mapped is None or any(a <= p.data_ptr() < b for a, b in mapped):
+                    p.data = p.data.clone()
+    _trim_heap()
     if quantize == "int8":  # bitsandbytes logs the fp16 cast at every matmul: said once, here
         import logging
 
@@ -340,9 +401,9 @@ def quantized_for_training(model, quantize: str):
         log("--quantize int8: LLM.int8 computes each quantized matmul from fp16 inputs, and the outlier features "
             "it keeps in fp16 are chosen per micro-batch, so a response's log-prob depends slightly (~1e-4) on the "
             "examples beside it")
-    log(f"--quantize {quantize}: the blocks' linear layers run bitsandbytes' forward, not directpo's lean MLP and "
-        "LoRA paths (directpo.fused takes plain nn.Linear weights): each MLP keeps 4 (tokens × intermediate) "
-        "activations instead of 2; the norms and the LM head keep their lean paths")
+        log("--quantize int8: the blocks' linear layers run bitsandbytes' forward, not directpo's lean MLP and "
+            "LoRA paths (directpo.fused takes plain and 4-bit weights): each MLP keeps 4 (tokens × intermediate) "
+            "activations instead of 2; the norms and the LM head keep their lean paths")
     return model
 
 

@@ -192,6 +192,16 @@ def test_four_bit_weights_by_the_stated_formula():
     assert memory_plan(shape, PlanConfig(**base, quantize="nf4"))["parts"]["dequantized_weight"] == 4 * 16384
 
 
+def test_a_4bit_base_keeps_the_lean_mlps_activations_int8_does_not():
+    """nf4/fp4: the lean SwiGLU takes the 4-bit down projection (`directpo.fused`), so the activations
+    are LoRA's; int8 runs op by op: 2 (tokens × intermediate) fp32 tensors more per layer."""
+    def acts(**kw):
+        return memory_plan(HAND, _cfg(fsdp=False, nproc=1, lora_r=2, **kw))["parts"]["activations"]
+
+    assert acts(quantize="nf4") == acts(quantize="fp4") == acts()
+    assert acts(quantize="int8") - acts() == 4 * 4 * 40 * 2 * 16  # layers × 4 bytes × t × 2i
+
+
 @pytest.mark.parametrize("lora_r", [0, 4, 32])
 def test_8bit_adamw_state_is_counted_as_bitsandbytes_holds_it(tiny_model, lora_r):
     """`plan --optimizer adamw8bit`'s optimizer state equals the state bitsandbytes holds after a

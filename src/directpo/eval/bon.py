@@ -26,9 +26,10 @@ def bon_kl(n: int) -> float:
 def best_of_n(model: str, prompts: str, out: str, n: int, reward, max_new_tokens: int = 128,
               temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
               max_prompt_length: int | None = None, device: str | None = None, on_invalid: str = "error",
-              split: str | None = None, progress: bool = True) -> dict:
+              split: str | None = None, progress: bool = True, memory_budget: str | None = None) -> dict:
     """One JSON line per prompt: prompt_index, prompt, completion (the best), reward, index (which of
-    the N), rewards (all N), completions (all N)."""
+    the N), rewards (all N), completions (all N). `memory_budget`: the sampling batch that fits it
+    instead of `batch_size` (in the result: `sampling_batch_size`)."""
     if n < 1:
         raise UserValueError(f"n must be ≥ 1, got {n}")
     reward = as_scorer(reward)
@@ -37,7 +38,8 @@ def best_of_n(model: str, prompts: str, out: str, n: int, reward, max_new_tokens
     tokenizer = load_tokenizer(model)
     policy = load_model_or_adapter(model, pick_device(device))
     s = draw_samples(policy, tokenizer, items, n, max_new_tokens, temperature, top_p, seed, batch_size,
-                     max_prompt_length, progress=f"sampling {n} per prompt" if progress else None)
+                     max_prompt_length, progress=f"sampling {n} per prompt" if progress else None,
+                     memory_budget=memory_budget)
     rewards = reward(s.prompts, s.texts)
     rows, best_rewards, first_rewards = [], [], []
     for i, it in enumerate(items):
@@ -51,7 +53,8 @@ def best_of_n(model: str, prompts: str, out: str, n: int, reward, max_new_tokens
     best, best_se = mean_se(best_rewards)
     base, base_se = mean_se(rewards)
     result = {"prompts": len(items), "n": n, "skipped": report.total, "reward_mean": best, "reward_se": best_se,
-              "sample_reward_mean": base, "sample_reward_se": base_se, "kl_bound": bon_kl(n), "out": out}
+              "sample_reward_mean": base, "sample_reward_se": base_se, "kl_bound": bon_kl(n),
+              "sampling_batch_size": s.batch_size, "out": out}
     log(f"best-of-{n} on {len(items)} prompts: reward {best:.4f} ± {best_se:.4f} (single samples "
           f"{base:.4f}), KL ≤ {bon_kl(n):.3f} nats -> {out}")
     return result

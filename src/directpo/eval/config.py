@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigError, check_settings, setting
+from ..config import ConfigError, check_settings, parse_size, setting
 from ..errors import UserValueError
 from ..precision import PRECISIONS
 from .judge import ORDERS
@@ -99,18 +99,32 @@ class GenerationSettings(OutputSettings):
     temperature: float = setting(1.0, "sampling temperature (0: greedy)", ge=0)
     top_p: float = setting(1.0, "nucleus sampling threshold (1: off)", gt=0, le=1)
     seed: int = setting(0, "sampling seed (same settings, same samples)")
-    batch_size: int = setting(16, "sequences generated / scored at once", ge=1)
+    batch_size: int = setting(16, "sequences generated / scored at once (with --memory-budget: scored at once; the "
+                                  "sampling batch is chosen from the budget)", ge=1)
+    memory_budget: str | None = setting(None, "choose the sampling batch (rows decoded at once) for this much "
+                                              "memory, e.g. 8GiB or 512MiB: the largest whose peak (the process "
+                                              "with its weights, the KV cache, the forward measured on the loaded "
+                                              "model, the sampling step) fits; logged and recorded in the output "
+                                              "(default: off)")
     max_prompt_length: int | None = setting(None, "max prompt tokens; longer prompts are cut from the left "
                                                   "(default: no limit)", ge=1)
     on_invalid: str = setting("error", "bad prompt rows", choices=ON_INVALID)
     data_split: str | None = setting(None, "split name for `datasets` sources (default: train)")
     progress: bool = setting(True, "show a progress bar", switch="--no-progress", switch_help="no progress bar")
 
+    def validate(self):
+        super().validate()
+        if self.memory_budget is not None:
+            parse_size(self.memory_budget, "--memory-budget")
+        return self
+
     def sampling(self) -> dict:
-        """The keyword arguments of `sample`, `best_of_n` and `evaluate_policy` these settings give."""
-        return dict(max_new_tokens=self.max_new_tokens, top_p=self.top_p, seed=self.seed, batch_size=self.batch_size,
-                    max_prompt_length=self.max_prompt_length, device=self.device, on_invalid=self.on_invalid,
-                    split=self.data_split, progress=self.progress)
+        """The keyword arguments of `sample`, `best_of_n` and `evaluate_policy` these settings give
+        (`memory_budget`: the sampling batch is chosen from it, `batch_size` then scores)."""
+        budget = self.memory_budget
+        return dict(max_new_tokens=self.max_new_tokens, top_p=self.top_p, seed=self.seed,
+                    batch_size=self.batch_size, max_prompt_length=self.max_prompt_length, device=self.device,
+                    on_invalid=self.on_invalid, split=self.data_split, progress=self.progress, memory_budget=budget)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from ..errors import UserValueError
 from ..logprobs import dataset_logps
 from ..models import check_vocab, load_model_or_adapter, load_tokenizer, pick_device
 from ..precision import resolve_precision
-from .sampling import Samples, draw_samples
+from .sampling import Samples, draw_samples, encode_samples, sampling_batch_size
 from .scorers import as_scorer
 
 # Copied from the headline temperature's entry to the top level of the results.
@@ -140,12 +140,14 @@ def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, 
                     temperatures=(1.0,), max_new_tokens: int = 128, top_p: float = 1.0, seed: int = 0,
                     batch_size: int = 16, max_prompt_length: int | None = None, device: str | None = None,
                     precision: str = "fp32", plot: str | None = None, samples_out: str | None = None,
-                    on_invalid: str = "error", split: str | None = None, progress: bool = True) -> dict:
+                    on_invalid: str = "error", split: str | None = None, progress: bool = True,
+                    memory_budget: str | None = None) -> dict:
     """`reward`: a scorer `(prompts, completions) -> list[float]` (or None); `judge`: a ChatJudge or
     RewardJudge for win rates, e.g. from `directpo.eval.judge.build_judge` (None: the reward judges,
     when references exist). Each temperature's entry carries the judge's summary (win_rate,
     win_rate_ci, win_rate_lc, win_rate_lc_ci, judge_kind, ...); the n samples of a prompt are one
-    cluster of the win rate's bootstrap."""
+    cluster of the win rate's bootstrap. `memory_budget`: the sampling batch that fits it (one plan for
+    every temperature) instead of `batch_size`, which still scores."""
     from .judge import RewardJudge
 
     reward = as_scorer(reward) if reward is not None else None
@@ -166,13 +168,15 @@ def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, 
     has_refs = all(r is not None for r in references)
     if judge is None and reward is not None and has_refs:
         judge = RewardJudge(reward, seed=seed)
+    draws = sampling_batch_size(policy, tokenizer, encode_samples(tokenizer, items, n, max_prompt_length),
+                                max_new_tokens, top_p, batch_size, memory_budget)  # the samples depend on it
     results: dict = {"model": model, "ref": ref, "prompts": prompts, "num_prompts": len(items),
                      "skipped_rows": report.total, "n": n, "max_new_tokens": max_new_tokens, "top_p": top_p,
-                     "seed": seed, "precision": precision, "temperatures": []}
+                     "seed": seed, "precision": precision, "sampling_batch_size": draws, "temperatures": []}
     sample_rows = []
     kl_samples = None
     for ti, t in enumerate(temperatures):
-        s = draw_samples(policy, tokenizer, items, n, max_new_tokens, t, top_p, seed + 100_003 * ti, batch_size,
+        s = draw_samples(policy, tokenizer, items, n, max_new_tokens, t, top_p, seed + 100_003 * ti, draws,
                          max_prompt_length, progress=f"sampling T={t:g}" if progress else None)
         entry: dict = {"temperature": t, "samples": len(s.texts)}
         lengths = s.lengths(tokenizer.eos_token_id)
@@ -188,15 +192,10 @@ def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, 
         results["temperatures"].append(entry)
         if t == 1.0 and top_p == 1.0:
             kl_samples = s
-        for k, text in enumerate(s.texts):
-            row = {"temperature": t, "prompt_index": k // n, "index": k % n, "prompt": s.prompt_of(k).prompt,
-                   "completion": text, "completion_tokens": lengths[k]}
-            if rewards is not None:
-                row["reward"] = rewards[k]
-            sample_rows.append(row)
+        sample_rows += _sample_rows(s, t, lengths, rewards)
     if ref is not None:
         if kl_samples is None:  # KL needs samples of π itself
-            kl_samples = draw_samples(policy, tokenizer, items, n, max_new_tokens, 1.0, 1.0, seed + 7, batch_size,
+            kl_samples = draw_samples(policy, tokenizer, items, n, max_new_tokens, 1.0, 1.0, seed + 7, draws,
                                       max_prompt_length, progress="sampling for KL (T=1)" if progress else None)
         ref_model = load_model_or_adapter(ref, dev)
         check_vocab(tokenizer, policy, model, ref_model, ref)
@@ -215,6 +214,18 @@ def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, 
              if results.get(k) is not None]
     log(f"eval of {model} on {len(items)} prompts × {n}: {', '.join(parts)} -> {', '.join(written)}")
     return results
+
+
+def _sample_rows(s: Samples, t: float, lengths: list[int], rewards: list[float] | None) -> list[dict]:
+    """The --samples-out lines of one temperature's samples."""
+    rows = []
+    for k, text in enumerate(s.texts):
+        row = {"temperature": t, "prompt_index": k // s.n, "index": k % s.n, "prompt": s.prompt_of(k).prompt,
+               "completion": text, "completion_tokens": lengths[k]}
+        if rewards is not None:
+            row["reward"] = rewards[k]
+        rows.append(row)
+    return rows
 
 
 def write_outputs(results: dict, sample_rows: list, out: str, samples_out: str | None, plot: str | None) -> list[str]:

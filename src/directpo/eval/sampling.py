@@ -23,7 +23,9 @@ b = k // batch_size draws a (max_new_tokens, rows) block of uniforms from its ow
 decoded in and whoever shares that batch. That is the stream the simple loop before these
 speed-ups drew step by step, so fixed-seed samples are the same as before (up to float rounding of
 differently shaped batches, which can flip a token only when a uniform falls within ~1e-7 of a
-boundary of the cumulative distribution).
+boundary of the cumulative distribution). So a batch size chosen by `--memory-budget` (`plan_batch`:
+the largest batch whose peak memory fits, arithmetic in `directpo.eval.budget` on costs measured
+on the loaded model) is logged and recorded in the command's output: `--batch-size N` reproduces it.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ from ..data.prompts import PromptItem, encode_prompt, load_prompts
 from ..errors import UserValueError
 from ..attention import attention_implementation, supports_segment_attention
 from ..models import load_model_or_adapter, load_tokenizer, pick_device, unwrap_peft
+from .budget import (SamplingCosts, batch_need, choose_batch, current_memory, format_choice, live_bytes,
+                     parse_size)
 
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -339,6 +343,19 @@ def _window_uniforms(sizes: list[int], first_batch: int, T: int, seed: int, devi
     return torch.cat(parts)
 
 
+def _windows(lengths: list[int], batch_size: int):
+    """The sampler's batches, for prompts of these lengths: per window of `BUCKET_BATCHES` batches
+    (in input order), (its first sample, the sizes of its batches in input order, its batches as
+    positions in the window, longest prompts first: the peak early). `generate_completions` samples
+    them; `plan_batch` plans for them."""
+    window = BUCKET_BATCHES * batch_size
+    for w0 in range(0, len(lengths), window):
+        n = min(window, len(lengths) - w0)
+        order = sorted(range(n), key=lambda i: -lengths[w0 + i])
+        yield w0, [min(batch_size, n - s) for s in range(0, n, batch_size)], \
+            [order[s:s + batch_size] for s in range(0, n, batch_size)]
+
+
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int = 128,
                          temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
@@ -360,25 +377,103 @@ def generate_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(prompt_ids), desc=progress, unit="sample", mininterval=1.0, dynamic_ncols=True)
-    window = BUCKET_BATCHES * batch_size
-    for w0 in range(0, len(prompt_ids), window):
-        idx = list(range(w0, min(w0 + window, len(prompt_ids))))
-        sizes = [len(idx[s:s + batch_size]) for s in range(0, len(idx), batch_size)]
+    for w0, sizes, parts in _windows([len(p) for p in prompt_ids], batch_size):
         uniforms = None if temperature == 0 else \
             _window_uniforms(sizes, w0 // batch_size, max_new_tokens, seed, device)
-        order = sorted(range(len(idx)), key=lambda i: -len(prompt_ids[idx[i]]))  # longest first: the peak early
-        for s in range(0, len(order), batch_size):
-            part = order[s:s + batch_size]
-            comps = sample_batch(model, [prompt_ids[idx[i]] for i in part], max_new_tokens, temperature, top_p,
+        for part in parts:
+            comps = sample_batch(model, [prompt_ids[w0 + i] for i in part], max_new_tokens, temperature, top_p,
                                  eos, pad, None if uniforms is None else uniforms[part])
             for i, c in zip(part, comps):
-                out[idx[i]] = c
+                out[w0 + i] = c
             if bar is not None:
                 bar.update(len(part))
     if bar is not None:
         bar.close()
     model.train(was_training)
     return out
+
+
+def _query_heads(model) -> int:
+    config = unwrap_peft(model).config
+    for c in (config, getattr(config, "text_config", None)):
+        for name in ("num_attention_heads", "n_head", "num_heads"):
+            if isinstance(getattr(c, name, None), int):
+                return getattr(c, name)
+    return 1
+
+
+@torch.no_grad()
+def measure_costs(model, prompt_ids: list[list[int]], max_new_tokens: int, top_p: float, pad_id: int):
+    """`budget.SamplingCosts` of sampling `prompt_ids` with the loaded `model`: a probe of this
+    sampler's own prefill and decode step at 2 and 3 rows of the longest prompt, one of them a token
+    shorter (a padded batch: its attention mask costs too), random tokens from a generator of its
+    own (the global RNG is untouched), counted by `budget.live_bytes`; the KV cache's bytes per
+    position read off the cache tensors the prefill made."""
+    device = next(model.parameters()).device
+    held = current_memory(device)
+    longest = max(map(len, prompt_ids))
+    gen = torch.Generator().manual_seed(0)
+    vocab_in = unwrap_peft(model).get_input_embeddings().num_embeddings
+    was_training, cache_kw, points = model.training, _cache_kw(model), []
+    model.eval()
+    for rows in (2, 3):
+        prompts = torch.randint(0, vocab_in, (rows, longest), generator=gen).tolist()
+        prompts[-1] = prompts[-1][:max(1, longest - 1)]
+        with live_bytes() as live:
+            cache, logits, pos, mask, _ = _prefill(model, prompts, pad_id, longest + 1, False, cache_kw)
+        tensors = [t for layer in cache.layers
+                   for t in (getattr(layer, "_k", layer.keys), getattr(layer, "_v", layer.values))]
+        sizes = [t.untyped_storage().nbytes() for t in tensors]
+        with live_bytes() as step:
+            _forward(model, input_ids=logits.argmax(-1)[:, None], position_ids=(pos + 1)[:, None], use_cache=True,
+                     attention_mask=None if mask is None else torch.cat([mask, mask.new_ones(rows, 1)], dim=1),
+                     **{cache_kw: cache})
+        points.append((live.peak - sum(sizes), step.peak, sum(sizes) / rows, max(sizes) / rows, logits))
+    model.train(was_training)
+    (p2, d2, *_), (p3, d3, cache_row, largest_row, logits) = points
+    weights = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
+    return SamplingCosts(held, weights, cache_row / (longest + 1), largest_row / (longest + 1),
+                         (max(0, p2 - 2 * (p3 - p2)), max(0, p3 - p2)), (max(0, d2 - 2 * (d3 - d2)), max(0, d3 - d2)),
+                         logits.shape[-1], logits.element_size(), _query_heads(model), longest, max_new_tokens,
+                         top_p, len(prompt_ids))
+
+
+def plan_batch(model, prompt_ids: list[list[int]], max_new_tokens: int, top_p: float, pad_id: int,
+               budget: str | int, costs: SamplingCosts | None = None) -> dict:
+    """The largest batch (rows decoded at once) whose peak memory sampling `prompt_ids` fits
+    `budget` (bytes, or a size such as '8GiB'): `directpo.eval.budget`'s arithmetic over the batches
+    `generate_completions` will form, on costs measured on the loaded model (`measure_costs`, or
+    `costs` measured before)."""
+    budget = parse_size(budget) if isinstance(budget, str) else int(budget)
+    costs = costs or measure_costs(model, prompt_ids, max_new_tokens, top_p, pad_id)
+    shareable = supports_segment_attention(model)
+    first: dict[tuple, int] = {}
+    keys = [first.setdefault(tuple(p), len(first)) for p in prompt_ids]  # which prompt (its repeats share it)
+    lengths = [len(p) for p in prompt_ids]
+
+    @functools.lru_cache(maxsize=None)
+    def need(batch_size: int) -> dict:
+        worst: dict = {"total": -1}
+        for w0, sizes, parts in _windows(lengths, batch_size):
+            for part in parts:
+                rows, distinct = len(part), len({keys[w0 + i] for i in part})
+                shared = shareable and distinct < rows and 2 * distinct <= rows  # as `_prefill` decides
+                n = batch_need(costs, rows, distinct, max(lengths[w0 + i] for i in part), shared, sum(sizes))
+                worst = n if n["total"] > worst["total"] else worst
+        return worst
+
+    return choose_batch(budget, costs, need)
+
+
+def sampling_batch_size(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, top_p: float,
+                        batch_size: int, memory_budget: str | None) -> int:
+    """`batch_size`, or with `memory_budget` the batch `plan_batch` chooses (logged: the samples
+    depend on it, so a rerun gives it as --batch-size)."""
+    if memory_budget is None or not prompt_ids:
+        return batch_size
+    plan = plan_batch(model, prompt_ids, max_new_tokens, top_p, tokenizer.pad_token_id, memory_budget)
+    log(format_choice(plan))
+    return plan["batch_size"]
 
 
 def decode(tokenizer, ids: list[int]) -> str:
@@ -389,13 +484,15 @@ def decode(tokenizer, ids: list[int]) -> str:
 
 @dataclass
 class Samples:
-    """n completions for each prompt, prompt-major: sample j of prompt i at i * n + j."""
+    """n completions for each prompt, prompt-major: sample j of prompt i at i * n + j; drawn in
+    batches of `batch_size` rows (the samples depend on it)."""
 
     items: list[PromptItem]
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
     texts: list[str]
     n: int
+    batch_size: int = 16
 
     def prompt_of(self, k: int) -> PromptItem:
         return self.items[k // self.n]
@@ -409,35 +506,47 @@ class Samples:
         return [len(c) - (1 if c and c[-1] == eos_id else 0) for c in self.completion_ids]
 
 
-def draw_samples(model, tokenizer, items: list[PromptItem], n: int = 1, max_new_tokens: int = 128,
-                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
-                 max_prompt_length: int | None = None, progress: str | None = None) -> Samples:
+def encode_samples(tokenizer, items: list[PromptItem], n: int, max_prompt_length: int | None = None
+                   ) -> list[list[int]]:
+    """The prompt ids of every sample: each prompt's, n times (prompt-major)."""
     if n < 1:
         raise UserValueError(f"n must be ≥ 1, got {n}")
     encoded = [encode_prompt(it.prompt, tokenizer, max_prompt_length) for it in items]
-    prompt_ids = [p for p in encoded for _ in range(n)]
+    return [p for p in encoded for _ in range(n)]
+
+
+def draw_samples(model, tokenizer, items: list[PromptItem], n: int = 1, max_new_tokens: int = 128,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
+                 max_prompt_length: int | None = None, progress: str | None = None,
+                 memory_budget: str | None = None) -> Samples:
+    """n samples of each prompt of `items`, `batch_size` rows at once, or with `memory_budget` as many
+    as fit it (`sampling_batch_size`)."""
+    prompt_ids = encode_samples(tokenizer, items, n, max_prompt_length)
+    batch_size = sampling_batch_size(model, tokenizer, prompt_ids, max_new_tokens, top_p, batch_size, memory_budget)
     comps = generate_completions(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, seed, batch_size,
                                  progress)
-    return Samples(items, prompt_ids, comps, [decode(tokenizer, c) for c in comps], n)
+    return Samples(items, prompt_ids, comps, [decode(tokenizer, c) for c in comps], n, batch_size)
 
 
 def sample(model: str, prompts: str, out: str, n: int = 1, max_new_tokens: int = 128, temperature: float = 1.0,
            top_p: float = 1.0, seed: int = 0, batch_size: int = 16, max_prompt_length: int | None = None,
            device: str | None = None, on_invalid: str = "error", split: str | None = None,
-           progress: bool = True) -> dict:
-    """Write one JSON line per sample: prompt_index, index (sample j of that prompt), prompt, completion."""
+           progress: bool = True, memory_budget: str | None = None) -> dict:
+    """Write one JSON line per sample: prompt_index, index (sample j of that prompt), prompt, completion.
+    `memory_budget` (a size, e.g. '8GiB'): the batch that fits it instead of `batch_size`; the
+    batch sampled with is in the result (`sampling_batch_size`)."""
     report = SkipReport()
     items = load_prompts(prompts, on_invalid, split, report)
     tokenizer = load_tokenizer(model)
     policy = load_model_or_adapter(model, pick_device(device))  # (an adapter directory: merged into its base)
     s = draw_samples(policy, tokenizer, items, n, max_new_tokens, temperature, top_p, seed, batch_size,
-                     max_prompt_length, progress="sampling" if progress else None)
+                     max_prompt_length, progress="sampling" if progress else None, memory_budget=memory_budget)
     lengths = s.lengths(tokenizer.eos_token_id)
     write_jsonl(({"prompt_index": k // n, "index": k % n, "prompt": s.prompt_of(k).prompt, "completion": text,
                   "completion_tokens": lengths[k], "finished": bool(s.completion_ids[k])
                   and s.completion_ids[k][-1] == tokenizer.eos_token_id}
                  for k, text in enumerate(s.texts)), out)
-    log(f"sampled {len(s.texts)} completions ({n} per prompt, {len(items)} prompts; "
+    log(f"sampled {len(s.texts)} completions ({n} per prompt, {len(items)} prompts, batches of {s.batch_size}; "
           f"{report.summary()}) -> {out}")
     return {"prompts": len(items), "samples": len(s.texts), "skipped": report.total,
-            "length_mean": sum(lengths) / len(lengths), "out": out}
+            "length_mean": sum(lengths) / len(lengths), "sampling_batch_size": s.batch_size, "out": out}

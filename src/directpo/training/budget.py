@@ -35,9 +35,8 @@ every checkpoint: a resumed run keeps it. Only when all of that does not fit is 
 """
 from __future__ import annotations
 
-from ..config import ConfigError
-from .plan import (GiB, HEAD_CHUNK_BYTES, OPTIMIZER_STATES, PlanConfig, activation_bytes, head_bytes, parse_size,
-                   shape_of)
+from ..config import ConfigError, parse_size
+from .plan import GiB, HEAD_CHUNK_BYTES, OPTIMIZER_STATES, PlanConfig, activation_bytes, head_bytes, shape_of
 
 KiB, MiB = 1024, 1024 ** 2
 

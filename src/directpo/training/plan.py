@@ -39,16 +39,17 @@ adapters; H = the LM head's parameters, b = a block's):
                      kept at 4 bytes: 2·h (the block's input and middle residual stream, which
                      the RMSNorms keep with one rsqrt per token: `directpo.fused.lean_norms`;
                      autograd op by op would also keep each norm's normalised input, 2·h more)
-                     kept at 4 bytes, 2 with bf16: n·h + 3q + k + 2i (--quantize: 4i, see below), where n·h are the RMSNorms'
+                     kept at 4 bytes, 2 with bf16: n·h + 3q + k + 2i (--quantize int8: 4i, see below), where n·h are the RMSNorms'
                      outputs (fp32: n = 2, one per norm, shared by the projections reading it;
                      bf16: n = 5, autocast casts it anew for each of q, k, v, gate and up, and each
                      matmul keeps its cast), 3q the rotated queries, the attention output as
                      attention keeps it and the contiguous copy o_proj keeps, k the keys and values
                      (bf16: + k/2, the two attention calls of a packed segment each cast the keys),
                      2i the MLP's gate and up (the lean SwiGLU of `directpo.fused` keeps those two;
-                     it takes plain linear layers, so with --quantize the MLP runs op by op and
-                     keeps 4i: gate, silu(gate), up, and their product for the down projection's
-                     adapter)
+                     it takes plain and 4-bit linear layers, dequantizing a 4-bit weight for the
+                     forward's matmul and again in the backward; LLM.int8's it does not, so with
+                     --quantize int8 the MLP runs op by op and keeps 4i: gate, silu(gate), up, and
+                     their product for the down projection's adapter)
                  summed over the layers, plus 4·t·h (embeddings and final hidden state) and the LM
                  head's backward: one 32 MiB chunk of fp32 logits at a time (turned into their
                  gradient in place; the forward's last chunk stays alive until then, the
@@ -74,7 +75,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from ..config import ConfigError, check_ranges, setting
+from ..config import ConfigError, check_ranges, parse_size, setting  # noqa: F401 (parse_size: read here too)
 from ..errors import UserValueError
 from .lora import QUANTIZE
 from .optim import BNB_OPTIMIZERS
@@ -273,7 +274,7 @@ def activation_bytes(s: Shape, cfg: PlanConfig, micro_batch: int) -> int:
         layers = s.layers * residual + full_layer
     else:
         keys = s.kv_dim + (s.kv_dim // 2 if bf16 else 0)  # bf16: the keys (half of kv) cast once more
-        mlp = (4 if cfg.quantize != "none" else 2) * s.intermediate  # (quantized: no lean SwiGLU)
+        mlp = (4 if cfg.quantize == "int8" else 2) * s.intermediate  # (int8: no lean SwiGLU)
         layers = s.layers * (2 * residual + low * t * (norms + 3 * s.q_dim + keys + mlp))
     return layers + 2 * residual + head_bytes(s, cfg)
 
@@ -431,23 +432,3 @@ def format_plan(result: dict) -> str:
                                for k, v in fix["change"].items())
             lines.append(f"to fit: {change} ({_gib(fix['plan']['total']).strip()} per device)")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# Sizes as the settings write them (`--memory-budget 8GiB`: read here, where the settings are checked;
-# the measured plan for such a budget is `training.budget`)
-
-
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024 ** 2, "mib": 1024 ** 2, "mb": 1000 ** 2,
-               "g": GiB, "gib": GiB, "gb": 1000 ** 3, "t": 1024 ** 4, "tib": 1024 ** 4, "tb": 1000 ** 4}
-
-
-def parse_size(text: str, what: str = "--memory-budget") -> int:
-    """Bytes of '8GiB', '512MiB', '1.5GB', '8g' (K/M/G/T alone: binary, as `free` and Docker read them)."""
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m and _SIZE_UNITS.get(m.group(2).lower())
-    if not m or unit is None or float(m.group(1)) <= 0:
-        raise ConfigError(f"{what} {text!r}: not a size; write it like 8GiB, 512MiB or 2GB")
-    return int(float(m.group(1)) * unit)
