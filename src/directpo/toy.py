@@ -186,7 +186,8 @@ def _text_config(tok, hidden: int, layers: int, heads: int) -> dict:
             "eos_token_id": tok.eos_token_id}
 
 
-def _qwen2_vl_parts(tok, template: str, hidden: int, layers: int, heads: int, image_size: int):
+def _qwen2_vl_parts(tok, template: str, hidden: int, layers: int, heads: int, image_size: int,
+                    tower: dict):
     """Qwen2-VL: 14-px patches merged 2×2, so an image resized to about `image_size`² pixels (aspect
     kept, sides multiples of 28) becomes about (image_size/28)² image tokens; M-RoPE splits each
     head's rotary frequencies into (temporal, height, width) sections."""
@@ -202,7 +203,8 @@ def _qwen2_vl_parts(tok, template: str, hidden: int, layers: int, heads: int, im
     config = Qwen2VLConfig(
         text_config=text, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        vision_config={"depth": 1, "embed_dim": 32, "hidden_size": hidden, "num_heads": 2, "patch_size": 14,
+        vision_config={"depth": tower["layers"], "embed_dim": tower["hidden"], "hidden_size": hidden,
+                       "num_heads": tower["heads"], "patch_size": 14,
                        "spatial_merge_size": 2, "temporal_patch_size": 2})
     # min = max pixels: every image is resized to about image_size² pixels, so a few image tokens each.
     pixels = image_size * image_size
@@ -210,7 +212,8 @@ def _qwen2_vl_parts(tok, template: str, hidden: int, layers: int, heads: int, im
     return config, image_only_qwen2_vl_processor(images, tok, template)
 
 
-def _llava_parts(tok, template: str, hidden: int, layers: int, heads: int, image_size: int):
+def _llava_parts(tok, template: str, hidden: int, layers: int, heads: int, image_size: int,
+                 tower: dict):
     """LLaVA: a one-layer CLIP vision tower on 14-px patches; its CLS feature dropped ("default"
     strategy), so an image is (image_size/14)² image tokens."""
     from transformers import (
@@ -221,7 +224,8 @@ def _llava_parts(tok, template: str, hidden: int, layers: int, heads: int, image
         LlavaProcessor,
     )
 
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    vision = CLIPVisionConfig(hidden_size=tower["hidden"], intermediate_size=2 * tower["hidden"],
+                              num_hidden_layers=tower["layers"], num_attention_heads=tower["heads"],
                               image_size=image_size, patch_size=14)
     config = LlavaConfig(vision_config=vision, text_config=LlamaConfig(**_text_config(tok, hidden, layers, heads)),
                          image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
@@ -234,7 +238,8 @@ def _llava_parts(tok, template: str, hidden: int, layers: int, heads: int, image
     return config, processor
 
 
-def _idefics3_parts(tok, template: str, hidden: int, layers: int, heads: int, image_size: int):
+def _idefics3_parts(tok, template: str, hidden: int, layers: int, heads: int, image_size: int,
+                    tower: dict):
     """Idefics3 (SmolVLM's architecture): a one-layer SigLIP-style tower on 14-px patches, the
     connector's pixel shuffle merging 2×2 patches, image splitting off: an image is one
     `<fake_token_around_image><global-img>` block of (image_size/28)² image tokens."""
@@ -246,8 +251,9 @@ def _idefics3_parts(tok, template: str, hidden: int, layers: int, heads: int, im
     )
 
     config = Idefics3Config(
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "image_size": image_size, "patch_size": 14},
+        vision_config={"hidden_size": tower["hidden"], "intermediate_size": 2 * tower["hidden"],
+                       "num_hidden_layers": tower["layers"], "num_attention_heads": tower["heads"],
+                       "image_size": image_size, "patch_size": 14},
         text_config=LlamaConfig(**_text_config(tok, hidden, layers, heads)),
         image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2, tie_word_embeddings=False)
     images = Idefics3ImageProcessorPil(size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size},
@@ -261,9 +267,12 @@ _VLM_PARTS = {"qwen2_vl": _qwen2_vl_parts, "llava": _llava_parts, "idefics3": _i
 
 
 def build_tiny_vlm(out_dir: str | Path, family: str, texts: list[str], hidden: int = 64, layers: int = 2,
-                   heads: int = 4, vocab_size: int = 512, image_size: int = 56, seed: int = 0) -> Path:
+                   heads: int = 4, vocab_size: int = 512, image_size: int = 56, seed: int = 0,
+                   vision_layers: int = 1, vision_hidden: int = 32, vision_heads: int = 2) -> Path:
     """A random vision-language model of `family` (`VLM_FAMILIES`) with its processor, saved in
-    `out_dir`: loadable with `AutoModelForImageTextToText` and `directpo.vision.load_processor`."""
+    `out_dir`: loadable with `AutoModelForImageTextToText` and `directpo.vision.load_processor`.
+    `vision_layers`/`vision_hidden`/`vision_heads`: the vision tower's depth, width and heads (the
+    defaults keep the tests' tower negligible; the vision bench makes it matter)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -279,7 +288,8 @@ def build_tiny_vlm(out_dir: str | Path, family: str, texts: list[str], hidden: i
     tok.add_special_tokens({"additional_special_tokens": specials})
     template = vlm_chat_template(image_text)
     tok.chat_template = template
-    config, processor = _VLM_PARTS[family](tok, template, hidden, layers, heads, image_size)
+    tower = {"layers": vision_layers, "hidden": vision_hidden, "heads": vision_heads}
+    config, processor = _VLM_PARTS[family](tok, template, hidden, layers, heads, image_size, tower)
     torch.manual_seed(seed)
     AutoModelForImageTextToText.from_config(config).save_pretrained(out)
     save_processor(processor, out)

@@ -195,22 +195,34 @@ def test_cli_train_refuses_image_rows(tmp_path, pics, tiny_model, capsys):
 
 
 def test_every_text_only_command_refuses_image_rows(tmp_path, pics, tiny_model, capsys):
-    """`score`, `rm`, `sample` and `eval` would compute on the text alone, the image placeholders
-    dropped: each refuses in one line (exit 2), as `train` does, until the model side of #30."""
+    """`rm`, `sample`, `eval` and `bon` would compute on the text alone, the image placeholders
+    dropped: each refuses in one line (exit 2) naming the commands that do read images; `score`
+    reads them with a vision-language model and refuses a text-only one, as `train` does."""
     from directpo.cli import main
 
     data = _jsonl(tmp_path / "d.jsonl", [_row(["img/a.png"]), _row(["img/a.png"])])
     out = tmp_path / "out"
     argvs = {
-        "score": ["score", "--model", str(tiny_model), "--data", data, "--out", str(tmp_path / "s.jsonl")],
         "rm": ["rm", "--model", str(tiny_model), "--data", data, "--output-dir", str(out), "--no-progress"],
         "sample": ["sample", "--model", str(tiny_model), "--prompts", data, "--out", str(tmp_path / "x.jsonl")],
+        "eval": ["eval", "--model", str(tiny_model), "--ref", str(tiny_model), "--prompts", data, "--out",
+                 str(tmp_path / "e.jsonl"), "--reward-fn", "directpo.eval.scorers:review_sentiment"],
+        "bon": ["bon", "--model", str(tiny_model), "--prompts", data, "--n", "2", "--out", str(tmp_path / "b.jsonl"),
+                "--reward-fn", "directpo.eval.scorers:review_sentiment"],
     }
     for name, argv in argvs.items():
         assert main(argv) == 2, name
         err = capsys.readouterr().err.strip().splitlines()[-1]  # (after the precision line)
         assert err.startswith(f"directpo {name}: error: ") and "images" in err and "issue #30" in err and "d.jsonl" in err, (name, err)
+        assert "train, sft, pipeline, score and inspect" in err, (name, err)
         assert "Traceback" not in err
+    score = ["score", "--model", str(tiny_model), "--data", data, "--out", str(tmp_path / "s.jsonl")]
+    assert main(score) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"directpo score: error: images in {data} (2 rows), but --model {tiny_model} is a text-only "
+                   "model: give a vision-language model (one with a vision tower) to score them, or remove the "
+                   "'images'/'image' field to score the text alone")
+    assert not (tmp_path / "s.jsonl").exists()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -268,7 +268,7 @@ def test_image_stats(tmp_path, tiny_tokenizer):
     assert img["formats"] == {"JPEG": 2, "PNG": 2}
     assert img["image_tokens_per_row"] is None  # the processor hook: no number without a processor
     assert ins["invalid"]["by_kind"] == {"image_missing": 1}
-    assert any("3 rows have images" in f and "issue #30" in f for f in ins["red_flags"])
+    assert any("3 rows have images" in f and "give --model a vision-language model" in f for f in ins["red_flags"])
     shown = ins["examples"]["conversational"]["chosen"]  # measured by their text: no content list printed
     assert "colour?" in shown and "'type'" not in shown
     write_jsonl([{"prompt": "p", "chosen": "a", "rejected": "b"}], tmp_path / "t.jsonl")
@@ -281,7 +281,7 @@ def test_image_section_in_the_report(tmp_path, tiny_model, capsys):
     assert main(["inspect", "--data", data, "--tokenizer", str(tiny_model), "--out", str(out),
                  "--on-invalid", "skip"]) == 0
     console = capsys.readouterr().out
-    assert "rows with images: 3 of 4" in console and "image tokens per row: n/a" in console
+    assert "rows with images: 3 of 4" in console and "image tokens per row (min / median / max): n/a" in console
     md = (out / "report.md").read_text()
     assert "## Images" in md and "| images per row (min / median / max) | 1 / 1 / 2 |" in md
     assert json.loads((out / "report.json").read_text())["images"]["images"] == 4

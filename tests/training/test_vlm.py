@@ -59,7 +59,7 @@ def test_lora_targets_the_language_model_alone(llava):
 
 def test_unsupported_settings_are_refused_in_one_line(qwen, colours):
     train, _ = colours
-    for extra, flag in [({"fsdp": True}, "--fsdp"), ({"memory_budget": "1GiB"}, "--memory-budget")]:
+    for extra, flag in [({"fsdp": True}, "--fsdp")]:
         cfg = TrainConfig(model=str(qwen), data=str(train), **extra)
         with pytest.raises(UserValueError) as e:
             run_processor(cfg)
@@ -149,3 +149,98 @@ def test_colour_task_reaches_held_out_reward_accuracy(qwen, colours, tmp_path):
     assert _accuracy(result) >= 0.9
     assert _held_out_accuracy(out, qwen, held_out) >= 0.9  # (the library's own computation agrees)
     assert _held_out_accuracy(out, qwen, _swap_images(held_out, held_out.parent / "swapped.jsonl")) <= 0.25
+
+
+def _cli(argv):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "directpo", *argv], capture_output=True, text=True, timeout=600)
+    return p.returncode, p.stderr
+
+
+def _vlm_argv(model, data, out, steps, *extra):
+    return ["train", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--lr", "1e-3",
+            "--optimizer", "adamw", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", str(steps),
+            "--warmup-steps", "1", "--save-every", "1", "--no-progress", "--threads", "1", "--ref-cache", "off",
+            *extra]
+
+
+def test_a_vlm_run_resumes_bit_identical(qwen, colours, tmp_path):
+    """Stopped after 2 of 4 steps and resumed, a VLM run ends with the weights of an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    train, _ = colours
+    rc, err = _cli(_vlm_argv(qwen, train, tmp_path / "full", 4))
+    assert rc == 0, err
+    rc, err = _cli(_vlm_argv(qwen, train, tmp_path / "cut", 2))
+    assert rc == 0, err
+    rc, err = _cli(_vlm_argv(qwen, train, tmp_path / "cut", 4, "--resume"))
+    assert rc == 0, err
+    assert "resumed from" in err
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_vlm_trains_over_two_processes(qwen, colours, tmp_path):
+    """DDP (`--nproc 2`): each process computes its share of the reference table and of every batch;
+    the result equals one process's run up to float re-association."""
+    from safetensors.torch import load_file
+
+    train, _ = colours
+    rc, err = _cli(_vlm_argv(qwen, train, tmp_path / "one", 3))
+    assert rc == 0, err
+    rc, err = _cli(_vlm_argv(qwen, train, tmp_path / "two", 3, "--nproc", "2"))
+    assert rc == 0, err
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_the_papers_pipeline_on_a_vlm(qwen, colours, tmp_path):
+    """`directpo pipeline`: Preferred-FT on the chosen answers (with their pictures), then DPO from and
+    against that SFT model; the SFT stage's folder carries the processor the DPO stage loads."""
+    train, _ = colours
+    argv = ["pipeline", "--model", str(qwen), "--data", str(train), "--output-dir", str(tmp_path / "p"),
+            "--lr", "1e-3", "--optimizer", "adamw", "--batch-size", "8", "--micro-batch-size", "8",
+            "--max-steps", "2", "--sft-max-steps", "2", "--warmup-steps", "0", "--no-progress", "--threads", "1",
+            "--ref-cache", "off"]
+    rc, err = _cli(argv)
+    assert rc == 0, err
+    stages = sorted(p.name for p in (tmp_path / "p").iterdir() if p.is_dir())
+    for stage in stages:
+        assert (tmp_path / "p" / stage / "run_complete.json").exists(), stages
+        load_vision_model(str(tmp_path / "p" / stage))  # each stage's model loads as a VLM
+
+
+def test_memory_budget_counts_the_image_tokens(qwen, colours, tmp_path):
+    """--memory-budget measures the activations of real micro-batches, images and their tokens included:
+    the planned longest micro-batch is the collated batch of the longest pairs, image tokens counted."""
+    train, _ = colours
+    rc, err = _cli(_vlm_argv(qwen, train, tmp_path / "b", 1, "--memory-budget", "4GiB", "--batch-size", "8"))
+    assert rc == 0, err
+    import re
+
+    line = next(x for x in err.splitlines() if "--memory-budget" in x and "micro-batch" in x)
+    tokens = int(re.search(r"micro-batch, (\d+) tokens", line).group(1))
+    from directpo.data import load_examples, make_collate
+    from directpo.data.vision_tokenize import tokenize_vision_examples
+    from directpo.vision import load_processor
+
+    processor = load_processor(str(qwen))
+    examples, _ = tokenize_vision_examples(load_examples(str(train)), processor, 512)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert sum(ex.prompt_ids.count(image_id) for ex in examples[:8]) > 0
+    longest = sorted(examples, key=lambda ex: ex.num_tokens, reverse=True)[:8]
+    assert tokens == make_collate("packed", processor.tokenizer.pad_token_id)(longest).input_ids.numel()
+
+
+def test_a_vlm_adapter_directory_as_model_is_refused_in_one_line(qwen, colours, tmp_path):
+    train, _ = colours
+    rc, err = _cli(_vlm_argv(qwen, train, tmp_path / "sft", 1, "--lora-r", "2", "--loss", "sft"))
+    assert rc == 0, err
+    rc, err = _cli(_vlm_argv(tmp_path / "sft", train, tmp_path / "dpo", 1))
+    assert rc == 2
+    assert "an adapter directory of a vision-language model" in err and "Traceback" not in err

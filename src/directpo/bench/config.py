@@ -62,11 +62,27 @@ class EndToEndSettings:
 
 
 @dataclass
-class BenchConfig(EndToEndSettings, SampleBenchSettings, MemoryCheckSettings):
+class VisionBenchSettings:
+    """Vision-language pairs (instead of text pairs)"""
+
+    vision: bool = setting(False, "directpo against TRL's DPOTrainer (with the processor) on image pairs: a tiny "
+                                  "Qwen2-VL built on the spot (or --model, a vision-language model) and colour "
+                                  "pictures made on the spot (or --data, TRL's vision format), each run its own "
+                                  "process, alternating: pairs/s, peak RSS and RSS above the import baseline; "
+                                  "--out FILE.json also gets FILE.md (the table)", switch="--vision")
+    image_size: int = setting(224, "--vision: side in pixels of the pictures made on the spot, and of the image "
+                                   "the tiny model's processor resizes to ((side/28)² image tokens)", ge=28)
+
+
+@dataclass
+class BenchConfig(VisionBenchSettings, EndToEndSettings, SampleBenchSettings, MemoryCheckSettings):
     """directpo against TRL's DPOTrainer, same model and pairs"""
 
-    model: str = setting(None, "model (hub id or local dir) both systems train", required=True, input=True)
-    data: str = setting(None, "preference data (any format `train` reads)", required=True, input=True)
+    # Required, except with --vision, which builds both (`validate`).
+    model: str = setting(None, "model (hub id or local dir) both systems train (required; --vision: optional)",
+                         input=True)
+    data: str = setting(None, "preference data (any format `train` reads) (required; --vision: optional)",
+                        input=True)
     batch: int = setting(8, "pairs per optimizer step (one micro-batch)")
     micro_batch: int = setting(0, "pairs per forward/backward, accumulated to --batch, both systems (0: one "
                                   "micro-batch); smaller lowers peak memory, the optimizer step is the same", ge=0)
@@ -91,6 +107,13 @@ class BenchConfig(EndToEndSettings, SampleBenchSettings, MemoryCheckSettings):
         """Required settings and ranges; --batch, --steps, --rounds, --lora-r and --nproc are checked by
         the measurement that uses them, with what they mean there."""
         check_settings(self)
+        missing = [flag for flag, value in (("--model", self.model), ("--data", self.data)) if value is None]
+        if missing and not self.vision:
+            raise ConfigError("missing required setting(s): " + ", ".join(missing))
+        if self.vision and (self.sample or self.plan_check or self.fsdp_memory or self.end_to_end):
+            other = next(f for f, on in (("--sample", self.sample), ("--plan-check", self.plan_check),
+                                         ("--fsdp-memory", self.fsdp_memory), ("--end-to-end", self.end_to_end)) if on)
+            raise ConfigError(f"--vision and {other} are two separate measurements: give one")
         if self.plan_check and self.fsdp_memory:
             raise ConfigError("--plan-check and --fsdp-memory are two separate measurements: give one")
         if self.sample and (self.plan_check or self.fsdp_memory):

@@ -20,6 +20,8 @@ def run(args) -> int:
     from ..bench.config import BenchConfig
 
     cfg = build_config(args, BenchConfig).validate()
+    if cfg.vision:
+        return _vision(cfg)
     if cfg.sample:
         return _sample(cfg)
     if cfg.end_to_end:
@@ -77,3 +79,13 @@ def _end_to_end(cfg) -> int:
     _write_result(result, cfg.out)
     ok = bool(result["results"]) and all(r["rounds_failed"] == 0 for r in result["results"])
     return 0 if ok else 1
+
+
+def _vision(cfg) -> int:
+    """`--vision`: the markdown table printed, JSON at --out and the table beside it (.md); exit 0
+    if every run was measured in every round."""
+    from ..bench.vision import vision_bench
+
+    result = vision_bench(cfg)
+    _write_result(result, cfg.out)
+    return 0 if all(r["rounds_failed"] == 0 for r in result["results"]) else 1

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .formats import (DataError, SkipReport, _is_messages, _messages, check_unicode, message_text, parse_records,
                       parse_row)
-from .tokenize import bos_text, bounded, prompt_ids, render_prompt, truncate_prompt
+from .tokenize import IMAGE_COMMANDS, bos_text, bounded, prompt_ids, render_prompt, truncate_prompt
 
 _PAIR_FIELDS = ("chosen", "rejected", "responses", "completion")
 
@@ -37,7 +37,8 @@ def parse_prompt_row(rec: dict, source: str, row: int) -> PromptItem:
     for name in ("images", "image"):  # a text-only sampler would drop them: refused, never sampled blind
         if name in rec:
             raise DataError(source, row, name, "images in a prompt: sampling from a vision-language model is not "
-                                               "supported yet (issue #30)", kind="type")
+                                               f"supported yet (issue #30); {IMAGE_COMMANDS} read images",
+                            kind="type")
     check_unicode(rec, ("prompt", "reference"), source, row)
     reference = None
     if any(k in rec for k in _PAIR_FIELDS):  # preference, ranked or SFT row: its prompt, its best response

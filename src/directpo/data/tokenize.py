@@ -308,6 +308,10 @@ def tokenize_example(example: Example, tokenizer, max_length: int | None = None,
                             example.label)
 
 
+# The commands that read rows with images (a vision-language model's processor); the others refuse them.
+IMAGE_COMMANDS = "train, sft, pipeline, score and inspect"
+
+
 def tokenize_examples(examples: list[Example], tokenizer, max_length: int | None = None,
                       max_prompt_length: int | None = None, on_invalid: str = "error",
                       report: SkipReport | None = None,
@@ -318,8 +322,9 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int | None
         n = len(with_images)
         first = with_images[0]
         raise UserValueError(f"images in {first.source} ({n} row{'s' * (n != 1)}, the first at "
-                             f"{location(first.source, first.row)}): vision-language pairs are not supported by "
-                             "this command yet (issue #30); remove the 'images'/'image' field to use the text alone")
+                             f"{location(first.source, first.row)}): this command does not read images yet "
+                             f"(issue #30); {IMAGE_COMMANDS} do, with a vision-language model; remove the "
+                             "'images'/'image' field to use the text alone")
     out = []
     for ex in examples:
         try:

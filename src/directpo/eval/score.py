@@ -2,6 +2,11 @@
 
 For every pair: the summed response log-probs under the model, and with a reference model the
 implicit rewards r̂ = β·(log π − log πref) of chosen and rejected, in input order.
+
+Rows with images (issue #30) are read with a vision-language model as training reads them: its
+processor renders each prompt with its images (`tokenize_vision_examples`), so the log-probs are
+the ones training's reference table holds for the same rows. A text-only model would drop the
+image placeholders and score the text alone: refused.
 """
 from __future__ import annotations
 
@@ -10,9 +15,10 @@ import torch
 from ..console import log
 from ..data import SkipReport, TokenizeStats, load_examples, make_collate, tokenize_examples
 from ..data.formats import write_jsonl
+from ..errors import UserValueError
 from ..logprobs import dataset_logps, packed_row_tokens
 from ..losses import implicit_reward
-from ..models import check_vocab, load_model_or_adapter, load_tokenizer, pick_device
+from ..models import check_vocab, is_adapter_dir, load_model_or_adapter, load_tokenizer, pick_device
 from ..precision import resolve_precision
 
 
@@ -22,23 +28,34 @@ def score(model: str, data: str, out: str, ref: str | None = None, beta: float =
           layout: str = "packed") -> dict:
     dev = pick_device(device)
     precision = resolve_precision(precision, dev)[0]
-    tokenizer = load_tokenizer(model)
     report, stats = SkipReport(), TokenizeStats()
     examples = load_examples(data, on_invalid=on_invalid, split=split, report=report)
-    tokenized = tokenize_examples(examples, tokenizer, max_length, max_prompt_length, on_invalid, report, stats)
+    processor = vision_processor(model, ref, data, examples)
+    if processor is not None:
+        from ..data.vision_tokenize import tokenize_vision_examples
+        from ..vision import load_vision_model
+
+        tokenizer = processor.tokenizer
+        tokenized, stats = tokenize_vision_examples(examples, processor, max_length, max_prompt_length,
+                                                    on_invalid=on_invalid, skipped=report)
+        load = load_vision_model
+    else:
+        tokenizer = load_tokenizer(model)
+        tokenized = tokenize_examples(examples, tokenizer, max_length, max_prompt_length, on_invalid, report, stats)
+        load = load_model_or_adapter
     dtype = torch.bfloat16 if precision == "bf16" else None
 
     def logps(m, what):
         collate = make_collate(layout, tokenizer.pad_token_id, packed_row_tokens(None, m))
         return dataset_logps(m, tokenized, collate, batch_size, dev, dtype, progress=what)
 
-    policy = load_model_or_adapter(model, dev)
+    policy = load(model, dev)
     check_vocab(tokenizer, policy, model)
     pol = logps(policy, "scoring")
     ref_lp = None
     if ref:
         policy.to("meta")  # its weights freed; the vocabulary check below needs only its shapes
-        ref_model = load_model_or_adapter(ref, dev)
+        ref_model = load(ref, dev)
         check_vocab(tokenizer, policy, model, ref_model, ref)
         ref_lp = logps(ref_model, "scoring (reference)")
     def lines():
@@ -63,3 +80,29 @@ def score(model: str, data: str, out: str, ref: str | None = None, beta: float =
     log(f"scored {len(tokenized)} pairs ({report.summary()}): {what} accuracy "
           f"{(margin > 0).float().mean().item():.4f}, mean margin {margin.mean().item():.4f} -> {out}")
     return result
+
+
+def vision_processor(model: str, ref: str | None, data: str, examples) -> object | None:
+    """The processor of `model` when rows of `data` have images (None for text rows): it must then be
+    a vision-language model, and so must `ref` (a model directory: an adapter directory of a VLM is
+    not read yet); anything else is refused in one line before a model loads."""
+    from ..vision import is_vision_model, load_processor
+
+    with_images = sum(bool(ex.images) for ex in examples)
+    if not with_images:
+        return None
+    rows = f"{data} ({with_images} row{'s' * (with_images != 1)})"
+    for flag, name in (("--model", model), ("--ref", ref)):
+        if name is None:
+            continue
+        if is_adapter_dir(name):
+            raise UserValueError(f"images in {rows}, but {flag} {name} is an adapter directory: image rows are not "
+                                 "scored with adapters yet (issue #30); give the vision-language model's directory")
+        if not is_vision_model(name):
+            raise UserValueError(f"images in {rows}, but {flag} {name} is a text-only model: give a vision-language "
+                                 "model (one with a vision tower) to score them, or remove the 'images'/'image' "
+                                 "field to score the text alone")
+    processor = load_processor(model)
+    if processor.tokenizer.pad_token_id is None:  # (as `models.load_tokenizer`: padding is masked out)
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return processor

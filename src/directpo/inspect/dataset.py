@@ -15,6 +15,12 @@ Two views of each kept example:
   before it is tokenized as in training (`data.tokenize.bounded`): one 50 MB row takes megabytes,
   not gigabytes. The examples still cut there are counted (`untruncated_cap`): their lengths are
   lower bounds.
+
+Rows with images (issue #30) are read as `train` reads them when `--model` is a vision-language
+model: its processor renders each prompt with its images (`tokenize_vision_examples`), so the
+report counts their image tokens, shows an image example as the model reads it (a run of image
+tokens collapsed, `<|image_pad|>×64`) and scores the pairs with their images. Without one
+(`--tokenizer` alone, a text-only model) they are measured by their text alone, as before.
 """
 from __future__ import annotations
 
@@ -89,11 +95,29 @@ def untruncated(examples, tokenized: list[TokenizedExample], tokenizer,
             else t for t in tokenized]
 
 
-def render_example(t: TokenizedExample, tokenizer, chars: int = SHOW_CHARS) -> dict:
-    """The prompt and chosen/rejected responses as the model reads them (special tokens shown), the
-    boundary marked with ⟦|⟧; long prompts keep their end, long responses their start."""
+def decode_collapsed(ids: list[int], tokenizer, collapse=frozenset()) -> str:
+    """`ids` as text, special tokens shown, each run of a token in `collapse` (a VLM's image token:
+    hundreds per image) written once with its count, `<|image_pad|>×64`."""
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False,  # noqa: E731
                                           clean_up_tokenization_spaces=False)
+    parts, start, i = [], 0, 0
+    while i < len(ids):
+        if ids[i] not in collapse:
+            i += 1
+            continue
+        j = i
+        while j < len(ids) and ids[j] == ids[i]:
+            j += 1
+        parts += [decode(ids[start:i]), f"{decode([ids[i]])}×{j - i}"]
+        start = i = j
+    return "".join(parts + [decode(ids[start:])])
+
+
+def render_example(t: TokenizedExample, tokenizer, chars: int = SHOW_CHARS, collapse=frozenset()) -> dict:
+    """The prompt and chosen/rejected responses as the model reads them (special tokens shown), the
+    boundary marked with ⟦|⟧; long prompts keep their end, long responses their start. `collapse`:
+    token ids whose runs are written once with their count (`decode_collapsed`)."""
+    decode = lambda ids: decode_collapsed(ids, tokenizer, collapse)  # noqa: E731
     prompt = decode(t.prompt_ids)
     if len(prompt) > chars:
         prompt = "…" + prompt[-chars:]
@@ -111,18 +135,23 @@ def _range(values: list) -> dict:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)} if values else {}
 
 
-def image_tokens_per_row(examples, processor=None) -> dict | None:
-    """Image tokens per row under a vision-language model's processor (min/median/max), or None.
-
-    HOOK (issue #30, the model step): the count depends on the processor (Qwen2-VL's grows with the
-    image's size, LLaVA's is fixed per image), which `inspect` does not load yet. Until it does this
-    returns None and the report says "n/a": no number rather than a guessed one."""
-    if processor is None:
-        return None
-    raise NotImplementedError("image tokens per row need the vision-language processor (issue #30, model step)")
+def image_token_ids(processor) -> frozenset[int]:
+    """The id of the token a VLM's processor expands each image into (`<|image_pad|>`, `<image>`)."""
+    token_id = getattr(processor, "image_token_id", None)
+    if token_id is None and getattr(processor, "image_token", None) is not None:
+        token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return frozenset() if token_id is None else frozenset([token_id])
 
 
-def image_stats(examples, processor=None) -> dict | None:
+def image_tokens_per_row(tokenized: list[TokenizedExample], image_ids: frozenset[int]) -> dict | None:
+    """Image tokens per row with images (min/median/max), as the processor expanded them into the
+    prompts (Qwen2-VL's grow with the image's size, LLaVA's are fixed per image); None without a
+    processor ("n/a" in the report: no number rather than a guessed one)."""
+    counts = [sum(i in image_ids for i in t.prompt_ids) for t in tokenized if t.vision is not None]
+    return _range(counts) if image_ids and counts else None
+
+
+def image_stats(examples, tokens: dict | None = None) -> dict | None:
     """Images of the kept rows: how many rows have them, images per row, sizes (width × height, the
     smallest, median and largest by pixel count), encoded bytes; None for data without images.
     Read from the headers the loader checked: no image is decoded here."""
@@ -140,7 +169,7 @@ def image_stats(examples, processor=None) -> dict | None:
             "width": _range([r.width for r in refs]), "height": _range([r.height for r in refs]),
             "formats": dict(Counter(r.format or "in memory" for r in refs).most_common()),
             "total_bytes": sum(known), "images_without_bytes": len(refs) - len(known),  # in-memory PIL images
-            "image_tokens_per_row": image_tokens_per_row(rows, processor)}
+            "image_tokens_per_row": tokens}
 
 
 def _by_shape(shapes: dict[int, str], tokenized: list[TokenizedExample]) -> dict:
@@ -185,22 +214,29 @@ TINY_HIDDEN = 256  # on CPU, models this narrow run fastest on one thread (more 
 
 def reference_logps(model: str, tokenizer, tokenized: list[TokenizedExample], batch_size: int = 8,
                     device: str | None = None, precision: str = "fp32", progress: bool = True,
-                    threads: int = 0):
+                    threads: int = 0, vision: bool = False):
     """(len(tokenized), K) summed response log-probs under `model`, as `directpo score` computes them.
 
     `threads`: CPU threads for torch while scoring (0: one for a tiny model on CPU, else torch's
-    default); the previous setting is restored after."""
+    default); the previous setting is restored after. `vision`: `model` is a vision-language model
+    (`tokenized` from its processor, the images in the examples)."""
     import torch
 
     from ..logprobs import dataset_logps, packed_row_tokens
     from ..models import check_vocab, load_model_or_adapter, pick_device
 
     dev = pick_device(device)
-    ref = load_model_or_adapter(model, dev)
+    if vision:
+        from ..vision import load_vision_model
+
+        ref = load_vision_model(model, dev)
+    else:
+        ref = load_model_or_adapter(model, dev)
     check_vocab(tokenizer, ref, model)
     collate = make_collate("packed", tokenizer.pad_token_id, packed_row_tokens(None, ref))
     dtype = torch.bfloat16 if precision == "bf16" else None
-    if not threads and dev.type == "cpu" and getattr(ref.config, "hidden_size", TINY_HIDDEN + 1) <= TINY_HIDDEN:
+    config = getattr(ref.config, "text_config", None) or ref.config  # (a VLM: its language model's width)
+    if not threads and dev.type == "cpu" and getattr(config, "hidden_size", TINY_HIDDEN + 1) <= TINY_HIDDEN:
         threads = 1
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
@@ -237,21 +273,20 @@ def inspect_data(data: str, tokenizer, model: str | None = None, max_length: int
         raise UserValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
     if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
         raise UserValueError("max_prompt_length must be smaller than max_length")
-    report, stats = SkipReport(), TokenizeStats()
+    report = SkipReport()
     loaded = load_examples(data, on_invalid="skip", split=split, report=report)
-    # Rows with images are measured by their text alone (the image parts left out), not by a
-    # text-only chat template printing their content lists: their image tokens need the processor.
-    examples = [replace(ex, prompt=flatten(ex.prompt), images=[]) if ex.images else ex for ex in loaded]
-    tokenized = tokenize_examples(examples, tokenizer, max_length, max_prompt_length, "skip", report, stats)
+    processor = vision_processor(model, loaded)
+    tokenizer = processor.tokenizer if processor is not None else tokenizer
     cap = untruncated_cap(max_length, max_prompt_length)
-    full = untruncated(examples, tokenized, tokenizer, cap)
+    tokenized, full, stats = _tokenize(loaded, tokenizer, processor, max_length, max_prompt_length, cap, report)
     shapes = read_shapes(data, split)
     summary = summarize(tokenized, tokenizer, stats, report, full=full)
+    image_ids = image_token_ids(processor) if processor is not None else frozenset()
     rendered = {}
     for t in tokenized:
-        shape = shapes.get(t.row, "other")
+        shape = "images" if t.vision is not None else shapes.get(t.row, "other")
         if shape not in rendered:
-            rendered[shape] = render_example(t, tokenizer)
+            rendered[shape] = render_example(t, tokenizer, collapse=image_ids)
     ins = {"data": data, "settings": {"max_length": max_length, "max_prompt_length": max_prompt_length,
                                       "on_invalid": on_invalid, "data_split": split, "model": model,
                                       "tokenizer": getattr(tokenizer, "name_or_path", None)},
@@ -260,17 +295,57 @@ def inspect_data(data: str, tokenizer, model: str | None = None, max_length: int
            "lengths": _lengths(full, tokenized), "examples": rendered,
            "untruncated_cap": {"tokens": cap, "examples": sum(bool(t.prompt_truncated or t.responses_truncated)
                                                                 for t in full)}}
-    images = image_stats(loaded)
+    images = image_stats(loaded, image_tokens_per_row(tokenized, image_ids))
     if images is not None:
         ins["images"] = images
+        ins["images"]["read_with"] = "the model's processor" if processor is not None else "text alone"
     ref_lp = None
     if model is not None:
-        ref_lp = reference_logps(model, tokenizer, tokenized, batch_size, device, precision, progress, threads)
+        ref_lp = reference_logps(model, tokenizer, tokenized, batch_size, device, precision, progress, threads,
+                                 vision=processor is not None)
         ins["reference"] = _reference_summary(model, tokenized, ref_lp)
     ins["red_flags"] = _flags(ins)
     ins["paragraph"] = summary_paragraph(summary, ins["red_flags"])
     ins["per_pair"] = _per_pair(full, tokenized, ref_lp)
     return ins
+
+
+def vision_processor(model: str | None, examples) -> object | None:
+    """The processor of `model` when it is a vision-language model and rows have images (they are
+    then read as `train` reads them); None otherwise: the rows are measured by their text alone."""
+    from ..models import is_adapter_dir
+    from ..vision import is_vision_model, load_processor
+
+    if model is None or not any(ex.images for ex in examples) or is_adapter_dir(model) \
+            or not is_vision_model(model):
+        return None
+    processor = load_processor(model)
+    if processor.tokenizer.pad_token_id is None:  # (as `models.load_tokenizer`: padding is masked out)
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return processor
+
+
+def _tokenize(loaded, tokenizer, processor, max_length, max_prompt_length, cap, report):
+    """(as trained, untruncated, stats) of the loaded examples: by the VLM's processor, images
+    included, or by the tokenizer, the rows with images by their text alone (their image parts
+    left out, not printed by a text-only chat template as content lists)."""
+    if processor is None:
+        stats = TokenizeStats()
+        examples = [replace(ex, prompt=flatten(ex.prompt), images=[]) if ex.images else ex for ex in loaded]
+        tokenized = tokenize_examples(examples, tokenizer, max_length, max_prompt_length, "skip", report, stats)
+        return tokenized, untruncated(examples, tokenized, tokenizer, cap), stats
+    from ..data.vision_tokenize import tokenize_vision_example, tokenize_vision_examples
+
+    tokenized, stats = tokenize_vision_examples(loaded, processor, max_length, max_prompt_length, "skip", report)
+    by_row = {ex.row: ex for ex in loaded}
+    full = []
+    for t in tokenized:  # a prompt with images is never cut: only responses were (module doc: the cap)
+        try:
+            full.append(tokenize_vision_example(by_row[t.row], processor, 2 * cap if cap else None)
+                        if t.responses_truncated else t)
+        except DataError:  # its prompt alone past the cap: measured as trained
+            full.append(t)
+    return tokenized, full, stats
 
 
 def _flags(ins: dict) -> list[str]:
@@ -285,9 +360,10 @@ def _flags(ins: dict) -> list[str]:
     if by_shape.get("ranked", {}).get("kept"):
         flags.append(f"{by_shape['ranked']['kept']} ranked rows: pairwise losses need --ranking-to-pairs (or "
                      "--loss plackett_luce); checks here compare their best and worst responses")
-    if ins.get("images"):
-        flags.append(f"{ins['images']['rows_with_images']} rows have images: `train` refuses them until "
-                     "vision-language DPO lands (issue #30); token counts here are of their text alone")
+    if ins.get("images") and ins["images"]["image_tokens_per_row"] is None:
+        flags.append(f"{ins['images']['rows_with_images']} rows have images, measured here by their text alone: "
+                     "give --model a vision-language model to read them as train does (their image tokens "
+                     "counted, the reference's log-probs with the images); a text-only model refuses them in train")
     n = (ins.get("untruncated_cap") or {}).get("examples")
     if n:
         flags.append(f"{n} example{'s are' if n > 1 else ' is'} longer than {ins['untruncated_cap']['tokens']} "

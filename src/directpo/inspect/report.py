@@ -87,7 +87,8 @@ def _image_facts(img: dict) -> list[tuple[str, str]]:
             ("total image bytes (encoded)", f"{img['total_bytes']:,}" + (f" (+ {img['images_without_bytes']} "
                                                                          "in-memory images)"
                                                                          if img["images_without_bytes"] else "")),
-            ("image tokens per row", "n/a (needs the model's processor: issue #30)" if tokens is None else
+            ("image tokens per row (min / median / max)", "n/a (read by their text alone: give --model a "
+                                                         "vision-language model)" if tokens is None else
              f"{tokens['min']} / {tokens['median']} / {tokens['max']}")]
 
 

@@ -88,12 +88,21 @@ def run_processor(cfg, sources=None):
     from ..models import is_adapter_dir
     from ..vision import is_vision_model, load_processor
 
-    if (sources is not None and sources.model is not None) or is_adapter_dir(cfg.model) \
-            or not is_vision_model(cfg.model, cfg.trust_remote_code):
+    if sources is not None and sources.model is not None:
+        return None
+    if is_adapter_dir(cfg.model):  # an adapter of a VLM (say from `directpo sft --lora-r`): not yet
+        from .adapters import read_adapter_dir
+
+        root = read_adapter_dir(cfg.model).root
+        if is_vision_model(root, cfg.trust_remote_code):
+            raise UserValueError(f"--model {cfg.model}: an adapter directory of a vision-language model ({root}) is "
+                                 "not supported yet (issue #30); train new adapters on the base with --lora-r, or "
+                                 "merge this one into it first")
+        return None
+    if not is_vision_model(cfg.model, cfg.trust_remote_code):
         return None
     unsupported = [(getattr(cfg, "quantize", "none") not in ("none", None), f"--quantize {getattr(cfg, 'quantize', '')}"),
                    (getattr(cfg, "fsdp", False), "--fsdp"),
-                   (getattr(cfg, "memory_budget", None) is not None, "--memory-budget"),
                    (bool(cfg.ref) and cfg.ref != cfg.model and is_adapter_dir(cfg.ref), "--ref ADAPTER_DIR")]
     for refused, flag in unsupported:
         if refused:
