@@ -82,7 +82,10 @@ def row_keys(examples) -> torch.Tensor:
         h = hashlib.blake2b(json.dumps([ex.prompt_ids, ex.response_ids], separators=(",", ":")).encode(),
                             digest_size=KEY_BYTES)
         # an image row: its pixels too (the same text about another picture is another row)
-        for name, t in sorted((getattr(ex, "vision", None) or {}).items()):
+        vision = getattr(ex, "vision", None)
+        if getattr(vision, "digest", None) is not None:  # made on demand: the hash of its images and settings
+            h.update(vision.digest)
+        for name, t in sorted((vision or {}).items() if isinstance(vision, dict) else ()):
             h.update(name.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
             h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         out += h.digest()

@@ -212,3 +212,45 @@ def test_plain_text_prompt_with_the_image_token(family_dir, task):
         assert tok.prompt_ids + tok.response_ids[k] == list(ids) + [eos]
     with pytest.raises(DataError, match="1 image, but the prompt has 2 image placeholders"):
         tokenize_vision_examples([Example(prompt * 2, ex.responses, "mem", 0, images=ex.images)], processor)
+
+
+def test_examples_hold_image_references_not_pixels(family_dir, task, tmp_path):
+    """The pixels are made when a batch needs them (a data set of 50k image rows would otherwise hold
+    tens of GB of patches), equal to what the processor gave at tokenization; the row's identity for
+    the reference cache is a digest of its decoded images; an image changed on disk since is the
+    row's one-line error."""
+    import shutil
+
+    from directpo.data.formats import parse_row
+
+    family, path = family_dir
+    processor = load_processor(str(path))
+    examples, _ = tokenize_vision_examples(task, processor)
+    for ex, raw in zip(examples, task):
+        kept = [t for t in ex.vision._small.values()]  # (the grids and sizes: a few numbers each)
+        assert sum(t.numel() for t in kept) <= 64 * len(kept)
+        images = [ref.open() for ref in raw.images]
+        from directpo.data.vision_tokenize import _encode
+
+        enc = _encode(processor, ex.vision._text, raw, ex.vision._special)
+        made = ex.vision.tensors()
+        assert set(made) == set(k for k in enc if k not in PER_TOKEN and isinstance(enc[k], torch.Tensor))
+        assert all(torch.equal(made[k], enc[k]) for k in made) and images
+    # the same picture as another file: the same digest; another picture: another
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (56, 56), (200, 10, 10)).save(a)
+    shutil.copy(a, b)
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}]
+
+    def row(img):
+        return parse_row({"images": [str(img)], "prompt": prompt, "chosen": [{"role": "assistant", "content": "red"}],
+                          "rejected": [{"role": "assistant", "content": "blue"}]}, "d.jsonl", 0)
+
+    (ea, eb), _ = tokenize_vision_examples([row(a), row(b)], processor)
+    assert ea.vision.digest == eb.vision.digest
+    Image.new("RGB", (56, 56), (10, 10, 200)).save(b)  # edited after the data was read
+    (ec,), _ = tokenize_vision_examples([row(b)], processor)
+    assert ec.vision.digest != ea.vision.digest
+    Image.new("RGB", (90, 40), (10, 200, 10)).save(a)  # another size: other tensors than tokenized
+    with pytest.raises(DataError, match="an image changed since the data was read"):
+        ea.vision.tensors()

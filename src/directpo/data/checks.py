@@ -124,6 +124,8 @@ def _prompt_key(ex: TokenizedExample) -> int:
     """A prompt's hash: its ids, and an image row's pixels (the same question about two pictures is
     two prompts)."""
     images = getattr(ex, "vision", None) or {}
+    if getattr(images, "digest", None) is not None:  # made on demand: the hash of its images
+        return hash((tuple(ex.prompt_ids), images.digest))
     return hash((tuple(ex.prompt_ids), *(bytes(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
                                           for _, t in sorted(images.items()))))
 

@@ -207,7 +207,8 @@ def merge_vision(rows: list[list[TokenizedExample]]) -> dict[str, torch.Tensor] 
     tokens, which the model fills with image features in that order), merged for one forward: Qwen2-VL
     and LLaVA take all images of the batch concatenated on dim 0; Idefics3 takes (rows, images, C, H, W)
     with a `pixel_attention_mask`, a row's images padded with all-zero images (which it drops)."""
-    parts = [[ex.vision for ex in row if ex.vision] for row in rows]
+    made: dict[int, dict] = {}  # each example's tensors made once, though the padded layout has it in two rows
+    parts = [[_tensors(ex, made) for ex in row if ex.vision] for row in rows]
     if not any(parts):
         return None
     first = next(v for row in parts for v in row)
@@ -215,6 +216,13 @@ def merge_vision(rows: list[list[TokenizedExample]]) -> dict[str, torch.Tensor] 
         return _merge_per_row(parts)
     keys = list(first)
     return {k: torch.cat([v[k] for row in parts for v in row]) for k in keys}
+
+
+def _tensors(ex: TokenizedExample, made: dict) -> dict[str, torch.Tensor]:
+    """An example's image tensors (`vision_tokenize.ImageInputs` makes them now; a plain dict is them)."""
+    if id(ex) not in made:
+        made[id(ex)] = ex.vision.tensors() if hasattr(ex.vision, "tensors") else ex.vision
+    return made[id(ex)]
 
 
 def _merge_per_row(parts: list[list[dict]]) -> dict[str, torch.Tensor]:

@@ -21,6 +21,8 @@ processor has a `merge_size`.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from .formats import DataError, Example, SkipReport
@@ -75,6 +77,7 @@ def tokenize_vision_example(example: Example, processor, max_length: int | None 
     n_trunc = _fit(example, p_ids, response_ids, max_length, max_prompt_length)
     stats.responses_truncated += n_trunc
     vision = {k: v for k, v in enc.items() if k not in PER_TOKEN and isinstance(v, torch.Tensor)}
+    lazy = ImageInputs(processor, prompt_text, example, add_special, vision) if vision else None
     types = enc.get("mm_token_type_ids")
     types = None if types is None else types[0].clone()
     positions = None
@@ -83,8 +86,66 @@ def tokenize_vision_example(example: Example, processor, max_length: int | None 
             types = (enc["input_ids"][0] == _image_token_id(processor)).long()
         positions = mrope_positions(types, vision["image_grid_thw"], processor.image_processor.merge_size)
     return TokenizedExample(p_ids, response_ids, example.source, example.row, False, n_trunc, example.label,
-                            vision=vision or None, prompt_positions=positions,
+                            vision=lazy, prompt_positions=positions,
                             prompt_token_types=types if positions is not None else None)
+
+
+class ImageInputs(Mapping):
+    """One example's image tensors (`TokenizedExample.vision`), made again by the processor whenever a
+    batch needs them: a data set holds its examples' image references and the few numbers per image
+    (grids, sizes), not their pixels. A 224-px image is 1.2 MB of fp32 patches for Qwen2-VL; held for
+    50k pairs that would be 60 GB, where TRL's collator also processes images batch by batch.
+
+    Made again exactly: the processor is deterministic on the same image, and what it gives is
+    checked against what it gave when the row was tokenized (shapes, and the small tensors' values);
+    an image that changed on disk since is the row's one-line `DataError`. `digest`: a hash of the
+    decoded images and the image processor's settings, the row's identity in the reference cache and
+    the duplicate checks (its pixels, without making them), checked again each time they are made."""
+
+    def __init__(self, processor, prompt_text: str, example: Example, add_special: bool, made: dict):
+        self._processor, self._text, self._example, self._special = processor, prompt_text, example, add_special
+        self._keys = list(made)
+        self._small = {k: v for k, v in made.items() if v.numel() <= _SMALL}
+        self._shapes = {k: v.shape for k, v in made.items()}
+        self.digest = _digest(processor, [ref.open() for ref in example.images], self._small)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors()[key]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The processor's image tensors for this example, made now."""
+        images = [ref.open() for ref in self._example.images]
+        enc = _encode(self._processor, self._text, self._example, self._special, images)
+        out = {k: enc[k] for k in self._keys}
+        if _digest(self._processor, images, self._small) != self.digest or \
+                any(out[k].shape != shape for k, shape in self._shapes.items()):
+            raise DataError(self._example.source, self._example.row, "images",
+                            "an image changed since the data was read (its tensors differ): rerun the command",
+                            kind="image_changed")
+        return out
+
+
+_SMALL = 64  # tensors of at most this many numbers (image grids, sizes) are kept; pixels are made again
+
+
+def _digest(processor, images: list, small: dict) -> bytes:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    config = getattr(getattr(processor, "image_processor", None), "to_json_string", None)
+    h.update((config() if config else type(processor).__name__).encode())
+    for img in images:
+        h.update(f"{img.mode}{img.size}".encode())
+        h.update(img.tobytes())
+    for k in sorted(small):
+        h.update(k.encode() + small[k].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.digest()
 
 
 def _image_token_id(processor) -> int | None:
@@ -107,9 +168,9 @@ def _check_image_count(example: Example, processor, prompt_text: str) -> None:
                         kind="image_count")
 
 
-def _encode(processor, prompt_text: str, example: Example, add_special: bool):
-    """The processor's output for the prompt and the example's images (decoded now)."""
-    images = [ref.open() for ref in example.images]
+def _encode(processor, prompt_text: str, example: Example, add_special: bool, images: list | None = None):
+    """The processor's output for the prompt and the example's images (decoded now, unless given)."""
+    images = [ref.open() for ref in example.images] if images is None else images
     try:
         return processor(text=[prompt_text], images=[images] if images else None, return_tensors="pt",
                          add_special_tokens=add_special)
