@@ -7,7 +7,11 @@ import os
 
 import torch
 
-from .models import check_model_source, from_pretrained_checked, remote_code_explained
+from torch import nn
+
+from .errors import UserValueError
+from .models import (check_model_source, from_pretrained_checked, quantization_config, quantized_for_training,
+                     read_not_mapped, remote_code_explained, unwrap_peft)
 
 
 def is_vision_model(name_or_dir: str, trust_remote_code: bool = False) -> bool:
@@ -23,14 +27,62 @@ def is_vision_model(name_or_dir: str, trust_remote_code: bool = False) -> bool:
 
 
 def load_vision_model(name_or_dir: str, device: torch.device | str = "cpu", trust_remote_code: bool = False,
-                      dtype: torch.dtype = torch.float32):
+                      dtype: torch.dtype = torch.float32, quantize: str | None = None, precision: str = "fp32",
+                      double_quant: bool = True):
     """A vision-language model (`AutoModelForImageTextToText`) in `dtype`, on `device`; safetensors
-    only, as `load_model`."""
-    from transformers import AutoModelForImageTextToText
+    only, as `load_model`. `quantize` (nf4, fp4, int8: QLoRA, as `models.load_model`): the language
+    model's linear layers through bitsandbytes; the vision tower, its projector and the LM head stay
+    in `dtype` (small, and what the picture's features are made of)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     check_model_source(name_or_dir)
-    return from_pretrained_checked(AutoModelForImageTextToText, name_or_dir, dtype=dtype,
-                            trust_remote_code=trust_remote_code).to(device)
+    if quantize in (None, "none"):
+        return from_pretrained_checked(AutoModelForImageTextToText, name_or_dir, dtype=dtype,
+                                       trust_remote_code=trust_remote_code).to(device)
+    with remote_code_explained(name_or_dir):
+        config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):  # the module names, to leave the vision side unquantized
+        shape = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
+    names = {id(m): n for n, m in shape.named_modules()}
+    keep = [names[id(m)] for m in vision_modules(shape).values()] + ["lm_head"]
+    qc = quantization_config(quantize, precision, double_quant)
+    qc.llm_int8_skip_modules = keep
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    with read_not_mapped():
+        model = from_pretrained_checked(AutoModelForImageTextToText, name_or_dir, dtype=dtype,
+                                        trust_remote_code=trust_remote_code, quantization_config=qc,
+                                        device_map={"": str(dev)})
+    return quantized_for_training(model, quantize)
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The VLM's inner model (`model.model`: vision side + language model), below any PEFT wrapper."""
+    m = unwrap_peft(model)
+    return getattr(m, "model", m)
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The language model (decoder) of a VLM."""
+    inner = _inner(model)
+    for name in ("language_model", "text_model"):
+        if isinstance(getattr(inner, name, None), nn.Module):
+            return getattr(inner, name)
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    if decoder is None or decoder is inner:
+        raise UserValueError(f"{type(unwrap_peft(model)).__name__}: its language model cannot be told from its vision "
+                             "side (no language_model/text_model); train it with --no-freeze-vision")
+    return decoder
+
+
+def vision_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The vision side: every child of the inner model but the language model (the vision tower and
+    its projector: `visual`; `vision_tower` + `multi_modal_projector`; `vision_model` + `connector`)."""
+    inner, lm = _inner(model), language_model(model)
+    return {name: child for name, child in inner.named_children() if child is not lm}
+
+
 
 
 def load_processor(name_or_dir: str, trust_remote_code: bool = False):

@@ -244,3 +244,29 @@ def test_a_vlm_adapter_directory_as_model_is_refused_in_one_line(qwen, colours, 
     rc, err = _cli(_vlm_argv(tmp_path / "sft", train, tmp_path / "dpo", 1))
     assert rc == 2
     assert "an adapter directory of a vision-language model" in err and "Traceback" not in err
+
+
+def test_qlora_on_a_vlm_quantizes_the_language_model_alone(qwen, colours, tmp_path):
+    """--quantize nf4 --lora-r: the language model's linear layers 4-bit, the vision tower, its
+    projector and the LM head as they were; adapters on the language model; the run trains."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    import directpo
+    from directpo.vision import load_vision_model as load
+
+    model = load(str(qwen), quantize="nf4")
+    four_bit = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert four_bit and all(n.startswith("model.language_model.") for n in four_bit)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.model.visual.modules())
+    assert type(model.lm_head) is torch.nn.Linear
+    train, _ = colours
+    out = tmp_path / "q"
+    result = directpo.train(model=str(qwen), data=str(train), output_dir=str(out), batch_size=8, micro_batch_size=8,
+                            max_steps=2, lr=1e-3, optimizer="adamw", warmup_steps=0, threads=1, progress=False,
+                            ref_cache="off", lora_r=4, quantize="nf4")
+    assert result.train["loss"] > 0
+    from safetensors.torch import load_file
+
+    names = list(load_file(out / "adapter_model.safetensors"))
+    assert names and all("language_model" in n for n in names)

@@ -169,7 +169,7 @@ def load_policy_and_reference(cfg: TrainConfig, tokenizer, device, loss_spec: Lo
                                  "used as it is: load it quantized yourself (transformers' BitsAndBytesConfig)")
         policy = sources.model.to(device)
     elif vision:
-        policy = load_vision_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code)
+        policy = load_vision_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code, **quantize_kwargs(cfg))
     else:
         policy = load_model(adapter.root if adapter else cfg.model, device, trust_remote_code=cfg.trust_remote_code,
                             empty=empty, **quantize_kwargs(cfg))
@@ -188,7 +188,8 @@ def load_policy_and_reference(cfg: TrainConfig, tokenizer, device, loss_spec: Lo
     if sources.ref_model is None and reference_adapter(cfg, policy, adapter):
         return policy, policy  # πref: the same network with its reference adapter, or adapters disabled
     if sources.ref_model is not None or (cfg.ref and cfg.ref != cfg.model):
-        load = (lambda name: load_vision_model(name, device, trust_remote_code=cfg.trust_remote_code)) if vision \
+        load = (lambda name: load_vision_model(name, device, trust_remote_code=cfg.trust_remote_code,
+                                               **quantize_kwargs(cfg))) if vision \
             else (lambda name: load_model(name, device, trust_remote_code=cfg.trust_remote_code, empty=empty,
                                           **quantize_kwargs(cfg)))
         ref_model = freeze(sources.ref_model.to(device) if sources.ref_model is not None else load(cfg.ref))

@@ -16,32 +16,7 @@ from torch import nn
 from ..console import log
 from ..errors import UserValueError
 from ..models import unwrap_peft
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    """The VLM's inner model (`model.model`: vision side + language model), below any PEFT wrapper."""
-    m = unwrap_peft(model)
-    return getattr(m, "model", m)
-
-
-def language_model(model: nn.Module) -> nn.Module:
-    """The language model (decoder) of a VLM."""
-    inner = _inner(model)
-    for name in ("language_model", "text_model"):
-        if isinstance(getattr(inner, name, None), nn.Module):
-            return getattr(inner, name)
-    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
-    if decoder is None or decoder is inner:
-        raise UserValueError(f"{type(unwrap_peft(model)).__name__}: its language model cannot be told from its vision "
-                             "side (no language_model/text_model); train it with --no-freeze-vision")
-    return decoder
-
-
-def vision_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The vision side: every child of the inner model but the language model (the vision tower and
-    its projector: `visual`; `vision_tower` + `multi_modal_projector`; `vision_model` + `connector`)."""
-    inner, lm = _inner(model), language_model(model)
-    return {name: child for name, child in inner.named_children() if child is not lm}
+from ..vision import language_model, vision_modules
 
 
 def freeze_vision(model: nn.Module) -> int:
@@ -101,8 +76,7 @@ def run_processor(cfg, sources=None):
         return None
     if not is_vision_model(cfg.model, cfg.trust_remote_code):
         return None
-    unsupported = [(getattr(cfg, "quantize", "none") not in ("none", None), f"--quantize {getattr(cfg, 'quantize', '')}"),
-                   (getattr(cfg, "fsdp", False), "--fsdp"),
+    unsupported = [(getattr(cfg, "fsdp", False), "--fsdp"),
                    (bool(cfg.ref) and cfg.ref != cfg.model and is_adapter_dir(cfg.ref), "--ref ADAPTER_DIR")]
     for refused, flag in unsupported:
         if refused:
