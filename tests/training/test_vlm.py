@@ -199,20 +199,23 @@ def test_a_vlm_trains_over_two_processes(qwen, colours, tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
 
 
-def test_the_papers_pipeline_on_a_vlm(qwen, colours, tmp_path):
+@pytest.mark.parametrize("lora", [[], ["--lora-r", "2"]], ids=["full", "lora"])
+def test_the_papers_pipeline_on_a_vlm(qwen, colours, tmp_path, lora):
     """`directpo pipeline`: Preferred-FT on the chosen answers (with their pictures), then DPO from and
     against that SFT model; the SFT stage's folder carries the processor the DPO stage loads."""
     train, _ = colours
     argv = ["pipeline", "--model", str(qwen), "--data", str(train), "--output-dir", str(tmp_path / "p"),
             "--lr", "1e-3", "--optimizer", "adamw", "--batch-size", "8", "--micro-batch-size", "8",
             "--max-steps", "2", "--sft-max-steps", "2", "--warmup-steps", "0", "--no-progress", "--threads", "1",
-            "--ref-cache", "off"]
+            "--ref-cache", "off", *lora]
     rc, err = _cli(argv)
     assert rc == 0, err
     stages = sorted(p.name for p in (tmp_path / "p").iterdir() if p.is_dir())
+    assert len(stages) >= 2
     for stage in stages:
         assert (tmp_path / "p" / stage / "run_complete.json").exists(), stages
-        load_vision_model(str(tmp_path / "p" / stage))  # each stage's model loads as a VLM
+        if not lora:
+            load_vision_model(str(tmp_path / "p" / stage))  # each stage's model loads as a VLM
 
 
 def test_memory_budget_counts_the_image_tokens(qwen, colours, tmp_path):
@@ -237,13 +240,23 @@ def test_memory_budget_counts_the_image_tokens(qwen, colours, tmp_path):
     assert tokens == make_collate("packed", processor.tokenizer.pad_token_id)(longest).input_ids.numel()
 
 
-def test_a_vlm_adapter_directory_as_model_is_refused_in_one_line(qwen, colours, tmp_path):
+def test_adapter_workflows_on_a_vlm(qwen, colours, tmp_path):
+    """SFT with LoRA, then DPO from that adapter (πref = the SFT model: the first step's loss is ln 2),
+    a new adapter on it (--lora-r), and the SFT adapter as a separate reference (--ref ADAPTER_DIR)."""
+    import math
+
     train, _ = colours
-    rc, err = _cli(_vlm_argv(qwen, train, tmp_path / "sft", 1, "--lora-r", "2", "--loss", "sft"))
+    rc, err = _cli(_vlm_argv(qwen, train, tmp_path / "sft", 2, "--lora-r", "2", "--loss", "sft", "--lr", "1e-2"))
     assert rc == 0, err
-    rc, err = _cli(_vlm_argv(tmp_path / "sft", train, tmp_path / "dpo", 1))
-    assert rc == 2
-    assert "an adapter directory of a vision-language model" in err and "Traceback" not in err
+    for name, model, extra in [("continued", tmp_path / "sft", ()), ("new", tmp_path / "sft", ("--lora-r", "2")),
+                               ("ref", qwen, ("--lora-r", "2", "--ref", str(tmp_path / "sft")))]:
+        rc, err = _cli(_vlm_argv(model, train, tmp_path / name, 1, *extra))
+        assert rc == 0, (name, err)
+        first = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+        if name != "ref":  # policy = πref at step 1
+            assert abs(first["loss"] - math.log(2)) < 1e-5, (name, first["loss"])
+        else:  # the base against the SFT adapter: they differ
+            assert abs(first["loss"] - math.log(2)) > 1e-4, first["loss"]
 
 
 def test_qlora_on_a_vlm_quantizes_the_language_model_alone(qwen, colours, tmp_path):

@@ -169,7 +169,8 @@ def load_policy_and_reference(cfg: TrainConfig, tokenizer, device, loss_spec: Lo
                                  "used as it is: load it quantized yourself (transformers' BitsAndBytesConfig)")
         policy = sources.model.to(device)
     elif vision:
-        policy = load_vision_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code, **quantize_kwargs(cfg))
+        policy = load_vision_model(adapter.root if adapter else cfg.model, device,
+                                   trust_remote_code=cfg.trust_remote_code, **quantize_kwargs(cfg))
     else:
         policy = load_model(adapter.root if adapter else cfg.model, device, trust_remote_code=cfg.trust_remote_code,
                             empty=empty, **quantize_kwargs(cfg))

@@ -11,6 +11,8 @@ trains (or adapts) everything.
 """
 from __future__ import annotations
 
+import os
+
 from torch import nn
 
 from ..console import log
@@ -65,24 +67,21 @@ def run_processor(cfg, sources=None):
 
     if sources is not None and sources.model is not None:
         return None
-    if is_adapter_dir(cfg.model):  # an adapter of a VLM (say from `directpo sft --lora-r`): not yet
+    source = cfg.model
+    if is_adapter_dir(cfg.model):  # an adapter (say from `directpo sft --lora-r`): its base says
         from .adapters import read_adapter_dir
 
-        root = read_adapter_dir(cfg.model).root
-        if is_vision_model(root, cfg.trust_remote_code):
-            raise UserValueError(f"--model {cfg.model}: an adapter directory of a vision-language model ({root}) is "
-                                 "not supported yet (issue #30); train new adapters on the base with --lora-r, or "
-                                 "merge this one into it first")
+        source = read_adapter_dir(cfg.model).root
+    if not is_vision_model(source, cfg.trust_remote_code):
         return None
-    if not is_vision_model(cfg.model, cfg.trust_remote_code):
-        return None
-    unsupported = [(getattr(cfg, "fsdp", False), "--fsdp"),
-                   (bool(cfg.ref) and cfg.ref != cfg.model and is_adapter_dir(cfg.ref), "--ref ADAPTER_DIR")]
-    for refused, flag in unsupported:
-        if refused:
-            raise UserValueError(f"{flag} is not supported yet with a vision-language model ({cfg.model}; issue #30)")
-    processor = load_processor(cfg.model, cfg.trust_remote_code)
+    if getattr(cfg, "fsdp", False):  # (its meta-device loading builds causal LMs)
+        raise UserValueError(f"--fsdp is not supported yet with a vision-language model ({cfg.model}; issue #30)")
+    # (an adapter directory saved by directpo holds the processor too; else its base's)
+    has_own = source == cfg.model or any(os.path.exists(os.path.join(os.path.expanduser(cfg.model), f))
+                                         for f in ("processor_config.json", "preprocessor_config.json"))
+    processor = load_processor(cfg.model if has_own else source, cfg.trust_remote_code)
     tok = processor.tokenizer
     if tok.pad_token_id is None:  # (as `models.load_tokenizer`: padding is masked out, any id will do)
         tok.pad_token = tok.eos_token
     return processor
+
