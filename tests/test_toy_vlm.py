@@ -147,3 +147,11 @@ def test_colour_image_task(tmp_path):
     assert set(named) == set(COLOURS) and max(named.values()) - min(named.values()) <= 1
     again, _ = colour_image_task(tmp_path / "again", n_train=16, n_eval=8, seed=3)
     assert again.read_text() == train.read_text()
+
+
+def test_a_processor_that_cannot_be_reached_is_one_line(monkeypatch):
+    """A hub id offline: one line saying so (it was a NameError, a bug, before)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError) as e:
+        load_processor("someone/no-such-vlm")
+    assert "\n" not in str(e.value) and "someone/no-such-vlm" in str(e.value)

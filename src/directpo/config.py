@@ -47,22 +47,6 @@ class ResumableSettings:
         return frozenset(f.name for f in fields(cls) if f.metadata.get("resumable"))
 
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024 ** 2, "mib": 1024 ** 2, "mb": 1000 ** 2,
-               "g": 1024 ** 3, "gib": 1024 ** 3, "gb": 1000 ** 3, "t": 1024 ** 4, "tib": 1024 ** 4, "tb": 1000 ** 4}
-
-
-def parse_size(text: str, what: str = "--memory-budget") -> int:
-    """Bytes of '8GiB', '512MiB', '1.5GB', '8g' (K/M/G/T alone: binary, as `free` and Docker read them):
-    the one grammar of every memory setting (training's and sampling's `--memory-budget`)."""
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m and _SIZE_UNITS.get(m.group(2).lower())
-    if not m or unit is None or float(m.group(1)) <= 0:
-        raise ConfigError(f"{what} {text!r}: not a size; write it like 8GiB, 512MiB or 2GB")
-    return int(float(m.group(1)) * unit)
-
-
 def input_paths(cfg) -> dict[str, str | None]:
     """{flag: value} of the settings declared `input=True`: what the command reads (a model, a
     reference, data), which its outputs must never overwrite."""

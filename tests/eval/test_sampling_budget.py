@@ -48,7 +48,7 @@ def _prompts(tokenizer, n_prompts: int, k: int, seed: int = 0, lengths=(40, 121)
 
 def test_size_grammar_is_trainings():
     """One grammar for every memory setting: `directpo.config.parse_size`, read by both layers."""
-    from directpo.config import parse_size as the_one
+    from directpo.memory import parse_size as the_one
     from directpo.training.plan import parse_size as training_parse_size
 
     assert parse_size is the_one is training_parse_size

@@ -29,7 +29,7 @@ from pathlib import Path
 from ..console import log
 from ..errors import UserValueError
 from .child import keep_prompt
-from .runner import _child_env, _machine, _versions, parse_systems, prepare_pairs, trl_available, trl_micro_batch
+from .runner import _child_env, _machine, _versions, parse_systems, prepare_pairs, trl_micro_batch, without_missing_trl
 
 PHASES = ("import", "load", "tokenize", "reference", "steps", "save", "other")
 HERE = Path(__file__).resolve().parent
@@ -153,12 +153,7 @@ def _check(cfg) -> list[str]:
     if "trl" in systems and cfg.batch % trl_micro_batch(cfg):
         raise UserValueError(f"--batch {cfg.batch} is not a multiple of TRL's micro-batch {trl_micro_batch(cfg)} "
                              "(--trl-micro-batch, else --micro-batch): TRL accumulates whole micro-batches")
-    if "trl" in systems:
-        have, why = trl_available()
-        if not have:
-            log(f"TRL skipped: {why}", prefix="bench")
-            systems.remove("trl")
-    return systems
+    return without_missing_trl(systems)
 
 
 def end_to_end(cfg) -> dict:

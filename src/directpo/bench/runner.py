@@ -96,6 +96,18 @@ def trl_available() -> tuple[bool, str]:
     return True, ""
 
 
+def without_missing_trl(systems: list[str]) -> list[str]:
+    """`systems` less "trl" when TRL is not installed (said in the log): the bench runs directpo alone."""
+    if "trl" in systems:
+        have, why = trl_available()
+        if not have:
+            from ..console import log
+
+            log(f"TRL skipped: {why}", prefix="bench")
+            return [s for s in systems if s != "trl"]
+    return systems
+
+
 def plan_configs(systems: list[str], use_bf16: bool, have_trl: bool) -> list[RunConfig]:
     configs = []
     if "directpo" in systems:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from ..console import log
 from ..errors import UserValueError
-from .runner import _child_env, _machine, _versions, parse_systems, trl_available
+from .runner import _child_env, _machine, _versions, parse_systems, without_missing_trl
 
 # The tiny Qwen2-VL built when no --model is given: big enough that the vision tower matters.
 MODEL_SIZES = {"hidden": 256, "layers": 4, "heads": 4, "vision_layers": 4, "vision_hidden": 128, "vision_heads": 4}
@@ -156,11 +156,7 @@ def _check(cfg) -> list[tuple[str, str, bool]]:
     if cfg.batch % micro:
         raise UserValueError(f"--vision: --batch {cfg.batch} is not a multiple of --micro-batch {micro} "
                              "(TRL accumulates whole micro-batches)")
-    if "trl" in systems:
-        have, why = trl_available()
-        if not have:
-            log(f"TRL skipped: {why}", prefix="bench")
-            systems.remove("trl")
+    systems = without_missing_trl(systems)
     configs = [c for c in CONFIGS if c[0] in systems]
     if not configs:
         raise UserValueError("--vision: nothing to run (--systems)")

@@ -325,10 +325,17 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int | None
                              f"{location(first.source, first.row)}): this command does not read images yet "
                              f"(issue #30); {IMAGE_COMMANDS} do, with a vision-language model; remove the "
                              "'images'/'image' field to use the text alone")
+    return tokenize_each(examples, lambda ex: tokenize_example(ex, tokenizer, max_length, max_prompt_length, stats),
+                         on_invalid, report)
+
+
+def tokenize_each(examples: list[Example], tokenize, on_invalid: str, report: SkipReport) -> list[TokenizedExample]:
+    """`tokenize(example)` for each example; a row's `DataError` stops (or with on_invalid='skip' is
+    counted in `report` and the row left out); no row left at all is an error saying why."""
     out = []
     for ex in examples:
         try:
-            out.append(tokenize_example(ex, tokenizer, max_length, max_prompt_length, stats))
+            out.append(tokenize(ex))
         except DataError as e:
             if on_invalid != "skip":
                 raise

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import torch
 
 from .formats import DataError, Example, SkipReport
-from .tokenize import TokenizedExample, TokenizeStats, _response_ids, render
+from .tokenize import TokenizedExample, TokenizeStats, _response_ids, render, tokenize_each
 
 # What the processor returns per token, not per image: rebuilt for every batch layout by the collate.
 PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
@@ -41,17 +41,8 @@ def tokenize_vision_examples(examples: list[Example], processor, max_length: int
     in `skipped` and left out."""
     skipped = skipped if skipped is not None else SkipReport()
     stats = TokenizeStats()
-    out = []
-    for ex in examples:
-        try:
-            out.append(tokenize_vision_example(ex, processor, max_length, max_prompt_length, stats))
-        except DataError as e:
-            if on_invalid != "skip":
-                raise
-            skipped.add(e)
-    if not out:
-        raise DataError(examples[0].source if examples else "data", None, None,
-                        f"no usable rows after tokenization ({skipped.summary()})")
+    out = tokenize_each(examples, lambda ex: tokenize_vision_example(ex, processor, max_length, max_prompt_length,
+                                                                     stats), on_invalid, skipped)
     return out, stats
 
 

@@ -36,20 +36,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigError, parse_size
-
-KiB, MiB, GiB = 1024, 1024 ** 2, 1024 ** 3
-
-
-def size_str(n: float) -> str:
-    """A size as a person reads it: GiB, MiB, KiB, or bytes below 1 KiB."""
-    if n >= GiB:
-        return f"{n / GiB:.2f} GiB"
-    if n >= MiB:
-        return f"{n / MiB:.0f} MiB"
-    if n >= KiB:
-        return f"{n / KiB:.4g} KiB"
-    return f"{int(n)} bytes"
+from ..config import ConfigError
+from ..memory import GiB, KiB, MiB, current_memory, parse_size, size_str  # noqa: F401 (re-exported)
 
 
 class SamplingBudgetError(ConfigError):
@@ -120,26 +108,6 @@ def format_choice(p: dict) -> str:
             f"{p['rows']} rows up to {p['longest']} prompt tokens: {size_str(p['cache'])} KV cache, "
             f"{size_str(p['forward'])} forward, {size_str(p['sampling'])} sampling); "
             f"--batch-size {p['batch_size']} reproduces its samples")
-
-
-def current_memory(device) -> int:
-    """Bytes the process holds now: allocated on a CUDA device, else its resident set (as
-    `directpo.training.budget.current_memory`, a sibling layer)."""
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    try:
-        import os
-
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):  # not Linux: the peak so far, an upper bound
-        import resource
-        import sys
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
 
 
 def live_bytes():

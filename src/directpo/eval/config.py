@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigError, check_settings, parse_size, setting
+from ..config import ConfigError, check_settings, setting
+from ..memory import parse_size
 from ..errors import UserValueError
 from ..precision import PRECISIONS
 from .judge import ORDERS

@@ -35,25 +35,13 @@ every checkpoint: a resumed run keeps it. Only when all of that does not fit is 
 """
 from __future__ import annotations
 
-from ..config import ConfigError, parse_size
-from .plan import GiB, HEAD_CHUNK_BYTES, OPTIMIZER_STATES, PlanConfig, activation_bytes, head_bytes, shape_of
-
-KiB, MiB = 1024, 1024 ** 2
+from ..config import ConfigError
+from ..memory import GiB, KiB, MiB, current_memory, parse_size, size_str  # noqa: F401 (re-exported)
+from .plan import HEAD_CHUNK_BYTES, OPTIMIZER_STATES, PlanConfig, activation_bytes, head_bytes, shape_of
 
 
 class MemoryBudgetError(ConfigError):
     """--memory-budget too small for even one example per micro-batch."""
-
-
-def size_str(n: float) -> str:
-    """A size as a person reads it: GiB, MiB, KiB, or bytes below 1 KiB (a budget of 1KiB is not "0 MiB")."""
-    if n >= GiB:
-        return f"{n / GiB:.2f} GiB"
-    if n >= MiB:
-        return f"{n / MiB:.0f} MiB"
-    if n >= KiB:
-        return f"{n / KiB:.4g} KiB"
-    return f"{int(n)} bytes"
 
 
 def choose_micro_batch(budget: int, batch_size: int, world: int, fixed: int, intercept: float, per_token: float,
@@ -125,25 +113,6 @@ def activation_bytes_measured(policy, batch, device, precision: str) -> int:
             lp = example_logps(policy, batch)
         del lp  # the graph goes, nothing ran backward
         return sum(kept.values()) + HEAD_CHUNK_BYTES
-
-
-def current_memory(device) -> int:
-    """Bytes the run holds now: allocated on a CUDA device, else the process's resident set."""
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    try:
-        import os
-
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):  # not Linux: the peak so far, an upper bound
-        import resource
-        import sys
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
 
 
 def plan_for_budget(cfg, policy, train_set, collate, device, world: int = 1, keep: int | None = None,

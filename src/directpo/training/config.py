@@ -248,7 +248,7 @@ class TrainConfig(PreferenceRunConfig, LoraSettings):
             raise ConfigError("--optimizer-offload is for one process's optimizer; with --fsdp use "
                               "--fsdp-cpu-offload, which keeps the sharded state in host memory")
         if self.memory_budget is not None:
-            from ..config import parse_size
+            from ..memory import parse_size
 
             parse_size(self.memory_budget, "--memory-budget")
             if self.micro_batch_tokens:

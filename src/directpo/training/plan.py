@@ -75,7 +75,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from ..config import ConfigError, check_ranges, parse_size, setting  # noqa: F401 (parse_size: read here too)
+from ..config import ConfigError, check_ranges, setting
+from ..memory import parse_size  # noqa: F401 (read here too: `plan.parse_size`)
 from ..errors import UserValueError
 from .lora import QUANTIZE
 from .optim import BNB_OPTIMIZERS
