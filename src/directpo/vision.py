@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from .errors import UserValueError
-from .models import (_hub_error, check_model_source, from_pretrained_checked, quantization_config,
-                     quantized_for_training, read_not_mapped, remote_code_explained, unwrap_peft)
+from .models import _hub_error, check_model_source, from_pretrained_checked, remote_code_explained, unwrap_peft
+from .quantized import quantization_config, quantized_for_training, read_not_mapped
 
 
 def is_vision_model(name_or_dir: str, trust_remote_code: bool = False) -> bool:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import MissingPackageError
 
-# `--quantize`: the base weights as bitsandbytes holds them (`models.quantization_config`); here, not
+# `--quantize`: the base weights as bitsandbytes holds them (`quantized.quantization_config`); here, not
 # there, because the settings read it to build `--help`, which loads no torch.
 QUANTIZE = ("none", "nf4", "fp4", "int8")
 
@@ -36,7 +36,7 @@ def check_quantize(cfg) -> None:
            if q == "int8" and not cfg.double_quant else None)
     if why:
         raise ConfigError(f"--quantize {q}: {why}")
-    from ..models import require_bitsandbytes
+    from ..quantized import require_bitsandbytes
 
     require_bitsandbytes(f"--quantize {q}")
 

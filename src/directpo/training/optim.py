@@ -43,7 +43,7 @@ def _bnb_optimizer(params: list, name: str, lr: float, weight_decay: float):
     import warnings
 
     from ..console import log
-    from ..models import require_bitsandbytes
+    from ..quantized import require_bitsandbytes
 
     require_bitsandbytes(f"--optimizer {name}")
     import bitsandbytes as bnb
@@ -65,7 +65,7 @@ def check_optimizer(cfg) -> None:
 
         raise ConfigError(f"--optimizer {cfg.optimizer}: bitsandbytes steps plain tensors, not FSDP's sharded "
                           "parameters; use adamw with --fsdp")
-    from ..models import require_bitsandbytes
+    from ..quantized import require_bitsandbytes
 
     require_bitsandbytes(f"--optimizer {cfg.optimizer}")
 
