@@ -205,7 +205,7 @@ def score(config=None, **settings) -> dict:
 def sample(config=None, **settings) -> dict:
     """Completions of a model for a prompt file, written as JSONL: `directpo sample`. Settings: `SampleConfig`'s."""
     from .eval.config import SampleConfig
-    from .eval.sampling import sample as run
+    from .eval.sample import sample as run
 
     cfg = _settings(SampleConfig, config, settings).validate()
     check_outputs({"--out": cfg.out}, {"--prompts": cfg.prompts}, cfg.overwrite)

@@ -20,7 +20,7 @@ def no_loading(monkeypatch, request):
         return
     import directpo.eval.bon
     import directpo.eval.evaluate
-    import directpo.eval.sampling
+    import directpo.eval.sample
     import directpo.eval.score
     import directpo.eval.scorers
 
@@ -28,7 +28,7 @@ def no_loading(monkeypatch, request):
         from directpo.errors import UserValueError
         raise UserValueError(f"LOADED {args[0] if args else kwargs}")
 
-    for mod in (directpo.eval.bon, directpo.eval.evaluate, directpo.eval.sampling, directpo.eval.score):
+    for mod in (directpo.eval.bon, directpo.eval.evaluate, directpo.eval.sample, directpo.eval.score):
         monkeypatch.setattr(mod, "load_model_or_adapter", loaded)  # (their loader: a model or an adapter directory)
         monkeypatch.setattr(mod, "load_tokenizer", loaded)
         monkeypatch.setattr(mod, "load_prompts", loaded, raising=False)

@@ -7,7 +7,7 @@ import torch
 
 from directpo.eval.evaluate import completion_logps, sequence_kl
 from directpo.data.prompts import PromptItem, encode_prompt
-from directpo.eval.sampling import draw_samples
+from directpo.eval.sample import draw_samples
 from directpo.models import load_model
 
 

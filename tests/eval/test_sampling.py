@@ -6,7 +6,8 @@ import torch
 
 from directpo.cli import main
 from directpo.data.prompts import PromptItem, encode_prompt, load_prompts
-from directpo.eval.sampling import draw_samples, generate_completions
+from directpo.eval.sample import draw_samples
+from directpo.eval.sampling import generate_completions
 from directpo.models import load_model, load_tokenizer
 from directpo.toy import review_task, write_jsonl
 

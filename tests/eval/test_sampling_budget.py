@@ -96,7 +96,7 @@ def test_budget_too_small_for_one_row_is_one_line_naming_the_minimum(tiny_model,
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--memory-budget 1 MiB: too small" in err and "needs at least" in err
-    from directpo.eval.sampling import sample
+    from directpo.eval.sample import sample
 
     with pytest.raises(SamplingBudgetError, match="needs at least"):
         sample(str(tiny_model), str(prompts), str(tmp_path / "o2.jsonl"), max_new_tokens=4, progress=False,

@@ -56,7 +56,7 @@ def forbid_work(monkeypatch):
     """Make every trainer, sampler and judge fail if called: a finished study must redo none of them."""
     import directpo.eval.evaluate
     import directpo.eval.judge
-    import directpo.eval.sampling
+    import directpo.eval.sample
     import directpo.rlhf.ppo
     import directpo.rlhf.reward_model
     import directpo.training.loop
@@ -66,7 +66,7 @@ def forbid_work(monkeypatch):
 
     for module, name in ((directpo.training.loop, "train"), (directpo.rlhf.reward_model, "train_reward_model"),
                          (directpo.rlhf.ppo, "ppo"), (directpo.eval.evaluate, "evaluate_policy"),
-                         (directpo.eval.sampling, "draw_samples"), (directpo.eval.judge, "build_judge")):
+                         (directpo.eval.sample, "draw_samples"), (directpo.eval.judge, "build_judge")):
         monkeypatch.setattr(module, name, refuse)
 
 

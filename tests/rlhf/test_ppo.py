@@ -86,7 +86,7 @@ def test_ppo_raises_reward_with_finite_kl(tiny_model, tmp_path):
     assert m[-1]["entropy"] < m[0]["entropy"]
     # the saved policy is a plain HF model that generates more 'e's than the start
     from directpo.data.prompts import load_prompts
-    from directpo.eval.sampling import draw_samples
+    from directpo.eval.sample import draw_samples
     from directpo.models import load_model, load_tokenizer
 
     items = load_prompts(str(prompts))[:16]

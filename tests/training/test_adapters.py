@@ -326,7 +326,7 @@ def test_sample_and_score_from_an_adapter_directory_equal_the_merged_model(tiny_
     """`sample` (and `score`, `inspect --model`) on an adapter directory run its base with the adapter merged in: the
     same samples at a fixed seed as the merged model saved whole, the same scores; an adapter
     directory without tokenizer files takes its base's."""
-    from directpo.eval.sampling import sample
+    from directpo.eval.sample import sample
     from directpo.eval.score import score
 
     merged = tmp_path / "merged"

@@ -14,11 +14,13 @@ memory bounded by the setting, not by the data).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .formats import (DataError, SkipReport, _is_messages, _messages, check_unicode, message_text, parse_records,
-                      parse_row)
-from .tokenize import IMAGE_COMMANDS, bos_text, bounded, prompt_ids, render_prompt, truncate_prompt
+from ..errors import UserValueError
+from .errors import location
+from .formats import (DataError, Example, SkipReport, _is_messages, _messages, _with_images, check_unicode,
+                      message_text, parse_records, parse_row)
+from .tokenize import IMAGE_COMMANDS, TokenizedExample, bos_text, bounded, prompt_ids, render_prompt, truncate_prompt
 
 _PAIR_FIELDS = ("chosen", "rejected", "responses", "completion")
 
@@ -29,21 +31,17 @@ class PromptItem:
     reference: str | None = None  # a reference completion (for win rates), when the row has one
     source: str = ""
     row: int = 0
+    images: list = field(default_factory=list)  # `ImageRef`s in placeholder order (a vision-language prompt)
 
 
 def parse_prompt_row(rec: dict, source: str, row: int) -> PromptItem:
     """A prompt row ({prompt[, reference]}) or any preference/SFT row directpo reads."""
     rec = {k: v for k, v in rec.items() if v is not None}
-    for name in ("images", "image"):  # a text-only sampler would drop them: refused, never sampled blind
-        if name in rec:
-            raise DataError(source, row, name, "images in a prompt: sampling from a vision-language model is not "
-                                               f"supported yet (issue #30); {IMAGE_COMMANDS} read images",
-                            kind="type")
     check_unicode(rec, ("prompt", "reference"), source, row)
-    reference = None
+    reference, images = None, []
     if any(k in rec for k in _PAIR_FIELDS):  # preference, ranked or SFT row: its prompt, its best response
-        ex = parse_row(rec, source, row)
-        prompt, reference = ex.prompt, ex.responses[0]
+        ex = parse_row(rec, source, row)  # (its images checked and attached)
+        prompt, reference, images = ex.prompt, ex.responses[0], ex.images
     elif "prompt" not in rec:
         raise DataError(source, row, "prompt", "missing: a prompt row needs a 'prompt' field (text or messages)",
                         kind="missing")
@@ -59,7 +57,10 @@ def parse_prompt_row(rec: dict, source: str, row: int) -> PromptItem:
         if not isinstance(reference, str) and not _is_messages(reference):
             raise DataError(source, row, "reference", f"expected a string, got {type(reference).__name__}",
                             kind="type")
-    return PromptItem(prompt, None if reference is None else message_text(reference), source, row)
+    if not images and ("images" in rec or "image" in rec):  # checked against the placeholders as in training
+        ex = _with_images(Example(prompt, [], source, row), rec, source, row)
+        prompt, images = ex.prompt, ex.images
+    return PromptItem(prompt, None if reference is None else message_text(reference), source, row, images)
 
 
 def load_prompts(spec: str, on_invalid: str = "error", split: str | None = None,
@@ -76,3 +77,26 @@ def encode_prompt(prompt: str | list, tokenizer, max_prompt_length: int | None =
     _, (ids, _), _ = bounded(text, "end", max_prompt_length, tokenizer,
                              lambda t: prompt_ids(t, tokenizer, add_special), bos_text(tokenizer))
     return truncate_prompt(ids, tokenizer, max_prompt_length)
+
+
+def refuse_images(items: list[PromptItem]) -> None:
+    """Text alone would be sampled, the image placeholders dropped: refused in one line naming the
+    file, its first image row and the commands that read images."""
+    with_images = [it for it in items if it.images]
+    if with_images:
+        n, first = len(with_images), with_images[0]
+        raise UserValueError(f"images in {first.source} ({n} row{'s' * (n != 1)}, the first at "
+                             f"{location(first.source, first.row)}): {IMAGE_COMMANDS} read them with a vision-language "
+                             "--model, eval does not yet (issue #30); remove the 'images'/'image' field to use the "
+                             "text alone")
+
+
+def encode_image_prompt(item: PromptItem, processor, max_prompt_length: int | None = None) -> TokenizedExample:
+    """A prompt for a vision-language model, encoded as training encodes a prompt
+    (`vision_tokenize.tokenize_vision_example`: the processor's chat template with the generation
+    prompt, image tokens expanded, never cut): its `prompt_ids`, `vision` (image tensors made on
+    demand, `.digest` the images' identity) and, for M-RoPE models, `prompt_positions` (3, P)."""
+    from .vision_tokenize import tokenize_vision_example
+
+    example = Example(item.prompt, [], item.source, item.row, images=item.images)
+    return tokenize_vision_example(example, processor, None, max_prompt_length)

@@ -14,7 +14,7 @@ from ..data.prompts import load_prompts
 from ..errors import UserValueError
 from ..models import load_model_or_adapter, load_tokenizer, pick_device
 from .evaluate import mean_se
-from .sampling import draw_samples
+from .sample import draw_samples, image_processor
 from .scorers import as_scorer
 
 
@@ -35,11 +35,16 @@ def best_of_n(model: str, prompts: str, out: str, n: int, reward, max_new_tokens
     reward = as_scorer(reward)
     report = SkipReport()
     items = load_prompts(prompts, on_invalid, split, report)
-    tokenizer = load_tokenizer(model)
-    policy = load_model_or_adapter(model, pick_device(device))
+    processor = image_processor(model, items)  # image prompts: a vision-language model's (None for text)
+    if processor is not None:
+        from ..vision import load_vision_model
+
+        tokenizer, policy = processor.tokenizer, load_vision_model(model, pick_device(device))
+    else:
+        tokenizer, policy = load_tokenizer(model), load_model_or_adapter(model, pick_device(device))
     s = draw_samples(policy, tokenizer, items, n, max_new_tokens, temperature, top_p, seed, batch_size,
                      max_prompt_length, progress=f"sampling {n} per prompt" if progress else None,
-                     memory_budget=memory_budget)
+                     memory_budget=memory_budget, processor=processor)
     rewards = reward(s.prompts, s.texts)
     rows, best_rewards, first_rewards = [], [], []
     for i, it in enumerate(items):

@@ -33,7 +33,8 @@ from ..errors import UserValueError
 from ..logprobs import dataset_logps
 from ..models import check_vocab, load_model_or_adapter, load_tokenizer, pick_device
 from ..precision import resolve_precision
-from .sampling import Samples, draw_samples, encode_samples, sampling_batch_size
+from .sample import Samples, draw_samples, encode_samples
+from .sampling import sampling_batch_size
 from .scorers import as_scorer
 
 # Copied from the headline temperature's entry to the top level of the results.

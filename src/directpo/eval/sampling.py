@@ -7,7 +7,9 @@ our own loop with a KV cache (`sample_batch`): plain ancestral sampling from sof
 optionally nucleus-filtered, and nothing else (no default top-k, no repetition penalty, whatever
 a checkpoint's generation config says): at temperature 1 and top-p 1, samples come from π itself,
 which the KL estimator of `directpo eval` relies on. Completion ids keep the EOS the
-model generated (it is part of y); texts are decoded without it.
+model generated (it is part of y); texts are decoded without it. Prompts with images (a
+vision-language model, issue #30) are encoded by its processor as training encodes them
+(`encode_image_prompt`) and their prefill is given the images (`_prefill`, `_vision_inputs`).
 
 Speed, with the samples unchanged: the repeats of a prompt (its K samples) share one prefill,
 and, for models whose attention is plain softmax attention through transformers'
@@ -32,16 +34,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from dataclasses import dataclass
 
 import torch
 
 from ..console import log
-from ..data.formats import SkipReport, write_jsonl
-from ..data.prompts import PromptItem, encode_prompt, load_prompts
+from ..data.collate import merge_vision
 from ..errors import UserValueError
 from ..attention import attention_implementation, supports_segment_attention
-from ..models import load_model_or_adapter, load_tokenizer, pick_device, unwrap_peft
+from ..models import unwrap_peft
 from .budget import (SamplingCosts, batch_need, choose_batch, current_memory, format_choice, live_bytes,
                      parse_size)
 
@@ -229,31 +229,65 @@ def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.T
     return ids.to(device), (None if bool(mask.all()) else mask.to(device))
 
 
+def _vision_inputs(rows: list, mask: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
+    """Position ids and image tensors of a prefill of vision-language prompts (`encode_image_prompt`'s
+    examples, one a row): the images merged in row order as training merges them (`merge_vision`);
+    M-RoPE models (rows with `prompt_positions`): (3, rows, P) positions, each row's shifted right by
+    its left padding, the padding at 0 as `get_rope_index` leaves it under the attention mask (it is
+    masked out: any value gives the same result); others: positions counting real tokens, as text."""
+    tensors = merge_vision([[r] for r in rows]) or {}
+    extra = {k: v.to(device) for k, v in tensors.items()}
+    if all(r.prompt_positions is None for r in rows):
+        return (mask.cumsum(-1) - 1).clamp(min=0), extra
+    P = mask.shape[1]
+    pos = torch.zeros(3, len(rows), P, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.prompt_ids)
+        pos[:, i, P - n:] = r.prompt_positions if r.prompt_positions is not None else torch.arange(n)
+    return pos.to(device), extra
+
+
 def _prefill(model, prompts: list[list[int]], pad_id: int, capacity: int, share_prefix: bool,
-             cache_kw: str):
+             cache_kw: str, vision: list | None = None):
     """The prompts' KV cache and last-position logits, one row per prompt of `prompts`, and the
     decode's sharing: with `share_prefix` each distinct prompt is computed once; when prompts
     repeat (at least two rows a prompt on average) and the model's attention is plain, its keys and
     values are kept once and attended by all its rows (`_shared_prefix_attention`; sharing is then
-    (additive padding mask of the prompts or None, prompt of each row)), else copied to its rows."""
+    (additive padding mask of the prompts or None, prompt of each row)), else copied to its rows.
+
+    `vision` (vision-language prompts, `encode_image_prompt`'s example of each row): a prompt is its
+    ids and its images (`vision.digest`: the same text with other pictures is another prompt), the
+    prefill is given their tensors and positions (`_vision_inputs`), and a prompt's keys are copied
+    to its rows. The returned positions are each row's largest prompt position (the next token's is
+    one more, in all three M-RoPE streams)."""
     device = next(model.parameters()).device
     if share_prefix:
         first: dict[tuple, int] = {}
-        inverse = [first.setdefault(tuple(p), len(first)) for p in prompts]
-        distinct = [list(p) for p in first]
+        keys = [tuple(p) for p in prompts] if vision is None else \
+            [(tuple(p), v.vision.digest if v.vision else None) for p, v in zip(prompts, vision)]
+        inverse = [first.setdefault(k, len(first)) for k in keys]
+        distinct = [list(p) for p in first] if vision is None else [list(k[0]) for k in first]
+        reps = None if vision is None else [inverse.index(u) for u in range(len(first))]  # each one's first row
     else:
-        inverse, distinct = list(range(len(prompts))), prompts
+        inverse, distinct, reps = list(range(len(prompts))), prompts, list(range(len(prompts)))
     ids, mask = _left_padded(distinct, pad_id, device)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0) if mask is not None else \
-        torch.arange(ids.shape[1], device=device).expand(ids.shape[0], -1)
+    extra = {}
+    if vision is not None:
+        mask = torch.ones_like(ids) if mask is None else mask  # always a mask: M-RoPE positions are no packing hint
+        position_ids, extra = _vision_inputs([vision[i] for i in reps], mask, device)
+    else:
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0) if mask is not None else \
+            torch.arange(ids.shape[1], device=device).expand(ids.shape[0], -1)
     cache = _new_cache(capacity)
     out = _forward(model, input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                   **{cache_kw: cache})
+                   **extra, **{cache_kw: cache})
     logits, sharing = out.logits[:, -1], None
+    if position_ids.ndim == 3:  # M-RoPE (3, rows, P): the largest position of each row, as a (rows, 1) column
+        position_ids = position_ids.amax(dim=(0, 2))[:, None]
     if len(distinct) < len(prompts):
         idx = torch.tensor(inverse, device=device)
         logits, position_ids = logits[idx], position_ids[idx]
-        if 2 * len(distinct) <= len(prompts) and supports_segment_attention(model):
+        if 2 * len(distinct) <= len(prompts) and vision is None and supports_segment_attention(model):
             for layer in cache.layers:
                 layer.share(len(prompts))
             pad = None if mask is None else torch.zeros(mask.shape, dtype=cache.layers[0].keys.dtype, device=device) \
@@ -268,17 +302,19 @@ def _prefill(model, prompts: list[list[int]], pad_id: int, capacity: int, share_
 def sample_batch(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
                  eos_id: int | None, pad_id: int, uniforms: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, share_prefix: bool = True,
-                 drop_finished: bool = True) -> list[list[int]]:
+                 drop_finished: bool = True, vision: list | None = None) -> list[list[int]]:
     """Ancestral sampling with a KV cache: one completion (ids, cut after its EOS, which is kept)
     per prompt. Row i's token t is drawn with the uniform `uniforms[i, t]` (default: a
     (max_new_tokens, B) draw from `generator`, transposed), so a row's sample does not depend on
     which rows share its batch, on whether they leave it when they finish (`drop_finished`) or on
     whether repeats of a prompt share its prefill and keys (`share_prefix`). Prompts are
-    left-padded; position ids count real tokens only, as in training."""
+    left-padded; position ids count real tokens only, as in training. `vision`: each row's
+    vision-language prompt (`encode_image_prompt`; `prompts` are their ids), see `_prefill`."""
     B, T = len(prompts), max_new_tokens
     cache_kw = _cache_kw(model)  # once: inspecting the signature every step costs as much as a small op
     cache, logits, pos, mask, sharing = _prefill(model, prompts, pad_id, max(map(len, prompts)) + T, share_prefix,
-                                                 cache_kw)
+                                                 cache_kw, vision)
+    mrope = vision is not None and any(v.prompt_positions is not None for v in vision)
     device = logits.device
     if uniforms is None and temperature > 0:
         uniforms = torch.rand(T, B, generator=generator, device=device, dtype=torch.float64).T
@@ -315,7 +351,8 @@ def sample_batch(model, prompts: list[list[int]], max_new_tokens: int, temperatu
                 pos = pos + 1
                 logits = _forward(model, input_ids=tok[:, None],
                                   attention_mask=None if mask is None else mask[:, :P + t + 1],
-                                  position_ids=pos[:, None], use_cache=True, **{cache_kw: cache}).logits[:, -1]
+                                  position_ids=pos[None, :, None].expand(3, -1, -1) if mrope else pos[:, None],
+                                  use_cache=True, **{cache_kw: cache}).logits[:, -1]
     finally:
         if sharing is not None:
             _SHARING.reset(token)
@@ -359,8 +396,9 @@ def _windows(lengths: list[int], batch_size: int):
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int = 128,
                          temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
-                         progress: str | None = None) -> list[list[int]]:
-    """One sampled completion per entry of `prompt_ids` (repeat a prompt for several samples).
+                         progress: str | None = None, vision: list | None = None) -> list[list[int]]:
+    """One sampled completion per entry of `prompt_ids` (repeat a prompt for several samples);
+    `vision`: each entry's vision-language prompt (`encode_image_prompt`), for a VLM.
 
     Returns completion ids, cut after the first EOS (which is kept). Within windows of
     `BUCKET_BATCHES` batches, prompts are sampled in order of length (less padding, and the
@@ -382,7 +420,8 @@ def generate_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_
             _window_uniforms(sizes, w0 // batch_size, max_new_tokens, seed, device)
         for part in parts:
             comps = sample_batch(model, [prompt_ids[w0 + i] for i in part], max_new_tokens, temperature, top_p,
-                                 eos, pad, None if uniforms is None else uniforms[part])
+                                 eos, pad, None if uniforms is None else uniforms[part],
+                                 vision=None if vision is None else [vision[w0 + i] for i in part])
             for i, c in zip(part, comps):
                 out[w0 + i] = c
             if bar is not None:
@@ -480,73 +519,3 @@ def decode(tokenizer, ids: list[int]) -> str:
     if ids and ids[-1] == tokenizer.eos_token_id:
         ids = ids[:-1]
     return tokenizer.decode(ids, skip_special_tokens=True)
-
-
-@dataclass
-class Samples:
-    """n completions for each prompt, prompt-major: sample j of prompt i at i * n + j; drawn in
-    batches of `batch_size` rows (the samples depend on it)."""
-
-    items: list[PromptItem]
-    prompt_ids: list[list[int]]
-    completion_ids: list[list[int]]
-    texts: list[str]
-    n: int
-    batch_size: int = 16
-
-    def prompt_of(self, k: int) -> PromptItem:
-        return self.items[k // self.n]
-
-    @property
-    def prompts(self) -> list:
-        return [self.items[k // self.n].prompt for k in range(len(self.texts))]
-
-    def lengths(self, eos_id: int | None) -> list[int]:
-        """Generated tokens per sample, the EOS not counted."""
-        return [len(c) - (1 if c and c[-1] == eos_id else 0) for c in self.completion_ids]
-
-
-def encode_samples(tokenizer, items: list[PromptItem], n: int, max_prompt_length: int | None = None
-                   ) -> list[list[int]]:
-    """The prompt ids of every sample: each prompt's, n times (prompt-major)."""
-    if n < 1:
-        raise UserValueError(f"n must be ≥ 1, got {n}")
-    encoded = [encode_prompt(it.prompt, tokenizer, max_prompt_length) for it in items]
-    return [p for p in encoded for _ in range(n)]
-
-
-def draw_samples(model, tokenizer, items: list[PromptItem], n: int = 1, max_new_tokens: int = 128,
-                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
-                 max_prompt_length: int | None = None, progress: str | None = None,
-                 memory_budget: str | None = None) -> Samples:
-    """n samples of each prompt of `items`, `batch_size` rows at once, or with `memory_budget` as many
-    as fit it (`sampling_batch_size`)."""
-    prompt_ids = encode_samples(tokenizer, items, n, max_prompt_length)
-    batch_size = sampling_batch_size(model, tokenizer, prompt_ids, max_new_tokens, top_p, batch_size, memory_budget)
-    comps = generate_completions(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, seed, batch_size,
-                                 progress)
-    return Samples(items, prompt_ids, comps, [decode(tokenizer, c) for c in comps], n, batch_size)
-
-
-def sample(model: str, prompts: str, out: str, n: int = 1, max_new_tokens: int = 128, temperature: float = 1.0,
-           top_p: float = 1.0, seed: int = 0, batch_size: int = 16, max_prompt_length: int | None = None,
-           device: str | None = None, on_invalid: str = "error", split: str | None = None,
-           progress: bool = True, memory_budget: str | None = None) -> dict:
-    """Write one JSON line per sample: prompt_index, index (sample j of that prompt), prompt, completion.
-    `memory_budget` (a size, e.g. '8GiB'): the batch that fits it instead of `batch_size`; the
-    batch sampled with is in the result (`sampling_batch_size`)."""
-    report = SkipReport()
-    items = load_prompts(prompts, on_invalid, split, report)
-    tokenizer = load_tokenizer(model)
-    policy = load_model_or_adapter(model, pick_device(device))  # (an adapter directory: merged into its base)
-    s = draw_samples(policy, tokenizer, items, n, max_new_tokens, temperature, top_p, seed, batch_size,
-                     max_prompt_length, progress="sampling" if progress else None, memory_budget=memory_budget)
-    lengths = s.lengths(tokenizer.eos_token_id)
-    write_jsonl(({"prompt_index": k // n, "index": k % n, "prompt": s.prompt_of(k).prompt, "completion": text,
-                  "completion_tokens": lengths[k], "finished": bool(s.completion_ids[k])
-                  and s.completion_ids[k][-1] == tokenizer.eos_token_id}
-                 for k, text in enumerate(s.texts)), out)
-    log(f"sampled {len(s.texts)} completions ({n} per prompt, {len(items)} prompts, batches of {s.batch_size}; "
-          f"{report.summary()}) -> {out}")
-    return {"prompts": len(items), "samples": len(s.texts), "skipped": report.total,
-            "length_mean": sum(lengths) / len(lengths), "sampling_batch_size": s.batch_size, "out": out}

@@ -2,7 +2,7 @@
 
 Round r = 1..R starts from the policy of round r − 1 (round 1: the SFT model) and
 
-1. samples K completions per prompt from it (`directpo.eval.sampling.draw_samples`),
+1. samples K completions per prompt from it (`directpo.eval.sample.draw_samples`),
 2. scores them with the reward (a `module:function` callable or a reward model),
 3. pairs them per prompt, best vs worst or every pair whose rewards differ by more than the margin
    (a prompt whose samples all tie gives none): `O/round-r/pairs.jsonl` (prompt/chosen/rejected),
@@ -139,7 +139,7 @@ def sample_and_pair(cfg: OnlineConfig, policy: str, scorer, r: int, round_dir: P
     from ..data.prompts import load_prompts
     from ..data.readers import write_jsonl
     from ..eval.evaluate import mean_se
-    from ..eval.sampling import draw_samples
+    from ..eval.sample import draw_samples
     from ..models import load_model, load_tokenizer, pick_device
 
     t0 = time.perf_counter()

@@ -85,7 +85,7 @@ def measure_best_of_n(cfg: SentimentConfig, out: Path, sft: str, scorer) -> list
     from ...eval.bon import bon_kl
     from ...eval.evaluate import mean_se
     from ...eval.reward_model import RewardModel
-    from ...eval.sampling import draw_samples
+    from ...eval.sample import draw_samples
     from ...models import load_model, load_tokenizer, pick_device
     from ..frontier import length_fit
 

@@ -153,7 +153,7 @@ def stage_pairs(cfg: SentimentConfig, out: Path, sft: str, scorer) -> dict:
 def make_pairs(cfg: SentimentConfig, prompts: Path, pairs_dir: Path, sft: str, scorer) -> dict:
     from ...data.formats import write_jsonl
     from ...data.prompts import load_prompts
-    from ...eval.sampling import draw_samples
+    from ...eval.sample import draw_samples
     from ...models import load_model, load_tokenizer, pick_device
 
     began = time.perf_counter()

@@ -87,7 +87,7 @@ def measure_best_of_n(cfg, out: Path, sft: str, rm: str, judge, t: float, ns: li
     from ...data.prompts import load_prompts
     from ...eval.evaluate import mean_se
     from ...eval.reward_model import RewardModel
-    from ...eval.sampling import draw_samples
+    from ...eval.sample import draw_samples
     from ...models import load_model, load_tokenizer, pick_device
 
     if not models:

@@ -1,0 +1,132 @@
+"""`directpo sample` and what `bon`, `eval`, PPO, online DPO and the studies draw through it: prompt
+rows -> prompt ids (by the tokenizer, or for image prompts by a vision-language model's processor)
+-> n samples each from the sampler (`eval.sampling`), decoded; the command writes them as JSONL."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..console import log
+from ..data.formats import SkipReport, write_jsonl
+from ..data.prompts import PromptItem, encode_image_prompt, encode_prompt, load_prompts, refuse_images
+from ..errors import UserValueError
+from ..models import load_model_or_adapter, load_tokenizer, pick_device
+from .sampling import decode, generate_completions, sampling_batch_size
+
+@dataclass
+class Samples:
+    """n completions for each prompt, prompt-major: sample j of prompt i at i * n + j; drawn in
+    batches of `batch_size` rows (the samples depend on it)."""
+
+    items: list[PromptItem]
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    texts: list[str]
+    n: int
+    batch_size: int = 16
+
+    def prompt_of(self, k: int) -> PromptItem:
+        return self.items[k // self.n]
+
+    @property
+    def prompts(self) -> list:
+        return [self.items[k // self.n].prompt for k in range(len(self.texts))]
+
+    def lengths(self, eos_id: int | None) -> list[int]:
+        """Generated tokens per sample, the EOS not counted."""
+        return [len(c) - (1 if c and c[-1] == eos_id else 0) for c in self.completion_ids]
+
+
+def encode_samples(tokenizer, items: list[PromptItem], n: int, max_prompt_length: int | None = None
+                   ) -> list[list[int]]:
+    """The prompt ids of every sample: each prompt's, n times (prompt-major). Rows with images are
+    refused (a tokenizer alone would drop them): `encode_image_samples` encodes those."""
+    if n < 1:
+        raise UserValueError(f"n must be ≥ 1, got {n}")
+    refuse_images(items)
+    encoded = [encode_prompt(it.prompt, tokenizer, max_prompt_length) for it in items]
+    return [p for p in encoded for _ in range(n)]
+
+
+def encode_image_samples(processor, items: list[PromptItem], n: int, max_prompt_length: int | None = None
+                         ) -> list:
+    """Each prompt encoded for a vision-language model (`encode_image_prompt`), n times (prompt-major)."""
+    if n < 1:
+        raise UserValueError(f"n must be ≥ 1, got {n}")
+    encoded = [encode_image_prompt(it, processor, max_prompt_length) for it in items]
+    return [e for e in encoded for _ in range(n)]
+
+
+def draw_samples(model, tokenizer, items: list[PromptItem], n: int = 1, max_new_tokens: int = 128,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
+                 max_prompt_length: int | None = None, progress: str | None = None,
+                 memory_budget: str | None = None, processor=None) -> Samples:
+    """n samples of each prompt of `items`, `batch_size` rows at once, or with `memory_budget` as many
+    as fit it (`sampling_batch_size`). With a `processor` (a vision-language `model`), prompts are
+    encoded by it and sampled conditioned on their images."""
+    vision = None
+    if processor is not None:
+        if memory_budget is not None:  # its probe measures text prefills: image tokens and the tower uncounted
+            raise UserValueError("--memory-budget does not count images yet (issue #30): give --batch-size")
+        vision = encode_image_samples(processor, items, n, max_prompt_length)
+        prompt_ids = [v.prompt_ids for v in vision]
+    else:
+        prompt_ids = encode_samples(tokenizer, items, n, max_prompt_length)
+    batch_size = sampling_batch_size(model, tokenizer, prompt_ids, max_new_tokens, top_p, batch_size, memory_budget)
+    comps = generate_completions(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, seed, batch_size,
+                                 progress, vision)
+    return Samples(items, prompt_ids, comps, [decode(tokenizer, c) for c in comps], n, batch_size)
+
+
+def image_processor(model: str, items: list[PromptItem]):
+    """The processor of `model` when prompts have images (None for text prompts): it must then be a
+    vision-language model's directory; anything else is refused in one line before a model loads."""
+    from ..models import is_adapter_dir
+    from ..vision import is_vision_model, load_processor
+
+    if not any(it.images for it in items):
+        return None
+    if is_adapter_dir(model):
+        raise UserValueError(f"images in {items[0].source}, but --model {model} is an adapter directory: image "
+                             "prompts are not sampled with adapters yet (issue #30); give the model's directory")
+    if not is_vision_model(model):
+        refuse_images(items)
+    processor = load_processor(model)
+    if processor.tokenizer.pad_token_id is None:  # (as `models.load_tokenizer`: padding is masked out)
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return processor
+
+
+def load_sampler(model: str, items: list[PromptItem], device: str | None = None) -> tuple:
+    """(tokenizer, model, processor) to sample `items` with: with image prompts a vision-language
+    model and its processor (`image_processor`), else the causal LM (an adapter directory: merged
+    into its base) and processor None."""
+    processor = image_processor(model, items)
+    if processor is not None:
+        from ..vision import load_vision_model
+
+        return processor.tokenizer, load_vision_model(model, pick_device(device)), processor
+    return load_tokenizer(model), load_model_or_adapter(model, pick_device(device)), None
+
+
+def sample(model: str, prompts: str, out: str, n: int = 1, max_new_tokens: int = 128, temperature: float = 1.0,
+           top_p: float = 1.0, seed: int = 0, batch_size: int = 16, max_prompt_length: int | None = None,
+           device: str | None = None, on_invalid: str = "error", split: str | None = None,
+           progress: bool = True, memory_budget: str | None = None) -> dict:
+    """Write one JSON line per sample: prompt_index, index (sample j of that prompt), prompt, completion.
+    `memory_budget` (a size, e.g. '8GiB'): the batch that fits it instead of `batch_size`; the
+    batch sampled with is in the result (`sampling_batch_size`)."""
+    report = SkipReport()
+    items = load_prompts(prompts, on_invalid, split, report)
+    tokenizer, policy, processor = load_sampler(model, items, device)
+    s = draw_samples(policy, tokenizer, items, n, max_new_tokens, temperature, top_p, seed, batch_size,
+                     max_prompt_length, progress="sampling" if progress else None, memory_budget=memory_budget,
+                     processor=processor)
+    lengths = s.lengths(tokenizer.eos_token_id)
+    write_jsonl(({"prompt_index": k // n, "index": k % n, "prompt": s.prompt_of(k).prompt, "completion": text,
+                  "completion_tokens": lengths[k], "finished": bool(s.completion_ids[k])
+                  and s.completion_ids[k][-1] == tokenizer.eos_token_id}
+                 for k, text in enumerate(s.texts)), out)
+    log(f"sampled {len(s.texts)} completions ({n} per prompt, {len(items)} prompts, batches of {s.batch_size}; "
+          f"{report.summary()}) -> {out}")
+    return {"prompts": len(items), "samples": len(s.texts), "skipped": report.total,
+            "length_mean": sum(lengths) / len(lengths), "sampling_batch_size": s.batch_size, "out": out}
