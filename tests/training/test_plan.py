@@ -245,3 +245,19 @@ def test_quantize_in_plan_is_refused_where_it_cannot_work(tiny_model, capsys):
     assert main(["plan", "--model", str(tiny_model), "--lora-r", "4", "--quantize", "nf4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["settings"]["quantize"] == "nf4" and out["plan"]["parts"]["dequantized_weight"] > 0
+
+
+def test_plan_reads_a_vision_language_model(tmp_path):
+    """`directpo plan --model VLM` (it was a traceback): the language model's blocks are the layers,
+    every weight (vision tower included) is counted."""
+    from transformers import AutoModelForImageTextToText
+
+    from directpo.toy import build_tiny_vlm
+    from directpo.training.plan import model_shape
+
+    out = build_tiny_vlm(tmp_path / "vlm", "qwen2_vl", ["What colour is it? It is red."] * 8, layers=3)
+    s = model_shape(str(out))
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert s.layers == 3 == model.config.text_config.num_hidden_layers
+    assert s.params == sum(p.numel() for p in model.parameters())
+    assert s.hidden == model.config.text_config.hidden_size

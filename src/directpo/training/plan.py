@@ -186,8 +186,11 @@ def model_shape(name_or_dir: str, trust_remote_code: bool = False) -> Shape:
     quiet_transformers()
     try:
         config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+        auto = AutoModelForCausalLM
+        if getattr(config, "vision_config", None) is not None:  # a vision-language model (`shape_of`)
+            from transformers import AutoModelForImageTextToText as auto
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            model = auto.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as e:  # its own code, refused: one line naming --trust-remote-code and the code
         explained = remote_code_error(name_or_dir, e)
         if explained is None:
@@ -197,12 +200,19 @@ def model_shape(name_or_dir: str, trust_remote_code: bool = False) -> Shape:
 
 
 def shape_of(model) -> Shape:
-    """`Shape` of a (meta or real) causal LM."""
+    """`Shape` of a (meta or real) causal LM. A vision-language model's blocks are its language
+    model's (the vision tower's weights are counted, its activations not: frozen by default, it
+    keeps none for the backward; nor are image tokens: `--max-length` counts every token)."""
     import torch
 
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     blocks_named = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in blocks_named]
+    within = model
+    if getattr(model.config, "vision_config", None) is not None:
+        from ..vision import language_model
+
+        within = language_model(model)
+    blocks = [m for m in within.modules() if type(m).__name__ in blocks_named]
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     hidden = text.hidden_size
