@@ -86,10 +86,20 @@ def vision_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def load_processor(name_or_dir: str, trust_remote_code: bool = False):
-    """The model's processor (`AutoProcessor`: image processor + tokenizer + chat template).
+    """The model's processor (`AutoProcessor`: image processor + tokenizer + chat template), its
+    tokenizer given a pad token where it has none (EOS, as `models.load_tokenizer` does: padding is
+    masked out, so any id will do).
 
     Qwen2-VL's processor also holds a video processor, which transformers builds only with
     torchvision installed; without it, the same processor is built for images alone."""
+    processor = _load_processor(name_or_dir, trust_remote_code)
+    tok = processor.tokenizer
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return processor
+
+
+def _load_processor(name_or_dir: str, trust_remote_code: bool):
     from transformers import AutoProcessor
     from transformers.utils import is_torchvision_available
 

@@ -90,10 +90,7 @@ def image_processor(model: str, items: list[PromptItem]):
                              "prompts are not sampled with adapters yet (issue #30); give the model's directory")
     if not is_vision_model(model):
         refuse_images(items)
-    processor = load_processor(model)
-    if processor.tokenizer.pad_token_id is None:  # (as `models.load_tokenizer`: padding is masked out)
-        processor.tokenizer.pad_token = processor.tokenizer.eos_token
-    return processor
+    return load_processor(model)
 
 
 def load_sampler(model: str, items: list[PromptItem], device: str | None = None) -> tuple:

@@ -102,7 +102,4 @@ def vision_processor(model: str, ref: str | None, data: str, examples) -> object
             raise UserValueError(f"images in {rows}, but {flag} {name} is a text-only model: give a vision-language "
                                  "model (one with a vision tower) to score them, or remove the 'images'/'image' "
                                  "field to score the text alone")
-    processor = load_processor(model)
-    if processor.tokenizer.pad_token_id is None:  # (as `models.load_tokenizer`: padding is masked out)
-        processor.tokenizer.pad_token = processor.tokenizer.eos_token
-    return processor
+    return load_processor(model)

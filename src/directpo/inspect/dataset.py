@@ -319,10 +319,7 @@ def vision_processor(model: str | None, examples) -> object | None:
     if model is None or not any(ex.images for ex in examples) or is_adapter_dir(model) \
             or not is_vision_model(model):
         return None
-    processor = load_processor(model)
-    if processor.tokenizer.pad_token_id is None:  # (as `models.load_tokenizer`: padding is masked out)
-        processor.tokenizer.pad_token = processor.tokenizer.eos_token
-    return processor
+    return load_processor(model)
 
 
 def _tokenize(loaded, tokenizer, processor, max_length, max_prompt_length, cap, report):

@@ -79,9 +79,5 @@ def run_processor(cfg, sources=None):
     # (an adapter directory saved by directpo holds the processor too; else its base's)
     has_own = source == cfg.model or any(os.path.exists(os.path.join(os.path.expanduser(cfg.model), f))
                                          for f in ("processor_config.json", "preprocessor_config.json"))
-    processor = load_processor(cfg.model if has_own else source, cfg.trust_remote_code)
-    tok = processor.tokenizer
-    if tok.pad_token_id is None:  # (as `models.load_tokenizer`: padding is masked out, any id will do)
-        tok.pad_token = tok.eos_token
-    return processor
+    return load_processor(cfg.model if has_own else source, cfg.trust_remote_code)
 
