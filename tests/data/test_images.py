@@ -214,7 +214,7 @@ def test_every_text_only_command_refuses_image_rows(tmp_path, pics, tiny_model, 
         assert main(argv) == 2, name
         err = capsys.readouterr().err.strip().splitlines()[-1]  # (after the precision line)
         assert err.startswith(f"directpo {name}: error: ") and "images" in err and "issue #30" in err and "d.jsonl" in err, (name, err)
-        assert "train, sft, pipeline, score, inspect, sample and bon" in err, (name, err)
+        assert "train, sft, pipeline, score, inspect, sample, bon and eval" in err, (name, err)
         assert "Traceback" not in err
     score = ["score", "--model", str(tiny_model), "--data", data, "--out", str(tmp_path / "s.jsonl")]
     assert main(score) == 2

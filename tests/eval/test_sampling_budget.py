@@ -123,20 +123,24 @@ def test_settings_budget_checked_and_passed_on(tmp_path):
         SampleConfig(model="m", prompts="p", out="o", memory_budget="lots").validate()
 
 
-def _run(argv, capsys) -> dict:
+def _run(argv, capsys, errors: list | None = None) -> dict:
     assert main(argv) == 0
-    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    if errors is not None:  # the command's log lines (stderr)
+        errors.append(captured.err)
+    return json.loads(captured.out.strip().splitlines()[-1])
 
 
-def test_chosen_batch_logged_recorded_and_reproduced(tiny_model, tmp_path, capsys, caplog):
+def test_chosen_batch_logged_recorded_and_reproduced(tiny_model, tmp_path, capsys):
     rows = [{"prompt": f"Review of {name}:"} for name in ("Kalo", "Mirento", "Sa", "Tovu", "Brel")]
     prompts = write_jsonl(rows, tmp_path / "p.jsonl")
     base = ["sample", "--model", str(tiny_model), "--prompts", str(prompts), "--n", "3", "--max-new-tokens", "6",
             "--no-progress", "--seed", "4"]
-    with caplog.at_level("INFO", logger="directpo"):
-        chosen = _run(base + ["--out", str(tmp_path / "a.jsonl"), "--memory-budget", "64GiB"], capsys)
+    logged: list[str] = []  # (read from stderr: caplog sees only what propagates to the root logger, which
+    # the directpo logger does not once its own handler is set up, so caplog passed or failed by test order)
+    chosen = _run(base + ["--out", str(tmp_path / "a.jsonl"), "--memory-budget", "64GiB"], capsys, logged)
     assert chosen["sampling_batch_size"] == 15  # all the samples fit at once
-    assert "sampling batch 15 rows for 64.00 GiB" in caplog.text
+    assert "sampling batch 15 rows for 64.00 GiB" in logged[0]
     again = _run(base + ["--out", str(tmp_path / "b.jsonl"), "--batch-size", "15"], capsys)
     assert again["sampling_batch_size"] == 15
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()

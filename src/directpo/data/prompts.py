@@ -87,8 +87,7 @@ def refuse_images(items: list[PromptItem]) -> None:
         n, first = len(with_images), with_images[0]
         raise UserValueError(f"images in {first.source} ({n} row{'s' * (n != 1)}, the first at "
                              f"{location(first.source, first.row)}): {IMAGE_COMMANDS} read them with a vision-language "
-                             "--model, eval does not yet (issue #30); remove the 'images'/'image' field to use the "
-                             "text alone")
+                             "--model (issue #30); remove the 'images'/'image' field to use the text alone")
 
 
 def encode_image_prompt(item: PromptItem, processor, max_prompt_length: int | None = None) -> TokenizedExample:

@@ -309,7 +309,7 @@ def tokenize_example(example: Example, tokenizer, max_length: int | None = None,
 
 
 # The commands that read rows with images (a vision-language model's processor); the others refuse them.
-IMAGE_COMMANDS = "train, sft, pipeline, score, inspect, sample and bon"
+IMAGE_COMMANDS = "train, sft, pipeline, score, inspect, sample, bon and eval"
 
 
 def tokenize_examples(examples: list[Example], tokenizer, max_length: int | None = None,

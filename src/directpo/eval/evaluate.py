@@ -15,25 +15,34 @@ estimate of Σ_y π(y|x)·log(π(y|x)/πref(y|x)) (over sequences of at most max
 its standard error is the samples' standard deviation / √N. Samples at other temperatures come
 from another distribution, so the KL is computed once, from temperature-1 samples (drawn for the
 purpose when 1.0 is not in the sweep).
+
+Image prompts (issue #30), with a vision-language `model`: the samples are drawn as `directpo sample`
+draws them (`draw_samples` with the model's processor: conditioned on the images); rewards and
+judges read the text (a text reward model scores the prompt's text, its image parts left out, and
+the completion); the KL's log-probs come from forwards given each prompt's image tensors (and
+Qwen2-VL's M-RoPE positions), the very encoding the sampler used, with the n samples of a prompt
+the responses of one packed example (its images encoded once). `ref` must then be a
+vision-language model of the same family: it is given the same image tensors.
 """
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ..console import log
+from ..console import log, warn
 from ..data import SkipReport, TokenizedExample, make_collate
 from ..data.formats import write_jsonl
 from ..data.prompts import load_prompts
 from ..diskio import write_text
 from ..errors import UserValueError
-from ..logprobs import dataset_logps
+from ..logprobs import dataset_logps, packed_row_tokens
 from ..models import check_vocab, load_model_or_adapter, load_tokenizer, pick_device
 from ..precision import resolve_precision
-from .sample import Samples, draw_samples, encode_samples
+from .sample import Samples, draw_samples, encode_image_samples, encode_samples, image_processor
 from .sampling import sampling_batch_size
 from .scorers import as_scorer
 
@@ -60,13 +69,66 @@ def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[li
     return dataset_logps(model, examples, make_collate("padded", pad_id), batch_size, device, dtype)[:, 0]
 
 
+def image_completion_logps(model, samples: Samples, pad_id: int, batch_size: int = 16, precision: str = "fp32",
+                           device=None) -> torch.Tensor:
+    """(N,) log π(y|x) of image prompts' samples (`samples.vision`: each prompt as the sampler encoded
+    it), from forwards given the prompt's image tensors and, for Qwen2-VL, its M-RoPE positions, as
+    training computes a response's: the n samples of a prompt are the responses of one example of
+    the packed layout (`collate_packed`), so its images are encoded once, each sample seeing the
+    prompt and itself. `batch_size` counts samples, as for text.
+
+    NaN for a sample holding the model's image placeholder token: the sampler fed it back as a
+    plain token, but a forward given images takes every placeholder for an image's (and refuses
+    the count), so its log-prob under π with the images cannot be computed."""
+    device = device or next(model.parameters()).device
+    n, comps = samples.n, samples.completion_ids
+    placeholder = image_token_id(model)
+    out = torch.full((len(comps),), float("nan"))
+    examples, kept = [], []
+    for i in range(len(comps) // n):
+        ks = [k for k in range(i * n, (i + 1) * n) if placeholder not in comps[k]]
+        if ks:  # (a sample is never empty, max_new_tokens ≥ 1 and the EOS kept, as a packed response must not be)
+            examples.append(replace(samples.vision[i * n], response_ids=[list(comps[k]) for k in ks]))
+            kept.append(ks)
+    if examples:
+        dtype = torch.bfloat16 if resolve_precision(precision, device)[0] == "bf16" else None
+        collate = make_collate("packed", pad_id, packed_row_tokens(None, model))
+        lp = dataset_logps(model, examples, collate, max(1, batch_size // n), device, dtype)
+        for e, ks in enumerate(kept):
+            out[ks] = lp[e, :len(ks)]
+    return out
+
+
+def image_token_id(model) -> int | None:
+    """The id a vision-language model replaces with image features (its config's image_token_id)."""
+    from ..models import unwrap_peft
+
+    config = unwrap_peft(model).config
+    return getattr(config, "image_token_id", getattr(config, "image_token_index", None))
+
+
+def sample_logps(model, samples: Samples, pad_id: int, batch_size: int = 16, precision: str = "fp32") -> torch.Tensor:
+    """(N,) log-probs of the samples' completions under `model`: with their prompts' images when
+    they have them (`image_completion_logps`), else `completion_logps` on the ids."""
+    if samples.vision is not None:
+        return image_completion_logps(model, samples, pad_id, batch_size, precision)
+    return completion_logps(model, samples.prompt_ids, samples.completion_ids, pad_id, batch_size, precision)
+
+
 def sequence_kl(policy, ref, samples: Samples, pad_id: int, batch_size: int = 16,
                 precision: str = "fp32") -> dict:
     """Sample estimate of KL(π‖πref): mean and standard error of log π(y|x) − log πref(y|x), y ~ π."""
-    pol = completion_logps(policy, samples.prompt_ids, samples.completion_ids, pad_id, batch_size, precision)
-    ref_lp = completion_logps(ref, samples.prompt_ids, samples.completion_ids, pad_id, batch_size, precision)
-    kl, se = mean_se((pol - ref_lp).tolist())
-    return {"kl_mean": kl, "kl_se": se, "kl_samples": len(samples.texts), "logps": pol, "ref_logps": ref_lp}
+    pol = sample_logps(policy, samples, pad_id, batch_size, precision)
+    ref_lp = sample_logps(ref, samples, pad_id, batch_size, precision)
+    diff, extra = pol - ref_lp, {}
+    if samples.vision is not None:  # image prompts: samples holding an image placeholder are left out (NaN)
+        extra["kl_excluded"] = int(diff.isnan().sum())
+        diff = diff[~diff.isnan()]
+        if extra["kl_excluded"]:
+            warn(f"KL(π‖πref): {extra['kl_excluded']} of {len(samples.texts)} samples left out: they hold the "
+                 "model's image placeholder token, which a forward given the images reads as an image's")
+    kl, se = mean_se(diff.tolist())
+    return {"kl_mean": kl, "kl_se": se, "kl_samples": len(diff), "logps": pol, "ref_logps": ref_lp, **extra}
 
 
 def _finite_or_none(obj):
@@ -78,6 +140,51 @@ def _finite_or_none(obj):
     if isinstance(obj, list):
         return [_finite_or_none(v) for v in obj]
     return obj
+
+
+def check_image_ref(model: str, ref: str, items: list) -> None:
+    """With image prompts, `ref` must read the images as `model` does: a vision-language model of
+    the same family (both are given the same image tensors); else one line naming both, before
+    anything loads."""
+    from transformers import AutoConfig
+
+    from ..models import is_adapter_dir
+    from ..vision import is_vision_model
+
+    rows = sum(bool(it.images) for it in items)
+    where = f"images in {items[0].source} ({rows} row{'s' * (rows != 1)})"
+    if is_adapter_dir(ref):
+        raise UserValueError(f"{where}, but --ref {ref} is an adapter directory: image prompts are not scored with "
+                             "adapters yet (issue #30); give the vision-language model's directory")
+    if not is_vision_model(ref):
+        raise UserValueError(f"{where}: --model {model} reads them but --ref {ref} is a text-only model, which would "
+                             "score the text alone; KL(π‖πref) needs a vision-language --ref of --model's family")
+    kinds = [AutoConfig.from_pretrained(name).model_type for name in (model, ref)]
+    if kinds[0] != kinds[1]:
+        raise UserValueError(f"{where}: --ref {ref} is a {kinds[1]} model and --model {model} a {kinds[0]} one; "
+                             "both are given the same image tensors, so --ref must be of --model's family")
+
+
+def load_policy(model: str, ref: str | None, items: list, dev) -> tuple:
+    """(tokenizer, policy, processor, load): the policy to sample from and how to load `ref`. With
+    image prompts, a vision-language model, its processor and `load_vision_model` (a text-only model
+    refused by `image_processor`); else the causal LM (or adapter), processor None. A reference that
+    cannot score π's tokens (or images) is refused before the policy loads."""
+    processor = image_processor(model, items)
+    if processor is None:
+        tokenizer, load = load_tokenizer(model), load_model_or_adapter
+    else:
+        from ..vision import load_vision_model
+
+        if ref is not None:
+            check_image_ref(model, ref, items)
+        tokenizer, load = processor.tokenizer, load_vision_model
+    if ref is not None:
+        check_same_tokenizer(tokenizer, load_tokenizer(ref), model, ref)
+    policy = load(model, dev)
+    check_vocab(tokenizer, policy, model)
+    policy.eval()
+    return tokenizer, policy, processor, load
 
 
 def check_same_tokenizer(tok, ref_tok, model: str, ref: str) -> None:
@@ -137,6 +244,18 @@ def plot_sweep(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _sampling_batch(policy, tokenizer, processor, items: list, n: int, max_prompt_length: int | None,
+                    max_new_tokens: int, top_p: float, batch_size: int, memory_budget: str | None) -> int:
+    """`batch_size`, or with `memory_budget` the batch that fits it, planned on the prompts as they are
+    sampled: token ids, or with a processor the image prompts (their image tokens and pictures)."""
+    if processor is None:
+        return sampling_batch_size(policy, tokenizer, encode_samples(tokenizer, items, n, max_prompt_length),
+                                   max_new_tokens, top_p, batch_size, memory_budget)
+    vision = encode_image_samples(processor, items, n, max_prompt_length) if memory_budget is not None else None
+    return sampling_batch_size(policy, tokenizer, [v.prompt_ids for v in vision or []], max_new_tokens, top_p,
+                               batch_size, memory_budget, vision)
+
+
 def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, reward=None, judge=None, n: int = 1,
                     temperatures=(1.0,), max_new_tokens: int = 128, top_p: float = 1.0, seed: int = 0,
                     batch_size: int = 16, max_prompt_length: int | None = None, device: str | None = None,
@@ -159,26 +278,24 @@ def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, 
     precision = resolve_precision(precision, dev)[0]
     report = SkipReport()
     items = load_prompts(prompts, on_invalid, split, report)
-    tokenizer = load_tokenizer(model)
-    if ref is not None:  # before sampling: a reference that cannot score π's tokens is refused first
-        check_same_tokenizer(tokenizer, load_tokenizer(ref), model, ref)
-    policy = load_model_or_adapter(model, dev)
-    check_vocab(tokenizer, policy, model)
-    policy.eval()
+    tokenizer, policy, processor, load = load_policy(model, ref, items, dev)
     references = [it.reference for it in items]
     has_refs = all(r is not None for r in references)
     if judge is None and reward is not None and has_refs:
         judge = RewardJudge(reward, seed=seed)
-    draws = sampling_batch_size(policy, tokenizer, encode_samples(tokenizer, items, n, max_prompt_length),
-                                max_new_tokens, top_p, batch_size, memory_budget)  # the samples depend on it
+    draws = _sampling_batch(policy, tokenizer, processor, items, n, max_prompt_length, max_new_tokens, top_p,
+                            batch_size, memory_budget)  # the samples depend on it
+    images = {} if processor is None else {"processor": processor}  # image prompts: sampled as `sample` does
     results: dict = {"model": model, "ref": ref, "prompts": prompts, "num_prompts": len(items),
                      "skipped_rows": report.total, "n": n, "max_new_tokens": max_new_tokens, "top_p": top_p,
                      "seed": seed, "precision": precision, "sampling_batch_size": draws, "temperatures": []}
+    if processor is not None:  # (absent for text prompts: their results file is as before)
+        results["image_prompts"] = sum(bool(it.images) for it in items)
     sample_rows = []
     kl_samples = None
     for ti, t in enumerate(temperatures):
         s = draw_samples(policy, tokenizer, items, n, max_new_tokens, t, top_p, seed + 100_003 * ti, draws,
-                         max_prompt_length, progress=f"sampling T={t:g}" if progress else None)
+                         max_prompt_length, progress=f"sampling T={t:g}" if progress else None, **images)
         entry: dict = {"temperature": t, "samples": len(s.texts)}
         lengths = s.lengths(tokenizer.eos_token_id)
         entry["length_mean"], entry["length_se"] = mean_se(lengths)
@@ -197,11 +314,12 @@ def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, 
     if ref is not None:
         if kl_samples is None:  # KL needs samples of π itself
             kl_samples = draw_samples(policy, tokenizer, items, n, max_new_tokens, 1.0, 1.0, seed + 7, draws,
-                                      max_prompt_length, progress="sampling for KL (T=1)" if progress else None)
-        ref_model = load_model_or_adapter(ref, dev)
+                                      max_prompt_length, progress="sampling for KL (T=1)" if progress else None,
+                                      **images)
+        ref_model = load(ref, dev)
         check_vocab(tokenizer, policy, model, ref_model, ref)
         kl = sequence_kl(policy, ref_model, kl_samples, tokenizer.pad_token_id, batch_size, precision)
-        results.update({k: kl[k] for k in ("kl_mean", "kl_se", "kl_samples")})
+        results.update({k: kl[k] for k in ("kl_mean", "kl_se", "kl_samples", "kl_excluded") if k in kl})
         results["kl_temperature"] = 1.0
     # Headline numbers: the temperature-1 entry if swept, else the first.
     main = next((e for e in results["temperatures"] if e["temperature"] == 1.0), results["temperatures"][0])

@@ -23,6 +23,9 @@ class Samples:
     texts: list[str]
     n: int
     batch_size: int = 16
+    # Image prompts: each sample's encoded prompt (`encode_image_prompt`: its image tensors, M-RoPE
+    # positions), so what reads the samples again (eval's KL) gives the model what the sampler gave it.
+    vision: list | None = None
 
     def prompt_of(self, k: int) -> PromptItem:
         return self.items[k // self.n]
@@ -65,16 +68,15 @@ def draw_samples(model, tokenizer, items: list[PromptItem], n: int = 1, max_new_
     encoded by it and sampled conditioned on their images."""
     vision = None
     if processor is not None:
-        if memory_budget is not None:  # its probe measures text prefills: image tokens and the tower uncounted
-            raise UserValueError("--memory-budget does not count images yet (issue #30): give --batch-size")
         vision = encode_image_samples(processor, items, n, max_prompt_length)
         prompt_ids = [v.prompt_ids for v in vision]
     else:
         prompt_ids = encode_samples(tokenizer, items, n, max_prompt_length)
-    batch_size = sampling_batch_size(model, tokenizer, prompt_ids, max_new_tokens, top_p, batch_size, memory_budget)
+    batch_size = sampling_batch_size(model, tokenizer, prompt_ids, max_new_tokens, top_p, batch_size, memory_budget,
+                                     vision)
     comps = generate_completions(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, seed, batch_size,
                                  progress, vision)
-    return Samples(items, prompt_ids, comps, [decode(tokenizer, c) for c in comps], n, batch_size)
+    return Samples(items, prompt_ids, comps, [decode(tokenizer, c) for c in comps], n, batch_size, vision)
 
 
 def image_processor(model: str, items: list[PromptItem]):

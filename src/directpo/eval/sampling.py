@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 
 import torch
@@ -257,9 +258,10 @@ def _prefill(model, prompts: list[list[int]], pad_id: int, capacity: int, share_
 
     `vision` (vision-language prompts, `encode_image_prompt`'s example of each row): a prompt is its
     ids and its images (`vision.digest`: the same text with other pictures is another prompt), the
-    prefill is given their tensors and positions (`_vision_inputs`), and a prompt's keys are copied
-    to its rows. The returned positions are each row's largest prompt position (the next token's is
-    one more, in all three M-RoPE streams)."""
+    prefill is given their tensors and positions (`_vision_inputs`), and its keys are shared by its
+    rows as a text prompt's (each row's own tokens are positioned after its prompt's largest position,
+    which the shared keys never need). The returned positions are each row's largest prompt position
+    (the next token's is one more, in all three M-RoPE streams)."""
     device = next(model.parameters()).device
     if share_prefix:
         first: dict[tuple, int] = {}
@@ -287,7 +289,7 @@ def _prefill(model, prompts: list[list[int]], pad_id: int, capacity: int, share_
     if len(distinct) < len(prompts):
         idx = torch.tensor(inverse, device=device)
         logits, position_ids = logits[idx], position_ids[idx]
-        if 2 * len(distinct) <= len(prompts) and vision is None and supports_segment_attention(model):
+        if 2 * len(distinct) <= len(prompts) and supports_segment_attention(model):
             for layer in cache.layers:
                 layer.share(len(prompts))
             pad = None if mask is None else torch.zeros(mask.shape, dtype=cache.layers[0].keys.dtype, device=device) \
@@ -441,53 +443,85 @@ def _query_heads(model) -> int:
     return 1
 
 
+def _probe_image_prompt(model, vision: list, longest: int, pad_id: int):
+    """The image prompt the probe prefills (`measure_costs`): the row with the most image tokens (a
+    picture's tokens, its pixels and its tower's work grow together), its text lengthened with pad
+    tokens to `longest` (M-RoPE: positions counting on), so that a probe row costs at least what any
+    row of the run does in the language model and in the vision tower."""
+    image_token = getattr(unwrap_peft(model).config, "image_token_id", None)
+    v = max(vision, key=lambda r: (r.prompt_ids.count(image_token) if r.vision else -1, len(r.prompt_ids)))
+    extra = longest - len(v.prompt_ids)
+    if extra <= 0:
+        return v
+    pos = v.prompt_positions
+    if pos is not None:
+        start = int(pos.max()) + 1
+        pos = torch.cat([pos, torch.arange(start, start + extra).expand(3, -1)], dim=1)
+    return dataclasses.replace(v, prompt_ids=v.prompt_ids + [pad_id] * extra, prompt_positions=pos)
+
+
 @torch.no_grad()
-def measure_costs(model, prompt_ids: list[list[int]], max_new_tokens: int, top_p: float, pad_id: int):
+def measure_costs(model, prompt_ids: list[list[int]], max_new_tokens: int, top_p: float, pad_id: int,
+                  vision: list | None = None):
     """`budget.SamplingCosts` of sampling `prompt_ids` with the loaded `model`: a probe of this
     sampler's own prefill and decode step at 2 and 3 rows of the longest prompt, one of them a token
     shorter (a padded batch: its attention mask costs too), random tokens from a generator of its
     own (the global RNG is untouched), counted by `budget.live_bytes`; the KV cache's bytes per
-    position read off the cache tensors the prefill made."""
+    position read off the cache tensors the prefill made. `vision` (image prompts): the rows are
+    `_probe_image_prompt`'s, each with its images, so the prefill's cost per row counts their image
+    tokens, their pixel tensors and the vision tower's transient forward over them."""
     device = next(model.parameters()).device
     held = current_memory(device)
     longest = max(map(len, prompt_ids))
     gen = torch.Generator().manual_seed(0)
     vocab_in = unwrap_peft(model).get_input_embeddings().num_embeddings
     was_training, cache_kw, points = model.training, _cache_kw(model), []
+    # image prompts are never cut: all rows but the last are one token longer instead (a padded batch)
+    probe = None if vision is None else [_probe_image_prompt(model, vision, n, pad_id) for n in (longest + 1, longest)]
+    mrope = probe is not None and probe[0].prompt_positions is not None
+    cap = longest + 1 + (probe is not None)  # the cache's positions: the prompts' and one decode step's
     model.eval()
     for rows in (2, 3):
         prompts = torch.randint(0, vocab_in, (rows, longest), generator=gen).tolist()
         prompts[-1] = prompts[-1][:max(1, longest - 1)]
+        # (each probe row its own example: its images made for it, as distinct prompts' are)
+        rows_vision = None if probe is None else [dataclasses.replace(probe[r == rows - 1]) for r in range(rows)]
+        if rows_vision is not None:
+            prompts = [v.prompt_ids for v in rows_vision]
         with live_bytes() as live:
-            cache, logits, pos, mask, _ = _prefill(model, prompts, pad_id, longest + 1, False, cache_kw)
+            cache, logits, pos, mask, _ = _prefill(model, prompts, pad_id, cap, False, cache_kw, rows_vision)
         tensors = [t for layer in cache.layers
                    for t in (getattr(layer, "_k", layer.keys), getattr(layer, "_v", layer.values))]
         sizes = [t.untyped_storage().nbytes() for t in tensors]
         with live_bytes() as step:
-            _forward(model, input_ids=logits.argmax(-1)[:, None], position_ids=(pos + 1)[:, None], use_cache=True,
+            _forward(model, input_ids=logits.argmax(-1)[:, None], use_cache=True,
+                     position_ids=(pos + 1)[None, :, None].expand(3, -1, -1) if mrope else (pos + 1)[:, None],
                      attention_mask=None if mask is None else torch.cat([mask, mask.new_ones(rows, 1)], dim=1),
                      **{cache_kw: cache})
         points.append((live.peak - sum(sizes), step.peak, sum(sizes) / rows, max(sizes) / rows, logits))
     model.train(was_training)
     (p2, d2, *_), (p3, d3, cache_row, largest_row, logits) = points
     weights = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
-    return SamplingCosts(held, weights, cache_row / (longest + 1), largest_row / (longest + 1),
+    return SamplingCosts(held, weights, cache_row / cap, largest_row / cap,
                          (max(0, p2 - 2 * (p3 - p2)), max(0, p3 - p2)), (max(0, d2 - 2 * (d3 - d2)), max(0, d3 - d2)),
                          logits.shape[-1], logits.element_size(), _query_heads(model), longest, max_new_tokens,
                          top_p, len(prompt_ids))
 
 
 def plan_batch(model, prompt_ids: list[list[int]], max_new_tokens: int, top_p: float, pad_id: int,
-               budget: str | int, costs: SamplingCosts | None = None) -> dict:
+               budget: str | int, costs: SamplingCosts | None = None, vision: list | None = None) -> dict:
     """The largest batch (rows decoded at once) whose peak memory sampling `prompt_ids` fits
     `budget` (bytes, or a size such as '8GiB'): `directpo.eval.budget`'s arithmetic over the batches
     `generate_completions` will form, on costs measured on the loaded model (`measure_costs`, or
-    `costs` measured before)."""
+    `costs` measured before). `vision`: each row's image prompt (`encode_image_prompt`), as
+    `generate_completions` takes them."""
     budget = parse_size(budget) if isinstance(budget, str) else int(budget)
-    costs = costs or measure_costs(model, prompt_ids, max_new_tokens, top_p, pad_id)
+    costs = costs or measure_costs(model, prompt_ids, max_new_tokens, top_p, pad_id, vision)
     shareable = supports_segment_attention(model)
     first: dict[tuple, int] = {}
-    keys = [first.setdefault(tuple(p), len(first)) for p in prompt_ids]  # which prompt (its repeats share it)
+    ids = [tuple(p) for p in prompt_ids] if vision is None else \
+        [(tuple(p), v.vision.digest if v.vision else None) for p, v in zip(prompt_ids, vision)]  # as `_prefill`
+    keys = [first.setdefault(k, len(first)) for k in ids]  # which prompt (its repeats share it)
     lengths = [len(p) for p in prompt_ids]
 
     @functools.lru_cache(maxsize=None)
@@ -505,12 +539,13 @@ def plan_batch(model, prompt_ids: list[list[int]], max_new_tokens: int, top_p: f
 
 
 def sampling_batch_size(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, top_p: float,
-                        batch_size: int, memory_budget: str | None) -> int:
+                        batch_size: int, memory_budget: str | None, vision: list | None = None) -> int:
     """`batch_size`, or with `memory_budget` the batch `plan_batch` chooses (logged: the samples
-    depend on it, so a rerun gives it as --batch-size)."""
+    depend on it, so a rerun gives it as --batch-size); `vision`: image prompts (`plan_batch`)."""
     if memory_budget is None or not prompt_ids:
         return batch_size
-    plan = plan_batch(model, prompt_ids, max_new_tokens, top_p, tokenizer.pad_token_id, memory_budget)
+    plan = plan_batch(model, prompt_ids, max_new_tokens, top_p, tokenizer.pad_token_id, memory_budget,
+                      vision=vision)
     log(format_choice(plan))
     return plan["batch_size"]
 

@@ -61,8 +61,32 @@ adapters; H = the LM head's parameters, b = a block's):
                  (SDPA / flash attention). Measured against saved tensors and peak RSS on the CPU:
                  docs/results/bench/plan-vs-measured.md.
 
+Vision-language models (issue #30; the vision tower and its projector frozen, as train's default
+--freeze-vision: no gradients nor optimizer state for them, and the tower's forward keeps nothing for
+the backward). An image of --image-size H×W becomes the processor's own count of image tokens
+(`_get_num_multimodal_tokens`: Qwen2-VL's grid t·h·w / merge_size², LLaVA's (S/p)² of its crop, ...),
+which are inside --max-length (counted by the activations as every token); and per micro-batch of m
+pairs with n images each (the packed layout runs a pair's images once; --layout padded twice):
+    pixels       the processor's tensors of the m·n images, 4 bytes a value: Qwen2-VL's patches of
+                 channels·temporal·p² values, or a crop model's 3·S² per crop (crops per image: the
+                 processor's count)
+    vision tower its forward's transient peak over the m·n images' tower tokens (Qwen2-VL: its
+                 patches; a crop model: (S/p)² per crop, + 1 with a class token), one block at a
+                 time: tokens × (4·(4·d + 3·i) + 32), d its width, i its MLP's: the block's input and
+                 output, its norm's output and the position embeddings (≤ d), and the MLP's hidden
+                 layer with the activation made op by op (quick_gelu: x·sigmoid(1.702x), three of
+                 size i at once), at 4 bytes; 32 bytes a token for its position ids (Qwen2-VL: (h, w)
+                 pairs, int64) and the like. Attention's step is smaller for i ≥ 2d. Measured on the
+                 tiny Qwen2-VL and LLaVA towers with `eval.budget.live_bytes`: 0.4 and 1.3 % above.
+                 Counted beside the activations though freed before the language model's are made
+                 (a bound).
+
 A run fits when the sum is at most 90 % of the device's memory: the rest goes to the CUDA context,
-the allocator's fragmentation and temporaries. `--fsdp-cpu-offload` moves the sharded weights,
+the allocator's fragmentation and temporaries. On the CPU the allocator is the C heap:
+glibc's default keeps freed temporaries between live activations, 1.1–1.3 GiB beyond this plan at
+a 0.5B model's bound; `MALLOC_MMAP_THRESHOLD_=65536` gives them back (LoRA then within 3 % of the
+plan) but made a `small` training step ~1.75× slower, so directpo leaves the allocator as it is
+(docs/results/qlora-memory.md, "At the bound, explained"). `--fsdp-cpu-offload` moves the sharded weights,
 gradients and optimizer state to host memory (listed, not counted against the device);
 `--optimizer-offload` (one process) the optimizer state alone.
 
@@ -118,6 +142,10 @@ class PlanConfig:
     quantize: str = setting("none", "the base's linear layers quantized by bitsandbytes (QLoRA, with --lora-r): "
                                     "nf4 or fp4 (~0.52 byte per weight), int8 (~1 byte)", choices=list(QUANTIZE))
     double_quant: bool = setting(True, "with --quantize nf4/fp4: the 4-bit blocks' scales quantized too")
+    image_size: str | None = setting(None, "vision-language models: each image's size in pixels, HxW (default: the "
+                                           "processor's: its crop or fixed size, or the largest it keeps)",
+                                     metavar="HxW")
+    images: int = setting(1, "vision-language models: images per pair (in its prompt)", ge=0)
     memory_per_device: float = setting(80.0, "memory of one device, GiB", gt=0)
     trust_remote_code: bool = setting(False, "allow the model repo's own Python code (to read its config)")
     json: bool = setting(False, "print the plan as JSON")
@@ -144,6 +172,8 @@ class PlanConfig:
             raise ConfigError(f"--quantize {self.quantize}: {why}")
         if not self.double_quant and self.quantize not in ("nf4", "fp4"):
             raise ConfigError("--no-double-quant: only --quantize nf4 or fp4 reads it")
+        if self.image_size is not None:
+            image_hw(self.image_size)
         if self.optimizer in BNB_OPTIMIZERS and self.fsdp:
             raise ConfigError(f"--optimizer {self.optimizer}: bitsandbytes steps plain tensors, not FSDP's shards")
         return self
@@ -168,10 +198,14 @@ class Shape:
     linears: list = field(default_factory=list)
     small_params: int = 0  # parameters in tensors under MIN_8BIT_SIZE values (fp32 moments in 8-bit AdamW)
     state_blocks: int = 0  # Σ ⌈n/256⌉ over the other tensors: 8-bit AdamW's absmaxes per moment
+    # a vision-language model's vision side and what one image costs (`vision_shape`, `image_costs`); None: text
+    vision: dict | None = None
 
 
-def model_shape(name_or_dir: str, trust_remote_code: bool = False) -> Shape:
-    """`Shape` of a model from its config.json: built on the meta device, nothing allocated."""
+def model_shape(name_or_dir: str, trust_remote_code: bool = False, image_size: str | None | bool = None) -> Shape:
+    """`Shape` of a model from its config.json: built on the meta device, nothing allocated; a
+    vision-language model's with what an image of `image_size` costs, read off its processor (False:
+    its vision side alone, no processor read)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -180,7 +214,9 @@ def model_shape(name_or_dir: str, trust_remote_code: bool = False) -> Shape:
 
     adapter = read_adapter_dir(name_or_dir)  # an adapter directory: its base's shape plus its adapter's weights
     if adapter is not None:  # (adapters below it in a chain are merged into the base: no weights of their own)
-        s = model_shape(adapter.root, trust_remote_code)
+        s = model_shape(adapter.root, trust_remote_code, False)
+        if s.vision is not None and image_size is not False:  # (the adapter folder carries the processor)
+            s.vision.update(image_costs(name_or_dir, s.vision, image_size, trust_remote_code))
         return replace(s, params=s.params + adapter_numel(adapter.path))
     check_model_source(name_or_dir)
     quiet_transformers()
@@ -196,13 +232,90 @@ def model_shape(name_or_dir: str, trust_remote_code: bool = False) -> Shape:
         if explained is None:
             raise
         raise explained from None
-    return shape_of(unwrap_peft(model))
+    s = shape_of(unwrap_peft(model))
+    if s.vision is not None and image_size is not False:  # (False: the tower alone, no processor read)
+        s.vision.update(image_costs(name_or_dir, s.vision, image_size, trust_remote_code))
+    return s
+
+
+def image_hw(text: str) -> tuple[int, int]:
+    """(H, W) of an --image-size such as '448x448'."""
+    try:
+        h, w = (int(v) for v in text.lower().replace("×", "x").split("x"))
+    except ValueError:
+        h = w = 0
+    if h < 1 or w < 1:
+        raise ConfigError(f"--image-size {text!r}: give height x width in pixels, e.g. 448x448")
+    return h, w
+
+
+def default_image_size(image_processor) -> tuple[int, int]:
+    """The processor's own image size: its crop (CLIP) or fixed height × width; a longest (or
+    shortest) edge, square; Qwen2-VL's pixel counts (`merge_size`): the largest image it keeps,
+    √max_pixels square (a bound: smaller pictures are fewer tokens)."""
+    import math
+
+    size = dict(getattr(image_processor, "size", None) or {})
+    crop = dict(getattr(image_processor, "crop_size", None) or {})
+    if getattr(image_processor, "do_center_crop", False) and "height" in crop:
+        return crop["height"], crop["width"]
+    if "height" in size:
+        return size["height"], size["width"]
+    if getattr(image_processor, "merge_size", None) is not None:
+        pixels = getattr(image_processor, "max_pixels", None) or size["longest_edge"]
+        return (math.isqrt(pixels),) * 2
+    edge = size.get("longest_edge") or size.get("shortest_edge")
+    if edge is None:
+        raise UserValueError(f"{type(image_processor).__name__}: no default image size to plan with; "
+                             "give --image-size HxW")
+    return edge, edge
+
+
+def vision_shape(model) -> dict:
+    """A vision-language model's vision side as the plan reads it: its parameters (the tower and its
+    projector), the tower's blocks, width d and MLP width i, its patch, and whether it adds a class
+    token (a crop model's tower sees (S/p)² + 1 tokens a crop)."""
+    from ..vision import vision_modules
+
+    c = model.config.vision_config
+    width = getattr(c, "embed_dim", None) or c.hidden_size  # (Qwen2-VL: embed_dim; hidden_size is the LM's)
+    side = vision_modules(model)
+    names = [n for m in side.values() for n, _ in m.named_parameters()]
+    return {"params": sum(p.numel() for m in side.values() for p in m.parameters()),
+            "layers": getattr(c, "depth", None) or c.num_hidden_layers, "hidden": width,
+            "intermediate": getattr(c, "intermediate_size", None) or int(width * getattr(c, "mlp_ratio", 4)),
+            "patch": c.patch_size, "temporal_patch": getattr(c, "temporal_patch_size", 1) or 1,
+            "channels": getattr(c, "in_channels", None) or getattr(c, "num_channels", 3),
+            "crop": getattr(c, "image_size", None), "class_token": any(n.endswith("class_embedding") for n in names)}
+
+
+def image_costs(name_or_dir: str, tower: dict, image_size: str | None, trust_remote_code: bool = False) -> dict:
+    """What one image of `image_size` (HxW; default: `default_image_size`) costs, by the model's
+    processor's own arithmetic (`_get_num_multimodal_tokens`): its image tokens in the language
+    model, the tokens its tower sees and the bytes of its pixel tensors (module docstring)."""
+    from ..vision import load_processor
+
+    processor = load_processor(name_or_dir, trust_remote_code)
+    h, w = image_hw(image_size) if image_size else default_image_size(processor.image_processor)
+    count = getattr(processor, "_get_num_multimodal_tokens", None)
+    if count is None:
+        raise UserValueError(f"{type(processor).__name__}: plan cannot count its image tokens (no "
+                             "_get_num_multimodal_tokens); give --images 0 to plan without them")
+    made = count(image_sizes=[[h, w]])
+    tokens, patches = int(made["num_image_tokens"][0]), int(made["num_image_patches"][0])
+    if getattr(processor.image_processor, "merge_size", None) is not None:  # Qwen2-VL: the tower reads its patches
+        tower_tokens = patches
+        pixels = patches * tower["channels"] * tower["temporal_patch"] * tower["patch"] ** 2
+    else:  # crops of the tower's size: `patches` of them
+        tower_tokens = patches * ((tower["crop"] // tower["patch"]) ** 2 + tower["class_token"])
+        pixels = patches * tower["channels"] * tower["crop"] ** 2
+    return {"image_size": [h, w], "image_tokens": tokens, "tower_tokens": tower_tokens, "pixel_bytes": 4 * pixels}
 
 
 def shape_of(model) -> Shape:
     """`Shape` of a (meta or real) causal LM. A vision-language model's blocks are its language
-    model's (the vision tower's weights are counted, its activations not: frozen by default, it
-    keeps none for the backward; nor are image tokens: `--max-length` counts every token)."""
+    model's; its vision side (`vision_shape`: every weight counted, the tower's transient forward
+    and the pixels by `image_bytes`) is `Shape.vision`."""
     import torch
 
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -232,7 +345,8 @@ def shape_of(model) -> Shape:
                  block=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
                  layers=len(blocks) or text.num_hidden_layers, hidden=hidden, q_dim=heads * head_dim,
                  kv_dim=2 * kv_heads * head_dim, intermediate=getattr(text, "intermediate_size", 4 * hidden),
-                 lora_per_rank=lora, tied=tied, vocab=head.weight.shape[0] if head is not None else 0)
+                 lora_per_rank=lora, tied=tied, vocab=head.weight.shape[0] if head is not None else 0,
+                 vision=vision_shape(model) if within is not model else None)
 
 
 def head_bytes(s: Shape, cfg: PlanConfig) -> int:
@@ -290,6 +404,17 @@ def activation_bytes(s: Shape, cfg: PlanConfig, micro_batch: int) -> int:
     return layers + 2 * residual + head_bytes(s, cfg)
 
 
+def image_bytes(s: Shape, cfg: PlanConfig, micro_batch: int) -> dict:
+    """A vision-language micro-batch's images (module docstring): their pixel tensors and the
+    tower's transient peak over them; {} for a text model (or one planned without its processor)."""
+    v = s.vision or {}
+    if "image_tokens" not in v:
+        return {}
+    images = micro_batch * cfg.images
+    return {"pixels": images * v["pixel_bytes"],
+            "vision_tower": images * v["tower_tokens"] * (4 * (4 * v["hidden"] + 3 * v["intermediate"]) + 32)}
+
+
 def bf16_weight_copies(s: Shape, cfg: PlanConfig) -> int:
     """Autocast's bf16 copies of the blocks' weights kept for the backward (module docstring)."""
     if cfg.precision != "bf16" or cfg.fsdp or cfg.quantize != "none":  # (quantized: `dequantized_weight`)
@@ -312,7 +437,8 @@ def memory_plan(s: Shape, cfg: PlanConfig) -> dict:
         raise UserValueError("--fsdp with tied input/output embeddings is not supported by directpo (the LM head would "
                              "be sharded with the embedding): plan without --fsdp")
     w = cfg.world if cfg.fsdp else 1
-    trainable = cfg.lora_r * s.lora_per_rank if cfg.lora_r else s.params
+    # (a vision-language model's tower and projector are frozen: --freeze-vision, train's default)
+    trainable = cfg.lora_r * s.lora_per_rank if cfg.lora_r else s.params - (s.vision or {}).get("params", 0)
     per_trainable = trainable / w  # FSDP shards every parameter, the LM head's too
     quantized, quantized_params = quantized_linears(s, cfg)
     weights = 4 * (s.params - quantized_params) / w + quantized
@@ -326,6 +452,7 @@ def memory_plan(s: Shape, cfg: PlanConfig) -> dict:
         "fsdp_gathered_blocks": gathered_bytes(s, cfg),
         "reference_model": 0 if cfg.precompute_ref or cfg.lora_r else 4 * s.params,
         "activations": activation_bytes(s, cfg, cfg.micro_batch_size),
+        **image_bytes(s, cfg, cfg.micro_batch_size),
     }
     if quantized:  # the largest quantized weight, dequantized for its matmul (compute dtype)
         parts["dequantized_weight"] = max(i * o for i, o, _ in s.linears) * (2 if cfg.precision == "bf16" else 4)
@@ -348,10 +475,11 @@ def memory_plan(s: Shape, cfg: PlanConfig) -> dict:
 def largest_micro_batch(s: Shape, cfg: PlanConfig, parts: dict, budget: float) -> int:
     """The largest micro-batch (a divisor of the batch, at most one device's share of it) whose
     activations fit beside everything else; 0 when not even one pair does."""
-    fixed = sum(v for k, v in parts.items() if k != "activations")
+    per_batch = ("activations", *image_bytes(s, cfg, 1))  # (the parts that grow with the micro-batch)
+    fixed = sum(v for k, v in parts.items() if k not in per_batch)
     share = max(1, cfg.batch_size // cfg.world)
-    fitting = [m for m in range(1, share + 1)
-               if cfg.batch_size % m == 0 and fixed + activation_bytes(s, cfg, m) <= budget]
+    fitting = [m for m in range(1, share + 1) if cfg.batch_size % m == 0
+               and fixed + activation_bytes(s, cfg, m) + sum(image_bytes(s, cfg, m).values()) <= budget]
     return max(fitting, default=0)
 
 
@@ -388,8 +516,13 @@ def suggest(s: Shape, cfg: PlanConfig) -> tuple[PlanConfig, dict] | None:
 def plan(cfg: PlanConfig, shape: Shape | None = None) -> dict:
     """The whole answer of `directpo plan`: the model's counts, the plan, and a fix when it does not fit."""
     cfg.validate()
-    s = shape or model_shape(cfg.model, cfg.trust_remote_code)
+    # (--images 0: a VLM planned without pictures, its processor not read)
+    s = shape or model_shape(cfg.model, cfg.trust_remote_code, cfg.image_size if cfg.images else False)
     result = {"model": cfg.model, "shape": asdict(s), "settings": asdict(cfg), "plan": memory_plan(s, cfg)}
+    if s.vision is not None and "image_tokens" in s.vision:  # what an image becomes, within --max-length
+        text = cfg.max_length - cfg.images * s.vision["image_tokens"]
+        result["images"] = {k: s.vision[k] for k in ("image_size", "image_tokens", "tower_tokens", "pixel_bytes")}
+        result["images"].update(per_pair=cfg.images, text_tokens_left=text)
     if not result["plan"]["fits"]:
         fix = suggest(s, cfg)
         if fix is not None:
@@ -410,6 +543,16 @@ def _count(n: int) -> str:
     return next(f"{n / d:.3g} {u}" for d, u in ((1e9, "B"), (1e6, "M"), (1e3, "k"), (1, "")) if n >= d or d == 1)
 
 
+def _image_line(im: dict, cfg: dict) -> str:
+    (h, w), n, left = im["image_size"], im["image_tokens"], im["text_tokens_left"]
+    line = (f"an image of {h}x{w} becomes {n} image tokens ({im['tower_tokens']} in the vision tower, "
+            f"{im['pixel_bytes'] / 2 ** 20:.2f} MiB of pixels); {im['per_pair']} a pair")
+    if left < 1:
+        return line + (f": more than --max-length {cfg['max_length']} holds (train refuses such rows): raise it "
+                       "or plan a smaller --image-size")
+    return line + f", within --max-length {cfg['max_length']}: {left} tokens left for text"
+
+
 def format_plan(result: dict) -> str:
     """The plan as a table a person reads."""
     cfg, p, s = result["settings"], result["plan"], result["shape"]
@@ -422,6 +565,8 @@ def format_plan(result: dict) -> str:
              f"{cfg['optimizer']}" + (f", LoRA r={cfg['lora_r']}" if cfg["lora_r"] else "")
              + (f", base quantized {cfg['quantize']}" if cfg.get("quantize", "none") != "none" else "")
              + (", activation checkpointing" if cfg["activation_checkpointing"] else ""), ""]
+    if "images" in result:
+        lines[-1:-1] = [_image_line(result["images"], cfg)]
     for k, v in p["parts"].items():
         lines.append(f"  {k.replace('_', ' '):<22}{_gib(v)}")
     for k, v in p["host"].items():
