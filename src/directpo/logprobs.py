@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .attention import segment_attention, sliding_window, supports_segment_attention
+from .data.image_features import forward_inputs
 from .errors import UserValueError
 from .fused import lean_lora, lean_mlp, lean_norms
 from .models import unwrap_peft
@@ -220,8 +221,9 @@ def token_logps(model: nn.Module, batch, fused: bool = True, segmented: bool = T
     kwargs = dict(input_ids=batch.input_ids, use_cache=False)
     if batch.position_ids is not None:
         kwargs["position_ids"] = batch.position_ids
-    if getattr(batch, "model_inputs", None):  # images: the VLM (or its inner model, fused) runs its vision tower
-        kwargs.update(batch.model_inputs)
+    images = forward_inputs(model, batch)  # images: their pixels (the VLM runs its tower) or cached features
+    if images:
+        kwargs.update(images)
     attend = contextlib.nullcontext()
     if batch.segments is None:
         kwargs["attention_mask"] = batch.attention_mask

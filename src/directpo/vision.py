@@ -57,6 +57,29 @@ def load_vision_model(name_or_dir: str, device: torch.device | str = "cpu", trus
     return quantized_for_training(model, quantize)
 
 
+def empty_vision_model(name_or_dir: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+    """A vision-language model (`AutoModelForImageTextToText`) with its parameters on the meta device
+    and its buffers real: `models.empty_model` for a VLM (FSDP's meta loading; the same parameter
+    registration hook, so the buffers are what `from_pretrained` makes and no weight is read)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    check_model_source(name_or_dir)
+    with remote_code_explained(name_or_dir):
+        config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+
+    def to_meta(module, name, param):
+        if param is None or param.is_meta:
+            return None
+        return torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    hook = torch.nn.modules.module.register_module_parameter_registration_hook(to_meta)
+    try:
+        with remote_code_explained(name_or_dir):
+            return AutoModelForImageTextToText.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    finally:
+        hook.remove()
+
+
 def _inner(model: nn.Module) -> nn.Module:
     """The VLM's inner model (`model.model`: vision side + language model), below any PEFT wrapper."""
     m = unwrap_peft(model)

@@ -57,16 +57,6 @@ def test_lora_targets_the_language_model_alone(llava):
         lora_targets(model, "nonexistent", freeze=True)
 
 
-def test_unsupported_settings_are_refused_in_one_line(qwen, colours):
-    train, _ = colours
-    for extra, flag in [({"fsdp": True}, "--fsdp")]:
-        cfg = TrainConfig(model=str(qwen), data=str(train), **extra)
-        with pytest.raises(UserValueError) as e:
-            run_processor(cfg)
-        assert str(e.value).startswith(f"{flag} is not supported yet with a vision-language model")
-        assert "\n" not in str(e.value)
-
-
 def _accuracy(result) -> float:
     return result.eval["rewards/accuracies"]
 

@@ -73,6 +73,10 @@ def prepare_pairs(cfg, work: Path, n: int) -> Path:
     return out
 
 
+# what `training.vlm.cache_image_features` logs when the features are kept
+FEATURES_KEPT = "image features: computed once per image and kept"
+
+
 def run_one(system: str, precompute: bool, cfg, model: Path, data: Path, work: Path, tag: str) -> dict:
     """One run in its own process: its raw figures, or an error with its log's tail."""
     result, log_path = work / f"{tag}.result.json", work / f"{tag}.log"
@@ -97,6 +101,8 @@ def run_one(system: str, precompute: bool, cfg, model: Path, data: Path, work: P
     if raw.get("train_pairs") not in (None, n):  # directpo skips a pair whose prompt leaves no room
         return {"error": f"{raw['train_pairs']} of the {n} pairs trained (raise --max-length)"}
     run = {**raw, "pairs_per_s": cfg.batch * cfg.steps / (t[-1] - t[0])}
+    if system == "directpo":  # whether its frozen tower's image features were kept (--image-feature-cache)
+        run["image_feature_cache"] = FEATURES_KEPT in log_path.read_text(errors="replace")
     if raw.get("import_rss_mib") is not None:
         run["above_import_mib"] = raw["peak_rss_mib"] - raw["import_rss_mib"]
     return run
@@ -111,6 +117,7 @@ def _summary(label: str, system: str, precompute: bool, runs: list[dict]) -> dic
         res[key] = statistics.median(values) if values else None
     if ok:
         res["trainable_params"] = ok[0].get("trainable_params")
+        res["image_feature_cache"] = ok[0].get("image_feature_cache")
     return res
 
 
@@ -124,7 +131,9 @@ def format_table(result: dict) -> str:
     for r in result["results"]:
         def fmt(v, spec):
             return "—" if v is None else format(v, spec)
-        lines.append(f"| {r['label']} | {fmt(r['pairs_per_s'], '.2f')} | {fmt(r['peak_rss_mib'], '.0f')} | "
+        cache = {True: ", image features cached", False: ", image features at every step"}.get(
+            r.get("image_feature_cache"), "")
+        lines.append(f"| {r['label']}{cache} | {fmt(r['pairs_per_s'], '.2f')} | {fmt(r['peak_rss_mib'], '.0f')} | "
                      f"{fmt(r['above_import_mib'], '.0f')} | {fmt(r.get('trainable_params'), ',')} | "
                      f"{r['rounds_ok']}/{r['rounds_ok'] + r['rounds_failed']} |")
     if result["ratios"]:

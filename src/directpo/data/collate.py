@@ -21,12 +21,14 @@ that need one). Its log-probs equal the padded layout's.
 Vision-language examples (`directpo.data.vision_tokenize`) add their image tensors as
 ``model_inputs`` (keyword tensors for the model's forward): in the padded layout once per row (an
 example's images twice for a pair, as the model would see the two texts), in the packed layout
-once per segment, so the vision tower encodes each image once per pair. M-RoPE models (Qwen2-VL)
+once per segment, so the vision tower encodes each image once per pair (the pixels are made when first
+read: `VisionInputs`, so a forward given cached image features never makes them). M-RoPE models (Qwen2-VL)
 get (3, R, T) packed positions from the prompts' own; padded rows get the token types from which
 the model computes its positions itself.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import torch
@@ -49,8 +51,9 @@ class Batch:
     # packed layout: (row, start, prompt_len, response_lens) per example, in row order
     segments: list[tuple[int, int, int, tuple[int, ...]]] | None = None
     labels: torch.Tensor | None = None  # (B,) unpaired (KTO) examples: True where response 0 is desirable
-    # extra keyword tensors for the model's forward (vision-language rows: pixel_values, image_grid_thw, ...)
-    model_inputs: dict[str, torch.Tensor] | None = None
+    # extra keyword tensors for the model's forward (vision-language rows: pixel_values, image_grid_thw, ...;
+    # a `VisionInputs`, whose pixels the processor makes only when they are read)
+    model_inputs: "dict[str, torch.Tensor] | VisionInputs | None" = None
 
     @property
     def num_seqs(self) -> int:
@@ -79,7 +82,9 @@ class Batch:
         for k, v in kw.items():
             if isinstance(v, torch.Tensor):
                 kw[k] = v.to(device, non_blocking=True)
-        if self.model_inputs is not None:
+        if isinstance(self.model_inputs, VisionInputs):  # (moved when made: the pixels may never be)
+            kw["model_inputs"] = self.model_inputs.to(device)
+        elif self.model_inputs is not None:
             kw["model_inputs"] = {k: v.to(device, non_blocking=True) for k, v in self.model_inputs.items()}
         return Batch(**kw)
 
@@ -195,7 +200,7 @@ def collate_packed(examples: list[TokenizedExample], pad_id: int, row_tokens: in
         position_ids = mrope_packed_positions(in_rows, T)
     return Batch(input_ids, None, position_ids, torch.tensor(pos), torch.tensor(lab), torch.tensor(seq),
                  seq_index, [ex.row for ex in examples], token_count=sum(lengths), segments=segments,
-                 labels=_labels(examples), model_inputs=merge_vision(in_rows))
+                 labels=_labels(examples), model_inputs=VisionInputs.of(in_rows))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,17 +246,80 @@ def _merge_per_row(parts: list[list[dict]]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _padded_model_inputs(rows: list[list[TokenizedExample]], length: int) -> dict[str, torch.Tensor] | None:
+def _padded_model_inputs(rows: list[list[TokenizedExample]], length: int) -> "VisionInputs | None":
     """Padded layout: each row's example's images (so an example's images twice for a pair), and for
     M-RoPE models the rows' token types, from which the model computes its positions itself."""
-    out = merge_vision(rows)
-    if out is not None and any(row[0].prompt_token_types is not None for row in rows):
+    if not any(ex.vision for row in rows for ex in row):
+        return None
+    extra = {}
+    if any(row[0].prompt_token_types is not None for row in rows):
         types = torch.zeros((len(rows), length), dtype=torch.long)
         for r, (ex,) in enumerate(rows):
             if ex.prompt_token_types is not None:
                 types[r, :len(ex.prompt_token_types)] = ex.prompt_token_types
-        out["mm_token_type_ids"] = types
-    return out
+        extra["mm_token_type_ids"] = types
+    return VisionInputs(rows, extra)
+
+
+class VisionInputs(Mapping):
+    """A batch's image keyword tensors (`Batch.model_inputs`), the pixels made by the processor when
+    first read (`merge_vision`), not when the batch is collated: a forward given the images' cached
+    features (`data.image_features`) reads only `examples()` (whose `vision.digest` names them) and
+    `small()` (the grids and token types), and the pictures are never processed again."""
+
+    def __init__(self, rows: list[list[TokenizedExample]], extra: dict[str, torch.Tensor], device=None):
+        self.rows, self.extra, self.device = rows, extra, device
+        self._made: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, rows: list[list[TokenizedExample]]) -> "VisionInputs | None":
+        return cls(rows, {}) if any(ex.vision for row in rows for ex in row) else None
+
+    def examples(self) -> list[TokenizedExample]:
+        """The examples with images, once per time the forward reads their images, in that order."""
+        return [ex for row in self.rows for ex in row if ex.vision]
+
+    def _keys(self) -> list[str]:
+        return [*self.examples()[0].vision.keys(), *self.extra]
+
+    def __iter__(self):
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+    def __contains__(self, key) -> bool:  # (Mapping's would make the pixels to answer)
+        return key in self._keys()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors()[key]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor, the pixels made now (once per `VisionInputs`)."""
+        if self._made is None:
+            made = {**merge_vision(self.rows), **self.extra}
+            self._made = {k: v.to(self.device, non_blocking=True) if self.device is not None else v
+                          for k, v in made.items()}
+        return self._made
+
+    def small(self) -> dict[str, torch.Tensor] | None:
+        """Every tensor but the pixels (`pixel_*`), without making them: the examples' kept small
+        tensors (`ImageInputs`: grids, sizes) merged as `merge_vision` merges them, and the token
+        types; None where that cannot be (images batched per row, or a tensor not kept)."""
+        examples = self.examples()
+        keys = [k for k in examples[0].vision if not k.startswith("pixel_")]
+        kept = [getattr(ex.vision, "small", None) for ex in examples]
+        if "pixel_attention_mask" in examples[0].vision and keys or \
+                any(s is None or any(k not in s for k in keys) for s in kept):
+            return None
+        out = {**{k: torch.cat([s[k] for s in kept]) for k in keys}, **self.extra}
+        return {k: v.to(self.device) for k, v in out.items()} if self.device is not None else out
+
+    def to(self, device) -> "VisionInputs":
+        moved = VisionInputs(self.rows, self.extra, device)
+        if self._made is not None:
+            moved._made = {k: v.to(device, non_blocking=True) for k, v in self._made.items()}
+        return moved
 
 
 def mrope_packed_positions(rows: list[list[TokenizedExample]], length: int) -> torch.Tensor:

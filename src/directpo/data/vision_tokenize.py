@@ -106,6 +106,15 @@ class ImageInputs(Mapping):
     def __len__(self) -> int:
         return len(self._keys)
 
+    def __contains__(self, key) -> bool:  # (Mapping's would make the tensors to answer)
+        return key in self._keys
+
+    @property
+    def small(self) -> dict[str, torch.Tensor]:
+        """The tensors kept from tokenization (grids, sizes: at most `_SMALL` numbers each), which a
+        forward given cached image features (`data.image_features`) needs without the pixels."""
+        return self._small
+
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.tensors()[key]
 

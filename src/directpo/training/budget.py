@@ -36,6 +36,7 @@ every checkpoint: a resumed run keeps it. Only when all of that does not fit is 
 from __future__ import annotations
 
 from ..config import ConfigError
+from ..data.image_features import pending_bytes
 from ..memory import GiB, KiB, MiB, current_memory, parse_size, size_str  # noqa: F401 (re-exported)
 from .plan import HEAD_CHUNK_BYTES, OPTIMIZER_STATES, PlanConfig, activation_bytes, head_bytes, shape_of
 
@@ -135,7 +136,9 @@ def plan_for_budget(cfg, policy, train_set, collate, device, world: int = 1, kee
         return int(batch_of(m, checkpointed_collate or collate).input_ids.numel())
 
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    current, states = current_memory(device), OPTIMIZER_STATES[cfg.optimizer]  # + gradients, optimizer states:
+    # held now, and what the frozen tower's feature cache will still grow by (`data.image_features`)
+    current = current_memory(device) + pending_bytes(policy, train_set)
+    states = OPTIMIZER_STATES[cfg.optimizer]  # + gradients, optimizer states:
     b1, t1 = activation_bytes_measured(policy, batch_of(1).to(device), device, cfg.precision), tokens_of(1)
     intercept, per_token = 0.0, b1 / t1
     if len(longest) > 1 and cfg.batch_size // world > 1:

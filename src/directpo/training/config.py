@@ -170,6 +170,11 @@ class TrainConfig(PreferenceRunConfig, LoraSettings):
     ranking_to_pairs: bool = setting(False, "expand ranked rows (K > 2) into pairs for pairwise losses")
     freeze_vision: bool = setting(True, "vision-language models: keep the vision tower and projector frozen, LoRA "
                                         "on the language model alone (--no-freeze-vision: train them too)")
+    image_feature_cache: str = setting("1GiB", "vision-language models with --freeze-vision: keep each image's features "
+                                               "(the frozen tower and projector's output) in memory up to this size, "
+                                               "so the processor and the tower run once per image, not at every "
+                                               "step (results unchanged); off: at every step",
+                                       resumable=True)
     micro_batch_tokens: int = setting(0, "instead: fill each forward/backward with examples up to this many tokens "
                                          "(bounds activation memory whatever the lengths; 0: off)", ge=0)
     memory_budget: str | None = setting(None, "pick the micro-batch size for this much memory per process, e.g. 8GiB "
@@ -247,6 +252,10 @@ class TrainConfig(PreferenceRunConfig, LoraSettings):
         if self.optimizer_offload and self.fsdp:  # FSDP2 offloads the sharded state itself
             raise ConfigError("--optimizer-offload is for one process's optimizer; with --fsdp use "
                               "--fsdp-cpu-offload, which keeps the sharded state in host memory")
+        if self.image_feature_cache != "off":
+            from ..memory import parse_size
+
+            parse_size(self.image_feature_cache, "--image-feature-cache")
         if self.memory_budget is not None:
             from ..memory import parse_size
 

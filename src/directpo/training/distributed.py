@@ -10,7 +10,8 @@ ranks; only rank 0 writes files. gloo on CPU, NCCL on GPU.
 
 With `--fsdp`, FSDP2 (`fully_shard`) shards the transformer blocks over the ranks for models that
 do not fit one device: every rank builds the model on the meta device and reads only its own
-shards from the safetensors files (`shard_model`). Checkpoints: the default `full` format gathers
+shards from the safetensors files (`shard_model`); a vision-language model's units are its language
+model's blocks and its vision side (tower + projector) as one. Checkpoints: the default `full` format gathers
 the trainable weights and optimizer state onto rank 0 (`gather_state`, an ordinary checkpoint) and
 resuming broadcasts them back from rank 0 (`load_state`), each rank keeping its shard;
 `--checkpoint-format sharded` has every rank write and read its own shards with
@@ -146,11 +147,18 @@ class Dist:
         # values) as garbage; they are small and not sharded, so keep them aside
         buffers = {n: b.clone() for n, b in unwrap_peft(model).named_buffers()} if weights is not None else {}
         inner = unwrap_peft(model)
-        blocks = set(getattr(inner, "_no_split_modules", None) or [])
-        for m in inner.modules():
-            if type(m).__name__ in blocks:
-                fully_shard(m, **knobs)  # with LoRA, a block's adapters are sharded with its frozen weights
+        vision = _vision_side(inner)  # a vision-language model's vision tower and projector
+        if vision:
+            _pin_weight_conversions(inner)
+        # the checkpoint's names, read off the model as it was built (FSDP renames its classes)
+        renamed = _file_keys(inner, initial or {}, weights) if weights is not None else {}
+        for m in _blocks(inner):
+            fully_shard(m, **knobs)  # with LoRA, a block's adapters are sharded with its frozen weights
+        if vision:  # one unit: gathered once per forward of the tower (frozen or not: FSDP2 shards per parameter)
+            fully_shard(vision, **knobs)
         fully_shard(inner.base_model, **knobs)
+        if vision:
+            _keep_output_capture(inner)
         head = inner.get_output_embeddings()
         if isinstance(head, torch.nn.Linear):  # (else the log-prob path uses the model's own logits)
             fully_shard(head, **{k: v for k, v in knobs.items() if k != "mp_policy"})
@@ -160,7 +168,7 @@ class Dist:
                 m.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
         if weights is not None:
             model.to_empty(device=self._device())  # storage for this rank's shards only, uninitialised
-            _fill_shards(model, weights, initial or {}, buffers)
+            _fill_shards(model, weights, initial or {}, buffers, renamed)
             return model
         if not self.main:
             model.to_empty(device=self._device())  # storage for this rank's shards only, uninitialised
@@ -239,6 +247,62 @@ class Dist:
             dist.destroy_process_group()
 
 
+def _blocks(inner) -> list:
+    """The modules FSDP shards as units of their own: the transformer blocks (`_no_split_modules`);
+    of a vision-language model, the language model's blocks only (its vision tower's blocks belong
+    to the vision side's one unit, `_vision_side`)."""
+    blocks = set(getattr(inner, "_no_split_modules", None) or [])
+    root = inner
+    if getattr(inner.config, "vision_config", None) is not None:
+        from ..vision import language_model
+
+        root = language_model(inner)
+    return [m for m in root.modules() if type(m).__name__ in blocks]
+
+
+def _vision_side(inner) -> list:
+    """A vision-language model's vision tower and projector (one FSDP unit together); [] for a text model."""
+    if getattr(inner.config, "vision_config", None) is None:
+        return []
+    from ..vision import vision_modules
+
+    return list(vision_modules(inner).values())
+
+
+def _pin_weight_conversions(inner) -> None:
+    """transformers 5 saves a vision-language model under its family's original names (LLaVA's
+    `language_model.model.layers...`), reverting the renaming it applies on load, which it looks up by
+    each submodel's class name; FSDP2 renames the classes it wraps (`FSDPLlavaForConditionalGeneration`),
+    and the lookup would then find another (or no) renaming: the export would not be what one
+    process saves. The renaming is looked up now, on the classes as built, and kept on the model
+    (`_weight_conversions`, where `from_pretrained` keeps it), as `revert_weight_conversion` would
+    look it up for a model made from its config. A model from `from_pretrained` keeps its own."""
+    if getattr(inner, "_weight_conversions", None) is not None:
+        return
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange
+    except ImportError:  # transformers < 5 renames nothing
+        return
+    found = [c for c in get_model_conversion_mapping(inner, add_legacy=False) if not isinstance(c, PrefixChange)]
+    inner._weight_conversions = found or None
+
+
+def _keep_output_capture(inner) -> None:
+    """transformers 5 records a submodel's hidden states (LLaVA reads its CLIP tower's) by hooks
+    chosen from a registry keyed by the submodel's class name, filled at construction; FSDP2 gives
+    each module it wraps a class of its own (`FSDPCLIPVisionModel`), which the registry lacks, so
+    the hidden states would silently not be recorded. Each wrapped submodel's entry is added under
+    its new class (the same `_can_record_outputs`, a class attribute the subclass inherits)."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # transformers < 5: outputs are returned, not recorded by hooks
+        return
+    for m in inner.modules():
+        if hasattr(m, "_can_record_outputs") and not _CAN_RECORD_REGISTRY.get(m):
+            _CAN_RECORD_REGISTRY[m] = m._can_record_outputs
+
+
 class GatheredState:
     """A sharded model as `reference.model_fingerprint` reads it (its config and `state_dict()`),
     each tensor gathered whole in turn, so at most one whole tensor is held at a time. Every rank
@@ -265,14 +329,15 @@ def _param_names(model, optimizer) -> list[str]:
 
 
 @torch.no_grad()
-def _fill_shards(model, weights: str, initial: dict, buffers: dict) -> None:
+def _fill_shards(model, weights: str, initial: dict, buffers: dict, renamed: dict) -> None:
     """Each parameter of a sharded model, materialised but uninitialised, filled with its values:
     from the checkpoint `weights` (safetensors), or from `initial` (LoRA adapters, by name in the
     inner model). A parameter sharded on dim 0 (FSDP2's layout) reads only this rank's rows of its
     tensor (`_own_rows`): with plain file reads into its shard (`safetensors_io.read_rows`), else from a
     safetensors slice; any other sharded one is read whole, one at a time, and keeps its chunk
     (`distribute_tensor` without communication, the chunking FSDP itself uses); a whole one takes
-    it all. Buffers are put back from `buffers`, unless the checkpoint holds them (persistent ones)."""
+    it all. Buffers are put back from `buffers`, unless the checkpoint holds them (persistent ones).
+    `renamed`: the tensors the files hold under another name (`_file_keys`)."""
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -295,6 +360,7 @@ def _fill_shards(model, weights: str, initial: dict, buffers: dict) -> None:
 
         for name, p in [*inner.named_parameters(), *inner.named_buffers()]:
             key = name.replace(".base_layer.", ".")  # PEFT's wrapped layer keeps the original weight there
+            key = renamed.get(key, key)
             rows = _own_rows(p) if name not in initial and key in where else None
             if rows is not None:
                 # read this rank's rows only, straight into its shard when the file holds them in
@@ -321,6 +387,31 @@ def _fill_shards(model, weights: str, initial: dict, buffers: dict) -> None:
             else:
                 p.copy_(full)
             del full  # one whole tensor at a time
+
+
+def _file_keys(inner, initial: dict, weights: str) -> dict[str, str]:
+    """{the model's name of a tensor: its name in the checkpoint's files}, for the tensors the files
+    hold under another name: a vision-language model saved by transformers is written in its
+    family's original layout (Qwen2-VL's `model.layers.0...` for `model.language_model.layers.0...`,
+    LLaVA's `language_model.lm_head.weight` for `lm_head.weight`). transformers' own reverse
+    conversion, the one `save_pretrained` applies, maps the names on meta stand-ins. Empty when the
+    files use the model's names (every text model so far): nothing is converted."""
+    from ..models import safetensors_index
+
+    where = safetensors_index(weights)
+    params = {n.replace(".base_layer.", ".") for n, _ in inner.named_parameters() if n not in initial}
+    if all(k in where for k in params):
+        return {}
+    keys = params | {n.replace(".base_layer.", ".") for n, _ in inner.named_buffers()}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers < 5 renames nothing
+        return {}
+    standins = {k: torch.empty(0, device="meta") for k in sorted(keys)}
+    source = {id(t): k for k, t in standins.items()}
+    reverted = revert_weight_conversion(inner, dict(standins))
+    return {source[id(t)]: name for name, t in reverted.items()
+            if id(t) in source and source[id(t)] not in where and name in where}
 
 
 def _own_rows(p) -> tuple[int, int] | None:

@@ -20,12 +20,12 @@ from ..logprobs import dataset_logps
 from ..losses import LossSpec, get_loss
 from ..models import check_vocab, empty_model, enable_activation_checkpointing, freeze, load_model
 from ..reference import cached_table, default_cache_dir, model_fingerprint, open_cache
-from ..vision import load_vision_model
+from ..vision import empty_vision_model, is_vision_model, load_vision_model
 from .adapters import add_reference_adapter, adapt_policy, base_key, read_adapter_dir
 from .config import TrainConfig
 from .distributed import Dist, GatheredState, fsdp_kwargs
 from .lora import adapters_disabled, apply_lora, apply_lora_to_empty, is_lora, quantize_kwargs
-from .vlm import lora_targets, prepare_vision
+from .vlm import cache_image_features, check_sharded_rows, lora_targets, prepare_vision
 
 # ----------------------------------------------------------------------------------------------
 # Data
@@ -45,6 +45,8 @@ def prepare_data(data_path: str, tokenizer, cfg: TrainConfig, what: str, process
                              "vision-language model (one with a vision tower), or remove the 'images'/'image' field "
                              "to train on the text alone")
     examples = unpaired_rows(examples, cfg) if loss.unpaired else preference_rows(examples, cfg, loss)
+    if processor is not None and cfg.fsdp:
+        check_sharded_rows(examples)
     if processor is not None:
         from ..data.vision_tokenize import tokenize_vision_examples
 
@@ -154,6 +156,16 @@ class Sources:
 
 def load_policy_and_reference(cfg: TrainConfig, tokenizer, device, loss_spec: LossSpec, empty: bool,
                               sources: Sources | None = None, vision: bool = False):
+    """`_load_policy_and_reference`, a VLM's frozen image features kept (--image-feature-cache; not
+    under --fsdp, which loads through `load_sharded`)."""
+    policy, ref_model = _load_policy_and_reference(cfg, tokenizer, device, loss_spec, empty, sources, vision)
+    if vision:
+        cache_image_features(cfg, policy, ref_model)
+    return policy, ref_model
+
+
+def _load_policy_and_reference(cfg: TrainConfig, tokenizer, device, loss_spec: LossSpec, empty: bool,
+                               sources: Sources | None = None, vision: bool = False):
     """(policy, πref model or None). πref: the starting policy, frozen (paper §4), unless another
     model is given. When its log-probs are precomputed, the untouched policy itself serves (no
     second copy); with LoRA, the same network with adapters disabled. `vision`: a vision-language
@@ -241,18 +253,24 @@ def load_sharded(cfg: TrainConfig, d: Dist, tokenizer, loss_spec: LossSpec):
     the policy on the meta device, adds LoRA (adapters drawn as `apply_lora` would draw them),
     shards it and fills its own shards from the safetensors files (`Dist.shard_model(weights=...)`).
     πref is the sharded starting policy itself (--fsdp precomputes its log-probs), or --ref loaded
-    the same way, freed once its tables are computed."""
-    policy, initial = empty_model(cfg.model, trust_remote_code=cfg.trust_remote_code), {}
+    the same way, freed once its tables are computed. A vision-language model is built as
+    AutoModelForImageTextToText, its vision side frozen (--freeze-vision) before it is sharded."""
+    vision = is_vision_model(cfg.model, cfg.trust_remote_code)  # (AutoModelForImageTextToText on meta)
+    empty = empty_vision_model if vision else empty_model
+    policy, initial = empty(cfg.model, trust_remote_code=cfg.trust_remote_code), {}
     check_vocab(tokenizer, policy, cfg.model)
+    if vision:  # frozen before sharding: FSDP keeps each parameter's requires_grad
+        prepare_vision(policy, cfg.freeze_vision)
     if cfg.lora_r:
-        policy, initial = apply_lora_to_empty(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules,
-                                              cfg.lora_dropout)
+        targets = lora_targets(policy, cfg.lora_target_modules, cfg.freeze_vision) if vision else \
+            cfg.lora_target_modules
+        policy, initial = apply_lora_to_empty(policy, cfg.lora_r, cfg.lora_alpha, targets, cfg.lora_dropout)
     policy.train()
     if cfg.activation_checkpointing:  # on the blocks before they are sharded, as without meta loading
         enable_activation_checkpointing(policy)
     ref_model = None
     if loss_spec.needs_reference and cfg.ref and cfg.ref != cfg.model:
-        ref_model = freeze(empty_model(cfg.ref, trust_remote_code=cfg.trust_remote_code))
+        ref_model = freeze(empty(cfg.ref, trust_remote_code=cfg.trust_remote_code))
         check_vocab(tokenizer, policy, cfg.model, ref=ref_model, ref_name=cfg.ref)
     policy = d.shard_model(policy, **fsdp_kwargs(cfg), weights=cfg.model, initial=initial)
     if ref_model is not None:

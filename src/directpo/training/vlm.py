@@ -16,6 +16,7 @@ import os
 from torch import nn
 
 from ..console import log
+from ..data.errors import DataError
 from ..errors import UserValueError
 from ..models import unwrap_peft
 from ..vision import language_model, vision_modules
@@ -58,10 +59,40 @@ def prepare_vision(model: nn.Module, freeze: bool) -> None:
         log("vision-language model: the vision tower and projector train with the language model (--no-freeze-vision)")
 
 
+def cache_image_features(cfg, *models) -> None:
+    """--image-feature-cache: the models' image features computed once per image and kept, where the
+    vision side is frozen (`data.image_features`); one store for the policy and πref (its key holds
+    the vision weights' fingerprint, so a πref with another tower gets its own features)."""
+    if cfg.image_feature_cache == "off":
+        return
+    from ..data.image_features import FeatureCache, attach
+    from ..memory import parse_size
+
+    cache = FeatureCache(parse_size(cfg.image_feature_cache, "--image-feature-cache"))
+    reasons = [attach(m, cache, vision_modules(m)) for m in dict.fromkeys(m for m in models if m is not None)]
+    if all(r is None for r in reasons):
+        log(f"image features: computed once per image and kept, up to {cfg.image_feature_cache} "
+            "(--image-feature-cache)")
+    else:
+        log(f"image features: computed at every step ({next(r for r in reasons if r)})")
+
+
+def check_sharded_rows(examples) -> None:
+    """--fsdp with a VLM: every row must carry an image. The vision side is one FSDP unit, whose
+    weights the ranks gather together (a collective) whenever the tower runs; a micro-batch without
+    images skips the tower on its rank alone, and the ranks' collectives would no longer pair up
+    (the processes abort or hang). Refused up front, naming the first such row."""
+    bare = next((ex for ex in examples if not ex.images), None)
+    if bare is not None:
+        raise DataError(bare.source, bare.row, "images", "--fsdp with a vision-language model needs an image in "
+                        "every row (the processes run the vision tower together); drop --fsdp (data parallelism "
+                        "takes text-only rows) or remove the rows without images")
+
+
 def run_processor(cfg, sources=None):
     """The processor of the run's model when it is a vision-language model (None for a text model,
-    or a model given as an object): images in the data are then tokenized by it. The settings a
-    VLM run does not support yet are refused here, in one line each, before anything loads."""
+    or a model given as an object): images in the data are then tokenized by it. (--fsdp loads a VLM
+    too: `prepare.load_sharded`; its rows must all carry images: `check_sharded_rows`.)"""
     from ..models import is_adapter_dir
     from ..vision import is_vision_model, load_processor
 
@@ -74,8 +105,6 @@ def run_processor(cfg, sources=None):
         source = read_adapter_dir(cfg.model).root
     if not is_vision_model(source, cfg.trust_remote_code):
         return None
-    if getattr(cfg, "fsdp", False):  # (its meta-device loading builds causal LMs)
-        raise UserValueError(f"--fsdp is not supported yet with a vision-language model ({cfg.model}; issue #30)")
     # (an adapter directory saved by directpo holds the processor too; else its base's)
     has_own = source == cfg.model or any(os.path.exists(os.path.join(os.path.expanduser(cfg.model), f))
                                          for f in ("processor_config.json", "preprocessor_config.json"))
