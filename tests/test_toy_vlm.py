@@ -10,7 +10,7 @@ from PIL import Image
 
 from directpo.errors import UserValueError
 from directpo.vision import is_vision_model, load_processor, load_vision_model
-from directpo.toy import COLOURS, VLM_FAMILIES, build_tiny_vlm, colour_image_task
+from directpo.toy import COLOURS, MROPE_FAMILIES, VLM_FAMILIES, build_tiny_vlm, colour_image_task
 
 TEXTS = [f"What colour is this picture? It is {c}." for c in COLOURS] * 8
 PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is this picture?"}]}]
@@ -53,11 +53,12 @@ def test_auto_processor_loads_the_saved_processor(vlm_dir):
     from transformers.utils import is_torchvision_available
 
     family, out = vlm_dir
-    if family == "qwen2_vl" and not is_torchvision_available():
+    if family in MROPE_FAMILIES and not is_torchvision_available():
         # transformers builds Qwen2VLProcessor's video processor only with torchvision; the saved
         # folder names the stock class, and `load_processor` builds it for images alone.
-        assert json.loads((out / "processor_config.json").read_text())["processor_class"] == "Qwen2VLProcessor"
-        assert type(load_processor(str(out))).__mro__[1].__name__ == "Qwen2VLProcessor"
+        name = json.loads((out / "processor_config.json").read_text())["processor_class"]
+        assert name == {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}[family]
+        assert type(load_processor(str(out))).__mro__[1].__name__ == name
         return
     processor = AutoProcessor.from_pretrained(out)
     assert type(processor) is type(load_processor(str(out)))
@@ -85,7 +86,8 @@ def test_prompt_with_image_and_forward(vlm_dir):
     expected = processor._get_num_multimodal_tokens(image_sizes=[(h, w) for w, h in SIZES])["num_image_tokens"]
     assert n_image.tolist() == list(expected) and min(expected) > 1
     # Every image token is filled by one vision feature: the model checks the counts agree.
-    features = model.get_image_features(**{k: v for k, v in enc.items() if k in ("pixel_values", "image_grid_thw")})
+    features = model.get_image_features(**{k: v for k, v in enc.items()
+                                           if k in ("pixel_values", "image_grid_thw", "image_sizes")})
     pooled = getattr(features, "pooler_output", features)
     n_features = sum(f.shape[0] for f in pooled) if isinstance(pooled, (list, tuple)) else pooled.shape[:-1].numel()
     assert n_features == int(n_image.sum())

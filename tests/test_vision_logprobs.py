@@ -11,11 +11,11 @@ from directpo.data.formats import Example, load_examples
 from directpo.data.images import image_ref
 from directpo.data.vision_tokenize import tokenize_vision_examples
 from directpo.logprobs import example_logps, per_example, sum_per_sequence, token_logps
-from directpo.toy import COLOURS, VLM_FAMILIES, build_tiny_vlm, colour_image_task
+from directpo.toy import COLOURS, MROPE_FAMILIES, VLM_FAMILIES, build_tiny_vlm, colour_image_task
 from directpo.vision import load_processor, load_vision_model
 
 TEXTS = [f"What colour is this picture? It is {c}. Compare the two pictures: both are {c}." for c in COLOURS] * 8
-TOWERS = ("visual", "vision_tower", "vision_model")  # Qwen2-VL, LLaVA, Idefics3
+TOWERS = ("visual", "vision_tower", "vision_model")  # Qwen2-VL and Qwen2.5-VL, LLaVA, Idefics3
 
 
 def _two_image_rows(tmp, n=2):
@@ -144,10 +144,15 @@ def test_vision_tower_runs_once_per_example_when_packed(setup):
 
     def count(module, args, kwargs):
         pixels = args[0] if args else kwargs.get("pixel_values", kwargs.get("hidden_states"))
-        calls.append(pixels.shape[0])  # images (LLaVA, Idefics3) or patches (Qwen2-VL) fed
+        calls.append(pixels.shape[0])  # images (LLaVA, Idefics3) or patches (Qwen2-VL, Qwen2.5-VL) fed
 
-    # what one copy of each example's images is: its patches (Qwen2-VL's tower takes patch rows), or its images
-    per_example = [ex.vision["pixel_values"].shape[0] if family == "qwen2_vl" else len(src.images)
+    # what one copy of each example's images is: its patches (Qwen2-VL's tower takes patch rows), its
+    # crops (LLaVA-NeXT: each image's own count, as the processor makes them of that image alone), or its images
+    def crops(image):
+        return processor.image_processor(images=[image.open()], return_tensors="pt")["pixel_values"].shape[1]
+
+    per_example = [ex.vision["pixel_values"].shape[0] if family in MROPE_FAMILIES
+                   else sum(map(crops, src.images)) if family == "llava_next" else len(src.images)
                    for ex, src in zip(tokenized, examples)]
     handle = _tower(model).register_forward_pre_hook(count, with_kwargs=True)
     try:
@@ -174,3 +179,34 @@ def test_segment_attention_points_the_language_model_only(setup):
         assert text._attn_implementation == NAME
         assert vision._attn_implementation == before[1] != NAME
     assert (text._attn_implementation, vision._attn_implementation) == before
+
+
+def test_the_tested_families_are_the_toy_ones():
+    from directpo.vision import TESTED_FAMILIES
+
+    assert set(TESTED_FAMILIES) == set(VLM_FAMILIES)  # the families said to be exact are the ones tested here
+
+
+def test_smolvlm_is_refused_in_one_line_where_a_vlm_is_loaded(tmp_path):
+    """SmolVLM (its own model type; Idefics3's architecture, but a processor that needs torchvision and
+    num2words) is not supported yet: refused where its model or processor is loaded."""
+    import json
+
+    from transformers import LlamaConfig, SmolVLMConfig
+
+    from directpo.errors import UserValueError
+    from directpo.vision import TESTED_FAMILIES, empty_vision_model, is_vision_model
+
+    text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2)
+    config = SmolVLMConfig(text_config=text, vision_config={"hidden_size": 16, "intermediate_size": 32,
+                                                            "num_hidden_layers": 1, "num_attention_heads": 2,
+                                                            "image_size": 28, "patch_size": 14})
+    config.save_pretrained(tmp_path)
+    (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "SmolVLMProcessor"}))
+    assert is_vision_model(str(tmp_path))  # a vision-language model, so the commands take it as one
+    want = f"smolvlm is not supported yet (issue #30): supported: {', '.join(TESTED_FAMILIES)}"
+    for load in (load_vision_model, empty_vision_model, load_processor):
+        with pytest.raises(UserValueError) as e:
+            load(str(tmp_path))
+        assert str(e.value) == want, load.__name__

@@ -155,14 +155,19 @@ SIMPLE_CHAT_TEMPLATE = (
 # processor (no torchvision) and a chat template that renders `{"type": "image"}` parts into the
 # family's image placeholder, all saved in one folder that `load_vision_model`/`load_processor` read.
 
-VLM_FAMILIES = ("qwen2_vl", "llava", "idefics3")
+VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "idefics3")
+# The families placing tokens by M-RoPE (three position streams), whose towers take an image as patch rows.
+MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 # Per family: the special tokens added to the tokenizer, and what one `{"type": "image"}` part renders
 # as (the processor then expands the image token to one token per image patch group).
+_QWEN_VL_TOKENS = (["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+                   "<|vision_start|><|image_pad|><|vision_end|>")
 _VLM_TOKENS = {
-    "qwen2_vl": (["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
-                 "<|vision_start|><|image_pad|><|vision_end|>"),
+    "qwen2_vl": _QWEN_VL_TOKENS,
+    "qwen2_5_vl": _QWEN_VL_TOKENS,
     "llava": (["<image>"], "<image>"),
+    "llava_next": (["<image>"], "<image>"),
     "idefics3": (["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"], "<image>"),
 }
 
@@ -191,7 +196,31 @@ def _qwen2_vl_parts(tok, template: str, hidden: int, layers: int, heads: int, im
     """Qwen2-VL: 14-px patches merged 2×2, so an image resized to about `image_size`² pixels (aspect
     kept, sides multiples of 28) becomes about (image_size/28)² image tokens; M-RoPE splits each
     head's rotary frequencies into (temporal, height, width) sections."""
-    from transformers import Qwen2VLConfig, Qwen2VLImageProcessorPil
+    from transformers import Qwen2VLConfig
+
+    vision = {"depth": tower["layers"], "embed_dim": tower["hidden"], "hidden_size": hidden,
+              "num_heads": tower["heads"], "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    return _qwen_vl(Qwen2VLConfig, "Qwen2VLProcessor", tok, template, hidden, layers, heads, image_size, vision)
+
+
+def _qwen2_5_vl_parts(tok, template: str, hidden: int, layers: int, heads: int, image_size: int,
+                      tower: dict):
+    """Qwen2.5-VL: Qwen2-VL's patches, merging and M-RoPE, its tower attending within windows of
+    28 px (one merged 2×2 group: an image of several groups is several windows, so the windowing is
+    exercised) except in its full-attention blocks (every second one, none when the tower has one)."""
+    from transformers import Qwen2_5_VLConfig
+
+    vision = {"depth": tower["layers"], "hidden_size": tower["hidden"], "intermediate_size": 2 * tower["hidden"],
+              "out_hidden_size": hidden, "num_heads": tower["heads"], "patch_size": 14, "spatial_merge_size": 2,
+              "temporal_patch_size": 2, "window_size": 28,
+              "fullatt_block_indexes": list(range(1, tower["layers"], 2))}
+    return _qwen_vl(Qwen2_5_VLConfig, "Qwen2_5_VLProcessor", tok, template, hidden, layers, heads, image_size,
+                    vision)
+
+
+def _qwen_vl(config_class, processor_name: str, tok, template: str, hidden: int, layers: int, heads: int,
+             image_size: int, vision: dict):
+    from transformers import Qwen2VLImageProcessorPil
 
     from .vision import image_only_qwen2_vl_processor
 
@@ -200,16 +229,14 @@ def _qwen2_vl_parts(tok, template: str, hidden: int, layers: int, heads: int, im
     ids = tok.convert_tokens_to_ids
     text = _text_config(tok, hidden, layers, heads)
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
-    config = Qwen2VLConfig(
+    config = config_class(
         text_config=text, image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        vision_config={"depth": tower["layers"], "embed_dim": tower["hidden"], "hidden_size": hidden,
-                       "num_heads": tower["heads"], "patch_size": 14,
-                       "spatial_merge_size": 2, "temporal_patch_size": 2})
+        vision_config=vision)
     # min = max pixels: every image is resized to about image_size² pixels, so a few image tokens each.
     pixels = image_size * image_size
     images = Qwen2VLImageProcessorPil(size={"shortest_edge": pixels, "longest_edge": pixels})
-    return config, image_only_qwen2_vl_processor(images, tok, template)
+    return config, image_only_qwen2_vl_processor(images, tok, template, processor_name)
 
 
 def _llava_parts(tok, template: str, hidden: int, layers: int, heads: int, image_size: int,
@@ -238,6 +265,38 @@ def _llava_parts(tok, template: str, hidden: int, layers: int, heads: int, image
     return config, processor
 
 
+def _llava_next_parts(tok, template: str, hidden: int, layers: int, heads: int, image_size: int,
+                      tower: dict):
+    """LLaVA-NeXT ("anyres"): LLaVA's CLIP tower on `image_size`-px crops; an image becomes its
+    resized whole plus the crops of the grid (of `image_size` cells, 1×1 to 2×2) that fits its aspect
+    best, so how many crops and image tokens it gets depends on its size (with `image_sizes` the
+    model drops the grid's padding and adds a newline feature per row)."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    vision = CLIPVisionConfig(hidden_size=tower["hidden"], intermediate_size=2 * tower["hidden"],
+                              num_hidden_layers=tower["layers"], num_attention_heads=tower["heads"],
+                              image_size=image_size, patch_size=14)
+    grid = [[image_size * h, image_size * w] for h in (1, 2) for w in (1, 2)]
+    config = LlavaNextConfig(vision_config=vision,
+                             text_config=LlamaConfig(**_text_config(tok, hidden, layers, heads)),
+                             image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                             vision_feature_select_strategy="default", image_grid_pinpoints=grid,
+                             tie_word_embeddings=False)
+    images = LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
+                                        crop_size={"height": image_size, "width": image_size},
+                                        image_grid_pinpoints=grid)
+    processor = LlavaNextProcessor(image_processor=images, tokenizer=tok, patch_size=14, chat_template=template,
+                                   vision_feature_select_strategy="default", image_token="<image>",
+                                   num_additional_image_tokens=1)
+    return config, processor
+
+
 def _idefics3_parts(tok, template: str, hidden: int, layers: int, heads: int, image_size: int,
                     tower: dict):
     """Idefics3 (SmolVLM's architecture): a one-layer SigLIP-style tower on 14-px patches, the
@@ -263,7 +322,8 @@ def _idefics3_parts(tok, template: str, hidden: int, layers: int, heads: int, im
     return config, processor
 
 
-_VLM_PARTS = {"qwen2_vl": _qwen2_vl_parts, "llava": _llava_parts, "idefics3": _idefics3_parts}
+_VLM_PARTS = {"qwen2_vl": _qwen2_vl_parts, "qwen2_5_vl": _qwen2_5_vl_parts, "llava": _llava_parts,
+              "llava_next": _llava_next_parts, "idefics3": _idefics3_parts}
 
 
 def build_tiny_vlm(out_dir: str | Path, family: str, texts: list[str], hidden: int = 64, layers: int = 2,

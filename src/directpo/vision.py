@@ -14,6 +14,21 @@ from .models import _hub_error, check_model_source, from_pretrained_checked, rem
 from .quantized import quantization_config, quantized_for_training, read_not_mapped
 
 
+# The families whose log-probs are tested exact (tests/test_vision_logprobs.py: the tiny models of
+# `toy.VLM_FAMILIES`); others that `AutoModelForImageTextToText` loads are run as they come.
+TESTED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "idefics3")
+# Families known not to work yet, by model type and processor class: SmolVLM's processor needs
+# torchvision (its video processor, read even for images) and num2words, which directpo does not require.
+NOT_YET = {"smolvlm": "SmolVLMProcessor"}
+
+
+def check_family(model_type: str | None = None, processor_class: str | None = None) -> None:
+    """A one-line refusal of a family in `NOT_YET`, by its model type or its processor's class."""
+    for family, processor in NOT_YET.items():
+        if model_type == family or processor_class == processor:
+            raise UserValueError(f"{family} is not supported yet (issue #30): supported: {', '.join(TESTED_FAMILIES)}")
+
+
 def is_vision_model(name_or_dir: str, trust_remote_code: bool = False) -> bool:
     """Whether the model's config is an image-text-to-text one (it has a vision tower)."""
     from transformers import AutoConfig
@@ -36,6 +51,7 @@ def load_vision_model(name_or_dir: str, device: torch.device | str = "cpu", trus
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     check_model_source(name_or_dir)
+    check_family(_saved_field(name_or_dir, "config.json", "model_type"))
     if quantize in (None, "none"):
         return from_pretrained_checked(AutoModelForImageTextToText, name_or_dir, dtype=dtype,
                                        trust_remote_code=trust_remote_code).to(device)
@@ -66,6 +82,7 @@ def empty_vision_model(name_or_dir: str, trust_remote_code: bool = False, dtype:
     check_model_source(name_or_dir)
     with remote_code_explained(name_or_dir):
         config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+    check_family(config.model_type)
 
     def to_meta(module, name, param):
         if param is None or param.is_meta:
@@ -127,12 +144,14 @@ def _load_processor(name_or_dir: str, trust_remote_code: bool):
     from transformers.utils import is_torchvision_available
 
     check_model_source(name_or_dir)
-    if not is_torchvision_available() and _processor_class(name_or_dir) == "Qwen2VLProcessor":
+    name = _processor_class(name_or_dir)
+    check_family(processor_class=name)
+    if not is_torchvision_available() and name in IMAGE_ONLY:
         from transformers import AutoImageProcessor, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(name_or_dir)
         images = AutoImageProcessor.from_pretrained(name_or_dir)
-        return image_only_qwen2_vl_processor(images, tok, tok.chat_template)
+        return image_only_qwen2_vl_processor(images, tok, tok.chat_template, name)
     try:
         with remote_code_explained(name_or_dir):
             return AutoProcessor.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
@@ -143,22 +162,34 @@ def _load_processor(name_or_dir: str, trust_remote_code: bool):
 
 
 def _processor_class(name_or_dir: str) -> str | None:
+    return _saved_field(name_or_dir, "processor_config.json", "processor_class")
+
+
+def _saved_field(name_or_dir: str, file: str, key: str) -> str | None:
+    """`key` of a model folder's JSON `file` (None: no such local file, or no such key)."""
     import json
 
-    path = os.path.join(os.path.expanduser(name_or_dir), "processor_config.json")
+    path = os.path.join(os.path.expanduser(name_or_dir), file)
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        return json.load(f).get("processor_class")
+        return json.load(f).get(key)
 
 
-def image_only_qwen2_vl_processor(image_processor, tokenizer, chat_template: str | None = None):
-    """A `Qwen2VLProcessor` without its video processor (which needs torchvision): images and text
-    only. Saved, it names itself `Qwen2VLProcessor`, so `AutoProcessor` loads it where torchvision is."""
-    from transformers import Qwen2VLProcessor
+# The processors that hold a video processor (built by transformers only with torchvision), which
+# `image_only_qwen2_vl_processor` builds for images alone: Qwen2-VL's and Qwen2.5-VL's.
+IMAGE_ONLY = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
+
+
+def image_only_qwen2_vl_processor(image_processor, tokenizer, chat_template: str | None = None,
+                                  name: str = "Qwen2VLProcessor"):
+    """A `Qwen2VLProcessor` (or `name`, one of `IMAGE_ONLY`) without its video processor (which needs
+    torchvision): images and text only. Saved, it names itself `name`, so `AutoProcessor` loads it
+    where torchvision is."""
+    import transformers
     from transformers.processing_utils import ProcessorMixin
 
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    class ImageOnlyQwen2VLProcessor(getattr(transformers, name)):
         # `ProcessorMixin` takes its sub-processors from `__init__`'s parameters: no video_processor here.
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
             self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
@@ -168,7 +199,7 @@ def image_only_qwen2_vl_processor(image_processor, tokenizer, chat_template: str
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     processor = ImageOnlyQwen2VLProcessor(image_processor, tokenizer, chat_template)
-    processor.saved_as = "Qwen2VLProcessor"
+    processor.saved_as = name
     return processor
 
 

@@ -7,9 +7,10 @@ from directpo.data.collate import collate_packed, collate_padded
 from directpo.data.formats import DataError, Example, SkipReport, load_examples
 from directpo.data.images import image_ref
 from directpo.data.vision_tokenize import PER_TOKEN, mrope_positions, tokenize_vision_examples
-from directpo.toy import COLOURS, VLM_FAMILIES, build_tiny_vlm, colour_image_task
+from directpo.toy import COLOURS, MROPE_FAMILIES, VLM_FAMILIES, build_tiny_vlm, colour_image_task
 from directpo.vision import load_processor, load_vision_model
 
+LLAVAS = ("llava", "llava_next")  # all images of a batch on dim 0
 TEXTS = [f"What colour is this picture? It is {c}. Compare the two pictures: both are {c}." for c in COLOURS] * 8
 
 
@@ -51,14 +52,15 @@ def test_ids_equal_the_processor_on_the_whole_text(family_dir, task):
         # one example's image tensors, as its processor returns them, no per-token ones
         assert tok.vision and "pixel_values" in tok.vision and not set(tok.vision) & set(PER_TOKEN)
         assert tok.source == ex.source and tok.row == ex.row
-        n_images = tok.vision["pixel_values"].shape[0 if family == "llava" else 1] if family != "qwen2_vl" \
+        n_images = tok.vision["pixel_values"].shape[0 if family in LLAVAS else 1] if family not in MROPE_FAMILIES \
             else tok.vision["image_grid_thw"].shape[0]
         assert n_images == len(ex.images)
-        assert (tok.prompt_positions is not None) == (family == "qwen2_vl")
+        assert (tok.prompt_positions is not None) == (family in MROPE_FAMILIES)
 
 
-def test_mrope_positions_equal_the_models(tmp_path, task):
-    path = build_tiny_vlm(tmp_path, "qwen2_vl", TEXTS)
+@pytest.mark.parametrize("family", MROPE_FAMILIES)
+def test_mrope_positions_equal_the_models(tmp_path, task, family):
+    path = build_tiny_vlm(tmp_path, family, TEXTS)
     processor, model = load_processor(str(path)), load_vision_model(str(path))
     tokenized, _ = tokenize_vision_examples(task, processor)
     for tok in tokenized:
@@ -104,7 +106,7 @@ def test_collate_merges_images_as_each_family_wants(family_dir, task):
         real = (pv_padded != 0).flatten(2).any(-1)
         assert int(real.sum()) == 2 * images
         assert padded.model_inputs["pixel_attention_mask"].shape[:2] == pv_padded.shape[:2]
-    elif family == "llava":
+    elif family in LLAVAS:
         assert pv_padded.shape[0] == 2 * images and pv_packed.shape[0] == images
     else:
         grids = packed.model_inputs["image_grid_thw"]
@@ -116,6 +118,16 @@ def test_collate_merges_images_as_each_family_wants(family_dir, task):
         order = [i for _ in range(2) for i, ex in enumerate(tokenized) for _ in ex.vision["pixel_values"]]
         want = torch.cat([tokenized[i].vision["pixel_values"] for i in dict.fromkeys(order)] * 2)
         assert torch.equal(pv_padded, want)
+    if family == "llava_next":  # each image's own crops, then zeros up to the batch's most crops
+        assert len({ex.vision["pixel_values"].shape[1] for ex in tokenized}) > 1  # (so there is padding)
+        for batch in (padded, packed):
+            o, pv = 0, batch.model_inputs["pixel_values"]
+            for ex in batch.model_inputs.examples():  # (in row order, as their image tokens come)
+                own = ex.vision["pixel_values"]
+                n, c = own.shape[:2]
+                assert torch.equal(pv[o:o + n, :c], own) and not pv[o:o + n, c:].any()
+                assert torch.equal(batch.model_inputs["image_sizes"][o:o + n], ex.vision["image_sizes"])
+                o += n
     moved = padded.to("cpu")
     assert moved.model_inputs.keys() == padded.model_inputs.keys()
 

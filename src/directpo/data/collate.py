@@ -220,7 +220,18 @@ def merge_vision(rows: list[list[TokenizedExample]]) -> dict[str, torch.Tensor] 
     if "pixel_attention_mask" in first:  # Idefics2/3, SmolVLM: images batched per row
         return _merge_per_row(parts)
     keys = list(first)
-    return {k: torch.cat([v[k] for row in parts for v in row]) for k in keys}
+    return {k: _cat_padded([v[k] for row in parts for v in row]) for k in keys}
+
+
+def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenated on dim 0, dim 1 zero-padded to the longest: LLaVA-NeXT's (images, crops, C, H, W),
+    which its processor pads to the most crops of one call's images and its model cuts back to each
+    image's own count (by `image_sizes`), so examples processed apart merge as one call would give them."""
+    if tensors[0].dim() < 3 or len({t.shape[1] for t in tensors}) == 1:
+        return torch.cat(tensors)
+    n = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.cat([t, t.new_zeros((t.shape[0], n - t.shape[1], *t.shape[2:]))], dim=1)
+                      for t in tensors])
 
 
 def _tensors(ex: TokenizedExample, made: dict) -> dict[str, torch.Tensor]:

@@ -40,7 +40,7 @@ from ..memory import size_str
 
 # Model types whose forward takes `mm_encoder_outputs` (transformers 5.x) and whose cached path is
 # tested against the plain one (tests/test_image_features.py).
-FAMILIES = ("qwen2_vl", "llava", "idefics3")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava", "idefics3")
 
 
 class FeatureCache:
