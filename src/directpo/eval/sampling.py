@@ -43,6 +43,7 @@ from ..data.collate import merge_vision
 from ..errors import UserValueError
 from ..attention import attention_implementation, supports_segment_attention
 from ..models import unwrap_peft
+from .decode import lean_decoder
 from .budget import (SamplingCosts, batch_need, choose_batch, current_memory, format_choice, live_bytes,
                      parse_size)
 
@@ -317,6 +318,7 @@ def sample_batch(model, prompts: list[list[int]], max_new_tokens: int, temperatu
     cache, logits, pos, mask, sharing = _prefill(model, prompts, pad_id, max(map(len, prompts)) + T, share_prefix,
                                                  cache_kw, vision)
     mrope = vision is not None and any(v.prompt_positions is not None for v in vision)
+    lean = lean_decoder(model) if vision is None else None
     device = logits.device
     if uniforms is None and temperature > 0:
         uniforms = torch.rand(T, B, generator=generator, device=device, dtype=torch.float64).T
@@ -351,6 +353,10 @@ def sample_batch(model, prompts: list[list[int]], max_new_tokens: int, temperatu
                         prompt_of = [prompt_of[i] for i in keep.tolist()]
                         _SHARING.set((cache, sharing[0], _groups(prompt_of)))
                 pos = pos + 1
+                if lean is not None:  # the same computation, without the forward's machinery
+                    logits = lean(tok, pos, cache, None if mask is None else mask[:, :P + t + 1],
+                                  _shared_prefix_attention if sharing is not None else None)
+                    continue
                 logits = _forward(model, input_ids=tok[:, None],
                                   attention_mask=None if mask is None else mask[:, :P + t + 1],
                                   position_ids=pos[None, :, None].expand(3, -1, -1) if mrope else pos[:, None],
