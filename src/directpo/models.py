@@ -282,7 +282,12 @@ def empty_model(name_or_dir: str, trust_remote_code: bool = False, dtype: torch.
     check_model_source(name_or_dir)
     with remote_code_explained(name_or_dir):
         config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+    return built_on_meta(AutoModelForCausalLM, config, name_or_dir, dtype, trust_remote_code)
 
+
+def built_on_meta(auto_class, config, name_or_dir: str, dtype: torch.dtype, trust_remote_code: bool = False):
+    """`auto_class.from_config(config)` with every parameter sent to the meta device as it is
+    registered (buffers real): `empty_model`'s construction, for causal and vision-language models."""
     def to_meta(module, name, param):
         if param is None or param.is_meta:
             return None
@@ -291,7 +296,7 @@ def empty_model(name_or_dir: str, trust_remote_code: bool = False, dtype: torch.
     hook = torch.nn.modules.module.register_module_parameter_registration_hook(to_meta)
     try:
         with remote_code_explained(name_or_dir):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+            return auto_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     finally:
         hook.remove()
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from .errors import UserValueError
-from .models import _hub_error, check_model_source, from_pretrained_checked, remote_code_explained, unwrap_peft
+from .models import (_hub_error, built_on_meta, check_model_source, from_pretrained_checked, remote_code_explained,
+                     unwrap_peft)
 from .quantized import quantization_config, quantized_for_training, read_not_mapped
 
 
@@ -83,18 +84,7 @@ def empty_vision_model(name_or_dir: str, trust_remote_code: bool = False, dtype:
     with remote_code_explained(name_or_dir):
         config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
     check_family(config.model_type)
-
-    def to_meta(module, name, param):
-        if param is None or param.is_meta:
-            return None
-        return torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    hook = torch.nn.modules.module.register_module_parameter_registration_hook(to_meta)
-    try:
-        with remote_code_explained(name_or_dir):
-            return AutoModelForImageTextToText.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    finally:
-        hook.remove()
+    return built_on_meta(AutoModelForImageTextToText, config, name_or_dir, dtype, trust_remote_code)
 
 
 def _inner(model: nn.Module) -> nn.Module:
