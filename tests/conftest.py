@@ -99,3 +99,16 @@ def run_process_group(cmd: list[str], env: dict, timeout: int = 300) -> tuple[in
         os.killpg(p.pid, signal.SIGKILL)
         raise
     return p.returncode, err[-3000:]
+
+
+def spread_weights(model, seed: int = 0):
+    """`model` (in place, returned) with every matrix drawn from N(0, 1/fan_in): a random init of std
+    0.02 gives near-uniform logits, so differences between inputs or code paths would hide."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    return model

@@ -19,6 +19,7 @@ from directpo.training import TrainConfig
 from directpo.training.vlm import freeze_vision
 from directpo.vision import load_processor, load_vision_model, vision_modules
 from test_vision_logprobs import TEXTS, TOWERS, _two_image_rows, per_sequence
+from conftest import spread_weights
 
 SUM_TOL = dict(atol=1e-5, rtol=1e-6)
 
@@ -32,11 +33,7 @@ def setup(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"feat_{family}")
     model_dir = build_tiny_vlm(tmp / "model", family, TEXTS, seed=0)
     model, processor = load_vision_model(str(model_dir)), load_processor(str(model_dir))
-    torch.manual_seed(0)
-    with torch.no_grad():  # a random init of std 0.02 gives near-uniform logits: differences would hide
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, p.shape[-1] ** -0.5)
+    spread_weights(model)
     freeze_vision(model)
     train, _ = colour_image_task(tmp / "task", n_train=4, n_eval=1)
     colour = load_examples(str(train))[:2]

@@ -13,6 +13,7 @@ from directpo.data.vision_tokenize import tokenize_vision_examples
 from directpo.logprobs import example_logps, per_example, sum_per_sequence, token_logps
 from directpo.toy import COLOURS, MROPE_FAMILIES, VLM_FAMILIES, build_tiny_vlm, colour_image_task
 from directpo.vision import load_processor, load_vision_model
+from conftest import spread_weights
 
 TEXTS = [f"What colour is this picture? It is {c}. Compare the two pictures: both are {c}." for c in COLOURS] * 8
 TOWERS = ("visual", "vision_tower", "vision_model")  # Qwen2-VL and Qwen2.5-VL, LLaVA, Idefics3
@@ -45,11 +46,7 @@ def setup(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"vlm_{family}")
     model_dir = build_tiny_vlm(tmp / "model", family, TEXTS, seed=0)
     model, processor = load_vision_model(str(model_dir)), load_processor(str(model_dir))
-    torch.manual_seed(0)
-    with torch.no_grad():  # a random init of std 0.02 gives near-uniform logits: differences would hide
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, p.shape[-1] ** -0.5)
+    spread_weights(model)
     train, _ = colour_image_task(tmp / "task", n_train=4, n_eval=1)
     examples = load_examples(str(train))[:2] + _two_image_rows(tmp)
     tokenized, _ = tokenize_vision_examples(examples, processor)

@@ -18,6 +18,7 @@ from directpo.eval.sample import encode_image_samples
 from directpo.eval.sampling import generate_completions, measure_costs, plan_batch, sample_batch
 from directpo.toy import COLOURS, build_tiny_vlm
 from directpo.vision import load_processor, load_vision_model
+from conftest import spread_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,11 +35,7 @@ def vlm(request, tmp_path_factory):
     size = 224 if request.param == "qwen2_vl" else 56
     out = build_tiny_vlm(tmp / "m", request.param, TEXTS, image_size=size, vision_layers=2, vision_hidden=64)
     model, processor = load_vision_model(str(out)).eval(), load_processor(str(out))
-    torch.manual_seed(0)
-    with torch.no_grad():  # spread-out weights: samples differ from row to row
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, p.shape[-1] ** -0.5)
+    spread_weights(model)
     images, texts = [], []
     for i, (colour, question) in enumerate(zip(COLOURS, QUESTIONS)):
         path = tmp / f"{i}.png"

@@ -9,27 +9,19 @@ from directpo.eval.decode import lean_decoder
 from directpo.eval.sampling import generate_completions
 from directpo.models import load_model, load_tokenizer
 
+from conftest import spread_weights
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _spread(model):
-    torch.manual_seed(0)
-    with torch.no_grad():  # weights spread out: the samples differ from row to row and step to step
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, p.shape[-1] ** -0.5)
-    return model.eval()
 
 
 def _small(kind: str):
     common = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256)
     if kind == "qwen2":  # (biases on q, k, v)
-        return _spread(Qwen2ForCausalLM(Qwen2Config(**common)))
-    return _spread(LlamaForCausalLM(LlamaConfig(**common, rope_scaling={"rope_type": "llama3", "factor": 8.0,
-                                                                          "low_freq_factor": 1.0,
-                                                                          "high_freq_factor": 4.0,
-                                                                          "original_max_position_embeddings": 64})))
+        return spread_weights(Qwen2ForCausalLM(Qwen2Config(**common))).eval()
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    return spread_weights(LlamaForCausalLM(LlamaConfig(**common, rope_scaling=scaling))).eval()
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

@@ -18,6 +18,7 @@ from directpo.eval.evaluate import evaluate_policy, image_completion_logps, sequ
 from directpo.eval.sample import Samples, draw_samples, encode_image_samples
 from directpo.toy import COLOURS, build_tiny_vlm, colour_image_task
 from directpo.vision import load_processor, load_vision_model
+from conftest import spread_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,11 +30,7 @@ def _spread_and_save(model_dir, seed: int):
     """The model at `model_dir` with its weights spread out (a random init of std 0.02 gives
     near-uniform logits, where differences would hide), saved back; the loaded model."""
     model = load_vision_model(str(model_dir))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, p.shape[-1] ** -0.5)
+    spread_weights(model, seed)
     model.save_pretrained(model_dir)
     return model.eval()
 

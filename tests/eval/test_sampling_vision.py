@@ -17,6 +17,7 @@ from directpo.eval.sample import encode_image_samples
 from directpo.eval.sampling import cut_at_eos, generate_completions, sample_batch
 from directpo.toy import COLOURS, VLM_FAMILIES, build_tiny_vlm, colour_image_task
 from directpo.vision import load_processor, load_vision_model
+from conftest import spread_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,11 +36,7 @@ def vlm(request, tmp_path_factory):
     model, processor = load_vision_model(str(model_dir)), load_processor(str(model_dir))
     if processor.tokenizer.pad_token_id is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
-    torch.manual_seed(0)
-    with torch.no_grad():  # a random init of std 0.02 gives near-uniform logits: differences would hide
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, p.shape[-1] ** -0.5)
+    spread_weights(model)
     items = [_item(tmp, i, colour, size, question) for i, (colour, size, question) in enumerate(PROMPTS)]
     return request.param, model, processor, items, model_dir, tmp
 

@@ -40,7 +40,7 @@ from ..data.prompts import load_prompts
 from ..diskio import write_text
 from ..errors import UserValueError
 from ..logprobs import dataset_logps, packed_row_tokens
-from ..models import check_vocab, load_model_or_adapter, load_tokenizer, pick_device
+from ..models import check_vocab, load_model_or_adapter, load_tokenizer, pick_device, unwrap_peft
 from ..precision import resolve_precision
 from .sample import Samples, draw_samples, encode_image_samples, encode_samples, image_processor
 from .sampling import sampling_batch_size
@@ -101,8 +101,6 @@ def image_completion_logps(model, samples: Samples, pad_id: int, batch_size: int
 
 def image_token_id(model) -> int | None:
     """The id a vision-language model replaces with image features (its config's image_token_id)."""
-    from ..models import unwrap_peft
-
     config = unwrap_peft(model).config
     return getattr(config, "image_token_id", getattr(config, "image_token_index", None))
 
