@@ -51,3 +51,69 @@ def current_memory(device) -> int:
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024
+
+
+# The C heap of a CPU run (glibc). Freed temporaries of a forward (a token × width block, a
+# dequantized 4-bit weight) leave holes between the activations kept for the backward; glibc keeps
+# them, and raises its mmap threshold to the largest block freed (up to 32 MiB) so that later
+# blocks of that size come from the heap too. At a 0.5B model's bound a LoRA run held 1.35-1.42×
+# and a QLoRA run 1.80× of what its tensors need (docs/results/qlora-memory.md). With the threshold
+# fixed at 64 KiB every larger block is a mapping of its own, returned when freed: the process then
+# holds what its tensors need (full fine-tuning 1.00, LoRA 1.03 of the plan), at the price of
+# fresh pages for every such block (a `small` training step 1.75× slower). So only a run that asked
+# to fit a memory budget pays it (`bound_heap`).
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+BUDGET_MMAP_THRESHOLD = 64 * KiB
+# glibc's ceiling of its dynamic threshold on 64-bit systems: a fixed threshold can't be undone,
+# and this is where the default's adjustment ends up once blocks that large were freed
+DYNAMIC_MMAP_THRESHOLD_MAX = 32 * MiB
+_bound = False  # whether `bound_heap` fixed the threshold (mallopt is the process's, not a run's)
+
+
+def _glibc():
+    """The C library when it is glibc (which has `mallopt` and `malloc_trim`), else None."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's `malloc_trim`; elsewhere nothing)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def bound_heap(threshold: int = BUDGET_MMAP_THRESHOLD) -> str | None:
+    """Fix glibc's mmap threshold at `threshold` bytes for the rest of the process (see above); what
+    was done, for the log, or None where nothing was: not glibc, or the user chose the threshold
+    (`MALLOC_MMAP_THRESHOLD_`, `GLIBC_TUNABLES`): theirs stands."""
+    import os
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+        return None
+    global _bound
+    libc = _glibc()
+    if libc is None or not libc.mallopt(M_MMAP_THRESHOLD, threshold):
+        return None
+    _bound = True
+    return (f"memory budget on the CPU: glibc's mmap threshold fixed at {size_str(threshold)}, so freed "
+            "temporaries go back to the system and the process holds what the budget counts (steps may be "
+            "slower; MALLOC_MMAP_THRESHOLD_ set by you is kept)")
+
+
+def release_heap() -> None:
+    """After a run that `bound_heap`: the threshold back to where glibc's own adjustment ends, so
+    the rest of the process (a notebook, the next run of a study) does not pay for fresh pages."""
+    global _bound
+    libc = _glibc() if _bound else None
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, DYNAMIC_MMAP_THRESHOLD_MAX)
+    _bound = False

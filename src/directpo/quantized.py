@@ -9,7 +9,7 @@ import contextlib
 import torch
 
 from .errors import MissingPackageError, UserValueError
-
+from .memory import trim_heap
 
 QUANTIZE_EXTRA = "pip install 'directpo[quantize]'"
 
@@ -90,19 +90,6 @@ def _mapped_ranges() -> list[tuple[int, int]] | None:
     return [tuple(int(a, 16) for a in w[0].split("-")) for w in lines if w[-1].endswith(".safetensors")]
 
 
-def _trim_heap() -> None:
-    """Give the C heap's free pages back to the system (glibc's `malloc_trim`; elsewhere nothing):
-    the freed fp32 tensors of a quantized load sit between the kept 4-bit ones, and the heap would
-    hold their pages for the rest of the run."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def quantized_for_training(model, quantize: str):
     """What PEFT's `prepare_model_for_kbit_training` does that a directpo run needs, and no more.
 
@@ -134,7 +121,7 @@ def quantized_for_training(model, quantize: str):
                 copied.add(id(p))  # (once: tied weights stay one tensor)
                 if mapped is None or any(a <= p.data_ptr() < b for a, b in mapped):
                     p.data = p.data.clone()
-    _trim_heap()
+    trim_heap()  # the freed fp32 tensors of the load sit between the kept 4-bit ones
     if quantize == "int8":  # bitsandbytes logs the fp16 cast at every matmul: said once, here
         import logging
 

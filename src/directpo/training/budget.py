@@ -22,6 +22,10 @@ need(m) = now + gradients + optimizer state + a + b·tokens(m) [+ the LM head's 
   tokens(m)  tokens of the longest micro-batch the loader could form: the m longest examples of
              the data set together, collated in the run's layout
 
+On the CPU the count is what the process then holds only because a budget run fixes glibc's mmap
+threshold (`memory.bound_heap`, at setup): under glibc's default the heap keeps the forward's freed
+temporaries between the kept activations (a 0.5B LoRA run at its bound: 1.4× the count).
+
 The micro-batch is the largest divisor of --batch-size (at most a process's share) with
 need(m) ≤ budget, so the accumulated gradient is the same as for any other split.
 

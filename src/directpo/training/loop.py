@@ -23,8 +23,14 @@ from ..console import log
 from ..data import make_collate
 from ..logprobs import example_logps, packed_row_tokens
 from ..losses import LossInputs, LossParams, LossSpec, get_loss, sft_loss
+from ..memory import bound_heap, release_heap
 from ..metrics import last_valid, ranking_metrics
-from ..models import autocast_ctx, enable_activation_checkpointing, load_tokenizer, pick_device
+from ..models import (
+    autocast_ctx,
+    enable_activation_checkpointing,
+    load_tokenizer,
+    pick_device,
+)
 from ..vision import save_processor
 from .adapters import tokenizer_source
 from .alarms import HealthMonitor
@@ -36,10 +42,27 @@ from .lora import adapters_disabled, is_lora, save_policy
 from .lora_reference import LoraReference
 from .offload import make_optimizer
 from .optim import lr_schedule
-from .prepare import (Sources, check_data, check_sharding, kto_balance, load_policy_and_reference, load_sharded,
-                      prepare_data, reference_tables)
-from .run import COMPLETE_MARKER, NonFiniteError, Recipe, RunDir, StepDriver, resume, run_steps, settle_precision, \
-    setup_torch
+from .prepare import (
+    Sources,
+    check_data,
+    check_sharding,
+    kto_balance,
+    load_policy_and_reference,
+    load_sharded,
+    prepare_data,
+    reference_tables,
+)
+from .run import (
+    COMPLETE_MARKER,
+    NonFiniteError,
+    Recipe,
+    RunDir,
+    StepDriver,
+    resume,
+    run_steps,
+    settle_precision,
+    setup_torch,
+)
 from .vlm import run_processor
 
 __all__ = ["COMPLETE_MARKER", "NonFiniteError", "TrainConfig", "batch_order", "micro_batches", "train"]
@@ -386,6 +409,10 @@ def setup(cfg: TrainConfig, d, run: RunDir, sources: Sources | None = None) -> T
     setup_torch(cfg.threads, cfg.seed)
     device = device_for(d, cfg.device) or pick_device(cfg.device)
     settle_precision(run, cfg, device, d)  # --precision auto -> fp32 or bf16, before anything computes
+    if cfg.memory_budget is not None and device.type == "cpu":  # before the load: the heap then holds what is counted
+        note = bound_heap()
+        if note and d.main:
+            log(note)
     processor = run_processor(cfg, sources)  # a vision-language model's: it tokenizes the images too
     tokenizer = sources.tokenizer or (processor.tokenizer if processor is not None else
                                       load_tokenizer(tokenizer_source(cfg.model),  # (an adapter's: maybe its base's)
@@ -483,7 +510,10 @@ def train(cfg: TrainConfig, callbacks=(), sources: Sources | None = None) -> dic
     with RunDir(cfg.output_dir, main=d.main) as run:
         run.prepare(cfg, "sft" if cfg.loss == "sft" else "train")
         d.barrier()
-        return run_training(setup(cfg, d, run, sources), callbacks)
+        try:
+            return run_training(setup(cfg, d, run, sources), callbacks)
+        finally:
+            release_heap()  # (a --memory-budget run on the CPU fixed glibc's threshold: `bound_heap`)
 
 
 def run_training(t: Trainer, callbacks=()) -> dict:

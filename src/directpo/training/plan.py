@@ -84,9 +84,9 @@ pairs with n images each (the packed layout runs a pair's images once; --layout 
 A run fits when the sum is at most 90 % of the device's memory: the rest goes to the CUDA context,
 the allocator's fragmentation and temporaries. On the CPU the allocator is the C heap:
 glibc's default keeps freed temporaries between live activations, 1.1–1.3 GiB beyond this plan at
-a 0.5B model's bound; `MALLOC_MMAP_THRESHOLD_=65536` gives them back (LoRA then within 3 % of the
-plan) but made a `small` training step ~1.75× slower, so directpo leaves the allocator as it is
-(docs/results/qlora-memory.md, "At the bound, explained"). `--fsdp-cpu-offload` moves the sharded weights,
+a 0.5B model's bound; a 64 KiB mmap threshold gives them back (LoRA then within 3 % of the plan) but
+made a `small` training step ~1.75× slower, so a CPU run fixes it only under `--memory-budget`, where
+fitting is what was asked (`memory.bound_heap`; docs/results/qlora-memory.md, "At the bound"). `--fsdp-cpu-offload` moves the sharded weights,
 gradients and optimizer state to host memory (listed, not counted against the device);
 `--optimizer-offload` (one process) the optimizer state alone.
 
