@@ -38,3 +38,58 @@ def ranking_metrics(rewards: torch.Tensor) -> dict[str, torch.Tensor]:
         "kendall_tau": (concordant - discordant) / n,
         "top1": strictly_top.float(),
     }
+
+
+# Metrics of a training run's micro-batches, summed and averaged (the DPO/SFT loop's log lines)
+
+
+def reward_stats(r: torch.Tensor) -> dict[str, float]:
+    """Sums over a micro-batch of the implicit-reward metrics (chosen, rejected, margin, accuracy,
+    and for rankings top-1 and Kendall's τ)."""
+    rank = ranking_metrics(r)
+    chosen, rejected = r[:, 0], last_valid(r)
+    stats = {"rewards/chosen": chosen.sum().item(), "rewards/rejected": rejected.sum().item(),
+             "rewards/margins": (chosen - rejected).sum().item(),
+             "rewards/accuracies": rank["accuracy"].sum().item()}
+    if r.shape[1] > 2:
+        stats.update({"rewards/top1": rank["top1"].sum().item(),
+                      "rewards/kendall_tau": rank["kendall_tau"].sum().item()})
+    return stats
+
+
+def add_stats(total: dict, stats: dict) -> None:
+    for k, v in stats.items():
+        total[k] = total.get(k, 0.0) + v
+
+
+def mean_metrics(sums: dict, n: int) -> dict:
+    """Metric sums -> means per example (÷ n). A sum that comes with a count of its own ("_n/<key>")
+    is the mean over the examples it counts instead (KTO's rewards of the desirable examples), and is
+    left out when there were none."""
+    counts = {k[len("_n/"):]: v for k, v in sums.items() if k.startswith("_n/")}
+    out = {}
+    for k, v in sums.items():
+        if k.startswith("_n/"):
+            continue
+        if k not in counts:
+            out[k] = v / n
+        elif counts[k]:
+            out[k] = v / counts[k]
+    return out
+
+
+def summary_line(m: dict, short: bool = False) -> str:
+    parts = [f"loss {m['loss']:.4f}"]
+    if "rewards/accuracies" in m:
+        parts.append(f"acc {m['rewards/accuracies']:.2f}")
+        if not short:
+            parts.append(f"margin {m['rewards/margins']:.4f}")
+    if "rewards/kendall_tau" in m:
+        parts.append(f"tau {m['rewards/kendall_tau']:.2f}")
+    if "kl" in m:  # KTO's reference point z0
+        parts.append(f"kl {m['kl']:.4f}")
+    if "rewards/accuracies" not in m:
+        parts.append(f"nll/tok {m['nll/token']:.3f}")
+    if short and "pairs_per_s" in m:
+        parts.append(f"{m['pairs_per_s']:.1f} ex/s")
+    return " ".join(parts)

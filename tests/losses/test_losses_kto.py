@@ -8,7 +8,8 @@ import torch
 
 from directpo import losses as L
 from directpo.losses import LOSSES, LossInputs, LossParams, combine_losses, get_loss
-from directpo.training.loop import RunningMean, mean_metrics
+from directpo.metrics import mean_metrics
+from directpo.training.loop import RunningMean
 
 B = 9
 

@@ -40,8 +40,11 @@ every checkpoint: a resumed run keeps it. Only when all of that does not fit is 
 from __future__ import annotations
 
 from ..config import ConfigError
+from ..console import log
+from ..data import make_collate
 from ..data.image_features import pending_bytes
 from ..memory import GiB, KiB, MiB, current_memory, parse_size, size_str  # noqa: F401 (re-exported)
+from ..models import enable_activation_checkpointing
 from .plan import HEAD_CHUNK_BYTES, OPTIMIZER_STATES, PlanConfig, activation_bytes, head_bytes, shape_of
 
 
@@ -210,3 +213,31 @@ def unwrap(model):
     from ..models import unwrap_peft
 
     return unwrap_peft(model)
+
+
+def apply_memory_budget(t) -> None:
+    """--memory-budget on a set-up `loop.Trainer` `t`: the micro-batch size measured to fit, logged and
+    recorded in its settings (`t.memory_plan`); what the plan turned on, turned on."""
+    keep = t.run.checkpoint_setting(t.cfg, "micro_batch_size")  # a resumed run keeps its own
+    # checkpointed, a layer attends through a dense mask (`packed_row_tokens`): rows of one example
+    checkpointed = make_collate(t.cfg.layout, t.tokenizer.pad_token_id, t.cfg.row_tokens or None)
+    if keep is not None and t.run.checkpoint_setting(t.cfg, "activation_checkpointing") \
+            and not t.cfg.activation_checkpointing:  # turned on by the budget of the run it continues
+        t.cfg.activation_checkpointing = True
+        enable_activation_checkpointing(t.policy)
+        t.collate = checkpointed
+    if keep is not None and t.run.checkpoint_setting(t.cfg, "optimizer_offload"):
+        t.cfg.optimizer_offload = True
+    t.memory_plan = plan_for_budget(t.cfg, t.policy, t.train_set, t.collate, t.device, t.d.world, keep,
+                                    t.d.sum_stats if t.d.enabled else None, checkpointed)
+    t.cfg.micro_batch_size = t.memory_plan["micro_batch_size"]
+    if t.memory_plan["escalation"]:  # recorded in the settings, and so in every checkpoint
+        log(t.memory_plan["escalation"])
+        if t.memory_plan["activation_checkpointing"] and not t.cfg.activation_checkpointing:
+            enable_activation_checkpointing(t.policy)
+            t.collate = checkpointed  # (a precomputed reference table keeps the layout it was computed in)
+        t.cfg.activation_checkpointing = t.memory_plan["activation_checkpointing"]
+        t.cfg.optimizer_offload = t.cfg.optimizer_offload or t.memory_plan["optimizer_offload"]
+    log(format_memory_plan(t.memory_plan))
+    if not t.memory_plan["fits"]:
+        log(f"warning: the resumed run keeps micro-batch {keep} from its checkpoint, over the budget")

@@ -24,17 +24,12 @@ from ..data import make_collate
 from ..logprobs import example_logps, packed_row_tokens
 from ..losses import LossInputs, LossParams, LossSpec, get_loss, sft_loss
 from ..memory import bound_heap, release_heap
-from ..metrics import last_valid, ranking_metrics
-from ..models import (
-    autocast_ctx,
-    enable_activation_checkpointing,
-    load_tokenizer,
-    pick_device,
-)
+from ..metrics import add_stats, last_valid, mean_metrics, reward_stats, summary_line
+from ..models import autocast_ctx, enable_activation_checkpointing, load_tokenizer, pick_device
 from ..vision import save_processor
 from .adapters import tokenizer_source
 from .alarms import HealthMonitor
-from .budget import format_memory_plan, plan_for_budget
+from .budget import apply_memory_budget
 from .config import TrainConfig
 from .distributed import Dist, device_for, init_from_env
 from .export import export_model, gather_trainable
@@ -42,27 +37,10 @@ from .lora import adapters_disabled, is_lora, save_policy
 from .lora_reference import LoraReference
 from .offload import make_optimizer
 from .optim import lr_schedule
-from .prepare import (
-    Sources,
-    check_data,
-    check_sharding,
-    kto_balance,
-    load_policy_and_reference,
-    load_sharded,
-    prepare_data,
-    reference_tables,
-)
-from .run import (
-    COMPLETE_MARKER,
-    NonFiniteError,
-    Recipe,
-    RunDir,
-    StepDriver,
-    resume,
-    run_steps,
-    settle_precision,
-    setup_torch,
-)
+from .prepare import (Sources, check_data, check_sharding, kto_balance, load_policy_and_reference, load_sharded,
+                      prepare_data, reference_tables)
+from .run import COMPLETE_MARKER, NonFiniteError, Recipe, RunDir, StepDriver, resume, run_steps, settle_precision, \
+    setup_torch
 from .vlm import run_processor
 
 __all__ = ["COMPLETE_MARKER", "NonFiniteError", "TrainConfig", "batch_order", "micro_batches", "train"]
@@ -135,41 +113,6 @@ def micro_batch_loss(policy, batch, ref: torch.Tensor | None, cfg: TrainConfig, 
     return losses, stats
 
 
-def reward_stats(r: torch.Tensor) -> dict[str, float]:
-    """Sums over a micro-batch of the implicit-reward metrics (chosen, rejected, margin, accuracy,
-    and for rankings top-1 and Kendall's τ)."""
-    rank = ranking_metrics(r)
-    chosen, rejected = r[:, 0], last_valid(r)
-    stats = {"rewards/chosen": chosen.sum().item(), "rewards/rejected": rejected.sum().item(),
-             "rewards/margins": (chosen - rejected).sum().item(),
-             "rewards/accuracies": rank["accuracy"].sum().item()}
-    if r.shape[1] > 2:
-        stats.update({"rewards/top1": rank["top1"].sum().item(),
-                      "rewards/kendall_tau": rank["kendall_tau"].sum().item()})
-    return stats
-
-
-def add_stats(total: dict, stats: dict) -> None:
-    for k, v in stats.items():
-        total[k] = total.get(k, 0.0) + v
-
-
-def mean_metrics(sums: dict, n: int) -> dict:
-    """Metric sums -> means per example (÷ n). A sum that comes with a count of its own ("_n/<key>")
-    is the mean over the examples it counts instead (KTO's rewards of the desirable examples), and is
-    left out when there were none."""
-    counts = {k[len("_n/"):]: v for k, v in sums.items() if k.startswith("_n/")}
-    out = {}
-    for k, v in sums.items():
-        if k.startswith("_n/"):
-            continue
-        if k not in counts:
-            out[k] = v / n
-        elif counts[k]:
-            out[k] = v / counts[k]
-    return out
-
-
 @torch.no_grad()
 def evaluate_pairs(policy, examples, ref_table, cfg: TrainConfig, collate, device, loss_spec, params) -> dict:
     """Mean loss and reward metrics of the policy over held-out examples."""
@@ -185,23 +128,6 @@ def evaluate_pairs(policy, examples, ref_table, cfg: TrainConfig, collate, devic
             add_stats(totals, micro_batch_loss(policy, batch, ref, cfg, loss_spec, params)[1])
     policy.train(was_training)
     return mean_metrics(totals, len(examples))
-
-
-def summary_line(m: dict, short: bool = False) -> str:
-    parts = [f"loss {m['loss']:.4f}"]
-    if "rewards/accuracies" in m:
-        parts.append(f"acc {m['rewards/accuracies']:.2f}")
-        if not short:
-            parts.append(f"margin {m['rewards/margins']:.4f}")
-    if "rewards/kendall_tau" in m:
-        parts.append(f"tau {m['rewards/kendall_tau']:.2f}")
-    if "kl" in m:  # KTO's reference point z0
-        parts.append(f"kl {m['kl']:.4f}")
-    if "rewards/accuracies" not in m:
-        parts.append(f"nll/tok {m['nll/token']:.3f}")
-    if short and "pairs_per_s" in m:
-        parts.append(f"{m['pairs_per_s']:.1f} ex/s")
-    return " ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,33 +377,6 @@ def setup(cfg: TrainConfig, d, run: RunDir, sources: Sources | None = None) -> T
     if cfg.memory_budget is not None:
         apply_memory_budget(trainer)
     return trainer
-
-
-def apply_memory_budget(t: Trainer) -> None:
-    """--memory-budget: the micro-batch size measured to fit (`training.plan`), logged and recorded."""
-    keep = t.run.checkpoint_setting(t.cfg, "micro_batch_size")  # a resumed run keeps its own
-    # checkpointed, a layer attends through a dense mask (`packed_row_tokens`): rows of one example
-    checkpointed = make_collate(t.cfg.layout, t.tokenizer.pad_token_id, t.cfg.row_tokens or None)
-    if keep is not None and t.run.checkpoint_setting(t.cfg, "activation_checkpointing") \
-            and not t.cfg.activation_checkpointing:  # turned on by the budget of the run it continues
-        t.cfg.activation_checkpointing = True
-        enable_activation_checkpointing(t.policy)
-        t.collate = checkpointed
-    if keep is not None and t.run.checkpoint_setting(t.cfg, "optimizer_offload"):
-        t.cfg.optimizer_offload = True
-    t.memory_plan = plan_for_budget(t.cfg, t.policy, t.train_set, t.collate, t.device, t.d.world, keep,
-                                    t.d.sum_stats if t.d.enabled else None, checkpointed)
-    t.cfg.micro_batch_size = t.memory_plan["micro_batch_size"]
-    if t.memory_plan["escalation"]:  # recorded in the settings, and so in every checkpoint
-        log(t.memory_plan["escalation"])
-        if t.memory_plan["activation_checkpointing"] and not t.cfg.activation_checkpointing:
-            enable_activation_checkpointing(t.policy)
-            t.collate = checkpointed  # (a precomputed reference table keeps the layout it was computed in)
-        t.cfg.activation_checkpointing = t.memory_plan["activation_checkpointing"]
-        t.cfg.optimizer_offload = t.cfg.optimizer_offload or t.memory_plan["optimizer_offload"]
-    log(format_memory_plan(t.memory_plan))
-    if not t.memory_plan["fits"]:
-        log(f"warning: the resumed run keeps micro-batch {keep} from its checkpoint, over the budget")
 
 
 def announce(t: Trainer, total_steps: int) -> None:

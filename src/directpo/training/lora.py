@@ -3,6 +3,7 @@ LoRA run holds one copy of the base weights, not two (torchtune's recipe)."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
 from ..errors import MissingPackageError
@@ -55,7 +56,9 @@ def apply_lora(model, r: int, alpha: float, target_modules: str, dropout: float 
         raise MissingPackageError("LoRA needs the `peft` package: pip install 'directpo[lora]'") from None
     targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",")]
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # PEFT reads transformers' deprecated `is_gradient_checkpointing`: not the user's to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def apply_lora_to_empty(model, r: int, alpha: float, target_modules: str, dropout: float = 0.0):
