@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ..config import ConfigError, check_settings, setting
 from ..training.optim import OPTIMIZERS
 from .plan_check import ALLOCATORS
+from .wall_time import WALL_COMMANDS
 
 
 @dataclass
@@ -75,7 +76,28 @@ class VisionBenchSettings:
 
 
 @dataclass
-class BenchConfig(VisionBenchSettings, EndToEndSettings, SampleBenchSettings, MemoryCheckSettings):
+class WallTimeSettings:
+    """Before vs after: the user's sampling-bound commands on two trees of directpo's code"""
+
+    wall_time: bool = setting(False, "time whole sampling-bound commands (--wall-commands) of an older tree of "
+                                     "directpo's code (--before REV, checked out in a temporary git worktree) "
+                                     "against this checkout's, each its own `python -m directpo` process on the "
+                                     "same libraries, alternating for --rounds: wall s, phases, peak RSS; --out "
+                                     "FILE.json also gets FILE.md (the table)", switch="--wall-time")
+    before: str | None = setting(None, "--wall-time: the git revision of the 'before' tree (e.g. 080cef2), a commit "
+                                       "of the repository holding this checkout")
+    wall_commands: str = setting(",".join(WALL_COMMANDS), "--wall-time: the commands timed, comma-separated: "
+                                 "online (`online --rounds 2` on the first 32 prompts of --data), sentiment-stage "
+                                 "(`experiment sentiment`'s sampling stages with --model as πSFT)")
+    wall_scale: float = setting(1.0, "--wall-time: the commands' prompt counts × this (online: 32 prompts of --data, "
+                                     "sentiment-stage: 64 eval prompts); lower it to fit a time window", gt=0)
+    wall_corpus: str | None = setting(None, "--wall-time: the sentiment study's --corpus (default: what the study "
+                                            "finds from this checkout: the SST sentences shipped beside it)",
+                                      input=True)
+
+
+@dataclass
+class BenchConfig(WallTimeSettings, VisionBenchSettings, EndToEndSettings, SampleBenchSettings, MemoryCheckSettings):
     """directpo against TRL's DPOTrainer, same model and pairs"""
 
     # Required, except with --vision, which builds both (`validate`).
@@ -108,8 +130,11 @@ class BenchConfig(VisionBenchSettings, EndToEndSettings, SampleBenchSettings, Me
         the measurement that uses them, with what they mean there."""
         check_settings(self)
         missing = [flag for flag, value in (("--model", self.model), ("--data", self.data)) if value is None]
+        if self.wall_time and "online" not in self.wall_commands:  # only the online command reads --data
+            missing = [flag for flag in missing if flag != "--data"]
         if missing and not self.vision:
             raise ConfigError("missing required setting(s): " + ", ".join(missing))
+        self._validate_wall_time()
         if self.vision and (self.sample or self.plan_check or self.fsdp_memory or self.end_to_end):
             other = next(f for f, on in (("--sample", self.sample), ("--plan-check", self.plan_check),
                                          ("--fsdp-memory", self.fsdp_memory), ("--end-to-end", self.end_to_end)) if on)
@@ -123,3 +148,19 @@ class BenchConfig(VisionBenchSettings, EndToEndSettings, SampleBenchSettings, Me
             other = "--sample" if self.sample else "--plan-check" if self.plan_check else "--fsdp-memory"
             raise ConfigError(f"--end-to-end and {other} are two separate measurements: give one")
         return self
+
+    def _validate_wall_time(self) -> None:
+        """--wall-time is its own measurement, and needs --before (which means nothing without it)."""
+        others = [f for f, on in (("--vision", self.vision), ("--sample", self.sample), ("--end-to-end",
+                  self.end_to_end), ("--plan-check", self.plan_check), ("--fsdp-memory", self.fsdp_memory)) if on]
+        if self.wall_time and others:
+            raise ConfigError(f"--wall-time and {others[0]} are two separate measurements: give one")
+        if self.before is not None and not self.wall_time:
+            raise ConfigError("--before REV is the 'before' tree of --wall-time: add --wall-time")
+        if self.wall_time and not self.before:
+            raise ConfigError("--wall-time needs --before REV: the git revision to compare this checkout with")
+        if self.wall_time:
+            names = [x.strip() for x in self.wall_commands.split(",") if x.strip()]
+            if not names or set(names) - set(WALL_COMMANDS):
+                raise ConfigError(f"--wall-commands {self.wall_commands}: expected a comma-separated list of "
+                                  + ", ".join(WALL_COMMANDS))

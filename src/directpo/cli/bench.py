@@ -22,6 +22,8 @@ def run(args) -> int:
     cfg = build_config(args, BenchConfig).validate()
     if cfg.vision:
         return _vision(cfg)
+    if cfg.wall_time:
+        return _wall_time(cfg)
     if cfg.sample:
         return _sample(cfg)
     if cfg.end_to_end:
@@ -89,3 +91,13 @@ def _vision(cfg) -> int:
     result = vision_bench(cfg)
     _write_result(result, cfg.out)
     return 0 if all(r["rounds_failed"] == 0 for r in result["results"]) else 1
+
+
+def _wall_time(cfg) -> int:
+    """`--wall-time`: the markdown table printed, JSON at --out and the table beside it (.md); exit 0
+    if every command ran on both trees in every round."""
+    from ..bench.wall_time import TREES, wall_time
+
+    result = wall_time(cfg)
+    _write_result(result, cfg.out)
+    return 0 if all(r[t]["rounds_failed"] == 0 for r in result["results"] for t in TREES) else 1
