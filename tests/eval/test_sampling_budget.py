@@ -69,10 +69,16 @@ def test_batch_grows_with_the_budget_and_shrinks_with_max_new_tokens(model, tiny
     assert plan_batch(model, ids, 128, 1.0, pad, costs.held + 4 * MiB, longer)["batch_size"] < chosen[2]
 
 
-@pytest.mark.parametrize("k,top_p", [(1, 1.0), (4, 0.9)])
-def test_a_real_run_at_the_chosen_batch_stays_under_the_budget(deep_model, tiny_tokenizer, k, top_p):
+@pytest.mark.parametrize("k,top_p,chunk", [(1, 1.0, None), (4, 0.9, None), (1, 1.0, 8)])
+def test_a_real_run_at_the_chosen_batch_stays_under_the_budget(deep_model, tiny_tokenizer, k, top_p, chunk,
+                                                               monkeypatch):
     """The tensors a real sampling run makes, counted while they live, peak under what the plan gives
-    them (the budget less what the process held); and the plan is not loose by much."""
+    them (the budget less what the process held); and the plan is not loose by much. `chunk`: the
+    prompts prefilled in chunks of 8 columns (the probe measures that prefill too)."""
+    from directpo.eval import sampling
+
+    if chunk is not None:
+        monkeypatch.setattr(sampling, "PREFILL_CHUNK", chunk)
     ids, pad = _prompts(tiny_tokenizer, 16 // k, k, seed=k, lengths=(10, 41)), tiny_tokenizer.pad_token_id
     costs = measure_costs(deep_model, ids, 32, top_p, pad)
     budget = costs.held + 2 * MiB

@@ -17,7 +17,10 @@ AttentionInterface, its keys and values are kept once and each decode step atten
 for all K rows (`_shared_prefix_attention`; otherwise they are copied K times); rows that end (EOS)
 leave the batch; within windows of `BUCKET_BATCHES` batches prompts are sampled in order of length
 (less padding); the KV cache is written in place into buffers allocated once per batch
-(`_preallocated_layer`), not concatenated every step.
+(`_preallocated_layer`), not concatenated every step (the cache and the shared-prompt attention:
+`directpo.eval.kv_cache`). Memory: text prompts longer than `PREFILL_CHUNK` tokens are prefilled
+in chunks of columns through the cache (`_prefill_forward`), the same computation with a forward's
+temporaries of rows × chunk instead of rows × prompt length.
 
 Reproducibility: sample k's random numbers are fixed by its place in the input: batch
 b = k // batch_size draws a (max_new_tokens, rows) block of uniforms from its own generator seeded
@@ -31,8 +34,6 @@ on the loaded model) is logged and recorded in the command's output: `--batch-si
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 
@@ -41,9 +42,12 @@ import torch
 from ..console import log
 from ..data.collate import merge_vision
 from ..errors import UserValueError
-from ..attention import attention_implementation, supports_segment_attention
+from ..attention import supports_segment_attention
 from ..models import unwrap_peft
 from .decode import lean_decoder
+# (imported by name, called through this module's globals: tests replace `sampling._new_cache`, `_groups`)
+from .kv_cache import (_SHARING, SHARED_PREFIX, _attention, _groups, _new_cache, _register_shared_prefix,
+                       _shared_prefix_attention)
 from .budget import (SamplingCosts, batch_need, choose_batch, current_memory, format_choice, live_bytes,
                      parse_size)
 
@@ -94,132 +98,6 @@ def _forward(model, **kw):
         return model(**kw)
 
 
-@functools.lru_cache(maxsize=None)
-def _preallocated_layer():
-    """A `DynamicLayer` whose keys and values are written in place into buffers as long as the
-    batch's prompt + max_new_tokens, handed to attention as views of the filled part: the stock
-    layer's torch.cat copies the whole cache every step (21 % of the sampling time on
-    `small` with 200-token prompts). Built on first use: transformers is imported lazily."""
-    from transformers.cache_utils import DynamicLayer
-
-    class PreallocatedLayer(DynamicLayer):
-        def __init__(self, capacity: int):
-            super().__init__()
-            self.capacity, self.length = capacity, 0
-
-        def lazy_initialization(self, key_states, value_states):
-            super().lazy_initialization(key_states, value_states)
-            B, H, _, D = key_states.shape
-            self._k = key_states.new_empty(B, H, self.capacity, D)
-            self._v = value_states.new_empty(B, H, self.capacity, value_states.shape[-1])
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            end = self.length + key_states.shape[-2]
-            self._k[:, :, self.length:end] = key_states
-            self._v[:, :, self.length:end] = value_states
-            self.length = end
-            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
-            return self.keys, self.values
-
-        def get_seq_length(self) -> int:
-            return self.length if self.is_initialized else 0
-
-        def reorder_cache(self, beam_idx: torch.Tensor) -> None:
-            """Rows `beam_idx` of the batch (repeats allowed): the K copies of a shared prompt, the live rows."""
-            if self.is_initialized:
-                self._k = self._k.index_select(0, beam_idx.to(self._k.device))
-                self._v = self._v.index_select(0, beam_idx.to(self._v.device))
-                self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
-
-        def share(self, rows: int) -> None:
-            """From now on the filled part (one row per distinct prompt) is the prompts' keys and
-            values, kept once (`prefix`); new tokens go to a buffer of `rows` rows of their own."""
-            self.prefix = (self.keys, self.values)
-            k, v = self.keys, self.values
-            self._k = k.new_empty(rows, k.shape[1], self.capacity - k.shape[2], k.shape[3])
-            self._v = v.new_empty(rows, v.shape[1], self.capacity - v.shape[2], v.shape[3])
-            self.offset, self.length = k.shape[2], 0
-
-        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-            return self.get_seq_length() + getattr(self, "offset", 0) + query_length, 0
-
-    return PreallocatedLayer
-
-
-SHARED_PREFIX = "directpo_shared_prefix"
-# (cache, additive prefix mask (U, 1, 1, P) or None, [(prompt u, first row, end row)]) while decoding
-_SHARING: contextvars.ContextVar = contextvars.ContextVar(SHARED_PREFIX, default=None)
-
-
-def _shared_prefix_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
-                             scaling: float | None = None, **kwargs):
-    """AttentionInterface function of a decode step from shared prompts: query (B, H, 1, D); `key`,
-    `value` the rows' own new tokens (B, Hkv, t, D); each prompt's keys and values, stored once,
-    read once for all its rows (K rows of a prompt: one (K·H/Hkv × P) product instead of K
-    reads of K copies). softmax over [prompt | own tokens] as one: the same attention."""
-    cache, pad, groups = _SHARING.get()
-    pk, pv = cache.layers[module.layer_idx].prefix
-    B, H, _, D = query.shape
-    Hkv = key.shape[1]
-    q = query.reshape(B, Hkv, H // Hkv, D) * (scaling if scaling is not None else D ** -0.5)
-    own = q @ key.transpose(-1, -2)  # (B, Hkv, rep, t)
-    outs = []
-    for u, a, b in groups:
-        qg = q[a:b].transpose(0, 1).reshape(Hkv, -1, D)  # (Hkv, n·rep, D)
-        pre = (qg @ pk[u].transpose(-1, -2)).view(Hkv, b - a, -1, pk.shape[2]).transpose(0, 1)
-        if pad is not None:
-            pre = pre + pad[u]
-        p = torch.softmax(torch.cat([pre, own[a:b]], dim=-1), dim=-1)
-        P = pk.shape[2]
-        from_prefix = (p[..., :P].transpose(0, 1).reshape(Hkv, -1, P) @ pv[u]).view(Hkv, b - a, -1, D)
-        outs.append(from_prefix.transpose(0, 1) + p[..., P:] @ value[a:b])
-    return torch.cat(outs).reshape(B, 1, H, D), None
-
-
-def _no_mask(*args, **kwargs):
-    return None  # the prompts' padding travels in _SHARING
-
-
-@functools.lru_cache(maxsize=None)
-def _register_shared_prefix() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(SHARED_PREFIX, _shared_prefix_attention)
-    AttentionMaskInterface.register(SHARED_PREFIX, _no_mask)
-
-
-@contextlib.contextmanager
-def _attention(model, name: str | None):
-    """Within the block `model` attends with the registered function `name` (None: as it is)."""
-    if name is None:
-        yield
-        return
-    with attention_implementation(model, name):
-        yield
-
-
-def _groups(prompt_of_row: list[int]) -> list[tuple[int, int, int]]:
-    """(prompt, first row, end row) of each run of rows decoding from the same prompt."""
-    out = []
-    for i, u in enumerate(prompt_of_row):
-        if out and out[-1][0] == u:
-            out[-1] = (u, out[-1][1], i + 1)
-        else:
-            out.append((u, i, i + 1))
-    return out
-
-
-def _new_cache(capacity: int):
-    from transformers import DynamicCache
-
-    cache = DynamicCache()  # layers made on first update, one per decoder layer
-    cache.layer_class_to_replicate = functools.partial(_preallocated_layer(), capacity)
-    return cache
-
-
 def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(ids, mask) with every row's last prompt token at the last column; mask None when no row is padded."""
     P = max(len(p) for p in prompts)
@@ -247,6 +125,32 @@ def _vision_inputs(rows: list, mask: torch.Tensor, device) -> tuple[torch.Tensor
         n = len(r.prompt_ids)
         pos[:, i, P - n:] = r.prompt_positions if r.prompt_positions is not None else torch.arange(n)
     return pos.to(device), extra
+
+
+# Prompt columns a text prefill feeds at once: its transient memory is rows × this, not rows × P.
+# Peak RSS of `bench --sample` on `small` (K=1, 16 rows of up to 322 tokens, 1 thread): one forward
+# 570-577 MiB, chunks of 128: 490-492, 64: 465, 32: 454. 128 takes most of the saving while a prefill
+# stays a few large forwards (each reads all the weights once: a cost where one row is prefilled).
+PREFILL_CHUNK = 128
+
+
+def _prefill_forward(model, ids: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor, cache,
+                     cache_kw: str, extra: dict, chunked: bool) -> torch.Tensor:
+    """The prompts' keys and values written into `cache`, and their last position's logits. Text
+    prompts longer than `PREFILL_CHUNK` go in chunks of columns, each attending through the cache
+    to all columns so far (the mask of those columns, its own position ids): the same computation
+    per position, but the forward's temporaries (MLP, attention scores) are rows × chunk instead of
+    rows × P, which was the sampler's peak memory on long prompts (issue #32). Image prompts go in
+    one forward (`chunked` False): a picture's placeholder tokens must meet its features in one call."""
+    P = ids.shape[1]
+    step = PREFILL_CHUNK if chunked else P
+    for start in range(0, P, step):
+        end = min(P, start + step)
+        out = _forward(model, input_ids=ids[:, start:end], attention_mask=None if mask is None else mask[:, :end],
+                       position_ids=position_ids[..., start:end], use_cache=True, **extra, **{cache_kw: cache})
+        logits = out.logits[:, -1]
+        del out  # (a model without logits_to_keep returns the chunk's every position: let it go now)
+    return logits
 
 
 def _prefill(model, prompts: list[list[int]], pad_id: int, capacity: int, share_prefix: bool,
@@ -282,9 +186,7 @@ def _prefill(model, prompts: list[list[int]], pad_id: int, capacity: int, share_
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0) if mask is not None else \
             torch.arange(ids.shape[1], device=device).expand(ids.shape[0], -1)
     cache = _new_cache(capacity)
-    out = _forward(model, input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                   **extra, **{cache_kw: cache})
-    logits, sharing = out.logits[:, -1], None
+    logits, sharing = _prefill_forward(model, ids, mask, position_ids, cache, cache_kw, extra, vision is None), None
     if position_ids.ndim == 3:  # M-RoPE (3, rows, P): the largest position of each row, as a (rows, 1) column
         position_ids = position_ids.amax(dim=(0, 2))[:, None]
     if len(distinct) < len(prompts):
