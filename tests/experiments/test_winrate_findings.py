@@ -69,3 +69,23 @@ def test_report_only_refuses_then_reports_marked_with_force(tmp_path):
     assert main(argv + ["--force"]) == 0
     md = (out / "summary.md").read_text()
     assert "BELOW THE FLOOR" in md and "| DPO beats Preferred-FT | not testable here |" in md
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_study_refuses_its_judge_before_training_dpo(tmp_path, capsys):
+    """The judge's floor is checked as soon as the judge is trained: no DPO or PPO run is spent on a
+    study whose win rates could not be reported."""
+    from conftest import HH_FILE
+    from directpo.cli import main
+    from directpo.runfiles import read_metrics
+
+    if not HH_FILE.exists():
+        pytest.skip(f"real HH data not found at {HH_FILE}")
+    out = tmp_path / "hh"
+    argv = ["experiment", "dialogue", "--preset", "smoke", "--output-dir", str(out), "--no-progress", "--threads", "1",
+            "--data", str(HH_FILE), "--judge-floor", "1.0", "--temperatures", "1", "--bon-ns", ""]
+    assert main(argv) == 2
+    accuracy = read_metrics(out / "judge", split="eval")[-1]["accuracy"]
+    assert accuracy < 1.0  # (the 3-step smoke judge)
+    assert f"{accuracy:.1%} of the held-out pairs, below --judge-floor 1" in capsys.readouterr().err
+    assert (out / "judge" / "model.safetensors").exists() and not (out / "dpo").exists() and not (out / "ppo").exists()

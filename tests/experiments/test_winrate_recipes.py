@@ -16,8 +16,8 @@ from directpo.experiments.winrate.synthetic import synthetic_tldr_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MODEL_FILES = ("base/model.safetensors", "sft/model.safetensors", "rm/model.safetensors", "dpo/model.safetensors",
-               "ppo/model.safetensors")
+MODEL_FILES = ("base/model.safetensors", "sft/model.safetensors", "rm/model.safetensors",
+               "judge/model.safetensors", "dpo/model.safetensors", "ppo/model.safetensors")
 
 
 def read_jsonl(path):
@@ -39,6 +39,8 @@ def check_report(out, temperatures=(0.0, 1.0), bon_ns=(2,)):
     assert {(p["method"], p["knob"], p["temperature"]) for p in points} == expected
     for p in points:
         assert 0.0 <= p["win_rate"] <= 1.0 and p["judged"] == 8, p
+        # the per-prompt outcomes the paired tests compare: one per eval prompt, their mean the win rate
+        assert len(p["outcomes"]) == 8 and sum(p["outcomes"]) / 8 == pytest.approx(p["win_rate"])
         lo, hi = p["win_rate_ci"]
         assert lo <= p["win_rate"] <= hi and p["length_mean"] > 0
         assert "local reward model" in p["judge_kind"]
@@ -48,6 +50,15 @@ def check_report(out, temperatures=(0.0, 1.0), bon_ns=(2,)):
     for label in ("Preferred-FT (πSFT)", "DPO", "PPO (learned RM)", "Best-of-N (N=2)"):
         assert label in md
     summary = json.loads((out / "summary.json").read_text())
+    # the judge is its own reward model (judge/), not the one Best-of-N and PPO optimise (rm/); both named
+    info = summary["info"]
+    assert info["judge"]["judge"].endswith("judge") and info["rm"]["rm"].endswith("rm")
+    assert "judge's reward model (`judge/`)" in md and "reward model of Best-of-N and PPO (`rm/`)" in md
+    assert "## Paired per-prompt comparisons" in md
+    # every two methods at each temperature, and DPO's two temperatures
+    same_t = {(r["a"], r["b"]) for r in summary["paired"] if r["temperature"] is not None}
+    assert ("dpo@0", "preferred_ft@0") in same_t and ("ppo@1", "preferred_ft@1") in same_t
+    assert ("dpo@1", "dpo@0") in {(r["a"], r["b"]) for r in summary["paired"] if r["temperature"] is None}
     assert set(summary["win_rates"]) == {f"{m}{'' if k is None else f'_{k}'}@{t:g}" for m, k, t in expected}
     return points, md
 
@@ -84,7 +95,7 @@ def test_dialogue_smoke_end_to_end_killed_resumed_and_finished(tmp_path, monkeyp
     monkeypatch.setattr(winrate, "stage_dpo", killed)
     with pytest.raises(RuntimeError, match="killed"):
         main(argv)
-    done = {f: (out / f).stat().st_mtime_ns for f in MODEL_FILES[:3]}
+    done = {f: (out / f).stat().st_mtime_ns for f in MODEL_FILES[:4]}
     # 2. run again: it continues from DPO, redoing none of the finished stages
     monkeypatch.setattr(winrate, "stage_dpo", real_dpo)
     assert main(argv) == 0
@@ -94,6 +105,11 @@ def test_dialogue_smoke_end_to_end_killed_resumed_and_finished(tmp_path, monkeyp
     train = {r["prompt"] for r in read_jsonl(out / "data" / "train.jsonl")}
     evals = read_jsonl(out / "data" / "eval.jsonl")
     assert len(evals) == 8 and not train & {r["prompt"] for r in evals}  # held-out prompts are disjoint
+    # the judge's own prompts: disjoint from the policies' and the eval prompts, counted in summary.json
+    judge = {r["prompt"] for r in read_jsonl(out / "data" / "judge.jsonl")}
+    data = json.loads((out / "summary.json").read_text())["info"]["data"]
+    assert judge and not judge & train and not judge & {r["prompt"] for r in evals}
+    assert (data["judge_prompts"], data["train_prompts"], data["eval_prompts"]) == (len(judge), len(train), 8)
     # 3. a finished study: no trainer, sampler or judge runs again, and the report is rewritten the same
     stamps = {f: (out / f).stat().st_mtime_ns for f in MODEL_FILES}
     forbid_work(monkeypatch)
@@ -120,13 +136,16 @@ def test_summarize_smoke_without_data_generates_labelled_synthetic_rows(tmp_path
     cfg = SummarizeConfig(output_dir=str(tmp_path), **preset_defaults(SummarizeConfig, "smoke"))
     info = prepare_data(cfg, tmp_path / "data")
     assert info["synthetic"] and info["source"].endswith("synthetic_tldr.jsonl")
-    assert info["eval_prompts"] == 8 and info["train_pairs"] == 192
+    # the 200 rows read less 8 eval prompts, split by prompt between the policies and the judge
+    assert info["eval_prompts"] == 8 and info["train_pairs"] + info["judge_pairs"] == 192
+    assert info["judge_pairs"] == 96  # --judge-fraction 0.5 of 192 single-row prompts
 
 
 def test_single_turn_split_on_real_hh_pairs(tmp_path):
     if not HH_FILE.exists():
         pytest.skip(f"real HH data not found at {HH_FILE}")
-    cfg = DialogueConfig(output_dir=str(tmp_path), data=str(HH_FILE), single_turn=True, n_eval_prompts=64)
+    cfg = DialogueConfig(output_dir=str(tmp_path), data=str(HH_FILE), single_turn=True, n_eval_prompts=64,
+                         judge_fraction=0.0)  # no judge split: every non-eval row trains the policies
     info = prepare_data(cfg, tmp_path / "data")
     assert (info["rows_read"], info["pairs"]) == (2312, 662)  # the file's single-turn subset
     train, evals = read_jsonl(tmp_path / "data" / "train.jsonl"), read_jsonl(tmp_path / "data" / "eval.jsonl")
@@ -138,6 +157,24 @@ def test_single_turn_split_on_real_hh_pairs(tmp_path):
     texts = [r["completion"] for r in read_jsonl(tmp_path / "data" / "pretrain.jsonl")]
     assert len(texts) > 2 * len(train)
     assert not any(t.startswith(e["prompt"].removesuffix("\n\nAssistant:")) for t in texts for e in evals[:8])
+
+
+def test_cpu_small_sizes_on_the_real_hh_file(tmp_path):
+    """cpu-small: 512 eval prompts (multi-turn ones included), the other rows split by prompt between
+    the judge and the policies, no prompt on two sides."""
+    if not HH_FILE.exists():
+        pytest.skip(f"real HH data not found at {HH_FILE}")
+    cfg = DialogueConfig(output_dir=str(tmp_path), data=str(HH_FILE), **preset_defaults(DialogueConfig, "cpu-small"))
+    info = prepare_data(cfg.validate(), tmp_path / "data")
+    assert not info["single_turn"] and (info["rows_read"], info["pairs"]) == (2312, 2312)
+    assert info["eval_prompts"] == 512 and cfg.ppo_steps > 0
+    assert info["train_pairs"] + info["judge_pairs"] + 512 in (2312, 2311, 2310)  # two prompts have two rows
+    assert abs(info["judge_prompts"] - info["train_prompts"]) <= 1  # --judge-fraction 0.5
+    sides = {name: {json.dumps(r["prompt"]) for r in read_jsonl(tmp_path / "data" / f"{name}.jsonl")}
+             for name in ("train", "judge", "eval")}
+    assert len(sides["eval"]) == 512 and len(sides["judge"]) == info["judge_prompts"]
+    assert not (sides["train"] & sides["judge"] or sides["train"] & sides["eval"] or sides["judge"] & sides["eval"])
+    assert any(human_turns(json.loads(k)) > 1 for k in sides["eval"])
 
 
 @pytest.mark.parametrize("argv, message", [

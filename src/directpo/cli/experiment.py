@@ -7,8 +7,9 @@ import json
 from ..config import add_flags
 
 WINRATE_HELP = {
-    "dialogue": "single-turn dialogue (Fig. 3 left, Anthropic HH): DPO vs Preferred-FT, Best-of-N, PPO by win rate "
-                "against the chosen response over sampling temperatures; resumable; writes points.json, "
+    "dialogue": "dialogue (Fig. 3 left, Anthropic HH): DPO vs Preferred-FT, Best-of-N, PPO by win rate "
+                "against the chosen response over sampling temperatures, judged by a reward model trained on its own "
+                "split, with paired per-prompt tests (--seeds: pooled over seeds); resumable; writes points.json, "
                 "winrate.png, summary.md",
     "summarize": "summarization (Fig. 2 right, Reddit TL;DR): DPO vs Preferred-FT, Best-of-N, PPO by win rate "
                  "against the chosen summary over sampling temperatures; resumable; writes points.json, "

@@ -19,7 +19,7 @@ _SMOKE = dict(hidden=32, layers=2, heads=2, vocab_size=400, max_rows=200, n_eval
               batch_size=16, micro_batch_size=16, optimizer="adamw", warmup_steps=1, sft_steps=3, sft_lr=1e-3,
               rm_steps=3, rm_lr=1e-3, dpo_steps=3, dpo_lr=1e-3, ppo_steps=2, ppo_batch=8, ppo_mini_batch=4,
               ppo_epochs=1, ppo_lr=1e-4, bon_ns="2", temperatures="0,1.0", eval_batch=32, samples_shown=2,
-              judge_floor=0.0)  # CI: a 3-step judge, never a result
+              judge_steps=3, judge_lr=1e-3, judge_floor=0.0)  # CI: a 3-step judge, never a result
 
 # The paper's optimisation (§B): RMSprop, lr 1e-6, batch 64, 150 warm-up steps, one epoch; full
 # fine-tuning in one process on one GPU (bf16 autocast, fp32 master weights).
@@ -30,22 +30,29 @@ _PAPER = dict(optimizer="rmsprop", batch_size=64, warmup_steps=150, sft_lr=1e-6,
 
 DIALOGUE_PRESETS: dict[str, dict] = {
     "smoke": dict(_SMOKE),
-    # ≤ 60 min on 2 CPU cores, offline, on the 2,312 HH-RLHF pairs shipped in ../shared (fp32: this CPU
-    # has no fast bf16). The paper's single-turn subset (662 pairs: 533 to train on, 128 held-out
-    # prompts); the from-scratch model is pretrained on every other transcript of the file (4,352
-    # texts, multi-turn ones included; the eval prompts' conversations left out). Sized from a few
-    # steps of each stage measured on a busy 2-core machine (1 thread: pretraining 6 s/step, SFT 3 s,
-    # reward model 7 s, DPO 5 s; Best-of-16 sampling 226 s per temperature), divided by 2–3 for a
-    # quiet one (the sentiment study's pretraining ran at ~2,000 tokens/s there): pretraining 408
-    # steps ≈ 14–20 min, SFT ≈ 1–1.5, reward model ≈ 2–3.5, DPO ≈ 2.5–3.5, evaluation ≈ 6–9 (most of
-    # it Best-of-16 at four temperatures): ≈ 25–40 min in all, an estimate (the quiet run measures
-    # it; summary.json has each stage's seconds). Micro-batches of 8: the reward model pads each
-    # micro-batch to its longest pair, and smaller ones of similar lengths halve its step time.
-    "cpu-small": dict(single_turn=True, n_eval_prompts=128, hidden=256, layers=4, heads=4, vocab_size=4096,
-                      pretrain_epochs=3.0, pretrain_batch=32, pretrain_lr=2e-3, max_length=160,
+    # On 2 CPU cores, offline, on the 2,312 HH-RLHF pairs shipped in ../shared (fp32: this CPU has no
+    # fast bf16). 512 held-out prompts need multi-turn prompts too (the single-turn subset has 662
+    # pairs): the prompt is the conversation up to the last Assistant turn. The other 1,798 rows are
+    # split by prompt, half to the judge (a reward model of its own, from the base LM) and half to the
+    # policies (πSFT, DPO, PPO and the reward model of Best-of-N and PPO). The from-scratch model is
+    # pretrained on every transcript of the file except the eval prompts' conversations. Step times
+    # measured on a busy 2-core machine (1 thread: pretraining 6 s/step, SFT 3 s, reward model 7 s,
+    # DPO 5 s; Best-of-16 sampling 226 s per 128 prompts and temperature) and measured for the first
+    # stages (pretraining, 336 steps: 30 min at nice 19 beside other jobs; SFT 2.6 min; the judge
+    # 50 steps ≈ 8 min with its evaluations) say ≈ 10 more min of reward model and DPO, a few of PPO
+    # (20 steps of 32 rollouts) and ≈ 15–20 min of evaluation (three policies at three temperatures
+    # and Best-of-4 at two, 512 prompts each): ≈ 60–75 min a seed on a busy machine, an estimate
+    # (summary.json has each stage's seconds). The judge measured 54.5 % held-out accuracy there,
+    # below the 0.65 floor: the study stops after the judge stage unless --force.
+    # Micro-batches of 8: the reward model pads each micro-batch to its longest pair, and smaller
+    # ones of similar lengths halve its step time.
+    "cpu-small": dict(single_turn=False, n_eval_prompts=512, judge_fraction=0.5, hidden=256, layers=4, heads=4,
+                      vocab_size=4096, pretrain_epochs=3.0, pretrain_batch=32, pretrain_lr=2e-3, max_length=160,
                       max_prompt_length=96, max_new_tokens=48, batch_size=32, micro_batch_size=8, optimizer="adamw",
-                      warmup_steps=10, sft_steps=60, sft_lr=3e-4, rm_steps=50, rm_lr=1e-4, dpo_steps=80,
-                      dpo_lr=1e-4, ppo_steps=0, bon_ns="4,16", temperatures=ALL_TEMPERATURES, eval_batch=128),
+                      warmup_steps=10, sft_steps=60, sft_lr=3e-4, rm_steps=50, rm_lr=1e-4, judge_steps=50,
+                      judge_lr=1e-4, dpo_steps=80, dpo_lr=1e-4, ppo_steps=20, ppo_batch=32, ppo_mini_batch=8,
+                      ppo_epochs=2, ppo_lr=1e-5, ppo_kl_coef=0.05, bon_ns="4", temperatures="0,0.5,1.0",
+                      eval_batch=128),
     # §6.2 (Fig. 3 left): Pythia-2.8B on Anthropic HH, single-turn subset, β 0.1; needs the network and a GPU.
     # Rows the library cannot pair (e.g. identical chosen and rejected) are skipped and counted in the report.
     "paper": dict(_PAPER, data="Anthropic/hh-rlhf:train", eval_data="Anthropic/hh-rlhf:test", single_turn=True,
@@ -106,6 +113,15 @@ class WinrateConfig:
     dpo_lr: float = setting(1e-6, "DPO: learning rate", gt=0)
     rm_steps: int = setting(0, "reward model (Best-of-N, PPO and the default judge): steps (0: --epochs)", ge=0)
     rm_lr: float = setting(5e-6, "reward model: learning rate", gt=0)
+    judge_fraction: float = setting(0.5, "the local reward-model judge: the share of the training prompts (after the "
+                                         "eval prompts are held out) whose pairs train the judge only, never DPO, "
+                                         "PPO or their reward model (0: the judge is the policy's reward model; no "
+                                         "split with --judge-url/--judge-classifier)", ge=0)
+    judge_steps: int = setting(0, "the judge's reward model: steps on the judge's pairs (0: --epochs)", ge=0)
+    judge_lr: float = setting(5e-6, "the judge's reward model: learning rate", gt=0)
+    judge_init: str = setting("base", "the judge's reward model starts from the base LM (it never saw a preference "
+                                      "label) or from πSFT (fine-tuned on the policy's chosen answers)",
+                              choices=["base", "sft"])
     ppo_steps: int = setting(0, "PPO with the learned reward model: steps (rollout batches; 0: no PPO)", ge=0)
     ppo_lr: float = setting(1e-6, "PPO: learning rate", gt=0)
     ppo_kl_coef: float = setting(0.05, "PPO: KL coefficient", ge=0)
@@ -121,7 +137,8 @@ class WinrateConfig:
                                           "completions; key from DIRECTPO_JUDGE_API_KEY), e.g. GPT-4 as in the paper")
     judge_model: str | None = setting(None, "the endpoint's model name (with --judge-url)")
     judge_classifier: str | None = setting(None, "win-rate judge: an HF sequence classifier (higher score wins); "
-                                                 "default judge: the reward model trained here on the training pairs")
+                                                 "default judge: a reward model trained here on the judge's own "
+                                                 "pairs (--judge-fraction)")
     judge_floor: float = setting(0.65, "the least held-out pair accuracy of a judge whose win rates are reported: a "
                                        "reward-model judge measured below it is refused (0: no floor)", ge=0)
     force: bool = setting(False, "report win rates from a judge below --judge-floor anyway (marked so; every "
@@ -130,6 +147,8 @@ class WinrateConfig:
                                        "already in OUTPUT_DIR: nothing is trained, sampled or judged")
     samples_shown: int = setting(3, "side-by-side samples in summary.md", ge=0)
     seed: int = setting(0, "seed of every stage")
+    seeds: str = setting("", "run the whole study once per seed (e.g. 0,1,2) into OUTPUT_DIR/seed-S, then a pooled "
+                             "report in OUTPUT_DIR: win rates with t-intervals over seeds, paired differences pooled")
     precision: str = setting("fp32", "bf16: autocast matmuls (fast on GPUs and AMX CPUs only); "
                              "auto: bf16 where this machine runs it faster",
                              choices=["fp32", "bf16", "auto"])
@@ -156,9 +175,20 @@ class WinrateConfig:
             raise ConfigError("--judge-url needs --judge-model (the endpoint's model name)")
         if self.judge_floor > 1:
             raise ConfigError(f"--judge-floor: an accuracy between 0 and 1, got {self.judge_floor:g}")
+        if self.seeds:
+            seeds = parse_numbers(self.seeds, "seeds")
+            if not seeds or any(x != int(x) or x < 0 for x in seeds) or len(set(seeds)) != len(seeds):
+                raise ConfigError(f"--seeds: expected distinct whole numbers ≥ 0, e.g. 0,1,2; got {self.seeds!r}")
+        if self.judge_fraction >= 1:
+            raise ConfigError(f"--judge-fraction: a share below 1 (the policies need pairs too), got "
+                              f"{self.judge_fraction:g}")
         if self.judge_url and self.judge_classifier:
             raise ConfigError("give one judge: --judge-url or --judge-classifier, not both")
         return self
+
+    def own_judge(self) -> bool:
+        """Whether the judge is a reward model trained here on its own split (not the policy's)."""
+        return not (self.judge_url or self.judge_classifier) and self.judge_fraction > 0
 
     def temperature_list(self) -> list[float]:
         return parse_numbers(self.temperatures, "temperatures")

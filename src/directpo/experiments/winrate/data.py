@@ -97,18 +97,45 @@ def prepare_data(cfg, data_dir: Path) -> dict:
         evals = pick_eval_rows(cfg, pairs, exclude=set())
         eval_keys = {prompt_key(r["prompt"]) for r in evals}
         train = [r for r in pairs if prompt_key(r["prompt"]) not in eval_keys]
+    train, judge = split_judge(cfg, train)
     if len(train) < 2:
-        raise UserValueError(f"{source}: {len(train)} training pairs left after holding out {len(evals)} eval prompts; "
-                             "lower --n-eval-prompts or give more data")
+        raise UserValueError(f"{source}: {len(train)} training pairs left after holding out {len(evals)} eval prompts"
+                             f" and {len(judge)} judge pairs; lower --n-eval-prompts or --judge-fraction, or give more "
+                             "data")
     texts = pretraining_texts(rows, evals) if cfg.base_model is None else []
     write_jsonl(train, data_dir / "train.jsonl")
     write_jsonl(evals, data_dir / "eval.jsonl")
+    if judge:
+        write_jsonl(judge, data_dir / "judge.jsonl")
     write_jsonl(({"prompt": "", "completion": t} for t in texts), data_dir / "pretrain.jsonl")
     return {"source": source, "eval_source": cfg.eval_data or source, "synthetic": synthetic, "rows_read": len(rows),
             "skipped": report.total, "skipped_summary": report.summary() if report.total else "",
             "single_turn": getattr(cfg, "single_turn", False), "pairs": len(pairs), "train_pairs": len(train),
             "train_prompts": len({prompt_key(r["prompt"]) for r in train}), "eval_prompts": len(evals),
-            "pretrain_texts": len(texts)}
+            "pretrain_texts": len(texts), "judge_pairs": len(judge),
+            "judge_prompts": len({prompt_key(r["prompt"]) for r in judge}),
+            "judge_split_seed": judge_split_seed(cfg) if judge else None}
+
+
+def judge_split_seed(cfg) -> int:
+    # not the eval shuffle's seed: the two splits are drawn independently
+    return cfg.seed + 1_000_003
+
+
+def split_judge(cfg, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(the policies' pairs, the judge's pairs): a seeded share (--judge-fraction) of the training
+    PROMPTS, every row of a prompt on one side, so the judge is trained on prompts neither DPO nor PPO
+    nor their reward model sees (none for an external judge)."""
+    if not cfg.own_judge():
+        return rows, []
+    keys = sorted({prompt_key(r["prompt"]) for r in rows})
+    random.Random(judge_split_seed(cfg)).shuffle(keys)
+    judged = set(keys[:round(cfg.judge_fraction * len(keys))])
+    if len(judged) < 2:
+        raise UserValueError(f"--judge-fraction {cfg.judge_fraction:g} of {len(keys)} training prompts leaves the judge "
+                             f"{len(judged)} prompts; raise it or give more data")
+    return ([r for r in rows if prompt_key(r["prompt"]) not in judged],
+            [r for r in rows if prompt_key(r["prompt"]) in judged])
 
 
 def pick_eval_rows(cfg, rows: list[dict], exclude: set) -> list[dict]:

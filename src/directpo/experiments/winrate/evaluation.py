@@ -23,8 +23,8 @@ ENTRY_KEYS = ("win_rate", "win_rate_se", "win_rate_ci", "win_rate_lc", "win_rate
 
 
 def make_judge(cfg, rm: str):
-    """The study's judge: the chat endpoint, the classifier, or (default) the reward model trained
-    here on the training pairs."""
+    """The study's judge: the chat endpoint, the classifier, or (default) the reward model `rm`
+    trained here (the judge's own, or with --judge-fraction 0 the policies')."""
     from ...eval.judge import build_judge
 
     local_rm = None if (cfg.judge_url or cfg.judge_classifier) else rm
@@ -33,20 +33,41 @@ def make_judge(cfg, rm: str):
                        order="swap", retries=3, backoff=1.0, max_failure_rate=0.1, timeout=60.0, workers=4)
 
 
-def judge_label(cfg) -> str:
+def judge_label(cfg, own: bool = False) -> str:
     """Which judge, in words, for the report: a local reward model is not GPT-4, and says so."""
     if cfg.judge_url:
         return (f"chat model `{cfg.judge_model}` at {cfg.judge_url}, asked the paper's "
                 f"{JUDGE_PROMPTS[cfg.TASK]} question, each comparison in both orders")
     if cfg.judge_classifier:
         return f"local classifier `{cfg.judge_classifier}` (higher score wins) — NOT GPT-4 and not a human"
+    if own:
+        return ("local reward model trained here on its own pairs (`judge/`: prompts disjoint from the policies' "
+                "training prompts and the eval prompts; higher reward wins) — NOT GPT-4 and not a human; a separate "
+                "model from the reward model that Best-of-N and PPO optimise (`rm/`)")
     return ("local reward model trained here on the training pairs (`rm/`, higher reward wins) — NOT GPT-4 and not "
             "a human; Best-of-N and PPO optimise this same reward model, so their win rates are inflated by it")
 
 
-def entry_of(method: str, knob, source: dict) -> dict:
-    return {"method": method, "knob": knob, "temperature": source["temperature"],
-            **{k: source[k] for k in ENTRY_KEYS if k in source}}
+def entry_of(method: str, knob, source: dict, outcomes: list | None = None) -> dict:
+    entry = {"method": method, "knob": knob, "temperature": source["temperature"],
+             **{k: source[k] for k in ENTRY_KEYS if k in source}}
+    if outcomes is not None:
+        entry["outcomes"] = outcomes
+    return entry
+
+
+class RecordingJudge:
+    """Passes comparisons to the study's judge and keeps each call's per-prompt outcomes (1 win, 0.5
+    tie, 0 loss, None failed; one sample per prompt, in prompt order): what the paired tests between
+    methods compare, which `evaluate_policy`'s summary does not keep."""
+
+    def __init__(self, judge):
+        self.inner, self.calls = judge, []
+
+    def judge(self, *args, **kwargs):
+        verdicts = self.inner.judge(*args, **kwargs)
+        self.calls.append(list(verdicts.outcomes))
+        return verdicts
 
 
 def eval_policy(cfg, out: Path, method: str, model_dir: str, sft: str, judge) -> dict:
@@ -59,13 +80,17 @@ def measure_policy(cfg, out: Path, method: str, model_dir: str, sft: str, judge)
     from ...eval.evaluate import evaluate_policy
 
     evals = out / "evals"
+    recorder = RecordingJudge(judge)
     result = evaluate_policy(model_dir, str(out / "data" / "eval.jsonl"), str(evals / f"{method}.results.json"),
-                             ref=None if model_dir == sft else sft, judge=judge, n=1,
+                             ref=None if model_dir == sft else sft, judge=recorder, n=1,
                              temperatures=cfg.temperature_list(), max_new_tokens=cfg.max_new_tokens,
                              seed=cfg.seed + 4, batch_size=cfg.eval_batch, max_prompt_length=cfg.max_prompt_length,
                              device=cfg.device, precision=cfg.precision,
                              samples_out=str(evals / f"{method}.samples.jsonl"), progress=cfg.progress)
-    return {"entries": [entry_of(method, None, e) for e in result["temperatures"]],
+    # one judge call per temperature, in order (n = 1: one outcome per prompt)
+    temps = result["temperatures"]
+    outcomes = recorder.calls if len(recorder.calls) == len(temps) else [None] * len(temps)
+    return {"entries": [entry_of(method, None, e, o) for e, o in zip(temps, outcomes)],
             "kl": result.get("kl_mean", 0.0 if model_dir == sft else None), "kl_se": result.get("kl_se")}
 
 
@@ -107,7 +132,7 @@ def measure_best_of_n(cfg, out: Path, sft: str, rm: str, judge, t: float, ns: li
         length, length_se = mean_se([lengths[j] for j in picks])
         entries.append({"method": "best_of_n", "knob": n, "temperature": t,
                         **{key: v for key, v in verdicts.summary().items() if key in ENTRY_KEYS},
-                        "length_mean": length, "length_se": length_se})
+                        "length_mean": length, "length_se": length_se, "outcomes": list(verdicts.outcomes)})
         if n == k:  # the picks shown side by side in the report
             write_jsonl(({"temperature": t, "prompt_index": i, "completion": samples.texts[j]}
                          for i, j in enumerate(picks)), out / "evals" / f"best_of_n_T{t:g}.samples.jsonl")

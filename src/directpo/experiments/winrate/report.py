@@ -8,7 +8,8 @@ import math
 from pathlib import Path
 
 from ..common import relative_to
-from .findings import findings_markdown, judge_accuracy, judge_below_floor
+from .findings import Evidence, findings_markdown, judge_accuracy, judge_below_floor, wins_of
+from .paired import paired_markdown, paired_tests
 
 LABELS = {"dpo": "DPO", "preferred_ft": "Preferred-FT (πSFT)", "ppo": "PPO (learned RM)", "best_of_n": "Best-of-N"}
 COLORS = {"dpo": "tab:red", "preferred_ft": "tab:orange", "ppo": "tab:blue", "best_of_n": "tab:gray"}
@@ -33,11 +34,19 @@ def interval(point: dict) -> tuple[float, float] | None:
     return max(0.0, p - 1.96 * se), min(1.0, p + 1.96 * se)
 
 
-def write_report(cfg, out: Path, points: list[dict], info: dict, seconds: float) -> None:
-    (out / "points.json").write_text(json.dumps(points, indent=1))
+def write_report(cfg, out: Path, points: list[dict], info: dict, seconds: float) -> list[dict]:
+    """points.json, winrate.png and summary.md; returns the paired per-prompt tests (for summary.json)."""
+    write_points(points, out / "points.json")
     plot_winrates(points, out / "winrate.png", f"{TITLES[cfg.TASK][0]} ({cfg.preset}), judge: "
                                                f"{short_judge(cfg)}", info["evaluation"]["reference_length"])
-    (out / "summary.md").write_text(markdown(cfg, points, info, seconds))
+    paired = paired_tests(points, seed=cfg.seed)
+    (out / "summary.md").write_text(markdown(cfg, points, info, seconds, paired))
+    return paired
+
+
+def write_points(points: list[dict], path: Path) -> None:
+    """One entry a line: the per-prompt outcomes (hundreds of numbers each) stay on their entry's line."""
+    path.write_text("[\n" + ",\n".join(json.dumps(p) for p in points) + "\n]\n")
 
 
 def short_judge(cfg) -> str:
@@ -106,7 +115,7 @@ def table(points: list[dict], temps: list[float], key: str, ci_key: str | None, 
     return lines
 
 
-def markdown(cfg, points: list[dict], info: dict, seconds: float) -> str:
+def markdown(cfg, points: list[dict], info: dict, seconds: float, paired: list[dict]) -> str:
     temps = cfg.temperature_list()
     lines = header(cfg, info, seconds)
     lines += ["## Win rate against the reference (95 % bootstrap interval over prompts)", "",
@@ -116,7 +125,9 @@ def markdown(cfg, points: list[dict], info: dict, seconds: float) -> str:
                   *table(points, temps, "win_rate_lc", "win_rate_lc_ci"), ""]
     if any(p.get("judge_consistency") is not None for p in points):
         lines += ["## Judge consistency (both orders agree)", "", *table(points, temps, "judge_consistency", None), ""]
-    lines += findings_markdown(points, info, cfg)
+    if paired:
+        lines += paired_markdown(paired, LABELS)
+    lines += findings_markdown(points, info, cfg, Evidence(wins_of(points), paired))  # the table's own tests
     lines += ["## Mean length (tokens)", "", f"Reference: {info['evaluation']['reference_length']:.1f} tokens.", "",
               *table(points, temps, "length_mean", None), ""]
     lines += samples_section(info["evaluation"]["samples"])
@@ -136,15 +147,15 @@ def header(cfg, info: dict, seconds: float) -> list[str]:
         base_line += f", a small Llama pretrained here ({base['steps']} steps on {base['texts']} texts)"
     ppo = info.get("ppo")
     lines += [f"- data: {data['source']} ({data['rows_read']} rows read, {data['skipped']} skipped"
-              + (", single-turn prompts only" if data["single_turn"] else "") + f"); eval prompts from "
-              f"{data['eval_source']}",
-              f"- training: {data['train_pairs']} pairs over {data['train_prompts']} prompts; evaluation: "
-              f"{data['eval_prompts']} held-out prompts, disjoint from every training prompt",
+              + prompt_kind(cfg, data) + f"); eval prompts from {data['eval_source']}",
+              f"- training: {data['train_pairs']} pairs over {data['train_prompts']} prompts" + judge_split_text(data)
+              + f"; evaluation: {data['eval_prompts']} held-out prompts, disjoint from every training prompt",
               base_line,
               f"- Preferred-FT (πSFT): {sft['steps']} steps on the chosen responses",
               f"- DPO: β {cfg.beta:g}, {dpo['steps']} steps from πSFT (πref = πSFT)",
-              f"- reward model: {rm['steps']} steps; agrees with the human label on "
-              f"{format_rate(rm['heldout_accuracy'])} of the held-out pairs",
+              f"- reward model of Best-of-N and PPO (`rm/`): {rm['steps']} steps on the policies' training pairs "
+              f"from πSFT; agrees with the human label on {format_rate(rm['heldout_accuracy'])} of the held-out pairs",
+              judge_model_line(info),
               f"- PPO: {ppo['steps']} steps, KL coefficient {cfg.ppo_kl_coef:g}" if ppo else
               "- PPO: not run (no budget in this preset: --ppo-steps 0)",
               f"- Best-of-N: N ∈ {{{', '.join(map(str, cfg.bon_list()))}}} samples of πSFT, the best by the reward "
@@ -154,6 +165,29 @@ def header(cfg, info: dict, seconds: float) -> list[str]:
               f"- sampling: one completion per prompt and temperature, ≤ {cfg.max_new_tokens} new tokens",
               f"- total time: {seconds / 60:.1f} min", "", "![win rate vs temperature](winrate.png)", ""]
     return lines
+
+
+def prompt_kind(cfg, data: dict) -> str:
+    if data["single_turn"]:
+        return ", single-turn prompts only"
+    return ", multi-turn prompts included: a prompt is the conversation up to its last Assistant turn" \
+        if cfg.TASK == "dialogue" else ""
+
+
+def judge_split_text(data: dict) -> str:
+    if not data.get("judge_pairs"):
+        return ""
+    return (f"; the judge's own: {data['judge_pairs']} pairs over {data['judge_prompts']} other prompts (a split of "
+            f"the training prompts seeded {data['judge_split_seed']})")
+
+
+def judge_model_line(info: dict) -> str:
+    judge = info.get("judge")
+    if not judge:
+        return "- judge's reward model: none of its own (the judge is named below)"
+    return (f"- judge's reward model (`judge/`): {judge['steps']} steps on its {judge['pairs']} pairs from the "
+            f"{'base LM' if judge['init'] == 'base' else 'πSFT'}; agrees with the human label on "
+            f"{format_rate(judge['heldout_accuracy'])} of the held-out pairs")
 
 
 def judge_floor_line(cfg, info: dict) -> str:

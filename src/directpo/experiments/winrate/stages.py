@@ -1,4 +1,4 @@
-"""Stages 2–6, the models: the base LM, Preferred-FT (πSFT), the reward model, DPO, PPO.
+"""Stages 2–6, the models: the base LM, Preferred-FT (πSFT), the reward model, the judge, DPO, PPO.
 
 Every trainer run continues a killed run from its last checkpoint and skips a finished one (its
 completion marker). Torch and the trainers are imported where they are used: `directpo experiment
@@ -83,20 +83,39 @@ def final_metric(result: dict, key: str):
 
 
 def stage_rm(cfg, out: Path, sft: str, n_train: int) -> dict:
-    """A Bradley–Terry reward model on the training pairs (from πSFT), with its accuracy on the
-    held-out pairs: how often it agrees with the human label on prompts it never saw."""
+    """A Bradley–Terry reward model on the policies' training pairs (from πSFT), with its accuracy on
+    the held-out pairs: how often it agrees with the human label on prompts it never saw. Best-of-N's
+    picker and PPO's reward (part of those methods, as in the paper); the judge only without a split
+    of its own (--judge-fraction 0)."""
+    steps = run_steps(cfg, cfg.rm_steps, n_train)
+    return {"rm": str(out / "rm"), "steps": steps,
+            "heldout_accuracy": train_bradley_terry(cfg, sft, out / "data" / "train.jsonl", out, out / "rm", steps,
+                                                    cfg.rm_lr)}
+
+
+def stage_judge(cfg, out: Path, base: str, sft: str, n_judge: int) -> dict:
+    """The judge: a Bradley–Terry reward model on the judge's own pairs (prompts disjoint from the
+    policies' and the eval prompts; see `data.split_judge`), started from the base LM (or πSFT, with
+    --judge-init sft), with its held-out accuracy on the eval prompts' pairs."""
+    steps = run_steps(cfg, cfg.judge_steps, n_judge)
+    init = base if cfg.judge_init == "base" else sft
+    return {"judge": str(out / "judge"), "steps": steps, "pairs": n_judge, "init": cfg.judge_init,
+            "heldout_accuracy": train_bradley_terry(cfg, init, out / "data" / "judge.jsonl", out, out / "judge", steps,
+                                                    cfg.judge_lr)}
+
+
+def train_bradley_terry(cfg, init: str, data: Path, out: Path, rm_dir: Path, steps: int, lr: float) -> float | None:
+    """Train (or finish) a reward model in `rm_dir`; its last held-out pair accuracy on OUT/data/eval.jsonl."""
     from ...rlhf.config import RewardModelConfig
     from ...rlhf.reward_model import train_reward_model
     from ...training.run import is_complete
 
-    rm_dir = out / "rm"
-    steps = run_steps(cfg, cfg.rm_steps, n_train)
     if not is_complete(rm_dir):
         train_reward_model(RewardModelConfig(
-            model=sft, data=str(out / "data" / "train.jsonl"), eval_data=str(out / "data" / "eval.jsonl"),
-            output_dir=str(rm_dir), lr=cfg.rm_lr, resume="latest", **common_settings(cfg, steps)))
+            model=init, data=str(data), eval_data=str(out / "data" / "eval.jsonl"), output_dir=str(rm_dir), lr=lr,
+            resume="latest", **common_settings(cfg, steps)))
     evals = read_metrics(rm_dir, split="eval")
-    return {"rm": str(rm_dir), "steps": steps, "heldout_accuracy": evals[-1].get("accuracy") if evals else None}
+    return evals[-1].get("accuracy") if evals else None
 
 
 def stage_ppo(cfg, out: Path, sft: str, rm: str) -> dict:
