@@ -114,6 +114,60 @@ def test_the_measured_activation_cost_grows_with_the_tokens(tiny_model, task, on
     assert all(p.grad is None for p in model.parameters())  # the probe leaves no gradient behind
 
 
+def test_the_probe_leaves_no_activation_behind(one_thread, tmp_path):
+    """Each probe's saved tensors are freed with its graph: a pack hook that handed back the tensor
+    itself tied the graph in a cycle, and every probe stayed resident (a 0.5B model at its bound: +0.7
+    GiB a probe, past the budget being measured)."""
+    import gc
+
+    from directpo.data.tokenize import TokenizedExample
+    from directpo.models import load_model
+    from directpo.toy import build_tiny_model, review_task
+
+    def anon() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon"))
+
+    train, _ = review_task(n_train=16, n_eval=2)
+    build_tiny_model(tmp_path, [r["prompt"] + r["chosen"] for r in train], hidden=256, layers=2, intermediate=1024)
+    model = load_model(str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(5, model.config.vocab_size - 1, (n,), generator=g).tolist()  # noqa: E731
+    batch = make_batch([TokenizedExample(prompt_ids=ids(200), response_ids=[ids(300), ids(300)]) for _ in range(4)])
+    cpu = torch.device("cpu")
+    counted = B.activation_bytes_measured(model, batch, cpu, "fp32")  # the heap grows to its working size
+    gc.collect()
+    start = anon()
+    for _ in range(3):
+        assert B.activation_bytes_measured(model, batch, cpu, "fp32") == counted
+    gc.collect()
+    assert anon() - start < counted / 4  # (leaking, it grew by about half the count each time)
+
+
+def make_batch(examples):
+    from directpo.data import make_collate
+
+    return make_collate("padded", 0, None)(examples)
+
+
+def test_no_probe_is_larger_than_micro_batch_1(tiny_model, task, tmp_path, monkeypatch, one_thread):
+    """Measuring must not pass the budget it measures for: the probes are the longest example and
+    that example cut to half, and the fitted line still gives micro-batch 1 what was measured."""
+    probes = []
+    measure = B.activation_bytes_measured
+
+    def recording(policy, batch, device, precision):
+        probes.append(int(batch.input_ids.numel()))
+        return measure(policy, batch, device, precision)
+
+    monkeypatch.setattr(B, "activation_bytes_measured", recording)
+    train(_cfg(tiny_model, task, tmp_path / "probe", memory_budget="64GiB", max_steps=1))
+    plan = json.loads((tmp_path / "probe" / "directpo_config.json").read_text())["memory_plan"]
+    assert len(probes) == 2 and probes[1] < 0.9 * probes[0]  # the longest example, then its half
+    assert plan["tokens"] >= probes[0]  # micro-batch 8's longest possible batch is larger than either
+    assert plan["need_by_micro_batch"]["1"] < plan["need_by_micro_batch"]["2"]
+
+
 def test_a_planned_run_takes_a_smaller_micro_batch_and_the_same_gradients(tiny_model, task, tmp_path, monkeypatch,
                                                                           one_thread):
     # The process's own memory depends on what ran before in this test session: count it as 0, so

@@ -9,7 +9,8 @@ need(m) = now + gradients + optimizer state + a + b·tokens(m) [+ the LM head's 
   gradients, optimizer state   not allocated yet: 4·T and 4·T × states, as in `training.plan` (T
              counted on the loaded model, adapters only under LoRA)
   a + b·t    activations of a micro-batch of t tokens, measured on the real model, layout and
-             precision at two points (the longest example alone, the two longest together):
+             precision at two points (the longest example, and the same cut to half: no
+             probe larger than micro-batch 1, so measuring never passes a budget that fits one):
              the peak of allocated memory over a forward and backward on CUDA; on the CPU the
              bytes autograd keeps for the backward (distinct storages, parameters excluded),
              counted through saved-tensor hooks. Not RSS: the allocator keeps and reuses the pages
@@ -115,7 +116,10 @@ def activation_bytes_measured(policy, batch, device, precision: str) -> int:
             ptr = t.untyped_storage().data_ptr()
             if ptr not in params:
                 kept[ptr] = t.untyped_storage().nbytes()
-            return t
+            # detached: the same storage, kept alive so no other tensor reuses its address during the
+            # count, but not the tensor itself, whose grad_fn would then hold its own saved copy: a
+            # cycle the garbage collector cannot see, so every probe's activations stayed resident
+            return t.detach()
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_ctx(device, precision):
             lp = example_logps(policy, batch)
@@ -149,10 +153,15 @@ def plan_for_budget(cfg, policy, train_set, collate, device, world: int = 1, kee
     b1, t1 = activation_bytes_measured(policy, batch_of(1).to(device), device, cfg.precision), tokens_of(1)
     intercept, per_token = 0.0, b1 / t1
     if len(longest) > 1 and cfg.batch_size // world > 1:
-        b2, t2 = activation_bytes_measured(policy, batch_of(2).to(device), device, cfg.precision), tokens_of(2)
-        if t2 > t1 and b2 > b1:  # the line through both points: a part per micro-batch, and one per token
-            per_token = (b2 - b1) / (t2 - t1)
-            intercept = max(0.0, b1 - per_token * t1)
+        # The second point is the longest example cut to half, not the two longest together: no probe
+        # is larger than micro-batch 1, which a budget that fits anything must hold anyway.
+        half = collate([halved(train_set[longest[0]])])
+        t2 = int(half.input_ids.numel())
+        if t2 < 0.9 * t1:  # (too close to t1, the slope would be noise: stay proportional)
+            b2 = activation_bytes_measured(policy, half.to(device), device, cfg.precision)
+            if b2 < b1:  # the line through both points: a part per micro-batch, and one per token
+                per_token = (b1 - b2) / (t1 - t2)
+                intercept = max(0.0, b1 - per_token * t1)
     fixed_of = lambda offload: current + 4 * trainable * (1 + (0 if offload else states))  # noqa: E731
     measured = lambda: (intercept, per_token)  # noqa: E731
     checkpointed = lambda: checkpointed_cost(cfg, policy, train_set[longest[0]].num_tokens)  # noqa: E731
@@ -165,6 +174,17 @@ def plan_for_budget(cfg, policy, train_set, collate, device, world: int = 1, kee
     if not offload_on and device.type == "cuda":
         steps.append((True, True, checkpointed, tokens_checkpointed))
     return escalate(budget, cfg, world, steps, fixed_of, keep, agree, device)
+
+
+def halved(example):
+    """`example` with each response cut to half its tokens and, for text, the prompt to its last half
+    (a vision-language prompt is kept whole: its image tokens must match its pictures)."""
+    from dataclasses import replace
+
+    responses = [r[:max(1, len(r) // 2)] for r in example.response_ids]
+    if getattr(example, "vision", None) is not None:
+        return replace(example, response_ids=responses)
+    return replace(example, prompt_ids=example.prompt_ids[len(example.prompt_ids) // 2:], response_ids=responses)
 
 
 def checkpointed_cost(cfg, policy, longest_tokens: int) -> tuple[float, float]:
