@@ -112,3 +112,14 @@ def spread_weights(model, seed: int = 0):
             if p.dim() >= 2:
                 p.normal_(0, p.shape[-1] ** -0.5)
     return model
+
+
+@pytest.fixture(autouse=True)
+def share_every_repeated_prompt(monkeypatch):
+    """The sampler's tests exercise both ways a prompt's repeats attend its keys (shared or copied) on
+    tiny models and short prompts, where `eval.sampling.shares_keys` would copy for speed: every test
+    shares whatever repeats, unless it sets `SHARED_KEYS_MIN` itself (tests/eval/test_sampling.py
+    tests the rule)."""
+    from directpo.eval import sampling
+
+    monkeypatch.setattr(sampling, "SHARED_KEYS_MIN", 0)

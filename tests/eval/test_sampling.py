@@ -308,3 +308,20 @@ def test_bucketing_restores_the_input_order(tiny_model, tiny_tokenizer, monkeypa
     assert lengths == sorted(lengths, reverse=True) and lengths != [len(p) for p in ids]  # really reordered
     alone = [generate_completions(model, tiny_tokenizer, [p], max_new_tokens=6, temperature=0.0)[0] for p in ids]
     assert together == alone
+
+
+def test_repeats_share_keys_only_where_the_copies_would_be_many(tiny_model, monkeypatch):
+    """`shares_keys`: short prompts repeated a few times are copied (one attention call beats a call
+    per prompt), long or often repeated ones shared; never without repeats (2 rows a prompt at least)."""
+    from directpo.eval import sampling as S
+
+    monkeypatch.setattr(S, "SHARED_KEYS_MIN", 65536)
+    model = load_model(str(tiny_model))
+    width = S._kv_width(model)
+    assert width == model.config.num_key_value_heads * model.config.head_dim
+    need = lambda rows, distinct: -(-65536 * distinct // ((rows - distinct) * width))  # noqa: E731  (prompt tokens)
+    for rows, distinct in ((256, 64), (16, 1), (8, 4)):
+        assert not S.shares_keys(model, rows, distinct, need(rows, distinct) - 1)
+        assert S.shares_keys(model, rows, distinct, need(rows, distinct))
+    assert not S.shares_keys(model, 8, 5, 10 ** 6)  # fewer than 2 rows a prompt
+    assert not S.shares_keys(model, 8, 8, 10 ** 6)  # no repeats
