@@ -142,8 +142,12 @@ def compare_systems(results: list[dict]) -> dict | None:
 # The printed report
 
 
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+DASH = "—"  # a missing value in the sampling and wall-time tables
+
+
+def fmt(v, spec: str, missing: str = "-") -> str:
+    """`v` formatted by `spec`, or `missing` where there is no value: every bench table's cells."""
+    return missing if v is None else format(v, spec)
 
 
 def _cpu_kind(machine: dict) -> str:
@@ -193,10 +197,10 @@ def _results_table(results: list[dict]) -> list[str]:
             continue
         row = (f"{x['system']:<9} {x['config']:<24} {_optimizer_text(x.get('optimizer')):<8} {_micro_text(x):>9} "
                f"{x['pairs_per_s']:>8.3f} {x['tokens_per_s']:>9.0f} {x['peak_rss_mib']:>12.0f} "
-               f"{_fmt(x.get('peak_above_import_mib'), '>12.0f')} {x['gflops']:>8.2f} "
-               f"{_fmt(x['pct_of_peak'], '>8.1f')}%")
+               f"{fmt(x.get('peak_above_import_mib'), '>12.0f')} {x['gflops']:>8.2f} "
+               f"{fmt(x['pct_of_peak'], '>8.1f')}%")
         if cuda:
-            row += f" {_fmt(x.get('cuda_peak_mib'), '>12.0f')}"
+            row += f" {fmt(x.get('cuda_peak_mib'), '>12.0f')}"
         lines.append(row)
     return lines
 
@@ -238,7 +242,7 @@ def _sweep_lines(sweep: list[dict]) -> list[str]:
             lines.append(f"{x['vocab']:>8} {x['error']}")
             continue
         lines.append(f"{x['vocab']:>8} {x['params'] / 1e6:>9.2f} {x['peak_rss_mib']:>12.0f} "
-                     f"{_fmt(x.get('rss_growth_mib'), '>9.0f')} {_fmt(x.get('param_state_growth_mib'), '>26.0f')} "
+                     f"{fmt(x.get('rss_growth_mib'), '>9.0f')} {fmt(x.get('param_state_growth_mib'), '>26.0f')} "
                      f"{x['pairs_per_s']:>8.3f}")
     last = next((x for x in reversed(sweep) if "sublinear" in x), None)
     if last is not None:

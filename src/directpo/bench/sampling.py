@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ..console import log
 from ..errors import UserValueError
+from .report import DASH, fmt
 from .runner import _machine, _versions, run_child
 
 SYSTEMS = ("directpo", "generate")
@@ -109,10 +110,6 @@ def summarize(runs: list[dict], ks: list[int]) -> list[dict]:
     return out
 
 
-def _f(v, spec: str) -> str:
-    return "—" if v is None else format(v, spec)
-
-
 def format_table(r: dict) -> str:
     """A markdown table: one row per K and system, the ratios on directpo's row."""
     s, m = r["settings"], r["machine"]
@@ -124,10 +121,10 @@ def format_table(r: dict) -> str:
     for row in r["results"]:
         for system in SYSTEMS:
             x, q = row[system], row["ratio"] if system == "directpo" else {}
-            lines.append(f"| {row['k']} | {LABELS[system]} | {_f(x['tokens_per_s'], '.0f')} | "
-                         f"{_f(x['samples_per_s'], '.2f')} | {_f(x['peak_rss_mib'], '.0f')} | "
-                         f"{_f(x['rss_above_import_mib'], '.0f')} | {_f(q.get('tokens_per_s'), '.2f')} | "
-                         f"{_f(q.get('peak_rss_mib'), '.2f')} | {_f(q.get('tokens_per_cpu_s'), '.2f')} |")
+            lines.append(f"| {row['k']} | {LABELS[system]} | {fmt(x['tokens_per_s'], '.0f', DASH)} | "
+                         f"{fmt(x['samples_per_s'], '.2f', DASH)} | {fmt(x['peak_rss_mib'], '.0f', DASH)} | "
+                         f"{fmt(x['rss_above_import_mib'], '.0f', DASH)} | {fmt(q.get('tokens_per_s'), '.2f', DASH)} | "
+                         f"{fmt(q.get('peak_rss_mib'), '.2f', DASH)} | {fmt(q.get('tokens_per_cpu_s'), '.2f', DASH)} |")
     return "\n".join(lines)
 
 

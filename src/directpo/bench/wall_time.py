@@ -60,6 +60,7 @@ from pathlib import Path
 from ..console import log
 from ..errors import UserValueError
 from . import trees
+from .report import DASH, fmt
 
 WALL_COMMANDS = ("online", "sentiment-stage")
 TREES = ("before", "after")
@@ -205,10 +206,6 @@ def summarize(runs: list[dict], commands: list[str]) -> list[dict]:
     return out
 
 
-def _f(v, spec: str) -> str:
-    return "—" if v is None else format(v, spec)
-
-
 def format_table(result: dict) -> str:
     """The markdown table: whole-command wall time per tree and the ratio, then the phases."""
     rev, s = result["revisions"], result["settings"]
@@ -220,15 +217,15 @@ def format_table(result: dict) -> str:
              "| CPU s before | CPU s after |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["results"]:
         b, a = r["before"], r["after"]
-        lines.append(f"| {r['command']} | {_f(b.get('wall_s'), '.1f')} | {_f(a.get('wall_s'), '.1f')} | "
-                     f"{_f(r['ratio'], '.2f')} | {_f(b.get('peak_rss_mib'), '.0f')} | {_f(a.get('peak_rss_mib'), '.0f')} "
-                     f"| {_f(b.get('cpu_s'), '.1f')} | {_f(a.get('cpu_s'), '.1f')} |")
+        lines.append(f"| {r['command']} | {fmt(b.get('wall_s'), '.1f', DASH)} | {fmt(a.get('wall_s'), '.1f', DASH)} | "
+                     f"{fmt(r['ratio'], '.2f', DASH)} | {fmt(b.get('peak_rss_mib'), '.0f', DASH)} | {fmt(a.get('peak_rss_mib'), '.0f', DASH)} "
+                     f"| {fmt(b.get('cpu_s'), '.1f', DASH)} | {fmt(a.get('cpu_s'), '.1f', DASH)} |")
     lines += ["", "| command | phase | before s | after s | before/after |", "| --- | --- | --- | --- | --- |"]
     for r in result["results"]:
         b, a = r["before"].get("phases") or {}, r["after"].get("phases") or {}
         for p in dict.fromkeys([*b, *a]):
             ratio = b[p] / a[p] if b.get(p) and a.get(p) else None
-            lines.append(f"| {r['command']} | {p} | {_f(b.get(p), '.1f')} | {_f(a.get(p), '.1f')} | {_f(ratio, '.2f')} |")
+            lines.append(f"| {r['command']} | {p} | {fmt(b.get(p), '.1f', DASH)} | {fmt(a.get(p), '.1f', DASH)} | {fmt(ratio, '.2f', DASH)} |")
     failed = [f"{r['command']} {t}: {r[t]['rounds_failed']}" for r in result["results"] for t in TREES
               if r[t]["rounds_failed"]]
     if failed:
