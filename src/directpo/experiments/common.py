@@ -52,6 +52,20 @@ def shared_run_settings(cfg) -> dict:
                 progress=cfg.progress, log_every=NO_LOG_LINES, max_length=cfg.max_length)
 
 
+def continue_run(output_dir) -> dict:
+    """The resume settings of a study's stage run: from its last checkpoint; a run stopped before
+    its first checkpoint has nothing to continue from, so it is started again (its partial log
+    replaced, said in the log) instead of stopping the whole study on `--resume`'s refusal."""
+    from ..training.checkpoint import latest_checkpoint
+    from ..training.run import METRICS_FILE, is_complete
+
+    out = Path(output_dir)
+    if (out / METRICS_FILE).exists() and not is_complete(out) and latest_checkpoint(out) is None:
+        log(f"{out}: stopped before its first checkpoint: started again")
+        return {"resume": None, "overwrite": True}
+    return {"resume": "latest"}
+
+
 def train_resumable(**settings) -> dict:
     """`train` that continues a killed run from its last checkpoint, and skips a finished one (its
     completion record returned)."""
@@ -62,7 +76,7 @@ def train_resumable(**settings) -> dict:
     out = Path(settings["output_dir"])
     if is_complete(out):
         return json.loads((out / COMPLETE_MARKER).read_text())
-    return train(TrainConfig(resume="latest", **settings))
+    return train(TrainConfig(**continue_run(out), **settings))
 
 
 class StudyClock:

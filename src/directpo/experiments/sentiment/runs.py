@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ...diskio import default_mode
 from .config import SentimentConfig, parse_numbers
+from ..common import continue_run
 from .stages import NO_LOG_LINES, shared_run_settings, train_resumable
 
 PREFERENCE_LOSSES = {"dpo": "dpo", "unlikelihood": "unlikelihood", "preferred_ft": "sft"}
@@ -75,7 +76,8 @@ def train_ppo_run(cfg: SentimentConfig, out: Path, sft: str, run: Run, scorer, e
     return ppo(PPOConfig(model=sft, prompts=str(out / "prompts" / "train.jsonl"), output_dir=str(run_dir),
                          reward_model=reward_model, kl_coef=run.knob, lr=cfg.ppo_lr, batch_size=cfg.ppo_batch,
                          mini_batch_size=cfg.ppo_mini_batch, ppo_epochs=cfg.ppo_epochs, max_steps=run.steps,
-                         max_new_tokens=cfg.max_new_tokens, snapshot_every=every, save_every=every, keep_last=1, resume="latest",
+                         max_new_tokens=cfg.max_new_tokens, snapshot_every=every, save_every=every, keep_last=1,
+                         **continue_run(run_dir),
                          seed=cfg.seed, precision=cfg.precision, device=cfg.device, threads=cfg.threads,
                          progress=cfg.progress, log_every=NO_LOG_LINES,
                          generation_batch_size=cfg.eval_batch), reward=reward)

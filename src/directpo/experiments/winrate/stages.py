@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from ...runfiles import read_metrics
-from ..common import read_jsonl, shared_run_settings, train_resumable
+from ..common import continue_run, read_jsonl, shared_run_settings, train_resumable
 
 CHECKPOINTS_PER_RUN = 4  # a killed run loses at most a quarter of its steps
 
@@ -113,7 +113,7 @@ def train_bradley_terry(cfg, init: str, data: Path, out: Path, rm_dir: Path, ste
     if not is_complete(rm_dir):
         train_reward_model(RewardModelConfig(
             model=init, data=str(data), eval_data=str(out / "data" / "eval.jsonl"), output_dir=str(rm_dir), lr=lr,
-            resume="latest", **common_settings(cfg, steps)))
+            **continue_run(rm_dir), **common_settings(cfg, steps)))
     evals = read_metrics(rm_dir, split="eval")
     return evals[-1].get("accuracy") if evals else None
 
@@ -131,6 +131,6 @@ def stage_ppo(cfg, out: Path, sft: str, rm: str) -> dict:
                       mini_batch_size=cfg.ppo_mini_batch, ppo_epochs=cfg.ppo_epochs, max_steps=cfg.ppo_steps,
                       max_new_tokens=cfg.max_new_tokens, max_prompt_length=cfg.max_prompt_length,
                       generation_batch_size=cfg.eval_batch, save_every=max(1, cfg.ppo_steps // CHECKPOINTS_PER_RUN),
-                      keep_last=1, resume="latest", **{k: v for k, v in shared_run_settings(cfg).items()
+                      keep_last=1, **continue_run(run_dir), **{k: v for k, v in shared_run_settings(cfg).items()
                                                         if k != "max_length"}))
     return {"ppo": str(run_dir), "steps": cfg.ppo_steps}
