@@ -25,6 +25,15 @@ def unwrap_peft(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def attention_widths(config) -> tuple[int, int, int]:
+    """(query heads, key-value heads, head width) of a causal LM's config (a vision-language model's:
+    its language model's)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    return heads, getattr(text, "num_key_value_heads", None) or heads, \
+        getattr(text, "head_dim", None) or text.hidden_size // heads
+
+
 def pick_device(device: str | None = None) -> torch.device:
     """The requested device (checked: it must exist in this torch build), or cuda when available."""
     if not device:

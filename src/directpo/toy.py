@@ -239,21 +239,22 @@ def _qwen_vl(config_class, processor_name: str, tok, template: str, hidden: int,
     return config, image_only_qwen2_vl_processor(images, tok, template, processor_name)
 
 
+def _clip_tower(tower: dict, image_size: int):
+    """The CLIP vision tower of the LLaVA families, on 14-px patches."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=tower["hidden"], intermediate_size=2 * tower["hidden"],
+                            num_hidden_layers=tower["layers"], num_attention_heads=tower["heads"],
+                            image_size=image_size, patch_size=14)
+
+
 def _llava_parts(tok, template: str, hidden: int, layers: int, heads: int, image_size: int,
                  tower: dict):
     """LLaVA: a one-layer CLIP vision tower on 14-px patches; its CLS feature dropped ("default"
     strategy), so an image is (image_size/14)² image tokens."""
-    from transformers import (
-        CLIPImageProcessorPil,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaProcessor,
-    )
+    from transformers import CLIPImageProcessorPil, LlamaConfig, LlavaConfig, LlavaProcessor
 
-    vision = CLIPVisionConfig(hidden_size=tower["hidden"], intermediate_size=2 * tower["hidden"],
-                              num_hidden_layers=tower["layers"], num_attention_heads=tower["heads"],
-                              image_size=image_size, patch_size=14)
+    vision = _clip_tower(tower, image_size)
     config = LlavaConfig(vision_config=vision, text_config=LlamaConfig(**_text_config(tok, hidden, layers, heads)),
                          image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
                          vision_feature_select_strategy="default", tie_word_embeddings=False)
@@ -271,17 +272,9 @@ def _llava_next_parts(tok, template: str, hidden: int, layers: int, heads: int, 
     resized whole plus the crops of the grid (of `image_size` cells, 1×1 to 2×2) that fits its aspect
     best, so how many crops and image tokens it gets depends on its size (with `image_sizes` the
     model drops the grid's padding and adds a newline feature per row)."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaNextConfig,
-        LlavaNextImageProcessorPil,
-        LlavaNextProcessor,
-    )
+    from transformers import LlamaConfig, LlavaNextConfig, LlavaNextImageProcessorPil, LlavaNextProcessor
 
-    vision = CLIPVisionConfig(hidden_size=tower["hidden"], intermediate_size=2 * tower["hidden"],
-                              num_hidden_layers=tower["layers"], num_attention_heads=tower["heads"],
-                              image_size=image_size, patch_size=14)
+    vision = _clip_tower(tower, image_size)
     grid = [[image_size * h, image_size * w] for h in (1, 2) for w in (1, 2)]
     config = LlavaNextConfig(vision_config=vision,
                              text_config=LlamaConfig(**_text_config(tok, hidden, layers, heads)),

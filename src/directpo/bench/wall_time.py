@@ -234,14 +234,10 @@ def format_table(result: dict) -> str:
 
 
 def _check(cfg) -> list[str]:
-    commands = parse_commands(cfg.wall_commands)
-    if not cfg.before:
-        raise UserValueError("--wall-time needs --before REV: the git revision to compare this checkout with")
+    """The commands; what `BenchConfig.validate` leaves to this mode (--before, --model and --data it checks)."""
     if cfg.rounds < 1:
         raise UserValueError(f"--rounds {cfg.rounds}: --wall-time needs at least one round")
-    if cfg.model is None or ("online" in commands and cfg.data is None):
-        raise UserValueError("--wall-time needs --model (and --data: the online command's prompts)")
-    return commands
+    return parse_commands(cfg.wall_commands)
 
 
 def wall_time(cfg) -> dict:

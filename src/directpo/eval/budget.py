@@ -11,8 +11,9 @@ prompts, the longest P tokens, T = max_new_tokens (c = P + T, the cache's capaci
              memory allocated on the device, or the process's resident set
   cache      the KV cache as `sampling.sample_batch` allocates it, k bytes per row and position (all
              layers' keys and values, read off the sampler's own cache tensors): rows·c·k; when the
-             prompts are shared (two rows a prompt or more, plain attention) each prompt's keys and
-             values once and each row's own new tokens: distinct·c·k + rows·T·k. Plus one layer's
+             prompts are shared (`sampling.sharing_rule`: repeated, long enough, plain attention)
+             each prompt's keys and values once and each row's own new tokens: distinct·c·k +
+             rows·T·k. Plus one layer's
              tensor of rows·c positions: reordering the cache (a prompt's copies, finished rows
              leaving) makes a new tensor before the old one goes
   prefill    measured: the bytes a forward over rows of the run's longest prompt creates (every

@@ -43,7 +43,7 @@ from ..console import log
 from ..data.collate import merge_vision
 from ..errors import UserValueError
 from ..attention import supports_segment_attention
-from ..models import unwrap_peft
+from ..models import attention_widths, unwrap_peft
 from .decode import lean_decoder
 # (imported by name, called through this module's globals: tests replace `sampling._new_cache`, `_groups`)
 from .kv_cache import (_SHARING, SHARED_PREFIX, _attention, _groups, _new_cache, _register_shared_prefix,
@@ -162,17 +162,27 @@ SHARED_KEYS_MIN = 65536  # (repeat rows × prompt tokens × key-value width) per
 
 
 def _kv_width(model) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    _, kv_heads, head_dim = attention_widths(unwrap_peft(model).config)
+    return kv_heads * head_dim
+
+
+def sharing_rule(model):
+    """`shares(rows, distinct, prompt_tokens)`: whether a batch of `rows` rows of `distinct` prompts
+    (padded to `prompt_tokens`) decodes with each prompt's keys kept once and shared by its rows, else
+    copied to them (see SHARED_KEYS_MIN). What it needs of `model` is read here, once per plan."""
+    if not supports_segment_attention(model):
+        return lambda rows, distinct, prompt_tokens: False
+    width = _kv_width(model)
+
+    def shares(rows: int, distinct: int, prompt_tokens: int) -> bool:
+        return distinct < rows and 2 * distinct <= rows and \
+            (rows - distinct) * prompt_tokens * width >= SHARED_KEYS_MIN * distinct
+    return shares
 
 
 def shares_keys(model, rows: int, distinct: int, prompt_tokens: int) -> bool:
-    """Whether a batch of `rows` rows of `distinct` prompts (padded to `prompt_tokens`) decodes with
-    each prompt's keys kept once and shared by its rows (else copied to them): see SHARED_KEYS_MIN."""
-    if distinct >= rows or 2 * distinct > rows or not supports_segment_attention(model):
-        return False
-    return (rows - distinct) * prompt_tokens * _kv_width(model) >= SHARED_KEYS_MIN * distinct
+    """`sharing_rule(model)` for one batch (the sampler asks once per batch)."""
+    return sharing_rule(model)(rows, distinct, prompt_tokens)
 
 
 def _prefill(model, prompts: list[list[int]], pad_id: int, capacity: int, share_prefix: bool,
@@ -451,6 +461,7 @@ def plan_batch(model, prompt_ids: list[list[int]], max_new_tokens: int, top_p: f
     ids = [tuple(p) for p in prompt_ids] if vision is None else \
         [(tuple(p), v.vision.digest if v.vision else None) for p, v in zip(prompt_ids, vision)]  # as `_prefill`
     keys = [first.setdefault(k, len(first)) for k in ids]  # which prompt (its repeats share it)
+    shares = sharing_rule(model)
     lengths = [len(p) for p in prompt_ids]
 
     @functools.lru_cache(maxsize=None)
@@ -459,7 +470,7 @@ def plan_batch(model, prompt_ids: list[list[int]], max_new_tokens: int, top_p: f
         for w0, sizes, parts in _windows(lengths, batch_size):
             for part in parts:
                 rows, distinct = len(part), len({keys[w0 + i] for i in part})
-                shared = shares_keys(model, rows, distinct, max(lengths[w0 + i] for i in part))  # as `_prefill`
+                shared = shares(rows, distinct, max(lengths[w0 + i] for i in part))  # as `_prefill` decides
                 n = batch_need(costs, rows, distinct, max(lengths[w0 + i] for i in part), shared, sum(sizes))
                 worst = n if n["total"] > worst["total"] else worst
         return worst

@@ -45,7 +45,7 @@ from ..console import log
 from ..data import make_collate
 from ..data.image_features import pending_bytes
 from ..memory import GiB, KiB, MiB, current_memory, parse_size, size_str  # noqa: F401 (re-exported)
-from ..models import enable_activation_checkpointing
+from ..models import enable_activation_checkpointing, unwrap_peft
 from .plan import HEAD_CHUNK_BYTES, OPTIMIZER_STATES, PlanConfig, activation_bytes, head_bytes, shape_of
 
 
@@ -182,7 +182,7 @@ def halved(example):
     from dataclasses import replace
 
     responses = [r[:max(1, len(r) // 2)] for r in example.response_ids]
-    if getattr(example, "vision", None) is not None:
+    if example.vision is not None:
         return replace(example, response_ids=responses)
     return replace(example, prompt_ids=example.prompt_ids[len(example.prompt_ids) // 2:], response_ids=responses)
 
@@ -193,7 +193,7 @@ def checkpointed_cost(cfg, policy, longest_tokens: int) -> tuple[float, float]:
     the CPU count cannot see them, and turning it on just to measure would change the model."""
     pcfg = PlanConfig(model=cfg.model, max_length=max(2, longest_tokens), precision=cfg.precision,
                       activation_checkpointing=True, lora_r=cfg.lora_r)
-    shape = shape_of(unwrap(policy))
+    shape = shape_of(unwrap_peft(policy))
     intercept = head_bytes(shape, pcfg)
     return intercept, (activation_bytes(shape, pcfg, 1) - intercept) / (2 * pcfg.max_length)
 
@@ -227,12 +227,6 @@ def escalate(budget: int, cfg, world: int, steps: list, fixed_of, keep, agree, d
                  if turned else None)
         return p
     raise AssertionError("no step to plan")  # `steps` always holds the run's own settings
-
-
-def unwrap(model):
-    from ..models import unwrap_peft
-
-    return unwrap_peft(model)
 
 
 def apply_memory_budget(t) -> None:

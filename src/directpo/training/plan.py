@@ -245,6 +245,8 @@ def shape_of(model) -> Shape:
     and the pixels by `image_bytes`) is `Shape.vision`."""
     import torch
 
+    from ..models import attention_widths
+
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     blocks_named = set(getattr(model, "_no_split_modules", None) or [])
     within = model
@@ -256,9 +258,7 @@ def shape_of(model) -> Shape:
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     hidden = text.hidden_size
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    heads, kv_heads, head_dim = attention_widths(model.config)
     lora = sum(m.in_features + m.out_features for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear))
     linears: dict = {}
     for m in model.modules():
