@@ -48,6 +48,8 @@ NAME = "directpo_segments"
 Segment = tuple[int, int, int, tuple[int, ...]]
 
 _PLAN: contextvars.ContextVar = contextvars.ContextVar("directpo_segment_plan", default=None)
+# The attention module whose prompt queries are cut to the prompt's last token (`prompt_tail_only`).
+_TAIL: contextvars.ContextVar = contextvars.ContextVar("directpo_prompt_tail", default=None)
 
 # Config attributes that change attention beyond a mask over softmax(QKᵀ/√d)V: such models keep the
 # dense-mask path (exact for them by construction).
@@ -149,6 +151,7 @@ def _segment_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
                       scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
         return out.transpose(1, 2).contiguous(), None
     kw = dict(dropout_p=dropout, scale=scaling)
+    tail = _TAIL.get() is module
     if key.shape[1] != query.shape[1]:
         kw["enable_gqa"] = True
     # Rows are cut into pieces with `split` (never by per-segment slicing: a slice's backward is a
@@ -163,14 +166,17 @@ def _segment_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         parts = [None] * len(qs)
         for qi, kvi, P, lens in items:
             k, v = ks[kvi], vs[kvi]
-            # Prompt queries: causal with top-left alignment, so query i sees keys 0..i (prompt only).
-            parts[qi] = F.scaled_dot_product_attention(qs[qi], k, v, is_causal=True, **kw)
+            if tail:  # only the last prompt token's row is read (it sees the whole prompt); zeros above it
+                last = F.scaled_dot_product_attention(qs[qi][:, :, -1:], k[:, :, :P], v[:, :, :P], **kw)
+                parts[qi] = (qs[qi].new_zeros((*qs[qi].shape[:2], P - 1, qs[qi].shape[3])), last)
+            else:  # prompt queries: causal with top-left alignment, so query i sees keys 0..i (prompt only)
+                parts[qi] = F.scaled_dot_product_attention(qs[qi], k, v, is_causal=True, **kw)
             parts[qi + 1] = F.scaled_dot_product_attention(
                 qs[qi + 1], k, v, attn_mask=plan.response_mask(P, lens, query.device), **kw)
         for n, part in enumerate(parts):
             if part is None:  # padding: zeros (nothing reads them)
                 parts[n] = qs[n].new_zeros(qs[n].shape)
-        outs.append(torch.cat(parts, dim=2))
+        outs.append(torch.cat([t for part in parts for t in (part if isinstance(part, tuple) else (part,))], dim=2))
     out = torch.cat(outs)
     return out.transpose(1, 2).contiguous(), None
 
@@ -289,6 +295,30 @@ def attention_implementation(model: nn.Module, name: str):
     finally:
         for c, before in zip(configs, saved):
             c._attn_implementation_internal = before
+
+
+@contextlib.contextmanager
+def prompt_tail_only(module: nn.Module, batch):
+    """Within the block, the segment attention of `module` (one attention layer) computes, of each
+    prompt's queries, the last token's only: for the last layer, whose other prompt rows nothing reads
+    (`directpo.narrow`). Only where `batch` is a segment layout whose label positions include no
+    earlier prompt token (else nothing changes)."""
+    token = _TAIL.set(module if _only_prompt_tails(batch) else None)
+    try:
+        yield
+    finally:
+        _TAIL.reset(token)
+
+
+def _only_prompt_tails(batch) -> bool:
+    """True when no label position of a segment batch is a prompt token other than the prompt's last."""
+    if batch.segments is None:
+        return False
+    rows, length = batch.input_ids.shape
+    early = torch.zeros(rows * length, dtype=torch.bool)
+    for r, start, P, _ in batch.segments:
+        early[r * length + start:r * length + start + P - 1] = True
+    return not bool(early[batch.label_pos.cpu()].any())
 
 
 @contextlib.contextmanager

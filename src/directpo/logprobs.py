@@ -30,6 +30,7 @@ from .data.image_features import forward_inputs
 from .errors import UserValueError
 from .fused import lean_lora, lean_mlp, lean_norms
 from .models import unwrap_peft
+from .narrow import narrow_last_layer
 
 # Config attributes that make an LM head more than `hidden @ W.T (+ b)`: models carrying any of them
 # take the plain path (the model's own logits), so results stay exact for every architecture.
@@ -241,7 +242,8 @@ def token_logps(model: nn.Module, batch, fused: bool = True, segmented: bool = T
     with attend, lean_mlp(model), lean_norms(model), lean_lora(model):
         if parts is not None:
             backbone, head = parts
-            hidden = backbone(**kwargs).last_hidden_state
+            with narrow_last_layer(backbone, model, batch.input_ids, batch.label_pos, batch):  # its rows the head does not read are not computed
+                hidden = backbone(**kwargs).last_hidden_state
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.label_pos)
             return head_logprobs(head, hidden, batch.label_ids)
         # Plain path: the model's own logits (exact for heads with softcapping or scaling).

@@ -26,6 +26,7 @@ from ..data.formats import Example
 from ..errors import UserValueError
 from ..models import (autocast_ctx, load_tokenizer, pick_device, quiet_transformers, remote_code_error,
                       safetensors_only_error)
+from ..narrow import narrow_last_layer
 
 OFFSET_KEY = "reward_offset"
 
@@ -62,9 +63,11 @@ def _head(model) -> nn.Linear:
 
 def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(R,) scalar head on the hidden state of each right-padded row's last real token, fp32."""
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     last = attention_mask.sum(1) - 1
-    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    with narrow_last_layer(model.base_model, model, input_ids, rows * input_ids.shape[1] + last):  # one row each
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    h = hidden[rows, last]
     return _head(model)(h).squeeze(-1).float()
 
 

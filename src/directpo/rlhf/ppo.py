@@ -44,6 +44,7 @@ from ..errors import UserValueError
 from ..eval.sampling import decode, generate_completions
 from ..eval.scorers import as_scorer, load_reward_fn
 from ..logprobs import _backbone_and_head, head_logprobs, token_logps
+from ..narrow import narrow_last_layer
 from ..models import autocast_ctx, check_vocab, freeze, load_model, load_tokenizer, pick_device
 from ..training.loop import batch_order
 from ..training.alarms import HealthMonitor
@@ -122,7 +123,8 @@ def policy_forward(policy, value_head: nn.Linear, batch, entropy: bool = False):
     parts = _backbone_and_head(policy)
     if parts is not None:
         backbone, head = parts
-        hidden = backbone(**kwargs).last_hidden_state
+        with narrow_last_layer(backbone, policy, batch.input_ids, batch.label_pos):  # only the rows read below
+            hidden = backbone(**kwargs).last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.label_pos)
         logp = head_logprobs(head, h, batch.label_ids)
         logits_of = lambda rows: head(rows)  # noqa: E731
