@@ -59,3 +59,19 @@ def test_paired_prompt_bootstrap_narrows_when_methods_share_prompt_effects():
     assert apart_a["se"] == pytest.approx(1 / math.sqrt(200), rel=0.25)
     with pytest.raises(ValueError, match="same prompts"):
         prompt_bootstrap(gap, [a, b[:100]])
+
+
+def test_the_prediction_interval_is_where_a_new_seed_lands():
+    # 1..5: 3 ± t(0.975, 4)·s·√(1 + 1/5) = 3 ± 2.77645·1.58114·1.09545 = 3 ± 4.80894
+    iv = seed_interval([1, 2, 3, 4, 5])
+    assert (iv["pred_low"], iv["pred_high"]) == (pytest.approx(-1.80894, abs=1e-4), pytest.approx(7.80894, abs=1e-4))
+    assert seed_interval([0.3])["pred_low"] is None
+    # Five seeds, then a sixth: the prediction interval holds it ~95 % of the time, the mean's interval ~68 %.
+    rng = np.random.default_rng(0)
+    inside_pred = inside_mean = 0
+    for _ in range(4000):
+        xs = rng.normal(size=6)
+        iv = seed_interval(xs[:5])
+        inside_pred += iv["pred_low"] <= xs[5] <= iv["pred_high"]
+        inside_mean += iv["low"] <= xs[5] <= iv["high"]
+    assert 0.93 < inside_pred / 4000 < 0.97 and inside_mean / 4000 < 0.75

@@ -75,19 +75,25 @@ def t_quantile(p: float, df: float) -> float:
 
 
 def seed_interval(values: Sequence[float], level: float = 0.95) -> dict:
-    """Mean, t-interval (df = n − 1) and sign count of per-seed differences. With one seed there is
-    no interval (low/high None): nothing about the seed-to-seed spread is known."""
+    """Mean, t-interval (df = n − 1) and sign count of per-seed differences, and the prediction
+    interval for one more seed (`pred_low`, `pred_high`: mean ± t·sd·√(1 + 1/n), where a new seed's
+    value falls with probability `level` under normal seed-to-seed spread; the interval for the mean is
+    √(n + 1) times narrower and says where the mean is, not where a seed lands). With one seed there is
+    no interval (None): nothing about the seed-to-seed spread is known."""
     xs = [float(v) for v in values]
     n = len(xs)
     if n == 0:
-        return {"n": 0, "mean": None, "sd": None, "low": None, "high": None, "positive": 0, "negative": 0}
+        return {"n": 0, "mean": None, "sd": None, "low": None, "high": None, "pred_low": None, "pred_high": None,
+                "positive": 0, "negative": 0}
     mean = statistics.fmean(xs)
-    out = {"n": n, "mean": mean, "sd": None, "low": None, "high": None, "t": None,
+    out = {"n": n, "mean": mean, "sd": None, "low": None, "high": None, "pred_low": None, "pred_high": None, "t": None,
            "positive": sum(x > 0 for x in xs), "negative": sum(x < 0 for x in xs)}
     if n > 1:
         sd = statistics.stdev(xs)
-        half = t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n)
-        out.update(sd=sd, low=mean - half, high=mean + half, t=mean / (sd / math.sqrt(n)) if sd > 0 else None)
+        q = t_quantile(0.5 + level / 2.0, n - 1)
+        half, spread = q * sd / math.sqrt(n), q * sd * math.sqrt(1 + 1 / n)
+        out.update(sd=sd, low=mean - half, high=mean + half, pred_low=mean - spread, pred_high=mean + spread,
+                   t=mean / (sd / math.sqrt(n)) if sd > 0 else None)
     return out
 
 

@@ -119,6 +119,9 @@ class SentimentConfig:
     seed: int = setting(0, "seed of every stage")
     seeds: str = setting("", "run the whole study once per seed (e.g. 0,1,2: prompts, samples, pairs, RM, runs), "
                              "each in OUTPUT_DIR/seed-S, and report them together in OUTPUT_DIR (overrides --seed)")
+    check_seeds: str = setting("", "with --seeds: seeds run apart (each in OUTPUT_DIR/seed-S, e.g. `--seed S "
+                                   "--output-dir OUTPUT_DIR/seed-S`), each of whose gaps is checked against the pooled "
+                                   "seeds' 95 % prediction interval for a new seed (OUTPUT_DIR/check-seeds.md)")
     precision: str = setting("fp32", "bf16: autocast matmuls (fast on GPUs and AMX CPUs only); "
                              "auto: bf16 where this machine runs it faster",
                              choices=["fp32", "bf16", "auto"])
@@ -160,6 +163,14 @@ class SentimentConfig:
             seeds = parse_numbers(self.seeds, "seeds")
             if not seeds or any(x != int(x) or x < 0 for x in seeds) or len(set(seeds)) != len(seeds):
                 raise UserValueError(f"--seeds: expected distinct whole numbers ≥ 0, e.g. 0,1,2; got {self.seeds!r}")
+        if self.check_seeds:
+            check = parse_numbers(self.check_seeds, "check_seeds")
+            if not self.seeds:
+                raise UserValueError("--check-seeds needs --seeds: the seeds whose intervals the others are checked "
+                                     "against")
+            if not check or any(x != int(x) or x < 0 for x in check) or set(check) & set(seeds):
+                raise UserValueError(f"--check-seeds: expected whole numbers ≥ 0 not in --seeds ({self.seeds}); got "
+                                     f"{self.check_seeds!r}")
         for name in ("dpo_betas", "ul_weights", "ppo_kl_coefs", "ppo_gt_kl_coefs", "bon_ns"):
             parse_numbers(getattr(self, name), name)
         return self

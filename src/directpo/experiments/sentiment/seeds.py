@@ -16,6 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ...console import log
+from ...diskio import write_text
+from ...errors import UserValueError
 from ..frontier import (LABELS, budget_table, budget_verdict, hull_of, length_controlled, plot_frontier, summarize,
                         write_points)
 from ..intervals import interval_word, seed_interval
@@ -51,7 +53,56 @@ def report_seeds(cfg: SentimentConfig, seeds: list[int]) -> dict:
               "length_controlled": pooled["length_controlled"],
               "seconds": sum(v for v in seconds.values() if v is not None)}
     (out / "summary.json").write_text(json.dumps(result, indent=1))
+    if cfg.check_seeds:
+        result["check_seeds"] = check_seeds(cfg, seeds, pooled)
     return result
+
+
+def check_seeds(cfg: SentimentConfig, seeds: list[int], pooled: dict) -> dict:
+    """Each seed of --check-seeds (a study in OUT/seed-S, not pooled): its gap to each baseline, in both
+    views, against the pooled seeds' 95 % prediction interval for a new seed; OUT/check-seeds.md and
+    .json. Inside for ~95 % of gaps is what normal seed-to-seed spread predicts."""
+    out = Path(cfg.output_dir)
+    rows = []
+    for s in (int(x) for x in parse_numbers(cfg.check_seeds, "check_seeds")):
+        path = out / f"seed-{s}" / "points.json"
+        if not path.exists():
+            raise UserValueError(f"--check-seeds: {path} does not exist; run that seed first: directpo experiment "
+                                 f"sentiment --preset {cfg.preset} --seed {s} --output-dir {path.parent}")
+        points = [{**p, "seed": s} for p in json.loads(path.read_text())]
+        for view in VIEWS:
+            gaps = summarize(view_points(points, view)) if any(p["method"] == "sft" for p in points) else {}
+            for m, c in pooled[view].items():
+                iv, gap = c["interval"], gaps.get(m, {}).get("diff")
+                inside = None if gap is None or iv["pred_low"] is None else iv["pred_low"] <= gap <= iv["pred_high"]
+                rows.append({"seed": s, "view": view, "baseline": m, "gap": gap, "pooled": iv, "inside": inside})
+    judged = [r for r in rows if r["inside"] is not None]
+    result = {"seeds": seeds, "checked": sorted({r["seed"] for r in rows}), "rows": rows,
+              "inside": sum(r["inside"] for r in judged), "judged": len(judged)}
+    write_text(out / "check-seeds.json", json.dumps(result, indent=1))
+    write_text(out / "check-seeds.md", check_markdown(result))
+    log(f"sentiment: --check-seeds: {result['inside']} of {result['judged']} gaps inside the pooled seeds' 95 % "
+        f"prediction intervals -> {out / 'check-seeds.md'}")
+    return result
+
+
+def check_markdown(result: dict) -> str:
+    n = len(result["seeds"])
+    lines = [f"# Seeds run apart, against the pooled seeds ({', '.join(map(str, result['seeds']))})", "",
+             f"{result['inside']} of {result['judged']} gaps fall inside the pooled seeds' 95 % prediction interval for "
+             f"a new seed (mean ± t·sd·√(1 + 1/{n}), {n - 1} degrees of freedom); normal seed-to-seed spread puts ~95 % "
+             "inside, so about one gap in twenty outside is expected. The interval for the mean (also shown) is "
+             f"√{n + 1} times narrower: it says where the mean is, not where one seed lands.", "",
+             "| seed | view | baseline | gap | pooled mean [95 % interval] | 95 % prediction interval | inside |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        iv = r["pooled"]
+        pred = "—" if iv["pred_low"] is None else f"[{iv['pred_low']:+.3f}, {iv['pred_high']:+.3f}]"
+        gap = "—" if r["gap"] is None else f"{r['gap']:+.3f}"
+        inside = {True: "yes", False: "**no**", None: "—"}[r["inside"]]
+        lines.append(f"| {r['seed']} | {VIEWS[r['view']]} | {LABELS.get(r['baseline'], r['baseline'])} | {gap} | "
+                     f"{fmt_interval(iv)} | {pred} | {inside} |")
+    return "\n".join(lines) + "\n"
 
 
 def view_points(points: list[dict], view: str) -> list[dict]:
@@ -141,12 +192,15 @@ def seeds_markdown(cfg: SentimentConfig, seeds: list[int], seconds: dict, points
 
 def pooled_section(seeds: list[int], pooled: dict, title: str) -> list[str]:
     lines = [f"## DPO against each baseline — {title}", "",
-             "| baseline | gap per seed | mean [95 % interval] (signs) | crossings (KL) per seed | verdict |",
-             "|---|---|---|---|---|"]
+             "| baseline | gap per seed | mean [95 % interval] (signs) | a new seed: 95 % prediction interval | "
+             "crossings (KL) per seed | verdict |",
+             "|---|---|---|---|---|---|"]
     for m, c in pooled.items():
         gaps = " / ".join(f"{c['diff_by_seed'][s]:+.3f}" if s in c["diff_by_seed"] else "—" for s in seeds)
         cross = " / ".join(",".join(f"{k:.1f}" for k in c["crossings_by_seed"].get(s, [])) or "none" for s in seeds)
-        lines.append(f"| {LABELS.get(m, m)} | {gaps} | {fmt_interval(c['interval'])} | {cross} | {c['verdict']} |")
+        iv = c["interval"]
+        pred = "—" if iv.get("pred_low") is None else f"[{iv['pred_low']:+.3f}, {iv['pred_high']:+.3f}]"
+        lines.append(f"| {LABELS.get(m, m)} | {gaps} | {fmt_interval(iv)} | {pred} | {cross} | {c['verdict']} |")
     lines += ["", f"The gap at fixed KLs ({title}; mean [95 % interval] over the seeds whose common range reaches "
                   "that KL; — where none does):", "",
               "| baseline | " + " | ".join(f"KL {k:g}" for k in GRID) + " |", "|---|" + "---|" * len(GRID)]
