@@ -150,3 +150,19 @@ def test_reward_model_and_ppo_forwards_read_the_same_numbers(tiny_model, tok, ti
     assert torch.allclose(narrowed[0], whole[0], atol=1e-5, equal_nan=True)
     for a, b in zip(narrowed[1], whole[1]):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-6)
+
+
+def test_a_mixture_of_experts_mlp_runs_on_every_row(model):
+    from torch import nn
+
+    layer = narrow.last_decoder_layer(model.base_model)
+    assert narrow.narrowed_parts(layer) == [layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp]
+
+    class Experts(nn.Module):  # the shape of a sparse MoE block: a router ("gate") and experts
+        def __init__(self):
+            super().__init__()
+            self.gate, self.experts = nn.Linear(4, 2), nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+    moe = nn.Module()
+    moe.self_attn, moe.mlp = layer.self_attn, Experts()
+    assert narrow.narrowed_parts(moe) == [layer.self_attn.q_proj, layer.self_attn.o_proj]

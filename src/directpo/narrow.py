@@ -21,7 +21,8 @@ Measured (2-core AVX2 EPYC): see docs/results/bench/cpu-headroom.md, "Fourth pas
 
 Not applied (the full layer runs) where a forward is recomputed in backward (activation
 checkpointing: the recomputation would run without the hooks), where the model has no plain
-decoder stack `layers` with `self_attn` and `mlp`, or when the rows kept would be most of them.
+decoder stack `layers` with `self_attn` and `mlp`, or when the rows kept would be most of them; a
+mixture-of-experts MLP runs on every row (`narrowed_parts`).
 """
 from __future__ import annotations
 
@@ -44,6 +45,17 @@ def last_decoder_layer(backbone: nn.Module) -> nn.Module | None:
             layer = layers[-1]
             return layer if hasattr(layer, "self_attn") and isinstance(getattr(layer, "mlp", None), nn.Module) else None
     return None
+
+
+def narrowed_parts(layer: nn.Module) -> list[nn.Module]:
+    """The modules of `layer` that run on the kept rows: the query and output projections, and the MLP
+    unless it routes tokens to experts (a mixture of experts may return its router's logits too, and
+    its load balance is a statistic over all the rows)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    parts = [getattr(attn, "q_proj", None), getattr(attn, "o_proj", None)]
+    if not any(hasattr(mlp, a) for a in ("experts", "router", "gate")) or hasattr(mlp, "gate_proj"):
+        parts.append(mlp)
+    return [m for m in parts if isinstance(m, nn.Module)]
 
 
 def _rows_only(module: nn.Module, keep: torch.Tensor) -> list:
@@ -78,9 +90,8 @@ def narrow_last_layer(backbone: nn.Module, model: nn.Module, input_ids: torch.Te
     attn = layer.self_attn
     hooks = []
     try:
-        for m in (getattr(attn, "q_proj", None), getattr(attn, "o_proj", None), layer.mlp):
-            if isinstance(m, nn.Module):
-                hooks += _rows_only(m, keep)
+        for m in narrowed_parts(layer):
+            hooks += _rows_only(m, keep)
         with prompt_tail_only(attn, batch) if batch is not None else contextlib.nullcontext():
             yield
     finally:
