@@ -96,12 +96,10 @@ def check_markdown(result: dict) -> str:
              "| seed | view | baseline | gap | pooled mean [95 % interval] | 95 % prediction interval | inside |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        iv = r["pooled"]
-        pred = "—" if iv["pred_low"] is None else f"[{iv['pred_low']:+.3f}, {iv['pred_high']:+.3f}]"
         gap = "—" if r["gap"] is None else f"{r['gap']:+.3f}"
         inside = {True: "yes", False: "**no**", None: "—"}[r["inside"]]
         lines.append(f"| {r['seed']} | {VIEWS[r['view']]} | {LABELS.get(r['baseline'], r['baseline'])} | {gap} | "
-                     f"{fmt_interval(iv)} | {pred} | {inside} |")
+                     f"{fmt_interval(r['pooled'])} | {fmt_prediction(r['pooled'])} | {inside} |")
     return "\n".join(lines) + "\n"
 
 
@@ -166,6 +164,13 @@ def fmt_interval(iv: dict, digits: int = 3) -> str:
             f"({iv['positive']}+/{iv['negative']}−)")
 
 
+def fmt_prediction(iv: dict, digits: int = 3) -> str:
+    """A seed interval's 95 % prediction interval for a new seed, or — (fewer than two seeds)."""
+    if iv.get("pred_low") is None:
+        return "—"
+    return f"[{iv['pred_low']:+.{digits}f}, {iv['pred_high']:+.{digits}f}]"
+
+
 def seeds_markdown(cfg: SentimentConfig, seeds: list[int], seconds: dict, points: list[dict], pooled: dict) -> str:
     minutes = [v / 60 for v in seconds.values() if v is not None]
     took = f", {min(minutes):.1f}–{max(minutes):.1f} min each on this machine" if minutes else ""
@@ -198,9 +203,8 @@ def pooled_section(seeds: list[int], pooled: dict, title: str) -> list[str]:
     for m, c in pooled.items():
         gaps = " / ".join(f"{c['diff_by_seed'][s]:+.3f}" if s in c["diff_by_seed"] else "—" for s in seeds)
         cross = " / ".join(",".join(f"{k:.1f}" for k in c["crossings_by_seed"].get(s, [])) or "none" for s in seeds)
-        iv = c["interval"]
-        pred = "—" if iv.get("pred_low") is None else f"[{iv['pred_low']:+.3f}, {iv['pred_high']:+.3f}]"
-        lines.append(f"| {LABELS.get(m, m)} | {gaps} | {fmt_interval(iv)} | {pred} | {cross} | {c['verdict']} |")
+        lines.append(f"| {LABELS.get(m, m)} | {gaps} | {fmt_interval(c['interval'])} | "
+                     f"{fmt_prediction(c['interval'])} | {cross} | {c['verdict']} |")
     lines += ["", f"The gap at fixed KLs ({title}; mean [95 % interval] over the seeds whose common range reaches "
                   "that KL; — where none does):", "",
               "| baseline | " + " | ".join(f"KL {k:g}" for k in GRID) + " |", "|---|" + "---|" * len(GRID)]
