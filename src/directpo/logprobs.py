@@ -242,7 +242,8 @@ def token_logps(model: nn.Module, batch, fused: bool = True, segmented: bool = T
     with attend, lean_mlp(model), lean_norms(model), lean_lora(model):
         if parts is not None:
             backbone, head = parts
-            with narrow_last_layer(backbone, model, batch.input_ids, batch.label_pos, batch):  # its rows the head does not read are not computed
+            # the last layer's rows the head does not read are not computed (directpo.narrow)
+            with narrow_last_layer(backbone, model, batch.input_ids, batch.label_pos, batch):
                 hidden = backbone(**kwargs).last_hidden_state
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.label_pos)
             return head_logprobs(head, hidden, batch.label_ids)

@@ -215,17 +215,18 @@ def format_table(result: dict) -> str:
              f"medians; {result['machine'].get('device_name')}", "",
              "| command | before s | after s | before/after | peak RSS MiB before | peak RSS MiB after "
              "| CPU s before | CPU s after |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    row = lambda *cells: "| " + " | ".join(c if isinstance(c, str) else fmt(*c, DASH) for c in cells) + " |"  # noqa: E731
     for r in result["results"]:
         b, a = r["before"], r["after"]
-        lines.append(f"| {r['command']} | {fmt(b.get('wall_s'), '.1f', DASH)} | {fmt(a.get('wall_s'), '.1f', DASH)} | "
-                     f"{fmt(r['ratio'], '.2f', DASH)} | {fmt(b.get('peak_rss_mib'), '.0f', DASH)} | {fmt(a.get('peak_rss_mib'), '.0f', DASH)} "
-                     f"| {fmt(b.get('cpu_s'), '.1f', DASH)} | {fmt(a.get('cpu_s'), '.1f', DASH)} |")
+        lines.append(row(r["command"], (b.get("wall_s"), ".1f"), (a.get("wall_s"), ".1f"), (r["ratio"], ".2f"),
+                         (b.get("peak_rss_mib"), ".0f"), (a.get("peak_rss_mib"), ".0f"), (b.get("cpu_s"), ".1f"),
+                         (a.get("cpu_s"), ".1f")))
     lines += ["", "| command | phase | before s | after s | before/after |", "| --- | --- | --- | --- | --- |"]
     for r in result["results"]:
         b, a = r["before"].get("phases") or {}, r["after"].get("phases") or {}
         for p in dict.fromkeys([*b, *a]):
             ratio = b[p] / a[p] if b.get(p) and a.get(p) else None
-            lines.append(f"| {r['command']} | {p} | {fmt(b.get(p), '.1f', DASH)} | {fmt(a.get(p), '.1f', DASH)} | {fmt(ratio, '.2f', DASH)} |")
+            lines.append(row(r["command"], p, (b.get(p), ".1f"), (a.get(p), ".1f"), (ratio, ".2f")))
     failed = [f"{r['command']} {t}: {r[t]['rounds_failed']}" for r in result["results"] for t in TREES
               if r[t]["rounds_failed"]]
     if failed:

@@ -159,18 +159,14 @@ class SentimentConfig:
             raise UserValueError("need online_rounds ≥ 1, online_samples ≥ 2 and online_beta > 0")
         if self.dpo_cover < 0 or self.dpo_max_steps < 0:
             raise UserValueError("need dpo_cover ≥ 0 and dpo_max_steps ≥ 0")
-        if self.seeds:
-            seeds = parse_numbers(self.seeds, "seeds")
-            if not seeds or any(x != int(x) or x < 0 for x in seeds) or len(set(seeds)) != len(seeds):
-                raise UserValueError(f"--seeds: expected distinct whole numbers ≥ 0, e.g. 0,1,2; got {self.seeds!r}")
+        seeds = _seed_list(self.seeds, "seeds", "distinct whole numbers ≥ 0, e.g. 0,1,2")
         if self.check_seeds:
-            check = parse_numbers(self.check_seeds, "check_seeds")
             if not self.seeds:
                 raise UserValueError("--check-seeds needs --seeds: the seeds whose intervals the others are checked "
                                      "against")
-            if not check or any(x != int(x) or x < 0 for x in check) or set(check) & set(seeds):
-                raise UserValueError(f"--check-seeds: expected whole numbers ≥ 0 not in --seeds ({self.seeds}); got "
-                                     f"{self.check_seeds!r}")
+            rule = f"whole numbers ≥ 0 not in --seeds ({self.seeds})"
+            if set(_seed_list(self.check_seeds, "check_seeds", rule)) & set(seeds):
+                raise UserValueError(f"--check-seeds: expected {rule}; got {self.check_seeds!r}")
         for name in ("dpo_betas", "ul_weights", "ppo_kl_coefs", "ppo_gt_kl_coefs", "bon_ns"):
             parse_numbers(getattr(self, name), name)
         return self
@@ -183,6 +179,16 @@ class SentimentConfig:
 
     def runs_method(self, method: str) -> bool:
         return method in self.method_list()
+
+
+def _seed_list(text: str, name: str, rule: str) -> list[float]:
+    """The seeds of setting `name` (empty: none): distinct whole numbers ≥ 0, else an error stating `rule`."""
+    if not text:
+        return []
+    seeds = parse_numbers(text, name)
+    if not seeds or any(x != int(x) or x < 0 for x in seeds) or len(set(seeds)) != len(seeds):
+        raise UserValueError(f"--{name.replace('_', '-')}: expected {rule}; got {text!r}")
+    return seeds
 
 
 def recorded_config(out: Path) -> SentimentConfig:

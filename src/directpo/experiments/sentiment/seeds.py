@@ -89,9 +89,9 @@ def check_seeds(cfg: SentimentConfig, seeds: list[int], pooled: dict) -> dict:
 def check_markdown(result: dict) -> str:
     n = len(result["seeds"])
     lines = [f"# Seeds run apart, against the pooled seeds ({', '.join(map(str, result['seeds']))})", "",
-             f"{result['inside']} of {result['judged']} gaps fall inside the pooled seeds' 95 % prediction interval for "
-             f"a new seed (mean ± t·sd·√(1 + 1/{n}), {n - 1} degrees of freedom); normal seed-to-seed spread puts ~95 % "
-             "inside, so about one gap in twenty outside is expected. The interval for the mean (also shown) is "
+             f"{result['inside']} of {result['judged']} gaps fall inside the pooled seeds' 95 % prediction interval "
+             f"for a new seed (mean ± t·sd·√(1 + 1/{n}), {n - 1} degrees of freedom); normal seed-to-seed spread puts "
+             "~95 % inside, so about one gap in twenty outside is expected. The interval for the mean (also shown) is "
              f"√{n + 1} times narrower: it says where the mean is, not where one seed lands.", "",
              "| seed | view | baseline | gap | pooled mean [95 % interval] | 95 % prediction interval | inside |",
              "|---|---|---|---|---|---|---|"]
