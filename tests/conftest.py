@@ -8,10 +8,18 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if "DIRECTPO_CACHE" not in os.environ:  # keep the tests' reference-log-prob caches out of ~/.cache
-    import tempfile
+# One scratch folder per test process, removed when it exits: the reference-log-prob caches (kept out
+# of ~/.cache), and TMPDIR for the subprocesses (torchrun's `torchelastic_*` logs, their mkdtemp), so a
+# test run leaves nothing in /tmp beside pytest's own tmp_path folders.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
-    os.environ["DIRECTPO_CACHE"] = tempfile.mkdtemp(prefix="directpo-test-cache-")
+SCRATCH = Path(tempfile.mkdtemp(prefix="directpo-tests-"))
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
+(SCRATCH / "tmp").mkdir()
+os.environ["TMPDIR"] = str(SCRATCH / "tmp")
+os.environ.setdefault("DIRECTPO_CACHE", str(SCRATCH / "cache"))
 
 # `--precision auto` (the default) resolves to fp32 in the tests, whatever the CPU: the exactness
 # tests compare fp32 numbers, and a machine with fast bf16 would otherwise train in bf16. The tests

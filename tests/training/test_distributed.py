@@ -68,7 +68,9 @@ def _single_process_run(common: tuple, env: dict):
     if common not in _SINGLE_RUNS:
         import tempfile
 
-        out = Path(tempfile.mkdtemp(prefix="directpo-single-")) / "one"
+        from conftest import SCRATCH
+
+        out = Path(tempfile.mkdtemp(prefix="directpo-single-", dir=SCRATCH)) / "one"
         single = subprocess.run([sys.executable, "-m", "directpo", "train", *common, "--output-dir", str(out)],
                                 capture_output=True, text=True, env=env, timeout=300)
         assert single.returncode == 0, single.stderr

@@ -136,6 +136,19 @@ def test_small_parts_are_said_in_kib_not_as_zero_mib():
     assert "gradients" in text and "KiB" in text and " 0.00 MiB" not in text
 
 
+def test_the_plan_says_what_glibcs_default_heap_held_beyond_it_by_mode():
+    """#29: on the CPU the plan is what a run holds with its heap bounded; under glibc's default a run
+    held more, measured per mode (full < LoRA < QLoRA): the plan says the factor of its own mode."""
+    from directpo.training.plan import CPU_DEFAULT_HEAP, format_plan
+
+    factors = []
+    for extra in ({}, {"lora_r": 2}, {"lora_r": 2, "quantize": "nf4"}):
+        result = plan(_cfg(fsdp=False, nproc=1, **extra), shape=HAND)
+        factors.append(result["cpu_default_heap_factor"])
+        assert f"up to {factors[-1]:.2f}× it" in format_plan(result)
+    assert factors == [CPU_DEFAULT_HEAP[k] for k in ("full", "lora", "qlora")] and factors == sorted(set(factors))
+
+
 # ---- QLoRA and 8-bit optimizers (#29 items 1, 2) ----
 
 def _held_bytes(model) -> int:
