@@ -130,7 +130,7 @@ def test_the_command_prints_a_table_and_json(tiny_model, capsys):
 
 def test_small_parts_are_said_in_kib_not_as_zero_mib():
     """#27 item 9's sizes: a part below a tenth of a MiB (LoRA's gradients of a small model) was "0.00 MiB"."""
-    from directpo.training.plan import format_plan
+    from directpo.cli.plan import format_plan
 
     text = format_plan(plan(_cfg(fsdp=False, nproc=1, lora_r=2), shape=HAND))
     assert "gradients" in text and "KiB" in text and " 0.00 MiB" not in text
@@ -139,7 +139,8 @@ def test_small_parts_are_said_in_kib_not_as_zero_mib():
 def test_the_plan_says_what_glibcs_default_heap_held_beyond_it_by_mode():
     """#29: on the CPU the plan is what a run holds with its heap bounded; under glibc's default a run
     held more, measured per mode (full < LoRA < QLoRA): the plan says the factor of its own mode."""
-    from directpo.training.plan import CPU_DEFAULT_HEAP, format_plan
+    from directpo.cli.plan import format_plan
+    from directpo.training.plan import CPU_DEFAULT_HEAP
 
     factors = []
     for extra in ({}, {"lora_r": 2}, {"lora_r": 2, "quantize": "nf4"}):
