@@ -29,7 +29,7 @@ from .attention import segment_attention, sliding_window, supports_segment_atten
 from .data.image_features import forward_inputs
 from .errors import UserValueError
 from .fused import lean_lora, lean_mlp, lean_norms
-from .models import unwrap_peft
+from .models import mask_suppressed_, suppressed_token, unwrap_peft
 from .narrow import narrow_last_layer
 
 # Config attributes that make an LM head more than `hidden @ W.T (+ b)`: models carrying any of them
@@ -46,10 +46,12 @@ def chunk_rows(vocab: int) -> int:
 
 
 class _LabelLogProbs(torch.autograd.Function):
-    """log softmax(h @ W.T + b)[label] for each row of h, computed and differentiated in chunks."""
+    """log softmax(h @ W.T + b)[label] for each row of h, computed and differentiated in chunks;
+    with `banned` (a suppressed token: `models.suppress_token`) its column is masked first, so the
+    softmax is over the rest of the vocabulary."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk, keep=False):
+    def forward(ctx, hidden, weight, bias, labels, chunk, keep=False, banned=None):
         n = hidden.shape[0]
         acc = _acc_dtype(hidden)
         out = torch.empty(n, dtype=acc, device=hidden.device)
@@ -58,7 +60,7 @@ class _LabelLogProbs(torch.autograd.Function):
         b = None if bias is None else bias.to(hidden.dtype)
         ctx.kept = None
         for s in range(0, n, chunk):
-            logits = _logits(hidden[s:s + chunk], w, b)
+            logits = mask_suppressed_(_logits(hidden[s:s + chunk], w, b), banned)
             sums = _exp_shifted_(logits, out[s:s + chunk], labels[s:s + chunk], lse[s:s + chunk])
             out[s:s + chunk] -= lse[s:s + chunk]
             if keep and s + chunk >= n:
@@ -70,7 +72,7 @@ class _LabelLogProbs(torch.autograd.Function):
                 ctx.kept = (logits, sums)
             del logits  # before the next chunk's logits exist
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.banned = chunk, banned
         return out
 
     @staticmethod
@@ -99,7 +101,7 @@ class _LabelLogProbs(torch.autograd.Function):
                 kept = None
                 dlogits.mul_(g.neg().div_(sums[:, None]))  # exp(l − max) · (−g / Σ exp(l − max))
             else:
-                dlogits = _logits(h, w, b)
+                dlogits = mask_suppressed_(_logits(h, w, b), ctx.banned)
                 dlogits.sub_(lse[s:s + chunk, None]).exp_().mul_(-g)  # exp(l − lse) · (−g)
             dlogits.scatter_add_(1, labels[s:s + chunk, None], g)
             dl = dlogits.to(hidden.dtype)
@@ -114,7 +116,7 @@ class _LabelLogProbs(torch.autograd.Function):
                 grad_b += dlogits.sum(0)
             del dlogits, dl  # before the next chunk's logits exist
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
 
 
 def _exp_shifted_(logits: torch.Tensor, label_out: torch.Tensor, labels: torch.Tensor,
@@ -155,7 +157,8 @@ def label_logprobs(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tenso
     # from fp32's (7e-3 against 1.5e-3), for 5-17 % of a step's matmul FLOPs (bench `base`, `small`).
     keep = torch.is_grad_enabled() and (hidden.requires_grad or lm_head.weight.requires_grad)
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        return _LabelLogProbs.apply(hidden, lm_head.weight, lm_head.bias, labels, chunk, keep)
+        return _LabelLogProbs.apply(hidden, lm_head.weight, lm_head.bias, labels, chunk, keep,
+                                    suppressed_token(lm_head))
 
 
 def head_logprobs(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -250,6 +253,7 @@ def token_logps(model: nn.Module, batch, fused: bool = True, segmented: bool = T
         # Plain path: the model's own logits (exact for heads with softcapping or scaling).
         logits = model(**kwargs).logits
     logits = logits.reshape(-1, logits.shape[-1]).index_select(0, batch.label_pos).float()
+    mask_suppressed_(logits, suppressed_token(model))
     return logits.gather(1, batch.label_ids[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 

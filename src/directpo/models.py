@@ -25,6 +25,46 @@ def unwrap_peft(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+# ---- A token the model never emits (`--fixed-length`) ----
+# Fixed-length completions (issue #31 item 4) suppress EOS until --max-new-tokens. The policy that
+# samples them is π' = π renormalised over the vocabulary without EOS at every step, so every
+# log-prob of such a completion (training, the reference, the KL estimate, PPO's ratios and
+# entropy) must be π''s, not π's: log π'(y_t) = log π(y_t) − log(1 − π(EOS)). The model carries
+# the suppressed token on its LM head (`suppress_token`) and every reader of its logits masks that
+# column (`mask_suppressed_`): one mark, so no path can sample from π' and score with π.
+
+_SUPPRESSED = "directpo_suppressed_token"
+
+
+def _head(model):
+    model = unwrap_peft(model)
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else model
+
+
+def suppress_token(model, token_id: int | None) -> None:
+    """Mark `token_id` as never emitted by `model` (None: clear the mark). Not saved with the weights."""
+    head = _head(model)
+    if token_id is None:
+        head.__dict__.pop(_SUPPRESSED, None)
+    else:
+        setattr(head, _SUPPRESSED, int(token_id))
+
+
+def suppressed_token(model_or_head) -> int | None:
+    """The token `suppress_token` marked on this model (or on this LM head), or None."""
+    found = getattr(model_or_head, _SUPPRESSED, None)
+    return found if found is not None else getattr(_head(model_or_head), _SUPPRESSED, None)
+
+
+def mask_suppressed_(logits: torch.Tensor, token_id: int | None) -> torch.Tensor:
+    """`logits` (…, vocab) with the suppressed token's column at the dtype's lowest finite value, in
+    place: its probability is exactly 0, the others renormalise among themselves, and 0 × that
+    value stays 0 where −inf would make an entropy NaN."""
+    if token_id is not None:
+        logits[..., token_id] = torch.finfo(logits.dtype).min
+    return logits
+
+
 def attention_widths(config) -> tuple[int, int, int]:
     """(query heads, key-value heads, head width) of a causal LM's config (a vision-language model's:
     its language model's)."""

@@ -43,7 +43,7 @@ from ..console import log
 from ..data.collate import merge_vision
 from ..errors import UserValueError
 from ..attention import supports_segment_attention
-from ..models import attention_widths, unwrap_peft
+from ..models import attention_widths, mask_suppressed_, suppressed_token, unwrap_peft
 from .decode import lean_decoder
 # (imported by name, called through this module's globals: tests replace `sampling._new_cache`, `_groups`)
 from .kv_cache import (_SHARING, SHARED_PREFIX, _attention, _groups, _new_cache, _register_shared_prefix,
@@ -253,6 +253,7 @@ def sample_batch(model, prompts: list[list[int]], max_new_tokens: int, temperatu
                                                  cache_kw, vision)
     mrope = vision is not None and any(v.prompt_positions is not None for v in vision)
     lean = lean_decoder(model) if vision is None else None
+    banned = suppressed_token(model)  # --fixed-length: EOS never drawn, each row runs to max_new_tokens
     device = logits.device
     if uniforms is None and temperature > 0:
         uniforms = torch.rand(T, B, generator=generator, device=device, dtype=torch.float64).T
@@ -269,7 +270,8 @@ def sample_batch(model, prompts: list[list[int]], max_new_tokens: int, temperatu
     try:
         with _attention(model, SHARED_PREFIX if sharing is not None else None):
             for t in range(T):
-                tok = next_token(logits, temperature, top_p, u=None if uniforms is None else uniforms[rows, t])
+                tok = next_token(mask_suppressed_(logits, banned), temperature, top_p,
+                                 u=None if uniforms is None else uniforms[rows, t])
                 out[rows[alive], t] = tok[alive]
                 if eos_id is not None:
                     alive &= tok != eos_id

@@ -45,7 +45,8 @@ from ..eval.sampling import decode, generate_completions
 from ..eval.scorers import as_scorer, load_reward_fn
 from ..logprobs import _backbone_and_head, head_logprobs, token_logps
 from ..narrow import narrow_last_layer
-from ..models import autocast_ctx, check_vocab, freeze, load_model, load_tokenizer, pick_device
+from ..models import (autocast_ctx, check_vocab, freeze, load_model, load_tokenizer, mask_suppressed_, pick_device,
+                      suppressed_token)
 from ..training.loop import batch_order
 from ..training.alarms import HealthMonitor
 from ..training.lora import adapters_disabled, apply_lora, is_lora, record_base_path
@@ -120,17 +121,18 @@ def policy_forward(policy, value_head: nn.Linear, batch, entropy: bool = False):
     The value of the state before response token t is read from the hidden state that predicts t.
     """
     kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    parts = _backbone_and_head(policy)
+    parts, banned = _backbone_and_head(policy), suppressed_token(policy)  # (--fixed-length: π' throughout)
     if parts is not None:
         backbone, head = parts
         with narrow_last_layer(backbone, policy, batch.input_ids, batch.label_pos):  # only the rows read below
             hidden = backbone(**kwargs).last_hidden_state
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.label_pos)
         logp = head_logprobs(head, h, batch.label_ids)
-        logits_of = lambda rows: head(rows)  # noqa: E731
+        logits_of = lambda rows: mask_suppressed_(head(rows), banned)  # noqa: E731
     else:  # heads with softcapping / scaling: the model's own logits
         out = policy(**kwargs, output_hidden_states=True)
         logits = out.logits.reshape(-1, out.logits.shape[-1]).index_select(0, batch.label_pos).float()
+        mask_suppressed_(logits, banned)
         logp = logits.gather(1, batch.label_ids[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
         h = out.hidden_states[-1].reshape(-1, out.hidden_states[-1].shape[-1]).index_select(0, batch.label_pos)
         logits_of = None
