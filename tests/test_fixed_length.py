@@ -100,3 +100,101 @@ def test_the_sampler_never_draws_the_suppressed_token(tiny_model, tiny_tokenizer
         fixed = generate_completions(model, tiny_tokenizer, prompts, max_new_tokens=12, seed=1,
                                      temperature=temperature)
         assert all(len(c) == 12 and eos not in c for c in fixed)
+
+
+# ---- --fixed-length through the commands: tokenization, train, sample, eval, ppo ----
+
+def test_fixed_length_rows_get_no_eos_and_a_response_that_ends_is_refused(tiny_tokenizer):
+    from directpo.data import DataError
+
+    eos = tiny_tokenizer.eos_token_id
+    ex = Example("Review of Kalo:", [" It was great.", " It was dull."], "d.jsonl", 7)
+    plain, fixed = tokenize_example(ex, tiny_tokenizer), tokenize_example(ex, tiny_tokenizer, fixed_length=True)
+    assert all(r[-1] == eos for r in plain.response_ids)
+    assert fixed.response_ids == [r[:-1] for r in plain.response_ids] and fixed.prompt_ids == plain.prompt_ids
+    ends = Example("Review of Kalo:", [" It was great.", " dull" + tiny_tokenizer.eos_token + " more"], "d.jsonl", 7)
+    if eos in tokenize_example(ends, tiny_tokenizer).response_ids[1][:-1]:  # the tokenizer reads its EOS text
+        with pytest.raises(DataError, match=r"holds the EOS token") as e:
+            tokenize_example(ends, tiny_tokenizer, fixed_length=True)
+        assert (e.value.source, e.value.row, e.value.field) == ("d.jsonl", 7, "rejected")
+    with pytest.raises(DataError, match="empty") as e:
+        tokenize_example(Example("Hi", ["", " no"], "d.jsonl", 3), tiny_tokenizer, fixed_length=True)
+    assert e.value.field == "chosen"
+    chat = Example([{"role": "user", "content": "Hi"}], [[{"role": "assistant", "content": "a"}],
+                                                          [{"role": "assistant", "content": "b"}]], "d.jsonl", 2)
+    with pytest.raises(DataError, match="conversational"):
+        tokenize_example(chat, tiny_tokenizer, fixed_length=True)
+
+
+def test_the_reference_tables_key_tells_the_suppressed_model_apart(tiny_model, tiny_tokenizer):
+    from directpo.models import suppress_eos
+    from directpo.reference import model_fingerprint
+
+    model = load_model(str(tiny_model))
+    before = model_fingerprint(model)
+    suppress_eos(model, tiny_tokenizer)
+    assert model_fingerprint(model) != before
+    suppress_token(model, None)
+    assert model_fingerprint(model) == before  # (no mark: every cache written before stays valid)
+
+
+def test_train_sample_and_eval_with_fixed_length(tiny_model, tmp_path):
+    import json
+
+    from conftest import review_pairs, train_argv
+
+    from directpo.cli import main
+
+    from directpo import api
+    from directpo.models import load_tokenizer
+    from directpo.training.run import Callback
+
+    data = review_pairs(tmp_path, n_train=8)
+    assert main(train_argv(tiny_model, data, tmp_path / "run", "--max-steps", "2", "--fixed-length")) == 0
+    metrics = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [m["step"] for m in metrics if m["split"] == "train"] == [1, 2]
+    # πref' (its precomputed table) and π' agree at step 1: a reference read with π would make these ≠ 0
+    assert metrics[0]["rewards/chosen"] == 0.0 == metrics[0]["rewards/rejected"]
+    # in the step loop the policy is π' (EOS suppressed); afterwards a caller's model object is theirs again
+    model, tok, seen = load_model(str(tiny_model)), load_tokenizer(str(tiny_model)), []
+
+    class Look(Callback):
+        def on_step(self, record):
+            seen.append(suppressed_token(model))
+
+    api.train(model=model, tokenizer=tok, data=str(data), output_dir=str(tmp_path / "api"), max_steps=2,
+              batch_size=4, micro_batch_size=4, max_length=64, warmup_steps=0, progress=False, threads=1,
+              fixed_length=True, callbacks=[Look()])
+    assert seen == [tok.eos_token_id] * 2 and suppressed_token(model) is None
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Review of Kalo:", "Review of Sa:")))
+    out = tmp_path / "s.jsonl"
+    assert main(["sample", "--model", str(tmp_path / "run"), "--prompts", str(prompts), "--out", str(out), "--n", "4",
+                 "--max-new-tokens", "7", "--no-progress", "--fixed-length"]) == 0
+    rows = [json.loads(x) for x in open(out)]
+    assert len(rows) == 8 and all(r["completion_tokens"] == 7 and not r["finished"] for r in rows)
+    # KL(π'‖πref') of a model against itself is exactly 0; the results say the completions were fixed-length
+    from directpo.eval.evaluate import evaluate_policy
+
+    result = evaluate_policy(str(tiny_model), str(prompts), str(tmp_path / "e.json"), ref=str(tiny_model),
+                             reward=lambda p, c: float(c.count("e")), n=4, max_new_tokens=5,
+                             progress=False, fixed_length=True)
+    assert result["fixed_length"] is True and result["kl_mean"] == 0.0 and result["length_mean"] == 5
+
+
+def test_ppo_with_fixed_length_rolls_out_to_max_new_tokens(tiny_model, tmp_path):
+    import json
+    import math
+
+    from directpo.rlhf.config import PPOConfig
+    from directpo.rlhf.ppo import ppo
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Review of {n}:"}) + "\n" for n in ("Kalo", "Sa", "Mi", "Bo")))
+    cfg = PPOConfig(model=str(tiny_model), prompts=str(prompts), output_dir=str(tmp_path / "ppo"), lr=1e-3,
+                    batch_size=4, mini_batch_size=2, ppo_epochs=1, max_steps=2, max_new_tokens=6, seed=0,
+                    progress=False, log_every=100, fixed_length=True)
+    ppo(cfg, reward=lambda prompt, completion: float(completion.count("e")))
+    m = [json.loads(line) for line in open(tmp_path / "ppo" / "metrics.jsonl")]
+    assert [x["length_mean"] for x in m] == [6.0, 6.0]
+    assert m[0]["kl"] == 0.0 and all(math.isfinite(x["entropy"]) for x in m)

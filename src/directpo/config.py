@@ -16,7 +16,7 @@ import functools
 import math
 import types
 import typing
-from dataclasses import MISSING, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from .errors import UserError
@@ -388,3 +388,16 @@ def changed_settings(recorded: dict, cfg, ignore=frozenset(), flags: bool = Fals
             continue
         out.append(f"{flag_name(name)} {then!r} -> {now!r}" if flags else f"{name}: {then!r} -> {now!r}")
     return out
+
+
+# ---- Settings shared by commands on different layers (training, rlhf, eval): defined once here ----
+
+@dataclass
+class FixedLengthSettings:
+    """Fixed-length completions"""
+
+    # One definition for every command that samples, scores or trains on completions (#31 item 4)
+    fixed_length: bool = setting(False, "completions of exactly --max-new-tokens tokens: EOS is never sampled, and "
+                                        "every log-prob (training, the reference, the KL estimate, PPO's ratios) is "
+                                        "the model's renormalised without EOS; training rows get no EOS appended "
+                                        "(a response containing one is refused)")

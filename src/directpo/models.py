@@ -65,6 +65,17 @@ def mask_suppressed_(logits: torch.Tensor, token_id: int | None) -> torch.Tensor
     return logits
 
 
+def suppress_eos(model, tokenizer, on: bool = True) -> None:
+    """`--fixed-length`: mark the tokenizer's EOS as never emitted by `model` (a causal LM; others,
+    e.g. a reward model, read no next-token distribution and are left as they are)."""
+    if not on or model is None or getattr(unwrap_peft(model), "get_output_embeddings", lambda: None)() is None:
+        return
+    if tokenizer.eos_token_id is None:
+        raise UserValueError("--fixed-length: the tokenizer has no EOS token, so there is nothing to suppress; its "
+                             "completions already run to --max-new-tokens unless the model stops otherwise")
+    suppress_token(model, tokenizer.eos_token_id)
+
+
 def attention_widths(config) -> tuple[int, int, int]:
     """(query heads, key-value heads, head width) of a causal LM's config (a vision-language model's:
     its language model's)."""

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 from .console import log as console_log
 from .diskio import replacing, tensor_bytes, write_error
+from .models import suppressed_token
 from .precision import cache_folder_problem, cache_root
 
 CACHE_VERSION = "3"  # 2: tables carry a checksum; 3: one file per model and precision, rows keyed by example
@@ -66,6 +67,9 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
     if config is not None:
         h.update(config.to_json_string(use_diff=False).encode())
+    banned = suppressed_token(model)  # --fixed-length: πref' is another distribution (none: as before)
+    if banned is not None:
+        h.update(f"suppressed token {banned}".encode())
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())

@@ -293,3 +293,19 @@ def test_coverage_rule_trains_a_ppo_run_on_until_the_rule_stops_it(tmp_path, mon
     # the rule's own decision on these points: short, and the plateau/FLOP checks are what stop it
     decision = coverage.coverage_decisions(points + [far_dpo], compared=cfg.cover_list())["ppo_gt"]
     assert decision["short"] and decision["target"] == pytest.approx(reach + 1000.0)
+
+
+def test_smoke_study_with_fixed_length(tmp_path):
+    """--fixed-length (#31 item 4): every sample after πSFT is exactly --max-new-tokens long — the
+    pairs, Best-of-N and every evaluated point — and the report says so."""
+    from directpo.cli import main
+    from directpo.experiments.sentiment.config import preset_defaults
+
+    out, L = tmp_path / "study", preset_defaults("smoke")["max_new_tokens"]
+    assert main(["experiment", "sentiment", "--preset", "smoke", "--output-dir", str(out), "--corpus",
+                 str(review_corpus(tmp_path / "reviews.txt")), "--no-progress", "--threads", "1",
+                 "--fixed-length", "--methods", "dpo,ppo_gt,best_of_n"]) == 0
+    points = json.loads((out / "points.json").read_text())
+    assert {p["method"] for p in points} == {"dpo", "ppo_gt", "best_of_n", "sft"}
+    assert all(p["length"] == L for p in points), [(p["method"], p["length"]) for p in points]
+    assert f"exactly {L} new tokens (--fixed-length" in (out / "summary.md").read_text()

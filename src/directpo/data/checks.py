@@ -213,8 +213,9 @@ _BASIS_LEAD = {"as trained": "As trained (in tokens after truncation to --max-le
                "untruncated": "Before truncation, the chosen"}
 
 
-def red_flags(summary: dict) -> list[str]:
-    """One line for each check of `summarize`'s dict beyond its `THRESHOLDS`."""
+def red_flags(summary: dict, fixed_length: bool = False) -> list[str]:
+    """One line for each check of `summarize`'s dict beyond its `THRESHOLDS` (`fixed_length`: the
+    responses are completions that never end, so none ending in EOS is no flag)."""
     t, flags = THRESHOLDS, []
     n = max(summary.get("pairs", 0), 1)
     lb = summary.get("length_bias", {})
@@ -245,7 +246,7 @@ def red_flags(summary: dict) -> list[str]:
     if d.get("identical_responses", 0) or d.get("identical_refused", 0):
         flags.append(f"{d.get('identical_responses', 0) + d.get('identical_refused', 0)} rows have identical "
                      "chosen and rejected responses")
-    flags += _special_token_flags(summary.get("special_tokens", {}))
+    flags += _special_token_flags(summary.get("special_tokens", {}), fixed_length)
     sk = summary.get("skipped", {})
     total = sk.get("total", 0)
     if total and total / (total + summary.get("examples", 0)) > t["skipped"]:
@@ -253,7 +254,7 @@ def red_flags(summary: dict) -> list[str]:
     return flags
 
 
-def _special_token_flags(st: dict) -> list[str]:
+def _special_token_flags(st: dict, fixed_length: bool = False) -> list[str]:
     flags = []
     if st.get("prompts_doubled_bos", 0):
         flags.append(f"{st['prompts_doubled_bos']} prompts start with a doubled BOS (the text or chat template "
@@ -261,7 +262,7 @@ def _special_token_flags(st: dict) -> list[str]:
     if st.get("examples_doubled_eos", 0):
         flags.append(f"{st['examples_doubled_eos']} rows have a response with a doubled EOS")
     responses = max(st.get("responses", 0), 1)
-    if st.get("responses_missing_eos", 0) / responses > THRESHOLDS["missing_eos"]:
+    if not fixed_length and st.get("responses_missing_eos", 0) / responses > THRESHOLDS["missing_eos"]:
         flags.append(f"{_pct(st['responses_missing_eos'] / responses)} of responses do not end in EOS "
                      f"({st['chosen_missing_eos']} chosen, {st['rejected_missing_eos']} rejected)")
     return flags

@@ -258,8 +258,15 @@ def _response_ids(tokenizer, prompt_text: str, text: str, p_ids: list[int], inje
 
 
 def tokenize_example(example: Example, tokenizer, max_length: int | None = None,
-                     max_prompt_length: int | None = None, stats: TokenizeStats | None = None) -> TokenizedExample:
+                     max_prompt_length: int | None = None, stats: TokenizeStats | None = None,
+                     fixed_length: bool = False) -> TokenizedExample:
+    """`fixed_length` (`--fixed-length`): the responses are completions that never end, so no EOS is
+    appended, and a response that is empty or holds EOS (or a conversational row, whose chat template
+    ends each turn) is refused."""
     stats = stats if stats is not None else TokenizeStats()
+    if fixed_length and example.conversational:
+        raise DataError(example.source, example.row, "prompt", "a conversational row: --fixed-length reads plain "
+                        "prompt/response text (a chat template ends every turn)", kind="fixed_length")
     prompt_text, responses, add_special = render(example, tokenizer)
     budget = None if max_length is None else max(max_length, max_prompt_length or 0)
     prompt_text, (p_ids, injected_start), n_cut = bounded(
@@ -273,7 +280,9 @@ def tokenize_example(example: Example, tokenizer, max_length: int | None = None,
                                                                 add_special))
         n_cut += cut
         stats.boundary_merges += merged
-        if not example.conversational and eos is not None and (not ids or ids[-1] != eos):
+        if fixed_length:
+            _check_never_ends(example, len(response_ids), ids, eos)
+        elif not example.conversational and eos is not None and (not ids or ids[-1] != eos):
             ids = ids + [eos]
         response_ids.append(ids)
     if n_cut:
@@ -308,14 +317,27 @@ def tokenize_example(example: Example, tokenizer, max_length: int | None = None,
                             example.label)
 
 
+def _check_never_ends(example: Example, k: int, ids: list[int], eos: int | None) -> None:
+    """A fixed-length completion has tokens and no EOS: else a DataError naming its field."""
+    field = (["chosen", "rejected"][k] if len(example.responses) == 2 else "completion" if len(example.responses) == 1
+             else f"responses[{k}]")
+    if not ids:
+        raise DataError(example.source, example.row, field, "empty: a fixed-length completion (--fixed-length) has "
+                        "--max-new-tokens tokens", kind="fixed_length")
+    if eos is not None and eos in ids:
+        raise DataError(example.source, example.row, field, f"holds the EOS token (id {eos}) at token {ids.index(eos)}:"
+                        " a fixed-length completion (--fixed-length) never ends, and its log-probs are the model's "
+                        "without EOS", kind="fixed_length")
+
+
 # The commands that read rows with images (a vision-language model's processor); the others refuse them.
 IMAGE_COMMANDS = "train, sft, pipeline, score, inspect, sample, bon and eval"
 
 
 def tokenize_examples(examples: list[Example], tokenizer, max_length: int | None = None,
                       max_prompt_length: int | None = None, on_invalid: str = "error",
-                      report: SkipReport | None = None,
-                      stats: TokenizeStats | None = None) -> list[TokenizedExample]:
+                      report: SkipReport | None = None, stats: TokenizeStats | None = None,
+                      fixed_length: bool = False) -> list[TokenizedExample]:
     report = report if report is not None else SkipReport()
     with_images = [ex for ex in examples if getattr(ex, "images", None)]
     if with_images:  # text alone would drop the image placeholders: refused, never computed blind
@@ -325,8 +347,8 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int | None
                              f"{location(first.source, first.row)}): this command does not read images yet "
                              f"(issue #30); {IMAGE_COMMANDS} do, with a vision-language model; remove the "
                              "'images'/'image' field to use the text alone")
-    return tokenize_each(examples, lambda ex: tokenize_example(ex, tokenizer, max_length, max_prompt_length, stats),
-                         on_invalid, report)
+    return tokenize_each(examples, lambda ex: tokenize_example(ex, tokenizer, max_length, max_prompt_length, stats,
+                                                               fixed_length), on_invalid, report)
 
 
 def tokenize_each(examples: list[Example], tokenize, on_invalid: str, report: SkipReport) -> list[TokenizedExample]:

@@ -12,7 +12,7 @@ from ..console import log
 from ..data.formats import SkipReport, write_jsonl
 from ..data.prompts import load_prompts
 from ..errors import UserValueError
-from ..models import load_model_or_adapter, load_tokenizer, pick_device
+from ..models import load_model_or_adapter, load_tokenizer, pick_device, suppress_eos
 from .evaluate import mean_se
 from .sample import draw_samples, image_processor
 from .scorers import as_scorer
@@ -26,7 +26,8 @@ def bon_kl(n: int) -> float:
 def best_of_n(model: str, prompts: str, out: str, n: int, reward, max_new_tokens: int = 128,
               temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
               max_prompt_length: int | None = None, device: str | None = None, on_invalid: str = "error",
-              split: str | None = None, progress: bool = True, memory_budget: str | None = None) -> dict:
+              split: str | None = None, progress: bool = True, memory_budget: str | None = None,
+              fixed_length: bool = False) -> dict:
     """One JSON line per prompt: prompt_index, prompt, completion (the best), reward, index (which of
     the N), rewards (all N), completions (all N). `memory_budget`: the sampling batch that fits it
     instead of `batch_size` (in the result: `sampling_batch_size`)."""
@@ -42,6 +43,7 @@ def best_of_n(model: str, prompts: str, out: str, n: int, reward, max_new_tokens
         tokenizer, policy = processor.tokenizer, load_vision_model(model, pick_device(device))
     else:
         tokenizer, policy = load_tokenizer(model), load_model_or_adapter(model, pick_device(device))
+    suppress_eos(policy, tokenizer, fixed_length)  # --fixed-length: the N samples never end early
     s = draw_samples(policy, tokenizer, items, n, max_new_tokens, temperature, top_p, seed, batch_size,
                      max_prompt_length, progress=f"sampling {n} per prompt" if progress else None,
                      memory_budget=memory_budget, processor=processor)

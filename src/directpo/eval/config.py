@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigError, check_settings, setting
+from ..config import ConfigError, FixedLengthSettings, check_settings, setting
 from ..memory import parse_size
 from ..errors import UserValueError
 from ..precision import PRECISIONS
@@ -92,7 +92,7 @@ class PlotConfig:
 
 
 @dataclass
-class GenerationSettings(OutputSettings):
+class GenerationSettings(OutputSettings, FixedLengthSettings):
     """Sampling"""
 
     n: int = setting(1, "samples per prompt", ge=1)
@@ -125,7 +125,8 @@ class GenerationSettings(OutputSettings):
         budget = self.memory_budget
         return dict(max_new_tokens=self.max_new_tokens, top_p=self.top_p, seed=self.seed,
                     batch_size=self.batch_size, max_prompt_length=self.max_prompt_length, device=self.device,
-                    on_invalid=self.on_invalid, split=self.data_split, progress=self.progress, memory_budget=budget)
+                    on_invalid=self.on_invalid, split=self.data_split, progress=self.progress, memory_budget=budget,
+                    fixed_length=self.fixed_length)
 
 
 @dataclass

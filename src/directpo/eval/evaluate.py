@@ -40,7 +40,7 @@ from ..data.prompts import load_prompts
 from ..diskio import write_text
 from ..errors import UserValueError
 from ..logprobs import dataset_logps, packed_row_tokens
-from ..models import check_vocab, load_model_or_adapter, load_tokenizer, pick_device, unwrap_peft
+from ..models import check_vocab, load_model_or_adapter, load_tokenizer, pick_device, suppress_eos, unwrap_peft
 from ..precision import resolve_precision
 from .sample import Samples, draw_samples, encode_image_samples, encode_samples, image_processor
 from .sampling import sampling_batch_size
@@ -259,7 +259,7 @@ def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, 
                     batch_size: int = 16, max_prompt_length: int | None = None, device: str | None = None,
                     precision: str = "fp32", plot: str | None = None, samples_out: str | None = None,
                     on_invalid: str = "error", split: str | None = None, progress: bool = True,
-                    memory_budget: str | None = None) -> dict:
+                    memory_budget: str | None = None, fixed_length: bool = False) -> dict:
     """`reward`: a scorer `(prompts, completions) -> list[float]` (or None); `judge`: a ChatJudge or
     RewardJudge for win rates, e.g. from `directpo.eval.judge.build_judge` (None: the reward judges,
     when references exist). Each temperature's entry carries the judge's summary (win_rate,
@@ -277,6 +277,7 @@ def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, 
     report = SkipReport()
     items = load_prompts(prompts, on_invalid, split, report)
     tokenizer, policy, processor, load = load_policy(model, ref, items, dev)
+    suppress_eos(policy, tokenizer, fixed_length)  # --fixed-length: samples and KL are π''s (`models.suppress_token`)
     references = [it.reference for it in items]
     has_refs = all(r is not None for r in references)
     if judge is None and reward is not None and has_refs:
@@ -286,7 +287,8 @@ def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, 
     images = {} if processor is None else {"processor": processor}  # image prompts: sampled as `sample` does
     results: dict = {"model": model, "ref": ref, "prompts": prompts, "num_prompts": len(items),
                      "skipped_rows": report.total, "n": n, "max_new_tokens": max_new_tokens, "top_p": top_p,
-                     "seed": seed, "precision": precision, "sampling_batch_size": draws, "temperatures": []}
+                     "seed": seed, "precision": precision, "sampling_batch_size": draws, "temperatures": [],
+                     **({"fixed_length": True} if fixed_length else {})}  # (absent otherwise: as before)
     if processor is not None:  # (absent for text prompts: their results file is as before)
         results["image_prompts"] = sum(bool(it.images) for it in items)
     sample_rows = []
@@ -316,6 +318,7 @@ def evaluate_policy(model: str, prompts: str, out: str, ref: str | None = None, 
                                       **images)
         ref_model = load(ref, dev)
         check_vocab(tokenizer, policy, model, ref_model, ref)
+        suppress_eos(ref_model, tokenizer, fixed_length)  # KL(π'‖πref'): both renormalised without EOS
         kl = sequence_kl(policy, ref_model, kl_samples, tokenizer.pad_token_id, batch_size, precision)
         results.update({k: kl[k] for k in ("kl_mean", "kl_se", "kl_samples", "kl_excluded") if k in kl})
         results["kl_temperature"] = 1.0

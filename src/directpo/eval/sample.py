@@ -9,7 +9,7 @@ from ..console import log
 from ..data.formats import SkipReport, write_jsonl
 from ..data.prompts import PromptItem, encode_image_prompt, encode_prompt, load_prompts, refuse_images
 from ..errors import UserValueError
-from ..models import load_model_or_adapter, load_tokenizer, pick_device
+from ..models import load_model_or_adapter, load_tokenizer, pick_device, suppress_eos
 from .sampling import decode, generate_completions, sampling_batch_size
 
 @dataclass
@@ -110,13 +110,14 @@ def load_sampler(model: str, items: list[PromptItem], device: str | None = None)
 def sample(model: str, prompts: str, out: str, n: int = 1, max_new_tokens: int = 128, temperature: float = 1.0,
            top_p: float = 1.0, seed: int = 0, batch_size: int = 16, max_prompt_length: int | None = None,
            device: str | None = None, on_invalid: str = "error", split: str | None = None,
-           progress: bool = True, memory_budget: str | None = None) -> dict:
+           progress: bool = True, memory_budget: str | None = None, fixed_length: bool = False) -> dict:
     """Write one JSON line per sample: prompt_index, index (sample j of that prompt), prompt, completion.
     `memory_budget` (a size, e.g. '8GiB'): the batch that fits it instead of `batch_size`; the
-    batch sampled with is in the result (`sampling_batch_size`)."""
+    batch sampled with is in the result (`sampling_batch_size`). `fixed_length`: EOS never sampled."""
     report = SkipReport()
     items = load_prompts(prompts, on_invalid, split, report)
     tokenizer, policy, processor = load_sampler(model, items, device)
+    suppress_eos(policy, tokenizer, fixed_length)
     s = draw_samples(policy, tokenizer, items, n, max_new_tokens, temperature, top_p, seed, batch_size,
                      max_prompt_length, progress="sampling" if progress else None, memory_budget=memory_budget,
                      processor=processor)

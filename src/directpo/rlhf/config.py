@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import setting
+from ..config import FixedLengthSettings, setting
 from ..training.config import LoraSettings, PreferenceRunConfig, RunConfig
 from ..training.optim import OPTIMIZERS
 
@@ -18,7 +18,7 @@ class RewardModelConfig(PreferenceRunConfig):
 
 
 @dataclass
-class PPOConfig(RunConfig, LoraSettings):
+class PPOConfig(RunConfig, LoraSettings, FixedLengthSettings):
     """PPO: rollouts, rewards, the KL penalty"""
 
     model: str = setting(None, "policy to start from (and πref, unless --ref): hub id or local directory", required=True,

@@ -46,7 +46,7 @@ from ..eval.scorers import as_scorer, load_reward_fn
 from ..logprobs import _backbone_and_head, head_logprobs, token_logps
 from ..narrow import narrow_last_layer
 from ..models import (autocast_ctx, check_vocab, freeze, load_model, load_tokenizer, mask_suppressed_, pick_device,
-                      suppressed_token)
+                      suppress_eos, suppressed_token)
 from ..training.loop import batch_order
 from ..training.alarms import HealthMonitor
 from ..training.lora import adapters_disabled, apply_lora, is_lora, record_base_path
@@ -208,6 +208,8 @@ def setup_models(cfg: PPOConfig, reward, device) -> PPOModels:
     else:
         ref = freeze(load_model(cfg.ref or cfg.model, device, trust_remote_code=cfg.trust_remote_code))
     check_vocab(tokenizer, policy, cfg.model, ref, cfg.ref or cfg.model)
+    for m in (policy, ref):  # --fixed-length: rollouts, ratios, KL and entropy all π''s
+        suppress_eos(m, tokenizer, cfg.fixed_length)
     head = policy.get_output_embeddings()  # its input width is the width of the last hidden states
     hidden = head.weight.shape[1] if head is not None else policy.config.get_text_config().hidden_size
     value_head = nn.Linear(hidden, 1).to(device)

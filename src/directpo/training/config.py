@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigError, ResumableSettings, check_ranges, check_required, setting
+from ..config import ConfigError, FixedLengthSettings, ResumableSettings, check_ranges, check_required, setting
 from .lora import QUANTIZE, check_quantize
 from .optim import OPTIMIZERS, SCHEDULERS, check_optimizer
 
@@ -140,7 +140,7 @@ class LoraSettings:
 
 
 @dataclass
-class TrainConfig(PreferenceRunConfig, LoraSettings):
+class TrainConfig(PreferenceRunConfig, LoraSettings, FixedLengthSettings):
     """The loss, the reference, layouts, LoRA, several processes or nodes"""
 
     ref: str | None = setting(None, "reference model πref (default: a frozen copy of the starting policy)",

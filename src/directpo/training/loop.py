@@ -25,7 +25,8 @@ from ..logprobs import example_logps, packed_row_tokens
 from ..losses import LossInputs, LossParams, LossSpec, get_loss, sft_loss
 from ..memory import bound_heap, release_heap
 from ..metrics import add_stats, last_valid, mean_metrics, reward_stats, summary_line
-from ..models import autocast_ctx, enable_activation_checkpointing, load_tokenizer, pick_device
+from ..models import (autocast_ctx, enable_activation_checkpointing, load_tokenizer, pick_device, suppress_eos,
+                      suppress_token)
 from ..vision import save_processor
 from .adapters import tokenizer_source
 from .alarms import HealthMonitor
@@ -347,7 +348,7 @@ def setup(cfg: TrainConfig, d, run: RunDir, sources: Sources | None = None) -> T
     train_set, report, stats = prepare_data(cfg.data, tokenizer, cfg, "train", processor)
     if d.main:  # (KTO: the checks see each row's own completion, not the mismatched one added for z0)
         run.data_summary = check_data([ex.only(0) for ex in train_set] if loss_spec.unpaired else train_set,
-                                      tokenizer, stats, report)
+                                      tokenizer, stats, report, cfg.fixed_length)
         if loss_spec.unpaired:
             kto_balance(train_set, cfg)
     eval_set = prepare_data(cfg.eval_data, tokenizer, cfg, "eval", processor)[0] if cfg.eval_data else None
@@ -364,6 +365,8 @@ def setup(cfg: TrainConfig, d, run: RunDir, sources: Sources | None = None) -> T
                                                       vision=processor is not None)
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(policy)
+    for m in (policy, ref_model):  # --fixed-length: π' and πref' (before the reference table's fingerprint)
+        suppress_eos(m, tokenizer, cfg.fixed_length)
     collate = make_collate(cfg.layout, tokenizer.pad_token_id, packed_row_tokens(cfg.row_tokens, policy, ref_model))
     train_ref, eval_ref = reference_tables(cfg, d, ref_model, train_set, eval_set, collate, device, batch_order)
     if train_ref is not None:
@@ -413,6 +416,10 @@ def train(cfg: TrainConfig, callbacks=(), sources: Sources | None = None) -> dic
             return run_training(setup(cfg, d, run, sources), callbacks)
         finally:
             release_heap()  # (a --memory-budget run on the CPU fixed glibc's threshold: `bound_heap`)
+            if cfg.fixed_length and sources is not None:  # the caller's model objects are theirs again
+                for m in (sources.model, sources.ref_model):
+                    if m is not None:
+                        suppress_token(m, None)
 
 
 def run_training(t: Trainer, callbacks=()) -> dict:

@@ -47,6 +47,9 @@ def prepare_data(data_path: str, tokenizer, cfg: TrainConfig, what: str, process
     examples = unpaired_rows(examples, cfg) if loss.unpaired else preference_rows(examples, cfg, loss)
     if processor is not None and cfg.fsdp:
         check_sharded_rows(examples)
+    if processor is not None and cfg.fixed_length:
+        raise UserValueError("--fixed-length reads plain text rows; a vision-language model's rows are conversations "
+                             "(its chat template ends every turn)")
     if processor is not None:
         from ..data.vision_tokenize import tokenize_vision_examples
 
@@ -54,7 +57,8 @@ def prepare_data(data_path: str, tokenizer, cfg: TrainConfig, what: str, process
                                                     on_invalid=cfg.on_invalid, skipped=report)
     else:
         tokenized = tokenize_examples(examples, tokenizer, cfg.max_length, cfg.max_prompt_length,
-                                      on_invalid=cfg.on_invalid, report=report, stats=stats)
+                                      on_invalid=cfg.on_invalid, report=report, stats=stats,
+                                      fixed_length=cfg.fixed_length)
     if loss.unpaired:  # KTO: each example gets its mismatched completion, for the reference point z0
         tokenized = pair_mismatched(tokenized, cfg.seed, cfg.max_length)
     log(f"{what}: {len(tokenized)} examples from {data_path}; {report.summary()}; {stats.summary()}")
@@ -127,11 +131,11 @@ def kto_balance(examples, cfg: TrainConfig) -> None:
             "paper recommends 1 to 4/3: set --kto-desirable-weight / --kto-undesirable-weight to bring it there")
 
 
-def check_data(examples, tokenizer, stats, report) -> str:
+def check_data(examples, tokenizer, stats, report, fixed_length: bool = False) -> str:
     """The cheap checks of `directpo inspect` before step 1: one paragraph in the log (and the model
     card), a warning line for each red flag (length bias, duplicates, pairs truncated away, ...)."""
     summary = summarize(examples, tokenizer, stats, report)
-    flags = red_flags(summary)
+    flags = red_flags(summary, fixed_length)
     paragraph = summary_paragraph(summary, flags)
     log(f"data: {paragraph}")
     for flag in flags:

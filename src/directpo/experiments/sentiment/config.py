@@ -128,11 +128,11 @@ class SentimentConfig:
     device: str | None = setting(None, "cpu or cuda (default: cuda when available)")
     threads: int = setting(0, "CPU threads for torch (0: torch's default)")
     progress: bool = setting(True, "progress bars")
-    # TODO(#31 item 4): pass through to the sampler's --fixed-length (eval/sampling.py, another change) in
-    # stage 4's pair sampling, PPO's rollouts and every evaluation, once the sampler has it; refused until then.
-    fixed_length: bool = setting(False, "completions of exactly --max-new-tokens tokens (EOS suppressed) for every "
-                                        "method and the preference data: a length-neutral ground truth (not yet "
-                                        "supported: refused)")
+    fixed_length: bool = setting(False, "completions of exactly --max-new-tokens tokens for every method and the "
+                                        "preference data: a length-neutral ground truth. EOS is suppressed in every "
+                                        "sample after πSFT (pairs, Best-of-N, PPO's rollouts, the evaluations), and "
+                                        "every log-prob is renormalised without it (DPO and its reference, the KL, "
+                                        "PPO's ratios); πSFT and the reward model are trained as without it")
     report_only: bool = setting(False, "rewrite the report (summary.md, summary.json, points, plot; with --seeds, each "
                                        "seed's and the pooled one) from the points already in OUTPUT_DIR: nothing is "
                                        "trained or evaluated")
@@ -144,9 +144,8 @@ class SentimentConfig:
             raise UserValueError("need 1 ≤ prompt_min_tokens ≤ prompt_max_tokens")
         if self.eval_points < 1 or self.samples_per_prompt < 2:
             raise UserValueError("eval_points must be ≥ 1 and samples_per_prompt ≥ 2")
-        if self.fixed_length:
-            raise UserValueError("--fixed-length: the study cannot pass it to the sampler yet (issue #31 item 4); "
-                                 "the report's length-controlled view is the length-neutral one for now")
+        if self.fixed_length and "online_dpo" in self.method_list():
+            raise UserValueError("--fixed-length: online_dpo does not take it yet; leave it out of --methods")
         bad_cover = set(self.cover_list()) - set(ALL_METHODS)
         if bad_cover:
             raise UserValueError(f"--cover-methods: unknown {', '.join(sorted(bad_cover))}; choose from "

@@ -35,7 +35,7 @@ def measure_point(cfg: SentimentConfig, out: Path, sft: str, scorer, method: str
     result = evaluate_policy(model_dir, str(out / "prompts" / "eval.jsonl"), str(report), ref=sft, reward=scorer,
                              n=cfg.eval_samples, temperatures=[1.0], max_new_tokens=cfg.max_new_tokens,
                              seed=cfg.seed + 4, batch_size=cfg.eval_batch, device=cfg.device, precision=cfg.precision,
-                             samples_out=str(samples), progress=False)
+                             samples_out=str(samples), progress=False, fixed_length=cfg.fixed_length)
     rows = read_jsonl(samples)
     report.unlink()
     samples.unlink()
@@ -86,14 +86,16 @@ def measure_best_of_n(cfg: SentimentConfig, out: Path, sft: str, scorer) -> list
     from ...eval.evaluate import mean_se
     from ...eval.reward_model import RewardModel
     from ...eval.sample import draw_samples
-    from ...models import load_model, load_tokenizer, pick_device
+    from ...models import load_model, load_tokenizer, pick_device, suppress_eos
     from ..frontier import length_fit
 
     ns = [int(x) for x in parse_numbers(cfg.bon_ns, "bon_ns")]
     samples_per_prompt = max(ns)
     items = load_prompts(str(out / "prompts" / "eval.jsonl"))
     tok = load_tokenizer(sft)
-    samples = draw_samples(load_model(sft, pick_device(cfg.device)), tok, items, samples_per_prompt,
+    model = load_model(sft, pick_device(cfg.device))
+    suppress_eos(model, tok, cfg.fixed_length)  # (Best-of-N over π''s samples: its KL is the same formula)
+    samples = draw_samples(model, tok, items, samples_per_prompt,
                            cfg.max_new_tokens, 1.0, 1.0, cfg.seed + 5, cfg.eval_batch,
                            progress="sampling for Best-of-N" if cfg.progress else None)
     rm = RewardModel(str(out / "rm"), device=cfg.device, batch_size=cfg.eval_batch, precision=cfg.precision)

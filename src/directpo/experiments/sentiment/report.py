@@ -154,8 +154,9 @@ def summary_header(cfg: SentimentConfig, info: dict, seconds: float) -> str:
              f"- reward model: held-out pair accuracy {format_optional(info['rm']['heldout_accuracy'])}"
              if info["rm"]["rm"] else "- reward model: not trained (no method here uses it)",
              f"- evaluation: {cfg.eval_samples} samples × {prompts['eval']} eval prompts per point, "
-             f"≤ {cfg.max_new_tokens} new tokens, temperature 1; KL(π‖πSFT) from samples of π; Best-of-N KL is "
-             "the analytic log N − (N−1)/N",
+             + (f"exactly {cfg.max_new_tokens} new tokens (--fixed-length: EOS suppressed after πSFT, every policy "
+              "and πSFT renormalised without it)" if cfg.fixed_length else f"≤ {cfg.max_new_tokens} new tokens")
+             + ", temperature 1; KL(π‖πSFT) from samples of π; Best-of-N KL is the analytic log N − (N−1)/N",
              f"- total time: {seconds / 60:.1f} min", "", "![frontier](frontier.png)", ""]
     return "\n".join(lines)
 

@@ -59,7 +59,7 @@ def train_preference_run(cfg: SentimentConfig, out: Path, sft: str, run: Run, sa
                            batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, max_steps=run.steps,
                            warmup_steps=cfg.warmup_steps,
                            save_every=save_every or save_interval(run.steps, cfg.eval_points),
-                           **knob, **shared_run_settings(cfg))
+                           fixed_length=cfg.fixed_length, **knob, **shared_run_settings(cfg))
 
 
 def train_ppo_run(cfg: SentimentConfig, out: Path, sft: str, run: Run, scorer, every: int | None = None) -> dict:
@@ -80,7 +80,7 @@ def train_ppo_run(cfg: SentimentConfig, out: Path, sft: str, run: Run, scorer, e
                          **continue_run(run_dir),
                          seed=cfg.seed, precision=cfg.precision, device=cfg.device, threads=cfg.threads,
                          progress=cfg.progress, log_every=NO_LOG_LINES,
-                         generation_batch_size=cfg.eval_batch), reward=reward)
+                         generation_batch_size=cfg.eval_batch, fixed_length=cfg.fixed_length), reward=reward)
 
 
 def checkpoints_of(run_dir: Path, run: Run, cfg: SentimentConfig) -> list[tuple[int, Path]]:

@@ -154,12 +154,14 @@ def make_pairs(cfg: SentimentConfig, prompts: Path, pairs_dir: Path, sft: str, s
     from ...data.formats import write_jsonl
     from ...data.prompts import load_prompts
     from ...eval.sample import draw_samples
-    from ...models import load_model, load_tokenizer, pick_device
+    from ...models import load_model, load_tokenizer, pick_device, suppress_eos
 
     began = time.perf_counter()
     items = load_prompts(str(prompts))
     n = cfg.samples_per_prompt
-    samples = draw_samples(load_model(sft, pick_device(cfg.device)), load_tokenizer(sft), items, n,
+    model, tok = load_model(sft, pick_device(cfg.device)), load_tokenizer(sft)
+    suppress_eos(model, tok, cfg.fixed_length)  # --fixed-length: the pairs' completions never end early
+    samples = draw_samples(model, tok, items, n,
                            cfg.max_new_tokens, 1.0, 1.0, cfg.seed + 2, cfg.eval_batch,
                            progress="sampling πSFT for pairs" if cfg.progress else None)
     rewards = scorer(samples.prompts, samples.texts)
