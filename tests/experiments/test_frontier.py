@@ -210,6 +210,4 @@ def test_study_settings_of_the_budget_rule_are_checked():
 
     with pytest.raises(ValueError, match="--cover-methods: unknown ppo_typo"):
         SentimentConfig(output_dir="x", cover_methods="dpo,ppo_typo", **preset_defaults("smoke")).validate()
-    with pytest.raises(ValueError, match="--fixed-length: online_dpo"):
-        SentimentConfig(output_dir="x", fixed_length=True, methods="dpo,online_dpo", **preset_defaults("smoke")).validate()
-    SentimentConfig(output_dir="x", fixed_length=True, **preset_defaults("smoke")).validate()  # (the other methods)
+    SentimentConfig(output_dir="x", fixed_length=True, methods="dpo,online_dpo", **preset_defaults("smoke")).validate()

@@ -129,3 +129,13 @@ def test_a_round_without_pairs_stops_with_a_hint(tiny_model, prompts, tmp_path, 
     err = capsys.readouterr().err
     assert rc == 2 and "round 1: no pairs" in err and "--samples-per-prompt" in err and "Traceback" not in err
     assert not (tmp_path / "o" / "round-1" / "policy").exists()
+
+
+def test_online_with_fixed_length_samples_and_evaluates_full_length(sft_model, prompts, tmp_path):
+    """--fixed-length: every round's samples (those paired and trained on, and the evaluation's) are
+    exactly --max-new-tokens long, and round 0's KL(π'‖πSFT') is 0."""
+    out = tmp_path / "online"
+    assert online(sft_model, prompts, out, "--rounds", "1", "--fixed-length") == 0
+    lines = read_jsonl(out / "rounds.jsonl")
+    assert [r["length"] for r in lines] == [8.0, 8.0] and lines[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert json.loads((out / "online_config.json").read_text())["fixed_length"] is True

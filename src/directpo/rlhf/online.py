@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import outputs
-from ..config import ConfigError, changed_settings, check_ranges, check_required, input_paths, setting
+from ..config import ConfigError, FixedLengthSettings, changed_settings, check_ranges, check_required, input_paths, setting
 from ..console import log as console_log
 from ..diskio import write_text
 from ..errors import UserValueError
@@ -52,7 +52,7 @@ FREE_SETTINGS = frozenset({"rounds", "overwrite", "progress", "device", "threads
 
 
 @dataclass
-class OnlineConfig(LoraSettings):
+class OnlineConfig(LoraSettings, FixedLengthSettings):
     """Online (iterative) DPO: sample from the policy, score, pair, train, repeat"""
 
     model: str = setting(None, "the SFT model to start from (round 0, and πref with --ref initial): hub id or "
@@ -140,12 +140,13 @@ def sample_and_pair(cfg: OnlineConfig, policy: str, scorer, r: int, round_dir: P
     from ..data.readers import write_jsonl
     from ..eval.evaluate import mean_se
     from ..eval.sample import draw_samples
-    from ..models import load_model, load_tokenizer, pick_device
+    from ..models import load_model, load_tokenizer, pick_device, suppress_eos
 
     t0 = time.perf_counter()
     items = load_prompts(cfg.prompts)
     tokenizer = load_tokenizer(policy)
     model = load_model(policy, pick_device(cfg.device))
+    suppress_eos(model, tokenizer, cfg.fixed_length)  # --fixed-length: samples of π', trained on as π''s
     k = cfg.samples_per_prompt
     s = draw_samples(model, tokenizer, items, k, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed + 1009 * r,
                      batch_size=cfg.sample_batch_size, progress=f"round {r}: sampling" if cfg.progress else None)
@@ -186,7 +187,7 @@ def train_round(cfg: OnlineConfig, start: str, r: int, round_dir: Path) -> dict:
                           seed=cfg.seed + r, device=cfg.device, threads=cfg.threads, progress=cfg.progress,
                           log_every=NO_LOG_LINES, resume=None if again else "latest", overwrite=again,
                           lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          lora_target_modules=cfg.lora_target_modules,
+                          lora_target_modules=cfg.lora_target_modules, fixed_length=cfg.fixed_length,
                           merge=bool(cfg.lora_r)))  # merged: the next round and the evaluation load it whole
     train_metrics = json.loads((out / COMPLETE_MARKER).read_text()).get("train") or {}
     return {"seconds": time.perf_counter() - t0,
@@ -202,7 +203,8 @@ def evaluate_round(cfg: OnlineConfig, policy: str, scorer, round_dir: Path) -> d
     res = evaluate_policy(policy, cfg.eval_prompts or cfg.prompts, str(round_dir / "eval.json"), ref=cfg.model,
                           reward=scorer, n=cfg.eval_samples, temperatures=(1.0,), max_new_tokens=cfg.max_new_tokens,
                           seed=cfg.seed + 999_983, batch_size=cfg.sample_batch_size, device=cfg.device,
-                          samples_out=str(round_dir / "eval_samples.jsonl"), progress=cfg.progress)
+                          samples_out=str(round_dir / "eval_samples.jsonl"), progress=cfg.progress,
+                          fixed_length=cfg.fixed_length)
     return {"reward": res.get("reward_mean"), "reward_se": res.get("reward_se"), "kl": res.get("kl_mean"),
             "kl_se": res.get("kl_se"), "length": res.get("length_mean"), "seconds": time.perf_counter() - t0}
 

@@ -144,8 +144,6 @@ class SentimentConfig:
             raise UserValueError("need 1 ≤ prompt_min_tokens ≤ prompt_max_tokens")
         if self.eval_points < 1 or self.samples_per_prompt < 2:
             raise UserValueError("eval_points must be ≥ 1 and samples_per_prompt ≥ 2")
-        if self.fixed_length and "online_dpo" in self.method_list():
-            raise UserValueError("--fixed-length: online_dpo does not take it yet; leave it out of --methods")
         bad_cover = set(self.cover_list()) - set(ALL_METHODS)
         if bad_cover:
             raise UserValueError(f"--cover-methods: unknown {', '.join(sorted(bad_cover))}; choose from "

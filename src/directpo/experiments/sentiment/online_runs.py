@@ -37,7 +37,8 @@ def run_online_dpo(cfg: SentimentConfig, out: Path, sft: str, scorer) -> tuple[l
         # the rounds' own evaluation is only their log line (one sample per prompt); the points
         # below are measured like every other method's
         eval_prompts=str(out / "prompts" / "eval.jsonl"), eval_samples=1, max_length=cfg.max_length,
-        seed=cfg.seed, device=cfg.device, threads=cfg.threads, progress=cfg.progress, overwrite=False),
+        seed=cfg.seed, device=cfg.device, threads=cfg.threads, progress=cfg.progress, overwrite=False,
+        fixed_length=cfg.fixed_length),
         scorer=scorer)
     points = [eval_point(cfg, out, sft, scorer, METHOD, cfg.online_beta, r, str(run_dir / f"round-{r}" / "policy"))
               for r in range(1, cfg.online_rounds + 1)]
