@@ -198,3 +198,26 @@ def test_ppo_with_fixed_length_rolls_out_to_max_new_tokens(tiny_model, tmp_path)
     m = [json.loads(line) for line in open(tmp_path / "ppo" / "metrics.jsonl")]
     assert [x["length_mean"] for x in m] == [6.0, 6.0]
     assert m[0]["kl"] == 0.0 and all(math.isfinite(x["entropy"]) for x in m)
+
+
+def test_score_with_fixed_length_gives_the_renormalised_log_probs(tiny_model, tiny_tokenizer, tmp_path):
+    import json
+
+    from conftest import review_pairs
+
+    from directpo import api
+    from directpo.data import load_examples
+
+    data = review_pairs(tmp_path, n_train=4)
+    api.score(model=str(tiny_model), data=str(data), out=str(tmp_path / "s.jsonl"), ref=str(tiny_model),
+              fixed_length=True, precision="fp32")
+    lines = [json.loads(x) for x in open(tmp_path / "s.jsonl")]
+    rows = [tokenize_example(ex, tiny_tokenizer, max_length=512, fixed_length=True) for ex in load_examples(str(data))]
+    with torch.no_grad():
+        want = renormalised_sequence_logps(load_model(str(tiny_model)), collate_padded(rows, tiny_tokenizer.pad_token_id),
+                                           tiny_tokenizer.eos_token_id)
+    got = torch.tensor([[x["chosen_logp"], x["rejected_logp"]] for x in lines])
+    want = want.reshape(2, -1).T  # (collate_padded puts every chosen sequence first, then every rejected)
+    assert torch.allclose(got, want, atol=1e-4), (got, want)
+    assert all(x["chosen_reward"] == 0.0 == x["rejected_reward"] for x in lines)
+    assert all(x["chosen_tokens"] == len(r.response_ids[0]) for x, r in zip(lines, rows))

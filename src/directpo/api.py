@@ -199,7 +199,8 @@ def score(config=None, **settings) -> dict:
     check_outputs({"--out": cfg.out}, {"--data": cfg.data}, cfg.overwrite)
     return run(cfg.model, cfg.data, cfg.out, ref=cfg.ref, beta=cfg.beta, max_length=cfg.max_length,
                max_prompt_length=cfg.max_prompt_length, batch_size=cfg.batch_size, on_invalid=cfg.on_invalid,
-               device=cfg.device, precision=cfg.precision, split=cfg.data_split, layout=cfg.layout)
+               device=cfg.device, precision=cfg.precision, split=cfg.data_split, layout=cfg.layout,
+               fixed_length=cfg.fixed_length)
 
 
 def sample(config=None, **settings) -> dict:

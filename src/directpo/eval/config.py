@@ -54,7 +54,7 @@ class OutputSettings:
 
 
 @dataclass
-class ScoreConfig(OutputSettings):
+class ScoreConfig(OutputSettings, FixedLengthSettings):
     """Scoring preference pairs"""
 
     model: str = setting(None, "model to score with (hub id or local dir)", required=True, input=True)

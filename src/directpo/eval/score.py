@@ -18,19 +18,22 @@ from ..data.formats import write_jsonl
 from ..errors import UserValueError
 from ..logprobs import dataset_logps, packed_row_tokens
 from ..losses import implicit_reward
-from ..models import check_vocab, is_adapter_dir, load_model_or_adapter, load_tokenizer, pick_device
+from ..models import check_vocab, is_adapter_dir, load_model_or_adapter, load_tokenizer, pick_device, suppress_eos
 from ..precision import resolve_precision
 
 
 def score(model: str, data: str, out: str, ref: str | None = None, beta: float = 0.1, max_length: int | None = 512,
           max_prompt_length: int | None = None, batch_size: int = 8, on_invalid: str = "error",
           device: str | None = None, precision: str = "fp32", split: str | None = None,
-          layout: str = "packed") -> dict:
+          layout: str = "packed", fixed_length: bool = False) -> dict:
+    """`fixed_length`: the responses are fixed-length completions, scored as π' (and πref') gives them."""
     dev = pick_device(device)
     precision = resolve_precision(precision, dev)[0]
     report, stats = SkipReport(), TokenizeStats()
     examples = load_examples(data, on_invalid=on_invalid, split=split, report=report)
     processor = vision_processor(model, ref, data, examples)
+    if processor is not None and fixed_length:
+        raise UserValueError("--fixed-length reads plain text rows; a vision-language model's rows are conversations")
     if processor is not None:
         from ..data.vision_tokenize import tokenize_vision_examples
         from ..vision import load_vision_model
@@ -41,7 +44,8 @@ def score(model: str, data: str, out: str, ref: str | None = None, beta: float =
         load = load_vision_model
     else:
         tokenizer = load_tokenizer(model)
-        tokenized = tokenize_examples(examples, tokenizer, max_length, max_prompt_length, on_invalid, report, stats)
+        tokenized = tokenize_examples(examples, tokenizer, max_length, max_prompt_length, on_invalid, report, stats,
+                                      fixed_length)
         load = load_model_or_adapter
     dtype = torch.bfloat16 if precision == "bf16" else None
 
@@ -51,12 +55,14 @@ def score(model: str, data: str, out: str, ref: str | None = None, beta: float =
 
     policy = load(model, dev)
     check_vocab(tokenizer, policy, model)
+    suppress_eos(policy, tokenizer, fixed_length)
     pol = logps(policy, "scoring")
     ref_lp = None
     if ref:
         policy.to("meta")  # its weights freed; the vocabulary check below needs only its shapes
         ref_model = load(ref, dev)
         check_vocab(tokenizer, policy, model, ref_model, ref)
+        suppress_eos(ref_model, tokenizer, fixed_length)
         ref_lp = logps(ref_model, "scoring (reference)")
     def lines():
         for i, ex in enumerate(tokenized):
