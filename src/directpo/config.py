@@ -397,7 +397,8 @@ class FixedLengthSettings:
     """Fixed-length completions"""
 
     # One definition for every command that samples, scores or trains on completions (#31 item 4)
-    fixed_length: bool = setting(False, "completions of exactly --max-new-tokens tokens: EOS is never sampled, and "
-                                        "every log-prob (training, the reference, the KL estimate, PPO's ratios) is "
-                                        "the model's renormalised without EOS; training rows get no EOS appended "
-                                        "(a response containing one is refused)")
+    fixed_length: bool = setting(False, "fixed-length completions: EOS is never sampled (where the command samples, "
+                                        "every completion runs to --max-new-tokens), every log-prob (training, the "
+                                        "reference, scores, the KL estimate, PPO's ratios) is the model's renormalised "
+                                        "without EOS, and rows read from data get no EOS appended (a response holding "
+                                        "one is refused)")
