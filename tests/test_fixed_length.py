@@ -221,3 +221,14 @@ def test_score_with_fixed_length_gives_the_renormalised_log_probs(tiny_model, ti
     assert torch.allclose(got, want, atol=1e-4), (got, want)
     assert all(x["chosen_reward"] == 0.0 == x["rejected_reward"] for x in lines)
     assert all(x["chosen_tokens"] == len(r.response_ids[0]) for x, r in zip(lines, rows))
+
+
+def test_a_tokenizer_without_eos_is_a_one_line_error(tiny_model, tiny_tokenizer):
+    from directpo.errors import UserValueError
+    from directpo.models import suppress_eos
+
+    model, tok = load_model(str(tiny_model)), type("NoEos", (), {"eos_token_id": None})()
+    with pytest.raises(UserValueError, match="--fixed-length: the tokenizer has no EOS token"):
+        suppress_eos(model, tok)
+    suppress_eos(model, tok, on=False)  # (off: nothing asked of the tokenizer)
+    assert suppressed_token(model) is None

@@ -273,3 +273,16 @@ def test_qlora_on_a_vlm_quantizes_the_language_model_alone(qwen, colours, tmp_pa
 
     names = list(load_file(out / "adapter_model.safetensors"))
     assert names and all("language_model" in n for n in names)
+
+
+def test_fixed_length_is_refused_for_image_rows(qwen, colours, tmp_path, capsys):
+    """--fixed-length reads plain text rows; a VLM's rows are conversations (one line, exit 2, nothing written)."""
+    from directpo.cli import main
+
+    train, _ = colours
+    assert main(_vlm_argv(qwen, train, tmp_path / "run", 1, "--fixed-length")) == 2
+    assert "--fixed-length reads plain text rows" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    assert main(["score", "--model", str(qwen), "--data", str(train), "--out", str(tmp_path / "s.jsonl"),
+                 "--fixed-length"]) == 2
+    assert "--fixed-length reads plain text rows" in capsys.readouterr().err and not (tmp_path / "s.jsonl").exists()
