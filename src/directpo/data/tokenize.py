@@ -322,8 +322,8 @@ def _check_never_ends(example: Example, k: int, ids: list[int], eos: int | None)
     field = (["chosen", "rejected"][k] if len(example.responses) == 2 else "completion" if len(example.responses) == 1
              else f"responses[{k}]")
     if not ids:
-        raise DataError(example.source, example.row, field, "empty: a fixed-length completion (--fixed-length) has "
-                        "--max-new-tokens tokens", kind="fixed_length")
+        raise DataError(example.source, example.row, field, "empty: a fixed-length completion (--fixed-length) runs to "
+                        "the sampler's --max-new-tokens, never ending early", kind="fixed_length")
     if eos is not None and eos in ids:
         raise DataError(example.source, example.row, field, f"holds the EOS token (id {eos}) at token {ids.index(eos)}:"
                         " a fixed-length completion (--fixed-length) never ends, and its log-probs are the model's "
