@@ -191,6 +191,20 @@ def test_switch_help_shows_the_flag_scripts_use(capsys):
     assert "--no-overwrite" not in text
 
 
+def test_every_help_renders(capsys):
+    """`--help` of every command and study prints (a bare `%` in a help text once made it a traceback),
+    with each setting's help as written: a percent sign stays one."""
+    for name, parser, _ in _parsers():
+        text = parser.format_help()
+        assert "usage:" in text, name
+    text = " ".join(_command_parser("experiment")._subparsers._group_actions[0].choices["sentiment"]
+                    .format_help().split())
+    assert "95 % prediction interval" in text
+    with pytest.raises(SystemExit) as exit_:
+        main(["experiment", "sentiment", "--help"])
+    assert exit_.value.code == 0 and "--check-seeds" in capsys.readouterr().out
+
+
 def test_defaults_unchanged():
     defaults = {"score": dict(beta=0.1, max_length=512, max_prompt_length=None, batch_size=8, on_invalid="error",
                               precision="auto", layout="packed", overwrite=False),

@@ -313,11 +313,17 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), 
             _add_flag(exclusive[name] if name else group, f, types_[f.name], check_ranges_early)
 
 
+def _plain(text: str) -> str:
+    """Help text as argparse prints it: a setting's help is prose, so a `%` ("95 %") is a percent sign,
+    not a format directive that would make `--help` fail."""
+    return text.replace("%", "%%")
+
+
 def _help(meta: dict, default) -> str:
     """The help text, the allowed range, and the default unless the text says it (or it is None)."""
     bounds, text = allowed_range(meta), meta.get("help", "")
     shown = meta.get("required") or "(default:" in text or default is None
-    return text + (f"; {bounds}" if bounds else "") + ("" if shown else f" (default: {default})")
+    return _plain(text + (f"; {bounds}" if bounds else "") + ("" if shown else f" (default: {default})"))
 
 
 def _add_flag(group, f, annotation, check_range: bool = False) -> None:
@@ -340,13 +346,13 @@ def _add_bool(group, name: str, meta: dict, default) -> None:
     shown = meta.get("switch")
     if shown is None:
         help_ = text + ("" if "(default:" in text else f" (default: {default})")
-        group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_, default=argparse.SUPPRESS)
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, help=_plain(help_), default=argparse.SUPPRESS)
         return
     negative = "--no-" + flag[2:]
     if shown not in (flag, negative):
         raise ValueError(f"switch {shown!r} of setting {name!r}: expected {flag} or {negative}")
     on_off = ("store_false", "store_true") if shown == negative else ("store_true", "store_false")
-    group.add_argument(shown, dest=name, action=on_off[0], help=meta.get("switch_help", text),
+    group.add_argument(shown, dest=name, action=on_off[0], help=_plain(meta.get("switch_help", text)),
                        default=argparse.SUPPRESS)
     group.add_argument(negative if shown == flag else flag, dest=name, action=on_off[1], help=argparse.SUPPRESS,
                        default=argparse.SUPPRESS)
