@@ -195,6 +195,28 @@ def _hub_error(name_or_dir: str, e: OSError) -> OSError:
     return OSError(f"{name_or_dir}: not a local directory, and the Hugging Face hub could not provide it ({first})")
 
 
+def load_config(name_or_dir: str, trust_remote_code: bool = False):
+    """The model's `AutoConfig`, its failures in one line: a folder that holds no config.json
+    (transformers would say "Should have a `model_type` key in its config.json"), a hub id that
+    cannot be reached, remote code not allowed."""
+    from transformers import AutoConfig
+
+    check_model_source(name_or_dir)
+    path = os.path.expanduser(name_or_dir)
+    if os.path.isdir(path) and not is_adapter_dir(name_or_dir) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{name_or_dir}: no config.json in this folder, so it is no model folder (one holds "
+                                "config.json, the *.safetensors weights and the tokenizer files); is it the right "
+                                "folder, or an incomplete copy or download?")
+    quiet_transformers()
+    try:
+        with remote_code_explained(name_or_dir):
+            return AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if os.path.isdir(path):
+            raise
+        raise _hub_error(name_or_dir, e) from e
+
+
 def load_tokenizer(name_or_dir: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -210,11 +232,18 @@ def load_tokenizer(name_or_dir: str, trust_remote_code: bool = False):
         if os.path.isdir(os.path.expanduser(name_or_dir)):
             raise
         raise _hub_error(name_or_dir, e) from e
-    if tok.pad_token_id is None:
-        # Padding positions are masked out of attention and labels, so any id will do; EOS is the
-        # conventional choice and keeps the vocabulary unchanged.
-        tok.pad_token = tok.eos_token
+    give_pad_token(tok)
     return tok
+
+
+def give_pad_token(tok) -> None:
+    """A pad token for a tokenizer that has none. Padding positions are masked out of attention and
+    labels, so any id will do; EOS is the conventional choice and keeps the vocabulary unchanged. A
+    tokenizer without EOS either gets BOS, UNK or token 0 (a None pad id broke every collator)."""
+    if tok.pad_token_id is not None:
+        return
+    tok.pad_token = next((t for t in (tok.eos_token, tok.bos_token, tok.unk_token) if t is not None),
+                         None) or tok.convert_ids_to_tokens(0)
 
 
 def from_pretrained_checked(auto_class, name_or_dir: str, **kwargs):
@@ -242,17 +271,16 @@ def load_model(name_or_dir: str, device: torch.device | str = "cpu", trust_remot
     allocated (FSDP ranks > 0: rank 0 broadcasts the weights into their shards).
     quantize: nf4, fp4 or int8 (`--quantize`): the linear layers of the blocks loaded through
     bitsandbytes, frozen (`quantized_for_training`), computing in `precision`'s dtype."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     check_model_source(name_or_dir)
     quantized = quantize not in (None, "none")
     if quantized and empty:
         raise UserValueError("--quantize: a quantized model cannot be built empty (FSDP's meta loading); drop --fsdp")
     if empty:
-        with remote_code_explained(name_or_dir):
-            config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
-            with torch.device("meta"):
-                return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        config = load_config(name_or_dir, trust_remote_code)
+        with remote_code_explained(name_or_dir), torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
 
     # safetensors only: a pickled checkpoint (pytorch_model.bin) can run arbitrary code when loaded.
     with read_not_mapped() if quantized else contextlib.nullcontext():
@@ -337,11 +365,9 @@ def empty_model(name_or_dir: str, trust_remote_code: bool = False, dtype: torch.
     no per-architecture re-initialisation is needed (a whole-model CPU copy for the buffers would
     defeat the point). Each parameter exists on the CPU only between its allocation (untouched
     pages) and its registration. Initialisers then run on meta tensors: no random numbers drawn."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    check_model_source(name_or_dir)
-    with remote_code_explained(name_or_dir):
-        config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+    config = load_config(name_or_dir, trust_remote_code)
     return built_on_meta(AutoModelForCausalLM, config, name_or_dir, dtype, trust_remote_code)
 
 
@@ -408,6 +434,10 @@ def safetensors_only_error(name_or_dir: str, e: OSError) -> OSError | None:
     """`load_model`'s explanation when `name_or_dir` has no safetensors weights (a `.bin`-only
     checkpoint), for other loaders that read safetensors only; None when `e` is another error."""
     if "safetensors" in str(e).lower() or ".bin" in str(e):
+        path = os.path.expanduser(name_or_dir)
+        if os.path.isdir(path) and not any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in os.listdir(path)):
+            return OSError(f"{name_or_dir}: no weights in this folder (no *.safetensors file, nor any other); "
+                           "copy or download them into it, or give the folder that holds them")
         return OSError(f"{name_or_dir}: no safetensors weights found; directpo loads only safetensors (pickled "
                        f".bin checkpoints can run code). Convert it with `save_pretrained` first. ({e})")
     return None

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from .errors import UserValueError
-from .models import (_hub_error, built_on_meta, check_model_source, from_pretrained_checked, remote_code_explained,
-                     unwrap_peft)
+from .models import (_hub_error, built_on_meta, check_model_source, from_pretrained_checked, give_pad_token,
+                     load_config, remote_code_explained, unwrap_peft)
 from .quantized import quantization_config, quantized_for_training, read_not_mapped
 
 
@@ -32,12 +32,9 @@ def check_family(model_type: str | None = None, processor_class: str | None = No
 
 def is_vision_model(name_or_dir: str, trust_remote_code: bool = False) -> bool:
     """Whether the model's config is an image-text-to-text one (it has a vision tower)."""
-    from transformers import AutoConfig
     from transformers.models.auto import modeling_auto
 
-    check_model_source(name_or_dir)
-    with remote_code_explained(name_or_dir):
-        config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+    config = load_config(name_or_dir, trust_remote_code)
     return getattr(config, "vision_config", None) is not None \
         or config.model_type in modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
@@ -49,15 +46,14 @@ def load_vision_model(name_or_dir: str, device: torch.device | str = "cpu", trus
     only, as `load_model`. `quantize` (nf4, fp4, int8: QLoRA, as `models.load_model`): the language
     model's linear layers through bitsandbytes; the vision tower, its projector and the LM head stay
     in `dtype` (small, and what the picture's features are made of)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
     check_model_source(name_or_dir)
     check_family(_saved_field(name_or_dir, "config.json", "model_type"))
     if quantize in (None, "none"):
         return from_pretrained_checked(AutoModelForImageTextToText, name_or_dir, dtype=dtype,
                                        trust_remote_code=trust_remote_code).to(device)
-    with remote_code_explained(name_or_dir):
-        config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+    config = load_config(name_or_dir, trust_remote_code)
     with torch.device("meta"):  # the module names, to leave the vision side unquantized
         shape = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
     names = {id(m): n for n, m in shape.named_modules()}
@@ -78,11 +74,9 @@ def empty_vision_model(name_or_dir: str, trust_remote_code: bool = False, dtype:
     """A vision-language model (`AutoModelForImageTextToText`) with its parameters on the meta device
     and its buffers real: `models.empty_model` for a VLM (FSDP's meta loading; the same parameter
     registration hook, so the buffers are what `from_pretrained` makes and no weight is read)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
-    check_model_source(name_or_dir)
-    with remote_code_explained(name_or_dir):
-        config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
+    config = load_config(name_or_dir, trust_remote_code)
     check_family(config.model_type)
     return built_on_meta(AutoModelForImageTextToText, config, name_or_dir, dtype, trust_remote_code)
 
@@ -123,9 +117,7 @@ def load_processor(name_or_dir: str, trust_remote_code: bool = False):
     Qwen2-VL's processor also holds a video processor, which transformers builds only with
     torchvision installed; without it, the same processor is built for images alone."""
     processor = _load_processor(name_or_dir, trust_remote_code)
-    tok = processor.tokenizer
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    give_pad_token(processor.tokenizer)
     return processor
 
 

@@ -127,3 +127,69 @@ def test_length_bias_says_what_it_measures(tiny_tokenizer, tmp_path):
     assert "As trained (in tokens after truncation to --max-length" in text and "directpo inspect" in text
     assert "Before truncation, the chosen response is the longer one in 100.0 % of pairs" in summary_paragraph(untruncated)
     assert any(f.startswith("length bias (before truncation): the chosen") for f in red_flags(untruncated))
+
+
+def _partial_model(tiny_model, folder: Path, names: tuple[str, ...]) -> Path:
+    folder.mkdir()
+    for name in names:
+        shutil.copy(tiny_model / name, folder / name)
+    return folder
+
+
+def test_a_folder_that_holds_no_model_is_one_line_in_train_and_plan(tiny_model, data, tmp_path, capsys):
+    """Before: train said transformers' "Unrecognized model in X. Should have a `model_type` key in its
+    config.json" (there is no config.json at all), and plan printed that ValueError's traceback as a bug."""
+    empty = _partial_model(tiny_model, tmp_path / "empty", ())
+    for argv in (["train", "--model", str(empty), "--data", str(data), "--output-dir", str(tmp_path / "run"),
+                  "--max-steps", "1"], ["plan", "--model", str(empty)]):
+        assert main(argv) == 2
+        err = _one_line(capsys)
+        assert f"{empty}: no config.json" in err and "model_type" not in err
+
+
+def test_a_hub_id_that_cannot_be_reached_is_one_line_in_train_and_plan(data, tmp_path, capsys, monkeypatch):
+    """Offline (the tests set HF_HUB_OFFLINE=1): before, train and plan printed transformers' two-line
+    message without the model's name."""
+    monkeypatch.chdir(tmp_path)
+    for argv in (["train", "--model", "no-org/no-model", "--data", str(data), "--output-dir", "run", "--max-steps", "1"],
+                 ["plan", "--model", "no-org/no-model"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "Traceback" not in err and "\n" not in err.split("error: ", 1)[1], err
+        assert "no-org/no-model: not a local directory, and the Hugging Face hub could not provide it" in err
+
+
+def test_a_folder_without_weights_says_so(tiny_model, data, tmp_path, capsys):
+    """Before: "no safetensors weights found ... Convert it with `save_pretrained` first", for a folder
+    with no weights of any kind (a copy that left out the weights) to convert."""
+    folder = _partial_model(tiny_model, tmp_path / "noweights", ("config.json", "tokenizer.json",
+                                                                 "tokenizer_config.json"))
+    assert main(["score", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "s.jsonl")]) == 2
+    err = _one_line(capsys)
+    assert f"{folder}: no weights" in err and "save_pretrained" not in err
+    (folder / "pytorch_model.bin").write_bytes(b"")  # a pickled checkpoint: the advice to convert it stays
+    assert main(["score", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "s.jsonl")]) == 2
+    assert "save_pretrained" in _one_line(capsys)
+
+
+def test_a_tokenizer_without_pad_or_eos_token_trains_and_scores(tiny_model, data, tmp_path, capsys):
+    """Before: `torch.full(..., None)` in the collator, a traceback reported as a bug in directpo
+    (train, score, inspect, sample). Padding is masked out, so any token pads."""
+    folder = tmp_path / "noeos"
+    shutil.copytree(tiny_model, folder)
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    for key in ("pad_token", "eos_token"):
+        tc.pop(key, None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tc))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "pad_token_id": None, "eos_token_id": None}))
+    from directpo.models import load_tokenizer
+
+    tok = load_tokenizer(str(folder))
+    assert tok.eos_token_id is None and tok.pad_token_id is not None
+    assert main(["train", "--model", str(folder), "--data", str(data), "--output-dir", str(tmp_path / "run"),
+                 "--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "2", "--no-progress",
+                 "--threads", "1"]) == 0
+    assert main(["score", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "s.jsonl")]) == 0
+    assert main(["sample", "--model", str(folder), "--prompts", str(data), "--out", str(tmp_path / "p.jsonl"),
+                 "--max-new-tokens", "3", "--no-progress"]) == 0

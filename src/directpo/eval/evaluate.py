@@ -144,9 +144,7 @@ def check_image_ref(model: str, ref: str, items: list) -> None:
     """With image prompts, `ref` must read the images as `model` does: a vision-language model of
     the same family (both are given the same image tensors); else one line naming both, before
     anything loads."""
-    from transformers import AutoConfig
-
-    from ..models import is_adapter_dir
+    from ..models import is_adapter_dir, load_config
     from ..vision import is_vision_model
 
     rows = sum(bool(it.images) for it in items)
@@ -157,7 +155,7 @@ def check_image_ref(model: str, ref: str, items: list) -> None:
     if not is_vision_model(ref):
         raise UserValueError(f"{where}: --model {model} reads them but --ref {ref} is a text-only model, which would "
                              "score the text alone; KL(π‖πref) needs a vision-language --ref of --model's family")
-    kinds = [AutoConfig.from_pretrained(name).model_type for name in (model, ref)]
+    kinds = [load_config(name).model_type for name in (model, ref)]
     if kinds[0] != kinds[1]:
         raise UserValueError(f"{where}: --ref {ref} is a {kinds[1]} model and --model {model} a {kinds[0]} one; "
                              "both are given the same image tensors, so --ref must be of --model's family")

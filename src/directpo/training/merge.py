@@ -29,7 +29,7 @@ from ..config import check_settings, setting
 from ..console import log
 from ..diskio import write_text
 from ..errors import UserValueError
-from ..models import empty_model, load_model, load_tokenizer
+from ..models import empty_model, load_config, load_model, load_tokenizer
 from ..outputs import LOCK_FILE, RunLock, check_output_dir
 from .adapters import AdapterDir, read_adapter_dir, tokenizer_source
 from .distributed import Dist
@@ -102,9 +102,7 @@ def merge(cfg: MergeConfig) -> dict:
 
 
 def _base_config(root: str, trust_remote_code: bool) -> dict:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(root, trust_remote_code=trust_remote_code).to_dict()
+    return load_config(root, trust_remote_code).to_dict()
 
 
 def _quantized(adapter: AdapterDir, base_config: dict) -> str | None:

@@ -214,9 +214,9 @@ def model_shape(name_or_dir: str, trust_remote_code: bool = False, image_size: s
     vision-language model's with what an image of `image_size` costs, read off its processor (False:
     its vision side alone, no processor read)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from ..models import check_model_source, quiet_transformers, remote_code_error, unwrap_peft
+    from ..models import load_config, remote_code_error, unwrap_peft
     from .adapters import adapter_numel, read_adapter_dir
 
     adapter = read_adapter_dir(name_or_dir)  # an adapter directory: its base's shape plus its adapter's weights
@@ -225,10 +225,8 @@ def model_shape(name_or_dir: str, trust_remote_code: bool = False, image_size: s
         if s.vision is not None and image_size is not False:  # (the adapter folder carries the processor)
             s.vision.update(image_costs(name_or_dir, s.vision, image_size, trust_remote_code))
         return replace(s, params=s.params + adapter_numel(adapter.path))
-    check_model_source(name_or_dir)
-    quiet_transformers()
+    config = load_config(name_or_dir, trust_remote_code)  # (a folder with no config.json, a hub id offline: one line)
     try:
-        config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=trust_remote_code)
         auto = AutoModelForCausalLM
         if getattr(config, "vision_config", None) is not None:  # a vision-language model (`shape_of`)
             from transformers import AutoModelForImageTextToText as auto
