@@ -119,3 +119,14 @@ def test_lora_peak_rss_below_full_finetuning(tmp_path, data):
         assert line[2] == "0", res.stderr
         peaks[name] = int(line[1]) / 1024
     assert peaks["lora"] < peaks["full"] - 300, peaks
+
+
+@pytest.mark.parametrize("targets", ["nonexist_proj", "q_proj,v_porj", ""])
+def test_lora_targets_that_match_no_module_are_named(tiny_model, targets):
+    """Before: PEFT's NoMatchingPeftModuleError as a traceback for a name that matches nothing, and a
+    misspelt name beside a right one (v_porj) silently adapted q_proj alone."""
+    from directpo.errors import UserValueError
+
+    with pytest.raises(UserValueError, match="--lora-target-modules") as e:
+        apply_lora(load_model(str(tiny_model)), r=2, alpha=4, target_modules=targets)
+    assert "q_proj" in str(e.value) and "all-linear" in str(e.value)

@@ -6,7 +6,7 @@ import contextlib
 import warnings
 from pathlib import Path
 
-from ..errors import MissingPackageError
+from ..errors import MissingPackageError, UserValueError
 
 # `--quantize`: the base weights as bitsandbytes holds them (`quantized.quantization_config`); here, not
 # there, because the settings read it to build `--help`, which loads no torch.
@@ -55,10 +55,27 @@ def apply_lora(model, r: int, alpha: float, target_modules: str, dropout: float 
     except ImportError:  # pragma: no cover - depends on the environment
         raise MissingPackageError("LoRA needs the `peft` package: pip install 'directpo[lora]'") from None
     targets = target_modules if target_modules == "all-linear" else [t.strip() for t in target_modules.split(",")]
+    if targets != "all-linear":
+        check_lora_targets(model, targets)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     with warnings.catch_warnings():  # PEFT reads transformers' deprecated `is_gradient_checkpointing`: not the user's to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, config)
+
+
+def check_lora_targets(model, targets: list[str]) -> None:
+    """Every name of `--lora-target-modules` matches a module (PEFT's rule: the whole dotted name or
+    its tail), else one line naming the misses and the model's linear layers. PEFT itself raises only
+    when no name matches: a misspelt name beside a right one would silently adapt fewer layers."""
+    import torch
+
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in targets if not t or not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserValueError(f"--lora-target-modules: {', '.join(repr(t) for t in missing)} match no module of the "
+                             f"model; its linear layers are {', '.join(linear)}: give a comma list of those, or "
+                             "all-linear")
 
 
 def apply_lora_to_empty(model, r: int, alpha: float, target_modules: str, dropout: float = 0.0):
