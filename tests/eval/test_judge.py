@@ -339,16 +339,16 @@ def test_local_judges_are_labelled_and_judge(tiny_model, tmp_path):
 
     prompts, pol = ["Review: the film"] * 4, ["was great fun", "bored me", "is a film", "shines"]
     refs = ["was dull", "was lovely and warm", "is a film", "drags"]
-    rm = build_judge(reward_model=str(tiny_model), device="cpu")
+    torch.manual_seed(0)
+    one = AutoModelForSequenceClassification.from_pretrained(str(tiny_model), num_labels=1)
+    one.save_pretrained(tmp_path / "one")  # a saved head (a plain LM is refused: its head would be drawn at random)
+    AutoTokenizer.from_pretrained(str(tiny_model)).save_pretrained(tmp_path / "one")
+    rm = build_judge(reward_model=str(tmp_path / "one"), device="cpu")
     s = rm.judge(prompts, pol, refs, clusters=[0, 0, 1, 1]).summary()
-    assert s["judge_kind"] == f"local reward model {tiny_model} (not an LLM/human judge)"
+    assert s["judge_kind"] == f"local reward model {tmp_path / 'one'} (not an LLM/human judge)"
     assert s["judged"] == 4 and set(rm.judge(prompts, pol, refs).outcomes) <= {0.0, 0.5, 1.0}
     assert rm.judge(prompts, pol, refs).outcomes[2] == 0.5  # the same text scores the same: a tie
 
-    torch.manual_seed(0)
-    one = AutoModelForSequenceClassification.from_pretrained(str(tiny_model), num_labels=1)
-    one.save_pretrained(tmp_path / "one")
-    AutoTokenizer.from_pretrained(str(tiny_model)).save_pretrained(tmp_path / "one")
     clf = build_judge(classifier=str(tmp_path / "one"), device="cpu")
     v = clf.judge(prompts, pol, refs)
     assert v.kind == f"local classifier {tmp_path / 'one'} (not an LLM/human judge)"

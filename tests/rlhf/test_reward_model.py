@@ -132,3 +132,22 @@ def test_reward_fn_loading(tmp_path, monkeypatch):
         load_reward_fn()
     assert review_sentiment("Review of X:", " It was great, superb and dull.") == 1.0
     assert review_sentiment("", "Awful, boring; BLAND!") == -3.0
+
+
+def test_a_language_model_given_as_reward_model_is_refused(tiny_model, tmp_path, capsys):
+    """Before: `bon --reward-model <a causal LM>` scored with a freshly drawn random head and wrote the
+    "best" samples as a success. Now the head missing from the checkpoint is one line."""
+    from directpo.errors import UserValueError
+
+    from directpo.eval.scorers import ClassifierReward
+
+    with pytest.raises(UserValueError, match="no reward head"):
+        RewardModel(str(tiny_model))
+    with pytest.raises(UserValueError, match="no classification head"):  # (was: a random head's P(class 1))
+        ClassifierReward(str(tiny_model), positive_label=1)
+    prompts = write_jsonl([{"prompt": "Review:"}], tmp_path / "p.jsonl")
+    assert main(["bon", "--model", str(tiny_model), "--prompts", str(prompts), "--out", str(tmp_path / "b.jsonl"),
+                 "--n", "2", "--max-new-tokens", "2", "--reward-model", str(tiny_model), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "directpo rm" in err and "--reward-model" in err
+    assert not (tmp_path / "b.jsonl").exists()

@@ -32,16 +32,17 @@ OFFSET_KEY = "reward_offset"
 
 
 def load_reward_backbone(name_or_dir: str, pad_token_id: int, device="cpu", dtype: torch.dtype = torch.float32,
-                         trust_remote_code: bool = False):
-    """LM checkpoint (or a saved reward model) -> sequence classifier with one output."""
+                         trust_remote_code: bool = False, trained_head: bool = False):
+    """LM checkpoint (or a saved reward model) -> sequence classifier with one output. trained_head:
+    the checkpoint must hold the head (a reward model to score with, not an LM to train one from)."""
     from transformers import AutoModelForSequenceClassification
 
     quiet_transformers()
     # safetensors only, as `directpo.models.load_model` (and with its explanation): pickled checkpoints can run code.
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(name_or_dir, num_labels=1, dtype=dtype,
-                                                                   pad_token_id=pad_token_id, use_safetensors=True,
-                                                                   trust_remote_code=trust_remote_code)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name_or_dir, num_labels=1, dtype=dtype, pad_token_id=pad_token_id, use_safetensors=True,
+            trust_remote_code=trust_remote_code, output_loading_info=True)
     except OSError as e:
         raise (safetensors_only_error(name_or_dir, e) or e) from e
     except ValueError as e:  # its own code, refused: one line naming --trust-remote-code and the code
@@ -49,6 +50,13 @@ def load_reward_backbone(name_or_dir: str, pad_token_id: int, device="cpu", dtyp
         if explained is None:
             raise
         raise explained from None
+    # A head missing from the checkpoint is drawn at random, silently (transformers' warning is muted):
+    # every reward would be noise, and best-of-n, eval and PPO would report on it as a success.
+    new = [k for k in info.get("missing_keys", ()) if k.split(".")[0] in ("score", "classifier")]
+    if trained_head and new:
+        raise UserValueError(f"{name_or_dir}: no reward head in its weights ({', '.join(new)}): it is a language model, "
+                             "not a reward model; train one on preference pairs with `directpo rm` and give its "
+                             "output folder as --reward-model, or score with --reward-fn")
     model.config.pad_token_id = pad_token_id
     return model.to(device)
 
@@ -108,7 +116,7 @@ class RewardModel:
         self.path, self.batch_size, self.precision = str(path), batch_size, precision
         self.device = pick_device(device)
         self.tokenizer = load_tokenizer(self.path)
-        self.model = load_reward_backbone(self.path, self.tokenizer.pad_token_id, self.device)
+        self.model = load_reward_backbone(self.path, self.tokenizer.pad_token_id, self.device, trained_head=True)
         self.model.eval()
         self.model.requires_grad_(False)
         self.offset = float(getattr(self.model.config, OFFSET_KEY, 0.0) or 0.0)

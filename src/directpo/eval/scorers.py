@@ -171,12 +171,17 @@ class ClassifierReward:
         self.device = pick_device(device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
-            self.model = AutoModelForSequenceClassification.from_pretrained(name_or_dir, use_safetensors=True)
+            self.model, info = AutoModelForSequenceClassification.from_pretrained(name_or_dir, use_safetensors=True,
+                                                                                  output_loading_info=True)
         except ValueError as e:  # its own code, refused: one line naming the code
             explained = remote_code_error(name_or_dir, e)
             if explained is None:
                 raise
             raise explained from None
+        new = [k for k in info.get("missing_keys", ()) if k.split(".")[0] in ("score", "classifier")]
+        if new:  # a head drawn at random (a plain LM): every score would be noise
+            raise UserValueError(f"{name_or_dir}: no classification head in its weights ({', '.join(new)}): it is not "
+                                 "a sequence classifier; give one (e.g. a sentiment classifier from the hub)")
         self.model.to(self.device).eval()
         if self.tokenizer.pad_token is None:  # decoder-only classifiers often have none
             self.tokenizer.pad_token = self.tokenizer.eos_token
