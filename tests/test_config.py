@@ -73,3 +73,17 @@ def test_help_loads_no_heavy_layer(argv):
             "print('LOADED', sorted(bad))\n" % (argv,))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert "LOADED []" in out, out[-2000:]
+
+
+def test_a_batch_not_divisible_by_the_micro_batch_names_both_flags_and_a_fix():
+    """Before: "batch_size (2) must be a multiple of micro_batch_size (8)", for `--batch-size 2` alone:
+    field names, and a micro-batch size the user never gave (the default)."""
+    from directpo.training.plan import PlanConfig
+
+    for cls, required in ((TrainConfig, {"data": "d", "output_dir": "o"}), (PlanConfig, {})):
+        with pytest.raises(ConfigError) as e:
+            cls(model="m", batch_size=2, **required).validate()
+        assert str(e.value) == ("--batch-size 2 must be a multiple of --micro-batch-size 8 (examples per "
+                                "forward/backward); pass --micro-batch-size 2, or another divisor of 2")
+        with pytest.raises(ConfigError, match="pass --micro-batch-size 1, or another divisor of 3"):
+            cls(model="m", batch_size=3, micro_batch_size=2, **required).validate()

@@ -106,6 +106,16 @@ def check_ranges(cfg) -> None:
             raise ConfigError(f"{flag_name(f.name)} must be {allowed_range(meta)} ({what}); got {value:g}")
 
 
+def check_micro_batch(batch_size: int, micro_batch_size: int) -> None:
+    """--batch-size a multiple of --micro-batch-size, else a ConfigError naming both flags and the
+    largest micro-batch size that fits (the micro-batch size is often the default, never given)."""
+    if batch_size % micro_batch_size:
+        fit = max(d for d in range(1, min(batch_size, micro_batch_size) + 1) if batch_size % d == 0)
+        raise ConfigError(f"--batch-size {batch_size} must be a multiple of --micro-batch-size {micro_batch_size} "
+                          f"(examples per forward/backward); pass --micro-batch-size {fit}, or another divisor of "
+                          f"{batch_size}")
+
+
 def config_fields(cls):
     """(name, type, default, metadata) of a config dataclass, for building CLI flags."""
     for f in fields(cls):

@@ -94,7 +94,7 @@ def test_the_command_execs_torchrun_after_checking_the_settings(monkeypatch, cap
                       "--master-addr=127.0.0.1", "--master-port=29501", "--nproc-per-node=1", "-m", "directpo",
                       "train", *RUN]]
     assert main(["train", *RUN, "--nnodes", "2", "--node-rank", "0", "--batch-size", "6"]) == 2
-    assert "batch_size (6) must be a multiple of micro_batch_size (8)" in capsys.readouterr().err
+    assert "--batch-size 6 must be a multiple of --micro-batch-size 8" in capsys.readouterr().err
     assert main(["sft", *RUN, "--nproc", "2", "--node-rank", "3"]) == 2
     assert "--node-rank must be < --nnodes" in capsys.readouterr().err
     assert len(calls) == 1

@@ -101,7 +101,7 @@ def test_batch_order_is_a_seeded_permutation_per_epoch():
 def test_config_validation():
     with pytest.raises(ValueError, match="--model"):
         TrainConfig(data="x", output_dir="o").validate()
-    with pytest.raises(ValueError, match="multiple of micro_batch_size"):
+    with pytest.raises(ValueError, match="multiple of --micro-batch-size"):
         TrainConfig(model="m", data="d", output_dir="o", batch_size=10, micro_batch_size=4).validate()
     cfg = TrainConfig(model="m", data="d", output_dir="o").validate()
     assert (cfg.beta, cfg.batch_size, cfg.optimizer, cfg.lr, cfg.warmup_steps) == (0.1, 64, "rmsprop", 1e-6, 150)

@@ -32,7 +32,7 @@ def test_config_checks():
         TrainConfig(**base, memory_budget="1GiB", fsdp=True).validate()
     # the planner picks a divisor of the batch: a given micro-batch that does not divide it is not used
     TrainConfig(**base, memory_budget="1GiB", batch_size=12, micro_batch_size=8).validate()
-    with pytest.raises(ConfigError, match="multiple of micro_batch_size"):
+    with pytest.raises(ConfigError, match="multiple of --micro-batch-size"):
         TrainConfig(**base, batch_size=12, micro_batch_size=8).validate()
 
 

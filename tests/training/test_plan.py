@@ -107,7 +107,7 @@ def test_fsdp_setup_needs_a_ranks_shards_not_the_model():
 
 
 def test_settings_that_cannot_work_are_refused():
-    with pytest.raises(ConfigError, match="multiple of micro_batch_size"):
+    with pytest.raises(ConfigError, match="multiple of --micro-batch-size"):
         _cfg(micro_batch_size=3).validate()
     with pytest.raises(ValueError, match="tied"):
         memory_plan(Shape(**{**HAND.__dict__, "tied": True, "head": 0}), _cfg())

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import ConfigError, FixedLengthSettings, ResumableSettings, check_ranges, check_required, setting
+from ..config import (ConfigError, FixedLengthSettings, ResumableSettings, check_micro_batch, check_ranges,
+                      check_required, setting)
 from .lora import QUANTIZE, check_quantize
 from .optim import OPTIMIZERS, SCHEDULERS, check_optimizer
 
@@ -119,9 +120,8 @@ class PreferenceRunConfig(RunConfig):
     def validate(self):
         super().validate()
         # (--memory-budget chooses a micro-batch size that divides the batch: the given one is not used)
-        if self.batch_size % self.micro_batch_size and getattr(self, "memory_budget", None) is None:
-            raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
-                              f"({self.micro_batch_size})")
+        if getattr(self, "memory_budget", None) is None:
+            check_micro_batch(self.batch_size, self.micro_batch_size)
         if self.max_length is not None and self.max_prompt_length is not None and \
                 self.max_prompt_length >= self.max_length:
             raise ConfigError("max_prompt_length must be smaller than max_length")

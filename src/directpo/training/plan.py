@@ -101,7 +101,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from ..config import ConfigError, check_ranges, setting
+from ..config import ConfigError, check_micro_batch, check_ranges, setting
 from ..memory import parse_size  # noqa: F401 (read here too: `plan.parse_size`)
 from ..errors import UserValueError
 from .lora import QUANTIZE
@@ -166,9 +166,7 @@ class PlanConfig:
 
         check_required(self)
         check_ranges(self)
-        if self.batch_size % self.micro_batch_size:
-            raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
-                              f"({self.micro_batch_size})")
+        check_micro_batch(self.batch_size, self.micro_batch_size)
         if self.fsdp_cpu_offload and not self.fsdp:
             raise ConfigError("--fsdp-cpu-offload shapes FSDP sharding: it needs --fsdp")
         if self.optimizer_offload and self.fsdp:
