@@ -106,3 +106,22 @@ def test_in_memory_rows_train_like_the_file(tiny_model, data, tmp_path):
     bad = rows[:3] + [{"prompt": "p", "chosen": 3, "rejected": "r"}]
     with pytest.raises(ValueError, match="in-memory data, row 4, field 'chosen'"):
         directpo.train(**{**_settings(tiny_model, data, tmp_path / "bad"), "data": bad})
+
+
+def test_a_setting_of_the_wrong_type_is_a_config_error_naming_it(tmp_path):
+    """Before: beta="high" failed deep in the loss ("only integer tensors of a single element can be
+    converted to an index"), plan(batch_size="8") in a format string: TypeErrors, no setting named.
+    Numbers given as text are read as a config file's are."""
+    import directpo
+    from directpo.config import ConfigError
+    from directpo.training import TrainConfig
+
+    with pytest.raises(ConfigError, match="beta: expected a number, got 'high'"):
+        directpo.train(model="m", data="d.jsonl", output_dir=str(tmp_path / "o"), beta="high")
+    with pytest.raises(ConfigError, match="batch_size: expected an integer, got 8.5"):
+        directpo.plan(model="m", batch_size=8.5)
+    with pytest.raises(ConfigError, match="progress: expected true or false, got 'maybe'"):
+        directpo.train(TrainConfig(model="m", data="d.jsonl", output_dir="o", progress="maybe"))
+    from directpo.api import _settings
+
+    assert _settings(TrainConfig, None, {"lr": "1e-6", "max_steps": "2"}).lr == 1e-6

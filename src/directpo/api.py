@@ -69,14 +69,28 @@ class RunResult:
 
 
 def _settings(cls, config, settings: dict):
-    """`config` (an instance of `cls`, or None) with `settings` applied on top."""
+    """`config` (an instance of `cls`, or None) with `settings` applied on top, its number and
+    true/false settings of their types."""
     if config is None:
-        return cls(**settings)
+        return _typed(cls(**settings))
     if not isinstance(config, cls):
         if not any(isinstance(config, base) for base in cls.__mro__[1:] if is_dataclass(base)):
             raise TypeError(f"config must be a {cls.__name__}, got {type(config).__name__}")
         config = cls(**{f.name: getattr(config, f.name) for f in fields(config)})  # (a TrainConfig for a pipeline)
-    return replace(config, **settings)
+    return _typed(replace(config, **settings))
+
+
+def _typed(cfg):
+    """`cfg` with its int, float and bool settings read as a config file's are ("1e-6" a number), or a
+    ConfigError naming the setting: the flags and YAML are converted, but a keyword is taken as given,
+    and beta="high" failed deep in the loss with a TypeError naming nothing."""
+    from .config import _base_type, convert, field_types
+
+    types = field_types(type(cfg))
+    typed = {f.name: convert(getattr(cfg, f.name), types[f.name], f.name, f.metadata.get("parse"))
+             for f in fields(cfg) if getattr(cfg, f.name) is not None  # (a missing required one: validate's)
+             and _base_type(types[f.name])[0] in ("int", "float", "bool")}
+    return replace(cfg, **typed)
 
 
 # ----------------------------------------------------------------------------------------------
