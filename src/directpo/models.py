@@ -203,7 +203,8 @@ def load_config(name_or_dir: str, trust_remote_code: bool = False):
 
     check_model_source(name_or_dir)
     path = os.path.expanduser(name_or_dir)
-    if os.path.isdir(path) and not is_adapter_dir(name_or_dir) and not os.path.isfile(os.path.join(path, "config.json")):
+    if os.path.isdir(path) and not is_adapter_dir(name_or_dir) and \
+            not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{name_or_dir}: no config.json in this folder, so it is no model folder (one holds "
                                 "config.json, the *.safetensors weights and the tokenizer files); is it the right "
                                 "folder, or an incomplete copy or download?")

@@ -54,8 +54,8 @@ def load_reward_backbone(name_or_dir: str, pad_token_id: int, device="cpu", dtyp
     # every reward would be noise, and best-of-n, eval and PPO would report on it as a success.
     new = [k for k in info.get("missing_keys", ()) if k.split(".")[0] in ("score", "classifier")]
     if trained_head and new:
-        raise UserValueError(f"{name_or_dir}: no reward head in its weights ({', '.join(new)}): it is a language model, "
-                             "not a reward model; train one on preference pairs with `directpo rm` and give its "
+        raise UserValueError(f"{name_or_dir}: no reward head in its weights ({', '.join(new)}): it is a language "
+                             "model, not a reward model; train one on preference pairs with `directpo rm` and give its "
                              "output folder as --reward-model, or score with --reward-fn")
     model.config.pad_token_id = pad_token_id
     return model.to(device)
