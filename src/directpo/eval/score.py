@@ -14,10 +14,11 @@ import torch
 
 from ..console import log
 from ..data import SkipReport, TokenizeStats, load_examples, make_collate, tokenize_examples
-from ..data.formats import write_jsonl
+from ..data.formats import DataError, write_jsonl
 from ..errors import UserValueError
 from ..logprobs import dataset_logps, packed_row_tokens
 from ..losses import implicit_reward
+from ..metrics import last_valid
 from ..models import check_vocab, is_adapter_dir, load_model_or_adapter, load_tokenizer, pick_device, suppress_eos
 from ..precision import resolve_precision
 
@@ -30,7 +31,7 @@ def score(model: str, data: str, out: str, ref: str | None = None, beta: float =
     dev = pick_device(device)
     precision = resolve_precision(precision, dev)[0]
     report, stats = SkipReport(), TokenizeStats()
-    examples = load_examples(data, on_invalid=on_invalid, split=split, report=report)
+    examples = pairs_only(load_examples(data, on_invalid=on_invalid, split=split, report=report), on_invalid, report)
     processor = vision_processor(model, ref, data, examples)
     if processor is not None and fixed_length:
         raise UserValueError("--fixed-length reads plain text rows; a vision-language model's rows are conversations")
@@ -66,26 +67,47 @@ def score(model: str, data: str, out: str, ref: str | None = None, beta: float =
         ref_lp = logps(ref_model, "scoring (reference)")
     def lines():
         for i, ex in enumerate(tokenized):
-            line = {"row": ex.row, "chosen_logp": pol[i, 0].item(), "rejected_logp": pol[i, 1].item(),
-                    "chosen_tokens": len(ex.response_ids[0]), "rejected_tokens": len(ex.response_ids[1])}
+            k = len(ex.response_ids) - 1  # a ranking of K > 2: its best and its worst response
+            line = {"row": ex.row, "chosen_logp": pol[i, 0].item(), "rejected_logp": pol[i, k].item(),
+                    "chosen_tokens": len(ex.response_ids[0]), "rejected_tokens": len(ex.response_ids[k])}
             if ref_lp is not None:
-                line.update(ref_chosen_logp=ref_lp[i, 0].item(), ref_rejected_logp=ref_lp[i, 1].item(),
+                line.update(ref_chosen_logp=ref_lp[i, 0].item(), ref_rejected_logp=ref_lp[i, k].item(),
                             chosen_reward=implicit_reward(pol[i, 0], ref_lp[i, 0], beta).item(),
-                            rejected_reward=implicit_reward(pol[i, 1], ref_lp[i, 1], beta).item())
+                            rejected_reward=implicit_reward(pol[i, k], ref_lp[i, k], beta).item())
             yield line
 
     write_jsonl(lines(), out)  # whole or absent: an interrupted run leaves an existing file as it was
     if ref_lp is not None:
-        margin = implicit_reward(pol[:, 0], ref_lp[:, 0], beta) - implicit_reward(pol[:, 1], ref_lp[:, 1], beta)
+        margin = implicit_reward(pol[:, 0], ref_lp[:, 0], beta) - implicit_reward(last_valid(pol), last_valid(ref_lp),
+                                                                                  beta)
         what = "implicit-reward"
     else:
-        margin = pol[:, 0] - pol[:, 1]
+        margin = pol[:, 0] - last_valid(pol)
         what = "log-prob"
     result = {"pairs": len(tokenized), "skipped": report.total, f"{what.replace('-', '_')}_accuracy":
               (margin > 0).float().mean().item(), "mean_margin": margin.mean().item(), "out": out}
     log(f"scored {len(tokenized)} pairs ({report.summary()}): {what} accuracy "
           f"{(margin > 0).float().mean().item():.4f}, mean margin {margin.mean().item():.4f} -> {out}")
     return result
+
+
+def pairs_only(examples: list, on_invalid: str, report: SkipReport) -> list:
+    """The examples with two or more responses. A prompt/completion row (SFT's, or an unpaired one with
+    a label) has no rejected response to compare: an error of its row, or with on_invalid='skip' a
+    counted skip (its log-prob margin would be NaN, and a batch of them a traceback)."""
+    kept = []
+    for ex in examples:
+        if len(ex.responses) >= 2:
+            kept.append(ex)
+            continue
+        err = DataError(ex.source, ex.row, "rejected", "missing: score reads pairs (prompt, chosen, rejected) or "
+                                                       "rankings; this is a prompt/completion row", kind="missing")
+        if on_invalid != "skip":
+            raise err
+        report.add(err)
+    if not kept:
+        raise DataError(examples[0].source, None, None, f"no pairs to score ({report.summary()})")
+    return kept
 
 
 def vision_processor(model: str, ref: str | None, data: str, examples) -> object | None:
