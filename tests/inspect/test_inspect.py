@@ -231,6 +231,20 @@ def test_model_reference_log_probs_are_score_s(tmp_path, tiny_model, one_thread,
     assert ref["accuracy"] == pytest.approx(sum(s["chosen_logp"] > s["rejected_logp"] for s in scored) / len(scored))
 
 
+
+def test_model_on_unpaired_rows_scores_the_pairs_alone(tmp_path, tiny_model, tiny_tokenizer, one_thread):
+    """Unpaired (labelled) rows beside pairs or completions were a traceback in the reference's
+    collate ('a batch mixes unpaired ... examples with preference pairs'); inspect scores the pairs."""
+    rows = [{"prompt": "The movie was", "chosen": " great", "rejected": " dull"},
+            {"prompt": "The film was", "completion": " fine"},
+            {"prompt": "The show was", "completion": " bad", "label": False}]
+    write_jsonl(rows, tmp_path / "d.jsonl")
+    ins = inspect_data(str(tmp_path / "d.jsonl"), tiny_tokenizer, model=str(tiny_model), device="cpu", progress=False)
+    assert ins["rows"]["kept"] == 3 and ins["reference"]["pairs"] == 1
+    write_jsonl(rows[1:], tmp_path / "u.jsonl")
+    assert inspect_data(str(tmp_path / "u.jsonl"), tiny_tokenizer, model=str(tiny_model), device="cpu",
+                        progress=False)["reference"]["pairs"] == 0
+
 # ----------------------------------------------------------------------------------------------
 # Images (issue #30, the data step): counts and sizes from the rows as written here
 

@@ -240,6 +240,9 @@ def reference_logps(model: str, tokenizer, tokenized: list[TokenizedExample], ba
         threads = 1
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
+    # Log-probs alone: an unpaired row's label (desirable or not) plays no part, and batches mixing
+    # labelled rows with pairs or completions are refused by the training collate.
+    tokenized = [replace(t, label=None) if t.label is not None else t for t in tokenized]
     try:
         return dataset_logps(ref, tokenized, collate, batch_size, dev, dtype,
                              progress="reference" if progress else None)
