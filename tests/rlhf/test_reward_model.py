@@ -151,3 +151,14 @@ def test_a_language_model_given_as_reward_model_is_refused(tiny_model, tmp_path,
     err = capsys.readouterr().err
     assert "Traceback" not in err and "directpo rm" in err and "--reward-model" in err
     assert not (tmp_path / "b.jsonl").exists()
+
+
+def test_a_completion_row_is_named_by_its_line(tmp_path):
+    from directpo.data.formats import DataError
+    from directpo.rlhf.config import RewardModelConfig
+    from directpo.rlhf.reward_model import _pairs
+
+    data = str(write_jsonl([{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "q", "completion": "c"}],
+                           tmp_path / "d.jsonl"))
+    with pytest.raises(DataError, match=r"d\.jsonl, line 2: a reward model needs ≥ 2 ranked responses"):
+        _pairs(data, None, RewardModelConfig(model="m", data=data, output_dir="o"), "train")

@@ -26,8 +26,7 @@ from ..console import log
 from ..diskio import staging_dir, tensor_bytes, warn_if_short
 from ..data import SkipReport, TokenizeStats, load_examples, tokenize_examples
 from ..data.collate import collate_padded
-from ..data.formats import ranking_to_pairs
-from ..errors import UserValueError
+from ..data.formats import DataError, ranking_to_pairs
 from ..eval.reward_model import OFFSET_KEY, dataset_rewards, load_reward_backbone, pair_rewards
 from ..losses import bradley_terry_loss
 from ..models import autocast_ctx, load_tokenizer, pick_device
@@ -43,8 +42,8 @@ def _pairs(data_path: str, tokenizer, cfg: RewardModelConfig, what: str):
     examples = load_examples(data_path, on_invalid=cfg.on_invalid, split=cfg.data_split, report=report)
     single = next((ex for ex in examples if len(ex.responses) < 2), None)
     if single is not None:
-        raise UserValueError(f"{single.source}, row {single.row}: a reward model needs ≥ 2 ranked responses per row; "
-                             "this row has one")
+        raise DataError(single.source, single.row, None, "a reward model needs ≥ 2 ranked responses per row; this row "
+                                                         "has one")
     # Bradley–Terry is pairwise: a ranking of K > 2 gives its (better, worse) pairs.
     examples = ranking_to_pairs(examples, cfg.ranking_pairs)
     tokenized = tokenize_examples(examples, tokenizer, cfg.max_length, cfg.max_prompt_length,

@@ -85,16 +85,18 @@ def preference_rows(examples, cfg: TrainConfig, loss: LossSpec) -> list:
     else:
         single = next((ex for ex in examples if len(ex.responses) < 2), None)
         if single is not None:
-            raise UserValueError(f"{single.source}, row {single.row}: the '{cfg.loss}' loss needs ≥ 2 responses per "
-                                 "row; this row has one (a prompt/completion row is for `directpo sft`)")
+            raise DataError(single.source, single.row, None, f"the '{cfg.loss}' loss needs ≥ 2 responses per row; "
+                                                             "this row has one (a prompt/completion row is for "
+                                                             "`directpo sft`)")
     if cfg.ranking_to_pairs:
         examples = ranking_to_pairs(examples, cfg.ranking_pairs)
     if loss.pairwise:
         ranked = next((ex for ex in examples if len(ex.responses) != 2), None)
         if ranked is not None:
-            raise UserValueError(f"{ranked.source}, row {ranked.row}: the '{cfg.loss}' loss takes pairs, this row has "
-                                 f"{len(ranked.responses)} ranked responses: use --loss plackett_luce, or "
-                                 "--ranking-to-pairs to expand rankings into pairs")
+            raise DataError(ranked.source, ranked.row, None, f"the '{cfg.loss}' loss takes pairs, this row has "
+                                                             f"{len(ranked.responses)} ranked responses: use --loss "
+                                                             "plackett_luce, or --ranking-to-pairs to expand rankings "
+                                                             "into pairs")
     return examples
 
 
