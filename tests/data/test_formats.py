@@ -359,6 +359,14 @@ def test_conversational_bad_message_is_an_error():
     _assert_names(ei.value, "f.jsonl", 1, "rejected[0]")
 
 
+
+@pytest.mark.parametrize("chosen,rejected,field", [([], [], "chosen"), ("a", [], "rejected"), ([], "b", "chosen")])
+def test_an_empty_message_list_says_so(chosen, rejected, field):
+    """An empty list where messages go said "expected a string, got list" when both sides were empty."""
+    with pytest.raises(DataError, match=r"expected a non-empty list of \{role, content\} messages") as ei:
+        parse_row({"prompt": "Hi", "chosen": chosen, "rejected": rejected}, "f.jsonl", 1)
+    _assert_names(ei.value, "f.jsonl", 1, field)
+
 def test_ranked_with_ranking():
     ex = parse_row({"prompt": "P", "responses": ["mid", "best", "worst"], "ranking": [1, 0, 2]}, "r", 0)
     assert ex.prompt == "P"

@@ -253,6 +253,10 @@ def _parse_pair(rec: dict, source: str, row: int) -> Example:
         else:
             prompt = _messages(prompt, source, row, "prompt")
         return Example(prompt, [chosen, rejected], source, row)
+    for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        if isinstance(value, list) and not value:  # messages, but none: not "expected a string"
+            raise DataError(source, row, name, "expected a non-empty list of {role, content} messages (or a "
+                                               "string), got an empty list", kind="type")
     chosen = _text(rec, "chosen", source, row)
     rejected = _text(rec, "rejected", source, row)
     if prompt is None and "prompt" not in rec:  # HH-RLHF transcripts
