@@ -130,3 +130,24 @@ def test_lora_targets_that_match_no_module_are_named(tiny_model, targets):
     with pytest.raises(UserValueError, match="--lora-target-modules") as e:
         apply_lora(load_model(str(tiny_model)), r=2, alpha=4, target_modules=targets)
     assert "q_proj" in str(e.value) and "all-linear" in str(e.value)
+
+
+@pytest.mark.parametrize("cls, extra", [("train", {"data": "d.jsonl"}), ("ppo", {"prompts": "p.jsonl", "reward_fn": "m:f"}),
+                                        ("online", {"prompts": "p.jsonl", "reward_fn": "m:f"})])
+def test_adapter_settings_without_a_rank_are_refused(cls, extra):
+    """--lora-alpha (or dropout, targets) without --lora-r would be ignored: a full fine-tune saved where
+    the user expects an adapter. Refused naming every such flag; with a rank, or left at their
+    defaults, they pass."""
+    from directpo.config import ConfigError
+    from directpo.rlhf.config import PPOConfig
+    from directpo.rlhf.online import OnlineConfig
+    from directpo.training.config import TrainConfig
+
+    make = {"train": TrainConfig, "ppo": PPOConfig, "online": OnlineConfig}[cls]
+    base = dict(model="m", output_dir="o", **extra)
+    with pytest.raises(ConfigError, match=r"--lora-alpha, --lora-target-modules set without --lora-r"):
+        make(**base, lora_alpha=32.0, lora_target_modules="q_proj").validate()
+    with pytest.raises(ConfigError, match=r"--lora-dropout set without --lora-r"):
+        make(**base, lora_dropout=0.1).validate()
+    assert make(**base).validate().lora_r == 0
+    assert make(**base, lora_r=4, lora_alpha=32.0, lora_dropout=0.1).validate().lora_alpha == 32.0

@@ -58,4 +58,6 @@ class PPOConfig(RunConfig, LoraSettings, FixedLengthSettings):
                                 "evaluate a run at several points (0: never)", ge=0, resumable=True)
 
     def validate(self) -> "PPOConfig":
-        return super().validate()
+        super().validate()
+        self.check_lora_settings()
+        return self

@@ -34,7 +34,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import outputs
-from ..config import ConfigError, FixedLengthSettings, changed_settings, check_ranges, check_required, input_paths, setting
+from ..config import (ConfigError, FixedLengthSettings, changed_settings, check_micro_batch, check_ranges, check_required,
+                      input_paths, setting)
 from ..console import log as console_log
 from ..diskio import write_text
 from ..errors import UserValueError
@@ -97,9 +98,8 @@ class OnlineConfig(LoraSettings, FixedLengthSettings):
         if need_reward and (self.reward_fn is None) == (self.reward_model is None):
             raise ConfigError("give exactly one of --reward-fn module:function and --reward-model DIR")
         check_ranges(self)
-        if self.batch_size % self.micro_batch_size:
-            raise ConfigError(f"--batch-size ({self.batch_size}) must be a multiple of --micro-batch-size "
-                              f"({self.micro_batch_size})")
+        check_micro_batch(self.batch_size, self.micro_batch_size)
+        self.check_lora_settings()
         return self
 
 

@@ -12,10 +12,10 @@ Defaults are the paper's (appendix B): β = 0.1, batch 64, RMSprop at lr 1e-6, 1
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from ..config import (ConfigError, FixedLengthSettings, ResumableSettings, check_micro_batch, check_ranges,
-                      check_required, setting)
+                      check_required, flag_name, setting)
 from .lora import QUANTIZE, check_quantize
 from .optim import OPTIMIZERS, SCHEDULERS, check_optimizer
 
@@ -137,6 +137,18 @@ class LoraSettings:
     lora_alpha: float = setting(16.0, "LoRA scaling α", gt=0)
     lora_dropout: float = setting(0.0, "dropout on the LoRA path", ge=0, lt=1)
     lora_target_modules: str = setting("all-linear", "modules to adapt: all-linear, or a comma list (q_proj,v_proj)")
+
+    def check_lora_settings(self) -> None:
+        """An adapter setting moved from its default without --lora-r would be ignored: the run would
+        fine-tune (and save) the whole model while its user expects an adapter. Refused, naming them."""
+        if self.lora_r:
+            return
+        moved = [flag_name(f.name) for f in fields(LoraSettings)
+                 if f.name != "lora_r" and getattr(self, f.name) != f.default]
+        if moved:
+            raise ConfigError(f"{', '.join(moved)} set without --lora-r: with rank 0 the run fine-tunes the whole "
+                              "model and no adapter reads them; give the adapter's rank (e.g. --lora-r 16), or "
+                              "leave them out for full fine-tuning")
 
 
 @dataclass
@@ -277,6 +289,7 @@ class TrainConfig(PreferenceRunConfig, LoraSettings, FixedLengthSettings):
             if self.lora_r and self.ref and self.ref != self.model:  # (`training.lora_reference`)
                 raise ConfigError("--ref-sync-every with LoRA: πref is the base plus an adapter of its own, synced "
                                   "from the policy's; leave --ref out")
+        self.check_lora_settings()
         if self.new_adapter and not self.lora_r:
             raise ConfigError("--new-adapter trains a new LoRA on the merged --model adapter: give its rank, --lora-r")
         from .adapters import check_adapter_settings
