@@ -153,6 +153,8 @@ def test_merge_refusals(tiny_model, sft_adapter, tmp_path, capsys):
     assert "--out" in err and "ADAPTER_DIR" in err
     err = _one_line_error(capsys, ["merge", str(tiny_model), "--out", str(tmp_path / "x")])
     assert "not an adapter directory" in err
+    err = _one_line_error(capsys, ["merge", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
+    assert "no such file or directory" in err and "nope" in err
     qlora = tmp_path / "qlora"  # an adapter that records a quantized base (no bitsandbytes needed)
     shutil.copytree(sft_adapter, qlora)
     config = json.loads((qlora / "adapter_config.json").read_text())

@@ -67,6 +67,9 @@ def merge(cfg: MergeConfig) -> dict:
     cfg.validate()
     adapter = read_adapter_dir(cfg.adapter, "merge")
     if adapter is None:
+        if not Path(cfg.adapter).exists():
+            raise UserValueError(f"merge: {cfg.adapter}: no such file or directory (give the adapter's folder: the "
+                                 "run's output directory or a checkpoint holding adapter_config.json)")
         raise UserValueError(f"merge: {cfg.adapter} is not an adapter directory (no adapter_config.json)")
     check_output_dir(cfg.out, {"ADAPTER_DIR": cfg.adapter, "its base": adapter.root,
                                **{f"the adapter {a.path}": a.path for a in adapter.chain}},
