@@ -559,3 +559,24 @@ def test_chat_template_that_refuses_the_messages_is_a_data_error(no_template_tok
     ok = Example([{"role": "user", "content": "Hi"}], CONV.responses, "c.jsonl", 1)
     assert [te.row for te in tokenize_examples([CONV, ok], no_template_tok, on_invalid="skip", report=report)] == [1]
     assert report.counts == {"template": 1}
+
+
+@pytest.mark.parametrize("responses,field", [
+    ([[{"role": "assistant", "content": "ok"}], [{"role": "wizard", "content": "no"}]], "rejected"),
+    ([[{"role": "wizard", "content": "ok"}], [{"role": "assistant", "content": "no"}]], "chosen"),
+    ([[{"role": "wizard", "content": "ok"}]], "chosen"),  # a pair's chosen response alone (sft)
+    ([[{"role": "assistant", "content": "a"}], [{"role": "assistant", "content": "b"}],
+      [{"role": "wizard", "content": "c"}]], "responses")])
+def test_a_template_refusing_a_response_names_the_response(no_template_tok, responses, field):
+    """A role the template refuses in a response was reported as field 'prompt', which renders fine."""
+    no_template_tok.chat_template = ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+                                     "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+                                     "{{ m['content'] }}{% endfor %}")
+    with pytest.raises(DataError, match="unknown role wizard") as ei:
+        tokenize_example(Example([{"role": "user", "content": "Hi"}], responses, "c.jsonl", 2), no_template_tok)
+    assert (ei.value.row, ei.value.field, ei.value.kind) == (2, field, "template")
+    with pytest.raises(DataError) as ei:  # an unpaired row's one response
+        wizard = [r for r in responses if r[0]["role"] == "wizard"]
+        tokenize_example(Example([{"role": "user", "content": "Hi"}], wizard, "c.jsonl", 2, label=True),
+                         no_template_tok)
+    assert ei.value.field == "completion"

@@ -104,16 +104,25 @@ def render_prompt(prompt: Text, tokenizer, source: str = "prompt", row: int | No
     return _apply_template(tokenizer, prompt, source, row, add_generation_prompt=True), False
 
 
-def _apply_template(tokenizer, messages: list, source: str, row: int | None, **kwargs) -> str:
+def _apply_template(tokenizer, messages: list, source: str, row: int | None, field: str = "prompt", **kwargs) -> str:
     """The chat template's text; a template that refuses the messages (templates raise for roles
-    they do not know, or turns out of order) is a DataError of the row."""
+    they do not know, or turns out of order) is a DataError of the row's `field`."""
     from jinja2 import TemplateError
 
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
     except TemplateError as e:
-        raise DataError(source, row, "prompt", f"the tokenizer's chat template refused the messages: {e}",
+        raise DataError(source, row, field, f"the tokenizer's chat template refused the messages: {e}",
                         kind="template") from None
+
+
+def response_field(example: Example, k: int) -> str:
+    """The field response `k` of `example` most likely came from, for messages: an unpaired row's
+    'completion'; a pair's (or sft's lone best response) 'chosen'/'rejected'; else 'responses'.
+    (A pair expanded from a ranking is named as a pair: its rows hold no field names.)"""
+    if len(example.responses) == 1:
+        return "completion" if example.label is not None else "chosen"
+    return ("chosen", "rejected")[k] if len(example.responses) == 2 else "responses"
 
 
 def prompt_ids(text: str, tokenizer, add_special_tokens: bool = True, source: str = "prompt",
@@ -153,7 +162,9 @@ def render(example: Example, tokenizer) -> tuple[str, list[str], bool]:
     prompt_text, add_special = render_prompt(example.prompt, tokenizer, example.source, example.row)
     if not example.conversational:
         return prompt_text, list(example.responses), add_special
-    fulls = [_apply_template(tokenizer, example.prompt + r, example.source, example.row) for r in example.responses]
+    # the prompt rendered alone: a refusal now is one of the response (a role the template does not know)
+    fulls = [_apply_template(tokenizer, example.prompt + r, example.source, example.row, response_field(example, k))
+             for k, r in enumerate(example.responses)]
     # Some templates render the prompt differently alone than followed by a reply; the prompt is
     # then the longest text all renderings share.
     n = len(prompt_text)
