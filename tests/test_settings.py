@@ -305,3 +305,9 @@ def test_resumable_settings_are_declared_on_their_fields():
     assert not {"lr", "beta", "seed", "loss", "data", "model", "batch_size"} & resumable  # they change the run
     assert resumable == {f.name for f in fields(TrainConfig) if f.metadata.get("resumable")}
     assert "snapshot_every" in PPO.RESUMABLE_CHANGES and "snapshot_every" not in resumable
+
+
+def test_prompt_length_not_below_max_length_names_the_flags(tmp_path, capsys):
+    argv = ["--max-length", "8", "--max-prompt-length", "8"]
+    assert main(["train", "--model", "m", "--data", "d.jsonl", "--output-dir", str(tmp_path / "o"), *argv]) == 2
+    assert "--max-prompt-length 8 must be smaller than --max-length 8" in capsys.readouterr().err

@@ -244,20 +244,6 @@ def undecoded_images(ds: Any) -> Any:
             "Image(" in repr(f) for f in features.values()):
         return ds
     return (rec for table in ds.with_format("arrow").iter(batch_size=256) for rec in table.to_pylist())
-    import copy
-
-    for name, feature in features.items():
-        off = copy.deepcopy(feature)
-        node, found = off, False
-        while node is not None:  # an Image, or a list (of lists) of Images
-            if type(node).__name__ == "Image" and getattr(node, "decode", False):
-                node.decode, found = False, True
-                break
-            node = getattr(node, "feature", None)
-        if found:
-            ds = ds.cast_column(name, off)
-    return ds
-
 
 
 def lone_surrogate(value: Any, pattern: re.Pattern | None = None) -> tuple[str | None, str] | None:

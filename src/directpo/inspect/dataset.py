@@ -275,7 +275,8 @@ def inspect_data(data: str, tokenizer, model: str | None = None, max_length: int
     if on_invalid not in ("error", "skip"):
         raise UserValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
     if max_length is not None and max_prompt_length is not None and max_prompt_length >= max_length:
-        raise UserValueError("max_prompt_length must be smaller than max_length")
+        raise UserValueError(f"--max-prompt-length {max_prompt_length} must be smaller than --max-length {max_length} "
+                             "(the prompt and its response share --max-length)")
     report = SkipReport()
     loaded = load_examples(data, on_invalid="skip", split=split, report=report)
     processor = vision_processor(model, loaded)

@@ -124,7 +124,8 @@ class PreferenceRunConfig(RunConfig):
             check_micro_batch(self.batch_size, self.micro_batch_size)
         if self.max_length is not None and self.max_prompt_length is not None and \
                 self.max_prompt_length >= self.max_length:
-            raise ConfigError("max_prompt_length must be smaller than max_length")
+            raise ConfigError(f"--max-prompt-length {self.max_prompt_length} must be smaller than --max-length "
+                              f"{self.max_length} (the prompt and its response share --max-length)")
         return self
 
 
