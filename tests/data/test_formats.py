@@ -567,6 +567,13 @@ def test_skip_counts_bad_rows(tmp_path):
     assert "line 2" in s  # first malformed row (0-based row 1)
 
 
+def test_skip_report_counts_one_row_as_one_row(tmp_path):
+    report = SkipReport()
+    load_examples(str(_write_lines(tmp_path / "d.jsonl", ['{"prompt": "p", "chosen": "a", "rejected": "b"}', "{"])),
+                  on_invalid="skip", report=report)
+    assert report.summary().startswith("skipped 1 row (1 malformed)\n")
+
+
 def test_skip_report_empty_summary():
     assert SkipReport().total == 0
     assert "no rows skipped" in SkipReport().summary()

@@ -113,7 +113,7 @@ class SkipReport:
         if not self.total:
             return "no rows skipped"
         parts = [f"{n} {kind}" for kind, n in sorted(self.counts.items())]
-        lines = [f"skipped {self.total} rows ({', '.join(parts)})"]
+        lines = [f"skipped {self.total} row{'s' * (self.total != 1)} ({', '.join(parts)})"]
         lines += [f"  e.g. {msg}" for msg in self.first.values()]
         return "\n".join(lines)
 
@@ -388,7 +388,7 @@ def parse_records(spec: str, parse: Callable[[dict, str, int], T], on_invalid: s
                 raise
             report.add(e)
     if not out:
-        raise DataError(spec, None, None, f"no usable {what}" + (f" ({report.summary()})" if report.total else ""))
+        raise DataError(spec, None, None, f"no usable {what}" + (f": {report.summary()}" if report.total else ""))
     return out
 
 

@@ -106,7 +106,7 @@ def load_tldr_pairs(spec: str, split: str | None = None, config: str | None = HU
                 raise
             report.add(e)
     if not pairs:
-        raise DataError(spec, None, None, "no usable TL;DR comparisons" + (f" ({report.summary()})"
+        raise DataError(spec, None, None, "no usable TL;DR comparisons" + (f": {report.summary()}"
                                                                          if report.total else ""))
     return pairs
 

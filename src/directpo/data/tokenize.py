@@ -375,7 +375,7 @@ def tokenize_each(examples: list[Example], tokenize, on_invalid: str, report: Sk
             report.add(e)
     if not out:
         raise DataError(examples[0].source if examples else "data", None, None,
-                        f"no usable rows after tokenization ({report.summary()})")
+                        f"no usable rows after tokenization: {report.summary()}")
     return out
 
 

@@ -106,7 +106,7 @@ def pairs_only(examples: list, on_invalid: str, report: SkipReport) -> list:
             raise err
         report.add(err)
     if not kept:
-        raise DataError(examples[0].source, None, None, f"no pairs to score ({report.summary()})")
+        raise DataError(examples[0].source, None, None, f"no pairs to score: {report.summary()}")
     return kept
 
 
