@@ -38,3 +38,18 @@ def test_reward_fn_errors_restore_sys_path(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="cannot import module 'no_such_rewards'"):
         load_callable("no_such_rewards:fn")
     assert sys.path == path_before
+
+
+@pytest.mark.parametrize("value, said", [(1.0, "returned 1.0, expected a list of 2 numbers"),
+                                         (None, "returned None, expected a list of 2 numbers")])
+def test_a_batched_reward_fn_returning_no_list_is_named(value, said):
+    """A `batched` callable returning one number (or nothing) was a TypeError traceback ('float object
+    is not iterable', reported as directpo's bug); now one line naming the function."""
+    from directpo.errors import UserError
+    from directpo.eval.scorers import callable_scorer
+
+    def mean_reward(prompts, completions):
+        return value
+    mean_reward.batched = True
+    with pytest.raises(UserError, match=f"reward function .*mean_reward: {said}"):
+        callable_scorer(mean_reward)(["p", "q"], ["a", "b"])

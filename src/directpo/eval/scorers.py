@@ -63,8 +63,8 @@ def callable_scorer(fn: Callable, name: str | None = None) -> Scorer:
     def score(prompts: Sequence, completions: Sequence[str]) -> list[float]:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        values = list(fn(list(prompts), list(completions))) if batched else [fn(p, c) for p, c in
-                                                                               zip(prompts, completions)]
+        values = _batch_values(fn(list(prompts), list(completions)), name, len(completions)) if batched else \
+            [fn(p, c) for p, c in zip(prompts, completions)]
         if len(values) != len(completions):
             raise UserValueError(f"reward function {name}: returned {len(values)} values for {len(completions)} "
                                  "completions")
@@ -84,6 +84,18 @@ def callable_scorer(fn: Callable, name: str | None = None) -> Scorer:
     score.__name__ = f"reward_fn[{name}]"
     score.batched = True  # wrapping it again is harmless
     return score
+
+
+def _batch_values(values, name: str, n: int) -> list:
+    """A batched callable's reply as a list; one number (or None, a string, a dict) is refused here,
+    since `list()` of it is a TypeError that would read as directpo's bug, or a list of its keys."""
+    if not isinstance(values, (str, bytes, dict)):
+        try:
+            return list(values)
+        except TypeError:  # not iterable (a 0-d tensor too)
+            pass
+    raise UserValueError(f"reward function {name}: returned {values!r}, expected a list of {n} numbers (a "
+                         "`batched` function returns one number per completion)")
 
 
 def as_scorer(reward) -> Scorer:
