@@ -119,6 +119,41 @@ def test_pipeline_reruns_stage_2_after_stage_1_reran(tiny_model, tmp_path, capsy
     assert "already complete" not in err and "stage 2 (dpo" in err
 
 
+def test_an_interrupted_pipeline_stage_continues_from_its_checkpoint(tiny_model, tmp_path, capsys):
+    """Ctrl-C in a stage saves a checkpoint ('resume with --resume'); a plain rerun started that stage
+    over, rewriting its metrics.jsonl and leaving the old checkpoints beside the new run's (a later
+    --resume took the newest, of the other run). Now the stage continues from its checkpoint; a stage
+    that starts over (an earlier one ran again) drops its old checkpoints."""
+    rows, _ = review_task(n_train=16, n_eval=1, seed=3)
+    data = write_jsonl(rows, tmp_path / "a.jsonl")
+    out = tmp_path / "pipe"
+    argv = ["pipeline", "--model", str(tiny_model), "--data", str(data), "--output-dir", str(out), "--max-steps", "2",
+            "--save-every", "1", "--ref-cache", "off", *FAST]
+    assert main(argv) == 0
+    first = _lines(out / "sft")
+    # as if Ctrl-C'd after step 1 of stage 1: its checkpoint of step 1, one metrics line, no marker
+    (out / "sft" / "run_complete.json").unlink()
+    shutil.rmtree(out / "sft" / "checkpoints" / "step-00000002")
+    (out / "sft" / "metrics.jsonl").write_text(json.dumps(first[0]) + "\n")
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "stage 1 (Preferred-FT) continues from" in err and "resumed from" in err, err
+    assert _lines(out / "sft")[0] == first[0]  # step 1 kept as it was, not trained again
+    assert [m["step"] for m in _lines(out / "sft")] == [1, 2]
+    # stage 2 started over from the new SFT model: its checkpoints are this run's only
+    assert "stage 2 (dpo" in err and "stage 2 (DPO) continues" not in err
+    assert [m["step"] for m in _lines(out / "dpo")] == [1, 2]
+    # another setting than the checkpoint's: refused in one line, saying how to start over
+    (out / "sft" / "run_complete.json").unlink()
+    shutil.rmtree(out / "sft" / "checkpoints" / "step-00000002")
+    capsys.readouterr()
+    assert main(argv + ["--sft-lr", "1e-2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("directpo pipeline: error: stage 1 (Preferred-FT) in") and "lr: " in err, err
+    assert "--overwrite" in err, err
+
+
 def test_plackett_luce_and_ranking_to_pairs(tiny_model, tmp_path, capsys):
     tr, _, _ = ranked_review_task(n_train=16, n_eval=1, k=4, seed=4)
     data = write_jsonl(tr, tmp_path / "ranked.jsonl")

@@ -12,6 +12,7 @@ every stage. A stage that runs makes every later stage run too (they start from 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from ..losses import LOSS_SETTINGS, LOSSES
 from ..outputs import RUN_MARKERS, check_output_dir
 from .config import PipelineConfig, TrainConfig
 from .loop import train
+from .checkpoint import checkpoint_root, checkpoint_state, latest_checkpoint, list_checkpoints
 from .run import COMPLETE_MARKER, CONFIG_FILE, is_complete
 
 PIPELINE_MARKERS = tuple(f"{stage}/{marker}" for stage in ("sft", "dpo") for marker in RUN_MARKERS)
@@ -72,6 +74,7 @@ def run_pipeline(cfg: TrainConfig, **sft_overrides) -> dict:
                 continue
             raise UserValueError(f"{name} in {path} finished with other settings ({'; '.join(differences)}); "
                                  "pass another --output-dir, or --overwrite to rerun the pipeline")
+        stage_cfg = stage_start(name, path, stage_cfg, fresh=running)
         running = True
         for _, later, _, _ in stages[i:]:  # their results are stale from here on, even if this run is killed
             (later / COMPLETE_MARKER).unlink(missing_ok=True)
@@ -80,6 +83,25 @@ def run_pipeline(cfg: TrainConfig, **sft_overrides) -> dict:
         train(stage_cfg)
     return {"sft": json.loads((sft_dir / COMPLETE_MARKER).read_text()),
             "dpo": json.loads((dpo_dir / COMPLETE_MARKER).read_text())}
+
+
+def stage_start(name: str, path: Path, cfg: TrainConfig, fresh: bool) -> TrainConfig:
+    """How a stage that runs starts: from its checkpoint when it was interrupted (Ctrl-C saves one and
+    says 'resume'; starting over would lose its steps and leave its old checkpoints beside the new
+    run's), else from step 0, its old checkpoints dropped. `fresh`: --overwrite, or an earlier stage
+    ran now, so what this stage trained from has changed and its checkpoints are stale."""
+    if fresh or not list_checkpoints(path):
+        shutil.rmtree(checkpoint_root(path), ignore_errors=True)
+        return replace(cfg, resume=None)
+    ckpt = latest_checkpoint(path, last_good=cfg.resume_from_last_good)
+    # (precision: the checkpoint's resolved one, which the resumed run keeps; `auto` is not a change)
+    diff = changed_settings(checkpoint_state(ckpt)["config"], cfg, cfg.RESUMABLE_CHANGES | {"precision"})
+    if diff:
+        raise UserValueError(f"{name} in {path} was interrupted at {ckpt.name}, with other settings "
+                             f"({'; '.join(diff)}): rerun with those to continue it, or pass --overwrite to rerun "
+                             "the pipeline")
+    log(f"pipeline: {name} continues from its checkpoint {ckpt}")
+    return replace(cfg, resume=str(ckpt))
 
 
 def stage_changes(stage_dir: Path, cfg: TrainConfig, unused: frozenset = frozenset()) -> list[str]:
