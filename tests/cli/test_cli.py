@@ -123,3 +123,20 @@ def test_a_torchrun_worker_ends_without_the_interpreters_teardown(monkeypatch, t
     assert "directpo inspect: error: give --model" in err and "unrecognized arguments: --no-such-flag" in err
     monkeypatch.delenv("LOCAL_RANK")  # not a torchrun worker: main returns as always
     assert main(["inspect", "--data", str(tmp_path / "missing.jsonl")]) == 2 and ended == [0, 2, 2]
+
+
+@pytest.mark.parametrize("how", ["flag", "config"])
+def test_sft_refuses_another_loss(tmp_path, capsys, how):
+    """`directpo sft --loss dpo` (or a --config shared with `train` holding `loss: dpo`) trained DPO under
+    the name sft; now refused in one line, before anything loads."""
+    argv = ["sft", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"), "--output-dir",
+            str(tmp_path / "out")]
+    if how == "flag":
+        argv += ["--loss", "dpo"]
+    else:
+        (tmp_path / "c.yaml").write_text("loss: dpo\nbeta: 0.1\n")
+        argv += ["--config", str(tmp_path / "c.yaml")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "directpo sft: error: " in err[0] and "'dpo'" in err[0], err
+    assert "directpo train" in err[0] and not (tmp_path / "out").exists()

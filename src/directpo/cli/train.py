@@ -27,7 +27,11 @@ def run_train(args) -> int:
 
 
 def run_sft(args) -> int:
-    return _train_or_launch(args, build_config(args, TrainConfig, loss="sft"))
+    cfg = build_config(args, TrainConfig, loss="sft")
+    if cfg.loss != "sft":  # (--loss, or a --config shared with `train`): the run would be no SFT, named sft
+        raise ConfigError(f"directpo sft trains the sft loss, but --loss is {cfg.loss!r} (from the command line or "
+                          f"--config): run `directpo train --loss {cfg.loss}` for it, or drop the setting")
+    return _train_or_launch(args, cfg)
 
 
 def _train_or_launch(args, cfg: TrainConfig) -> int:
