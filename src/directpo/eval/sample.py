@@ -6,11 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..console import log
+from ..data.errors import location
 from ..data.formats import SkipReport, write_jsonl
 from ..data.prompts import PromptItem, encode_image_prompt, encode_prompt, load_prompts, refuse_images
 from ..errors import UserValueError
 from ..models import load_model_or_adapter, load_tokenizer, pick_device, suppress_eos
 from .sampling import decode, generate_completions, sampling_batch_size
+
 
 @dataclass
 class Samples:
@@ -59,6 +61,23 @@ def encode_image_samples(processor, items: list[PromptItem], n: int, max_prompt_
     return [e for e in encoded for _ in range(n)]
 
 
+def check_context(model, items: list[PromptItem], prompt_ids: list[list[int]], n: int, max_new_tokens: int) -> None:
+    """The longest prompt with its completion must fit the model's positions: past them a RoPE model
+    reads positions it never learned and writes nonsense that looks like a result (learned positions:
+    an IndexError), so it is refused naming the row and the flag that cuts it."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int) or not prompt_ids:
+        return
+    k = max(range(len(prompt_ids)), key=lambda j: len(prompt_ids[j]))
+    if len(prompt_ids[k]) + max_new_tokens <= limit:
+        return
+    it, room = items[k // n], limit - max_new_tokens
+    cut = f"pass --max-prompt-length {room} (prompts cut from the left)" if room > 0 else "lower --max-new-tokens"
+    raise UserValueError(f"{it.source}, {location(it.source, it.row)}: a prompt of {len(prompt_ids[k])} tokens and "
+                         f"--max-new-tokens {max_new_tokens} exceed the model's {limit} positions "
+                         f"(max_position_embeddings); {cut}")
+
+
 def draw_samples(model, tokenizer, items: list[PromptItem], n: int = 1, max_new_tokens: int = 128,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
                  max_prompt_length: int | None = None, progress: str | None = None,
@@ -72,6 +91,7 @@ def draw_samples(model, tokenizer, items: list[PromptItem], n: int = 1, max_new_
         prompt_ids = [v.prompt_ids for v in vision]
     else:
         prompt_ids = encode_samples(tokenizer, items, n, max_prompt_length)
+    check_context(model, items, prompt_ids, n, max_new_tokens)
     batch_size = sampling_batch_size(model, tokenizer, prompt_ids, max_new_tokens, top_p, batch_size, memory_budget,
                                      vision)
     comps = generate_completions(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p, seed, batch_size,

@@ -21,9 +21,9 @@ from ..console import log
 from ..errors import UserValueError
 from ..losses import LOSS_SETTINGS, LOSSES
 from ..outputs import RUN_MARKERS, check_output_dir
+from .checkpoint import checkpoint_root, checkpoint_state, latest_checkpoint, list_checkpoints
 from .config import PipelineConfig, TrainConfig
 from .loop import train
-from .checkpoint import checkpoint_root, checkpoint_state, latest_checkpoint, list_checkpoints
 from .run import COMPLETE_MARKER, CONFIG_FILE, is_complete
 
 PIPELINE_MARKERS = tuple(f"{stage}/{marker}" for stage in ("sft", "dpo") for marker in RUN_MARKERS)
