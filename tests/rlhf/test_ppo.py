@@ -171,3 +171,18 @@ def test_ppo_killed_mid_checkpoint_resumes_bit_identical(tiny_model, tmp_path):
 
     assert lines("full") == lines("killed")
     assert len({m["kl_coef"] for m in lines("full")}) > 1  # β did adapt, so restoring it mattered
+
+
+def test_ppo_refuses_a_prompt_past_the_models_context(tiny_model, tmp_path, monkeypatch, capsys):
+    """PPO rolls out as `sample` does: a prompt beyond max_position_embeddings (2048) would be sampled
+    into nonsense and trained on; refused in one line naming the row and the flag that cuts it."""
+    (tmp_path / "rw.py").write_text("def n_words(prompt, completion):\n    return len(completion.split())\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "short"}) + "\n"
+                                      + json.dumps({"prompt": "the film was good " * 700}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["ppo", "--model", str(tiny_model), "--prompts", "p.jsonl", "--output-dir", "out", "--reward-fn",
+                 "rw:n_words", "--batch-size", "2", "--mini-batch-size", "2", "--max-steps", "1",
+                 "--max-new-tokens", "4", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "p.jsonl, line 2" in err[0] and "--max-prompt-length 2044" in err[0], err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()

@@ -70,10 +70,11 @@ def load_prompts(spec: str, on_invalid: str = "error", split: str | None = None,
     return parse_records(spec, parse_prompt_row, on_invalid, split, report, what="prompts")
 
 
-def encode_prompt(prompt: str | list, tokenizer, max_prompt_length: int | None = None) -> list[int]:
+def encode_prompt(prompt: str | list, tokenizer, max_prompt_length: int | None = None, source: str = "prompt",
+                  row: int | None = None) -> list[int]:
     """Prompt ids as `directpo.data.tokenize` builds a training example's (BOS kept when cutting
-    from the left)."""
-    text, add_special = render_prompt(prompt, tokenizer)
+    from the left); `source`/`row` name the prompt in an error (a chat template missing or refusing)."""
+    text, add_special = render_prompt(prompt, tokenizer, source, row)
     _, (ids, _), _ = bounded(text, "end", max_prompt_length, tokenizer,
                              lambda t: prompt_ids(t, tokenizer, add_special), bos_text(tokenizer))
     return truncate_prompt(ids, tokenizer, max_prompt_length)

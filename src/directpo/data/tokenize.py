@@ -99,7 +99,8 @@ def render_prompt(prompt: Text, tokenizer, source: str = "prompt", row: int | No
     if not isinstance(prompt, list):
         return prompt, True
     if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(source, row, "prompt", "conversational row, but the tokenizer has no chat template",
+        raise DataError(source, row, "prompt", "conversational row, but the tokenizer has no chat template: use a "
+                        "model whose tokenizer has one (tokenizer_config.json's chat_template), or give text rows",
                         kind="invalid")
     return _apply_template(tokenizer, prompt, source, row, add_generation_prompt=True), False
 

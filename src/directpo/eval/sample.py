@@ -48,7 +48,7 @@ def encode_samples(tokenizer, items: list[PromptItem], n: int, max_prompt_length
     if n < 1:
         raise UserValueError(f"n must be ≥ 1, got {n}")
     refuse_images(items)
-    encoded = [encode_prompt(it.prompt, tokenizer, max_prompt_length) for it in items]
+    encoded = [encode_prompt(it.prompt, tokenizer, max_prompt_length, it.source, it.row) for it in items]
     return [p for p in encoded for _ in range(n)]
 
 

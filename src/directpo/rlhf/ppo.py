@@ -41,6 +41,7 @@ from ..data import TokenizedExample
 from ..data.collate import collate_padded
 from ..data.prompts import encode_prompt, load_prompts
 from ..errors import UserValueError
+from ..eval.sample import check_context
 from ..eval.sampling import decode, generate_completions
 from ..eval.scorers import as_scorer, load_reward_fn
 from ..logprobs import _backbone_and_head, head_logprobs, token_logps
@@ -198,7 +199,7 @@ def setup_models(cfg: PPOConfig, reward, device) -> PPOModels:
         raise UserValueError("give the reward either as an argument or in the config, not both")
     items = load_prompts(cfg.prompts, cfg.on_invalid, cfg.data_split)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    prompt_ids = [encode_prompt(it.prompt, tokenizer, cfg.max_prompt_length) for it in items]
+    prompt_ids = [encode_prompt(it.prompt, tokenizer, cfg.max_prompt_length, it.source, it.row) for it in items]
     policy = load_model(cfg.model, device, trust_remote_code=cfg.trust_remote_code)
     if cfg.lora_r:
         policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_dropout)
@@ -208,6 +209,7 @@ def setup_models(cfg: PPOConfig, reward, device) -> PPOModels:
     else:
         ref = freeze(load_model(cfg.ref or cfg.model, device, trust_remote_code=cfg.trust_remote_code))
     check_vocab(tokenizer, policy, cfg.model, ref, cfg.ref or cfg.model)
+    check_context(policy, items, prompt_ids, 1, cfg.max_new_tokens)  # rollouts past the positions: nonsense
     for m in (policy, ref):  # --fixed-length: rollouts, ratios, KL and entropy all π''s
         suppress_eos(m, tokenizer, cfg.fixed_length)
     head = policy.get_output_embeddings()  # its input width is the width of the last hidden states
