@@ -140,3 +140,10 @@ def test_sft_refuses_another_loss(tmp_path, capsys, how):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "directpo sft: error: " in err[0] and "'dpo'" in err[0], err
     assert "directpo train" in err[0] and not (tmp_path / "out").exists()
+
+
+def test_sft_help_says_the_loss_it_trains(capsys):
+    with pytest.raises(SystemExit):
+        main(["sft", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--loss LOSS sft (the only loss this command trains" in text and "(default: dpo)" not in text

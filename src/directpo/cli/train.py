@@ -15,6 +15,9 @@ from ..training.launch import needs_launch
 
 def register(command: str, parser) -> None:
     add_flags(parser, PipelineConfig if command == "pipeline" else TrainConfig)
+    if command == "sft":  # TrainConfig's field defaults to dpo; sft trains sft and refuses any other loss
+        loss = next(a for a in parser._actions if a.dest == "loss")
+        loss.help = "sft (the only loss this command trains; `directpo train --loss L` for the others)"
     parser.set_defaults(func={"train": run_train, "sft": run_sft, "pipeline": run_pipeline}[command])
 
 
