@@ -62,6 +62,21 @@ def test_a_folder_of_user_files_is_refused_unless_overwrite(tiny_model, data, tm
     assert (project / "model.safetensors").exists() and not (project / LOCK_FILE).exists()
 
 
+def test_overwrite_drops_the_replaced_runs_checkpoints_not_the_users_files(tiny_model, data, tmp_path, capsys):
+    """--overwrite replaces a run: its checkpoints went on sitting beside the new run's, so a later
+    --resume continued the OLD run from its higher step. They go now; anything else in checkpoints/
+    (not a directpo step-N folder) stays."""
+    out = tmp_path / "run"
+    assert main(train_argv(tiny_model, data, out, "--max-steps", "4", "--save-every", "2")) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    (out / "checkpoints" / "notes.txt").write_text("mine\n")
+    capsys.readouterr()
+    assert main(train_argv(tiny_model, data, out, "--max-steps", "1", "--overwrite")) == 0
+    assert "removed the 2 checkpoint(s) of the run it replaces" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["notes.txt"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) >= 1
+
+
 def test_output_dir_naming_a_file_says_so(tiny_model, data, tmp_path, capsys):
     f = tmp_path / "afile"
     f.write_text("x")
