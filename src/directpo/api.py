@@ -224,7 +224,8 @@ def sample(config=None, **settings) -> dict:
 
     cfg = _settings(SampleConfig, config, settings).validate()
     check_outputs({"--out": cfg.out}, {"--prompts": cfg.prompts}, cfg.overwrite)
-    return run(cfg.model, cfg.prompts, cfg.out, n=cfg.n, temperature=cfg.temperature, **cfg.sampling())
+    return run(cfg.model, cfg.prompts, cfg.out, n=cfg.n, temperature=cfg.temperature, overwrite=cfg.overwrite,
+               **cfg.sampling())
 
 
 def best_of_n(config=None, *, reward=None, **settings) -> dict:
@@ -236,6 +237,7 @@ def best_of_n(config=None, *, reward=None, **settings) -> dict:
     cfg = _settings(BonConfig, config, settings).validate()
     check_outputs({"--out": cfg.out}, {"--prompts": cfg.prompts}, cfg.overwrite)
     return run(cfg.model, cfg.prompts, cfg.out, cfg.n, reward or _scorer(cfg), temperature=cfg.temperature,
+               overwrite=cfg.overwrite, reward_name=None if reward else cfg.reward_model or cfg.reward_fn,
                **cfg.sampling())
 
 

@@ -28,9 +28,10 @@ def no_loading(monkeypatch, request):
         from directpo.errors import UserValueError
         raise UserValueError(f"LOADED {args[0] if args else kwargs}")
 
-    for mod in (directpo.eval.bon, directpo.eval.evaluate, directpo.eval.sample, directpo.eval.score):
+    for mod in (directpo.eval.evaluate, directpo.eval.sample, directpo.eval.score):  # (bon loads through sample's)
         monkeypatch.setattr(mod, "load_model_or_adapter", loaded)  # (their loader: a model or an adapter directory)
         monkeypatch.setattr(mod, "load_tokenizer", loaded)
+    for mod in (directpo.eval.bon, directpo.eval.evaluate, directpo.eval.sample, directpo.eval.score):
         monkeypatch.setattr(mod, "load_prompts", loaded, raising=False)
     monkeypatch.setattr(directpo.eval.scorers, "load_reward_fn", loaded)
 

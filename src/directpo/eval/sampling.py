@@ -340,14 +340,18 @@ def _windows(lengths: list[int], batch_size: int):
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int = 128,
                          temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
-                         progress: str | None = None, vision: list | None = None) -> list[list[int]]:
+                         progress: str | None = None, vision: list | None = None, skip=None,
+                         on_batch=None) -> list[list[int]]:
     """One sampled completion per entry of `prompt_ids` (repeat a prompt for several samples);
     `vision`: each entry's vision-language prompt (`encode_image_prompt`), for a VLM.
 
     Returns completion ids, cut after the first EOS (which is kept). Within windows of
     `BUCKET_BATCHES` batches, prompts are sampled in order of length (less padding, and the
     repeats of a prompt share one prefill); each sample's random numbers are those of its place in
-    the input, so the bucketing changes no sample.
+    the input, so the bucketing changes no sample. A resumed run (`sample.draw_resumably`):
+    a batch whose sample indices `skip(indices)` accepts is not sampled (its entries stay []), and
+    `on_batch(indices, completions)` is called after each batch sampled; the other batches are
+    formed and drawn exactly as in a full run, so their samples are the full run's.
     """
     check_sampling_args(max_new_tokens, temperature, top_p)
     device = next(model.parameters()).device
@@ -363,11 +367,17 @@ def generate_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_
         uniforms = None if temperature == 0 else \
             _window_uniforms(sizes, w0 // batch_size, max_new_tokens, seed, device)
         for part in parts:
+            if skip is not None and skip([w0 + i for i in part]):
+                if bar is not None:
+                    bar.update(len(part))
+                continue
             comps = sample_batch(model, [prompt_ids[w0 + i] for i in part], max_new_tokens, temperature, top_p,
                                  eos, pad, None if uniforms is None else uniforms[part],
                                  vision=None if vision is None else [vision[w0 + i] for i in part])
             for i, c in zip(part, comps):
                 out[w0 + i] = c
+            if on_batch is not None:
+                on_batch([w0 + i for i in part], comps)
             if bar is not None:
                 bar.update(len(part))
     if bar is not None:
