@@ -16,6 +16,7 @@ def test_a_torn_last_write_keeps_only_whole_prompts(tmp_path):
     p.add({3: [{"prompt_index": 3, "index": 0}, {"prompt_index": 3, "index": 1}]})
     with open(p.path, "a") as f:
         f.write(json.dumps({"prompt_index": 0, "index": 0}) + "\n" + '{"prompt_index": 0, "ind')
+    p.release()  # (the killed run's process is gone: its lock with it)
     again = Partial(out, {"seed": 1}, rows_per_prompt=2)
     assert list(again.done) == [3] and again.batch_size == 4
     assert len(again.path.read_text().splitlines()) == 3  # header and prompt 3's rows
@@ -43,3 +44,17 @@ def test_a_model_folders_identity_follows_its_files(tmp_path):
     assert identity(str(tmp_path / "m")) == first and identity("org/hub-model") is None
     (tmp_path / "m" / "model.safetensors").write_bytes(b"\0" * 299_999 + b"\1")
     assert identity(str(tmp_path / "m")) != first
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_writes(tmp_path):
+    """Two runs appending to one partial would interleave their rows; the second is refused until the
+    first ends (finished, failed or killed: the lock goes with its process)."""
+    out = tmp_path / "s.jsonl"
+    first = Partial(out, {"seed": 1}, 1)
+    first.start(2)
+    with pytest.raises(UserValueError, match="another run is writing .*s.jsonl"):
+        Partial(out, {"seed": 1}, 1)
+    first.add({0: [{"prompt_index": 0}]})
+    first.finish()
+    assert not (tmp_path / "s.jsonl.partial.lock").exists()
+    Partial(out, {"seed": 1}, 1).release()  # free again

@@ -83,6 +83,7 @@ class Partial:
         self.out, self.path, self.settings, self.per = Path(out), partial_path(out), settings, rows_per_prompt
         self.done: dict[int, list[str]] = {}
         self.batch_size: int | None = None
+        self._lock = _lock(self.path, self.out)
         if overwrite and self.path.exists():
             self.path.unlink()
             log(f"--overwrite: deleted {self.path} (an earlier run's samples); starting over")
@@ -142,6 +143,7 @@ class Partial:
         try:
             yield
         except BaseException:
+            self.release()
             if self.done:
                 log(f"{len(self.done)} of {total} prompts done, kept in {self.path}: rerun the same command to "
                     "continue")
@@ -155,5 +157,28 @@ class Partial:
         with replacing(self.out) as tmp:
             Path(tmp).write_text("".join(x + "\n" for x in lines), encoding="utf-8")
         self.path.unlink(missing_ok=True)
+        self.release()
         fsync_dir(self.path.parent)
         return [json.loads(x) for x in lines]
+
+    def release(self) -> None:
+        if self._lock is not None:
+            Path(self._lock.name).unlink(missing_ok=True)
+            self._lock.close()
+            self._lock = None
+
+
+def _lock(path: Path, out: Path):
+    """An exclusive lock on `<out>.partial.lock` for the run's life: two runs appending to one partial
+    would interleave their rows (each kept as the other's), so the second is refused."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(f"{path}.lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserValueError(f"another run is writing {out} now ({path}.lock is held): wait for it to end, or give "
+                             "another --out") from None
+    return f
