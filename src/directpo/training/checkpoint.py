@@ -64,6 +64,15 @@ def _checkpoints_in(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
+def remove_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Delete the run's step-N checkpoints (a run that starts over: left, a later --resume would
+    continue the old run); anything else in checkpoints/ stays. Returns what went."""
+    found = list_checkpoints(output_dir)
+    for path in found:
+        shutil.rmtree(path)
+    return found
+
+
 def latest_checkpoint(output_dir: str | Path, verify: bool = True, last_good: bool = False) -> Path | None:
     """The newest checkpoint of the run in `output_dir` (None: there is none), checked against its
     manifest with `verify` (`check_checkpoint`). A damaged one is an error naming the bad file and

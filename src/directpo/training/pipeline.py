@@ -12,7 +12,6 @@ every stage. A stage that runs makes every later stage run too (they start from 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from ..console import log
 from ..errors import UserValueError
 from ..losses import LOSS_SETTINGS, LOSSES
 from ..outputs import RUN_MARKERS, check_output_dir
-from .checkpoint import checkpoint_root, checkpoint_state, latest_checkpoint, list_checkpoints
+from .checkpoint import checkpoint_state, latest_checkpoint, list_checkpoints, remove_checkpoints
 from .config import PipelineConfig, TrainConfig
 from .loop import train
 from .run import COMPLETE_MARKER, CONFIG_FILE, is_complete
@@ -91,7 +90,7 @@ def stage_start(name: str, path: Path, cfg: TrainConfig, fresh: bool) -> TrainCo
     run's), else from step 0, its old checkpoints dropped. `fresh`: --overwrite, or an earlier stage
     ran now, so what this stage trained from has changed and its checkpoints are stale."""
     if fresh or not list_checkpoints(path):
-        shutil.rmtree(checkpoint_root(path), ignore_errors=True)
+        remove_checkpoints(path)
         return replace(cfg, resume=None)
     ckpt = latest_checkpoint(path, last_good=cfg.resume_from_last_good)
     # (precision: the checkpoint's resolved one, which the resumed run keeps; `auto` is not a change)

@@ -25,7 +25,7 @@ from ..runfiles import (  # noqa: F401
     read_metrics,
 )
 from .card import invoked_command_line, recorded_alerts, write_model_card
-from .checkpoint import (checkpoint_state, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
+from .checkpoint import (checkpoint_state, latest_checkpoint, load_checkpoint, remove_checkpoints, save_checkpoint,
                          save_sharded_checkpoint)
 from .distributed import Dist
 from .hub import push_to_hub
@@ -103,9 +103,7 @@ class RunDir:
         if cfg.overwrite and not cfg.resume:
             # The run it replaces goes with its checkpoints: left beside the new run's, a later --resume
             # would continue the old run from its (higher) step. Only directpo's step-N folders go.
-            old = list_checkpoints(self.path)
-            for path in old:
-                shutil.rmtree(path)
+            old = remove_checkpoints(self.path)
             if old:
                 log(f"--overwrite: removed the {len(old)} checkpoint(s) of the run it replaces ({old[0].name} … "
                     f"{old[-1].name})")
