@@ -333,7 +333,9 @@ def _ppo(cfg: PPOConfig, reward, run: RunDir, callbacks=()) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)  # mini-batch order
     run.record_config("ppo", cfg, reference=cfg.ref or cfg.model, prompts_count=len(m.items))
     log(f"PPO: {cfg.max_steps} steps × {cfg.batch_size} rollouts ({len(m.items)} prompts), {cfg.ppo_epochs} epochs "
-        f"of mini-batches of {cfg.mini_batch_size}, β {cfg.kl_coef}{' (adaptive)' if cfg.adaptive_kl else ''}, "
+        f"of mini-batches of {min(cfg.mini_batch_size, cfg.batch_size)}"
+        f"{f' (--mini-batch-size {cfg.mini_batch_size} > --batch-size: the whole batch)' if cfg.mini_batch_size > cfg.batch_size else ''}"
+        f", β {cfg.kl_coef}{' (adaptive)' if cfg.adaptive_kl else ''}, "
         f"{cfg.optimizer} lr {cfg.lr}, on {device}")
     # Resume: policy, value head, optimizer, schedule, RNG, β and the mini-batch generator; the
     # prompt order and the sampling seed are functions of the step.

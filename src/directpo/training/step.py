@@ -28,6 +28,17 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if hasattr(p, "to_local") else p
 
 
+def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
+    """torch's `clip_grad_norm_` (the same norm, the same scaling; `max_norm` ≤ 0: no clipping), without
+    its pass over every gradient when nothing is clipped: it multiplies by clamp(max / (norm + 1e-6),
+    max=1) unconditionally (its note: to avoid a device sync, which the step makes anyway to test the
+    norm), and ×1.0 changes no value. A `small` step's 7.4 M gradients: one 30 MB pass fewer."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if max_norm > 0 and bool(max_norm / (norm + 1e-6) < 1):  # the coefficient as torch computes it
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
 class StepDriver:
     """One optimizer step, the same for every trainer.
 
@@ -69,8 +80,7 @@ class StepDriver:
         if self.sharded:
             grad_norm = self.dist.clip_grad_norm(self.params, self.max_grad_norm)
         else:
-            limit = self.max_grad_norm if self.max_grad_norm > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
+            grad_norm = clip_grad_norm(self.params, self.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         loss = sums.get("loss", 0.0)
         if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
