@@ -91,3 +91,15 @@ def test_write_jsonl_is_atomic_and_shared(tmp_path):
         write_jsonl(failing(), path)
     assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == rows  # old file intact
     assert not (tmp_path / "sub" / "r.jsonl.tmp").exists()
+
+
+def test_blank_prompts_are_kept_and_said_with_the_first_one_named(tmp_path, capsys):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "Hi"}\n{"prompt": ""}\n{"prompt": "  "}\n{"prompt": [{"role": "user", "content": "x"}]}\n')
+    items = load_prompts(str(f))
+    assert [it.prompt for it in items][:3] == ["Hi", "", "  "]  # kept: sampled from the start token, as training reads them
+    err = capsys.readouterr().err
+    assert f"warning: 2 of 4 prompts are blank (the first at {f} line 2)" in err
+    f.write_text('{"prompt": "Hi"}\n')
+    load_prompts(str(f))
+    assert "blank" not in capsys.readouterr().err

@@ -193,3 +193,54 @@ def test_a_tokenizer_without_pad_or_eos_token_trains_and_scores(tiny_model, data
     assert main(["score", "--model", str(folder), "--data", str(data), "--out", str(tmp_path / "s.jsonl")]) == 0
     assert main(["sample", "--model", str(folder), "--prompts", str(data), "--out", str(tmp_path / "p.jsonl"),
                  "--max-new-tokens", "3", "--no-progress"]) == 0
+
+
+_OFFLINE_LOAD = r"""
+import sys, time
+from directpo.models import load_config, load_tokenizer
+t = time.time()
+print(type(load_config("me/cached")).__name__, type(load_tokenizer("me/cached")).__name__)
+try:
+    load_config("me/missing")
+except OSError as e:
+    print("ERR", e)
+print("SECONDS", time.time() - t)
+"""
+
+
+def test_a_hub_that_cannot_be_reached_serves_the_cache_at_once_and_refuses_the_rest_at_once(tiny_model, tmp_path):
+    """Before: without network a hub id took ~50 s of retries to fail (`sample --model owner/name`: 51 s).
+    Now an unreachable hub (here a closed local port) puts huggingface_hub offline for the process."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    snap = tmp_path / "hub" / "models--me--cached" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_model, snap)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("0" * 40)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+           and not k.lower().endswith("_proxy")}
+    env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_ENDPOINT="http://127.0.0.1:9")  # (port 9: nothing listens)
+    out = subprocess.run([sys.executable, "-c", _OFFLINE_LOAD], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0].startswith("LlamaConfig ")  # the cached model (config and tokenizer), offline
+    err = next(line for line in out.stdout.splitlines() if line.startswith("ERR"))
+    assert "me/missing: not a local directory, and not in the local Hugging Face cache" in err
+    assert "cannot be reached" in err
+    assert float(out.stdout.split("SECONDS")[1]) < 20  # (the retries alone took ~50 s)
+
+
+def test_no_hub_probe_behind_a_proxy_or_when_offline_already(monkeypatch):
+    from huggingface_hub import constants
+
+    from directpo import models
+
+    for name, value in (("HTTPS_PROXY", "http://proxy:3128"), ("HF_HUB_OFFLINE", None)):
+        monkeypatch.setattr(models, "_hub_probe", None)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", value is None)
+        if value:
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr("socket.create_connection", lambda *a, **k: pytest.fail("probed"))
+        assert models.offline_if_unreachable() is False

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..console import log
 from ..errors import UserValueError
 from .errors import location
 from .formats import (DataError, Example, SkipReport, _is_messages, _messages, _with_images, check_unicode,
@@ -66,8 +67,25 @@ def parse_prompt_row(rec: dict, source: str, row: int) -> PromptItem:
 def load_prompts(spec: str, on_invalid: str = "error", split: str | None = None,
                  report: SkipReport | None = None) -> list[PromptItem]:
     """Every prompt of `spec`, in file order. Bad rows raise a DataError naming file, row and field
-    (or are skipped and counted with on_invalid='skip')."""
-    return parse_records(spec, parse_prompt_row, on_invalid, split, report, what="prompts")
+    (or are skipped and counted with on_invalid='skip'). Blank prompts are kept (sampled from the
+    start token alone, as training reads an empty prompt) and said in one line: often a wrong field."""
+    items = parse_records(spec, parse_prompt_row, on_invalid, split, report, what="prompts")
+    note = blank_prompts_note(items)
+    if note:
+        log(note)
+    return items
+
+
+def blank_prompts_note(items: list[PromptItem]) -> str | None:
+    """'warning: N of M prompts are blank (the first at FILE line L) ...', or None when none is."""
+    blank = [it for it in items if isinstance(it.prompt, str) and not it.prompt.strip()]
+    if not blank:
+        return None
+    first = f"{blank[0].source} {location(blank[0].source, blank[0].row)}"
+    return (f"warning: {len(blank)} of {len(items)} prompt{'s' * (len(items) != 1)} "
+            f"{'are' if len(blank) != 1 else 'is'} blank (the first at {first}): "
+            "each is sampled from the start token alone (BOS, or EOS without one); if the prompts are in "
+            "another field, name it 'prompt'")
 
 
 def encode_prompt(prompt: str | list, tokenizer, max_prompt_length: int | None = None, source: str = "prompt",
