@@ -6,7 +6,8 @@ import os
 
 import torch
 
-from .data.readers import HUB_ID
+from .data import readers
+from .data.readers import HUB_ID, offline_if_unreachable
 from .errors import MissingPackageError, UserValueError
 from .precision import limit_onednn_cache, resolve_precision
 from .quantized import quantized_for_training, quantized_load_kwargs, read_not_mapped
@@ -132,35 +133,6 @@ def check_model_source(name_or_dir: str) -> None:
     offline_if_unreachable()
 
 
-_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-_hub_probe: bool | None = None  # whether this process found the hub unreachable and went offline (probed once)
-
-
-def offline_if_unreachable(timeout: float = 3.0) -> bool:
-    """Before a hub id is loaded: when the hub's host takes no connection within `timeout` seconds,
-    huggingface_hub's offline mode for the rest of the process (HF_HUB_OFFLINE=1 as if the user had
-    set it), so a cached model loads at once and a missing one fails at once, not after ~50 s of
-    retries (measured: `sample --model owner/name` without network). Nothing is probed under a
-    proxy (the host is reached through it) or when offline mode is already on. True if it went offline."""
-    global _hub_probe
-    if _hub_probe is not None:
-        return _hub_probe
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    _hub_probe = False
-    if constants.HF_HUB_OFFLINE or any(os.environ.get(k) for k in _PROXY_VARS):
-        return False
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-    except OSError:
-        constants.HF_HUB_OFFLINE = _hub_probe = True
-    return _hub_probe
-
-
 def remote_code_error(name_or_dir: str, e: Exception) -> ValueError | None:
     """One line for a model or tokenizer whose own Python code transformers refused to run (its
     `auto_map` names modules the checkpoint ships): the flag that allows it, and where that code is
@@ -221,7 +193,7 @@ def check_tokenizer_files(name_or_dir: str) -> None:
 
 def _hub_error(name_or_dir: str, e: OSError) -> OSError:
     """One line for a hub id that could not be loaded (offline, no such repo, gated)."""
-    if _hub_probe:
+    if readers.hub_went_offline():
         from huggingface_hub import constants
 
         return OSError(f"{name_or_dir}: not a local directory, and not in the local Hugging Face cache "

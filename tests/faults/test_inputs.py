@@ -197,6 +197,7 @@ def test_a_tokenizer_without_pad_or_eos_token_trains_and_scores(tiny_model, data
 
 _OFFLINE_LOAD = r"""
 import sys, time
+from directpo.data.readers import read_records
 from directpo.models import load_config, load_tokenizer
 t = time.time()
 print(type(load_config("me/cached")).__name__, type(load_tokenizer("me/cached")).__name__)
@@ -204,12 +205,17 @@ try:
     load_config("me/missing")
 except OSError as e:
     print("ERR", e)
+try:
+    list(read_records("me/missing-data"))
+except ValueError as e:
+    print("DATAERR", e)
 print("SECONDS", time.time() - t)
 """
 
 
 def test_a_hub_that_cannot_be_reached_serves_the_cache_at_once_and_refuses_the_rest_at_once(tiny_model, tmp_path):
-    """Before: without network a hub id took ~50 s of retries to fail (`sample --model owner/name`: 51 s).
+    """Before: without network a hub id took ~50 s of retries to fail (`sample --model owner/name`: 51 s,
+    `inspect --data owner/name`: 30 s).
     Now an unreachable hub (here a closed local port) puts huggingface_hub offline for the process."""
     import os
     import shutil
@@ -229,18 +235,20 @@ def test_a_hub_that_cannot_be_reached_serves_the_cache_at_once_and_refuses_the_r
     err = next(line for line in out.stdout.splitlines() if line.startswith("ERR"))
     assert "me/missing: not a local directory, and not in the local Hugging Face cache" in err
     assert "cannot be reached" in err
-    assert float(out.stdout.split("SECONDS")[1]) < 20  # (the retries alone took ~50 s)
+    data_err = next(line for line in out.stdout.splitlines() if line.startswith("DATAERR"))
+    assert "me/missing-data" in data_err and "the hub cannot be reached" in data_err
+    assert float(out.stdout.split("SECONDS")[1]) < 30  # (the retries alone took ~50 s for a model, ~30 s for data)
 
 
 def test_no_hub_probe_behind_a_proxy_or_when_offline_already(monkeypatch):
     from huggingface_hub import constants
 
-    from directpo import models
+    from directpo.data import readers
 
     for name, value in (("HTTPS_PROXY", "http://proxy:3128"), ("HF_HUB_OFFLINE", None)):
-        monkeypatch.setattr(models, "_hub_probe", None)
+        monkeypatch.setattr(readers, "_hub_probe", None)
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", value is None)
         if value:
             monkeypatch.setenv(name, value)
         monkeypatch.setattr("socket.create_connection", lambda *a, **k: pytest.fail("probed"))
-        assert models.offline_if_unreachable() is False
+        assert readers.offline_if_unreachable() is False
