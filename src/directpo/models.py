@@ -6,8 +6,7 @@ import os
 
 import torch
 
-from .data import readers
-from .data.readers import HUB_ID, offline_if_unreachable
+from .data.readers import HUB_ID, hub_went_offline, offline_if_unreachable
 from .errors import MissingPackageError, UserValueError
 from .precision import limit_onednn_cache, resolve_precision
 from .quantized import quantized_for_training, quantized_load_kwargs, read_not_mapped
@@ -193,7 +192,7 @@ def check_tokenizer_files(name_or_dir: str) -> None:
 
 def _hub_error(name_or_dir: str, e: OSError) -> OSError:
     """One line for a hub id that could not be loaded (offline, no such repo, gated)."""
-    if readers.hub_went_offline():
+    if hub_went_offline():
         from huggingface_hub import constants
 
         return OSError(f"{name_or_dir}: not a local directory, and not in the local Hugging Face cache "

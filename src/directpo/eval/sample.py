@@ -40,7 +40,12 @@ class Samples:
 
     def lengths(self, eos_id: int | None) -> list[int]:
         """Generated tokens per sample, the EOS not counted."""
-        return [len(c) - (1 if c and c[-1] == eos_id else 0) for c in self.completion_ids]
+        return [completion_length(c, eos_id) for c in self.completion_ids]
+
+
+def completion_length(ids: list[int], eos_id: int | None) -> int:
+    """Generated tokens of one completion, its closing EOS not counted."""
+    return len(ids) - (1 if ids and ids[-1] == eos_id else 0)
 
 
 def encode_samples(tokenizer, items: list[PromptItem], n: int, max_prompt_length: int | None = None
@@ -197,7 +202,7 @@ def sample(model: str, prompts: str, out: str, n: int = 1, max_new_tokens: int =
 
     def rows_of(done: list[int], comps: list[list[list[int]]]) -> dict:
         return {i: [{"prompt_index": i, "index": j, "prompt": items[i].prompt, "completion": decode(tokenizer, c),
-                     "completion_tokens": len(c) - (1 if c and c[-1] == eos else 0),
+                     "completion_tokens": completion_length(c, eos),
                      "finished": bool(c) and c[-1] == eos} for j, c in enumerate(cs)] for i, cs in zip(done, comps)}
 
     used = draw_resumably(policy, tokenizer, items, n, partial, rows_of, max_new_tokens, temperature, top_p, seed,
