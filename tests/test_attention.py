@@ -165,3 +165,52 @@ def test_the_kernel_choice():
     q = torch.zeros(1)
     assert not _use_flex(q, 0.0)  # CPU: per-segment SDPA
     assert not _use_flex(q, 0.1)
+
+
+def _dense_visible(segments, length):
+    """(length × length) boolean: query i sees key j (the definition the segment kernel must equal)."""
+    seen = torch.zeros(length, length, dtype=torch.bool)
+    for _, start, P, lens in segments:
+        end = start + P + sum(lens)
+        seen[start:end, start:start + P] = True
+        s = start + P
+        for L in lens:
+            seen[s:s + L, s:s + L] = torch.ones(L, L, dtype=torch.bool).tril()
+            s += L
+        seen[start:start + P, start:start + P] &= torch.ones(P, P, dtype=torch.bool).tril()
+    seen |= ~seen.any(1, keepdim=True) & torch.eye(length, dtype=torch.bool)  # padding sees itself (unread)
+    return seen
+
+
+@pytest.mark.parametrize("layout", [
+    [(0, 0, 5, (3, 4))],                     # a pair
+    [(0, 0, 4, (6,))],                       # one response (SFT): a single causal call
+    [(0, 1, 3, (2, 4, 1, 3))],               # a ranking of four, padding before it
+    [(0, 0, 2, (3, 1)), (0, 7, 3, (2, 1))],  # two pairs in one row, padding between and after
+    [(0, 0, 3, (4, 0))],                     # an empty second response
+    [(0, 0, 3, (2, 2)), (1, 0, 5, (1, 3))],  # two rows
+])
+def test_segment_kernel_equals_the_dense_mask_with_gradients(layout):
+    """Every piece of a row through `_segment_attention` equals SDPA over the dense mask of the layout,
+    values and gradients of q, k and v (the rows' padding excepted: nothing reads it)."""
+    from directpo.attention import _PLAN, _Plan, _segment_attention
+
+    torch.manual_seed(0)
+    rows, length = max(r for r, *_ in layout) + 1, 14
+    q, k, v = (torch.randn(rows, 4, length, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    used = torch.zeros(rows, length, dtype=torch.bool)
+    for r, start, P, lens in layout:
+        used[r, start:start + P + sum(lens)] = True
+    token = _PLAN.set(_Plan(layout))
+    try:
+        got, _ = _segment_attention(torch.nn.Module(), q, k, v, None)
+    finally:
+        _PLAN.reset(token)
+    masks = torch.stack([_dense_visible([s for s in layout if s[0] == r], length) for r in range(rows)])
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=masks[:, None]).transpose(1, 2)
+    assert torch.allclose(got[used], want[used], atol=1e-12)
+    g = torch.randn_like(want) * used[:, :, None, None]
+    ga = torch.autograd.grad(got, (q, k, v), g)
+    gb = torch.autograd.grad(want, (q, k, v), g)
+    for a, b in zip(ga, gb):
+        assert torch.allclose(a, b, atol=1e-12)

@@ -71,12 +71,14 @@ def test_the_last_layer_sees_the_label_rows_only(model, tok, tiny_tokenizer, mon
         h.remove()
     kept = torch.unique(batch.label_pos).numel()
     assert seen == [kept] and kept < 0.7 * batch.input_ids.numel()  # HH prompts: most rows are the prompt's
-    assert len(queries) == 2 * len(tok) * len(model.base_model.layers)  # a prompt call and a responses call
+    # two calls per pair and layer: the prompt with the chosen response (causal), the rejected response
+    assert len(queries) == 2 * len(tok) * len(model.base_model.layers)
     first, last = queries[:2 * len(tok)], queries[-2 * len(tok):]
-    segments = sorted((len(t.prompt_ids), sum(len(r) for r in t.response_ids)) for t in tok)
-    assert sorted(zip(first[0::2], first[1::2])) == segments  # (the packed rows order examples their own way)
-    # in the last layer a prompt's queries are its last token alone; the responses' are all there
-    assert last[0::2] == [1] * len(tok) and sorted(last[1::2]) == sorted(n for _, n in segments)
+    pairs = sorted((len(t.prompt_ids) + len(t.response_ids[0]), len(t.response_ids[1])) for t in tok)
+    assert sorted(zip(first[0::2], first[1::2])) == pairs  # (the packed rows order examples their own way)
+    # in the last layer a prompt's queries are its last token alone (then all the responses' in one call)
+    assert last[0::2] == [1] * len(tok)
+    assert sorted(last[1::2]) == sorted(sum(len(r) for r in t.response_ids) for t in tok)
     assert attention._TAIL.get() is None  # and the switch is off again
     assert not layer.mlp._forward_pre_hooks and not layer.self_attn.q_proj._forward_hooks
 

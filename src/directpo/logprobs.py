@@ -21,9 +21,11 @@ and ``label_seq`` (which response sequence the label belongs to).
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .attention import segment_attention, sliding_window, supports_segment_attention
 from .data.image_features import forward_inputs
@@ -60,7 +62,8 @@ class _LabelLogProbs(torch.autograd.Function):
         b = None if bias is None else bias.to(hidden.dtype)
         ctx.kept = None
         for s in range(0, n, chunk):
-            logits = mask_suppressed_(_logits(hidden[s:s + chunk], w, b), banned)
+            h = hidden[s:s + chunk]
+            logits = mask_suppressed_(_logits(h, w, b, _buffer(weight, h, w, min(n, chunk))), banned)
             sums = _exp_shifted_(logits, out[s:s + chunk], labels[s:s + chunk], lse[s:s + chunk])
             out[s:s + chunk] -= lse[s:s + chunk]
             if keep and s + chunk >= n:
@@ -85,7 +88,7 @@ class _LabelLogProbs(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         grad_h = torch.empty_like(hidden) if need_h else None
         acc = _acc_dtype(hidden)
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_w = None  # the first chunk's product, then accumulated (no zero-filled start)
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         starts = list(range(0, hidden.shape[0], chunk))
         if kept is not None:  # the kept (last) chunk first, so that it is freed before another exists
@@ -101,14 +104,16 @@ class _LabelLogProbs(torch.autograd.Function):
                 kept = None
                 dlogits.mul_(g.neg().div_(sums[:, None]))  # exp(l − max) · (−g / Σ exp(l − max))
             else:
-                dlogits = mask_suppressed_(_logits(h, w, b), ctx.banned)
+                dlogits = mask_suppressed_(_logits(h, w, b, _buffer(weight, h, w, chunk)), ctx.banned)
                 dlogits.sub_(lse[s:s + chunk, None]).exp_().mul_(-g)  # exp(l − lse) · (−g)
             dlogits.scatter_add_(1, labels[s:s + chunk, None], g)
             dl = dlogits.to(hidden.dtype)
             if need_h:
                 grad_h[s:s + chunk] = dl @ w
             if need_w:
-                if dl.dtype == acc:  # accumulate inside the matmul: no (vocab × hidden) temporary
+                if grad_w is None:
+                    grad_w = (dl.t() @ h).to(acc)
+                elif dl.dtype == acc:  # accumulate inside the matmul: no (vocab × hidden) temporary
                     grad_w.addmm_(dl.t(), h)
                 else:
                     grad_w += (dl.t() @ h).to(acc)
@@ -139,11 +144,52 @@ def _acc_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, torch.float32)
 
 
-def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    if out is not None:  # (h already in the accumulation dtype: `_buffer`)
+        torch.mm(h, w.t(), out=out)
+        return out if b is None else out.add_(b)
     logits = h @ w.t()
     if b is not None:
         logits = logits + b
     return logits.to(_acc_dtype(h))
+
+
+class _Reused:
+    """The LM head's (chunk × vocab) logits buffer on the CPU, reused from chunk to chunk and step to
+    step. A fresh one per chunk is the largest allocation of a step (32 MiB), and glibc hands it out
+    as new pages whenever its heap was trimmed, or always when the block is over its 32 MiB mmap
+    ceiling (a full chunk is): 7,500–8,500 page faults, ~15 ms, on such a chunk of a `small` step.
+    Reused, its pages stay mapped. One view of it is out at a time: while the last one handed out is
+    alive (a kept chunk awaiting its backward, another graph's), `take` gives None and the caller
+    allocates, as before."""
+
+    def __init__(self):
+        self.buf: torch.Tensor | None = None
+        self.out = None  # weak reference to the view handed out last
+
+    def take(self, rows: int, cols: int, dtype: torch.dtype, capacity: int) -> torch.Tensor | None:
+        if self.out is not None and self.out() is not None:
+            return None
+        if self.buf is None or self.buf.dtype != dtype or self.buf.numel() < rows * cols:
+            self.buf = None  # (freed before its successor exists)
+            self.buf = torch.empty(max(capacity, rows) * cols, dtype=dtype)
+        view = self.buf[:rows * cols].view(rows, cols)
+        self.out = weakref.ref(view)
+        return view
+
+
+_REUSED = WeakIdKeyDictionary()  # an LM head's weight -> its _Reused buffer (freed with the weight)
+
+
+def _buffer(weight: torch.Tensor, h: torch.Tensor, w: torch.Tensor, capacity: int) -> torch.Tensor | None:
+    """A reused buffer for the logits h @ w.T (`capacity` rows), or None: off the CPU (CUDA's caching
+    allocator already reuses its blocks) and where the logits are cast to another dtype."""
+    if h.device.type != "cpu" or h.dtype != _acc_dtype(h) or w.dtype != h.dtype:
+        return None
+    reused = _REUSED.get(weight)
+    if reused is None:
+        reused = _REUSED[weight] = _Reused()
+    return reused.take(h.shape[0], w.shape[0], h.dtype, capacity)
 
 
 def label_logprobs(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor,

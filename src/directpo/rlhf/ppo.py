@@ -45,6 +45,7 @@ from ..eval.sample import check_context
 from ..eval.sampling import decode, generate_completions
 from ..eval.scorers import as_scorer, load_reward_fn
 from ..logprobs import _backbone_and_head, head_logprobs, token_logps
+from ..memory import keep_heap, release_heap
 from ..narrow import narrow_last_layer
 from ..models import (autocast_ctx, check_vocab, freeze, load_model, load_tokenizer, mask_suppressed_, pick_device,
                       suppress_eos, suppressed_token)
@@ -317,12 +318,17 @@ def ppo(cfg: PPOConfig, reward=None, callbacks=()) -> dict:
     cfg.validate()
     with RunDir(cfg.output_dir) as run:  # claimed (checked, locked) before anything is written
         run.prepare(cfg, "ppo")
-        return _ppo(cfg, reward, run, callbacks)
+        try:
+            return _ppo(cfg, reward, run, callbacks)
+        finally:
+            release_heap()  # (`keep_heap` at setup, on the CPU)
 
 
 def _ppo(cfg: PPOConfig, reward, run: RunDir, callbacks=()) -> dict:
     setup_torch(cfg.threads, cfg.seed)
     device = pick_device(cfg.device)
+    if device.type == "cpu":
+        keep_heap()  # freed activations stay for the next step (`memory.keep_heap`)
     m = setup_models(cfg, reward, device)
     params = [p for p in m.policy.parameters() if p.requires_grad] + list(m.value_head.parameters())
     optimizer = build_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)

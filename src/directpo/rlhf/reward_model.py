@@ -29,6 +29,7 @@ from ..data.collate import collate_padded
 from ..data.formats import DataError, ranking_to_pairs
 from ..eval.reward_model import OFFSET_KEY, dataset_rewards, load_reward_backbone, pair_rewards
 from ..losses import bradley_terry_loss
+from ..memory import keep_heap, release_heap
 from ..models import autocast_ctx, load_tokenizer, pick_device
 from ..training.loop import batch_order
 from ..training.alarms import HealthMonitor
@@ -73,12 +74,17 @@ def train_reward_model(cfg: RewardModelConfig, callbacks=()) -> dict:
     cfg.validate()
     with RunDir(cfg.output_dir) as run:  # claimed (checked, locked) before anything is written
         run.prepare(cfg, "rm")
-        return _train_reward_model(cfg, run, callbacks)
+        try:
+            return _train_reward_model(cfg, run, callbacks)
+        finally:
+            release_heap()  # (`keep_heap` at setup, on the CPU)
 
 
 def _train_reward_model(cfg: RewardModelConfig, run: RunDir, callbacks=()) -> dict:
     setup_torch(cfg.threads, cfg.seed)
     device = pick_device(cfg.device)
+    if device.type == "cpu":
+        keep_heap()  # freed activations stay for the next step (`memory.keep_heap`)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_set, report = _pairs(cfg.data, tokenizer, cfg, "train")
     eval_set = _pairs(cfg.eval_data, tokenizer, cfg, "eval")[0] if cfg.eval_data else None

@@ -23,7 +23,7 @@ from ..console import log
 from ..data import make_collate
 from ..logprobs import example_logps, packed_row_tokens
 from ..losses import LossInputs, LossParams, LossSpec, get_loss, sft_loss
-from ..memory import bound_heap, release_heap
+from ..memory import bound_heap, keep_heap, release_heap
 from ..metrics import add_stats, last_valid, mean_metrics, reward_stats, summary_line
 from ..models import (autocast_ctx, enable_activation_checkpointing, load_tokenizer, pick_device, suppress_eos,
                       suppress_token)
@@ -340,6 +340,8 @@ def setup(cfg: TrainConfig, d, run: RunDir, sources: Sources | None = None) -> T
         note = bound_heap()
         if note and d.main:
             log(note)
+    elif device.type == "cpu":
+        keep_heap()  # freed activations stay for the next step, not fresh pages each step (`memory.keep_heap`)
     processor = run_processor(cfg, sources)  # a vision-language model's: it tokenizes the images too
     tokenizer = sources.tokenizer or (processor.tokenizer if processor is not None else
                                       load_tokenizer(tokenizer_source(cfg.model),  # (an adapter's: maybe its base's)
@@ -415,7 +417,7 @@ def train(cfg: TrainConfig, callbacks=(), sources: Sources | None = None) -> dic
         try:
             return run_training(setup(cfg, d, run, sources), callbacks)
         finally:
-            release_heap()  # (a --memory-budget run on the CPU fixed glibc's threshold: `bound_heap`)
+            release_heap()  # (a CPU run set glibc's thresholds: `bound_heap`, `keep_heap`)
             if cfg.fixed_length and sources is not None:  # the caller's model objects are theirs again
                 for m in (sources.model, sources.ref_model):
                     if m is not None:
