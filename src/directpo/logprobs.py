@@ -144,7 +144,8 @@ def _acc_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, torch.float32)
 
 
-def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
     if out is not None:  # (h already in the accumulation dtype: `_buffer`)
         torch.mm(h, w.t(), out=out)
         return out if b is None else out.add_(b)
