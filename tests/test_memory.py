@@ -107,7 +107,7 @@ from directpo.memory import keep_heap, release_heap
 def anon():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("RssAnon"))
-keep_heap()
+keep_heap(torch.device("cpu"))
 big = torch.ones(33 * 2 ** 18)
 del big
 faults = []

@@ -127,13 +127,13 @@ def bound_heap(threshold: int = BUDGET_MMAP_THRESHOLD) -> str | None:
             "slower; MALLOC_MMAP_THRESHOLD_ set by you is kept)")
 
 
-def keep_heap() -> None:
-    """For a training run without a memory budget: glibc keeps up to 1 GiB of freed heap instead of
-    returning it between steps (see above), its mmap threshold fixed where its own adjustment ends
-    (setting one threshold ends the adjustment of both). Nothing where the user chose the thresholds,
-    where a run already set them, or off glibc."""
+def keep_heap(device) -> None:
+    """For a training run on the CPU without a memory budget: glibc keeps up to 1 GiB of freed heap
+    instead of returning it between steps (see above), its mmap threshold fixed where its own
+    adjustment ends (setting one threshold ends the adjustment of both). Nothing on another device,
+    where the user chose the thresholds, where a run already set them, or off glibc."""
     global _heap
-    libc = None if _heap is not None or _user_chose() else _glibc()
+    libc = None if device.type != "cpu" or _heap is not None or _user_chose() else _glibc()
     if libc is not None and libc.mallopt(M_MMAP_THRESHOLD, DYNAMIC_MMAP_THRESHOLD_MAX):
         libc.mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD)
         _heap = "kept"

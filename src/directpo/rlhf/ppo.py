@@ -327,8 +327,7 @@ def ppo(cfg: PPOConfig, reward=None, callbacks=()) -> dict:
 def _ppo(cfg: PPOConfig, reward, run: RunDir, callbacks=()) -> dict:
     setup_torch(cfg.threads, cfg.seed)
     device = pick_device(cfg.device)
-    if device.type == "cpu":
-        keep_heap()  # freed activations stay for the next step (`memory.keep_heap`)
+    keep_heap(device)  # on the CPU, freed activations stay for the next step (`memory.keep_heap`)
     m = setup_models(cfg, reward, device)
     params = [p for p in m.policy.parameters() if p.requires_grad] + list(m.value_head.parameters())
     optimizer = build_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)

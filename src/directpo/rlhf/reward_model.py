@@ -83,8 +83,7 @@ def train_reward_model(cfg: RewardModelConfig, callbacks=()) -> dict:
 def _train_reward_model(cfg: RewardModelConfig, run: RunDir, callbacks=()) -> dict:
     setup_torch(cfg.threads, cfg.seed)
     device = pick_device(cfg.device)
-    if device.type == "cpu":
-        keep_heap()  # freed activations stay for the next step (`memory.keep_heap`)
+    keep_heap(device)  # on the CPU, freed activations stay for the next step (`memory.keep_heap`)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_set, report = _pairs(cfg.data, tokenizer, cfg, "train")
     eval_set = _pairs(cfg.eval_data, tokenizer, cfg, "eval")[0] if cfg.eval_data else None

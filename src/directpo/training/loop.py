@@ -340,8 +340,8 @@ def setup(cfg: TrainConfig, d, run: RunDir, sources: Sources | None = None) -> T
         note = bound_heap()
         if note and d.main:
             log(note)
-    elif device.type == "cpu":
-        keep_heap()  # freed activations stay for the next step, not fresh pages each step (`memory.keep_heap`)
+    else:
+        keep_heap(device)  # freed activations stay for the next step, not fresh pages each step (`memory.keep_heap`)
     processor = run_processor(cfg, sources)  # a vision-language model's: it tokenizes the images too
     tokenizer = sources.tokenizer or (processor.tokenizer if processor is not None else
                                       load_tokenizer(tokenizer_source(cfg.model),  # (an adapter's: maybe its base's)
