@@ -190,10 +190,12 @@ def _dense_visible(segments, length):
     [(0, 0, 3, (4, 0))],                     # an empty second response
     [(0, 0, 3, (2, 2)), (1, 0, 5, (1, 3))],  # two rows
 ])
-def test_segment_kernel_equals_the_dense_mask_with_gradients(layout):
+@pytest.mark.parametrize("kernel", ["flash", "sdpa"])
+def test_segment_kernel_equals_the_dense_mask_with_gradients(layout, kernel):
     """Every piece of a row through `_segment_attention` equals SDPA over the dense mask of the layout,
-    values and gradients of q, k and v (the rows' padding excepted: nothing reads it)."""
-    from directpo.attention import _PLAN, _Plan, _segment_attention
+    values and gradients of q, k and v (the rows' padding excepted: nothing reads it); both kernels:
+    the CPU's one-node flash calls and the SDPA calls with autograd (dropout, off the CPU)."""
+    from directpo.attention import _PLAN, _Plan, _attend_through_sdpa, _segment_attention
 
     torch.manual_seed(0)
     rows, length = max(r for r, *_ in layout) + 1, 14
@@ -201,9 +203,11 @@ def test_segment_kernel_equals_the_dense_mask_with_gradients(layout):
     used = torch.zeros(rows, length, dtype=torch.bool)
     for r, start, P, lens in layout:
         used[r, start:start + P + sum(lens)] = True
-    token = _PLAN.set(_Plan(layout))
+    plan = _Plan(layout)
+    token = _PLAN.set(plan)
     try:
-        got, _ = _segment_attention(torch.nn.Module(), q, k, v, None)
+        got = _segment_attention(torch.nn.Module(), q, k, v, None)[0] if kernel == "flash" else \
+            _attend_through_sdpa(q, k, v, plan.calls(length), plan, 0.0, None)
     finally:
         _PLAN.reset(token)
     masks = torch.stack([_dense_visible([s for s in layout if s[0] == r], length) for r in range(rows)])
@@ -214,3 +218,33 @@ def test_segment_kernel_equals_the_dense_mask_with_gradients(layout):
     gb = torch.autograd.grad(want, (q, k, v), g)
     for a, b in zip(ga, gb):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_flash_node_equals_sdpa_calls_bit_for_bit_and_follows_autocast():
+    """The one-node flash path gives exactly the values and gradients of SDPA's own calls (fp32, GQA,
+    a pair, a ranking, a prompt-tail layer), and under CPU autocast computes in autocast's dtype as
+    SDPA would (bf16 out)."""
+    from directpo.attention import _PLAN, _TAIL, _Plan, _attend_through_sdpa, _segment_attention
+
+    torch.manual_seed(0)
+    layout = [(0, 0, 5, (3, 4)), (0, 12, 4, (2, 1, 3)), (0, 22, 3, (4,))]
+    length, module = 31, torch.nn.Module()  # (padding after the last segment)
+    for tail in (False, True):
+        q = torch.randn(1, length, 4, 16).transpose(1, 2).requires_grad_()  # the model's layout
+        k, v = (torch.randn(1, length, 2, 16).transpose(1, 2).requires_grad_() for _ in range(2))
+        plan = _Plan(layout)
+        token, tail_token = _PLAN.set(plan), _TAIL.set(module if tail else None)
+        try:
+            got = _segment_attention(module, q, k, v, None, scaling=0.25)[0]
+            want = _attend_through_sdpa(q, k, v, plan.calls(length, tail), plan, 0.0, 0.25)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = _segment_attention(module, q, k, v, None, scaling=0.25)[0]
+                low_want = _attend_through_sdpa(q, k, v, plan.calls(length, tail), plan, 0.0, 0.25)
+        finally:
+            _PLAN.reset(token)
+            _TAIL.reset(tail_token)
+        assert torch.equal(got, want) and got.is_contiguous()
+        g = torch.randn_like(got)
+        for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+            assert torch.equal(a, b)
+        assert low.dtype == torch.bfloat16 and torch.equal(low, low_want.to(low.dtype))  # (its padding zeros: fp32)

@@ -31,6 +31,7 @@ from .attention import segment_attention, sliding_window, supports_segment_atten
 from .data.image_features import forward_inputs
 from .errors import UserValueError
 from .fused import lean_lora, lean_mlp, lean_norms
+from .rotary import fused_rotary
 from .models import mask_suppressed_, suppressed_token, unwrap_peft
 from .narrow import narrow_last_layer
 
@@ -290,7 +291,7 @@ def token_logps(model: nn.Module, batch, fused: bool = True, segmented: bool = T
                                  f"is {longest} tokens long: the packed layout cannot express the window; use "
                                  "--layout padded")
         kwargs["attention_mask"] = _attention_mask(model, batch.dense_mask())
-    with attend, lean_mlp(model), lean_norms(model), lean_lora(model):
+    with attend, lean_mlp(model), lean_norms(model), lean_lora(model), fused_rotary(model):
         if parts is not None:
             backbone, head = parts
             # the last layer's rows the head does not read are not computed (directpo.narrow)
