@@ -242,6 +242,7 @@ def test_bench_against_trl(tiny_model, tmp_path):
     per_pair = [x["tokens"] / x["pairs"] for x in r["runs"]]
     assert max(per_pair) / min(per_pair) < 1.2
     assert r["comparison"]["pairs_per_s"]["ratio"] > 0
+    assert len(r["comparison"]["pairs_per_s"]["ratio_per_round"]) == r["settings"]["rounds"]
     assert all(x["trainable_params"] == r["model"]["params"] for x in r["runs"])  # full fine-tuning
 
 
@@ -560,3 +561,22 @@ def test_end_to_end_bench_times_both_whole_commands(tiny_model, tmp_path, capsys
     table = (tmp_path / "e2e.md").read_text()
     assert "| system | whole command s | import | load | tokenize | reference | steps | save | other |" in table
     assert "| directpo |" in table and "| trl |" in table and table.strip() in capsys.readouterr().out
+
+
+def test_comparison_gives_the_ratio_round_by_round():
+    """Each round: directpo's best configuration against that round's fastest TRL configuration."""
+    from directpo.bench.report import compare_systems
+
+    runs = [{"round": 1, "system": "directpo", "config": "fp32", "pairs_per_s": 20.0},
+            {"round": 1, "system": "trl", "config": "a", "pairs_per_s": 2.0},
+            {"round": 1, "system": "trl", "config": "b", "pairs_per_s": 2.5},
+            {"round": 2, "system": "directpo", "config": "fp32", "pairs_per_s": 18.0},
+            {"round": 2, "system": "trl", "config": "a", "pairs_per_s": 2.0},
+            {"round": 2, "system": "trl", "config": "b", "pairs_per_s": None}]  # (failed that round)
+    results = [{"system": "directpo", "config": "fp32", "pairs_per_s": 19.0, "peak_rss_mib": 700.0},
+               {"system": "trl", "config": "a", "pairs_per_s": 2.0, "peak_rss_mib": 2600.0},
+               {"system": "trl", "config": "b", "pairs_per_s": 2.5, "peak_rss_mib": 2500.0}]
+    c = compare_systems(results, runs)
+    assert c["pairs_per_s"]["ratio"] == 19.0 / 2.5
+    assert c["pairs_per_s"]["ratio_per_round"] == [20.0 / 2.5, 18.0 / 2.0]
+    assert "ratio_per_round" not in compare_systems(results)["pairs_per_s"]  # (no runs: medians only)

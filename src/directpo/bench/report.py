@@ -122,8 +122,10 @@ def summarize_config(cfg, runs: list[dict], peaks: dict) -> dict:
     return res
 
 
-def compare_systems(results: list[dict]) -> dict | None:
-    """directpo's best configuration against TRL's (by pairs/s), or None without both."""
+def compare_systems(results: list[dict], runs: list[dict] = ()) -> dict | None:
+    """directpo's best configuration against TRL's (by pairs/s), or None without both. With the
+    `runs`, also the ratio round by round: directpo's best configuration in the round against that
+    round's fastest TRL configuration (how much of the median's distance is the host's noise)."""
     def best(system):
         ok = [r for r in results if r["system"] == system and r["pairs_per_s"] is not None]
         return max(ok, key=lambda r: r["pairs_per_s"]) if ok else None
@@ -135,6 +137,15 @@ def compare_systems(results: list[dict]) -> dict | None:
     for key in ("pairs_per_s", "peak_rss_mib", "peak_above_import_mib"):
         if d.get(key) is not None and t.get(key):
             out[key] = {"directpo": d[key], "trl": t[key], "ratio": d[key] / t[key]}
+    per_round = []
+    for n in sorted({x["round"] for x in runs if x.get("round") is not None}):
+        ours = [x["pairs_per_s"] for x in runs if x.get("round") == n and x["system"] == "directpo"
+                and x["config"] == d["config"] and x.get("pairs_per_s")]
+        theirs = [x["pairs_per_s"] for x in runs if x.get("round") == n and x["system"] == "trl" and x.get("pairs_per_s")]
+        if ours and theirs:
+            per_round.append(ours[0] / max(theirs))
+    if per_round and "pairs_per_s" in out:
+        out["pairs_per_s"]["ratio_per_round"] = per_round
     return out
 
 
@@ -210,7 +221,9 @@ def _comparison_lines(c: dict | None) -> list[str]:
         return []
     pr, rr = c["pairs_per_s"], c["peak_rss_mib"]
     lines = ["", f"directpo best ({c['directpo_best']}) vs TRL best ({c['trl_best']}), by pairs/s:",
-             f"  pairs/s:  {pr['directpo']:.3f} vs {pr['trl']:.3f} -> {pr['ratio']:.2f}x",
+             f"  pairs/s:  {pr['directpo']:.3f} vs {pr['trl']:.3f} -> {pr['ratio']:.2f}x" + (
+                 "; round by round (against that round's fastest TRL): " +
+                 ", ".join(f"{x:.2f}x" for x in pr["ratio_per_round"]) if pr.get("ratio_per_round") else ""),
              f"  peak RSS: {rr['directpo']:.0f} vs {rr['trl']:.0f} MiB -> {rr['ratio']:.2f}x "
              f"(TRL uses {1 / rr['ratio']:.2f}x directpo's)"]
     if c.get("peak_above_import_mib"):

@@ -435,7 +435,7 @@ def _measure_all(args, systems: list[str], sweep: list[int], have_trl: bool, dev
     peaks = {k: max(v, again.get(k, 0.0)) for k, v in peaks.items()}
     results = [summarize_config(cfg, runs, peaks) for cfg in configs]
     return {"matmul_peak_gflops": peaks, "bf16": {"used": use_bf16, "reason": bf16_reason}, "results": results,
-            "comparison": compare_systems(results), "runs": runs,
+            "comparison": compare_systems(results, runs), "runs": runs,
             "vocab_sweep": vocab_sweep(args, sweep, data_path, work, tokenized) if sweep else []}
 
 
