@@ -144,6 +144,25 @@ def test_lean_norm_gradcheck_and_which_norms_qualify(llama):
         assert n == 0
 
 
+def test_lean_norm_fp32_backward_is_the_general_formula_bit_for_bit():
+    """The fp32 backward's in-place buffers give the general formula's gradients exactly, with either
+    gradient alone too (frozen norm weights under LoRA)."""
+    from directpo.fused import _norm_grads_fp32
+
+    torch.manual_seed(4)
+    x, w, g = torch.randn(2, 7, 16) * 3, torch.randn(16), torch.randn(2, 7, 16)
+    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    xhat = x * rstd
+    want_w = (g * xhat).reshape(-1, 16).sum(0)
+    gw = g * w
+    want_x = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
+    for need_x, need_w in ((True, True), (True, False), (False, True)):
+        got_x, got_w = _norm_grads_fp32(x, rstd, w, g, need_x, need_w)
+        assert (got_x is None) != need_x and (got_w is None) != need_w
+        assert not need_x or torch.equal(got_x, want_x)
+        assert not need_w or torch.equal(got_w, want_w)
+
+
 def _lora(llama, seed=2, **kw):
     """All-linear LoRA (PEFT) with B made non-zero, so the adapter's branch counts."""
     from peft import LoraConfig, get_peft_model

@@ -12,7 +12,7 @@ two rounded terms). Measured in cpu-headroom.md (seventh pass).
 
 `fused_rotary(model)` swaps it in for one forward: the modelling module of each attention layer of
 `model` whose `apply_rotary_pos_emb` and `rotate_half` are exactly Llama's (their code compared as
-parsed: Llama, Mistral, Qwen2, OLMo 2 ... copy them) reads ours for the block; the module's own
+parsed: Llama, Mistral, Qwen2/3, Gemma ... copy them) reads ours for the block; the module's own
 function comes back after it. Only on the CPU: elsewhere a model may have been kernelized with a hub
 kernel for these functions, which the swap would bypass.
 """
