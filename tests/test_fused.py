@@ -144,10 +144,10 @@ def test_lean_norm_gradcheck_and_which_norms_qualify(llama):
         assert n == 0
 
 
-def test_lean_norm_fp32_backward_is_the_general_formula_bit_for_bit():
-    """The fp32 backward's in-place buffers give the general formula's gradients exactly, with either
+def test_lean_norm_backward_is_the_op_by_op_formula_bit_for_bit():
+    """The backward's in-place buffers give the op-by-op formula's gradients exactly, with either
     gradient alone too (frozen norm weights under LoRA)."""
-    from directpo.fused import _norm_grads_fp32
+    from directpo.fused import _norm_grads
 
     torch.manual_seed(4)
     x, w, g = torch.randn(2, 7, 16) * 3, torch.randn(16), torch.randn(2, 7, 16)
@@ -157,7 +157,7 @@ def test_lean_norm_fp32_backward_is_the_general_formula_bit_for_bit():
     gw = g * w
     want_x = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
     for need_x, need_w in ((True, True), (True, False), (False, True)):
-        got_x, got_w = _norm_grads_fp32(x, rstd, w, g, need_x, need_w)
+        got_x, got_w = _norm_grads(x, rstd, w, g, need_x, need_w)
         assert (got_x is None) != need_x and (got_w is None) != need_w
         assert not need_x or torch.equal(got_x, want_x)
         assert not need_w or torch.equal(got_w, want_w)

@@ -33,7 +33,8 @@ directly and writes each call's output and gradients into their rows: no pieces 
 zero-filled gradients summed, no transposed copy of the output (one layer's attention for 8 HH
 micro-batches of 8 pairs, forward + backward, alternating in one process: 187 → 168 ms; the values
 and gradients bit for bit SDPA's). With dropout, and on CUDA where FlexAttention is not used, the
-same calls go through `F.scaled_dot_product_attention` with autograd. On CUDA, one FlexAttention call per layer over the whole micro-batch with a block mask built from
+same calls go through `F.scaled_dot_product_attention` with autograd.
+On CUDA, one FlexAttention call per layer over the whole micro-batch with a block mask built from
 the layout (same segment, causal, a key of the prompt or of the query's own response): the GPU
 runs one varlen-style kernel that skips the masked blocks, instead of a launch per segment.
 `DIRECTPO_SEGMENT_KERNEL=sdpa|flex` overrides the choice (FlexAttention runs forward-only on the

@@ -287,33 +287,25 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, rstd, weight = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if x.dtype == grad_out.dtype == weight.dtype == torch.float32:
-            return (*_norm_grads_fp32(x, rstd, weight, grad_out, need_x, need_w), None)
-        xhat = x.to(torch.float32) * rstd
-        grad_w = None
-        if need_w:
-            grad_w = (grad_out * xhat.to(x.dtype)).reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype)
-        grad_x = None
-        if need_x:
-            g = (grad_out * weight).to(torch.float32)
-            grad_x = (rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
-        return grad_x, grad_w, None
+        return (*_norm_grads(x, rstd, weight, grad_out, ctx.needs_input_grad[0], ctx.needs_input_grad[1]), None)
 
 
-def _norm_grads_fp32(x, rstd, weight, grad_out, need_x: bool, need_w: bool):
-    """`_RMSNorm.backward`'s operations for fp32 tensors in three buffers instead of six (the same
-    products, means and differences, each rounded as before: the same gradients bit for bit). A
-    `small` HH micro-batch has 9 norms over (~2,000 × 256): one backward 4.4–5.0 → 3.5–4.0 ms alone,
-    caches flushed before each (two runs of 40 alternating repeats)."""
-    xhat = x * rstd
-    t = grad_out * xhat if need_w else None
-    grad_w = t.reshape(-1, weight.shape[-1]).sum(0) if need_w else None
+def _norm_grads(x, rstd, weight, grad_out, need_x: bool, need_w: bool):
+    """`_RMSNorm`'s gradients, dx = r · (g − x̂ · mean(g · x̂)) with g = dy · w, x̂ = x · r (fp32), and
+    dw = Σ dy · x̂, in three buffers: x̂, dy · x̂ (reused for g · x̂ where it is fp32) and g, each
+    operation in place where its input is a buffer of ours. Every product, mean and difference is
+    rounded as op by op (tested equal bit for bit). A `small` HH micro-batch has 9 norms over
+    (~2,000 × 256): one backward 4.4–5.0 → 3.5–4.0 ms against six buffers, caches flushed before
+    each (two runs of 40 alternating repeats)."""
+    xhat = x.to(torch.float32) * rstd
+    t = grad_out * xhat.to(x.dtype) if need_w else None
+    grad_w = t.reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype) if need_w else None
     grad_x = None
     if need_x:
-        g = grad_out * weight
-        m = (g * xhat if t is None else torch.mul(g, xhat, out=t)).mean(-1, keepdim=True)
-        grad_x = g.sub_(xhat.mul_(m)).mul_(rstd)
+        g = (grad_out * weight).to(torch.float32)
+        gx = torch.mul(g, xhat, out=t) if t is not None and t.dtype == torch.float32 else g * xhat
+        m = gx.mean(-1, keepdim=True)
+        grad_x = g.sub_(xhat.mul_(m)).mul_(rstd).to(x.dtype)
     return grad_x, grad_w
 
 
