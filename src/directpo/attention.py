@@ -71,7 +71,7 @@ _UNSUPPORTED_CONFIG = ("sliding_window", "attn_logit_softcapping", "attention_ch
 
 
 class _Plan:
-    """The segments of one batch cut into pieces, plus the response masks, reused by every layer."""
+    """The segments of one batch as kernel calls (`calls`), plus the response masks, reused by every layer."""
 
     def __init__(self, segments: list[Segment]):
         self.segments = segments

@@ -31,9 +31,9 @@ from .attention import segment_attention, sliding_window, supports_segment_atten
 from .data.image_features import forward_inputs
 from .errors import UserValueError
 from .fused import lean_lora, lean_mlp, lean_norms
-from .rotary import fused_rotary
 from .models import mask_suppressed_, suppressed_token, unwrap_peft
 from .narrow import narrow_last_layer
+from .rotary import fused_rotary
 
 # Config attributes that make an LM head more than `hidden @ W.T (+ b)`: models carrying any of them
 # take the plain path (the model's own logits), so results stay exact for every architecture.
