@@ -55,6 +55,78 @@ def test_rmsprop_is_the_papers_and_warmup_is_linear():
     assert lrs == pytest.approx([1e-6 * f for f in (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)])
 
 
+def _sparse_rows_run(params, opt, steps: int = 6, subnormal: bool = False) -> list[torch.Tensor]:
+    """Embedding-like gradients: each step a few rows of each tensor get one, the others exactly zero,
+    so square_avg keeps zeros (rows never seen) and decaying rows; `subnormal` starts it subnormal.
+    The last tensor, tiny itself, gets tiny gradients: (1 − α)·g² is subnormal, the update visible."""
+    g = torch.Generator().manual_seed(2)
+    for step in range(steps):
+        *embedding_like, tiny = params
+        tiny.grad = torch.rand(tiny.shape, generator=g, dtype=tiny.dtype) * (1e-20 if tiny.dtype == torch.float32 else 1e-160)
+        for p in embedding_like:
+            grad = torch.zeros_like(p)
+            rows = torch.randint(0, p.shape[0], (2,), generator=g)
+            grad[rows] = torch.randn(grad[rows].shape, generator=g, dtype=p.dtype) * 1e-3
+            p.grad = grad
+        if subnormal and step == 1:
+            for p in params:  # the rows no gradient reached yet
+                sa = opt.state[p]["square_avg"]
+                sa[sa == 0] = 1e-41 if p.dtype == torch.float32 else 1e-310
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("settings", [{}, {"weight_decay": 0.1}, {"maximize": True}, {"momentum": 0.9},
+                                      {"centered": True}, {"eps": 1e-30}, {"subnormal": True}],
+                         ids=["plain", "decay", "maximize", "momentum", "centered", "tiny-eps", "subnormal"])
+def test_rmsprop_steps_bit_for_bit_as_torchs(dtype, settings):
+    """directpo's RMSprop (its square root taken of max(square_avg, tiny) on the CPU) moves parameters
+    and state exactly as torch's per-tensor RMSprop, zero and subnormal square_avg rows included; with
+    momentum, centered, or an eps too small for the floor to vanish, torch's own step runs."""
+    from directpo.training.optim import RMSprop, _plain_rmsprop
+
+    settings = dict(settings)
+    subnormal = settings.pop("subnormal", False)
+
+    def params():
+        g = torch.Generator().manual_seed(0)
+        tiny = torch.rand(5, generator=g, dtype=dtype) * (1e-12 if dtype == torch.float32 else 1e-150)
+        return [*(torch.nn.Parameter(torch.randn(shape, generator=g, dtype=dtype)) for shape in ((40, 6), (9,))),
+                torch.nn.Parameter(tiny)]
+
+    ours, theirs = params(), params()
+    opt = RMSprop(ours, lr=1e-2, **settings)
+    ref = torch.optim.RMSprop(theirs, lr=1e-2, foreach=False, **settings)
+    floor_vanishes = dtype == torch.float64 or "eps" not in settings  # (1e-30's gap in fp64: 2e-46)
+    assert _plain_rmsprop(opt.param_groups[0]) == (floor_vanishes and not {"momentum", "centered"} & settings.keys())
+    a, b = _sparse_rows_run(ours, opt, subnormal=subnormal), _sparse_rows_run(theirs, ref, subnormal=subnormal)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(not torch.equal(x, y) for x, y in zip(a, params()))  # every tensor moved, the tiny one too
+    for p, q in zip(ours, theirs):
+        sa = opt.state[p]["square_avg"]
+        assert torch.equal(sa, ref.state[q]["square_avg"]) and opt.state[p]["step"] == ref.state[q]["step"]
+    if not settings.get("weight_decay") and not subnormal:  # (decay makes every gradient dense)
+        assert (opt.state[ours[0]]["square_avg"] == 0).any()  # rows no step touched: the case the floor is for
+    if subnormal:
+        sa = opt.state[ours[0]]["square_avg"]
+        assert ((sa > 0) & (sa < torch.finfo(dtype).tiny)).any()
+
+
+def test_rmsprop_floor_holds_only_where_the_root_vanishes_beside_eps():
+    from directpo.training.optim import _root_vanishes
+
+    assert _root_vanishes(1e-8, torch.float32) and _root_vanishes(1e-8, torch.float64)
+    assert _root_vanishes(1e-11, torch.float32)
+    assert not _root_vanishes(1e-13, torch.float32)  # sqrt(tiny) = 1.1e-19 is no longer under half a gap
+    assert not _root_vanishes(0.0, torch.float32) and not _root_vanishes(float("inf"), torch.float32)
+    # exhaustively at the edge: every subnormal's root, and tiny's, add to eps as 0 does
+    for dtype in (torch.float32, torch.float64):
+        tiny = torch.finfo(dtype).tiny
+        xs = torch.tensor([0.0, tiny * 2**-20, tiny / 2, tiny * (1 - 2**-20), tiny], dtype=dtype)
+        assert torch.equal(xs.sqrt().add_(1e-8), torch.full_like(xs, 1e-8))
+
+
 def test_a_checkpoint_keeps_the_state_and_leaves_the_kernel_choice_to_the_loader(tmp_path):
     """A fused run's checkpoint resumes under an unfused optimizer (as FSDP's) and back, each with
     its own kernel, and continues as the uninterrupted run does."""
