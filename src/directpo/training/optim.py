@@ -127,8 +127,8 @@ def _rmsprop_class():
 
 def _plain_rmsprop(group: dict) -> bool:
     """A group `RMSprop` steps itself: CPU fp32/fp64 plain tensors, torch's per-tensor loop (not its
-    foreach, capturable or differentiable variants), no momentum, not centered, and an eps at which
-    a square root under the dtype's smallest normal vanishes in sqrt(·) + eps."""
+    foreach, capturable or differentiable variants), no momentum, not centered, and an eps beside which
+    the root of any value under the dtype's smallest normal vanishes in sqrt(·) + eps."""
     import torch
 
     if group["momentum"] or group["centered"] or group["foreach"] or group["capturable"] or group["differentiable"]:
@@ -139,6 +139,7 @@ def _plain_rmsprop(group: dict) -> bool:
         all(_root_vanishes(group["eps"], dtype) for dtype in dtypes)
 
 
+@functools.cache  # (asked at every step)
 def _root_vanishes(eps: float, dtype) -> bool:
     """sqrt(x) + eps == eps in `dtype` for every 0 ≤ x < the smallest normal: sqrt of that smallest
     normal is under half the gap from eps (as `dtype`, which the addition uses) to the next float up."""
