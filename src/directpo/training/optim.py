@@ -133,10 +133,9 @@ def _plain_rmsprop(group: dict) -> bool:
 
     if group["momentum"] or group["centered"] or group["foreach"] or group["capturable"] or group["differentiable"]:
         return False
-    dtypes = {p.dtype for p in group["params"]}
-    return all(type(p) in (torch.nn.Parameter, torch.Tensor) and p.device.type == "cpu" and not p.is_sparse
-               for p in group["params"]) and dtypes <= {torch.float32, torch.float64} and \
-        all(_root_vanishes(group["eps"], dtype) for dtype in dtypes)
+    params, dtypes = group["params"], {p.dtype for p in group["params"]}
+    return _fusable(params) and all(p.device.type == "cpu" and not p.is_sparse for p in params) and \
+        dtypes <= {torch.float32, torch.float64} and all(_root_vanishes(group["eps"], dtype) for dtype in dtypes)
 
 
 @functools.cache  # (asked at every step)
