@@ -147,3 +147,22 @@ def test_sft_help_says_the_loss_it_trains(capsys):
         main(["sft", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--loss LOSS sft (the only loss this command trains" in text and "(default: dpo)" not in text
+
+
+def test_a_command_makes_full_collections_rarer_and_leaves_young_ones_alone():
+    """The command line (not the library) lets a full GC wait for 100 middle-generation collections:
+    a command's setup leaves ~10^6 long-lived objects that each full collection would rescan."""
+    import gc
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        with pytest.raises(SystemExit):
+            main(["--version"])
+        assert gc.get_threshold() == (700, 10, 100)
+        gc.set_threshold(500, 7, 1000)  # a larger full threshold set by the user stands
+        with pytest.raises(SystemExit):
+            main(["--version"])
+        assert gc.get_threshold() == (500, 7, 1000)
+    finally:
+        gc.set_threshold(*before)

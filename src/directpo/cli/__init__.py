@@ -130,6 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     _end_worker(code)
 
 
+def _fewer_full_collections() -> None:
+    """A command's setup (importing torch and transformers, loading, tokenizing) leaves ~10^6 long-lived
+    objects, and CPython's cyclic collector rescans all of them at every full collection, reclaiming
+    next to nothing: 0.73-0.89 s of GC in a `directpo train --max-steps 3` on 1,000 HH pairs (an ~8 s
+    command; 3 runs). Here a full collection waits for 100 collections of the middle generation
+    instead of 10; young cycles are collected as before: 0.20-0.21 s (3 runs). The command line owns
+    its process; the library leaves a caller's settings alone."""
+    import gc
+
+    young, middle, full = gc.get_threshold()
+    gc.set_threshold(young, middle, max(full, 100))
+
+
 def _torchrun_worker() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
 
@@ -155,6 +168,7 @@ def _end_worker(code: int) -> None:
 
 def _main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    _fewer_full_collections()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("DIRECTPO_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
