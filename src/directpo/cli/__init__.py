@@ -135,7 +135,7 @@ def _fewer_full_collections() -> None:
     objects, and CPython's cyclic collector rescans all of them at every full collection, reclaiming
     next to nothing: 0.73-0.89 s of GC in a `directpo train --max-steps 3` on 1,000 HH pairs (an ~8 s
     command; 3 runs). Here a full collection waits for 100 collections of the middle generation
-    instead of 10; young cycles are collected as before: 0.20-0.21 s (3 runs). The command line owns
+    instead of 10; young cycles are collected as before: 0.16-0.18 s (3 runs). The command line owns
     its process; the library leaves a caller's settings alone."""
     import gc
 
