@@ -80,14 +80,20 @@ def _sparse_rows_run(params, opt, steps: int = 6, subnormal: bool = False) -> li
 @pytest.mark.parametrize("settings", [{}, {"weight_decay": 0.1}, {"maximize": True}, {"momentum": 0.9},
                                       {"centered": True}, {"eps": 1e-30}, {"subnormal": True}],
                          ids=["plain", "decay", "maximize", "momentum", "centered", "tiny-eps", "subnormal"])
-def test_rmsprop_steps_bit_for_bit_as_torchs(dtype, settings):
-    """directpo's RMSprop (its square root taken of max(square_avg, tiny) on the CPU) moves parameters
-    and state exactly as torch's per-tensor RMSprop, zero and subnormal square_avg rows included; with
+def test_rmsprop_steps_as_torchs(dtype, settings, monkeypatch):
+    """directpo's RMSprop moves parameters and state as torch's per-tensor RMSprop, zero and subnormal
+    square_avg rows included. The plain update runs in torch's fused Adam kernel (β1 = 0, bias
+    corrections 1): the same numbers to within rounding in the last bits (its square root is the
+    correctly rounded one; torch's CPU sqrt is not always). With weight decay or maximize, torch's
+    operations run with the root floored at the dtype's smallest normal: bit for bit torch's; with
     momentum, centered, or an eps too small for the floor to vanish, torch's own step runs."""
     from directpo.training.optim import RMSprop, _plain_rmsprop
 
     settings = dict(settings)
     subnormal = settings.pop("subnormal", False)
+    fused_calls = []
+    kernel = torch._fused_adam_
+    monkeypatch.setattr(torch, "_fused_adam_", lambda *a, **k: (fused_calls.append(1), kernel(*a, **k))[1])
 
     def params():
         g = torch.Generator().manual_seed(0)
@@ -96,21 +102,56 @@ def test_rmsprop_steps_bit_for_bit_as_torchs(dtype, settings):
                 torch.nn.Parameter(tiny)]
 
     ours, theirs = params(), params()
-    opt = RMSprop(ours, lr=1e-2, **settings)
-    ref = torch.optim.RMSprop(theirs, lr=1e-2, foreach=False, **settings)
+    lr, steps = 1e-2, 6
+    opt = RMSprop(ours, lr=lr, **settings)
+    ref = torch.optim.RMSprop(theirs, lr=lr, foreach=False, **settings)
     floor_vanishes = dtype == torch.float64 or "eps" not in settings  # (1e-30's gap in fp64: 2e-46)
     assert _plain_rmsprop(opt.param_groups[0]) == (floor_vanishes and not {"momentum", "centered"} & settings.keys())
-    a, b = _sparse_rows_run(ours, opt, subnormal=subnormal), _sparse_rows_run(theirs, ref, subnormal=subnormal)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    a = _sparse_rows_run(ours, opt, steps=steps, subnormal=subnormal)
+    b = _sparse_rows_run(theirs, ref, steps=steps, subnormal=subnormal)
+    # the plain update (subnormal rows included) where the group is ours to step
+    fused = _plain_rmsprop(opt.param_groups[0]) and not {"weight_decay", "maximize"} & settings.keys()
+    assert bool(fused_calls) == fused
+    if fused:  # a few ulps after `steps` steps; a wrong formula (lr = 1e-2) would be off by ~1e-3
+        eps, tiny = torch.finfo(dtype).eps, torch.finfo(dtype).tiny
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=2 * steps * eps, atol=10 * lr * steps * eps)
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(opt.state[p]["square_avg"], ref.state[q]["square_avg"], rtol=2 * steps * eps,
+                                       atol=tiny)
+    else:
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        for p, q in zip(ours, theirs):
+            assert torch.equal(opt.state[p]["square_avg"], ref.state[q]["square_avg"])
     assert all(not torch.equal(x, y) for x, y in zip(a, params()))  # every tensor moved, the tiny one too
     for p, q in zip(ours, theirs):
-        sa = opt.state[p]["square_avg"]
-        assert torch.equal(sa, ref.state[q]["square_avg"]) and opt.state[p]["step"] == ref.state[q]["step"]
+        assert opt.state[p]["step"] == ref.state[q]["step"] == steps
+        assert set(opt.state[p]) == set(ref.state[q])  # torch's state: checkpoints move between the two
     if not settings.get("weight_decay") and not subnormal:  # (decay makes every gradient dense)
-        assert (opt.state[ours[0]]["square_avg"] == 0).any()  # rows no step touched: the case the floor is for
+        assert (opt.state[ours[0]]["square_avg"] == 0).any()  # rows no step touched: zeros under the root
     if subnormal:
         sa = opt.state[ours[0]]["square_avg"]
         assert ((sa > 0) & (sa < torch.finfo(dtype).tiny)).any()
+
+
+def test_fused_rmsprop_leaves_the_gradients_and_falls_back_where_the_kernel_cannot_take_them():
+    """The fused step passes the gradients as Adam's first moment (β1 = 0): it writes them with their own
+    values. Non-contiguous gradients (which the kernel would read as contiguous) take torch's operations."""
+    from directpo.training.optim import RMSprop
+
+    g = torch.Generator().manual_seed(3)
+    p, q = (torch.nn.Parameter(torch.randn(6, 8, generator=torch.Generator().manual_seed(0))) for _ in range(2))
+    grad = torch.randn(6, 8, generator=g)
+    p.grad, q.grad = grad.clone(), grad.clone()
+    RMSprop([p], lr=1e-2).step()
+    torch.optim.RMSprop([q], lr=1e-2, foreach=False).step()
+    assert torch.equal(p.grad, grad)
+    torch.testing.assert_close(p, q, rtol=4 * torch.finfo(torch.float32).eps, atol=1e-8)
+    r, s = (torch.nn.Parameter(torch.randn(8, 6, generator=torch.Generator().manual_seed(0))) for _ in range(2))
+    r.grad, s.grad = grad.t(), grad.t()  # (8, 6) views of the (6, 8) tensor: not contiguous
+    RMSprop([r], lr=1e-2).step()
+    torch.optim.RMSprop([s], lr=1e-2, foreach=False).step()
+    assert torch.equal(r, s)  # torch's operations, bit for bit
 
 
 def test_rmsprop_floor_holds_only_where_the_root_vanishes_beside_eps():
