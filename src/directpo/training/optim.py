@@ -98,12 +98,13 @@ def _rmsprop_class():
         ~4.5 instead of ~12 ms. The numbers are torch's RMSprop's but for rounding in the last bit:
         that kernel's square root is the correctly rounded one (torch's CPU `sqrt` is an ulp off in
         ~20 % of fp32 values), and the few elements past each thread's last full vector are computed
-        with double-precision constants. Where weight decay or maximize is set (or torch lacks the
-        kernel), torch's own operations run, in its order, with the root taken of max(square_avg,
-        tiny), tiny the dtype's smallest normal: below it sqrt(x) ≤ sqrt(tiny) (1.1e-19 in fp32) is
-        under half the spacing of floats at eps, so sqrt(x) + eps rounds to eps either way (checked
-        for the group's eps, else torch's own step runs): bit for bit torch's. The state is torch's
-        in both cases, so checkpoints move between them, and to torch's RMSprop, freely."""
+        with double-precision constants (which elements those are depends on the thread count).
+        Where weight decay or maximize is set (or torch lacks the kernel), torch's own operations
+        run, in its order, with the root taken of max(square_avg, tiny), tiny the dtype's smallest
+        normal: below it sqrt(x) ≤ sqrt(tiny) (1.1e-19 in fp32) is under half the spacing of floats
+        at eps, so sqrt(x) + eps rounds to eps either way (checked for the group's eps, else torch's
+        own step runs): bit for bit torch's. The state is torch's in both cases, so checkpoints move
+        between them, and to torch's RMSprop, freely."""
 
         @torch.no_grad()
         def step(self, closure=None):
