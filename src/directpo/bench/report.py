@@ -238,7 +238,9 @@ def _notes(runs: list[dict]) -> list[str]:
              "of the run's own subprocess; above import = peak RSS minus the RSS once the libraries are imported, "
              "before the model is loaded",
              "  optim: both systems RMSprop, lr 1e-6 constant, alpha 0.99, eps 1e-8, momentum 0, weight decay 0, "
-             "gradient norm clipped at 10 (TRL: optim='rmsprop' with these optim_args); micro×acc = pairs per "
+             "gradient norm clipped at 10 (TRL: optim='rmsprop' with these optim_args, torch's per-tensor loop; "
+             "directpo: the same update in one pass, torch's fused Adam kernel with beta1 0, equal to within an "
+             "ulp); micro×acc = pairs per "
              "forward/backward × micro-batches per optimizer step; +gc = TRL's gradient checkpointing"]
     if any(x.get("tokens_exact") is False for x in runs):
         lines.append("  (directpo tokens/FLOPs of some runs estimated from per-pair means: the step order could "
