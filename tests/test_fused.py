@@ -338,3 +338,85 @@ def test_4bit_base_layers_take_the_lean_paths_exactly(llama, tmp_path, one_threa
         plain = model(input_ids=ids).logits
         with lean_mlp(model), lean_lora(model):
             assert torch.equal(model(input_ids=ids).logits, plain)
+
+
+def _norm_llama(llama):
+    with torch.no_grad():  # weights other than ones, so the norm weights' gradients count
+        for m in llama.modules():
+            if type(m).__name__ == "LlamaRMSNorm":
+                m.weight.normal_(1.0, 0.2)
+    return llama
+
+
+def _lean_grads(model, ids, outer_hooks: bool, retain: bool = False):
+    """Gradients of one lean-norm forward/backward; `outer_hooks`: a pass-through saved-tensor hook in
+    force around it, which keeps the norms' outputs saved as they are (no recomputation)."""
+    model.zero_grad()
+    hooks = (torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if outer_hooks
+             else __import__("contextlib").nullcontext())
+    with hooks, lean_norms(model), lean_mlp(model):
+        loss = model(input_ids=ids).logits.square().mean()
+    loss.backward(retain_graph=retain)
+    first = {k: p.grad.clone() for k, p in model.named_parameters()}
+    if retain:
+        model.zero_grad()
+        loss.backward()
+    return first, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def test_norm_outputs_recomputed_in_backward_give_the_same_gradients_bit_for_bit(llama):
+    """The q/k/v and gate/up projections' saved input (a norm's output) recomputed in backward: the
+    same gradients as when it is kept, bit for bit, and again on a second backward of the same graph."""
+    _norm_llama(llama)
+    ids = torch.randint(0, 97, (2, 13))
+    kept, _ = _lean_grads(llama, ids, outer_hooks=True)
+    again, twice = _lean_grads(llama, ids, outer_hooks=False, retain=True)
+    for k in kept:
+        assert torch.equal(kept[k], again[k]), k
+        assert torch.equal(kept[k], twice[k]), k  # the saved x̂ was not written over by the first backward
+
+
+def test_norm_outputs_are_not_kept_by_the_graph(llama):
+    """With the recomputation, nothing keeps a norm's output once the forward is over (the memory it
+    saves); with another saved-tensor hook in force, the projections keep it as before, and
+    `recomputed` tells that hook (the memory plan's probe) which tensors training does not keep."""
+    from directpo.fused import recomputed
+
+    ids = torch.randint(0, 97, (1, 9))
+    attn = llama.model.layers[0].self_attn
+    for outer in (False, True):
+        seen, flagged = [], []
+
+        def note(_, args):
+            seen.append(__import__("weakref").ref(args[0]))
+
+        def pack(t):
+            flagged.append(recomputed(t))
+            return t
+
+        handle = attn.q_proj.register_forward_pre_hook(note)
+        hooks = (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if outer
+                 else __import__("contextlib").nullcontext())
+        with hooks, lean_norms(llama):
+            loss = llama(input_ids=ids).logits.sum()
+        handle.remove()
+        assert (seen[0]() is None) is (not outer)  # freed though the graph (loss) is alive, unless hooked
+        assert any(flagged) is outer
+        loss.backward()
+        assert all(p.grad is not None for p in attn.q_proj.parameters())
+
+
+def test_a_norm_output_changed_in_place_before_it_is_saved_is_kept(llama):
+    """A norm output a hook changes in place before a projection reads it is saved as it is (its
+    version moved), so the gradients are those of the changed values, as without the lean norms."""
+    _norm_llama(llama)
+    ids = torch.randint(0, 97, (2, 7))
+    norm = llama.model.layers[1].input_layernorm
+    handle = norm.register_forward_hook(lambda m, a, out: out.mul_(1.5))
+    try:
+        want, _ = _lean_grads(llama, ids, outer_hooks=True)
+        got, _ = _lean_grads(llama, ids, outer_hooks=False)
+    finally:
+        handle.remove()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
