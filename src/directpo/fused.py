@@ -44,25 +44,12 @@ autograd keeps the input and the normalised input, two (tokens × hidden) tensor
 `_RMSNorm` keeps the input and the per-token rsqrt only and recomputes the normalised input in
 backward (one multiply). Two norms per layer: 2·hidden of the ~35·hidden floats a `base` layer
 keeps per token. Same forward (bit-identical), gradients by the closed form
-dx = r · (g − x̂ · mean(g · x̂)), g = dy · w, x̂ = x · r. In fp32 the normalised input x̂ itself is kept
-instead of x (the same size; the backward then starts from it instead of computing it again).
-
-The norm's *output* is kept too, by the layers that read it: each projection after a norm (q, k and v;
-gate and up) saves its input for its weight's gradient, one more (tokens × hidden) tensor per norm,
-although the norm's own saved tensors determine it. While `lean_norms` runs with autograd, such a
-saved copy is replaced by a handle (`saved_tensors_hooks`) that recomputes it in backward, once for all
-the projections that read it: the same operations on the same saved values, so the same bits, for one
-element-wise pass per norm. Only where no other saved-tensor hooks are in force (they would be
-bypassed: activation offloading, the memory plan's probe, which asks `recomputed` instead) and only
-for an output still unchanged (its version) when a layer saves it. `small`, HH micro-batches: 9 norms,
-~12 % of the activations a step keeps.
+dx = r · (g − x̂ · mean(g · x̂)), g = dy · w, x̂ = x · r.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
-import threading
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -286,121 +273,30 @@ def lean_mlp(model: nn.Module):
 
 
 class _RMSNorm(torch.autograd.Function):
-    """weight · (x · rsqrt(mean(x²) + ε)) with only x (fp32: x̂) and the rsqrt saved."""
+    """weight · (x · rsqrt(mean(x²) + ε)) with only x and the rsqrt saved."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
         xf = x.to(torch.float32)  # the same ops as the module's forward, in the same order
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        xhat = xf * rstd
-        out = weight * xhat.to(x.dtype)
-        # fp32: x̂ is exactly what the output was computed from, and x is not needed beside it
-        ctx.normalised = x.dtype == torch.float32
-        kept = xhat if ctx.normalised else x
-        ctx.save_for_backward(kept, rstd, weight)
-        _register_output(out, _NormOutput(kept, rstd, weight, x.dtype, ctx.normalised))
+        out = weight * (xf * rstd).to(x.dtype)
+        ctx.save_for_backward(x, rstd, weight)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        kept, rstd, weight = ctx.saved_tensors
-        return (*_norm_grads(kept, rstd, weight, grad_out, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                             ctx.normalised), None)
+        x, rstd, weight = ctx.saved_tensors
+        return (*_norm_grads(x, rstd, weight, grad_out, ctx.needs_input_grad[0], ctx.needs_input_grad[1]), None)
 
 
-class _NormOutput:
-    """What an `_RMSNorm` output is recomputed from (its own saved tensors), and the recomputed
-    output while a projection's backward still needs it (freed with the last handle)."""
-    __slots__ = ("kept", "rstd", "weight", "dtype", "normalised", "value", "__weakref__")
-
-    def __init__(self, kept, rstd, weight, dtype, normalised):
-        self.kept, self.rstd, self.weight, self.dtype, self.normalised = kept, rstd, weight, dtype, normalised
-        self.value = None
-
-    def tensor(self) -> torch.Tensor:
-        if self.value is None:  # the forward's two operations on the same values: the same bits
-            xhat = self.kept if self.normalised else self.kept.to(torch.float32) * self.rstd
-            self.value = self.weight * xhat.to(self.dtype)
-        return self.value
-
-
-class _Recomputed:
-    """A saved view of a norm's output: its geometry, the values recomputed on unpacking."""
-    __slots__ = ("source", "shape", "stride", "offset")
-
-    def __init__(self, source: _NormOutput, t: torch.Tensor):
-        self.source, self.shape, self.stride, self.offset = source, t.shape, t.stride(), t.storage_offset()
-
-
-_local = threading.local()  # .outputs: storage address -> (weakref to a norm output, _NormOutput)
-
-
-def _register_output(out: torch.Tensor, source: _NormOutput) -> None:
-    outputs = getattr(_local, "outputs", None)
-    if outputs is not None and out.numel():  # (empty tensors share address 0)
-        outputs[out.untyped_storage().data_ptr()] = (weakref.ref(out), source)
-
-
-def _norm_output_of(t: torch.Tensor) -> _NormOutput | None:
-    """The registered norm output `t` is a view of, unchanged since the norm made it; else None."""
-    outputs = getattr(_local, "outputs", None)
-    if not outputs or t.layout != torch.strided:
-        return None
-    hit = outputs.get(t.untyped_storage().data_ptr())
-    if hit is None:
-        return None
-    out = hit[0]()
-    if out is None or out.untyped_storage().nbytes() != t.untyped_storage().nbytes() or t._version != 0:
-        return None  # freed (another tensor has the address now) or changed in place before it was saved
-    return hit[1]
-
-
-def recomputed(t: torch.Tensor) -> bool:
-    """True for a tensor that the backward will recompute instead of keeping (a norm's output, saved by
-    a layer that reads it) when `lean_norms` installs its hooks: the memory plan's probe, whose own
-    hooks keep ours out, counts what training keeps."""
-    return _norm_output_of(t) is not None
-
-
-def _pack(t: torch.Tensor):
-    source = _norm_output_of(t)
-    return t if source is None else _Recomputed(source, t)
-
-
-def _unpack(saved):
-    if type(saved) is _Recomputed:
-        return saved.source.tensor().as_strided(saved.shape, saved.stride, saved.offset)
-    return saved
-
-
-@contextlib.contextmanager
-def _recomputed_outputs(active: bool):
-    """Norm outputs registered within the block; with no other saved-tensor hooks in force, the
-    layers reading them save handles that recompute them (module doc)."""
-    if not active or getattr(_local, "outputs", None) is not None:
-        yield
-        return
-    hooks = contextlib.nullcontext()
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top is not None and top(False) is None and torch._C._autograd._saved_tensors_hooks_is_enabled():
-        hooks = torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
-    _local.outputs = {}
-    try:
-        with hooks:
-            yield
-    finally:
-        _local.outputs = None
-
-
-def _norm_grads(x, rstd, weight, grad_out, need_x: bool, need_w: bool, normalised: bool = False):
+def _norm_grads(x, rstd, weight, grad_out, need_x: bool, need_w: bool):
     """`_RMSNorm`'s gradients, dx = r · (g − x̂ · mean(g · x̂)) with g = dy · w, x̂ = x · r (fp32), and
     dw = Σ dy · x̂, in three buffers: x̂, dy · x̂ (reused for g · x̂ where it is fp32) and g, each
     operation in place where its input is a buffer of ours. Every product, mean and difference is
     rounded as op by op (tested equal bit for bit). A `small` HH micro-batch has 9 norms over
     (~2,000 × 256): one backward 4.4–5.0 → 3.5–4.0 ms against six buffers, caches flushed before
-    each (two runs of 40 alternating repeats). `normalised`: `x` is x̂ itself (fp32; a saved tensor,
-    not written over)."""
-    xhat = x if normalised else x.to(torch.float32) * rstd
+    each (two runs of 40 alternating repeats)."""
+    xhat = x.to(torch.float32) * rstd
     t = grad_out * xhat.to(x.dtype) if need_w else None
     grad_w = t.reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype) if need_w else None
     grad_x = None
@@ -408,7 +304,7 @@ def _norm_grads(x, rstd, weight, grad_out, need_x: bool, need_w: bool, normalise
         g = (grad_out * weight).to(torch.float32)
         gx = torch.mul(g, xhat, out=t) if t is not None and t.dtype == torch.float32 else g * xhat
         m = gx.mean(-1, keepdim=True)
-        grad_x = g.sub_(xhat * m if normalised else xhat.mul_(m)).mul_(rstd).to(x.dtype)
+        grad_x = g.sub_(xhat.mul_(m)).mul_(rstd).to(x.dtype)
     return grad_x, grad_w
 
 
@@ -425,9 +321,6 @@ def _norm_qualifies(module: nn.Module) -> bool:
         isinstance(getattr(module, "variance_epsilon", None), float)
 
 
-@contextlib.contextmanager
 def lean_norms(model: nn.Module):
-    """Within the block, qualifying RMSNorms of `model` run `_RMSNorm` (see module doc), and their
-    outputs are recomputed in backward for the layers that read them; yields how many norms."""
-    with _swap_forwards(model, _norm_qualifies, _lean_norm_forward) as n, _recomputed_outputs(n > 0):
-        yield n
+    """Within the block, qualifying RMSNorms of `model` run `_RMSNorm` (see module doc)."""
+    return _swap_forwards(model, _norm_qualifies, _lean_norm_forward)

@@ -44,10 +44,10 @@ def test_a_hand_computed_fsdp_plan():
     assert big_head["fsdp_gathered_blocks"] == 4 * 500 + 4 * 200
     assert p["reference_model"] == 0  # precomputed
     # t = 2 pairs × 2 rows × 10 tokens = 40; per layer 2·h at 4 bytes (the residual stream twice: the
-    # lean norms keep no normalised input) + (3q + kv + 2i) at 4 bytes (fp32: queries and the attention
-    # output twice, keys/values, gate and up; the norms' outputs are recomputed in backward)
-    per_layer = 4 * 40 * (2 * 8) + 4 * 40 * (3 * 8 + 8 + 2 * 16)
-    assert per_layer == 12800
+    # lean norms keep no normalised input) + (2h + 3q + kv + 2i) at 4 bytes (fp32: the two norms'
+    # outputs, queries and the attention output twice, keys/values, gate and up)
+    per_layer = 4 * 40 * (2 * 8) + 4 * 40 * (2 * 8 + 3 * 8 + 8 + 2 * 16)
+    assert per_layer == 15360
     # the head's backward: one chunk of logits at a time (HAND has no vocabulary rows, so no head gradient)
     assert p["activations"] == 4 * per_layer + 2 * (4 * 40 * 8) + HEAD_CHUNK_BYTES
     assert p["bf16_weight_copies"] == 0

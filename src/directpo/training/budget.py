@@ -92,7 +92,6 @@ def activation_bytes_measured(policy, batch, device, precision: str) -> int:
     it would have been without the probe."""
     import torch
 
-    from ..fused import recomputed
     from ..logprobs import example_logps
     from ..models import autocast_ctx
 
@@ -115,7 +114,7 @@ def activation_bytes_measured(policy, batch, device, precision: str) -> int:
 
         def pack(t):
             ptr = t.untyped_storage().data_ptr()
-            if ptr not in params and not recomputed(t):  # (a norm's output: training recomputes it)
+            if ptr not in params:
                 kept[ptr] = t.untyped_storage().nbytes()
             # detached: the same storage, kept alive so no other tensor reuses its address during the
             # count, but not the tensor itself, whose grad_fn would then hold its own saved copy: a

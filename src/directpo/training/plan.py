@@ -40,10 +40,9 @@ adapters; H = the LM head's parameters, b = a block's):
                      the RMSNorms keep with one rsqrt per token: `directpo.fused.lean_norms`;
                      autograd op by op would also keep each norm's normalised input, 2·h more)
                      kept at 4 bytes, 2 with bf16: n·h + 3q + k + 2i (--quantize int8: 4i, see below), where n·h are the RMSNorms'
-                     outputs as the projections reading them keep them (fp32: n = 0, recomputed in
-                     backward from the norm's own saved tensors, `lean_norms`; bf16: n = 5, autocast
-                     casts the output anew for each of q, k, v, gate and up, and each matmul keeps
-                     its cast), 3q the rotated queries, the attention output as
+                     outputs (fp32: n = 2, one per norm, shared by the projections reading it;
+                     bf16: n = 5, autocast casts it anew for each of q, k, v, gate and up, and each
+                     matmul keeps its cast), 3q the rotated queries, the attention output as
                      attention keeps it and the contiguous copy o_proj keeps, k the keys and values
                      (bf16: + k/2, the two attention calls of a packed segment each cast the keys),
                      2i the MLP's gate and up (the lean SwiGLU of `directpo.fused` keeps those two;
@@ -58,8 +57,8 @@ adapters; H = the LM head's parameters, b = a block's):
                  this micro-batch, 4·V·h, beside the accumulated one (the chunks' products are
                  accumulated inside the matmul, `addmm_`). With activation
                  checkpointing each layer keeps its input only, 4·t·h, and one layer at a time is
-                 recomputed op by op (with the full MLP, 4i, and the norms' outputs, 2h in fp32).
-                 Attention keeps no (length × length) scores (SDPA / flash attention). Measured against saved tensors and peak RSS on the CPU:
+                 recomputed (with the full MLP, 4i). Attention keeps no (length × length) scores
+                 (SDPA / flash attention). Measured against saved tensors and peak RSS on the CPU:
                  docs/results/bench/plan-vs-measured.md.
 
 Vision-language models (issue #30; the vision tower and its projector frozen, as train's default
@@ -323,10 +322,9 @@ def activation_bytes(s: Shape, cfg: PlanConfig, micro_batch: int) -> int:
     bf16 = cfg.precision == "bf16"
     low = 2 if bf16 else 4
     residual = 4 * t * s.hidden
-    norms = 5 * s.hidden if bf16 else 0  # the RMSNorms' outputs as the projections keep them (fp32: recomputed)
-    if cfg.activation_checkpointing:  # (the recomputed layer attends through one dense-mask call, op by op)
-        full_layer = 4 * residual + low * t * ((5 if bf16 else 2) * s.hidden + 3 * s.q_dim + s.kv_dim
-                                               + 4 * s.intermediate)
+    norms = (5 if bf16 else 2) * s.hidden  # the RMSNorms' outputs as the projections keep them
+    if cfg.activation_checkpointing:  # (the recomputed layer attends through one dense-mask call)
+        full_layer = 4 * residual + low * t * (norms + 3 * s.q_dim + s.kv_dim + 4 * s.intermediate)
         layers = s.layers * residual + full_layer
     else:
         keys = s.kv_dim + (s.kv_dim // 2 if bf16 else 0)  # bf16: the keys (half of kv) cast once more
